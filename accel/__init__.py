@@ -1,0 +1,1 @@
+"""trinity.accel — see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""trinity.cli — see ARCHITECTURE.md."""

@@ -1,0 +1,1 @@
+"""trinity.distributed — see ARCHITECTURE.md."""

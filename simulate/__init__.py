@@ -1,0 +1,1 @@
+"""trinity.simulate — see ARCHITECTURE.md."""
