@@ -1,0 +1,23 @@
+"""trinity.reference: the NumPy definition of the AFMoE model that every backend and layout is pinned to.
+
+Public entry points (SPEC sections in each docstring):
+    Config, PRESETS                     configuration (SPEC §1, §2, §14)
+    init_params, param_count, param_shapes
+    logits(config, params, tokens, doc_ids=None)   forward → [B, T, V]
+    model_forward                       forward keeping each operator's ctx for the backward
+    load_pretrained, save_pretrained, to_hf_state_dict, from_hf_state_dict   HF checkpoint interop (SPEC §3)
+"""
+
+from .attention import document_ids
+from .config import PRESETS, Config, ConfigError
+from .model import logits, model_forward
+from .params import check_params, init_params, param_count, param_shapes
+
+__all__ = ["Config", "ConfigError", "PRESETS", "init_params", "param_count", "param_shapes", "check_params",
+           "logits", "model_forward", "document_ids"]
+
+try:  # HF interop is built beside the model; export it when present.
+    from .hf_interop import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict  # noqa: F401
+    __all__ += ["load_pretrained", "save_pretrained", "to_hf_state_dict", "from_hf_state_dict"]
+except ImportError:  # pragma: no cover - removed once hf_interop.py lands
+    pass

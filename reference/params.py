@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Config
 
-__all__ = ["param_shapes", "init_params", "param_count", "ParamCount", "layer_prefix", "EXPERT_KEYS",
+__all__ = ["param_shapes", "init_params", "param_count", "ParamCount", "layer_prefix", "EXPERT_KEYS", "check_params",
            "is_norm_gain"]
 
 EXPERT_KEYS = ("gate_proj", "up_proj", "down_proj")
@@ -146,3 +146,26 @@ def param_count(config: Config) -> ParamCount:
             n = n // E * K
         active += n
     return ParamCount(total, active)
+
+
+def check_params(config: Config, params: dict) -> np.dtype:
+    """Raise KeyError/ValueError naming the key if `params` does not match `config` (missing or unexpected key,
+    wrong shape, non-float or mixed dtype). Returns the common float dtype."""
+    shapes = param_shapes(config)
+    missing = [k for k in shapes if k not in params]
+    if missing:
+        raise KeyError(f"params lack {len(missing)} key(s) the config needs, e.g. {missing[0]!r} "
+                       f"(expected shape {shapes[missing[0]]})")
+    extra = [k for k in params if k not in shapes]
+    if extra:
+        raise KeyError(f"params hold key(s) the config does not have, e.g. {extra[0]!r} "
+                       f"(shape {np.shape(params[extra[0]])})")
+    dtypes = set()
+    for k, shape in shapes.items():
+        found = np.shape(params[k])
+        if found != shape:
+            raise ValueError(f"{k}: expected shape {shape}, found {found}")
+        dtypes.add(np.asarray(params[k]).dtype)
+    if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
+        raise ValueError(f"params must share one float dtype, found {sorted(map(str, dtypes))}")
+    return dtypes.pop()

@@ -1,0 +1,126 @@
+"""Scaled dot-product attention with GQA, causal / sliding-window / intra-document masks (SPEC §4.4-§4.6).
+
+The attention core never builds a T×T matrix. Queries are processed in blocks; a block of queries at positions
+[p₀, p₁] only looks at the keys whose positions can be allowed, [p₀ − w + 1, p₁] for a window w, so a sliding
+layer costs O(T·w) time and memory. Global layers are causal and cost O(T²) time, but their memory stays
+O(block·T). Per query we keep lse = log Σ_s exp(S[t,s]), the softmax normaliser, so that the backward can recompute
+each block's probabilities P = exp(S − lse) instead of storing them (the flash-attention recipe).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import sigmoid
+
+__all__ = ["allowed", "document_ids", "attention_forward", "query_blocks", "output_gate_forward"]
+
+# Scores held per block: B · h_q · block · keys elements. 2^22 float64 values is 32 MiB.
+_BLOCK_ELEMENTS = 1 << 22
+
+
+def allowed(q_pos, k_pos, window=None, q_doc=None, k_doc=None):
+    """The attention mask as booleans [..., Tq, Tk] (SPEC §4.6).
+
+    allowed(t, s) ⇔ s ≤ t  ∧  (window is None ∨ t − s < w)  ∧  (no doc ids ∨ doc(t) = doc(s)),
+    where t, s are positions. With a window w each query sees exactly w keys including itself: s ∈ [t−w+1, t].
+    q_doc / k_doc, when given, are [..., Tq] / [..., Tk] document ids; the result then has their leading axes.
+    """
+    t = np.asarray(q_pos)[:, None]
+    s = np.asarray(k_pos)[None, :]
+    ok = s <= t
+    if window is not None:
+        ok = ok & (t - s < window)
+    if q_doc is not None:
+        ok = ok & (q_doc[..., :, None] == k_doc[..., None, :])
+    return ok
+
+
+def document_ids(tokens, eos_id):
+    """doc(t) = number of EOS tokens strictly before t, per row (SPEC §4.6: the EOS belongs to the document it
+    ends; Arcee's `block_causal`). tokens: [B, T] → int64 [B, T]."""
+    is_eos = (np.asarray(tokens) == eos_id).astype(np.int64)
+    return np.cumsum(is_eos, axis=-1) - is_eos
+
+
+def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None):
+    """O_i = softmax(Q_i K_{⌊i/r⌋}ᵀ · d_h^{−1/2} + M) V_{⌊i/r⌋} for every query head i (SPEC §4.4 steps 4-6).
+
+    q: [B, Tq, h_q, d_h]; k, v: [B, Tk, h_kv, d_h] with h_q = r·h_kv (query head i uses KV head ⌊i/r⌋: the KV
+    heads are repeated in contiguous blocks). M is 0 where `allowed` and −∞ elsewhere. q_pos / k_pos are the
+    integer positions of queries and keys (default 0…T−1; k_pos must be increasing); doc_ids is [B, T] document ids
+    for the intra-document mask (queries and keys share them when Tq = Tk) or a pair (q_doc, k_doc).
+
+    Returns O [B, Tq, h_q, d_h] (heads still split; the caller concatenates them head-major) and
+    ctx = (q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos) where lse [B, h_q, Tq] is the log-normaliser of
+    each row. A query with no allowed key (only possible with unusual position inputs) gets O = 0.
+    """
+    B, Tq, hq, dh = q.shape
+    Tk, hkv = k.shape[1], k.shape[2]
+    r = hq // hkv
+    q_pos = np.arange(Tq) if q_pos is None else np.asarray(q_pos)
+    k_pos = np.arange(Tk) if k_pos is None else np.asarray(k_pos)
+    if isinstance(doc_ids, tuple):
+        q_doc, k_doc = doc_ids
+    else:
+        q_doc = k_doc = doc_ids
+    scale = np.asarray(dh ** -0.5, dtype=q.dtype)
+
+    o = np.empty_like(q)
+    lse = np.empty((B, hq, Tq), dtype=q.dtype)
+    for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq):
+        # Scores for this block, grouped by KV head: [B, h_kv, r, Tb, Sb].
+        qb = q[:, t0:t1].reshape(B, t1 - t0, hkv, r, dh).transpose(0, 2, 3, 1, 4)
+        kb = k[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]  # [B, h_kv, 1, Sb, d_h]
+        vb = v[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]
+        scores = (qb @ kb.swapaxes(-1, -2)) * scale
+        mask = _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1)
+        scores = np.where(mask, scores, -np.inf)
+        # Softmax along keys with the row maximum subtracted; rows with no allowed key get m = 0, l = 0.
+        m = scores.max(axis=-1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        p = np.exp(scores - m)
+        l = p.sum(axis=-1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            ob = (p @ vb) / np.where(l > 0, l, 1.0)
+            lse_b = (m + np.log(l))[..., 0]
+        o[:, t0:t1] = ob.transpose(0, 3, 1, 2, 4).reshape(B, t1 - t0, hq, dh)
+        lse[:, :, t0:t1] = lse_b.reshape(B, hq, t1 - t0)
+    return o, (q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos)
+
+
+def query_blocks(q_pos, k_pos, window, rows_per_query, budget=_BLOCK_ELEMENTS):
+    """Yield (t0, t1, s0, s1): query rows [t0, t1) and the key rows [s0, s1) that any of them may attend to.
+
+    With a window, the key span of a block is at most (block + w − 1), so the total work is O(T·w); without one
+    it is the causal prefix. The block size keeps rows_per_query · block · span ≤ budget (but ≥ 16 queries).
+    Keys come sorted by position, so each span is found by binary search.
+    """
+    Tq, Tk = len(q_pos), len(k_pos)
+    if Tq == 0:
+        return
+    span = Tk if window is None else min(Tk, window + 64)
+    block = int(max(16, min(Tq, budget // max(1, rows_per_query * span))))
+    if window is not None:
+        block = min(block, max(16, window))  # keep the banded span ≈ 2w, i.e. O(w) keys per query
+    for t0 in range(0, Tq, block):
+        t1 = min(Tq, t0 + block)
+        lo = -np.inf if window is None else q_pos[t0:t1].min() - window + 1
+        s0 = 0 if window is None else int(np.searchsorted(k_pos, lo, side="left"))
+        s1 = int(np.searchsorted(k_pos, q_pos[t0:t1].max(), side="right"))
+        yield t0, t1, s0, max(s0, s1)
+
+
+def _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1):
+    """`allowed` for one block, shaped to broadcast against scores [B, h_kv, r, Tb, Sb]."""
+    qd = None if q_doc is None else q_doc[:, t0:t1]
+    kd = None if k_doc is None else k_doc[:, s0:s1]
+    mask = allowed(q_pos[t0:t1], k_pos[s0:s1], window, qd, kd)
+    return mask[:, None, None] if mask.ndim == 3 else mask
+
+
+def output_gate_forward(o, g):
+    """Õ = O ⊙ σ(G): an elementwise sigmoid gate on the concatenated heads, G = a W_gᵀ (SPEC §4.4 step 7).
+    ctx = (O, σ(G)): dO = dÕ ⊙ σ(G), dG = dÕ ⊙ O ⊙ σ(G)(1 − σ(G)) (SPEC §5)."""
+    sig = sigmoid(g)
+    return o * sig, (o, sig)

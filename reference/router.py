@@ -1,0 +1,35 @@
+"""Sigmoid token-choice top-K router with the selection-only expert bias (SPEC §4.8; backward §5 "Router")."""
+
+import numpy as np
+
+from .activations import sigmoid
+
+__all__ = ["router_forward", "select_top_k"]
+
+
+def select_top_k(biased_scores, k):
+    """Indices of the K largest entries per row, in descending order, lowest index first on ties (SPEC §14 #14).
+
+    A stable sort of the negated values keeps equal values in index order."""
+    return np.argsort(-biased_scores, axis=-1, kind="stable")[..., :k]
+
+
+def router_forward(x, w_router, expert_bias, top_k, route_scale):
+    """Route tokens x [N, d] to K of E experts (SPEC §4.8):
+
+        z = W_r x                 router logits [N, E]
+        s = σ(z)                  scores
+        𝒦 = TopK_K(s + b)          selection uses the bias b (expert_bias) …
+        g_k = ρ · s_{e_k} / (Σ_{k'∈𝒦} s_{e_k'} + 1e−20)   … but the weights use the unbiased scores.
+
+    So Σ_k g_k = ρ (route_scale) and b changes which experts are chosen, never the weights of the chosen ones.
+    Returns (weights g [N, K], experts 𝒦 [N, K] int64, ctx); ctx = (x, W_r, s, 𝒦, S = Σ_{𝒦} s, ρ, z) is what the
+    backward (through the normalised unbiased scores only) and the load-balancing statistics need.
+    """
+    z = x @ w_router.T
+    s = sigmoid(z)
+    experts = select_top_k(s + expert_bias.astype(s.dtype, copy=False), top_k)
+    chosen = np.take_along_axis(s, experts, axis=-1)
+    total = chosen.sum(axis=-1, keepdims=True)
+    weights = chosen / (total + 1e-20) * np.asarray(route_scale, dtype=s.dtype)
+    return weights, experts, (x, w_router, s, experts, total, route_scale, z)
