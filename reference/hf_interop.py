@@ -280,7 +280,6 @@ def _plan(config: Config, found: dict[str, _Entry]) -> list[tuple]:
 
     A read is (entry, param_key, expert, rows, dest_expert): params[param_key][dest_expert] (or the whole array when
     dest_expert is None) = entry's tensor[expert][rows]. Raises one CheckpointError listing every problem."""
-    problems: list[str] = []
     reads: list[tuple] = []
     E, I, d = config.num_experts, config.moe_intermediate_size, config.hidden_size
     shapes = param_shapes(config)
@@ -308,22 +307,24 @@ def _plan(config: Config, found: dict[str, _Entry]) -> list[tuple]:
     if config.tie_word_embeddings:  # may be present; must then equal the embedding (checked after reading)
         optional["lm_head.weight"] = ((config.vocab_size, d), [])
 
+    wrong, missing, unexpected = [], [], []  # listed in this order: the most telling problems first
     for key, (shape, _) in expected.items():
         if key not in found:
-            problems.append(f"missing key {key}: expected shape {shape}, found none")
+            missing.append(f"missing key {key}: expected shape {shape}, found none")
     for key, entry in found.items():
         if _is_ignored(key):
             continue
         want = expected.get(key) or optional.get(key)
         if want is None:
-            problems.append(f"unexpected key {key}: expected none (not in this config), found shape {entry.shape}")
+            unexpected.append(f"unexpected key {key}: expected none (not in this config), found shape {entry.shape}")
         elif entry.shape != want[0]:
-            problems.append(f"{key}: expected shape {want[0]}, found {entry.shape}")
+            wrong.append(f"{key}: expected shape {want[0]}, found {entry.shape}")
         elif entry.dtype not in _DTYPES:
-            problems.append(f"{key}: unsupported dtype {entry.dtype} (supported: {', '.join(_DTYPES)}), "
-                            f"shape {entry.shape}")
+            wrong.append(f"{key}: unsupported dtype {entry.dtype} (supported: {', '.join(_DTYPES)}), "
+                         f"shape {entry.shape}")
         else:
             reads += [(entry, *r) for r in want[1]]
+    problems = wrong + missing + unexpected
     if problems:
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise CheckpointError("checkpoint does not match its config (num_hidden_layers="
