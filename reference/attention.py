@@ -43,7 +43,7 @@ def document_ids(tokens, eos_id):
     return np.cumsum(is_eos, axis=-1) - is_eos
 
 
-def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None):
+def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None, block_budget=_BLOCK_ELEMENTS):
     """O_i = softmax(Q_i K_{⌊i/r⌋}ᵀ · d_h^{−1/2} + M) V_{⌊i/r⌋} for every query head i (SPEC §4.4 steps 4-6).
 
     q: [B, Tq, h_q, d_h]; k, v: [B, Tk, h_kv, d_h] with h_q = r·h_kv (query head i uses KV head ⌊i/r⌋: the KV
@@ -54,6 +54,7 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
     Returns O [B, Tq, h_q, d_h] (heads still split; the caller concatenates them head-major) and
     ctx = (q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos) where lse [B, h_q, Tq] is the log-normaliser of
     each row. A query with no allowed key (only possible with unusual position inputs) gets O = 0.
+    block_budget bounds the scores held at once (elements); it changes memory and speed, never the result.
     """
     B, Tq, hq, dh = q.shape
     Tk, hkv = k.shape[1], k.shape[2]
@@ -68,7 +69,7 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
 
     o = np.empty_like(q)
     lse = np.empty((B, hq, Tq), dtype=q.dtype)
-    for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq):
+    for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq, block_budget):
         # Scores for this block, grouped by KV head: [B, h_kv, r, Tb, Sb].
         qb = q[:, t0:t1].reshape(B, t1 - t0, hkv, r, dh).transpose(0, 2, 3, 1, 4)
         kb = k[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]  # [B, h_kv, 1, Sb, d_h]
