@@ -13,7 +13,8 @@ import numpy as np
 
 from .activations import sigmoid
 
-__all__ = ["allowed", "document_ids", "attention_forward", "query_blocks", "output_gate_forward"]
+__all__ = ["allowed", "document_ids", "attention_forward", "attention_backward", "query_blocks",
+           "output_gate_forward", "output_gate_backward"]
 
 # Scores held per block: B · h_q · block · keys elements. 2^22 float64 values is 32 MiB.
 _BLOCK_ELEMENTS = 1 << 22
@@ -90,6 +91,41 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
     return o, (q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos)
 
 
+def attention_backward(ctx, do, block_budget=_BLOCK_ELEMENTS):
+    """Gradients of attention_forward w.r.t. q, k, v (SPEC §5 "SDPA per head" and "GQA").
+
+    Per block of queries the probabilities are recomputed from the saved log-normaliser, P = exp(S − lse), so no
+    T×T matrix is ever stored, then with D_t = Σ_j dO[t,j] O[t,j] (= rowsum(dP ⊙ P)):
+        dP = dO Vᵀ,   dS = P ⊙ (dP − D),   dQ = dS K / √d_h,   dK = dSᵀ Q / √d_h,   dV = Pᵀ dO,
+    with dK and dV of a KV head summed over the r query heads that share it. Masked entries have P = 0.
+    Returns (dq, dk, dv) shaped like q, k, v.
+    """
+    q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos = ctx
+    B, Tq, hq, dh = q.shape
+    hkv = k.shape[2]
+    r = hq // hkv
+    scale = np.asarray(dh ** -0.5, dtype=q.dtype)
+    dq = np.empty_like(q)
+    dk = np.zeros_like(k)
+    dv = np.zeros_like(v)
+    lse = lse.reshape(B, hkv, r, Tq)
+    for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq, block_budget):
+        Tb = t1 - t0
+        split = lambda x: x[:, t0:t1].reshape(B, Tb, hkv, r, dh).transpose(0, 2, 3, 1, 4)  # noqa: E731
+        qb, ob, dob = split(q), split(o), split(do)
+        kb = k[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]  # [B, h_kv, 1, Sb, d_h]
+        vb = v[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]
+        scores = (qb @ kb.swapaxes(-1, -2)) * scale
+        mask = _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1)
+        p = np.exp(np.where(mask, scores - lse[..., t0:t1, None], -np.inf))
+        dp = dob @ vb.swapaxes(-1, -2)
+        ds = p * (dp - (dob * ob).sum(axis=-1, keepdims=True))
+        dq[:, t0:t1] = ((ds @ kb) * scale).transpose(0, 3, 1, 2, 4).reshape(B, Tb, hq, dh)
+        dk[:, s0:s1] += ((ds.swapaxes(-1, -2) @ qb).sum(axis=2) * scale).transpose(0, 2, 1, 3)
+        dv[:, s0:s1] += (p.swapaxes(-1, -2) @ dob).sum(axis=2).transpose(0, 2, 1, 3)
+    return dq, dk, dv
+
+
 def query_blocks(q_pos, k_pos, window, rows_per_query, budget=_BLOCK_ELEMENTS):
     """Yield (t0, t1, s0, s1): query rows [t0, t1) and the key rows [s0, s1) that any of them may attend to.
 
@@ -125,3 +161,9 @@ def output_gate_forward(o, g):
     ctx = (O, σ(G)): dO = dÕ ⊙ σ(G), dG = dÕ ⊙ O ⊙ σ(G)(1 − σ(G)) (SPEC §5)."""
     sig = sigmoid(g)
     return o * sig, (o, sig)
+
+
+def output_gate_backward(ctx, dy):
+    """dO = dÕ ⊙ σ(G), dG = dÕ ⊙ O ⊙ σ(G)(1 − σ(G)) (SPEC §5 "Attention gate")."""
+    o, sig = ctx
+    return dy * sig, dy * o * sig * (1.0 - sig)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-__all__ = ["embedding_forward"]
+__all__ = ["embedding_forward", "embedding_backward"]
 
 
 def embedding_forward(tokens, table, multiplier=1.0):
@@ -15,3 +15,14 @@ def embedding_forward(tokens, table, multiplier=1.0):
     if multiplier != 1.0:
         x = x * np.asarray(multiplier, dtype=table.dtype)
     return x, (tokens, table.shape[0], multiplier)
+
+
+def embedding_backward(ctx, dx):
+    """dE_emb[v] = m · Σ_{t: tok_t = v} dx⁰_t: a scatter-add, repeated tokens accumulate (SPEC §5 "Embedding")."""
+    tokens, vocab, multiplier = ctx
+    d = dx.shape[-1]
+    dtable = np.zeros((vocab, d), dtype=dx.dtype)
+    np.add.at(dtable, tokens.reshape(-1), dx.reshape(-1, d))
+    if multiplier != 1.0:
+        dtable *= np.asarray(multiplier, dtype=dx.dtype)
+    return dtable

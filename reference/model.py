@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from .attention import attention_forward, output_gate_forward
+from .attention import attention_backward, attention_forward, output_gate_backward, output_gate_forward
 from .config import Config
-from .embedding import embedding_forward
-from .linear import linear_forward
-from .mlp import swiglu_mlp_forward
-from .moe import moe_forward
-from .norms import rmsnorm_forward
+from .embedding import embedding_backward, embedding_forward
+from .linear import linear_backward, linear_forward
+from .mlp import swiglu_mlp_backward, swiglu_mlp_forward
+from .moe import moe_backward, moe_forward
+from .norms import rmsnorm_backward, rmsnorm_forward
 from .params import check_params, layer_prefix
-from .rope import rope_forward, rope_tables
+from .rope import rope_backward, rope_forward, rope_tables
 
-__all__ = ["attention_block_forward", "decoder_layer_forward", "model_forward", "logits", "check_inputs"]
+__all__ = ["attention_block_forward", "attention_block_backward", "decoder_layer_forward", "decoder_layer_backward",
+           "model_forward", "model_backward", "logits", "check_inputs"]
 
 
 def attention_block_forward(config: Config, p: dict, prefix: str, a, layer: int, rope, doc_ids):
@@ -80,7 +81,7 @@ def decoder_layer_forward(config: Config, p: dict, layer: int, x, rope, doc_ids)
     return x + f, ctx
 
 
-def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=True, check=True):
+def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=True, recompute=False, check=True):
     """Tokens [B, T] → logits [B, T, V] (SPEC §4.1, §4.2, §4.10):
 
         x⁰ = m · E_emb[tok]          (m = √d under muP)
@@ -89,7 +90,9 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
 
     Positions are 0…T−1 in every row (SPEC §14 #12). doc_ids [B, T], when given, adds the intra-document mask of
     SPEC §4.6 (see attention.document_ids to derive them from EOS tokens). Returns (logits, ctx) where ctx has
-    "embed", "layers" (one ctx per layer, or None when keep_ctx is False), "norm" and "lm_head".
+    "embed", "layers" (one ctx per layer), "routing" (per layer: the router's scores and chosen experts, or None
+    for dense layers), "norm" and "lm_head"; ctx is None when keep_ctx is False. With recompute, "layers" holds
+    only each layer's input, and model_backward runs that layer's forward again (activation recompute).
     """
     if check:
         tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
@@ -97,15 +100,28 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
     dtype = params["model.embed_tokens.weight"].dtype
     x, embed_ctx = embedding_forward(tokens, params["model.embed_tokens.weight"], c.embedding_multiplier)
     rope = rope_tables(np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
-    layer_ctxs = []
+    layer_ctxs, routing = [], []
     for layer in range(c.num_hidden_layers):
+        x_in = x
         x, layer_ctx = decoder_layer_forward(c, params, layer, x, rope, doc_ids)
-        layer_ctxs.append(layer_ctx if keep_ctx else None)
+        if keep_ctx:
+            layer_ctxs.append(x_in if recompute else layer_ctx)
+            routing.append(_routing(layer_ctx))
     h, norm_ctx = rmsnorm_forward(x, params["model.norm.weight"], c.rms_norm_eps)
     head = params["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
     out, head_ctx = linear_forward(h, head)
-    ctx = dict(embed=embed_ctx, rope=rope, layers=layer_ctxs, norm=norm_ctx, lm_head=head_ctx)
+    ctx = dict(embed=embed_ctx, rope=rope, doc_ids=doc_ids, layers=layer_ctxs, routing=routing, norm=norm_ctx,
+               lm_head=head_ctx, recompute=recompute)
     return out, (ctx if keep_ctx else None)
+
+
+def _routing(layer_ctx):
+    """(scores s [N, E], chosen experts [N, K], tokens per expert [E]) of a MoE layer; None for a dense layer."""
+    mlp = layer_ctx["mlp"]
+    if not isinstance(mlp, dict):
+        return None
+    router = mlp["router"]
+    return router[2], router[3], mlp["plan"].counts
 
 
 def logits(config: Config, params: dict, tokens, doc_ids=None):
@@ -134,3 +150,74 @@ def check_inputs(config: Config, params: dict, tokens, doc_ids):
             raise ValueError(f"doc_ids must be an integer array shaped like tokens {tokens.shape}, "
                              f"got dtype {doc_ids.dtype} shape {doc_ids.shape}")
     return tokens, doc_ids
+
+
+# ---- backward ---------------------------------------------------------------------------------------------------
+
+def attention_block_backward(config: Config, p: dict, prefix: str, ctx, dout):
+    """Backward of attention_block_forward: the operators' backwards in reverse order. Returns (da, grads)."""
+    c = config
+    B, T, _ = dout.shape
+    hq, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    grads = {}
+    do, grads[prefix + "o_proj.weight"] = linear_backward(ctx["o_proj"], dout)
+    do, dg = output_gate_backward(ctx["gate"], do)
+    dq, dk, dv = attention_backward(ctx["sdpa"], do.reshape(B, T, hq, dh))
+    if "q_rope" in ctx:
+        dq, dk = rope_backward(ctx["q_rope"], dq), rope_backward(ctx["k_rope"], dk)
+    dq, grads[prefix + "q_norm.weight"] = rmsnorm_backward(ctx["q_norm"], dq)
+    dk, grads[prefix + "k_norm.weight"] = rmsnorm_backward(ctx["k_norm"], dk)
+    da, grads[prefix + "q_proj.weight"] = linear_backward(ctx["q_proj"], dq.reshape(B, T, hq * dh))
+    for name, dy in (("k_proj", dk.reshape(B, T, hkv * dh)), ("v_proj", dv.reshape(B, T, hkv * dh)),
+                     ("gate_proj", dg)):
+        dx, grads[prefix + name + ".weight"] = linear_backward(ctx[name], dy)
+        da += dx
+    return da, grads
+
+
+def decoder_layer_backward(config: Config, p: dict, layer: int, ctx, dx, dscores=None):
+    """Backward of decoder_layer_forward; the residual passes dx straight through both branches.
+    dscores: the balance loss's gradient on this layer's router scores [N, E] (MoE layers only)."""
+    c = config
+    pre = layer_prefix(layer)
+    B, T, d = dx.shape
+    grads = {}
+    df, grads[pre + "post_mlp_layernorm.weight"] = rmsnorm_backward(ctx["post_mlp_layernorm"], dx)
+    m = pre + "mlp."
+    if c.is_moe_layer(layer):
+        db, mlp_grads = moe_backward(ctx["mlp"], df.reshape(B * T, d), p, m, dscores)
+        grads.update(mlp_grads)
+    else:
+        db, (dwg, dwu, dwd) = swiglu_mlp_backward(ctx["mlp"], df.reshape(B * T, d))
+        grads[m + "gate_proj.weight"], grads[m + "up_proj.weight"], grads[m + "down_proj.weight"] = dwg, dwu, dwd
+    dres, grads[pre + "pre_mlp_layernorm.weight"] = rmsnorm_backward(ctx["pre_mlp_layernorm"], db.reshape(B, T, d))
+    dx = dx + dres
+    dattn, grads[pre + "post_attention_layernorm.weight"] = rmsnorm_backward(ctx["post_attention_layernorm"], dx)
+    da, attn_grads = attention_block_backward(c, p, pre + "self_attn.", ctx["self_attn"], dattn)
+    grads.update(attn_grads)
+    dres, grads[pre + "input_layernorm.weight"] = rmsnorm_backward(ctx["input_layernorm"], da)
+    return dx + dres, grads
+
+
+def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
+    """Gradients of every parameter from dlogits [B, T, V] (and, per MoE layer, the balance loss's gradient on the
+    router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰ the gradient of
+    the embedding output). Layers kept by recompute run their forward again here, one at a time."""
+    c = config
+    grads = {}
+    dh, dhead = linear_backward(ctx["lm_head"], dlogits)
+    dx, grads["model.norm.weight"] = rmsnorm_backward(ctx["norm"], dh)
+    for layer in reversed(range(c.num_hidden_layers)):
+        layer_ctx = ctx["layers"][layer]
+        if ctx["recompute"]:
+            _, layer_ctx = decoder_layer_forward(c, params, layer, layer_ctx, ctx["rope"], ctx["doc_ids"])
+        ds = None if dscores is None else dscores[layer]
+        dx, layer_grads = decoder_layer_backward(c, params, layer, layer_ctx, dx, ds)
+        grads.update(layer_grads)
+    dx0 = dx
+    dembed = embedding_backward(ctx["embed"], dx)
+    if c.tie_word_embeddings:
+        grads["model.embed_tokens.weight"] = dembed + dhead
+    else:
+        grads["model.embed_tokens.weight"], grads["lm_head.weight"] = dembed, dhead
+    return {k: grads[k] for k in params}, dx0

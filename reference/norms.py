@@ -2,7 +2,7 @@
 
 import numpy as np
 
-__all__ = ["rmsnorm_forward"]
+__all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
 
 def rmsnorm_forward(x, gain, eps):
@@ -15,3 +15,13 @@ def rmsnorm_forward(x, gain, eps):
     rho = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.asarray(eps, dtype=x.dtype))
     x_hat = x * rho
     return gain * x_hat, (x_hat, rho, gain)
+
+
+def rmsnorm_backward(ctx, dy):
+    """With u = γ ⊙ dy: dx = ρ (u − x̂ · mean(u ⊙ x̂)), dγ = Σ dy ⊙ x̂ over every leading axis (tokens, and heads
+    for the QK norm) (SPEC §5 "RMSNorm")."""
+    x_hat, rho, gain = ctx
+    u = gain * dy
+    dx = rho * (u - x_hat * np.mean(u * x_hat, axis=-1, keepdims=True))
+    dgain = (dy * x_hat).reshape(-1, dy.shape[-1]).sum(axis=0)
+    return dx, dgain

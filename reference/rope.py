@@ -2,7 +2,7 @@
 
 import numpy as np
 
-__all__ = ["rope_tables", "rotate_half", "rope_forward"]
+__all__ = ["rope_tables", "rotate_half", "rope_forward", "rope_backward"]
 
 
 def rope_tables(positions, head_dim, theta, dtype):
@@ -31,3 +31,10 @@ def rope_forward(x, cos, sin):
     """
     c, s = cos[:, None, :], sin[:, None, :]
     return x * c + rotate_half(x) * s, (cos, sin)
+
+
+def rope_backward(ctx, dy):
+    """dx = dy ⊙ cos − rotate_half(dy ⊙ sin): the transpose of the rotation (SPEC §5 "RoPE")."""
+    cos, sin = ctx
+    c, s = cos[:, None, :], sin[:, None, :]
+    return dy * c - rotate_half(dy * s)

@@ -4,7 +4,7 @@ import numpy as np
 
 from .activations import sigmoid
 
-__all__ = ["router_forward", "select_top_k"]
+__all__ = ["router_forward", "router_backward", "select_top_k"]
 
 
 def select_top_k(biased_scores, k):
@@ -33,3 +33,21 @@ def router_forward(x, w_router, expert_bias, top_k, route_scale):
     total = chosen.sum(axis=-1, keepdims=True)
     weights = chosen / (total + 1e-20) * np.asarray(route_scale, dtype=s.dtype)
     return weights, experts, (x, w_router, s, experts, total, route_scale, z)
+
+
+def router_backward(ctx, dweights, dscores=None):
+    """Gradient through the normalised unbiased scores only (SPEC §5 "Router"); selection and b get none.
+
+    dweights [N, K] is dg. For the chosen experts m, with S = Σ_{k∈𝒦} s_{e_k} and g_k = ρ s_{e_k}/S:
+        ds_{e_m} = (ρ/S) · (dg_m − (1/ρ) Σ_k dg_k g_k),   0 for unchosen experts;
+    `dscores` [N, E], when given, is an extra gradient on s over all E experts (the balance loss, SPEC §6.3).
+    Then dz = ds ⊙ s(1 − s), dW_r = Σ_t dz_t x_tᵀ, dx = dz W_r. Returns (dx, dW_r).
+    """
+    x, w_router, s, experts, total, route_scale, _ = ctx
+    rho = np.asarray(route_scale, dtype=s.dtype)
+    weights = np.take_along_axis(s, experts, axis=-1) / (total + 1e-20) * rho
+    ds_chosen = (rho / total) * (dweights - (dweights * weights).sum(axis=-1, keepdims=True) / rho)
+    ds = np.zeros_like(s) if dscores is None else dscores.astype(s.dtype, copy=True)
+    np.put_along_axis(ds, experts, np.take_along_axis(ds, experts, axis=-1) + ds_chosen, axis=-1)
+    dz = ds * s * (1.0 - s)
+    return dz @ w_router, dz.T @ x
