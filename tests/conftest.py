@@ -59,6 +59,12 @@ def _profile_name() -> str:
 settings.load_profile(_profile_name())
 
 
+def pytest_report_header(config):
+    s = settings.default
+    return (f"hypothesis profile {settings._current_profile or '?'}: max_examples={s.max_examples}, "
+            f"derandomize={s.derandomize}, deadline={s.deadline} (a test's own @settings wins)")
+
+
 # ---- oracle report ------------------------------------------------------------------------------------------------
 REQUIRE_ORACLE_ENV = "TRINITY_REQUIRE_ORACLE"
 _ORACLE_WORDS = ("torch", "transformers", "oracle")
