@@ -81,7 +81,8 @@ def decoder_layer_forward(config: Config, p: dict, layer: int, x, rope, doc_ids)
     return x + f, ctx
 
 
-def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=True, recompute=False, check=True):
+def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=True, recompute=False, check=True,
+                  embeds=None):
     """Tokens [B, T] → logits [B, T, V] (SPEC §4.1, §4.2, §4.10):
 
         x⁰ = m · E_emb[tok]          (m = √d under muP)
@@ -93,12 +94,17 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
     "embed", "layers" (one ctx per layer), "routing" (per layer: the router's scores and chosen experts, or None
     for dense layers), "norm" and "lm_head"; ctx is None when keep_ctx is False. With recompute, "layers" holds
     only each layer's input, and model_backward runs that layer's forward again (activation recompute).
+    embeds [B, T, d], when given, replaces the table lookup E_emb[tok] (HF `inputs_embeds`; the muP multiplier
+    still applies); tokens then only give the shape.
     """
     if check:
         tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
     c = config
     dtype = params["model.embed_tokens.weight"].dtype
-    x, embed_ctx = embedding_forward(tokens, params["model.embed_tokens.weight"], c.embedding_multiplier)
+    if embeds is None:
+        x, embed_ctx = embedding_forward(tokens, params["model.embed_tokens.weight"], c.embedding_multiplier)
+    else:
+        x, embed_ctx = embeds * np.asarray(c.embedding_multiplier, dtype=dtype), None
     rope = rope_tables(np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
     layer_ctxs, routing = [], []
     for layer in range(c.num_hidden_layers):
@@ -201,8 +207,9 @@ def decoder_layer_backward(config: Config, p: dict, layer: int, ctx, dx, dscores
 
 def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
     """Gradients of every parameter from dlogits [B, T, V] (and, per MoE layer, the balance loss's gradient on the
-    router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰ the gradient of
-    the embedding output). Layers kept by recompute run their forward again here, one at a time."""
+    router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰): dx⁰ is the
+    gradient w.r.t. the embedding output x⁰ = m·E_emb[tok] (or m·embeds). Layers kept by recompute run their
+    forward again here, one at a time."""
     c = config
     grads = {}
     dh, dhead = linear_backward(ctx["lm_head"], dlogits)
@@ -214,10 +221,12 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
         ds = None if dscores is None else dscores[layer]
         dx, layer_grads = decoder_layer_backward(c, params, layer, layer_ctx, dx, ds)
         grads.update(layer_grads)
-    dx0 = dx
-    dembed = embedding_backward(ctx["embed"], dx)
+    if ctx["embed"] is None:  # the forward took embeds: the table gets no gradient
+        dembed = np.zeros_like(params["model.embed_tokens.weight"])
+    else:
+        dembed = embedding_backward(ctx["embed"], dx)
     if c.tie_word_embeddings:
         grads["model.embed_tokens.weight"] = dembed + dhead
     else:
         grads["model.embed_tokens.weight"], grads["lm_head.weight"] = dembed, dhead
-    return {k: grads[k] for k in params}, dx0
+    return {k: grads[k] for k in params}, dx

@@ -2,55 +2,71 @@
 
     total = ce + z + balance,   balance = Σ_{MoE layers} mean_{sequences} L_Bal   (SPEC §14 #6)
 
-`loss_and_grads` is the public entry the trainer, the inspector and every backend's conformance test share.
+`loss_and_grads` is the public entry the trainer, the inspector and every backend's conformance test share;
+`evaluate_losses` is its forward half alone (evaluation, finite differences).
 """
 
 from __future__ import annotations
-
-import numpy as np
 
 from .config import Config
 from .losses import balance_loss_backward, balance_loss_forward, cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
 
-__all__ = ["loss_and_grads"]
+__all__ = ["loss_and_grads", "evaluate_losses"]
 
 
-def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, recompute=False):
-    """Losses, gradients of `total` w.r.t. every parameter, and routing statistics.
-
-    tokens, labels: int [B, T] with Hugging Face `labels` semantics (shifted inside, −100 ignored); doc_ids
-    optional [B, T] for the intra-document mask (SPEC §4.6). recompute=True keeps only each layer's input and runs
-    its forward again in the backward (less memory, bitwise-equal gradients).
-
-    Returns (losses, grads, stats):
-      losses: dict total, ce, z, balance (floats; z uses config.z_loss_coeff, balance config.balance_loss_coeff);
-      grads:  exactly the keys of params (expert_bias gets zeros: it is not trained by gradient);
-      stats:  {"layers": {l: {"expert_counts": int [E] (token, slot) assignments under the biased selection,
-               "router_score_mean": float}} for MoE layers, "logits_max", "logits_mean", "tokens": counted tokens}.
-    """
+def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_ctx, recompute=False, embeds=None):
+    """Forward and every loss; also the loss ctxs (for the backward) and the routing statistics."""
     c = config
-    out, ctx = model_forward(c, params, tokens, doc_ids, keep_ctx=True, recompute=recompute)
+    out, ctx = model_forward(c, params, tokens, doc_ids, keep_ctx=True, recompute=recompute, embeds=embeds)
     ce, zl, ce_ctx = cross_entropy_forward(out, labels, c.z_loss_coeff)
     B, T = out.shape[:2]
-
     balance = 0.0
-    dscores = [None] * c.num_hidden_layers
+    balance_ctxs = [None] * c.num_hidden_layers
     stats = {"layers": {}, "logits_max": float(out.max()), "logits_mean": float(out.mean()),
              "tokens": int(ce_ctx[2].sum())}
     for layer, routing in enumerate(ctx["routing"]):
         if routing is None:
             continue
         scores, chosen, counts = routing
-        stats["layers"][layer] = {"expert_counts": counts.copy(), "router_score_mean": float(scores.mean())}
+        stats["layers"][layer] = {"expert_counts": counts.copy(), "router_score_mean": float(scores.mean()),
+                                  "chosen_experts": chosen.reshape(B, T, -1)}
         if c.balance_loss_coeff > 0:
             E, K = scores.shape[-1], chosen.shape[-1]
-            lb, lb_ctx = balance_loss_forward(scores.reshape(B, T, E), chosen.reshape(B, T, K), K,
-                                              c.balance_loss_coeff)
+            lb, balance_ctxs[layer] = balance_loss_forward(scores.reshape(B, T, E), chosen.reshape(B, T, K), K,
+                                                           c.balance_loss_coeff)
             balance += lb
-            dscores[layer] = balance_loss_backward(lb_ctx).reshape(B * T, E)
-
-    dlogits = cross_entropy_backward(ce_ctx)
-    grads, _ = model_backward(c, params, ctx, dlogits, dscores)
     losses = {"total": ce + zl + balance, "ce": ce, "z": zl, "balance": balance}
+    return losses, stats, (ctx if keep_ctx else None), ce_ctx, balance_ctxs
+
+
+def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, embeds=None):
+    """The losses dict and stats of `loss_and_grads`, without the backward. embeds: see model_forward."""
+    losses, stats, _, _, _ = _forward_losses(config, params, tokens, labels, doc_ids, keep_ctx=False, embeds=embeds)
+    return losses, stats
+
+
+def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, recompute=False, embeds=None):
+    """Losses, gradients of `total` w.r.t. every parameter, and routing statistics.
+
+    tokens, labels: int [B, T] with Hugging Face `labels` semantics (shifted inside, −100 ignored); doc_ids
+    optional [B, T] for the intra-document mask (SPEC §4.6). recompute=True keeps only each layer's input and runs
+    its forward again in the backward (less memory, bitwise-equal gradients). embeds: see model_forward.
+
+    Returns (losses, grads, stats):
+      losses: dict total, ce, z, balance (floats; z uses config.z_loss_coeff, balance config.balance_loss_coeff);
+      grads:  exactly the keys of params (expert_bias gets zeros: it is not trained by gradient);
+      stats:  {"layers": {l: {"expert_counts": int [E] (token, slot) assignments under the biased selection,
+               "router_score_mean": float, "chosen_experts": int [B, T, K]}} for MoE layers,
+               "logits_max", "logits_mean", "tokens": the number of tokens the CE counts,
+               "embedding_output_grad": d total / d x⁰ [B, T, d], x⁰ = m·E_emb[tok] the residual stream's input}.
+    """
+    losses, stats, ctx, ce_ctx, balance_ctxs = _forward_losses(config, params, tokens, labels, doc_ids,
+                                                               keep_ctx=True, recompute=recompute, embeds=embeds)
+    dscores = []
+    for lb_ctx in balance_ctxs:
+        ds = None if lb_ctx is None else balance_loss_backward(lb_ctx)
+        dscores.append(None if ds is None else ds.reshape(-1, ds.shape[-1]))
+    grads, stats["embedding_output_grad"] = model_backward(config, params, ctx, cross_entropy_backward(ce_ctx),
+                                                           dscores)
     return losses, grads, stats
