@@ -347,6 +347,8 @@ def load_pretrained(path, dtype=np.float32) -> tuple[Config, dict[str, np.ndarra
     """
     path = os.fspath(path)
     dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"load_pretrained: dtype must be a float dtype, got {dtype}")
     if not os.path.isdir(path):
         raise CheckpointError(f"missing file: checkpoint directory {path} does not exist")
     if not os.path.isfile(os.path.join(path, CONFIG_NAME)):

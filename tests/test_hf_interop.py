@@ -198,7 +198,7 @@ def test_save_load_round_trip_exact(tmp_path_factory, config, dtype, seed):
     loaded_config, loaded = load_pretrained(path, dtype=dtype)
     assert loaded_config.to_hf() == config.to_hf()
     assert_same(loaded, params)
-    assert all(v.dtype == dtype for v in loaded.values())
+    assert all(v.dtype == dtype and v.flags.writeable and v.flags.c_contiguous for v in loaded.values())
 
 
 def test_config_json_is_hf(tmp_path):
@@ -301,6 +301,7 @@ def test_bf16_checkpoint(tmp_path, out_dtype):
     expected["model.layers.1.mlp.expert_bias"] = params["model.layers.1.mlp.expert_bias"].astype(out_dtype)
     assert_same(loaded, expected)
     assert not np.array_equal(loaded["model.norm.weight"], params["model.norm.weight"].astype(out_dtype))
+    assert all(v.flags.writeable and v.flags.c_contiguous for v in loaded.values())
 
 
 def test_bf16_fused_checkpoint_slices(tmp_path):
@@ -325,6 +326,12 @@ def test_bf16_matches_torch_rounding(tmp_path):
     expected = {k: torch.from_numpy(v).to(torch.bfloat16).float().numpy() for k, v in params.items()}
     assert_same(loaded, expected)
     assert_same(expected, {k: bf16_round(v) for k, v in params.items()})
+
+
+def test_load_rejects_non_float_dtype(tmp_path):
+    path, _ = saved(tmp_path)
+    with pytest.raises(ValueError, match="float dtype"):
+        load_pretrained(path, dtype=np.int32)
 
 
 def test_f16_checkpoint(tmp_path):
