@@ -1,0 +1,378 @@
+"""Training checkpoints: one HDF5 file holding everything a run needs to continue bit for bit (ARCHITECTURE.md,
+"State is explicit and resumable").
+
+File layout (format_version 1)
+------------------------------
+    /params/<key>      one dataset per parameter, in its own dtype (keys are the HF names of SPEC §3.1)
+    /optimizer/<key>   the optimizer state, a flat dict of arrays (a scalar "step" is a 0-d dataset)
+    /balancing/<key>   the load-balancing state (expert bias, momentum; SPEC §6), a flat dict of arrays
+    attributes of /:   format_version (int), step (int), tokens_seen (int), and JSON strings config
+                       (`Config.to_dict()`), data_state (the loader position, data.py), rng_state
+                       (`Generator.bit_generator.state`; PCG64's 128-bit ints are plain JSON ints), extra (free-form)
+
+Dataset names are the dict keys with "%" written as "%25", "/" as "%2F" and a leading "." as "%2E" (HDF5 reads
+"/" as a path separator and "." as the group itself), so "muon.momentum/model.layers.0.self_attn.q_proj.weight" is
+stored as "muon.momentum%2Fmodel.layers.0.self_attn.q_proj.weight". Groups keep insertion order. Only plain numeric
+datasets (bool, int, uint, float, complex) are read back; links, subgroups and other types are refused, and nothing
+is ever unpickled or evaluated.
+
+Writes are atomic: the file is written to `path + ".tmp-<pid>"` in the same directory, fsynced, renamed over `path`
+with os.replace, and the directory is fsynced. A crash at any point leaves the previous file at `path` (and every
+other checkpoint) untouched; at worst a `*.tmp-<pid>` file is left behind, which `CheckpointManager` ignores and
+removes once its writer is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from .config import Config, ConfigError
+from .params import check_params
+
+try:  # one CheckpointError for the whole package (HF interop defines it)
+    from .hf_interop import CheckpointError
+except ImportError:  # pragma: no cover - hf_interop is always present in this tree
+    class CheckpointError(ValueError):
+        """A checkpoint that cannot be loaded or saved; the message names the file and the problem."""
+
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointManager", "save_checkpoint",
+           "load_checkpoint", "restore_rng", "atomic_path"]
+
+FORMAT_VERSION = 1
+_NUMERIC_KINDS = "biufc"
+# Bit generators a stored rng_state may name (looked up in this table, never by getattr on a stored string).
+_BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "Philox": np.random.Philox,
+                   "SFC64": np.random.SFC64, "MT19937": np.random.MT19937}
+
+
+@dataclass
+class Checkpoint:
+    """Everything one checkpoint file holds, arrays in memory with their stored dtype."""
+    config: Config
+    params: dict
+    optimizer_state: dict
+    balancing_state: dict
+    step: int
+    tokens_seen: int
+    data_state: dict
+    rng_state: dict | None
+    extra: dict = field(default_factory=dict)
+    path: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def rng(self) -> np.random.Generator:
+        """A Generator in the stored state: it draws the numbers the saved one would have drawn next."""
+        return restore_rng(self.rng_state)
+
+    def as_kwargs(self) -> dict:
+        """The keyword arguments of `save_checkpoint` that write this checkpoint again."""
+        return dict(config=self.config, params=self.params, optimizer_state=self.optimizer_state,
+                    balancing_state=self.balancing_state, step=self.step, tokens_seen=self.tokens_seen,
+                    data_state=self.data_state, rng_state=self.rng_state, extra=self.extra)
+
+
+def restore_rng(state) -> np.random.Generator:
+    """A np.random.Generator from a `bit_generator.state` dict (as stored in a checkpoint)."""
+    if not isinstance(state, dict) or state.get("bit_generator") not in _BIT_GENERATORS:
+        name = state.get("bit_generator") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"rng_state names an unknown bit generator {name!r}; "
+                              f"known: {sorted(_BIT_GENERATORS)}")
+    bit_generator = _BIT_GENERATORS[state["bit_generator"]]()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
+# ---- names and JSON ----------------------------------------------------------------------------------------------
+def _escape(key: str) -> str:
+    if not isinstance(key, str) or not key:
+        raise CheckpointError(f"state keys must be non-empty strings, got {key!r}")
+    name = key.replace("%", "%25").replace("/", "%2F")
+    return "%2E" + name[1:] if name.startswith(".") else name
+
+
+def _unescape(name: str) -> str:
+    return re.sub(r"%(25|2F|2E)", lambda m: {"25": "%", "2F": "/", "2E": "."}[m.group(1)], name)
+
+
+def _json_default(value):
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON-serialisable")
+
+
+def _dumps(name: str, value) -> str:
+    try:
+        return json.dumps(value, default=_json_default, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{name} cannot be stored as JSON: {e}") from None
+
+
+# ---- atomic files ------------------------------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path `path + ".tmp-<pid>"` in the same directory; when the block ends normally the file is
+    fsynced, renamed over `path` and the directory fsynced. On an exception the temporary file is removed and
+    `path` is left as it was."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+# ---- save / load -------------------------------------------------------------------------------------------------
+def _check_int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise CheckpointError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def _flat_arrays(name: str, tree) -> dict:
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{name} must be a flat dict of arrays, got {type(tree).__name__}")
+    out = {}
+    for key, value in tree.items():
+        array = np.asarray(value)
+        if array.dtype.kind not in _NUMERIC_KINDS:
+            raise CheckpointError(f"{name}[{key!r}]: dtype {array.dtype} is not numeric")
+        out[_escape(key)] = np.require(array, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
+    return out
+
+
+def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict, balancing_state: dict, step: int,
+                    tokens_seen: int, data_state: dict, rng_state, extra: dict | None = None) -> str:
+    """Write one checkpoint file atomically (see the module docstring) and return its path. `params` must match
+    `config` (check_params); `rng_state` is a `bit_generator.state` dict, a np.random.Generator, or None."""
+    path = os.fspath(path)
+    if not isinstance(config, Config):
+        raise CheckpointError(f"config must be a Config, got {type(config).__name__}")
+    try:
+        check_params(config, params)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"params do not match the config: {e.args[0] if e.args else e}") from None
+    if isinstance(rng_state, np.random.Generator):
+        rng_state = rng_state.bit_generator.state
+    if rng_state is not None:
+        restore_rng(rng_state)  # refuse a state that could not be restored later
+    if not isinstance(data_state, dict):
+        raise CheckpointError(f"data_state must be a dict, got {type(data_state).__name__}")
+    attrs = {"format_version": FORMAT_VERSION, "step": _check_int("step", step),
+             "tokens_seen": _check_int("tokens_seen", tokens_seen),
+             "config": _dumps("config", config.to_dict()), "data_state": _dumps("data_state", data_state),
+             "rng_state": _dumps("rng_state", rng_state), "extra": _dumps("extra", dict(extra or {}))}
+    groups = {"params": _flat_arrays("params", params),
+              "optimizer": _flat_arrays("optimizer_state", optimizer_state),
+              "balancing": _flat_arrays("balancing_state", balancing_state)}
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w", track_order=True) as f:
+            for key, value in attrs.items():
+                f.attrs[key] = value
+            for group, arrays in groups.items():
+                g = f.create_group(group, track_order=True)
+                for name, array in arrays.items():
+                    g.create_dataset(name, data=array)
+            f.flush()
+    return path
+
+
+def _read_group(f, name: str, path: str) -> dict:
+    group = f.get(name, getlink=True)
+    if not isinstance(group, h5py.HardLink) or not isinstance(f[name], h5py.Group):
+        raise CheckpointError(f"{path}: no {name}/ group")
+    out = {}
+    for key in f[name].keys():
+        where = f"{path}: {name}/{key}"
+        if not isinstance(f[name].get(key, getlink=True), h5py.HardLink):
+            raise CheckpointError(f"{where} is a link, not a dataset")
+        ds = f[name][key]
+        if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in _NUMERIC_KINDS or ds.dtype.fields:
+            raise CheckpointError(f"{where} is not a plain numeric dataset")
+        out[_unescape(key)] = np.asarray(ds[()])
+    return out
+
+
+def _read_json(f, name: str, path: str):
+    value = f.attrs.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        raise CheckpointError(f"{path}: attribute {name} missing or not a JSON string")
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: attribute {name} is not valid JSON: {e}") from None
+
+
+def _read_int(f, name: str, path: str) -> int:
+    value = f.attrs.get(name)
+    if isinstance(value, np.ndarray) and value.shape == ():
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise CheckpointError(f"{path}: attribute {name} missing or not an integer (found {value!r})")
+    return int(value)
+
+
+def _config_diff(found: Config, expected: Config) -> list[str]:
+    a, b = found.to_dict(), expected.to_dict()
+    return [f"{k} {a[k]!r} != {b[k]!r}" for k in b if a.get(k) != b[k]]
+
+
+def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`. With `config`, the stored config must equal it (the error
+    lists each differing field as `name stored != expected`). Raises CheckpointError, naming the path, for a missing,
+    truncated or corrupt file, an unknown format_version, or params that do not match the stored config."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint file at {path}")
+    try:
+        with h5py.File(path, "r") as f:
+            version = _read_int(f, "format_version", path) if "format_version" in f.attrs else None
+            if version is None:
+                raise CheckpointError(f"{path}: not a trinity checkpoint (no format_version attribute)")
+            if not 1 <= version <= FORMAT_VERSION:
+                raise CheckpointError(f"{path}: checkpoint format_version {version} is not supported "
+                                      f"(this trinity reads versions 1..{FORMAT_VERSION})")
+            try:
+                stored = Config.from_dict(_read_json(f, "config", path))
+            except (ConfigError, TypeError) as e:
+                raise CheckpointError(f"{path}: stored config is not valid: {e}") from None
+            if config is not None:
+                diff = _config_diff(stored, config)
+                if diff:
+                    raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} "
+                                          f"(checkpoint != expected)")
+            ck = Checkpoint(config=stored, params=_read_group(f, "params", path),
+                            optimizer_state=_read_group(f, "optimizer", path),
+                            balancing_state=_read_group(f, "balancing", path),
+                            step=_read_int(f, "step", path), tokens_seen=_read_int(f, "tokens_seen", path),
+                            data_state=_read_json(f, "data_state", path), rng_state=_read_json(f, "rng_state", path),
+                            extra=_read_json(f, "extra", path), path=path, format_version=version)
+    except CheckpointError:
+        raise
+    except (OSError, KeyError, RuntimeError) as e:  # h5py: truncated / corrupt file or object
+        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {e}") from None
+    for name in ("data_state", "extra"):
+        if not isinstance(getattr(ck, name), dict):
+            raise CheckpointError(f"{path}: {name} is not a JSON object")
+    if ck.rng_state is not None:
+        try:
+            restore_rng(ck.rng_state)
+        except (CheckpointError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: rng_state cannot be restored: {e}") from None
+    try:
+        check_params(stored, ck.params)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: params do not match the stored config: "
+                              f"{e.args[0] if e.args else e}") from None
+    return ck
+
+
+# ---- a directory of checkpoints ----------------------------------------------------------------------------------
+_STEP_FILE = re.compile(r"^step_(\d+)\.h5$")
+_TMP_FILE = re.compile(r"^step_\d+\.h5\.tmp-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+class CheckpointManager:
+    """`directory/step_{step:08d}.h5`, one file per saved step, keeping the newest `keep_last` (None: all).
+
+    The newest checkpoint is found by scanning file names (no pointer file that could go stale); only complete
+    files carry the `step_N.h5` name, because each is renamed into place after it is fully written. Leftover
+    `*.tmp-<pid>` files from crashed writers are ignored, and removed by `save`/`clean_tmp` once that pid is no
+    longer running on this host. One manager (one writer) per directory is assumed."""
+
+    def __init__(self, directory, keep_last: int | None = 3):
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
+        self.directory = os.fspath(directory)
+        self.keep_last = keep_last
+        os.makedirs(self.directory, exist_ok=True)
+
+    def path_for(self, step: int) -> str:
+        return os.path.join(self.directory, f"step_{_check_int('step', step):08d}.h5")
+
+    def _steps(self) -> list[tuple[int, str]]:
+        found = []
+        for name in os.listdir(self.directory):
+            m = _STEP_FILE.match(name)
+            if m and os.path.isfile(os.path.join(self.directory, name)):
+                found.append((int(m.group(1)), os.path.join(self.directory, name)))
+        return sorted(found)
+
+    def list(self) -> list[str]:
+        """Paths of the complete checkpoints, oldest step first."""
+        return [p for _, p in self._steps()]
+
+    def latest(self) -> str | None:
+        """Path of the checkpoint with the highest step, or None when there is none."""
+        steps = self._steps()
+        return steps[-1][1] if steps else None
+
+    def load_latest(self, config: Config | None = None) -> Checkpoint | None:
+        path = self.latest()
+        return None if path is None else load_checkpoint(path, config)
+
+    def clean_tmp(self) -> list[str]:
+        """Remove `*.tmp-<pid>` leftovers whose writer is gone (not this process, not alive here); return them."""
+        removed = []
+        for name in os.listdir(self.directory):
+            m = _TMP_FILE.match(name)
+            if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(self.directory, name))
+                    removed.append(os.path.join(self.directory, name))
+        return removed
+
+    def save(self, step: int, **state) -> str:
+        """Write `step_{step:08d}.h5` atomically (state: the other keyword arguments of `save_checkpoint`), then
+        delete the oldest checkpoints beyond keep_last, never the one just written. Returns its path."""
+        self.clean_tmp()
+        path = save_checkpoint(self.path_for(step), step=step, **state)
+        if self.keep_last is not None:
+            others = [p for _, p in self._steps() if os.path.abspath(p) != os.path.abspath(path)]
+            for old in others[: max(0, len(others) - (self.keep_last - 1))]:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(old)
+            _fsync_dir(self.directory)
+        return path

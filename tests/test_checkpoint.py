@@ -1,0 +1,304 @@
+"""Checkpoints (reference/checkpoint.py): bit-exact round trips, atomic writes under real crashes (SIGKILL in a child
+process, and exceptions in-process), clear errors for damaged or foreign files, and retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from trinity.reference import Config, init_params
+from trinity.reference.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, atomic_path,
+                                          load_checkpoint, restore_rng, save_checkpoint)
+
+TINY = dict(vocab_size=32, hidden_size=8, intermediate_size=12, moe_intermediate_size=4, num_hidden_layers=2,
+            num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=4,
+            num_experts_per_tok=2, num_shared_experts=1, sliding_window=8, max_position_embeddings=64)
+
+
+def tiny_config(**changes) -> Config:
+    return Config(**{**TINY, **changes})
+
+
+def make_state(config: Config, seed: int = 0, dtype=np.float32) -> dict:
+    """Every argument of save_checkpoint but path and step, with keys like the real optimizer's."""
+    params = init_params(config, seed=seed, dtype=dtype)
+    r = np.random.default_rng(seed)
+    optimizer = {"step": np.asarray(7 + seed, dtype=np.int64), "lr": np.asarray(3e-4)}
+    for key, value in params.items():
+        optimizer[f"muon.momentum/{key}"] = r.standard_normal(value.shape).astype(dtype)
+    optimizer["adamw.exp_avg_sq/%odd/.key"] = r.random(3)  # keys with "%" and "/" survive the escape
+    balancing = {"model.layers.1.mlp.momentum": r.standard_normal(config.num_experts),
+                 "updates": np.arange(5, dtype=np.int32), "flags": np.array([True, False])}
+    rng = np.random.default_rng(1234 + seed)
+    rng.random(3)
+    return dict(config=config, params=params, optimizer_state=optimizer, balancing_state=balancing,
+                tokens_seen=10**12 + seed, data_state={"epoch": 2, "doc_cursor": 5, "doc_offset": 3, "order": [1, 2]},
+                rng_state=rng.bit_generator.state, extra={"note": "ünïcode", "loss": 2.5})
+
+
+def assert_same_arrays(a: dict, b: dict):
+    assert list(a) == list(b)  # same keys, same order
+    for key in a:
+        x, y = np.asarray(a[key]), np.asarray(b[key])
+        assert x.dtype == y.dtype and x.shape == y.shape, key
+        assert x.tobytes() == y.tobytes(), key  # bit-exact, NaN payloads included
+
+
+# ---- round trips --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_round_trip_is_bit_exact(tmp_path, dtype):
+    config = tiny_config()
+    state = make_state(config, dtype=dtype)
+    state["params"]["model.norm.weight"][0] = np.nan  # odd values too
+    path = save_checkpoint(tmp_path / "a.h5", step=42, **state)
+    ck = load_checkpoint(path, config=config)
+    assert ck.config == config and ck.step == 42 and ck.tokens_seen == state["tokens_seen"]
+    assert ck.format_version == FORMAT_VERSION and ck.path == str(tmp_path / "a.h5")
+    assert_same_arrays(ck.params, state["params"])
+    assert_same_arrays(ck.optimizer_state, state["optimizer_state"])
+    assert_same_arrays(ck.balancing_state, state["balancing_state"])
+    assert ck.optimizer_state["step"].shape == () and int(ck.optimizer_state["step"]) == 7
+    assert ck.data_state == state["data_state"] and ck.extra == state["extra"]
+    assert ck.rng_state == state["rng_state"]
+    # Saving what was loaded gives the same checkpoint again.
+    save_checkpoint(tmp_path / "b.h5", **ck.as_kwargs())
+    again = load_checkpoint(tmp_path / "b.h5")
+    assert_same_arrays(again.params, ck.params) and again.step == 42
+
+
+@pytest.mark.parametrize("name", ["PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937"])
+def test_rng_state_restores_the_same_stream(tmp_path, name):
+    config = tiny_config()
+    state = make_state(config)
+    rng = np.random.Generator(getattr(np.random, name)(99))
+    rng.standard_normal(11)
+    rng.random()  # leave a cached uint32 / gauss state behind where the generator has one
+    state["rng_state"] = rng  # a Generator is accepted too
+    save_checkpoint(tmp_path / "r.h5", step=1, **state)
+    restored = load_checkpoint(tmp_path / "r.h5").rng()
+    assert np.array_equal(restored.random(20), rng.random(20))
+    assert np.array_equal(restored.integers(0, 2**62, 10), rng.integers(0, 2**62, 10))
+    as_json = lambda g: json.dumps(g.bit_generator.state, default=lambda a: a.tolist(), sort_keys=True)  # noqa
+    assert as_json(restored) == as_json(rng)
+
+
+def test_no_rng_state_and_scalars(tmp_path):
+    config = tiny_config()
+    state = make_state(config)
+    state.update(rng_state=None, extra=None, data_state={"epoch": np.int64(3)})
+    ck = load_checkpoint(save_checkpoint(tmp_path / "n.h5", step=0, **state))
+    assert ck.rng_state is None and ck.extra == {} and ck.data_state == {"epoch": 3}
+
+
+# ---- crashes ------------------------------------------------------------------------------------------------------
+CHILD = textwrap.dedent("""
+    import json, os, signal, sys
+    import h5py
+    sys.path.insert(0, {tests!r})
+    from test_checkpoint import make_state, tiny_config
+    from trinity.reference.checkpoint import CheckpointManager
+    directory, kill_at = sys.argv[1], sys.argv[2]
+    def die():
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kill_at == "first_dataset":
+        original = h5py.Group.create_dataset
+        def create_dataset(self, *args, **kwargs):
+            out = original(self, *args, **kwargs)
+            self.file.flush()  # some bytes really are on disk in the temp file
+            die()
+        h5py.Group.create_dataset = create_dataset
+    elif kill_at == "before_replace":
+        os.replace = lambda *a: die()
+    CheckpointManager(directory, keep_last=1).save(20, **make_state(tiny_config(), seed=1))
+    print("not killed")
+""")
+
+
+@pytest.mark.parametrize("kill_at", ["first_dataset", "before_replace"])
+def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path, kill_at):
+    config = tiny_config()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    previous = manager.save(10, **make_state(config))
+    before = open(previous, "rb").read()
+    script = CHILD.format(tests=os.path.dirname(__file__))
+    child = subprocess.Popen([sys.executable, "-c", script, str(tmp_path), kill_at], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGKILL, output
+    leftovers = [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    assert leftovers == [f"step_00000020.h5.tmp-{child.pid}"]  # the dead writer's temp file, nothing else
+    assert not os.path.exists(manager.path_for(20))  # no partial file at the final path
+    assert manager.latest() == previous and manager.list() == [previous]
+    assert open(previous, "rb").read() == before
+    ck = load_checkpoint(manager.latest(), config=config)
+    assert ck.step == 10 and ck.rng_state == make_state(config)["rng_state"]
+    if kill_at == "before_replace":  # the temp file was complete, yet it is not mistaken for a checkpoint
+        assert load_checkpoint(os.path.join(tmp_path, leftovers[0])).step == 20
+    # The next save cleans up the dead writer's leftover and applies retention.
+    newer = manager.save(30, **make_state(config))
+    assert sorted(os.listdir(tmp_path)) == ["step_00000030.h5"] and manager.latest() == newer
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.mark.parametrize("fail_after", [0, 1, 5])
+def test_exception_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch, fail_after):
+    config = tiny_config()
+    path = tmp_path / "ck.h5"
+    save_checkpoint(path, step=1, **make_state(config))
+    before = path.read_bytes()
+    original, calls = h5py.Group.create_dataset, []
+
+    def create_dataset(self, *args, **kwargs):
+        if len(calls) == fail_after:
+            raise Boom("disk on fire")
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(h5py.Group, "create_dataset", create_dataset)
+    with pytest.raises(Boom):
+        save_checkpoint(path, step=2, **make_state(config, seed=1))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["ck.h5"]  # temp file removed, nothing partial left
+    assert path.read_bytes() == before and load_checkpoint(path, config).step == 1
+
+
+def test_atomic_path_leaves_target_alone_on_error(tmp_path):
+    target = tmp_path / "x"
+    target.write_text("old")
+    with pytest.raises(Boom):
+        with atomic_path(target) as tmp:
+            open(tmp, "w").write("half")
+            raise Boom()
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["x"]
+
+
+# ---- errors -------------------------------------------------------------------------------------------------------
+def test_truncated_file_names_the_path(tmp_path):
+    path = save_checkpoint(tmp_path / "t.h5", step=3, **make_state(tiny_config()))
+    data = open(path, "rb").read()
+    for cut in (len(data) // 2, 100, 0):
+        with open(path, "wb") as f:
+            f.write(data[:cut])
+        with pytest.raises(CheckpointError, match="t.h5"):
+            load_checkpoint(path)
+
+
+def test_corrupt_bytes_and_missing_file(tmp_path):
+    path = tmp_path / "c.h5"
+    path.write_bytes(b"not an hdf5 file at all" * 10)
+    with pytest.raises(CheckpointError, match="c.h5.*truncated or corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="no checkpoint file at .*missing.h5"):
+        load_checkpoint(tmp_path / "missing.h5")
+
+
+def test_wrong_model_names_the_field(tmp_path):
+    path = save_checkpoint(tmp_path / "m.h5", step=3, **make_state(tiny_config()))
+    with pytest.raises(CheckpointError, match=r"another model: hidden_size 8 != 16"):
+        load_checkpoint(path, config=tiny_config(hidden_size=16))
+    with pytest.raises(CheckpointError, match=r"num_experts 4 != 8.*num_experts_per_tok 2 != 3"):
+        load_checkpoint(path, config=tiny_config(num_experts=8, num_experts_per_tok=3))
+
+
+def test_unknown_version_names_the_version(tmp_path):
+    path = save_checkpoint(tmp_path / "v.h5", step=3, **make_state(tiny_config()))
+    with h5py.File(path, "r+") as f:
+        f.attrs["format_version"] = FORMAT_VERSION + 6
+    with pytest.raises(CheckpointError, match=f"format_version {FORMAT_VERSION + 6} is not supported"):
+        load_checkpoint(path)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["format_version"]
+    with pytest.raises(CheckpointError, match="no format_version"):
+        load_checkpoint(path)
+
+
+def test_params_that_do_not_match_the_stored_config(tmp_path):
+    config = tiny_config()
+    path = save_checkpoint(tmp_path / "p.h5", step=3, **make_state(config))
+    with h5py.File(path, "r+") as f:
+        del f["params/model.norm.weight"]
+    with pytest.raises(CheckpointError, match="p.h5.*model.norm.weight"):
+        load_checkpoint(path)
+    with h5py.File(path, "r+") as f:
+        f["params/model.norm.weight"] = np.zeros(5, np.float32)
+    with pytest.raises(CheckpointError, match=r"model.norm.weight: expected shape \(8,\), found \(5,\)"):
+        load_checkpoint(path)
+    state = make_state(config)
+    state["params"]["model.embed_tokens.weight"] = np.zeros((3, 3), np.float32)
+    with pytest.raises(CheckpointError, match="model.embed_tokens.weight"):
+        save_checkpoint(tmp_path / "q.h5", step=0, **state)
+    assert not os.path.exists(tmp_path / "q.h5")
+
+
+def test_refuses_non_numeric_datasets_links_and_unknown_rng(tmp_path):
+    config = tiny_config()
+    path = save_checkpoint(tmp_path / "s.h5", step=3, **make_state(config))
+    with h5py.File(path, "r+") as f:
+        f["balancing/text"] = "a string"
+    with pytest.raises(CheckpointError, match="balancing/text is not a plain numeric dataset"):
+        load_checkpoint(path)
+    with h5py.File(path, "r+") as f:
+        del f["balancing/text"]
+        f["balancing/link"] = h5py.SoftLink("/params/model.norm.weight")
+    with pytest.raises(CheckpointError, match="balancing/link is a link"):
+        load_checkpoint(path)
+    with h5py.File(path, "r+") as f:
+        del f["balancing/link"]
+        f.attrs["rng_state"] = json.dumps({"bit_generator": "os.system", "state": {}})
+    with pytest.raises(CheckpointError, match="unknown bit generator 'os.system'"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="unknown bit generator"):
+        restore_rng({"bit_generator": "Nope"})
+    state = make_state(config)
+    state["optimizer_state"]["bad"] = np.array(["x"])
+    with pytest.raises(CheckpointError, match=r"optimizer_state\['bad'\]: dtype <U1 is not numeric"):
+        save_checkpoint(tmp_path / "u.h5", step=0, **state)
+    with pytest.raises(CheckpointError, match="step must be a non-negative integer"):
+        save_checkpoint(tmp_path / "u.h5", **{**make_state(config), "step": -1})
+
+
+# ---- manager ------------------------------------------------------------------------------------------------------
+def test_keep_last_retention(tmp_path):
+    config = tiny_config()
+    state = make_state(config)
+    manager = CheckpointManager(tmp_path / "run", keep_last=2)
+    assert manager.latest() is None and manager.list() == [] and manager.load_latest() is None
+    paths = [manager.save(step, **state) for step in (0, 5, 10, 100_000_000)]
+    assert os.path.basename(paths[0]) == "step_00000000.h5"
+    assert manager.list() == paths[2:] and manager.latest() == paths[3]
+    assert manager.load_latest(config).step == 100_000_000
+    # Saving an older step (a rollback) never deletes the file just written.
+    rollback = manager.save(7, **state)
+    assert os.path.exists(rollback) and paths[3] in manager.list() and len(manager.list()) == 2
+    keep_all = CheckpointManager(tmp_path / "all", keep_last=None)
+    for step in range(4):
+        keep_all.save(step, **state)
+    assert len(keep_all.list()) == 4
+    keep_one = CheckpointManager(tmp_path / "one", keep_last=1)
+    for step in range(3):
+        written = keep_one.save(step, **state)
+        assert keep_one.list() == [written]
+    with pytest.raises(ValueError, match="keep_last"):
+        CheckpointManager(tmp_path, keep_last=0)
+
+
+def test_latest_ignores_leftovers_of_live_writers(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    first = manager.save(1, **make_state(tiny_config()))
+    live = tmp_path / f"step_00000009.h5.tmp-{os.getpid()}"
+    live.write_bytes(b"partial")
+    (tmp_path / "notes.txt").write_text("other files are left alone")
+    assert manager.latest() == first and manager.clean_tmp() == []
+    assert live.exists() and (tmp_path / "notes.txt").exists()

@@ -1,0 +1,178 @@
+"""The packed token loader (reference/data.py, SPEC §10): determinism, every document token exactly once per epoch
+in document order, exact resume from state_dict, and clear errors for bad files and settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from trinity.reference.attention import document_ids
+from trinity.reference.data import DataError, PackedTokenLoader, write_token_file
+
+EOS = 0
+
+
+def make_documents(lengths):
+    """Documents whose tokens tell where they came from: doc i token j is 1 + (i * 1000 + j) (never EOS)."""
+    return [np.arange(n, dtype=np.int64) + 1 + i * 1000 for i, n in enumerate(lengths)]
+
+
+def expected_stream(documents, seed, epochs):
+    """The reference stream: per epoch, the documents in default_rng([seed, epoch]) order, each followed by EOS."""
+    parts = []
+    for epoch in range(epochs):
+        for d in np.random.default_rng([seed, epoch]).permutation(len(documents)):
+            parts += [documents[d], [EOS]]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def loader_for(directory, documents, seq_len, batch_size, seed=0):
+    path = os.path.join(directory, "tokens.bin")
+    write_token_file(path, documents, EOS)
+    return PackedTokenLoader(path, seq_len=seq_len, batch_size=batch_size, eos_id=EOS, seed=seed)
+
+
+doc_lengths = st.lists(st.one_of(st.integers(0, 3), st.integers(0, 40)), min_size=1, max_size=12)
+
+
+@settings(max_examples=40)
+@given(lengths=doc_lengths, seq_len=st.integers(1, 17), batch_size=st.integers(1, 4), seed=st.integers(0, 2**32))
+def test_every_token_once_per_epoch_in_document_order(lengths, seq_len, batch_size, seed):
+    documents = make_documents(lengths)
+    total = sum(lengths) + len(lengths)
+    with tempfile.TemporaryDirectory() as directory:
+        loader = loader_for(directory, documents, seq_len, batch_size, seed)
+        assert loader.num_documents == len(lengths) and loader.num_tokens == total
+        need = 3 * total + seq_len * batch_size  # a bit more than three epochs
+        batches = [loader.next_batch() for _ in range(-(-need // (seq_len * batch_size)))]
+    for tokens, doc_ids in batches:
+        assert tokens.shape == doc_ids.shape == (batch_size, seq_len)
+        assert tokens.dtype == doc_ids.dtype == np.int64
+        assert np.array_equal(doc_ids, document_ids(tokens, EOS))
+    stream = np.concatenate([t.reshape(-1) for t, _ in batches])
+    assert np.array_equal(stream, expected_stream(documents, seed, stream.size // total + 1)[: stream.size])
+    # Independently of the reference stream: each epoch's slice splits at EOS into exactly the documents, once each.
+    for epoch in range(3):
+        chunk = stream[epoch * total:(epoch + 1) * total]
+        assert chunk[-1] == EOS
+        found = np.split(chunk, np.flatnonzero(chunk == EOS) + 1)[:-1]
+        assert sorted(tuple(d[:-1]) for d in found) == sorted(tuple(d) for d in documents)
+
+
+def test_deterministic_from_seed_and_seed_changes_order(tmp_path):
+    documents = make_documents([5, 9, 1, 0, 30, 4, 7, 12])
+    a = loader_for(tmp_path, documents, 8, 2, seed=3)
+    b = PackedTokenLoader(a.path, 8, 2, EOS, seed=3)
+    c = PackedTokenLoader(a.path, 8, 2, EOS, seed=4)
+    first_a = [a.next_batch()[0] for _ in range(10)]
+    assert all(np.array_equal(x, b.next_batch()[0]) for x in first_a)
+    assert not all(np.array_equal(x, c.next_batch()[0]) for x in first_a)
+    assert a.batches_served == 10 and a.epoch >= 1
+
+
+def test_doc_ids_restart_per_row_and_tail_is_carried(tmp_path):
+    # One epoch order is fixed by a single document: [1..10, EOS] repeated; rows of 4 tokens.
+    loader = loader_for(tmp_path, [np.arange(1, 11)], seq_len=4, batch_size=3)
+    tokens, doc_ids = loader.next_batch()
+    assert tokens.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 0, 1]]
+    assert doc_ids.tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
+    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["doc_offset"] == 1
+
+
+@settings(max_examples=40)
+@given(lengths=doc_lengths, seq_len=st.integers(1, 13), batch_size=st.integers(1, 3), seed=st.integers(0, 100),
+       stops=st.lists(st.integers(0, 12), min_size=1, max_size=3))
+def test_resume_continues_exactly(lengths, seq_len, batch_size, seed, stops):
+    documents = make_documents(lengths)
+    with tempfile.TemporaryDirectory() as directory:
+        reference = loader_for(directory, documents, seq_len, batch_size, seed)
+        expected = [reference.next_batch() for _ in range(sum(stops) + 6)]
+        got, loader = [], PackedTokenLoader(reference.path, seq_len, batch_size, EOS, seed=seed)
+        for stop in stops:  # run, save, drop the loader, build a fresh one, resume; several times
+            got += [loader.next_batch() for _ in range(stop)]
+            state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint stores
+            assert state["batches_served"] == len(got)
+            loader = PackedTokenLoader(reference.path, seq_len, batch_size, EOS, seed=seed)
+            loader.load_state_dict(state)
+            assert loader.state_dict() == state
+        got += [loader.next_batch() for _ in range(len(expected) - len(got))]
+    for (t1, d1), (t2, d2) in zip(expected, got, strict=True):
+        assert np.array_equal(t1, t2) and np.array_equal(d1, d2)
+
+
+def test_resume_with_another_batch_size_continues_the_stream(tmp_path):
+    documents = make_documents([3, 17, 0, 8, 25])
+    a = loader_for(tmp_path, documents, 6, 2, seed=1)
+    stream = np.concatenate([a.next_batch()[0].reshape(-1) for _ in range(9)])
+    b = PackedTokenLoader(a.path, 6, 2, EOS, seed=1)
+    b.next_batch()
+    c = PackedTokenLoader(a.path, 4, 3, EOS, seed=1)
+    c.load_state_dict(b.state_dict())
+    rest = np.concatenate([c.next_batch()[0].reshape(-1) for _ in range(6)])
+    assert np.array_equal(rest, stream[12:12 + rest.size])
+
+
+def test_load_state_dict_errors(tmp_path):
+    loader = loader_for(tmp_path, make_documents([4, 6]), 4, 1, seed=0)
+    state = loader.state_dict()
+    other = PackedTokenLoader(loader.path, 4, 1, EOS, seed=5)
+    with pytest.raises(DataError, match="another stream: seed 0 != 5"):
+        other.load_state_dict(state)
+    with pytest.raises(DataError, match=r"lacks \['doc_offset'\]"):
+        loader.load_state_dict({k: v for k, v in state.items() if k != "doc_offset"})
+    with pytest.raises(DataError, match="doc_cursor 2 is out of range"):
+        loader.load_state_dict({**state, "doc_cursor": 2})
+    with pytest.raises(DataError, match="doc_offset 99 is out of range"):
+        loader.load_state_dict({**state, "doc_offset": 99})
+    with pytest.raises(DataError, match="non-negative integers"):
+        loader.load_state_dict({**state, "epoch": -1})
+    write_token_file(loader.path, make_documents([4, 7]), EOS)
+    with pytest.raises(DataError, match="num_tokens 12 != 13"):
+        PackedTokenLoader(loader.path, 4, 1, EOS).load_state_dict(state)
+
+
+def test_file_and_setting_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="token file not found: .*nope.bin"):
+        PackedTokenLoader(tmp_path / "nope.bin", 4, 1, EOS)
+    odd = tmp_path / "odd.bin"
+    odd.write_bytes(b"\x00" * 10)
+    with pytest.raises(DataError, match="odd.bin: size 10 bytes is not a multiple of 4"):
+        PackedTokenLoader(odd, 4, 1, EOS)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")
+    with pytest.raises(DataError, match="empty.bin: the token file holds no tokens"):
+        PackedTokenLoader(empty, 4, 1, EOS)
+    no_eos = tmp_path / "noeos.bin"
+    no_eos.write_bytes(np.array([0, 5, 6], "<u4").tobytes())
+    with pytest.raises(DataError, match="must end with eos_id 0; its last 2 token"):
+        PackedTokenLoader(no_eos, 4, 1, EOS)
+    good = tmp_path / "good.bin"
+    write_token_file(good, [[1, 2]], EOS)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(DataError, match="seq_len must be an integer >= 1"):
+            PackedTokenLoader(good, bad, 1, EOS)
+    with pytest.raises(DataError, match="batch_size must be an integer >= 1"):
+        PackedTokenLoader(good, 4, 0, EOS)
+    with pytest.raises(DataError, match="eos_id"):
+        PackedTokenLoader(good, 4, 1, 2**32)
+
+
+def test_write_token_file(tmp_path):
+    path = tmp_path / "t.bin"
+    assert write_token_file(path, [[5, 6], [], np.array([2**32 - 1], np.uint64)], eos_id=7) == 6
+    assert np.fromfile(path, "<u4").tolist() == [5, 6, 7, 7, 2**32 - 1, 7]
+    assert os.listdir(tmp_path) == ["t.bin"]
+    with pytest.raises(DataError, match="document 1 contains eos_id 7 at position 1"):
+        write_token_file(path, [[1], [3, 7]], eos_id=7)
+    with pytest.raises(DataError, match=r"document 0: token ids must lie in \[0, 2\*\*32\)"):
+        write_token_file(path, [[-1]], eos_id=7)
+    with pytest.raises(DataError, match="document 0: expected a 1-d sequence of integers"):
+        write_token_file(path, [[1.5]], eos_id=7)
+    # A failed write leaves the previous file intact and no temp file behind.
+    assert np.fromfile(path, "<u4").tolist() == [5, 6, 7, 7, 2**32 - 1, 7] and os.listdir(tmp_path) == ["t.bin"]
