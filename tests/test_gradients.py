@@ -7,13 +7,13 @@ that floor instead (1e-4·‖∇L‖, at least 1e-12), since the differences car
 
 Top-k is not smooth: a perturbation that moves a token across its top-k boundary changes which experts it uses.
 Draws are kept away from ties by rejecting those whose smallest gap between the K-th and (K+1)-th biased score is
-below GAP, far above what the perturbation h·u moves a score by (~h); each perturbed evaluation also asserts that
-no token's selection changed.
+below GAP, and then by rejecting the draws where a perturbed evaluation still changes any token's selection (a
+perturbation of an early layer moves every later router input, so the gap alone cannot rule that out).
 """
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
 from trinity.reference import evaluate_losses, loss_and_grads, model_forward
@@ -68,7 +68,8 @@ def test_every_gradient_matches_finite_differences(case):
             moved = dict(params, **{key: params[key] + step * u})
             perturbed, perturbed_stats = evaluate_losses(config, moved, tokens, labels, doc_ids)
             for layer, chosen in _routing(perturbed_stats).items():
-                np.testing.assert_array_equal(chosen, base_routing[layer], err_msg=f"{key} crossed top-k")
+                if not np.array_equal(chosen, base_routing[layer]):
+                    reject()  # this draw sits within h of a top-k boundary
             return perturbed["total"]
         return f
 

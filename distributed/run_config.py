@@ -1,0 +1,210 @@
+"""The run file of `trinity train`: a TOML file naming the model, data, recipe, checkpoints and logging.
+
+Every key is checked before any work starts; an unknown key or a bad value raises RunConfigError naming the
+section and key. Relative paths are taken relative to the run file's folder. Example (configs/tiny-synthetic.toml):
+
+    [model]                      # exactly one of preset / config / init_from
+    preset = "tiny"              # a Config preset; or config = "config.json"; or init_from = "hf_checkpoint_dir"
+    dtype = "float32"            # float32 | float64
+    seed = 0                     # init seed (ignored with init_from)
+    [model.overrides]            # any Config field, e.g. sliding_window = 16
+    [data]
+    path = "tokens.bin"          # flat uint32 tokens, documents separated by eos_id
+    eos_id = 0
+    seq_len = 64
+    micro_batch_size = 8
+    seed = 0
+    [train]
+    steps = 300
+    sequences_per_step = 16      # a multiple of micro_batch_size: gradient accumulation over the rest
+    batch_schedule = [[1_000_000, 32]]   # [tokens_seen threshold, sequences_per_step] pairs
+    recompute = false
+    [optimizer]   muon_lr, adamw_lr, muon_momentum, … (Config fields, SPEC §9)
+    [schedule]    warmup_steps, lr_schedule, decay_start_fraction, lr_floor_ratio
+    [balancing]   method = "smebu" | "sign" | "none", sign_update_rate, smebu_lambda, smebu_beta, smebu_kappa
+    [loss]        z_loss_coeff, balance_loss_coeff, intra_document_mask
+    [checkpoint]  dir, every (steps), keep_last
+    [logging]     metrics (JSONL path), progress (bool)
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+
+from trinity.reference.config import Config, ConfigError
+
+__all__ = ["RunConfig", "RunConfigError", "load_run_config"]
+
+
+class RunConfigError(ValueError):
+    """A run file that cannot be used; the message names the section and key."""
+
+
+# Sections whose keys are Config fields (the recipe), with the run-file name → Config field where they differ.
+_CONFIG_SECTIONS = {
+    "optimizer": {f: f for f in ("muon_lr", "adamw_lr", "muon_momentum", "muon_nesterov", "muon_ns_coefficients",
+                                 "muon_ns_steps", "muon_eps", "muon_lr_adjust", "router_optimizer", "weight_decay",
+                                 "norm_weight_decay", "adamw_beta1", "adamw_beta2", "adamw_eps", "grad_clip_norm")},
+    "schedule": {f: f for f in ("warmup_steps", "lr_schedule", "decay_start_fraction", "lr_floor_ratio")},
+    "balancing": {"method": "load_balancing", "sign_update_rate": "sign_update_rate", "smebu_lambda": "smebu_lambda",
+                  "smebu_beta": "smebu_beta", "smebu_kappa": "smebu_kappa"},
+    "loss": {f: f for f in ("z_loss_coeff", "balance_loss_coeff", "intra_document_mask")},
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    path: str  # the run file
+    model_source: tuple  # ("preset", name) | ("config", path) | ("init_from", path)
+    dtype: str
+    init_seed: int
+    config_overrides: dict
+    data_path: str
+    eos_id: int
+    seq_len: int
+    micro_batch_size: int
+    data_seed: int
+    steps: int
+    sequences_per_step: int
+    batch_schedule: tuple
+    recompute: bool
+    checkpoint_dir: str
+    checkpoint_every: int
+    keep_last: int
+    metrics_path: str
+    progress: bool
+    extra: dict = field(default_factory=dict)
+
+    def build_config(self, base: Config) -> Config:
+        """Apply the run's Config overrides (model.overrides and the recipe sections) to `base`."""
+        try:
+            return base.replace(**self.config_overrides)
+        except ConfigError as e:
+            raise RunConfigError(f"{self.path}: {e}") from None
+        except TypeError as e:
+            raise RunConfigError(f"{self.path}: {e}") from None
+
+
+def _take(section: dict, name: str, key: str, kind, default=..., check=None, what=""):
+    if key not in section:
+        if default is ...:
+            raise RunConfigError(f"[{name}] {key} is required")
+        return default
+    value = section.pop(key)
+    ok_type = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok_type = float(value), True
+    if not ok_type or (check is not None and not check(value)):
+        raise RunConfigError(f"[{name}] {key} = {value!r}: must be {what or kind.__name__}")
+    return value
+
+
+def _no_leftovers(section: dict, name: str):
+    if section:
+        raise RunConfigError(f"[{name}] unknown key(s): {', '.join(sorted(section))}")
+
+
+def load_run_config(path) -> RunConfig:
+    """Parse and check a run file; nothing is loaded or created."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise RunConfigError(f"run file not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise RunConfigError(f"{path} is not valid TOML: {e}") from None
+    here = os.path.dirname(os.path.abspath(path))
+    resolve = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p))  # noqa: E731
+    sections = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
+    known = {"model", "data", "train", "checkpoint", "logging", *_CONFIG_SECTIONS}
+    unknown = sorted(set(sections) - known)
+    if unknown:
+        raise RunConfigError(f"unknown section(s): {', '.join(unknown)}; expected {sorted(known)}")
+    for name, section in sections.items():
+        if not isinstance(section, dict):
+            raise RunConfigError(f"[{name}] must be a table")
+
+    model = sections.get("model", {})
+    sources = [k for k in ("preset", "config", "init_from") if k in model]
+    if len(sources) != 1:
+        raise RunConfigError("[model] needs exactly one of preset, config, init_from")
+    kind = sources[0]
+    value = _take(model, "model", kind, str)
+    model_source = (kind, value if kind == "preset" else resolve(value))
+    dtype = _take(model, "model", "dtype", str, "float32", lambda v: v in ("float32", "float64"), "float32|float64")
+    init_seed = _take(model, "model", "seed", int, 0, lambda v: v >= 0, "a non-negative integer")
+    overrides = model.pop("overrides", {})
+    if not isinstance(overrides, dict):
+        raise RunConfigError("[model.overrides] must be a table")
+    config_fields = {f.name for f in fields(Config)}
+    bad = sorted(set(overrides) - config_fields)
+    if bad:
+        raise RunConfigError(f"[model.overrides] unknown Config field(s): {', '.join(bad)}")
+    _no_leftovers(model, "model")
+    overrides = dict(overrides)
+    for name, mapping in _CONFIG_SECTIONS.items():
+        section = sections.get(name, {})
+        for key in list(section):
+            if key not in mapping:
+                raise RunConfigError(f"[{name}] unknown key: {key}; expected one of {sorted(mapping)}")
+            overrides[mapping[key]] = section.pop(key)
+    if "layer_types" in overrides and isinstance(overrides["layer_types"], list):
+        overrides["layer_types"] = tuple(overrides["layer_types"])
+    try:  # check the recipe values now, on a preset, so errors come before any work
+        Config.preset("tiny").replace(**{k: v for k, v in overrides.items() if k not in _SHAPE_FIELDS})
+    except ConfigError as e:
+        raise RunConfigError(f"{path}: {e}") from None
+
+    data = sections.get("data", {})
+    positive = lambda v: v > 0  # noqa: E731
+    data_path = resolve(_take(data, "data", "path", str))
+    eos_id = _take(data, "data", "eos_id", int, check=lambda v: v >= 0, what="a token id >= 0")
+    seq_len = _take(data, "data", "seq_len", int, check=positive, what="a positive integer")
+    micro = _take(data, "data", "micro_batch_size", int, check=positive, what="a positive integer")
+    data_seed = _take(data, "data", "seed", int, 0, lambda v: v >= 0, "a non-negative integer")
+    _no_leftovers(data, "data")
+
+    train = sections.get("train", {})
+    steps = _take(train, "train", "steps", int, check=positive, what="a positive integer")
+    seqs = _take(train, "train", "sequences_per_step", int, micro, positive, "a positive integer")
+    schedule = _take(train, "train", "batch_schedule", list, [])
+    changes = []
+    for item in schedule:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, (int, float)) for x in item)):
+            raise RunConfigError(f"[train] batch_schedule entries must be [tokens, sequences] pairs, got {item!r}")
+        changes.append((int(item[0]), int(item[1])))
+    for n in [seqs] + [s for _, s in changes]:
+        if n <= 0 or n % micro:
+            raise RunConfigError(f"[train] sequences per step {n} must be a positive multiple of "
+                                 f"[data] micro_batch_size {micro}")
+    if [t for t, _ in changes] != sorted(t for t, _ in changes):
+        raise RunConfigError("[train] batch_schedule thresholds must increase")
+    recompute = _take(train, "train", "recompute", bool, False)
+    _no_leftovers(train, "train")
+
+    ckpt = sections.get("checkpoint", {})
+    ckpt_dir = resolve(_take(ckpt, "checkpoint", "dir", str, "checkpoints"))
+    every = _take(ckpt, "checkpoint", "every", int, max(1, steps // 10), positive, "a positive integer")
+    keep_last = _take(ckpt, "checkpoint", "keep_last", int, 3, positive, "a positive integer")
+    _no_leftovers(ckpt, "checkpoint")
+
+    logging = sections.get("logging", {})
+    metrics = resolve(_take(logging, "logging", "metrics", str, "metrics.jsonl"))
+    progress = _take(logging, "logging", "progress", bool, True)
+    _no_leftovers(logging, "logging")
+
+    return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
+                     config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
+                     micro_batch_size=micro, data_seed=data_seed, steps=steps, sequences_per_step=seqs,
+                     batch_schedule=tuple(changes), recompute=recompute, checkpoint_dir=ckpt_dir,
+                     checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress)
+
+
+# Fields that shape the model; checked against the real base config later, not against the `tiny` stand-in.
+_SHAPE_FIELDS = {"vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+                 "num_dense_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "num_experts",
+                 "num_experts_per_tok", "num_shared_experts", "layer_types", "global_attn_every_n_layers",
+                 "sliding_window", "eos_token_id", "pad_token_id", "bos_token_id", "max_position_embeddings"}

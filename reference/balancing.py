@@ -1,0 +1,89 @@
+"""Expert load balancing by the selection-only expert bias (SPEC §6.1, §6.2, §6.4; decisions §14 #7, #8).
+
+Per optimizer step, n_i is the number of (token, slot) assignments routed to expert i by the biased selection,
+summed over every micro-batch (and, distributed, every data-parallel rank), and n̄ = (1/E) Σ_i n_i. The bias is
+updated once per step, before the parameter update. Three methods:
+
+  "sign"  (Nano, Mini; Loss-Free Balancing):  Δb = γ·sign(n̄ − n), centred;  b ← b + Δb
+  "smebu" (Large):  v = (n̄ − n)/n̄,  Δb = λ·tanh(κ v), centred,  m ← βm + (1−β)Δb,  b ← b + m
+  "none"
+
+Centring Δb (torchtitan) rather than b keeps b zero-mean when it starts at zero (SPEC §6.1).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Config
+
+__all__ = ["sign_update", "smebu_update", "max_violation", "init_balancing_state", "balance_step",
+           "momentum_key"]
+
+
+def sign_update(bias, counts, gamma=1e-3):
+    """Δb_i = γ·sign(n̄ − n_i), then Δb ← Δb − mean(Δb); returns b + Δb (SPEC §6.1). No tokens: no change."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.sum() == 0:
+        return bias.copy()
+    delta = gamma * np.sign(counts.mean() - counts)
+    delta -= delta.mean()
+    return (bias + delta).astype(bias.dtype)
+
+
+def smebu_update(bias, momentum, counts, lam=5e-4, beta=0.5, kappa=2.0):
+    """One SMEBU step for one layer (SPEC §6.2, Trinity eqs. 23-28). Returns (new_bias, new_momentum):
+
+        v_i = (n̄ − n_i) / n̄          normalised violation (independent of batch size)
+        Δb_i = λ·tanh(κ v_i)          soft-clamped sign
+        Δb ← Δb − mean(Δb)            centred
+        m ← β m + (1 − β) Δb          momentum
+        b ← b + m
+    A step with no tokens (n̄ = 0) leaves both unchanged.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    mean = counts.mean()
+    if mean == 0:
+        return bias.copy(), momentum.copy()
+    delta = lam * np.tanh(kappa * (mean - counts) / mean)
+    delta -= delta.mean()
+    new_momentum = beta * momentum + (1.0 - beta) * delta
+    return (bias + new_momentum).astype(bias.dtype), new_momentum.astype(momentum.dtype)
+
+
+def max_violation(counts) -> float:
+    """MaxVio = (max_i n_i − n̄) / n̄ (SPEC §6.4); 0 when there are no tokens."""
+    counts = np.asarray(counts, dtype=np.float64)
+    mean = counts.mean()
+    return 0.0 if mean == 0 else float((counts.max() - mean) / mean)
+
+
+def momentum_key(bias_key: str) -> str:
+    return "smebu.momentum/" + bias_key
+
+
+def init_balancing_state(config: Config, params: dict) -> dict:
+    """SMEBU momentum per MoE layer, zero (SPEC §6.2: m = b = 0 at the start); empty for "sign" and "none"."""
+    if config.load_balancing != "smebu":
+        return {}
+    return {momentum_key(k): np.zeros_like(v) for k, v in params.items() if k.endswith("mlp.expert_bias")}
+
+
+def balance_step(config: Config, params: dict, state: dict, counts: dict) -> dict:
+    """Update every layer's expert_bias in `params` (and the SMEBU momentum in `state`) in place from this step's
+    counts {layer: n [E]}. Returns per-layer metrics {layer: {"max_vio", "bias_step_rms"}}."""
+    metrics = {}
+    for layer, n in counts.items():
+        key = f"model.layers.{layer}.mlp.expert_bias"
+        old = params[key]
+        if config.load_balancing == "smebu":
+            new, state[momentum_key(key)] = smebu_update(old, state[momentum_key(key)], n, config.smebu_lambda,
+                                                         config.smebu_beta, config.smebu_kappa)
+        elif config.load_balancing == "sign":
+            new = sign_update(old, n, config.sign_update_rate)
+        else:
+            new = old
+        metrics[layer] = {"max_vio": max_violation(n),
+                          "bias_step_rms": float(np.sqrt(np.mean(np.square(new - old, dtype=np.float64))))}
+        params[key] = new
+    return metrics
