@@ -15,6 +15,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import tempfile
 
 import numpy as np
@@ -25,6 +27,7 @@ from hypothesis import strategies as st
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/hf_oracle.py, under any import mode
 import hf_oracle as O  # noqa: E402  (needs torch and transformers)
 
 from trinity.reference import logits, model_forward  # noqa: E402
