@@ -1,8 +1,9 @@
-"""The MoE feed-forward: router, routed experts grouped by expert, shared expert, combine (SPEC §4.8, §4.9).
+"""The routed-expert operators of the MoE feed-forward: dispatch, grouped experts, combine (SPEC §4.9).
 
     y_MoE(x) = FFN_shared(x) + Σ_{k=1..K} g_k · FFN_{e_k}(x),   FFN_e(x) = W2_e (silu(W1_e x) ⊙ W3_e x)
 
-The routed part is three steps, so that expert parallelism can later replace the first and last by all-to-alls:
+The routed part is three steps (composed with the router and shared expert in layers.moe_forward), so that expert
+parallelism can later replace the first and last by all-to-alls:
   dispatch: sort the N·K (token, slot) assignments by expert, so each expert's tokens form one contiguous block;
   experts:  one matrix product per expert over its block (an expert with no tokens costs nothing);
   combine:  scale each expert output by its gate g and add it back to its token's row.
@@ -16,11 +17,10 @@ from typing import NamedTuple
 import numpy as np
 
 from .activations import sigmoid
-from .mlp import swiglu_backward, swiglu_forward, swiglu_mlp_backward, swiglu_mlp_forward
-from .router import router_backward, router_forward
+from .mlp import swiglu_backward, swiglu_forward
 
-__all__ = ["Dispatch", "dispatch", "experts_forward", "experts_backward", "combine", "combine_backward", "moe_forward",
-           "moe_backward"]
+__all__ = ["Dispatch", "dispatch", "experts_forward", "experts_backward", "combine", "combine_backward",
+           "scatter_to_tokens"]
 
 
 class Dispatch(NamedTuple):
@@ -104,48 +104,3 @@ def scatter_to_tokens(rows, plan: Dispatch, num_tokens, top_k):
     per_slot = np.empty((num_tokens * top_k, rows.shape[1]), dtype=rows.dtype)
     per_slot[plan.token * top_k + plan.slot] = rows
     return per_slot.reshape(num_tokens, top_k, -1).sum(axis=1)
-
-
-def moe_forward(x, p, prefix, top_k, route_scale):
-    """The MoE block for tokens x [N, d] with the layer's params p under `prefix` (…mlp.). Returns (y, ctx) with
-    ctx = dict(router, plan, experts, shared, weights) — everything the backward and the balancing stats need."""
-    weights, chosen, router_ctx = router_forward(x, p[prefix + "router.gate.weight"], p[prefix + "expert_bias"],
-                                                 top_k, route_scale)
-    num_experts = p[prefix + "router.gate.weight"].shape[0]
-    plan = dispatch(chosen, num_experts)
-    y_grouped, experts_ctx = experts_forward(x[plan.token], plan.offsets, p[prefix + "experts.gate_proj"],
-                                             p[prefix + "experts.up_proj"], p[prefix + "experts.down_proj"])
-    y = combine(y_grouped, weights, plan, x.shape[0])
-    shared_ctx = None
-    if prefix + "shared_experts.gate_proj.weight" in p:
-        s = prefix + "shared_experts."
-        y_shared, shared_ctx = swiglu_mlp_forward(x, p[s + "gate_proj.weight"], p[s + "up_proj.weight"],
-                                                  p[s + "down_proj.weight"])
-        y = y + y_shared
-    ctx = dict(router=router_ctx, plan=plan, experts=experts_ctx, y_grouped=y_grouped, weights=weights,
-               shared=shared_ctx)
-    return y, ctx
-
-
-def moe_backward(ctx, dy, p, prefix, dscores=None):
-    """Backward of moe_forward for dy [N, d]: the input gradient sums the shared expert, the K routed experts and
-    the router (SPEC §5). `dscores` [N, E] is the balance loss's gradient on the router scores (SPEC §6.3).
-    Returns (dx, grads) with grads keyed like params under `prefix`."""
-    plan, weights = ctx["plan"], ctx["weights"]
-    N, K = weights.shape
-    grads = {}
-    dy_grouped, dweights = combine_backward(dy, ctx["y_grouped"], weights, plan)
-    dx_grouped, dw1, dw3, dw2 = experts_backward(ctx["experts"], dy_grouped, p[prefix + "experts.gate_proj"],
-                                                 p[prefix + "experts.up_proj"], p[prefix + "experts.down_proj"])
-    grads[prefix + "experts.gate_proj"], grads[prefix + "experts.up_proj"] = dw1, dw3
-    grads[prefix + "experts.down_proj"] = dw2
-    dx = scatter_to_tokens(dx_grouped, plan, N, K)
-    dx_router, grads[prefix + "router.gate.weight"] = router_backward(ctx["router"], dweights, dscores)
-    dx += dx_router
-    grads[prefix + "expert_bias"] = np.zeros_like(p[prefix + "expert_bias"])  # selection only: no gradient
-    if ctx["shared"] is not None:
-        dx_shared, (dwg, dwu, dwd) = swiglu_mlp_backward(ctx["shared"], dy)
-        s = prefix + "shared_experts."
-        grads[s + "gate_proj.weight"], grads[s + "up_proj.weight"], grads[s + "down_proj.weight"] = dwg, dwu, dwd
-        dx += dx_shared
-    return dx, grads

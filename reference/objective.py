@@ -9,17 +9,18 @@
 from __future__ import annotations
 
 from .config import Config
-from .losses import balance_loss_backward, balance_loss_forward, cross_entropy_backward, cross_entropy_forward
 from .model import model_backward, model_forward
+from .ops import REFERENCE
 
 __all__ = ["loss_and_grads", "evaluate_losses"]
 
 
-def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_ctx, recompute=False, embeds=None):
+def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_ctx, recompute=False, embeds=None,
+                    ops=None):
     """Forward and every loss; also the loss ctxs (for the backward) and the routing statistics."""
-    c = config
-    out, ctx = model_forward(c, params, tokens, doc_ids, keep_ctx=True, recompute=recompute, embeds=embeds)
-    ce, zl, ce_ctx = cross_entropy_forward(out, labels, c.z_loss_coeff)
+    c, ops = config, ops or REFERENCE
+    out, ctx = model_forward(c, params, tokens, doc_ids, keep_ctx=True, recompute=recompute, embeds=embeds, ops=ops)
+    ce, zl, ce_ctx = ops.cross_entropy_forward(out, labels, c.z_loss_coeff)
     B, T = out.shape[:2]
     balance = 0.0
     balance_ctxs = [None] * c.num_hidden_layers
@@ -33,25 +34,28 @@ def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_
                                   "chosen_experts": chosen.reshape(B, T, -1)}
         if c.balance_loss_coeff > 0:
             E, K = scores.shape[-1], chosen.shape[-1]
-            lb, balance_ctxs[layer] = balance_loss_forward(scores.reshape(B, T, E), chosen.reshape(B, T, K), K,
+            lb, balance_ctxs[layer] = ops.balance_loss_forward(scores.reshape(B, T, E), chosen.reshape(B, T, K), K,
                                                            c.balance_loss_coeff)
             balance += lb
     losses = {"total": ce + zl + balance, "ce": ce, "z": zl, "balance": balance}
     return losses, stats, (ctx if keep_ctx else None), ce_ctx, balance_ctxs
 
 
-def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, embeds=None):
+def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, embeds=None, ops=None):
     """The losses dict and stats of `loss_and_grads`, without the backward. embeds: see model_forward."""
-    losses, stats, _, _, _ = _forward_losses(config, params, tokens, labels, doc_ids, keep_ctx=False, embeds=embeds)
+    losses, stats, _, _, _ = _forward_losses(config, params, tokens, labels, doc_ids, keep_ctx=False, embeds=embeds,
+                                             ops=ops)
     return losses, stats
 
 
-def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, recompute=False, embeds=None):
+def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, recompute=False, embeds=None,
+                   ops=None):
     """Losses, gradients of `total` w.r.t. every parameter, and routing statistics.
 
     tokens, labels: int [B, T] with Hugging Face `labels` semantics (shifted inside, −100 ignored); doc_ids
     optional [B, T] for the intra-document mask (SPEC §4.6). recompute=True keeps only each layer's input and runs
-    its forward again in the backward (less memory, bitwise-equal gradients). embeds: see model_forward.
+    its forward again in the backward (less memory, bitwise-equal gradients). embeds: see model_forward. ops: the
+    op table (None: the NumPy reference).
 
     Returns (losses, grads, stats):
       losses: dict total, ce, z, balance (floats; z uses config.z_loss_coeff, balance config.balance_loss_coeff);
@@ -62,11 +66,13 @@ def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, r
                "embedding_output_grad": d total / d x⁰ [B, T, d], x⁰ = m·E_emb[tok] the residual stream's input}.
     """
     losses, stats, ctx, ce_ctx, balance_ctxs = _forward_losses(config, params, tokens, labels, doc_ids,
-                                                               keep_ctx=True, recompute=recompute, embeds=embeds)
+                                                               keep_ctx=True, recompute=recompute, embeds=embeds,
+                                                               ops=ops)
+    ops = ctx["ops"]
     dscores = []
     for lb_ctx in balance_ctxs:
-        ds = None if lb_ctx is None else balance_loss_backward(lb_ctx)
+        ds = None if lb_ctx is None else ops.balance_loss_backward(lb_ctx)
         dscores.append(None if ds is None else ds.reshape(-1, ds.shape[-1]))
-    grads, stats["embedding_output_grad"] = model_backward(config, params, ctx, cross_entropy_backward(ce_ctx),
+    grads, stats["embedding_output_grad"] = model_backward(config, params, ctx, ops.cross_entropy_backward(ce_ctx),
                                                            dscores)
     return losses, grads, stats

@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 from trinity.reference import Config, init_params, logits, model_forward
 from trinity.reference.activations import sigmoid, silu
 from trinity.reference.embedding import embedding_forward
-from trinity.reference.moe import dispatch, moe_forward
+from trinity.reference.layers import moe_forward
+from trinity.reference.moe import dispatch
+from trinity.reference.ops import REFERENCE
 from trinity.reference.norms import rmsnorm_forward
 from trinity.reference.router import router_forward, select_top_k
 
@@ -99,7 +101,7 @@ def test_grouped_moe_equals_token_by_token_formula(E, shared, N, seed):
     p[prefix + "expert_bias"] = rng.standard_normal(E) * 0.05
     p[prefix + "router.gate.weight"] *= 30
     x = rng.standard_normal((N, c.hidden_size))
-    y, ctx = moe_forward(x, p, prefix, K, 1.7)
+    y, ctx = moe_forward(REFERENCE, x, p, prefix, K, 1.7)
     np.testing.assert_allclose(y, _naive_moe(x, p, prefix, K, 1.7), rtol=1e-10, atol=1e-13)
     # The grouped rows are contiguous per expert and cover every (token, slot) once.
     plan = ctx["plan"]

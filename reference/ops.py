@@ -1,0 +1,47 @@
+"""The operator table: every leaf operator of the model as a forward/backward pair, plus the array module.
+
+Model code (layers.py, model.py, objective.py) is written once against an op table `ops`: it calls
+`ops.linear_forward(...)`, never the functions directly. A backend (trinity.accel) supplies a table with the same
+names and signatures and faster kernels; a tracing table (the step inspector) wraps every call to record its
+inputs and outputs. `ops.scope(name)` marks where in the model a call happens ("model.layers.3.self_attn"); the
+reference ignores it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+from . import attention, embedding, linear, losses, mlp, moe, norms, rope, router
+
+__all__ = ["ReferenceOps", "REFERENCE", "LEAF_OPS"]
+
+LEAF_OPS = {
+    linear: ["linear_forward", "linear_backward"],
+    embedding: ["embedding_forward", "embedding_backward"],
+    norms: ["rmsnorm_forward", "rmsnorm_backward"],
+    rope: ["rope_tables", "rope_forward", "rope_backward"],
+    attention: ["attention_forward", "attention_backward", "output_gate_forward", "output_gate_backward"],
+    mlp: ["swiglu_forward", "swiglu_backward"],
+    router: ["router_forward", "router_backward"],
+    moe: ["dispatch", "experts_forward", "experts_backward", "combine", "combine_backward", "scatter_to_tokens"],
+    losses: ["cross_entropy_forward", "cross_entropy_backward", "balance_loss_forward", "balance_loss_backward"],
+}
+
+
+class ReferenceOps:
+    """The NumPy reference: readable, float32 or float64, the definition every other table is checked against."""
+
+    name = "reference"
+    xp = np
+
+    def scope(self, name: str):
+        return contextlib.nullcontext()
+
+
+for _module, _names in LEAF_OPS.items():
+    for _name in _names:
+        setattr(ReferenceOps, _name, staticmethod(getattr(_module, _name)))
+
+REFERENCE = ReferenceOps()
