@@ -132,8 +132,9 @@ def from_hf_state_dict(config: Config, tree: dict) -> dict:
         prefix, name = stacked_key.rsplit(".", 1)
         missing = [e for e in range(E) if e not in experts]
         if missing:
-            raise CheckpointError(f"missing key {prefix}.{missing[0]}.{name}.weight ({len(missing)} of {E} experts "
-                                  f"of {stacked_key} absent)")
+            shape = tuple(next(iter(experts.values())).shape)
+            raise CheckpointError(f"missing key {prefix}.{missing[0]}.{name}.weight: expected shape {shape} (as the "
+                                  f"other experts), found none ({len(missing)} of {E} experts absent)")
         extra = sorted(e for e in experts if e >= E)
         if extra:
             raise CheckpointError(f"unexpected key {prefix}.{extra[0]}.{name}.weight: the config has "

@@ -162,7 +162,8 @@ def test_from_hf_incomplete_or_extra_experts_named():
     params = random_params(TINY)
     tree = to_hf_state_dict(TINY, params)
     del tree["model.layers.2.mlp.experts.5.down_proj.weight"]
-    with pytest.raises(CheckpointError, match=r"missing key model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing key model\.layers\.2\.mlp\.experts\.5\.down_proj\.weight: "
+                                              r"expected shape \(64, 32\) \(as the other experts\), found none"):
         from_hf_state_dict(TINY, tree)
     tree = to_hf_state_dict(TINY, params)
     tree["model.layers.2.mlp.experts.8.down_proj.weight"] = tree["model.layers.2.mlp.experts.0.down_proj.weight"]
