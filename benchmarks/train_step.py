@@ -1,0 +1,201 @@
+"""One full training step (forward, backward, optimizer) of `bench-medium` at 4×512 tokens: the NumPy reference,
+the numba backend, and PyTorch running transformers' AfmoeForCausalLM with torch.optim.AdamW, interleaved.
+
+    python benchmarks/train_step.py [--rounds 3] [--steps 2] [--threads 2] [--batch 4] [--seq 512]
+
+Each (round, implementation) runs in its own subprocess pinned to --threads threads, so peak memory (ru_maxrss of
+that child) is per implementation; rounds interleave the implementations so machine noise hits them alike. A child
+does one warm-up step (numba compilation, allocator warm-up), then times --steps steps. Printed: median tokens/s,
+its ratio to PyTorch, peak RSS, and achieved FLOP/s as a fraction of this machine's float32 matrix-product peak
+(numpy, same threads, measured at the start of the run). FLOPs per step are counted analytically (flops()).
+
+PyTorch runs in its default implementations (sdpa attention, grouped_mm experts) in float32; trinity runs its full
+recipe step (Muon + AdamW, balancing). The two models get the same config and random weights of the same scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+IMPLEMENTATIONS = ("reference", "numba", "pytorch")
+
+
+def flops(config, batch: int, seq: int) -> float:
+    """Matrix-product FLOPs of one training step: 3× the forward (backward = 2× forward).
+
+    Forward per token: 2·(every weight a token multiplies: attention projections, dense or shared + K routed
+    experts, router, head) plus attention 2·2·h_q·d_h per visible key (QKᵀ and PV), keys = min(t+1, w) for sliding
+    layers and t+1 for global ones, averaged over t < seq."""
+    c = config
+    d, hq, dh = c.hidden_size, c.num_attention_heads, c.head_dim
+    per_token = 2 * c.vocab_size * d  # head
+    for layer in range(c.num_hidden_layers):
+        per_token += 2 * (2 * c.q_width * d + 2 * c.kv_width * d + c.q_width * d)  # q, gate, k, v, o
+        if c.is_moe_layer(layer):
+            width = c.num_experts_per_tok * c.moe_intermediate_size + c.shared_intermediate_size
+            per_token += 2 * 3 * width * d + 2 * c.num_experts * d
+        else:
+            per_token += 2 * 3 * c.intermediate_size * d
+        window = c.window_of(layer)
+        keys = sum(min(t + 1, window) if window else t + 1 for t in range(seq)) / seq
+        per_token += 2 * 2 * hq * dh * keys
+    return 3.0 * per_token * batch * seq
+
+
+def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 GEMM rate numpy reaches here (FLOP/s), in a child pinned to `threads`."""
+    code = f"""
+import time, numpy as np
+a = np.random.default_rng(0).standard_normal(({n}, {n})).astype(np.float32); b = a.T.copy(); a @ b
+best = min((lambda t: (a @ b, time.perf_counter() - t)[1])(time.perf_counter()) for _ in range({repeats}))
+print(2 * {n}**3 / best)
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=_env(threads), capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
+def _env(threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
+# ---- one implementation in a child process -------------------------------------------------------------------------
+def child(impl: str, steps: int, batch: int, seq: int, threads: int) -> dict:
+    import resource
+
+    import numpy as np
+
+    from trinity.reference import Config, init_params
+
+    config = Config.preset("bench-medium")
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq))
+    if impl == "pytorch":
+        step = _torch_step(config, tokens, threads)
+    else:
+        step = _trinity_step(config, init_params(config, 0, np.float32), tokens, impl)
+    step()  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return {"impl": impl, "seconds": times, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _trinity_step(config, params, tokens, impl):
+    from trinity.reference import loss_and_grads
+    from trinity.reference.balancing import balance_step, init_balancing_state
+    from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
+
+    ops = None
+    if impl != "reference":
+        from trinity.accel import get_backend
+        ops = get_backend(impl)
+    opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)
+
+    def step():
+        losses, grads, stats = loss_and_grads(config, params, tokens, tokens, ops=ops)
+        grads, _ = clip_grad_norm(grads, config.grad_clip_norm)
+        balance_step(config, params, bal, {l: s["expert_counts"] for l, s in stats["layers"].items()})
+        optimizer_step(config, params, grads, opt, config.muon_lr, config.adamw_lr)
+    return step
+
+
+def _torch_step(config, tokens, threads):
+    import torch
+    from transformers import AfmoeConfig, AfmoeForCausalLM
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    hf = {k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type")}
+    model = AfmoeForCausalLM(AfmoeConfig(**hf)).float().train()  # default implementations: sdpa, grouped_mm
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:  # random everywhere (HF zero-initialises the router gate)
+                p.normal_(0.0, config.base_std)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.adamw_lr, betas=(0.9, 0.95), weight_decay=0.1)
+    ids = torch.as_tensor(tokens)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    return step
+
+
+# ---- driver ----------------------------------------------------------------------------------------------------
+def available(impl: str) -> str | None:
+    """None when the implementation can run here, else why not."""
+    try:
+        if impl == "numba":
+            from trinity.accel import get_backend
+            get_backend("numba")
+        if impl == "pytorch":
+            import torch  # noqa: F401
+            from transformers import AfmoeForCausalLM  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - report any reason it cannot run
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="timed steps per child")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--only", nargs="*", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    ap.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.steps, args.batch, args.seq, args.threads)))
+        return
+
+    from trinity.reference import Config
+    config = Config.preset("bench-medium")
+    step_flops = flops(config, args.batch, args.seq)
+    peak = matmul_peak(args.threads)
+    impls = []
+    for impl in args.only:
+        why = available(impl)
+        if why:
+            print(f"skipping {impl}: {why}")
+        else:
+            impls.append(impl)
+    print(f"bench-medium, {args.batch}x{args.seq} tokens, {args.threads} threads; {step_flops:.3e} FLOPs per step; "
+          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    results = {impl: {"seconds": [], "peak_rss": 0} for impl in impls}
+    for r in range(args.rounds):
+        for impl in impls:
+            out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(args.steps),
+                                  "--threads", str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq)],
+                                 env=_env(args.threads), capture_output=True, text=True)
+            if out.returncode != 0:
+                raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results[impl]["seconds"] += res["seconds"]
+            results[impl]["peak_rss"] = max(results[impl]["peak_rss"], res["peak_rss"])
+            print(f"  round {r + 1} {impl:9s} step {statistics.median(res['seconds']):6.2f} s", flush=True)
+    tokens = args.batch * args.seq
+    base = statistics.median(results["pytorch"]["seconds"]) if "pytorch" in results else None
+    print(f"\n{'impl':10s} {'step s':>8s} {'tokens/s':>10s} {'vs torch':>9s} {'peak RSS':>10s} {'of peak':>8s}")
+    for impl in impls:
+        sec = statistics.median(results[impl]["seconds"])
+        ratio = f"{base / sec:8.2f}x" if base else "       -"
+        print(f"{impl:10s} {sec:8.2f} {tokens / sec:10.0f} {ratio:>9s} {results[impl]['peak_rss'] / 2**20:8.0f} MiB "
+              f"{step_flops / sec / peak:7.0%}")
+
+
+if __name__ == "__main__":
+    main()
