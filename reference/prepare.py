@@ -1,0 +1,332 @@
+"""`trinity data prepare`: text files → a prepared token dataset directory (SPEC §10).
+
+Inputs are files or folders (walked recursively in sorted order; `glob` filters the names found in folders, e.g.
+"*.py"; `exclude` drops paths matching any of its patterns). Each file is one document. The tokenizer is one of
+  - a tokenizer.json (or an HF checkpoint directory holding one): kind "hf", copied into the output as tokenizer.json;
+  - a byte-level BPE of vocab size V trained here on the same files (`train_bpe=V`): kind "bpe", saved as
+    tokenizer.json;
+  - raw UTF-8 bytes (`use_bytes=True`, the default): kind "bytes", ids 0..255, EOS 256.
+
+Text is decoded as UTF-8. A file that is not valid UTF-8 is, with errors="strict", skipped and reported (listed in
+meta.json `undecodable` and in the summary line); with errors="replace" it is decoded with U+FFFD replacement
+characters, kept, and listed in `replaced`. A file that cannot be read at all is skipped and listed in `unreadable`.
+Special-token strings in the text (e.g. "<|endoftext|>") are encoded as plain text, so the EOS id only ever ends a
+document.
+
+Tokenizing runs in `workers` processes (default: the usable cores); the result does not depend on the number of
+workers. The output directory holds
+  shard_00000.bin, ...      uint32 tokens, each document followed by the EOS id (the flat format of data.py); a
+                            shard is closed once it holds >= shard_tokens tokens (documents are never split)
+  shard_00000.idx.npy, ...  int64 document start offsets within the shard (np.save, allow_pickle=False)
+  meta.json                 tokenizer (kind, file, vocab size, EOS id), counts, shard list, problem files
+  tokenizer.json            for kinds "hf" and "bpe"
+Every file is written atomically (temp file, fsync, rename); meta.json is removed first and written last, so a
+directory with meta.json always describes complete shards.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from .checkpoint import atomic_path
+from .data import META_FILE, TOKEN_DTYPE, DataError
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
+
+__all__ = ["prepare", "find_files", "PrepareError", "FORMAT", "DEFAULT_SHARD_TOKENS"]
+
+FORMAT = "trinity-prepared-tokens"
+FORMAT_VERSION = 1
+DEFAULT_SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard
+_SHARD_PREFIX = "shard_"
+
+
+class PrepareError(DataError):
+    """Inputs or options that cannot be prepared; the message names them."""
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def find_files(inputs, glob: str | None = None, exclude=()) -> list[str]:
+    """The files named by `inputs` (files, or folders walked recursively), sorted within each folder, without
+    duplicates. `glob` filters file names found in folders (a file named directly is always taken); `exclude`
+    patterns (fnmatch on the full path and on the name) drop files and whole folders."""
+    out, seen = [], set()
+
+    def excluded(path):
+        return any(fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(os.path.basename(path), pat) for pat in exclude)
+
+    def add(path):
+        real = os.path.realpath(path)
+        if real not in seen and not excluded(path):
+            seen.add(real)
+            out.append(path)
+
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isfile(item):
+            add(item)
+        elif os.path.isdir(item):
+            for root, dirs, files in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not excluded(os.path.join(root, d)))
+                for name in sorted(files):
+                    if glob is None or fnmatch.fnmatch(name, glob):
+                        path = os.path.join(root, name)
+                        if os.path.isfile(path):
+                            add(path)
+        else:
+            raise PrepareError(f"input not found: {item}")
+    return out
+
+
+# ---- per-file work (runs in worker processes) ------------------------------------------------------------------
+_WORKER_TOKENIZER: Tokenizer | None = None
+
+
+def _worker_init(tokenizer_spec):
+    global _WORKER_TOKENIZER
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _WORKER_TOKENIZER = _make_tokenizer(tokenizer_spec)
+
+
+def _make_tokenizer(spec) -> Tokenizer:
+    kind, path, eos_id = spec
+    if kind == "bytes":
+        return ByteTokenizer()
+    tok = HFTokenizer(path, eos_id=eos_id, kind=kind)
+    try:  # special-token strings in the text are text, never the EOS id (tokenizers >= 0.15)
+        tok._tok.encode_special_tokens = True
+    except AttributeError:  # pragma: no cover - old tokenizers
+        pass
+    return tok
+
+
+def _read_text(path: str, errors: str):
+    """(text or None, status, message): status "ok" | "replaced" | "undecodable" | "unreadable"."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        return None, "unreadable", f"{type(e).__name__}: {e.strerror or e}"
+    try:
+        return data.decode("utf-8"), "ok", ""
+    except UnicodeDecodeError as e:
+        message = f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
+        if errors == "strict":
+            return None, "undecodable", message
+        return data.decode("utf-8", errors="replace"), "replaced", message
+
+
+def _tokenize_file(job):
+    """(status, message, uint32 token array without EOS or None, number of EOS ids dropped from the text)."""
+    path, errors = job
+    text, status, message = _read_text(path, errors)
+    if text is None:
+        return status, message, None, 0
+    tok = _WORKER_TOKENIZER
+    try:
+        ids = np.asarray(tok.encode(text), dtype=np.int64)
+    except Exception as e:  # a tokenizer failure is reported, never a crash
+        return "unreadable", f"tokenizer failed: {type(e).__name__}: {e}", None, 0
+    dropped = int(np.count_nonzero(ids == tok.eos_id))
+    if dropped:
+        ids = ids[ids != tok.eos_id]
+    return status, message, ids.astype(TOKEN_DTYPE), dropped
+
+
+def _texts_for_training(files, errors, bar):
+    for path in files:
+        text, _, _ = _read_text(path, errors)
+        bar.update(1)
+        if text is not None:
+            yield text
+
+
+# ---- shard writing -----------------------------------------------------------------------------------------------
+class _ShardWriter:
+    """Writes documents into shard_NNNNN.bin (+ .idx.npy) files atomically, closing a shard at shard_tokens."""
+
+    def __init__(self, out_dir: str, eos_id: int, shard_tokens: int):
+        self.out_dir, self.eos = out_dir, np.array([eos_id], TOKEN_DTYPE)
+        self.shard_tokens = shard_tokens
+        self.shards, self.max_token = [], -1
+        self._cm = self._file = None
+
+    def _open(self):
+        name = f"{_SHARD_PREFIX}{len(self.shards):05d}"
+        self._name, self._starts, self._count = name, [], 0
+        self._cm = atomic_path(os.path.join(self.out_dir, name + ".bin"))
+        self._file = open(self._cm.__enter__(), "wb")
+
+    def add(self, ids: np.ndarray):
+        if self._file is None:
+            self._open()
+        self._starts.append(self._count)
+        self._file.write(ids.tobytes())
+        self._file.write(self.eos.tobytes())
+        self._count += ids.size + 1
+        if ids.size:
+            self.max_token = max(self.max_token, int(ids.max()))
+        if self._count >= self.shard_tokens:
+            self.close()
+
+    def close(self):
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        self._cm.__exit__(None, None, None)
+        index = self._name + ".idx.npy"
+        with atomic_path(os.path.join(self.out_dir, index)) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(self._starts, np.int64), allow_pickle=False)
+        self.shards.append({"tokens": self._name + ".bin", "index": index, "num_tokens": self._count,
+                            "num_documents": len(self._starts)})
+
+    def abort(self, exc):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+# ---- the whole job -----------------------------------------------------------------------------------------------
+def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None, use_bytes: bool = False,
+            errors: str = "strict", shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
+            glob: str | None = None, exclude=(), progress: bool = True, log=print) -> dict:
+    """Prepare `inputs` into `out_dir` (module docstring). Returns the meta.json contents."""
+    t0 = time.perf_counter()
+    chosen = [x for x in (tokenizer is not None, train_bpe_vocab is not None, use_bytes) if x]
+    if len(chosen) > 1:
+        raise PrepareError("choose one of a tokenizer, train_bpe_vocab or use_bytes")
+    if errors not in ("strict", "replace"):
+        raise PrepareError(f"errors must be 'strict' or 'replace', got {errors!r}")
+    if isinstance(shard_tokens, bool) or not isinstance(shard_tokens, int) or shard_tokens < 1:
+        raise PrepareError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    workers = usable_cores() if workers is None else workers
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise PrepareError(f"workers must be a positive integer, got {workers!r}")
+    files = find_files(inputs, glob, exclude)
+    if not files:
+        raise PrepareError(f"no input files found in {list(map(os.fspath, inputs))}"
+                           + (f" matching {glob!r}" if glob else ""))
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, META_FILE)
+    if os.path.exists(meta_path):  # the directory is not a valid dataset until the new meta.json is written
+        os.remove(meta_path)
+
+    from tqdm import tqdm
+
+    def bar(desc):
+        return tqdm(total=len(files), unit="file", desc=desc, file=sys.stderr, disable=not progress,
+                    dynamic_ncols=True, mininterval=0.5)
+
+    tok_file = None
+    if train_bpe_vocab is not None:
+        tok_file = os.path.join(out_dir, "tokenizer.json")
+        with bar("reading for BPE") as b:
+            tok = train_bpe(_texts_for_training(files, errors, b), train_bpe_vocab, tok_file,
+                            show_progress=progress, length=len(files))
+        log(f"trained a byte-level BPE tokenizer: vocab {tok.vocab_size}, EOS id {tok.eos_id} -> {tok_file}")
+    elif tokenizer is not None:
+        source = load_tokenizer(tokenizer)
+        if source.kind == "bytes":
+            tok = source
+        else:
+            tok_file = os.path.join(out_dir, "tokenizer.json")
+            if os.path.abspath(source.path) != os.path.abspath(tok_file):
+                with atomic_path(tok_file) as tmp:
+                    shutil.copyfile(source.path, tmp)
+            tok = HFTokenizer(tok_file, eos_id=source.eos_id, kind=source.kind)
+    else:
+        tok = ByteTokenizer()
+    spec = (tok.kind, tok_file, tok.eos_id)
+
+    writer = _ShardWriter(out_dir, tok.eos_id, shard_tokens)
+    problems = {"undecodable": [], "unreadable": [], "replaced": []}
+    documents = tokens = eos_dropped = 0
+    jobs = [(p, errors) for p in files]
+    pool = None
+    try:
+        if workers > 1 and len(files) > 1:
+            pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (spec,))
+            results = pool.imap(_tokenize_file, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
+        else:
+            _worker_init(spec)
+            results = map(_tokenize_file, jobs)
+        with bar("tokenizing") as b:
+            for path, (status, message, ids, dropped) in zip(files, results):
+                b.update(1)
+                if status != "ok":
+                    problems[status].append({"path": path, "reason": message})
+                if ids is None:
+                    continue
+                writer.add(ids)
+                documents += 1
+                tokens += ids.size + 1
+                eos_dropped += dropped
+                b.set_postfix(tokens=f"{tokens:,}", refresh=False)
+        writer.close()
+    except BaseException as e:
+        writer.abort(e)
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    if documents == 0:
+        raise PrepareError(f"none of the {len(files)} input files could be used "
+                           f"({len(problems['undecodable'])} undecodable, {len(problems['unreadable'])} unreadable)")
+    # Shards left from an earlier, larger preparation of the same directory.
+    keep = {name for s in writer.shards for name in (s["tokens"], s["index"])}
+    for name in os.listdir(out_dir):
+        if name.startswith(_SHARD_PREFIX) and (name.endswith(".bin") or name.endswith(".idx.npy")) \
+                and name not in keep:
+            os.remove(os.path.join(out_dir, name))
+
+    seconds = time.perf_counter() - t0
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION,
+        "tokenizer": {"kind": tok.kind, "file": "tokenizer.json" if tok_file else None,
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                      **({"source": os.path.abspath(os.fspath(tokenizer))} if tokenizer is not None
+                         and tok.kind != "bytes" else {})},
+        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "max_token_id": max(writer.max_token, tok.eos_id),
+        "token_dtype": "uint32-le",
+        "files": len(files), "documents": documents, "tokens": tokens,
+        "undecodable": problems["undecodable"], "unreadable": problems["unreadable"],
+        "replaced": problems["replaced"], "eos_in_text_dropped": eos_dropped,
+        "errors": errors, "glob": glob, "exclude": list(exclude),
+        "inputs": [os.path.abspath(os.fspath(i)) for i in inputs],
+        "shard_tokens": shard_tokens, "shards": writer.shards, "seconds": round(seconds, 3), "workers": workers,
+    }
+    with atomic_path(meta_path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+    summary = (f"prepared {documents:,} documents, {tokens:,} tokens ({tok.kind} tokenizer, vocab {tok.vocab_size}, "
+               f"EOS {tok.eos_id}) from {len(files):,} files in {len(writer.shards)} shard(s) -> {out_dir} "
+               f"in {seconds:.1f} s")
+    log(summary)
+    if problems["undecodable"]:
+        log(f"skipped {len(problems['undecodable'])} file(s) that are not valid UTF-8 (errors=strict; listed in "
+            f"meta.json 'undecodable'): " + ", ".join(p["path"] for p in problems["undecodable"][:5])
+            + (" ..." if len(problems["undecodable"]) > 5 else ""))
+    if problems["replaced"]:
+        log(f"decoded {len(problems['replaced'])} file(s) with U+FFFD replacement characters (errors=replace; "
+            f"listed in meta.json 'replaced')")
+    if problems["unreadable"]:
+        log(f"skipped {len(problems['unreadable'])} unreadable file(s) (listed in meta.json 'unreadable')")
+    return meta
