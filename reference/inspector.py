@@ -178,9 +178,9 @@ class Event:
 
 def name_matches(name: str, op: str, layers=None, ops=None) -> bool:
     """The --layer / --op filter on an event's name and op. layers: layer indices (events outside every layer never
-    match a layer filter). ops: names matched against the last name component ("q_proj", "router", "sdpa"), the op
-    with or without _forward/_backward ("linear", "attention_forward", "muon"), or the full name as a shell pattern
-    ("model.layers.*.mlp.experts")."""
+    match a layer filter). ops: names matched against any component of the name ("q_proj", "router", "sdpa",
+    "self_attn": a module and everything in it), the op with or without _forward/_backward ("linear",
+    "attention_forward", "muon"), or the full name as a shell pattern ("model.layers.*.mlp.experts")."""
     import fnmatch
 
     if layers is not None:
@@ -188,8 +188,9 @@ def name_matches(name: str, op: str, layers=None, ops=None) -> bool:
         if m is None or int(m.group(1)) not in set(layers):
             return False
     if ops:
-        last = name.rsplit(".", 1)[-1]
-        return any(pattern in (last, op, _short(op)) or fnmatch.fnmatchcase(name, pattern) for pattern in ops)
+        parts = name.split(".")
+        return any(pattern in parts or pattern in (op, _short(op)) or fnmatch.fnmatchcase(name, pattern)
+                   for pattern in ops)
     return True
 
 
@@ -511,7 +512,7 @@ class StepThrough:
         # The update, in the trainer's order: clip, balancing, optimizer (distributed/trainer.py).
         self.clipped_grads, self.grad_norm = clip_grad_norm(self.grads, c.grad_clip_norm)
         scale = min(1.0, c.grad_clip_norm / self.grad_norm) if c.grad_clip_norm > 0 and self.grad_norm > 0 else 1.0
-        tracer.emit("clip_grad_norm", "clip_grad_norm", "optimizer", {"max_norm": c.grad_clip_norm},
+        tracer.emit("clip_grad_norm", "clip_grad_norm", "clip", {"max_norm": c.grad_clip_norm},
                     {"grad_norm": self.grad_norm, "scale": scale})
         if self.balancing_state is None:
             self.balancing_state = init_balancing_state(c, params)

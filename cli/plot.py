@@ -1,0 +1,44 @@
+"""`trinity plot METRICS.jsonl --out DIR`: PNG figures of a training run's metrics.
+
+Writes loss.png (total, ce, z and balance loss against tokens seen), lr.png, grad_norm.png, max_vio.png (MaxVio per
+MoE layer), expert_load.png (per MoE layer a heatmap of expert × step, load / mean load), logits.png,
+throughput.png and, when logged, batch_het.png. A resumed run's re-logged steps are handled: later lines win.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .common import CLIError
+
+NAME = "plot"
+HELP = "draw PNGs of a training run's metrics (loss parts, lr, grad norm, MaxVio, expert load)"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
+                              epilog="example: trinity plot runs/tiny/metrics.jsonl --out runs/tiny/plots")
+    p.add_argument("metrics", metavar="METRICS.jsonl", help="the metrics file written by `trinity train`")
+    p.add_argument("--out", metavar="DIR", required=True, help="folder for the PNGs (created if missing)")
+    p.add_argument("--title", default=None, help="text added to every figure title (default: the file name)")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(args) -> int:
+    from .plotting import MetricsError, plot_metrics, read_metrics
+
+    try:
+        rows = read_metrics(args.metrics)
+    except MetricsError as e:
+        raise CLIError(str(e)) from None
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out} exists and is not a directory")
+    title = args.title if args.title is not None else os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))
+    try:
+        written = plot_metrics(rows, args.out, title=title)
+    except OSError as e:
+        raise CLIError(f"cannot write into {args.out}: {e}") from None
+    print(f"{len(rows)} steps ({rows[0]['step']}…{rows[-1]['step']}) from {args.metrics}; wrote "
+          f"{len(written)} figures to {args.out}: {', '.join(os.path.basename(w) for w in written)}")
+    return 0

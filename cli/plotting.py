@@ -1,0 +1,285 @@
+"""Figures for `trinity plot` (training metrics) and `trinity inspect --plot` (router choices), drawn with matplotlib's
+Agg backend (no display needed). matplotlib is imported inside each function: `trinity -h` never loads it.
+
+Metrics JSONL (written by trinity.distributed.trainer, one line per optimizer step): step, tokens_seen,
+loss{total, ce, z, balance}, grad_norm, lr{muon, adamw}, max_vio{layer: v}, expert_load{layer: [counts]},
+logits_max, logits_mean, tokens_per_s, seconds, optional batch_het.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+__all__ = ["MetricsError", "read_metrics", "plot_metrics", "plot_router"]
+
+
+class MetricsError(ValueError):
+    """A metrics file that cannot be plotted; the message names the file and line."""
+
+
+def read_metrics(path) -> list[dict]:
+    """The rows of a metrics JSONL file in step order, as a resumed run means them.
+
+    A run resumed from a checkpoint appends lines again from the checkpoint's step on, so a line whose step is not
+    above the previous line's starts a new segment: every stored row at or past that step is dropped (the
+    interrupted run's lines past its checkpoint are superseded even where the resumed run has not reached them yet),
+    and later lines win. Blank lines are skipped, and so is a truncated last line (a run killed mid-write); any
+    other line that is not a JSON object with an integer "step" is an error naming the line.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MetricsError(f"no such file: {path}")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    rows: dict[int, dict] = {}
+    last_step = None
+    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    for n, (lineno, line) in enumerate(numbered):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(numbered) - 1 and not line.endswith("}"):
+                continue  # a line cut short by a kill
+            raise MetricsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            raise MetricsError(f"{path}:{lineno}: expected a JSON object with an integer \"step\"")
+        step = row["step"]
+        if last_step is not None and step <= last_step:
+            rows = {s: r for s, r in rows.items() if s < step}
+        rows[step] = row
+        last_step = step
+    if not rows:
+        raise MetricsError(f"{path}: no metrics lines")
+    return [rows[s] for s in sorted(rows)]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(rows, *keys):
+    """(x-less) list of values rows[k1][k2]…, None where missing."""
+    out = []
+    for r in rows:
+        v = r
+        for k in keys:
+            v = v.get(k) if isinstance(v, dict) else None
+        out.append(v if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+    return out
+
+
+def _plot_line(ax, x, y, label=None, **kw):
+    pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(b)]
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, label=label, marker="." if len(xs) < 50 else None, **kw)
+    return bool(pts)
+
+
+def _layers(rows, key):
+    layers = set()
+    for r in rows:
+        if isinstance(r.get(key), dict):
+            layers.update(r[key])
+    return sorted(layers, key=lambda s: (not str(s).isdigit(), int(s) if str(s).isdigit() else s))
+
+
+def _save(fig, out_dir, name, written):
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    written.append(path)
+
+
+def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
+    """Write PNGs of a run's metrics into out_dir (created if missing); returns their paths.
+
+    loss.png (total, ce, z, balance against tokens seen), lr.png, grad_norm.png, max_vio.png (one line per MoE
+    layer), expert_load.png (per MoE layer a heatmap of expert × step, load / mean load), logits.png,
+    throughput.png and, when logged, batch_het.png.
+    """
+    import numpy as np
+
+    plt = _pyplot()
+    os.makedirs(out_dir, exist_ok=True)
+    written: list[str] = []
+    steps = [r["step"] for r in rows]
+    tokens = _series(rows, "tokens_seen")
+    if any(t is None for t in tokens):
+        tokens = steps
+        token_label = "step"
+    else:
+        token_label = "tokens seen"
+    suffix = f" — {title}" if title else ""
+
+    # losses
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, part in zip(axes.flat, ("total", "ce", "z", "balance")):
+        ys = _series(rows, "loss", part)
+        if not _plot_line(ax, tokens, ys, color="C0"):
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
+        positive = [y for y in ys if y is not None and y > 0]
+        if part in ("z", "balance") and positive and max(positive) / min(positive) > 50:
+            ax.set_yscale("log")
+        ax.set_title(f"loss: {part}")
+        ax.set_xlabel(token_label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"loss parts{suffix}")
+    _save(fig, out_dir, "loss.png", written)
+
+    # learning rates
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    for group in ("muon", "adamw"):
+        _plot_line(ax, steps, _series(rows, "lr", group), label=group)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title(f"learning rate{suffix}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, out_dir, "lr.png", written)
+
+    # gradient norm
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    gn = _series(rows, "grad_norm")
+    _plot_line(ax, steps, gn, color="C3")
+    if any(g is not None and g > 0 for g in gn):
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global gradient norm (before clipping)")
+    ax.set_title(f"gradient norm{suffix}")
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, out_dir, "grad_norm.png", written)
+
+    # MaxVio per layer
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    layers = _layers(rows, "max_vio")
+    cmap = plt.get_cmap("viridis")
+    for i, layer in enumerate(layers):
+        _plot_line(ax, steps, _series(rows, "max_vio", layer), label=f"layer {layer}",
+                   color=cmap(i / max(1, len(layers) - 1)))
+    if not layers:
+        ax.text(0.5, 0.5, "no MoE layers logged", ha="center", va="center", transform=ax.transAxes)
+    elif len(layers) <= 12:
+        ax.legend(fontsize="small", ncol=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("MaxVio = (max load − mean) / mean")
+    ax.set_title(f"expert load violation per MoE layer{suffix}")
+    ax.grid(alpha=0.3)
+    _save(fig, out_dir, "max_vio.png", written)
+
+    # expert load heatmaps: one per MoE layer, expert × step, normalised by the step's mean load
+    layers = _layers(rows, "expert_load")
+    n = max(1, len(layers))
+    cols = min(n, 4)
+    grid_rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(min(4.2 * cols, 40), min(3.2 * grid_rows, 60)),
+                             squeeze=False, constrained_layout=True)
+    image = None
+    for ax, layer in zip(axes.flat, layers):
+        cols_ = []
+        width = max(len(r["expert_load"][layer]) for r in rows if isinstance(r.get("expert_load"), dict)
+                    and layer in r["expert_load"])
+        for r in rows:
+            counts = (r.get("expert_load") or {}).get(layer)
+            if counts is None or len(counts) != width:
+                cols_.append(np.full(width, np.nan))
+                continue
+            c = np.asarray(counts, dtype=np.float64)
+            mean = c.mean()
+            cols_.append(c / mean if mean > 0 else np.full(width, np.nan))
+        load = np.stack(cols_, axis=1)  # [E, steps]
+        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0,
+                          vmax=max(2.0, float(np.nanmax(load)) if np.isfinite(load).any() else 2.0),
+                          extent=(steps[0] - 0.5, steps[-1] + 0.5, width - 0.5, -0.5))
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("expert")
+    for ax in list(axes.flat)[len(layers):]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="load / mean load", shrink=0.8)
+    else:
+        axes.flat[0].text(0.5, 0.5, "no expert load logged", ha="center", va="center")
+    fig.suptitle(f"expert load per MoE layer (1 = balanced){suffix}")
+    _save(fig, out_dir, "expert_load.png", written)
+
+    # logits
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    _plot_line(ax, steps, _series(rows, "logits_max"), label="max")
+    _plot_line(ax, steps, _series(rows, "logits_mean"), label="mean")
+    ax.set_xlabel("step")
+    ax.set_ylabel("logit")
+    ax.set_title(f"logits{suffix}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    _save(fig, out_dir, "logits.png", written)
+
+    # throughput
+    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    _plot_line(ax, steps, _series(rows, "tokens_per_s"), color="C2")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"throughput{suffix}")
+    ax.grid(alpha=0.3)
+    _save(fig, out_dir, "throughput.png", written)
+
+    het = _series(rows, "batch_het")
+    if any(h is not None for h in het):
+        fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+        _plot_line(ax, steps, het, color="C4")
+        ax.set_xlabel("step")
+        ax.set_ylabel("max − mean micro-batch loss")
+        ax.set_title(f"BatchHet{suffix}")
+        ax.grid(alpha=0.3)
+        _save(fig, out_dir, "batch_het.png", written)
+    return written
+
+
+def plot_router(routers: dict, token_labels: list[str], path, title: str = "") -> str:
+    """Token × expert heatmaps of the router's choices, one panel per MoE layer: the gate weight g of each chosen
+    expert (0 where not chosen). routers: {layer: RouterInfo} (trinity.reference.inspector) of a B = 1 run."""
+    import numpy as np
+
+    plt = _pyplot()
+    layers = sorted(routers)
+    if not layers:
+        raise ValueError("no MoE layer to plot")
+    N = routers[layers[0]].experts.shape[0]
+    E = max(len(routers[l].counts) for l in layers)
+    n = len(layers)
+    cols = min(n, 4)
+    grid_rows = math.ceil(n / cols)
+    panel_h = min(0.22 * N + 1.2, 12)
+    panel_w = min(0.22 * E + 2.0, 12)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(min(panel_w * cols + 1, 48), min(panel_h * grid_rows + 1, 80)),
+                             squeeze=False, constrained_layout=True)
+    vmax = max(float(np.max(routers[l].weights)) for l in layers)
+    image = None
+    step = max(1, math.ceil(N / 64))
+    for ax, layer in zip(axes.flat, layers):
+        r = routers[layer]
+        grid = np.zeros((N, len(r.counts)))
+        np.put_along_axis(grid, np.asarray(r.experts), np.asarray(r.weights, dtype=np.float64), axis=1)
+        image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0.0, vmax=vmax)
+        ax.set_title(f"layer {layer}")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("token")
+        ax.set_xticks(range(0, len(r.counts), max(1, math.ceil(len(r.counts) / 32))))
+        ticks = list(range(0, N, step))
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([token_labels[i] if i < len(token_labels) else str(i) for i in ticks], fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, label="gate weight g (0: not chosen)", shrink=0.8)
+    fig.suptitle(title or "router choices per token")
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.fspath(path)
