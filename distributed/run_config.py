@@ -9,11 +9,21 @@ section and key. Relative paths are taken relative to the run file's folder. Exa
     seed = 0                     # init seed (ignored with init_from)
     [model.overrides]            # any Config field, e.g. sliding_window = 16
     [data]
-    path = "tokens.bin"          # flat uint32 tokens, documents separated by eos_id
-    eos_id = 0
+    path = "tokens.bin"          # flat uint32 tokens, documents separated by eos_id; or a prepared dataset
+                                 # directory (`trinity data prepare`), whose meta.json gives eos_id
+    eos_id = 0                   # required for a flat file; must agree with meta.json for a directory
     seq_len = 64
     micro_batch_size = 8
     seed = 0
+    loader = "sequential"        # sequential packing | "rsdb" (random sequential document buffer, SPEC §10)
+    rsdb_buffer = 1024           # RSDB user-specified size in documents (internal size 2x); only with "rsdb"
+    # A phase mix instead of one path (SPEC §10): sources in order, weights per phase.
+    #   [[data.sources]]
+    #   path = "web"             # file or prepared directory
+    #   weight = 3               # a fixed weight, when there is no `phases`
+    #   [[data.sources]]
+    #   path = "code"
+    #   [data] phases = [[0, [0.7, 0.3]], [1_000_000, [0.2, 0.8]]]   # [start tokens_seen, weights]
     [train]
     steps = 300
     sequences_per_step = 16      # a multiple of micro_batch_size: gradient accumulation over the rest
@@ -61,8 +71,8 @@ class RunConfig:
     dtype: str
     init_seed: int
     config_overrides: dict
-    data_path: str
-    eos_id: int
+    data_path: str | None  # a token file or prepared directory; None with data_sources
+    eos_id: int | None  # None: from the prepared directory's meta.json
     seq_len: int
     micro_batch_size: int
     data_seed: int
@@ -75,6 +85,10 @@ class RunConfig:
     keep_last: int
     metrics_path: str
     progress: bool
+    data_loader: str = "sequential"  # "sequential" | "rsdb"
+    rsdb_buffer: int = 1024
+    data_sources: tuple = ()  # paths of a phase mix ([[data.sources]]); data_path is None then
+    data_phases: tuple = ()  # ((start_tokens, (w1, w2, ...)), ...) for data_sources
     extra: dict = field(default_factory=dict)
 
     def build_config(self, base: Config) -> Config:
@@ -160,11 +174,21 @@ def load_run_config(path) -> RunConfig:
 
     data = sections.get("data", {})
     positive = lambda v: v > 0  # noqa: E731
-    data_path = resolve(_take(data, "data", "path", str))
-    eos_id = _take(data, "data", "eos_id", int, check=lambda v: v >= 0, what="a token id >= 0")
+    raw_sources = data.pop("sources", None)
+    if raw_sources is not None and "path" in data:
+        raise RunConfigError("[data] path and [[data.sources]] exclude each other: give one path or a mix")
+    data_path = resolve(_take(data, "data", "path", str)) if raw_sources is None else None
+    eos_id = _take(data, "data", "eos_id", int, None, lambda v: v >= 0, "a token id >= 0")
     seq_len = _take(data, "data", "seq_len", int, check=positive, what="a positive integer")
     micro = _take(data, "data", "micro_batch_size", int, check=positive, what="a positive integer")
     data_seed = _take(data, "data", "seed", int, 0, lambda v: v >= 0, "a non-negative integer")
+    data_loader = _take(data, "data", "loader", str, "sequential", lambda v: v in ("sequential", "rsdb"),
+                        '"sequential" or "rsdb"')
+    if "rsdb_buffer" in data and data_loader != "rsdb":
+        raise RunConfigError('[data] rsdb_buffer needs loader = "rsdb"')
+    rsdb_buffer = _take(data, "data", "rsdb_buffer", int, 1024, positive, "a positive integer (documents)")
+    raw_phases = _take(data, "data", "phases", list, None)
+    data_sources, data_phases = _parse_sources(raw_sources, raw_phases, resolve)
     _no_leftovers(data, "data")
 
     train = sections.get("train", {})
@@ -200,7 +224,49 @@ def load_run_config(path) -> RunConfig:
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
                      micro_batch_size=micro, data_seed=data_seed, steps=steps, sequences_per_step=seqs,
                      batch_schedule=tuple(changes), recompute=recompute, checkpoint_dir=ckpt_dir,
-                     checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress)
+                     checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
+                     data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
+                     data_phases=data_phases)
+
+
+def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:
+    """([[data.sources]], [data] phases) → (paths, ((start_tokens, weights), ...)); errors name the key."""
+    if raw_sources is None:
+        if raw_phases is not None:
+            raise RunConfigError("[data] phases needs [[data.sources]]")
+        return (), ()
+    if not isinstance(raw_sources, list) or not raw_sources or not all(isinstance(x, dict) for x in raw_sources):
+        raise RunConfigError("[data] sources must be one or more [[data.sources]] tables")
+    paths, weights = [], []
+    for i, table in enumerate(raw_sources):
+        table, name = dict(table), f"data.sources.{i}"
+        paths.append(resolve(_take(table, name, "path", str)))
+        weights.append(_take(table, name, "weight", float, None, lambda v: v >= 0, "a number >= 0"))
+        _no_leftovers(table, name)
+    n = len(paths)
+    if raw_phases is None:
+        w = tuple(1.0 if x is None else x for x in weights)
+        if sum(w) <= 0:
+            raise RunConfigError("[[data.sources]] weights must not all be 0")
+        return tuple(paths), ((0, w),)
+    given = [i for i, x in enumerate(weights) if x is not None]
+    if given:
+        raise RunConfigError(f"[data.sources.{given[0]}] weight: give weights either per source or in [data] "
+                             f"phases, not both")
+    phases = []
+    for item in raw_phases:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)
+                and not isinstance(item[0], bool) and item[0] >= 0 and isinstance(item[1], list)
+                and len(item[1]) == n and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                                              for w in item[1]) and sum(item[1]) > 0):
+            raise RunConfigError(f"[data] phases entries must be [start_tokens, [{n} weight(s) >= 0, not all 0]], "
+                                 f"got {item!r}")
+        phases.append((item[0], tuple(float(w) for w in item[1])))
+    if not phases or phases[0][0] != 0:
+        raise RunConfigError("[data] phases must start with a phase at 0 tokens")
+    if any(b[0] <= a[0] for a, b in zip(phases, phases[1:])):
+        raise RunConfigError("[data] phases start tokens must increase")
+    return tuple(paths), tuple(phases)
 
 
 # Fields that shape the model; checked against the real base config later, not against the `tiny` stand-in.

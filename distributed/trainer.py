@@ -27,13 +27,15 @@ import numpy as np
 from trinity.reference import Config, init_params, loss_and_grads
 from trinity.reference.balancing import balance_step, init_balancing_state
 from trinity.reference.checkpoint import CheckpointManager, load_checkpoint
-from trinity.reference.data import PackedTokenLoader
+from trinity.reference.data import DataError, DocumentStore, PackedTokenLoader
+from trinity.reference.mixture import MixtureLoader
+from trinity.reference.rsdb import RSDBLoader
 from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
 from trinity.reference.schedules import BatchSchedule, learning_rate
 
 from .run_config import RunConfig, RunConfigError
 
-__all__ = ["Trainer", "FAULT_ENV"]
+__all__ = ["Trainer", "FAULT_ENV", "build_loader"]
 
 # Fault injection for tests: SIGKILL this process right after the checkpoint of this step is written.
 FAULT_ENV = "TRINITY_FAULT_KILL_AFTER_CHECKPOINT"
@@ -51,14 +53,45 @@ def _base_config(run: RunConfig):
     return config, params
 
 
+def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
+    """(loader, [DocumentStore per data source]) for the run's [data] section: a PackedTokenLoader or RSDBLoader
+    over `path` (a token file or prepared directory), or a MixtureLoader of one such loader per [[data.sources]]
+    with the run's phases. Ranks read disjoint documents (data.py). Errors name the [data] key."""
+    paths = list(run.data_sources) if run.data_sources else [run.data_path]
+    stores = []
+    for path in paths:
+        if not os.path.exists(path):
+            raise RunConfigError(f"[data] path: no such file or directory {path}")
+        try:
+            stores.append(DocumentStore(path, run.eos_id))
+        except DataError as e:
+            raise RunConfigError(f"[data] {e}") from None
+    if len({s.eos_id for s in stores}) > 1:
+        raise RunConfigError(f"[data] sources disagree on eos_id: {[s.eos_id for s in stores]}")
+
+    def one(store):
+        if run.data_loader == "rsdb":
+            return RSDBLoader(store, run.seq_len, run.micro_batch_size, buffer_size=run.rsdb_buffer,
+                              seed=run.data_seed, rank=rank, world_size=world_size)
+        return PackedTokenLoader(store, run.seq_len, run.micro_batch_size, seed=run.data_seed, rank=rank,
+                                 world_size=world_size)
+
+    try:
+        if not run.data_sources:
+            return one(stores[0]), stores
+        phases = [(start, list(w)) for start, w in run.data_phases]
+        return MixtureLoader([one(s) for s in stores], phases, seed=run.data_seed, rank=rank,
+                             world_size=world_size), stores
+    except DataError as e:
+        raise RunConfigError(f"[data] {e}") from None
+
+
 class Trainer:
     def __init__(self, run: RunConfig, resume: bool = False, log=print):
         self.run, self.log = run, log
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
-        if not os.path.isfile(run.data_path):
-            raise RunConfigError(f"[data] path: no such file {run.data_path}")
-        self.loader = PackedTokenLoader(run.data_path, run.seq_len, run.micro_batch_size, run.eos_id, run.data_seed)
+        self.loader, stores = build_loader(run)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
         self.checkpoints = CheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
         latest = self.checkpoints.latest() if resume else None
@@ -82,10 +115,11 @@ class Trainer:
             self.balance_state = init_balancing_state(config, self.params)
             self.step, self.tokens_seen = 0, 0
             self.rng = np.random.default_rng(run.init_seed)
-        largest = int(np.memmap(run.data_path, dtype=np.uint32, mode="r").max())
-        if largest >= config.vocab_size:
-            raise RunConfigError(f"[data] {run.data_path} holds token id {largest} >= vocab_size "
-                                 f"{config.vocab_size}")
+        for store in stores:
+            largest = store.max_token()
+            if largest >= config.vocab_size:
+                raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
+                                     f"{config.vocab_size}")
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> dict:
