@@ -176,3 +176,128 @@ def test_write_token_file(tmp_path):
         write_token_file(path, [[1.5]], eos_id=7)
     # A failed write leaves the previous file intact and no temp file behind.
     assert np.fromfile(path, "<u4").tolist() == [5, 6, 7, 7, 2**32 - 1, 7] and os.listdir(tmp_path) == ["t.bin"]
+
+
+def test_ranks_read_disjoint_documents_that_cover_each_epoch(tmp_path):
+    """rank r of w reads documents permutation[r::w] of each epoch: disjoint across ranks, together all of them."""
+    documents = make_documents([3, 8, 1, 0, 12, 5, 7, 2, 9, 4, 6])
+    path = tmp_path / "tokens.bin"
+    write_token_file(path, documents, EOS)
+    total = sum(len(d) + 1 for d in documents)
+    streams = []
+    for rank in range(3):
+        loader = PackedTokenLoader(path, 1, 1, EOS, seed=9, rank=rank, world_size=3)
+        n = sum(len(documents[d]) + 1 for d in loader.epoch_order(0))
+        streams.append(np.concatenate([loader.next_batch()[0].reshape(-1) for _ in range(n)]))
+        assert loader.epoch == 1 and loader.doc_cursor == 0
+    assert sum(s.size for s in streams) == total
+    found = [tuple(d[:-1]) for s in streams for d in np.split(s, np.flatnonzero(s == EOS) + 1)[:-1]]
+    assert sorted(found) == sorted(tuple(d) for d in documents)
+    with pytest.raises(DataError, match="rank 11 of 12 gets no documents"):
+        PackedTokenLoader(path, 4, 1, EOS, rank=11, world_size=12)
+    state = PackedTokenLoader(path, 4, 1, EOS, rank=1, world_size=3).state_dict()
+    with pytest.raises(DataError, match="another stream: rank 1 != 0"):
+        PackedTokenLoader(path, 4, 1, EOS, rank=0, world_size=3).load_state_dict(state)
+
+
+def test_state_written_before_ranks_existed_still_loads(tmp_path):
+    loader = loader_for(tmp_path, make_documents([4, 6, 3]), 4, 1, seed=2)
+    loader.next_batch()
+    old = {k: v for k, v in loader.state_dict().items() if k not in ("rank", "world_size", "kind")}
+    fresh = PackedTokenLoader(loader.path, 4, 1, EOS, seed=2)
+    fresh.load_state_dict(old)
+    assert np.array_equal(fresh.next_batch()[0], loader.next_batch()[0])
+    with pytest.raises(DataError, match="from a 'rsdb' loader"):
+        fresh.load_state_dict({**old, "kind": "rsdb"})
+
+
+# ---- the run file's [data] section and the trainer's loader --------------------------------------------------
+RUN = """
+[model]
+preset = "tiny"
+[model.overrides]
+vocab_size = 300
+intra_document_mask = true
+[data]
+seq_len = 16
+micro_batch_size = 2
+{data}
+[train]
+steps = 2
+sequences_per_step = 4
+[checkpoint]
+dir = "ckpt"
+[logging]
+metrics = "metrics.jsonl"
+progress = false
+"""
+
+
+def _prepared(tmp_path, name, texts):
+    from trinity.reference.prepare import prepare
+
+    folder = tmp_path / f"{name}_in"
+    folder.mkdir()
+    for i, text in enumerate(texts):
+        (folder / f"{i:02d}.txt").write_text(text)
+    prepare([folder], tmp_path / name, use_bytes=True, workers=1, progress=False, log=lambda *a: None)
+    return name
+
+
+def test_run_file_data_section_builds_each_loader(tmp_path):
+    from trinity.distributed.run_config import RunConfigError, load_run_config
+    from trinity.distributed.trainer import Trainer, build_loader
+    from trinity.reference.mixture import MixtureLoader
+    from trinity.reference.rsdb import RSDBLoader
+
+    rng = np.random.default_rng(0)
+    texts = ["".join(chr(c) for c in rng.integers(97, 123, int(n))) for n in rng.integers(1, 90, 30)]
+    web, code = _prepared(tmp_path, "web", texts), _prepared(tmp_path, "code", texts[::-1])
+    write_token_file(tmp_path / "flat.bin", make_documents([5, 7, 3]), EOS)
+
+    def run(data):
+        path = tmp_path / "run.toml"
+        path.write_text(RUN.format(data=data))
+        return load_run_config(path)
+
+    r = run('path = "flat.bin"\neos_id = 0')  # the existing keys keep working
+    assert (r.data_loader, r.rsdb_buffer, r.data_sources, r.eos_id) == ("sequential", 1024, (), 0)
+    assert isinstance(build_loader(r)[0], PackedTokenLoader)
+    r = run(f'path = "{web}"\nloader = "rsdb"\nrsdb_buffer = 4')
+    loader, stores = build_loader(r)
+    assert isinstance(loader, RSDBLoader) and loader.capacity == 8 and loader.eos_id == 256 and r.eos_id is None
+    trainer = Trainer(r, log=lambda *a: None)
+    metrics = trainer.train_step()
+    assert "batch_het" in metrics and trainer.loader.batches_served == 2
+    r = run(f'phases = [[0, [1, 0]], [64, [0.5, 0.5]]]\n[[data.sources]]\npath = "{web}"\n'
+            f'[[data.sources]]\npath = "{code}"')
+    loader, stores = build_loader(r, rank=1, world_size=2)
+    assert isinstance(loader, MixtureLoader) and len(stores) == 2 and loader.sources[1].rank == 1
+    assert r.data_phases == ((0, (1.0, 0.0)), (64, (0.5, 0.5)))
+    r = run(f'[[data.sources]]\npath = "{web}"\nweight = 3\n[[data.sources]]\npath = "{code}"')
+    assert r.data_phases == ((0, (3.0, 1.0)),)
+    trainer = Trainer(r, log=lambda *a: None)
+    trainer.train_step()
+    trainer.save()
+    resumed = Trainer(r, resume=True, log=lambda *a: None)
+    assert resumed.loader.state_dict() == trainer.loader.state_dict()
+    for data, message in [
+        ('path = "flat.bin"\neos_id = 0\nshuffle = true', r"\[data\] unknown key\(s\): shuffle"),
+        ('path = "flat.bin"\neos_id = 0\nloader = "random"', r'\[data\] loader = .random.: must be "sequential"'),
+        ('path = "flat.bin"\neos_id = 0\nrsdb_buffer = 8', r'rsdb_buffer needs loader = "rsdb"'),
+        (f'path = "{web}"\n[[data.sources]]\npath = "{code}"', "exclude each other"),
+        (f'phases = [[0, [1]]]\n[[data.sources]]\npath = "{web}"\n[[data.sources]]\npath = "{code}"',
+         r"phases entries must be \[start_tokens, \[2 weight"),
+        (f'phases = [[5, [1]]]\n[[data.sources]]\npath = "{web}"', "start with a phase at 0"),
+        (f'phases = [[0, [1]]]\n[[data.sources]]\npath = "{web}"\nweight = 2', "not both"),
+        (f'[[data.sources]]\npath = "{web}"\nmix = 1', r"\[data.sources.0\] unknown key\(s\): mix"),
+        ('phases = [[0, [1]]]\npath = "flat.bin"', "phases needs"),
+    ]:
+        with pytest.raises(RunConfigError, match=message):
+            run(data)
+    with pytest.raises(RunConfigError, match="a flat token file needs eos_id"):
+        build_loader(run('path = "flat.bin"'))
+    with pytest.raises(RunConfigError, match="no such file or directory"):
+        build_loader(run('path = "nope"'))
+    with pytest.raises(RunConfigError, match="disagrees with"):
+        build_loader(run(f'path = "{web}"\neos_id = 3'))
