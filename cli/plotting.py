@@ -92,6 +92,11 @@ def _layers(rows, key):
 
 
 def _save(fig, out_dir, name, written):
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        if ax.get_xlabel() == "step":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=110)
     _pyplot().close(fig)
@@ -181,8 +186,8 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     grid_rows = math.ceil(n / cols)
     fig, axes = plt.subplots(grid_rows, cols, figsize=(min(4.2 * cols, 40), min(3.2 * grid_rows, 60)),
                              squeeze=False, constrained_layout=True)
-    image = None
-    for ax, layer in zip(axes.flat, layers):
+    loads = []
+    for layer in layers:
         cols_ = []
         width = max(len(r["expert_load"][layer]) for r in rows if isinstance(r.get("expert_load"), dict)
                     and layer in r["expert_load"])
@@ -194,9 +199,13 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
             c = np.asarray(counts, dtype=np.float64)
             mean = c.mean()
             cols_.append(c / mean if mean > 0 else np.full(width, np.nan))
-        load = np.stack(cols_, axis=1)  # [E, steps]
-        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0,
-                          vmax=max(2.0, float(np.nanmax(load)) if np.isfinite(load).any() else 2.0),
+        loads.append(np.stack(cols_, axis=1))  # [E, steps]
+    finite = [float(np.nanmax(x)) for x in loads if np.isfinite(x).any()]
+    vmax = max([2.0] + finite)  # one colour scale for every layer
+    image = None
+    for ax, layer, load in zip(axes.flat, layers, loads):
+        width = load.shape[0]
+        image = ax.imshow(load, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=vmax,
                           extent=(steps[0] - 0.5, steps[-1] + 0.5, width - 0.5, -0.5))
         ax.set_title(f"layer {layer}")
         ax.set_xlabel("step")

@@ -1,0 +1,161 @@
+"""`trinity plot`: PNGs from a real (short) training run's metrics, resumed-run semantics, clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from trinity.cli.main import main
+from trinity.cli.plotting import MetricsError, read_metrics
+from trinity.distributed.run_config import load_run_config
+from trinity.distributed.trainer import Trainer
+from trinity.reference.data import write_token_file
+from trinity.reference.synthetic import MarkovSource
+
+RUN = """
+[model]
+preset = "tiny"
+dtype = "float32"
+[data]
+path = "tokens.bin"
+eos_id = 0
+seq_len = 32
+micro_batch_size = 4
+[train]
+steps = 3
+sequences_per_step = 8
+[optimizer]
+muon_lr = 0.02
+adamw_lr = 0.01
+[schedule]
+warmup_steps = 2
+[checkpoint]
+dir = "ckpt"
+every = 3
+keep_last = 1
+[logging]
+metrics = "metrics.jsonl"
+progress = false
+"""
+
+PNG = b"\x89PNG\r\n\x1a\n"
+FIGURES = {"loss.png", "lr.png", "grad_norm.png", "max_vio.png", "expert_load.png", "logits.png", "throughput.png",
+           "batch_het.png"}  # 2 micro-batches per step: BatchHet is logged
+
+
+@pytest.fixture(scope="module")
+def metrics_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    source = MarkovSource(256, eos_id=0, branching=4, mean_doc_len=40, seed=0)
+    write_token_file(folder / "tokens.bin", source.documents(5000), eos_id=0)
+    (folder / "run.toml").write_text(RUN)
+    Trainer(load_run_config(folder / "run.toml"), log=lambda *_: None).train()
+    return folder / "metrics.jsonl"
+
+
+def test_plot_writes_every_figure_from_a_training_run(metrics_file, tmp_path, capsys):
+    import matplotlib.image
+
+    rows = read_metrics(metrics_file)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    out = tmp_path / "plots"
+    assert main(["plot", str(metrics_file), "--out", str(out)]) == 0
+    assert "3 steps (1…3)" in capsys.readouterr().out
+    assert {p.name for p in out.iterdir()} == FIGURES
+    for png in out.iterdir():
+        data = png.read_bytes()
+        assert data[:8] == PNG and len(data) > 10_000, png.name
+        image = matplotlib.image.imread(png)
+        assert image.shape[0] > 300 and image.shape[1] > 600
+        assert image[..., :3].std() > 0.05, f"{png.name} looks blank"  # not a blank canvas
+
+
+def _row(step, ce=5.0, layers=(1, 2)):
+    return {"step": step, "tokens_seen": 256 * step, "loss": {"total": ce + 0.01, "ce": ce, "z": 1e-5,
+                                                              "balance": 1e-3},
+            "grad_norm": 1.0 / step, "lr": {"muon": 0.02, "adamw": 0.01},
+            "max_vio": {str(l): 0.5 for l in layers}, "expert_load": {str(l): [3, 1, 2, 2] for l in layers},
+            "logits_max": 3.0, "logits_mean": 0.0, "tokens_per_s": 1000.0}
+
+
+def _write(path, rows, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+
+
+def test_resumed_runs_later_lines_win(tmp_path):
+    path = tmp_path / "m.jsonl"
+    # steps 1..5, killed after the step-3 checkpoint, resumed: 4..6 again with other values
+    _write(path, [_row(s) for s in range(1, 6)] + [_row(s, ce=4.0) for s in range(4, 7)])
+    rows = read_metrics(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"]["ce"] for r in rows] == [5.0, 5.0, 5.0, 4.0, 4.0, 4.0]
+    # a resumed run that has not yet reached the old lines: those are superseded all the same
+    _write(path, [_row(s) for s in range(1, 6)] + [_row(4, ce=4.0)])
+    assert [(r["step"], r["loss"]["ce"]) for r in read_metrics(path)] == [(1, 5.0), (2, 5.0), (3, 5.0), (4, 4.0)]
+    # a last line cut short by a kill, and blank lines, are skipped
+    _write(path, [_row(1), _row(2)], tail='\n{"step": 3, "loss": {"to')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+
+
+def test_plot_tolerates_missing_keys_and_many_layers(tmp_path, capsys):
+    path = tmp_path / "m.jsonl"
+    rows = [_row(s, layers=range(1, 14)) for s in range(1, 4)]
+    del rows[1]["grad_norm"], rows[2]["expert_load"]["5"]
+    _write(path, rows)
+    assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 0
+    assert {p.name for p in (tmp_path / "p").iterdir()} == FIGURES - {"batch_het.png"}
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "no metrics lines"),
+    ('{"step": 1}\nnot json\n{"step": 2}\n', r"m.jsonl:2: not valid JSON"),
+    ('{"loss": 1}\n', r"m.jsonl:1: expected a JSON object with an integer \"step\""),
+])
+def test_bad_metrics_files(tmp_path, capsys, content, message):
+    import re
+
+    path = tmp_path / "m.jsonl"
+    path.write_text(content)
+    with pytest.raises(MetricsError, match=message):
+        read_metrics(path)
+    assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("trinity plot: error:") and re.search(message, err[0])
+
+
+def test_plot_errors_are_one_line(tmp_path, capsys):
+    assert main(["plot", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == f"trinity plot: error: no such file: {tmp_path / 'missing.jsonl'}"
+    path = tmp_path / "m.jsonl"
+    _write(path, [_row(1)])
+    (tmp_path / "file").write_text("x")
+    assert main(["plot", str(path), "--out", str(tmp_path / "file")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+
+
+def test_expert_load_heatmap_is_normalised_per_step(tmp_path):
+    """The heatmap's values are load / mean load: a balanced layer is all ones."""
+    from trinity.cli import plotting
+
+    captured = {}
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.imshow
+
+    def spy(self, X, *args, **kwargs):
+        captured.setdefault(self.get_title() or len(captured), np.asarray(X))
+        return original(self, X, *args, **kwargs)
+
+    rows = [_row(s) for s in range(1, 4)]
+    for r in rows:
+        r["expert_load"] = {"1": [2, 2, 2, 2], "2": [4, 0, 2, 2]}
+    try:
+        matplotlib.axes.Axes.imshow = spy
+        plotting.plot_metrics(rows, tmp_path)
+    finally:
+        matplotlib.axes.Axes.imshow = original
+    first, second = list(captured.values())[:2]
+    assert np.allclose(first, 1.0) and first.shape == (4, 3)
+    assert np.allclose(second[:, 0], [2.0, 0.0, 1.0, 1.0])
