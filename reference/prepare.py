@@ -218,7 +218,8 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
     workers = usable_cores() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PrepareError(f"workers must be a positive integer, got {workers!r}")
-    files = find_files(inputs, glob, exclude)
+    out_real = os.path.realpath(os.fspath(out_dir)) + os.sep  # never read our own output (a re-run into an input)
+    files = [f for f in find_files(inputs, glob, exclude) if not os.path.realpath(f).startswith(out_real)]
     if not files:
         raise PrepareError(f"no input files found in {list(map(os.fspath, inputs))}"
                            + (f" matching {glob!r}" if glob else ""))

@@ -208,9 +208,10 @@ def test_shards_index_and_loaders_read_the_directory_as_one_stream(tmp_path):
         PackedTokenLoader(tmp_path / "out", 16, 3, eos_id=0)
     with pytest.raises(DataError, match="needs eos_id"):
         PackedTokenLoader(flat, 16, 3)
-    # Preparing again into the same folder with fewer shards removes the stale ones.
-    meta2 = prepare([corpus], tmp_path / "out", use_bytes=True, workers=1, progress=False, log=quiet)
-    assert len(meta2["shards"]) == 1
+    # Preparing again into the same folder with fewer shards removes the stale ones; an output folder inside the
+    # input is not read.
+    meta2 = prepare([tmp_path], tmp_path / "out", use_bytes=True, glob="*.txt", workers=1, progress=False, log=quiet)
+    assert len(meta2["shards"]) == 1 and meta2["files"] == 40
     assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "shard_00000.bin", "shard_00000.idx.npy"]
 
 
