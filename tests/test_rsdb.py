@@ -238,10 +238,11 @@ def test_rsdb_batch_het_is_lower_than_sequential_packing(tmp_path, seed):
     needs no training; the loss depends on the document: ~0.4 nats on "code", ~5.3 on "chat"). Sequential packing
     puts B consecutive rows of one long document in a micro-batch, so micro-batch losses swing between the two
     kinds; RSDB fills rows from randomly picked buffered documents, so each micro-batch averages over several
-    documents. Over 100 steps RSDB's mean BatchHet must be below 0.7x sequential packing's (observed ~0.4x)."""
+    documents. Over 100 steps RSDB's mean BatchHet must be below 0.7x sequential packing's (observed
+    0.41-0.49x over corpus seeds 0-5)."""
     path = write(tmp_path, mixed_corpus(seed))
     nll = bigram_nll(path)
-    T, B, M, steps = 64, 4, 4, 100
+    T, B, M, steps = 64, 8, 4, 100
 
     def mean_batch_het(make):
         loaders = [make(rank) for rank in range(M)]
