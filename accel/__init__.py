@@ -1,1 +1,73 @@
-"""trinity.accel — see ARCHITECTURE.md."""
+"""trinity.accel: backends with the reference's operator table (ARCHITECTURE.md "Core design").
+
+    get_backend("reference" | "numba" | "cupy")  → an op table: the leaf operators of trinity.reference.ops with
+                                                  the same names and signatures, `name`, `xp` (the array module),
+                                                  `scope(name)`, and `newton_schulz` (Muon's orthogonalisation,
+                                                  same signature as trinity.reference.optim.newton_schulz)
+    BACKENDS                                     the names get_backend accepts
+    BackendUnavailable                           raised when a backend cannot run here (ImportError subclass)
+
+Pass the table as `ops=` to model_forward / logits / loss_and_grads / evaluate_losses. Backends supply kernels
+only: model composition, losses and optimizer stay in trinity.reference.
+"""
+
+from __future__ import annotations
+
+__all__ = ["get_backend", "BACKENDS", "BackendUnavailable", "available_backends"]
+
+BACKENDS = ("reference", "numba", "cupy")
+
+
+class BackendUnavailable(ImportError):
+    """The requested backend's requirements (package, device) are missing on this machine."""
+
+
+def _reference():
+    from trinity.reference.ops import ReferenceOps
+    from trinity.reference.optim import newton_schulz as reference_newton_schulz
+
+    class ReferenceTable(ReferenceOps):
+        """The NumPy reference table, plus the reference newton_schulz so every table exposes one."""
+        newton_schulz = staticmethod(reference_newton_schulz)
+
+    return ReferenceTable()
+
+
+def _numba():
+    try:
+        import numba  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"backend 'numba' needs the numba package (pip install numba): {e}") from None
+    from .numba_backend import NumbaOps
+    return NumbaOps()
+
+
+def _cupy():
+    from .cupy_backend import load
+    return load()
+
+
+_LOADERS = {"reference": _reference, "numba": _numba, "cupy": _cupy}
+_CACHE: dict = {}
+
+
+def get_backend(name: str = "reference"):
+    """The op table of backend `name` (one shared instance per name). Raises ValueError for an unknown name and
+    BackendUnavailable when the backend cannot run on this machine."""
+    if name not in _LOADERS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name not in _CACHE:
+        _CACHE[name] = _LOADERS[name]()
+    return _CACHE[name]
+
+
+def available_backends() -> dict[str, str | None]:
+    """{name: None if it can run here, else why not}."""
+    out = {}
+    for name in BACKENDS:
+        try:
+            get_backend(name)
+            out[name] = None
+        except BackendUnavailable as e:
+            out[name] = str(e)
+    return out

@@ -1,0 +1,70 @@
+"""Muon's Newton–Schulz orthogonalisation on BLAS (SPEC §9.2), a drop-in for trinity.reference.optim.newton_schulz.
+
+Same iteration, arranged to cost fewer matrix products and no elementwise temporaries:
+
+    A = X Xᵀ                 numpy routes a product with its own transpose to BLAS syrk (half a GEMM)
+    A² = A Aᵀ                A is symmetric, so A² is again a syrk, not a GEMM
+    X ← (bA + cA² + aI) X    aX is folded into the diagonal: one GEMM instead of a GEMM plus two passes
+
+With G [m, n], m ≤ n after the transpose, one iteration costs m²n + m³ + 2m²n multiply-adds instead of the
+reference's m²n + 2m³ + 2m²n, and works in two preallocated ping-pong buffers. Batches [..., m, n] (routed
+experts) are one batched product per step, each matrix handled independently as in the reference. The result
+equals the reference's up to rounding (the diagonal fold changes where aX is rounded).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trinity.reference.optim import _coefficient_schedule
+
+from ._jit import kernel
+
+__all__ = ["newton_schulz"]
+
+
+@kernel
+def _sum_squares(x):
+    """Σ x² per matrix of x [batch, m·n], accumulated in float64."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for b in range(x.shape[0]):
+        s = 0.0
+        for i in range(x.shape[1]):
+            s += np.float64(x[b, i]) * np.float64(x[b, i])
+        out[b] = s
+    return out
+
+
+def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None) -> np.ndarray:
+    """The polar factor U Vᵀ of G = U Σ Vᵀ by `steps` Newton–Schulz iterations; same arguments, dtype rules and
+    result as trinity.reference.optim.newton_schulz (see its docstring)."""
+    G = np.asarray(G)
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
+    if dtype is None:
+        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.float32
+    dtype = np.dtype(dtype)
+    schedule = _coefficient_schedule(coefficients, steps)
+    tall = G.shape[-2] > G.shape[-1]
+    X = np.swapaxes(G, -1, -2) if tall else G
+    batch_shape, (m, n) = X.shape[:-2], X.shape[-2:]
+    X = np.ascontiguousarray(X.reshape((-1, m, n)), dtype=dtype)
+    if X is G or np.shares_memory(X, G):
+        X = X.copy()
+    norm = np.sqrt(_sum_squares(X.reshape(X.shape[0], -1)))
+    X /= (norm + eps).astype(dtype)[:, None, None]
+    Y = np.empty_like(X)
+    A = np.empty((X.shape[0], m, m), dtype=dtype)
+    A2 = np.empty_like(A)
+    diag = np.arange(m)
+    for a, b, c in schedule:
+        np.matmul(X, np.swapaxes(X, -1, -2), out=A)      # syrk
+        np.matmul(A, np.swapaxes(A, -1, -2), out=A2)     # syrk: A symmetric, A Aᵀ = A²
+        A *= dtype.type(b)
+        A2 *= dtype.type(c)
+        A += A2
+        A[:, diag, diag] += dtype.type(a)
+        np.matmul(A, X, out=Y)
+        X, Y = Y, X
+    X = X.reshape(batch_shape + (m, n))
+    return np.ascontiguousarray(np.swapaxes(X, -1, -2)) if tall else X
