@@ -25,7 +25,7 @@ from trinity.reference.config import ConfigError
 from .common import CLIError
 
 # Later: "train", "inspect", "generate", "plot", "data" — one module each.
-COMMANDS = ("info", "train", "data", "inspect", "plot")
+COMMANDS = ("info", "train", "data", "generate", "inspect", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

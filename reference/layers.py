@@ -84,7 +84,7 @@ def moe_backward(ops, ctx, dy, p, prefix, dscores=None):
 
 
 # ---- gated GQA attention with QK-norm (SPEC §4.4) ---------------------------------------------------------------
-def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer: int, rope, doc_ids):
+def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer: int, rope, doc_ids, kv_cache=None):
     """On the normed input a [B, T, d]:
 
         Q, K, V, G = a W_qᵀ, a W_kᵀ, a W_vᵀ, a W_gᵀ         (heads split: [B, T, h, d_h])
@@ -92,6 +92,10 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
         Q, K = RoPE(Q), RoPE(K)                               (sliding layers only; global layers are NoPE)
         O = concat_i softmax(Q_i K_{⌊i/r⌋}ᵀ/√d_h + M) V_{⌊i/r⌋}
         out = (O ⊙ σ(G)) W_oᵀ
+
+    kv_cache (a kv_cache.LayerCache), when given, makes this an incremental step: the new keys and values (after
+    QK-norm and RoPE) are stored in it, and the queries attend to the cached keys plus the new ones at their
+    absolute positions; `rope` must then hold the tables of the new tokens' positions.
     """
     c = config
     B, T, _ = a.shape
@@ -109,7 +113,13 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
         cos, sin = rope
         q, ctx["q_rope"] = ops.rope_forward(q, cos, sin)
         k, ctx["k_rope"] = ops.rope_forward(k, cos, sin)
-    o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, doc_ids=doc_ids)
+    if kv_cache is None:
+        o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, doc_ids=doc_ids)
+    else:
+        if doc_ids is not None:
+            raise ValueError("the KV-cache path does not take doc_ids (inference has no intra-document mask)")
+        k, v, q_pos, k_pos = kv_cache.update(k, v)
+        o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos)
     o, ctx["gate"] = ops.output_gate_forward(o.reshape(B, T, hq * dh), g)
     out, ctx["o_proj"] = ops.linear_forward(o, p[prefix + "o_proj.weight"])
     return out, ctx
@@ -137,11 +147,13 @@ def attention_block_backward(ops, config: Config, p: dict, prefix: str, ctx, dou
 
 
 # ---- decoder layer: depth-scaled sandwich norm (SPEC §4.2) -----------------------------------------------------
-def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, doc_ids):
+def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, doc_ids, kv_cache=None):
     """The residual sits outside the post-norm:
 
         x ← x + RMSNorm(Attn(RMSNorm(x; γ_in)); γ_post_attn)
         x ← x + RMSNorm(F(RMSNorm(x; γ_pre_mlp)); γ_post_mlp),   F = dense SwiGLU if l < L_d, else MoE
+
+    kv_cache: this layer's kv_cache.LayerCache for an incremental step (see attention_block_forward).
     """
     c = config
     pre = layer_prefix(layer)
@@ -150,7 +162,8 @@ def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, doc
     with ops.scope(pre[:-1]):
         a, ctx["input_layernorm"] = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
         with ops.scope("self_attn"):
-            attn, ctx["self_attn"] = attention_block_forward(ops, c, p, pre + "self_attn.", a, layer, rope, doc_ids)
+            attn, ctx["self_attn"] = attention_block_forward(ops, c, p, pre + "self_attn.", a, layer, rope, doc_ids,
+                                                             kv_cache)
         attn, ctx["post_attention_layernorm"] = ops.rmsnorm_forward(
             attn, p[pre + "post_attention_layernorm.weight"], c.post_eps)
         x = x + attn

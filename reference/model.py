@@ -18,7 +18,7 @@ __all__ = ["model_forward", "model_backward", "logits", "check_inputs"]
 
 
 def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=True, recompute=False, check=True,
-                  embeds=None, ops=None):
+                  embeds=None, ops=None, kv_cache=None):
     """Tokens [B, T] → logits [B, T, V] (SPEC §4.1, §4.2, §4.10):
 
         x⁰ = m · E_emb[tok]          (m = √d under muP)
@@ -32,6 +32,12 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
     only each layer's input, and model_backward runs that layer's forward again (activation recompute).
     embeds [B, T, d], when given, replaces the table lookup E_emb[tok] (HF `inputs_embeds`; the muP multiplier
     still applies); tokens then only give the shape.
+
+    kv_cache (a kv_cache.KVCache), when given, makes this an incremental forward: the T tokens take the absolute
+    positions cache.length … cache.length+T−1 (RoPE at those positions), attend to every earlier token through the
+    cached keys and values, and are added to the cache. Prefill a prompt with one call, then feed one token at a
+    time. doc_ids are not allowed with a cache, and the ctx it returns serves inspection only: model_backward
+    refuses it.
     """
     if check:
         tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
@@ -42,11 +48,19 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
         x, embed_ctx = ops.embedding_forward(tokens, params["model.embed_tokens.weight"], c.embedding_multiplier)
     else:
         x, embed_ctx = embeds * np.asarray(c.embedding_multiplier, dtype=dtype), None
-    rope = ops.rope_tables(np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
+    if kv_cache is None:
+        rope = ops.rope_tables(np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
+    else:
+        if doc_ids is not None:
+            raise ValueError("model_forward: doc_ids cannot be combined with kv_cache")
+        if len(kv_cache.layers) != c.num_hidden_layers:
+            raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {c.num_hidden_layers}")
+        rope = ops.rope_tables(kv_cache.length + np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
     layer_ctxs, routing = [], []
     for layer in range(c.num_hidden_layers):
         x_in = x
-        x, layer_ctx = decoder_layer_forward(ops, c, params, layer, x, rope, doc_ids)
+        layer_cache = None if kv_cache is None else kv_cache.layers[layer]
+        x, layer_ctx = decoder_layer_forward(ops, c, params, layer, x, rope, doc_ids, layer_cache)
         if keep_ctx:
             layer_ctxs.append(x_in if recompute else layer_ctx)
             routing.append(_routing(layer_ctx))
@@ -56,6 +70,8 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
     out, head_ctx = ops.linear_forward(h, head)
     ctx = dict(embed=embed_ctx, rope=rope, doc_ids=doc_ids, layers=layer_ctxs, routing=routing, norm=norm_ctx,
                lm_head=head_ctx, recompute=recompute, ops=ops)
+    if kv_cache is not None:
+        ctx["kv_cache"] = kv_cache
     return out, (ctx if keep_ctx else None)
 
 
@@ -68,15 +84,16 @@ def _routing(layer_ctx):
     return router[2], router[3], mlp["plan"].counts
 
 
-def logits(config: Config, params: dict, tokens, doc_ids=None, ops=None):
+def logits(config: Config, params: dict, tokens, doc_ids=None, ops=None, kv_cache=None):
     """Public entry: logits [B, T, V] for int tokens [B, T] (a 1-D sequence is treated as B = 1 and returns
-    [T, V]). Computed in the params' float dtype; nothing is kept for a backward."""
+    [T, V]). Computed in the params' float dtype; nothing is kept for a backward. With kv_cache (kv_cache.KVCache)
+    the tokens continue the cached sequence (see model_forward)."""
     tokens = np.asarray(tokens)
     squeeze = tokens.ndim == 1
     if squeeze:
         tokens = tokens[None]
         doc_ids = None if doc_ids is None else np.asarray(doc_ids)[None]
-    out, _ = model_forward(config, params, tokens, doc_ids, keep_ctx=False, ops=ops)
+    out, _ = model_forward(config, params, tokens, doc_ids, keep_ctx=False, ops=ops, kv_cache=kv_cache)
     return out[0] if squeeze else out
 
 
@@ -101,6 +118,8 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
     router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰): dx⁰ is the
     gradient w.r.t. the embedding output x⁰ = m·E_emb[tok] (or m·embeds). Layers kept by recompute run their
     forward again here, one at a time."""
+    if ctx.get("kv_cache") is not None:
+        raise ValueError("model_backward: a forward run with kv_cache has no backward (use a full forward)")
     c, ops = config, ctx["ops"]
     grads = {}
     dh, dhead = ops.linear_backward(ctx["lm_head"], dlogits)

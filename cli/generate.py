@@ -1,0 +1,246 @@
+"""`trinity generate MODEL --prompt TEXT --max-new-tokens N`: continue a prompt with a KV cache, streaming tokens.
+
+MODEL is a checkpoint file of ours (`trinity train` writes step_N.h5) or a Hugging Face checkpoint directory
+(config.json + safetensors). Greedy by default; `--temperature T` samples from softmax(z/T), `--top-p P` keeps only
+the nucleus of mass P; the same --seed gives the same tokens.
+
+The tokenizer is --tokenizer SOURCE (a prepared dataset dir with meta.json, an HF dir with tokenizer.json, a
+tokenizer.json file, or "bytes"); else the HF directory's own tokenizer.json; else, for one of our checkpoints, the
+dataset named by [data] path in the run file recorded in the checkpoint. `--prompt-tokens 1,2,3` gives the prompt
+as token ids and needs no tokenizer (e.g. synthetic data). Output is the prompt and the continuation as text, or,
+when no tokenizer is known (or with --output ids), the new token ids only, space-separated.
+Generation stops after N tokens or at EOS (--eos-id, else the tokenizer's, else the run file's [data] eos_id,
+else config.json's eos_token_id; --ignore-eos never stops early). `--backend numba` runs the numba kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .common import CLIError
+
+NAME = "generate"
+HELP = "generate text from a checkpoint with a KV cache (greedy or temperature / top-p sampling)"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
+                              epilog="example: trinity generate runs/tiny/checkpoints/step_1000.h5 "
+                                     "--prompt-tokens 1,2,3 --max-new-tokens 32")
+    p.add_argument("model", metavar="MODEL", help="our checkpoint file (.h5) or an HF checkpoint directory")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="TEXT", help="the prompt text (needs a tokenizer)")
+    prompt.add_argument("--prompt-tokens", metavar="IDS", help="the prompt as comma-separated token ids")
+    p.add_argument("--max-new-tokens", metavar="N", type=int, required=True, help="generate at most N tokens")
+    p.add_argument("--temperature", metavar="T", type=float, default=0.0,
+                   help="sampling temperature; 0 (default) is greedy")
+    p.add_argument("--top-p", metavar="P", type=float, default=1.0, help="nucleus sampling mass in (0, 1] "
+                                                                         "(default 1: off)")
+    p.add_argument("--seed", metavar="S", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--tokenizer", metavar="SOURCE", help="dataset dir, HF dir, tokenizer.json or 'bytes'")
+    p.add_argument("--eos-id", metavar="ID", type=int, help="stop after this token (default: see above)")
+    p.add_argument("--ignore-eos", action="store_true", help="never stop before N tokens")
+    p.add_argument("--dtype", choices=("float32", "float64"),
+                   help="compute dtype (default: the checkpoint's own; float32 for HF directories)")
+    p.add_argument("--backend", default="reference", choices=("reference", "numba", "cupy"),
+                   help="operator table (trinity.accel.get_backend; default reference)")
+    p.add_argument("--output", choices=("text", "ids"),
+                   help="print decoded text (default when a tokenizer is known) or token ids")
+    p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr at the end")
+    p.set_defaults(run=run)
+    return p
+
+
+# ---- the model and where its tokenizer lives --------------------------------------------------------------------
+class _Loaded:
+    def __init__(self, config, params, tokenizer_source=None, eos_id=None, why_no_tokenizer=""):
+        self.config, self.params = config, params
+        self.tokenizer_source = tokenizer_source  # a path load_tokenizer accepts, or None
+        self.eos_id = eos_id  # the run file's [data] eos_id / config.json's eos_token_id
+        self.why_no_tokenizer = why_no_tokenizer
+
+
+def _load_model(path: str, dtype) -> _Loaded:
+    import numpy as np
+
+    if not os.path.exists(path):
+        raise CLIError(f"no such file or directory: {path}")
+    if os.path.isdir(path):
+        from trinity.reference.hf_interop import CheckpointError, load_pretrained
+        from trinity.reference.config import ConfigError
+        try:
+            config, params = load_pretrained(path, dtype=np.dtype(dtype or "float32"))
+        except (CheckpointError, ConfigError, OSError, ValueError) as e:
+            raise CLIError(f"cannot load HF checkpoint {path}: {e}") from None
+        has_tok = os.path.isfile(os.path.join(path, "tokenizer.json"))
+        return _Loaded(config, params, path if has_tok else None, config.eos_token_id,
+                       "" if has_tok else f"the HF directory {path} has no tokenizer.json")
+
+    from trinity.reference.checkpoint import CheckpointError, load_checkpoint
+    try:
+        ck = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    params = ck.params
+    if dtype is not None:
+        params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in params.items()}
+    source, eos_id, why = _data_of_run(path, ck.extra.get("run_file"))
+    return _Loaded(ck.config, params, source, eos_id if eos_id is not None else ck.config.eos_token_id, why)
+
+
+def _data_of_run(checkpoint: str, run_file) -> tuple[str | None, int | None, str]:
+    """(tokenizer source or None, the run's [data] eos_id or None, why there is no tokenizer) for our checkpoint."""
+    import tomllib
+
+    if not isinstance(run_file, str):
+        return None, None, f"checkpoint {checkpoint} records no run file"
+    try:
+        with open(run_file, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError:
+        return None, None, f"the run file {run_file} recorded in checkpoint {checkpoint} cannot be read"
+    except tomllib.TOMLDecodeError as e:
+        return None, None, f"the run file {run_file} is not valid TOML ({e})"
+    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    eos = data.get("eos_id")
+    eos = eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
+    # [data] path, or the paths of a phase mix ([[data.sources]]); the first prepared dataset gives the tokenizer
+    paths = [data.get("path")] + [s.get("path") for s in data.get("sources", []) if isinstance(s, dict)]
+    paths = [p for p in paths if isinstance(p, str)]
+    if not paths:
+        return None, eos, f"the run file {run_file} has no [data] path"
+    here = os.path.dirname(os.path.abspath(run_file))
+    paths = [p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p)) for p in paths]
+    for path in paths:  # a prepared dataset is a directory with meta.json; a flat token file may sit in one
+        for candidate in (path, os.path.dirname(path)):
+            if os.path.isdir(candidate) and os.path.isfile(os.path.join(candidate, "meta.json")):
+                return candidate, eos, ""
+    return None, eos, (f"the training data {paths[0]} (from {run_file}) has no tokenizer (no meta.json: "
+                       f"synthetic or raw token ids)")
+
+
+def _tokenizer(args, loaded: _Loaded):
+    from trinity.reference.tokenizer import TokenizerError, load_tokenizer
+
+    source = args.tokenizer or loaded.tokenizer_source
+    if source is None:
+        return None
+    try:
+        return load_tokenizer(source)
+    except (TokenizerError, OSError) as e:
+        raise CLIError(f"tokenizer {source}: {e}") from None
+
+
+def _backend(name: str):
+    if name == "reference":
+        return None
+    from trinity.accel import BackendUnavailable, get_backend
+    try:
+        return get_backend(name)
+    except (BackendUnavailable, ValueError) as e:
+        raise CLIError(f"--backend {name}: {e}") from None
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise CLIError(f"--prompt-tokens must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise CLIError("--prompt-tokens is empty")
+    return ids
+
+
+# ---- streaming output -------------------------------------------------------------------------------------------
+class _TextStream:
+    """Decode the ids so far and print what is new; hold back text that ends in an incomplete UTF-8 sequence."""
+
+    def __init__(self, tokenizer, out):
+        self.tok, self.out, self.ids, self.shown = tokenizer, out, [], ""
+
+    def add(self, token: int, final: bool = False):
+        if token is not None:
+            self.ids.append(token)
+        text = self.tok.decode(self.ids)
+        if (final or not text.endswith("\ufffd")) and text.startswith(self.shown) and len(text) > len(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def run(args) -> int:
+    from trinity.reference.generation import check_sampling, generate_stream
+
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as e:
+        raise CLIError(str(e).replace("temperature", "--temperature").replace("top_p", "--top-p")) from None
+    if args.eos_id is not None and args.eos_id < 0:
+        raise CLIError(f"--eos-id must be >= 0, got {args.eos_id}")
+    prompt_ids = _parse_ids(args.prompt_tokens) if args.prompt_tokens is not None else None
+    if args.prompt is not None and args.prompt == "":
+        raise CLIError("--prompt is empty")
+
+    ops = _backend(args.backend)
+    loaded = _load_model(args.model, args.dtype)
+    tokenizer = _tokenizer(args, loaded)
+    if tokenizer is None and (args.prompt is not None or args.output == "text"):
+        what = "--prompt TEXT" if args.prompt is not None else "--output text"
+        raise CLIError(f"{what} needs a tokenizer: {loaded.why_no_tokenizer}; pass --tokenizer SOURCE "
+                       f"or give --prompt-tokens")
+    if prompt_ids is None:
+        prompt_ids = tokenizer.encode(args.prompt)
+        if not prompt_ids:
+            raise CLIError("the prompt encodes to no tokens")
+    V = loaded.config.vocab_size
+    bad = [i for i in prompt_ids if not 0 <= i < V]
+    if bad:
+        raise CLIError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {V})")
+
+    eos = None
+    if not args.ignore_eos:
+        eos = args.eos_id if args.eos_id is not None else (
+            tokenizer.eos_id if tokenizer is not None else loaded.eos_id)
+    output = args.output or ("text" if tokenizer is not None else "ids")
+
+    out = sys.stdout
+    stream = None
+    if output == "text":
+        stream = _TextStream(tokenizer, out)
+        if not args.no_echo:
+            out.write(args.prompt if args.prompt is not None else tokenizer.decode(prompt_ids))
+            out.flush()
+
+    t0 = time.perf_counter()
+    t_first = None
+    count = 0
+    try:
+        for token in generate_stream(loaded.config, loaded.params, prompt_ids, args.max_new_tokens,
+                                     args.temperature, args.top_p, args.seed, eos, ops=ops):
+            count += 1
+            if t_first is None:
+                t_first = time.perf_counter()
+            if stream is not None:
+                if token != eos:
+                    stream.add(token)
+            else:
+                out.write(("" if count == 1 else " ") + str(token))
+                out.flush()
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if stream is not None:
+        stream.add(None, final=True)
+    out.write("\n")
+    out.flush()
+    if args.stats:
+        t1 = time.perf_counter()
+        rate = (count - 1) / (t1 - t_first) if count > 1 and t1 > t_first else float("nan")
+        first = (t_first or t1) - t0
+        print(f"trinity generate: {len(prompt_ids)} prompt + {count} new tokens in {t1 - t0:.2f} s "
+              f"(prefill + first token {first:.2f} s, then {rate:.1f} tokens/s)", file=sys.stderr)
+    return 0
