@@ -40,7 +40,9 @@ def add_parser(subparsers):
                    help="only these operators: a part of the module name (q_proj, router, sdpa, experts, "
                         "expert_bias, self_attn), an op (linear, attention_forward, muon) or a name pattern "
                         "(model.layers.*.mlp.router); repeat or comma-separate for several")
-    p.add_argument("--plot", metavar="OUT.png", help="draw the router's choices (token × expert per MoE layer)")
+    p.add_argument("--plot", metavar="OUT.png",
+                   help="draw the router's choices: token × expert gate weights, one panel per MoE layer (those of "
+                        "--layer when given)")
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="compute dtype (default: the checkpoint's; float32 for HF directories and presets)")
     p.add_argument("--seed", type=int, default=0, help="init seed for a preset (default 0)")
