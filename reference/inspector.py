@@ -78,9 +78,29 @@ OUTPUT_NAMES = {
 GRAD_OF = {"dw": "w", "dgain": "gain", "dtable": "table", "dw_router": "w_router", "dw1": "w1", "dw3": "w3",
            "dw2": "w2"}
 
-# Values inside the reference operators' ctx worth seeing (recorded as extra outputs, reference table only):
-# router_forward ctx = (x, W_r, s, experts, S, ρ, z); attention_forward ctx = (q, k, v, o, lse, …).
-_CTX_EXTRAS = {"router_forward": {"scores": 2, "router_logits": 6}, "attention_forward": {"lse": 4}}
+# Values inside an operator's ctx worth seeing, recorded as extra outputs when the ctx has the reference layout
+# (router_forward ctx = (x, W_r, s, experts, S, ρ, z); attention_forward ctx = (q, k, v, o, lse, …)) and the
+# value the expected shape: (ctx length, {name: (index, expected shape from the bound arguments)}).
+_CTX_EXTRAS = {
+    "router_forward": (7, {"scores": (2, lambda a: (a["x"].shape[0], a["w_router"].shape[0])),
+                           "router_logits": (6, lambda a: (a["x"].shape[0], a["w_router"].shape[0]))}),
+    "attention_forward": (10, {"lse": (4, lambda a: (a["q"].shape[0], a["q"].shape[2], a["q"].shape[1]))}),
+}
+
+
+def _ctx_extras(op: str, bound: dict, ctx) -> dict:
+    spec = _CTX_EXTRAS.get(op)
+    if spec is None or not isinstance(ctx, tuple) or len(ctx) != spec[0]:
+        return {}
+    out = {}
+    for name, (i, shape_of) in spec[1].items():
+        try:
+            ok = _is_array(ctx[i]) and tuple(ctx[i].shape) == tuple(shape_of(bound))
+        except (KeyError, AttributeError, IndexError, TypeError):
+            ok = False
+        if ok:
+            out[name] = _copy(ctx[i])
+    return out
 
 # The model's role names for operators that carry no parameter (layers.py ctx keys); a tuple names the calls of
 # one pass in order.
@@ -370,11 +390,7 @@ class TracingOps:
         event = None
         if keep:
             outputs = {n: _copy(v) for n, v in zip(names, outs) if n != "ctx"}
-            if isinstance(ctx_out, tuple) and op in _CTX_EXTRAS and getattr(self.base, op, None) is getattr(
-                    REFERENCE, op):
-                for extra, i in _CTX_EXTRAS[op].items():
-                    if i < len(ctx_out) and _is_array(ctx_out[i]):
-                        outputs[extra] = _copy(ctx_out[i])
+            outputs.update(_ctx_extras(op, bound, ctx_out))
             event = Event(index=self._index, name=name, op=op, phase=direction, scope=scope, inputs=inputs,
                           outputs=outputs, param_keys=param_keys, ctx=ctx_out if ctx_out is not None else ctx_in,
                           forward=owner[2] if owner is not None else None)

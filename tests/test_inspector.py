@@ -404,3 +404,21 @@ def test_inspect_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["inspect", str(bad), "--tokens", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0]
+
+
+def test_tracing_the_numba_table():
+    """The tracer wraps a backend unchanged: bitwise that backend's own results, the reference's event names and
+    outputs (router scores, attention lse included: the backend keeps the reference's ctx layout)."""
+    pytest.importorskip("numba")
+    from trinity.accel import get_backend
+
+    backend = get_backend("numba")
+    config, params = _model(np.float64)
+    tokens = _tokens()
+    losses, grads, _ = loss_and_grads(config, params, tokens, tokens, ops=backend)
+    st = step_through(config, params, tokens, tokens, ops=backend).run()
+    assert st.losses == losses and all(_equal(st.grads[k], grads[k]) for k in grads)
+    ref = step_through(config, params, tokens, tokens).run()
+    assert [(e.name, e.phase, tuple(e.outputs)) for e in st.events] == \
+           [(e.name, e.phase, tuple(e.outputs)) for e in ref.events]
+    assert np.allclose(st.logits, ref.logits, rtol=0, atol=1e-12)
