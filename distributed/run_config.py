@@ -29,6 +29,7 @@ section and key. Relative paths are taken relative to the run file's folder. Exa
     sequences_per_step = 16      # a multiple of micro_batch_size: gradient accumulation over the rest
     batch_schedule = [[1_000_000, 32]]   # [tokens_seen threshold, sequences_per_step] pairs
     recompute = false
+    backend = "reference"        # reference | numba | cupy: the op table (trinity.accel.get_backend)
     [optimizer]   muon_lr, adamw_lr, muon_momentum, … (Config fields, SPEC §9)
     [schedule]    warmup_steps, lr_schedule, decay_start_fraction, lr_floor_ratio
     [balancing]   method = "smebu" | "sign" | "none", sign_update_rate, smebu_lambda, smebu_beta, smebu_kappa
@@ -80,6 +81,7 @@ class RunConfig:
     sequences_per_step: int
     batch_schedule: tuple
     recompute: bool
+    backend: str
     checkpoint_dir: str
     checkpoint_every: int
     keep_last: int
@@ -207,6 +209,8 @@ def load_run_config(path) -> RunConfig:
     if [t for t, _ in changes] != sorted(t for t, _ in changes):
         raise RunConfigError("[train] batch_schedule thresholds must increase")
     recompute = _take(train, "train", "recompute", bool, False)
+    backend = _take(train, "train", "backend", str, "reference", lambda v: v in ("reference", "numba", "cupy"),
+                    "reference|numba|cupy")
     _no_leftovers(train, "train")
 
     ckpt = sections.get("checkpoint", {})
@@ -223,7 +227,7 @@ def load_run_config(path) -> RunConfig:
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
                      micro_batch_size=micro, data_seed=data_seed, steps=steps, sequences_per_step=seqs,
-                     batch_schedule=tuple(changes), recompute=recompute, checkpoint_dir=ckpt_dir,
+                     batch_schedule=tuple(changes), recompute=recompute, backend=backend, checkpoint_dir=ckpt_dir,
                      checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases)

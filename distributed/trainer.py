@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from trinity.accel import BackendUnavailable, get_backend
 from trinity.reference import Config, init_params, loss_and_grads
 from trinity.reference.balancing import balance_step, init_balancing_state
 from trinity.reference.checkpoint import CheckpointManager, load_checkpoint
@@ -91,6 +92,10 @@ class Trainer:
         self.run, self.log = run, log
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
+        try:
+            self.ops = get_backend(run.backend)
+        except BackendUnavailable as e:
+            raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
         self.loader, stores = build_loader(run)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
         self.checkpoints = CheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
@@ -134,7 +139,7 @@ class Trainer:
             tokens, doc_ids = self.loader.next_batch()
             losses, grads, stats = loss_and_grads(c, self.params, tokens, tokens,
                                                   doc_ids if c.intra_document_mask else None,
-                                                  recompute=run.recompute)
+                                                  recompute=run.recompute, ops=self.ops)
             if grads_sum is None:
                 grads_sum = grads
             else:
@@ -154,7 +159,7 @@ class Trainer:
         lr = {group: learning_rate(self.step, run.steps, peak, c.warmup_steps, c.lr_schedule,
                                    c.decay_start_fraction, c.lr_floor_ratio)
               for group, peak in (("muon", c.muon_lr), ("adamw", c.adamw_lr))}
-        optimizer_step(c, self.params, grads, self.opt_state, lr["muon"], lr["adamw"])
+        optimizer_step(c, self.params, grads, self.opt_state, lr["muon"], lr["adamw"], self.ops.newton_schulz)
         tokens = sequences * run.seq_len
         self.step += 1
         self.tokens_seen += tokens

@@ -183,15 +183,15 @@ def clip_grad_norm(grads: dict, max_norm: float):
 
 
 # ---- the step ---------------------------------------------------------------------------------------------------
-def _muon_update(config: Config, X, G, M, lr: float, wd: float) -> float:
+def _muon_update(config: Config, X, G, M, lr: float, wd: float, orthogonalize=None) -> float:
     """One Muon step on X in place (SPEC §9.2, §14 #2, #5); returns ‖η·s·O‖_F for logging."""
     mu = config.muon_momentum
     G = np.asarray(G).astype(M.dtype, copy=False)
     M *= mu                                       # M ← μM + G
     M += G
     U = mu * M + G if config.muon_nesterov else M
-    O = newton_schulz(U, steps=config.muon_ns_steps, coefficients=config.muon_ns_coefficients,
-                      eps=config.muon_eps, dtype=M.dtype)  # per matrix of a [..., out, in] batch
+    O = (orthogonalize or newton_schulz)(U, steps=config.muon_ns_steps, coefficients=config.muon_ns_coefficients,
+                                         eps=config.muon_eps, dtype=M.dtype)  # per matrix of a [..., out, in] batch
     step = lr * muon_lr_scale(config, X.shape)
     X *= 1.0 - lr * wd                            # decay with the unadjusted lr
     X -= step * O
@@ -213,12 +213,14 @@ def _adamw_update(config: Config, X, G, m, v, t: int, lr: float, wd: float) -> f
     return float(np.linalg.norm(delta.astype(np.float64)))
 
 
-def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float) -> dict:
+def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float,
+                   orthogonalize=None) -> dict:
     """One optimizer step: updates `params` and `state` in place (arrays reused, dtypes kept).
 
     Muon parameters use `muon_lr`, AdamW parameters `adamw_lr` (the scheduled learning rates, SPEC §9.1); the
     per-parameter weight decay is `weight_decay_for`. expert_bias is skipped (its gradient, if any, is ignored).
-    Clip the gradients beforehand with `clip_grad_norm`. state["step"] counts steps: AdamW's bias correction uses
+    Clip the gradients beforehand with `clip_grad_norm`. `orthogonalize` replaces `newton_schulz` (same signature:
+    a backend's kernel, e.g. `get_backend("numba").newton_schulz`). state["step"] counts steps: AdamW's bias correction uses
     t = step + 1, and step is incremented once.
 
     Returns logging info: step (the t just taken), muon_lr, adamw_lr, muon_tensors/adamw_tensors (how many
@@ -240,7 +242,7 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
         wd = weight_decay_for(config, key)
         try:
             if group == "muon":
-                u = _muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr, wd)
+                u = _muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr, wd, orthogonalize)
             else:
                 u = _adamw_update(config, X, G, state[ADAMW_M + key], state[ADAMW_V + key], t, adamw_lr, wd)
         except KeyError as e:
