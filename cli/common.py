@@ -1,7 +1,8 @@
-"""Helpers shared by the `trinity` subcommands: the user-facing error, model-source loading, number formatting.
+"""Helpers shared by the `trinity` subcommands: the user-facing error, model-source loading (a config; a model to
+run with its tokenizer, EOS id and operator backend), number formatting.
 
-Only the standard library and trinity.reference are imported here, so that `trinity -h` and every subcommand
-start fast.
+Only the standard library and trinity.reference.config are imported at the top (numpy, h5py, the tokenizer and
+the accel backends inside the functions), so that `trinity -h` and every subcommand start fast.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import warnings
 
 from trinity.reference.config import PRESETS, Config, ConfigError
 
-__all__ = ["CLIError", "ModelSource", "load_config", "human_count", "human_bytes"]
+__all__ = ["CLIError", "ModelSource", "load_config", "LoadedModel", "load_model", "load_model_tokenizer",
+           "resolve_eos_id", "load_backend", "human_count", "human_bytes"]
 
 
 class CLIError(Exception):
@@ -88,6 +90,158 @@ def load_config(spec: str) -> tuple[Config, ModelSource]:
     for w in caught:
         print(f"trinity: warning: {path}: {w.message}", file=sys.stderr)
     return config, ModelSource(kind, spec, path)
+
+
+# ---- a model to run: our checkpoint (.h5), an HF checkpoint directory, or a preset ------------------------------
+class LoadedModel:
+    """A model loaded by `load_model`: config and params (in the asked dtype), and where it came from.
+
+    `kind` is "checkpoint" (ours), "hf" or "preset". For our checkpoints `optimizer_state` and `balancing_state`
+    (None when empty), `step`, `tokens_seen` and `extra` (the run file in `extra["run_file"]`) are set; otherwise
+    they are None / {}. `description` is one line for the user. `tokenizer_source` is where the tokenizer lives
+    when the model itself tells (the HF directory's tokenizer.json, or the prepared dataset named by the run file of
+    our checkpoint), else None and `why_no_tokenizer` says why; `eos_id` is the run file's [data] eos_id, else the
+    config's eos_token_id.
+    """
+
+    def __init__(self, kind: str, spec: str, config, params, description: str, optimizer_state=None,
+                 balancing_state=None, step=None, tokens_seen=None, extra=None, tokenizer_source=None, eos_id=None,
+                 why_no_tokenizer: str = ""):
+        self.kind, self.spec, self.config, self.params = kind, spec, config, params
+        self.description = description
+        self.optimizer_state, self.balancing_state = optimizer_state, balancing_state
+        self.step, self.tokens_seen, self.extra = step, tokens_seen, extra if extra is not None else {}
+        self.tokenizer_source, self.eos_id, self.why_no_tokenizer = tokenizer_source, eos_id, why_no_tokenizer
+
+
+def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, state: bool = True) -> LoadedModel:
+    """Load MODEL: our checkpoint file (.h5), an HF checkpoint directory, or (with `presets`) a preset name, which
+    is randomly initialised with `seed` (an existing file or directory of that name wins).
+
+    `dtype` (None, "float32" or "float64") casts the floating arrays; None keeps our checkpoint's own dtype and
+    gives float32 for HF directories and presets. `state=False` drops our checkpoint's optimizer and balancing
+    state (not needed to run the model). Raises CLIError with one line for every problem a user can cause.
+    """
+    import numpy as np
+
+    if presets and spec in PRESETS and not os.path.exists(spec):
+        from trinity.reference.params import init_params
+
+        config = Config.preset(spec)
+        params = init_params(config, seed=seed, dtype=np.dtype(dtype or "float32"))
+        return LoadedModel("preset", spec, config, params, f"{spec} (preset, random init, seed {seed})",
+                           eos_id=config.eos_token_id,
+                           why_no_tokenizer=f"{spec} is a preset (random init), which has no tokenizer")
+    if not os.path.exists(spec):
+        if presets:
+            raise CLIError(f"no such checkpoint file or directory: {spec} (nor a preset: "
+                           f"{', '.join(sorted(PRESETS))})")
+        raise CLIError(f"no such file or directory: {spec}")
+
+    if os.path.isdir(spec):
+        from trinity.reference.hf_interop import CheckpointError, load_pretrained
+
+        try:
+            config, params = load_pretrained(spec, dtype=np.dtype(dtype or "float32"))
+        except (CheckpointError, ConfigError, OSError, ValueError) as e:
+            raise CLIError(f"cannot load HF checkpoint {spec}: {e}") from None
+        has_tok = os.path.isfile(os.path.join(spec, "tokenizer.json"))
+        return LoadedModel("hf", spec, config, params, f"{spec} (HF checkpoint)",
+                           tokenizer_source=spec if has_tok else None, eos_id=config.eos_token_id,
+                           why_no_tokenizer="" if has_tok else f"the HF directory {spec} has no tokenizer.json")
+
+    from trinity.reference.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ck = load_checkpoint(spec)
+    except CheckpointError as e:
+        raise CLIError(str(e)) from None
+    params = ck.params
+    opt, bal = (ck.optimizer_state, ck.balancing_state) if state else ({}, {})
+    if dtype is not None:
+        dt = np.dtype(dtype)
+
+        def cast(tree):
+            return {k: (np.ascontiguousarray(v, dtype=dt) if v.dtype.kind == "f" else v) for k, v in tree.items()}
+
+        params, opt, bal = cast(params), cast(opt), cast(bal)
+    source, eos_id, why = _data_of_run(spec, ck.extra.get("run_file"))
+    return LoadedModel("checkpoint", spec, ck.config, params,
+                       f"{spec} (checkpoint at step {ck.step}, {ck.tokens_seen:,} tokens seen)",
+                       optimizer_state=opt if state else None, balancing_state=bal or None, step=ck.step,
+                       tokens_seen=ck.tokens_seen, extra=dict(ck.extra), tokenizer_source=source,
+                       eos_id=eos_id if eos_id is not None else ck.config.eos_token_id, why_no_tokenizer=why)
+
+
+def _data_of_run(checkpoint: str, run_file) -> tuple[str | None, int | None, str]:
+    """(tokenizer source or None, the run's [data] eos_id or None, why there is no tokenizer) for our checkpoint,
+    from the run file it records: [data] path or the paths of [[data.sources]] (relative to the run file), the
+    first that is (or sits in) a prepared dataset directory with meta.json."""
+    import tomllib
+
+    if not isinstance(run_file, str):
+        return None, None, f"checkpoint {checkpoint} records no run file"
+    try:
+        with open(run_file, "rb") as f:
+            doc = tomllib.load(f)
+    except OSError:
+        return None, None, f"the run file {run_file} recorded in checkpoint {checkpoint} cannot be read"
+    except tomllib.TOMLDecodeError as e:
+        return None, None, f"the run file {run_file} is not valid TOML ({e})"
+    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
+    eos = data.get("eos_id")
+    eos = eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
+    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
+    paths = [data.get("path")] + [s.get("path") for s in sources if isinstance(s, dict)]
+    paths = [p for p in paths if isinstance(p, str)]
+    if not paths:
+        return None, eos, f"the run file {run_file} has no [data] path"
+    here = os.path.dirname(os.path.abspath(run_file))
+    paths = [p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p)) for p in paths]
+    for path in paths:  # a prepared dataset is a directory with meta.json; a flat token file may sit in one
+        for candidate in (path, os.path.dirname(path)):
+            if os.path.isdir(candidate) and os.path.isfile(os.path.join(candidate, "meta.json")):
+                return candidate, eos, ""
+    return None, eos, (f"the training data {paths[0]} (from {run_file}) has no tokenizer (no meta.json: "
+                       f"synthetic or raw token ids)")
+
+
+def load_model_tokenizer(explicit: str | None, model: LoadedModel):
+    """The tokenizer for MODEL, or None: `explicit` (--tokenizer SOURCE: 'bytes', a prepared dataset dir, an HF
+    dir or a tokenizer.json) if given, else the model's own (`model.tokenizer_source`). A source that cannot be
+    loaded is a CLIError."""
+    from trinity.reference.tokenizer import TokenizerError, load_tokenizer
+
+    source = explicit if explicit is not None else model.tokenizer_source
+    if source is None:
+        return None
+    try:
+        return load_tokenizer(source)
+    except (TokenizerError, OSError, ValueError) as e:
+        raise CLIError(f"tokenizer {source}: {e}") from None
+
+
+def resolve_eos_id(explicit: int | None, tokenizer, model: LoadedModel) -> int | None:
+    """The EOS id: `explicit` (--eos-id), else the tokenizer's, else the model's (run file's [data] eos_id, else
+    the config's eos_token_id), else None."""
+    if explicit is not None:
+        return explicit
+    if tokenizer is not None:
+        return tokenizer.eos_id
+    return model.eos_id
+
+
+def load_backend(name: str):
+    """The operator table for --backend NAME: None for "reference" (the default path), else
+    trinity.accel.get_backend(NAME); an unavailable backend is a CLIError."""
+    if name == "reference":
+        return None
+    from trinity.accel import BackendUnavailable, get_backend
+
+    try:
+        return get_backend(name)
+    except (BackendUnavailable, ValueError) as e:
+        raise CLIError(f"--backend {name}: {e}") from None
 
 
 def _scaled(value: float, units: list[str], base: float) -> str:

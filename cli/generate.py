@@ -6,20 +6,20 @@ the nucleus of mass P; the same --seed gives the same tokens.
 
 The tokenizer is --tokenizer SOURCE (a prepared dataset dir with meta.json, an HF dir with tokenizer.json, a
 tokenizer.json file, or "bytes"); else the HF directory's own tokenizer.json; else, for one of our checkpoints, the
-dataset named by [data] path in the run file recorded in the checkpoint. `--prompt-tokens 1,2,3` gives the prompt
-as token ids and needs no tokenizer (e.g. synthetic data). Output is the prompt and the continuation as text, or,
-when no tokenizer is known (or with --output ids), the new token ids only, space-separated.
+dataset named by [data] path (or [[data.sources]]) in the run file recorded in the checkpoint (cli/common.py
+resolves it, as for `trinity inspect`). `--prompt-tokens 1,2,3` gives the prompt as token ids and needs no
+tokenizer (e.g. synthetic data). Output is the prompt and the continuation as text, or, when no tokenizer is known
+(or with --output ids), the new token ids only, space-separated.
 Generation stops after N tokens or at EOS (--eos-id, else the tokenizer's, else the run file's [data] eos_id,
 else config.json's eos_token_id; --ignore-eos never stops early). `--backend numba` runs the numba kernels.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-from .common import CLIError
+from .common import CLIError, load_backend, load_model, load_model_tokenizer, resolve_eos_id
 
 NAME = "generate"
 HELP = "generate text from a checkpoint with a KV cache (greedy or temperature / top-p sampling)"
@@ -52,96 +52,6 @@ def add_parser(subparsers):
     p.add_argument("--stats", action="store_true", help="print token counts and speed on stderr at the end")
     p.set_defaults(run=run)
     return p
-
-
-# ---- the model and where its tokenizer lives --------------------------------------------------------------------
-class _Loaded:
-    def __init__(self, config, params, tokenizer_source=None, eos_id=None, why_no_tokenizer=""):
-        self.config, self.params = config, params
-        self.tokenizer_source = tokenizer_source  # a path load_tokenizer accepts, or None
-        self.eos_id = eos_id  # the run file's [data] eos_id / config.json's eos_token_id
-        self.why_no_tokenizer = why_no_tokenizer
-
-
-def _load_model(path: str, dtype) -> _Loaded:
-    import numpy as np
-
-    if not os.path.exists(path):
-        raise CLIError(f"no such file or directory: {path}")
-    if os.path.isdir(path):
-        from trinity.reference.hf_interop import CheckpointError, load_pretrained
-        from trinity.reference.config import ConfigError
-        try:
-            config, params = load_pretrained(path, dtype=np.dtype(dtype or "float32"))
-        except (CheckpointError, ConfigError, OSError, ValueError) as e:
-            raise CLIError(f"cannot load HF checkpoint {path}: {e}") from None
-        has_tok = os.path.isfile(os.path.join(path, "tokenizer.json"))
-        return _Loaded(config, params, path if has_tok else None, config.eos_token_id,
-                       "" if has_tok else f"the HF directory {path} has no tokenizer.json")
-
-    from trinity.reference.checkpoint import CheckpointError, load_checkpoint
-    try:
-        ck = load_checkpoint(path)
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    params = ck.params
-    if dtype is not None:
-        params = {k: np.ascontiguousarray(v, dtype=dtype) for k, v in params.items()}
-    source, eos_id, why = _data_of_run(path, ck.extra.get("run_file"))
-    return _Loaded(ck.config, params, source, eos_id if eos_id is not None else ck.config.eos_token_id, why)
-
-
-def _data_of_run(checkpoint: str, run_file) -> tuple[str | None, int | None, str]:
-    """(tokenizer source or None, the run's [data] eos_id or None, why there is no tokenizer) for our checkpoint."""
-    import tomllib
-
-    if not isinstance(run_file, str):
-        return None, None, f"checkpoint {checkpoint} records no run file"
-    try:
-        with open(run_file, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError:
-        return None, None, f"the run file {run_file} recorded in checkpoint {checkpoint} cannot be read"
-    except tomllib.TOMLDecodeError as e:
-        return None, None, f"the run file {run_file} is not valid TOML ({e})"
-    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
-    eos = data.get("eos_id")
-    eos = eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
-    # [data] path, or the paths of a phase mix ([[data.sources]]); the first prepared dataset gives the tokenizer
-    paths = [data.get("path")] + [s.get("path") for s in data.get("sources", []) if isinstance(s, dict)]
-    paths = [p for p in paths if isinstance(p, str)]
-    if not paths:
-        return None, eos, f"the run file {run_file} has no [data] path"
-    here = os.path.dirname(os.path.abspath(run_file))
-    paths = [p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p)) for p in paths]
-    for path in paths:  # a prepared dataset is a directory with meta.json; a flat token file may sit in one
-        for candidate in (path, os.path.dirname(path)):
-            if os.path.isdir(candidate) and os.path.isfile(os.path.join(candidate, "meta.json")):
-                return candidate, eos, ""
-    return None, eos, (f"the training data {paths[0]} (from {run_file}) has no tokenizer (no meta.json: "
-                       f"synthetic or raw token ids)")
-
-
-def _tokenizer(args, loaded: _Loaded):
-    from trinity.reference.tokenizer import TokenizerError, load_tokenizer
-
-    source = args.tokenizer or loaded.tokenizer_source
-    if source is None:
-        return None
-    try:
-        return load_tokenizer(source)
-    except (TokenizerError, OSError) as e:
-        raise CLIError(f"tokenizer {source}: {e}") from None
-
-
-def _backend(name: str):
-    if name == "reference":
-        return None
-    from trinity.accel import BackendUnavailable, get_backend
-    try:
-        return get_backend(name)
-    except (BackendUnavailable, ValueError) as e:
-        raise CLIError(f"--backend {name}: {e}") from None
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -186,9 +96,9 @@ def run(args) -> int:
     if args.prompt is not None and args.prompt == "":
         raise CLIError("--prompt is empty")
 
-    ops = _backend(args.backend)
-    loaded = _load_model(args.model, args.dtype)
-    tokenizer = _tokenizer(args, loaded)
+    ops = load_backend(args.backend)
+    loaded = load_model(args.model, args.dtype, state=False)
+    tokenizer = load_model_tokenizer(args.tokenizer, loaded)
     if tokenizer is None and (args.prompt is not None or args.output == "text"):
         what = "--prompt TEXT" if args.prompt is not None else "--output text"
         raise CLIError(f"{what} needs a tokenizer: {loaded.why_no_tokenizer}; pass --tokenizer SOURCE "
@@ -202,10 +112,7 @@ def run(args) -> int:
     if bad:
         raise CLIError(f"prompt token id {bad[0]} is outside the model's vocabulary [0, {V})")
 
-    eos = None
-    if not args.ignore_eos:
-        eos = args.eos_id if args.eos_id is not None else (
-            tokenizer.eos_id if tokenizer is not None else loaded.eos_id)
+    eos = None if args.ignore_eos else resolve_eos_id(args.eos_id, tokenizer, loaded)
     output = args.output or ("text" if tokenizer is not None else "ids")
 
     out = sys.stdout

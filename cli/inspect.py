@@ -7,13 +7,17 @@ weights g, and the expert-load histogram; for each attention the entropy of ever
 the backward, the load-balancing update and one optimizer step (the model's recipe at its peak learning rates).
 --layer and --op choose what is shown and dumped; --dump writes every chosen tensor and gradient to HDF5, grouped
 by module (model/layers/3/self_attn/q_proj/forward/outputs/y); --plot draws the router's choices.
+
+The tokenizer (for --text, and to label tokens) is found as by `trinity generate`: --tokenizer SOURCE, else the HF
+directory's tokenizer.json, else, for one of our checkpoints, the prepared dataset named by [data] in the run file
+recorded in the checkpoint.
 """
 
 from __future__ import annotations
 
 import os
 
-from .common import CLIError
+from .common import CLIError, load_model, load_model_tokenizer
 
 NAME = "inspect"
 HELP = "step through one forward (--step: + backward, balancing, optimizer step), operator by operator"
@@ -26,11 +30,13 @@ def add_parser(subparsers):
                                      "trinity inspect tiny --tokens 1,2,3 --step --dump trace.h5")
     p.add_argument("model", metavar="MODEL",
                    help="our checkpoint (.h5), an HF checkpoint directory, or a preset name (random init)")
-    p.add_argument("--text", help="text to inspect (needs a tokenizer: the HF directory's, or --tokenizer)")
+    p.add_argument("--text", help="text to inspect (needs a tokenizer: --tokenizer, the HF directory's, or the "
+                                   "dataset of the run file recorded in our checkpoint)")
     p.add_argument("--tokens", help="token ids to inspect, comma-separated: 1,2,3")
     p.add_argument("--tokenizer", metavar="SOURCE",
                    help="tokenizer: 'bytes', a prepared dataset dir, an HF checkpoint dir or a tokenizer.json "
-                        "(default: MODEL's own when it is an HF directory)")
+                        "(default: the HF directory's tokenizer.json; for our checkpoint, the prepared dataset "
+                        "named by [data] in the run file it records)")
     p.add_argument("--step", action="store_true",
                    help="also the losses (labels = the tokens), backward, balancing update and one optimizer step")
     p.add_argument("--dump", metavar="TRACE.h5", help="write every shown tensor and gradient to this HDF5 file")
@@ -51,61 +57,6 @@ def add_parser(subparsers):
 
 
 # ---- inputs -------------------------------------------------------------------------------------------------------
-def _load_model(spec: str, dtype, seed: int):
-    """(config, params, optimizer_state, balancing_state, description)."""
-    import numpy as np
-
-    from trinity.reference.config import PRESETS, Config
-
-    if spec in PRESETS and not os.path.exists(spec):
-        from trinity.reference.params import init_params
-
-        config = Config.preset(spec)
-        dt = np.dtype(dtype or "float32")
-        return config, init_params(config, seed=seed, dtype=dt), None, None, f"{spec} (preset, random init, seed " \
-                                                                             f"{seed})"
-    if not os.path.exists(spec):
-        raise CLIError(f"no such checkpoint file or directory: {spec} (nor a preset: {', '.join(sorted(PRESETS))})")
-    if os.path.isdir(spec):
-        from trinity.reference.hf_interop import CheckpointError, load_pretrained
-
-        try:
-            config, params = load_pretrained(spec, dtype=np.dtype(dtype or "float32"))
-        except (CheckpointError, ValueError, OSError) as e:
-            raise CLIError(f"cannot load HF checkpoint {spec}: {e}") from None
-        return config, params, None, None, f"{spec} (HF checkpoint)"
-    from trinity.reference.checkpoint import CheckpointError, load_checkpoint
-
-    try:
-        ck = load_checkpoint(spec)
-    except CheckpointError as e:
-        raise CLIError(str(e)) from None
-    params, opt, bal = ck.params, ck.optimizer_state, ck.balancing_state
-    if dtype is not None:
-        dt = np.dtype(dtype)
-        cast = lambda tree: {k: (v.astype(dt) if v.dtype.kind == "f" else v) for k, v in tree.items()}  # noqa: E731
-        params, opt, bal = cast(params), cast(opt), cast(bal)
-    return ck.config, params, opt, bal or None, f"{spec} (checkpoint at step {ck.step}, " \
-                                                 f"{ck.tokens_seen:,} tokens seen)"
-
-
-def _find_tokenizer(args, checkpoint_extra=None):
-    """The tokenizer to encode --text and to show tokens, or None."""
-    try:
-        from trinity.reference.tokenizer import TokenizerError, load_tokenizer
-    except ImportError:  # pragma: no cover - the tokenizer module is part of the tree
-        return None
-    source = args.tokenizer
-    if source is None and os.path.isdir(args.model) and os.path.isfile(os.path.join(args.model, "tokenizer.json")):
-        source = args.model
-    if source is None:
-        return None
-    try:
-        return load_tokenizer(source)
-    except (TokenizerError, OSError, ValueError) as e:
-        raise CLIError(f"tokenizer {source}: {e}") from None
-
-
 def _parse_tokens(text: str) -> list[int]:
     parts = [p for p in text.replace(" ", ",").split(",") if p]
     if not parts:
@@ -308,12 +259,14 @@ def run(args) -> int:
             if os.path.isdir(path):
                 raise CLIError(f"{flag} {path} is a directory; give a file name")
 
-    config, params, opt_state, bal_state, described = _load_model(args.model, args.dtype, args.seed)
-    tokenizer = _find_tokenizer(args)
+    model = load_model(args.model, args.dtype, presets=True, seed=args.seed)
+    config, params, described = model.config, model.params, model.description
+    opt_state, bal_state = model.optimizer_state, model.balancing_state
+    tokenizer = load_model_tokenizer(args.tokenizer, model)
     if args.text is not None:
         if tokenizer is None:
-            raise CLIError("--text needs a tokenizer: MODEL is not an HF directory with tokenizer.json; pass "
-                           "--tokenizer SOURCE or use --tokens")
+            raise CLIError(f"--text needs a tokenizer: {model.why_no_tokenizer}; pass --tokenizer SOURCE or use "
+                           f"--tokens")
         ids = list(tokenizer.encode(args.text))
         if not ids:
             raise CLIError("--text encodes to no tokens")
