@@ -13,7 +13,7 @@ import numpy as np
 
 from .activations import sigmoid
 
-__all__ = ["allowed", "document_ids", "attention_forward", "attention_backward", "query_blocks",
+__all__ = ["allowed", "document_ids", "attention_forward", "attention_backward", "query_blocks", "positions_and_docs",
            "output_gate_forward", "output_gate_backward"]
 
 # Scores held per block: B · h_q · block · keys elements. 2^22 float64 values is 32 MiB.
@@ -60,12 +60,7 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
     B, Tq, hq, dh = q.shape
     Tk, hkv = k.shape[1], k.shape[2]
     r = hq // hkv
-    q_pos = np.arange(Tq) if q_pos is None else np.asarray(q_pos)
-    k_pos = np.arange(Tk) if k_pos is None else np.asarray(k_pos)
-    if isinstance(doc_ids, tuple):
-        q_doc, k_doc = doc_ids
-    else:
-        q_doc = k_doc = doc_ids
+    q_pos, k_pos, q_doc, k_doc = positions_and_docs(Tq, Tk, q_pos, k_pos, doc_ids)
     scale = np.asarray(dh ** -0.5, dtype=q.dtype)
 
     o = np.empty_like(q)
@@ -89,6 +84,15 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
         o[:, t0:t1] = ob.transpose(0, 3, 1, 2, 4).reshape(B, t1 - t0, hq, dh)
         lse[:, :, t0:t1] = lse_b.reshape(B, hq, t1 - t0)
     return o, (q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos)
+
+
+def positions_and_docs(Tq, Tk, q_pos=None, k_pos=None, doc_ids=None):
+    """The defaults of attention_forward's optional inputs: positions 0…T−1, and doc ids shared by queries and keys
+    unless given as a (q_doc, k_doc) pair. Returns (q_pos, k_pos, q_doc, k_doc)."""
+    q_pos = np.arange(Tq) if q_pos is None else np.asarray(q_pos)
+    k_pos = np.arange(Tk) if k_pos is None else np.asarray(k_pos)
+    q_doc, k_doc = doc_ids if isinstance(doc_ids, tuple) else (doc_ids, doc_ids)
+    return q_pos, k_pos, q_doc, k_doc
 
 
 def attention_backward(ctx, do, block_budget=_BLOCK_ELEMENTS):

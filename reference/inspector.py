@@ -677,19 +677,14 @@ def attention_entropy(q, k, window=None, doc_ids=None, q_pos=None, k_pos=None) -
     """Entropy (nats) of each query's attention distribution, [B, h_q, Tq], from the sdpa inputs q [B, Tq, h_q, d_h]
     and k [B, Tk, h_kv, d_h] (after QK-norm and RoPE): the full masked softmax of SPEC §4.4 step 5 with the mask of
     §4.6, one head at a time (global layers need every earlier key; fine at inspection lengths)."""
-    from .attention import allowed
+    from .attention import allowed, positions_and_docs
 
     q = np.asarray(q, dtype=np.float64)
     k = np.asarray(k, dtype=np.float64)
     B, Tq, hq, dh = q.shape
     Tk, hkv = k.shape[1], k.shape[2]
     r = hq // hkv
-    q_pos = np.arange(Tq) if q_pos is None else np.asarray(q_pos)
-    k_pos = np.arange(Tk) if k_pos is None else np.asarray(k_pos)
-    if isinstance(doc_ids, tuple):
-        q_doc, k_doc = doc_ids
-    else:
-        q_doc = k_doc = doc_ids
+    q_pos, k_pos, q_doc, k_doc = positions_and_docs(Tq, Tk, q_pos, k_pos, doc_ids)
     mask = allowed(q_pos, k_pos, window, None if q_doc is None else np.asarray(q_doc),
                    None if k_doc is None else np.asarray(k_doc))
     if mask.ndim == 2:

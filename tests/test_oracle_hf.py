@@ -29,11 +29,11 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tests/hf_oracle.py, under any import mode
 import hf_oracle as O  # noqa: E402  (needs torch and transformers)
+from strategies import random_params  # noqa: E402
 
 from trinity.reference import logits, model_forward  # noqa: E402
 from trinity.reference.config import Config  # noqa: E402
 from trinity.reference.hf_interop import load_pretrained, save_pretrained  # noqa: E402
-from trinity.reference.params import param_shapes  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
@@ -85,28 +85,6 @@ def cases(draw):
     seed = draw(st.integers(0, 2**32 - 1))
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (B, T))
     return config, scales, seed, tokens
-
-
-def random_params(config: Config, seed: int, router: float = 2.0, bias: float = 0.1) -> dict[str, np.ndarray]:
-    """Float64 random values for every param (no zero router, no zero bias: SPEC §8, §14 #14).
-
-    Matrices ~ N(0, 1/fan_in) so activations stay O(1); norm gains ~ U(0.5, 1.5); the router gate is scaled so that
-    logits spread by about `router`; expert_bias ~ N(0, bias²), comparable to the gaps between sigmoid scores."""
-    rng = np.random.default_rng(seed)
-    d = config.hidden_size
-    params = {}
-    for key, shape in param_shapes(config).items():
-        if key.endswith("expert_bias"):
-            params[key] = rng.normal(0.0, bias, shape)
-        elif len(shape) == 1:
-            params[key] = rng.uniform(0.5, 1.5, shape)
-        elif key == "model.embed_tokens.weight":
-            params[key] = rng.normal(0.0, 1.0 / math.sqrt(d) if config.mup_enabled else 1.0, shape)
-        elif key.endswith("router.gate.weight"):
-            params[key] = rng.normal(0.0, router / math.sqrt(d), shape)
-        else:
-            params[key] = rng.normal(0.0, 1.0 / math.sqrt(shape[-1]), shape)
-    return params
 
 
 def reference_with_gaps(config, params, tokens):
