@@ -273,7 +273,24 @@ def check_common_state(state: dict, loader, keys) -> None:
                             f"(state != this loader over {loader.path})")
 
 
-class PackedTokenLoader:
+class BatchedRows:
+    """What every loader shares: `next_batch()` is the next `batch_size` rows of `next_rows(n)` (tokens, doc_ids),
+    counted in `batches_served`; iterating yields batches until the stream ends (StopIteration)."""
+
+    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
+        batch = self.next_rows(self.batch_size)
+        self.batches_served += 1
+        return batch
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.next_batch()
+            except StopIteration:
+                return
+
+
+class PackedTokenLoader(BatchedRows):
     """`next_batch()` -> (tokens int64 [batch_size, seq_len], doc_ids int64 [batch_size, seq_len]).
 
     doc_ids[b, t] is the number of EOS tokens strictly before t in row b (`attention.document_ids`): a row that
@@ -355,11 +372,3 @@ class PackedTokenLoader:
             self._fill(row)
         return tokens, document_ids(tokens, self.eos_id)
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.next_rows(self.batch_size)
-        self.batches_served += 1
-        return batch
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()

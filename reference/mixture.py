@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import DataError, _check_rank, _positive_int
+from .data import BatchedRows, DataError, _check_rank, _positive_int
 
 __all__ = ["MixtureLoader", "check_phases"]
 
@@ -48,7 +48,7 @@ def check_phases(phases, num_sources: int) -> list[tuple[int, tuple[float, ...]]
     return out
 
 
-class MixtureLoader:
+class MixtureLoader(BatchedRows):
     """`next_batch()` -> (tokens int64 [batch_size, seq_len], doc_ids int64 [batch_size, seq_len]) mixing `sources`
     by the weights of the phase in force (module docstring)."""
 
@@ -103,14 +103,6 @@ class MixtureLoader:
         self.source_rows = np.bincount(picks, minlength=len(self.sources))
         return tokens, doc_ids
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.next_rows(self.batch_size)
-        self.batches_served += 1
-        return batch
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "rows_served": self.rows_served, "batches_served": self.batches_served,

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import DataError, DocumentOrder, _check_eos, _check_rank, _positive_int, check_common_state, open_store
+from .data import (BatchedRows, DataError, DocumentOrder, _check_eos, _check_rank, _positive_int, check_common_state,
+                   open_store)
 
 __all__ = ["RSDBLoader"]
 
@@ -35,7 +36,7 @@ _STATE_KEYS = ("src_epoch", "src_cursor", "rows_served", "batches_served", "seed
                "buffer_size")
 
 
-class RSDBLoader:
+class RSDBLoader(BatchedRows):
     """`next_batch()` -> (tokens int64 [batch_size, seq_len], doc_ids int64 [batch_size, seq_len]); see the module
     docstring. `path` is a flat token file (eos_id required), a prepared dataset directory or a DocumentStore;
     `buffer_size` is the user-specified size (documents; the internal size is twice it)."""
@@ -125,17 +126,6 @@ class RSDBLoader:
                 break
         return tokens, doc_ids
 
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        batch = self.next_rows(self.batch_size)
-        self.batches_served += 1
-        return batch
-
-    def __iter__(self):
-        while True:
-            try:
-                yield self.next_batch()
-            except StopIteration:
-                return
 
     # ---- position -----------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
