@@ -4,7 +4,7 @@
     output gate (SPEC §4.4, §5)  y = o ⊙ σ(g);      do = dy ⊙ σ(g),  dg = dy ⊙ o ⊙ σ(g)(1 − σ(g))
     RoPE (SPEC §4.5, §5)         y = x ⊙ cos + rotate_half(x) ⊙ sin;  dx = dy ⊙ cos − rotate_half(dy ⊙ sin)
 
-σ is evaluated as in the reference, from e = exp(−|z|), so it never overflows. Each forward and backward is one
+σ is evaluated as in the reference, from e = exp(−|z|) (never overflows), with the vectorisable _math.vexp. Each forward and backward is one
 pass over memory (NumPy needs a temporary per elementary operation); σ is recomputed in the backward instead of
 stored, so the ctx holds only the inputs: (a, c) for SwiGLU, (o, g) for the gate, (cos, sin) for RoPE.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import kernel, run_tasks
+from ._math import one_like, vsigmoid
 
 __all__ = ["swiglu_forward", "swiglu_backward", "output_gate_forward", "output_gate_backward", "rope_forward",
            "rope_backward"]
@@ -23,32 +24,29 @@ SWIGLU, SWIGLU_BACKWARD, GATE, GATE_BACKWARD = 0, 1, 2, 3
 
 
 @kernel
-def _sigmoid(z):
-    """σ(z) from e = exp(−|z|) ≤ 1 (no overflow); evaluated in float64 (the stores round to the array dtype)."""
-    e = np.exp(-abs(np.float64(z)))
-    return 1.0 / (1.0 + e) if z >= 0 else e / (1.0 + e)
-
-
-@kernel
 def _gated_tasks(first, stride, n, mode, a, c, dy, out1, out2):
     """mode SWIGLU: out1 = silu(a)·c;  SWIGLU_BACKWARD: (out1, out2) = (da, dc);
     GATE: out1 = a·σ(c) (a = o, c = g);  GATE_BACKWARD: (out1, out2) = (do, dg)."""
     size = a.shape[0]
     for task in range(first, n, stride):
-        for i in range(task * CHUNK, min(size, (task + 1) * CHUNK)):
-            if mode == SWIGLU:
-                s = _sigmoid(a[i])
-                out1[i] = a[i] * s * c[i]
-            elif mode == SWIGLU_BACKWARD:
-                s = _sigmoid(a[i])
-                out1[i] = dy[i] * c[i] * s * (1.0 + a[i] * (1.0 - s))
+        lo, hi = task * CHUNK, min(size, (task + 1) * CHUNK)
+        if mode == SWIGLU:
+            for i in range(lo, hi):
+                out1[i] = a[i] * vsigmoid(a[i]) * c[i]
+        elif mode == SWIGLU_BACKWARD:
+            for i in range(lo, hi):
+                s = vsigmoid(a[i])
+                one = one_like(s)
+                out1[i] = dy[i] * c[i] * s * (one + a[i] * (one - s))
                 out2[i] = dy[i] * a[i] * s
-            elif mode == GATE:
-                out1[i] = a[i] * _sigmoid(c[i])
-            else:
-                s = _sigmoid(c[i])
+        elif mode == GATE:
+            for i in range(lo, hi):
+                out1[i] = a[i] * vsigmoid(c[i])
+        else:
+            for i in range(lo, hi):
+                s = vsigmoid(c[i])
                 out1[i] = dy[i] * s
-                out2[i] = dy[i] * a[i] * s * (1.0 - s)
+                out2[i] = dy[i] * a[i] * s * (one_like(s) - s)
 
 
 def _run(mode, a, c, dy=None, two=False):

@@ -16,6 +16,7 @@ import numpy as np
 from trinity.reference.losses import IGNORE_INDEX
 
 from ._jit import kernel, run_tasks
+from ._math import vexp
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward", "CHUNK"]
 
@@ -24,45 +25,77 @@ ROWS = 16  # rows per task
 
 
 @kernel
+def _sum64(x, n):
+    """Σ x[:n] in float64 with 8 interleaved partial sums (independent chains; fixed order, so deterministic)."""
+    p = np.zeros(8, dtype=np.float64)
+    i = 0
+    while i + 8 <= n:
+        for u in range(8):
+            p[u] += x[i + u]
+        i += 8
+    total = 0.0
+    while i < n:
+        total += x[i]
+        i += 1
+    for u in range(8):
+        total += p[u]
+    return total
+
+
+@kernel
 def _forward_tasks(first, stride, n, z, target, lse, picked):
-    """Rows of z [B·T, V]; target[r] < 0 marks a row that does not count (ignored label or last position)."""
+    """Rows of z [B·T, V]; target[r] < 0 marks a row that does not count (ignored label or last position).
+    Per row, chunks of CHUNK logits: m_c = max of the chunk, exps into a chunk buffer, l ← l·e^{m−m'} + Σ."""
     R, V = z.shape
+    buf = np.empty(CHUNK, dtype=z.dtype)
     for task in range(first, n, stride):
         for i in range(task * ROWS, min(R, (task + 1) * ROWS)):
             if target[i] < 0:
                 lse[i] = 0.0
                 picked[i] = 0.0
                 continue
-            m = -np.inf
+            row = z[i]
+            m = -np.inf  # running maximum, float64 (a logit, so exact) …
+            mz = row[0]  # … and the same value in z's dtype
             l = 0.0
             for c0 in range(0, V, CHUNK):
                 c1 = min(V, c0 + CHUNK)
-                cm = -np.inf
+                cm = row[c0]
                 for v in range(c0, c1):
-                    cm = max(cm, np.float64(z[i, v]))
+                    cm = max(cm, row[v])
                 if cm > m:
-                    l *= np.exp(m - cm)
-                    m = cm
+                    l *= np.exp(m - np.float64(cm))
+                    m = np.float64(cm)
+                    mz = cm
                 for v in range(c0, c1):
-                    l += np.exp(np.float64(z[i, v]) - m)
+                    buf[v - c0] = vexp(row[v] - mz)
+                l += _sum64(buf, c1 - c0)
             lse[i] = m + np.log(l)
-            picked[i] = z[i, target[i]]
+            picked[i] = row[target[i]]
 
 
 @kernel
 def _backward_tasks(first, stride, n, z, target, lse, lam, inv_n, dz):
     R, V = z.shape
+    cast = np.empty(2, dtype=z.dtype)  # stores round float64 values to z's dtype
     for task in range(first, n, stride):
         for i in range(task * ROWS, min(R, (task + 1) * ROWS)):
+            out = dz[i]
             if target[i] < 0:
                 for v in range(V):
-                    dz[i, v] = 0.0
+                    out[v] = 0.0
                 continue
+            row = z[i]
+            # exp(z − lse) in z's dtype: lse is split into a part representable in the dtype and a remainder,
+            # folded into the coefficient, so nothing is lost to rounding lse.
             li = lse[i]
-            coef = (1.0 + 2.0 * lam * li) * inv_n
+            cast[0] = li
+            lz = cast[0]
+            cast[1] = (1.0 + 2.0 * lam * li) * inv_n * np.exp(np.float64(lz) - li)
+            cz = cast[1]
             for v in range(V):
-                dz[i, v] = np.exp(np.float64(z[i, v]) - li) * coef
-            dz[i, target[i]] = np.float64(dz[i, target[i]]) - inv_n
+                out[v] = vexp(row[v] - lz) * cz
+            out[target[i]] = np.float64(out[target[i]]) - inv_n
 
 
 def _row_targets(target, valid, T):

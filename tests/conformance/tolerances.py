@@ -1,0 +1,110 @@
+"""The conformance suite's tolerances, in one place.
+
+A backend and the reference compute the same floating-point expression in different orders (blocked or tiled
+sums, fused passes, float64 accumulators, their own exp). Both are accurate to a few ulps per elementary operation,
+so they may differ by the accumulated rounding of each output's reductions. With unit roundoff u = eps/2 of the
+dtype, a computed sum of n terms t_i satisfies |ŝ − s| ≤ γ(n)·Σ|t_i| with γ(n) ≈ λ√n·u when rounding errors are
+independent and zero-mean (the probabilistic bound of Higham & Mary, SIAM J. Sci. Comput. 41(5), 2019: it holds
+with probability ≥ 1 − 2exp(−λ²(1−u)²/2); λ = 5 makes a failure a ~1e-5 event per element). So each check is
+
+    max |backend − reference| ≤ rtol(dtype, n) · scale,    rtol = C · eps(dtype) · √n,    C = 8
+
+  n      the length of the reduction behind each output element, stated at the check (d_in for a linear map,
+         d_h + keys for attention, …; 1 for an elementwise map);
+  scale  the size of what is summed: max over the output of Σ|t_i|, i.e. the same operator applied to the absolute
+         values of its inputs where the operator is bilinear or monotone in them (linear maps, experts, combine),
+         the explicit term sizes where it is not (normalisation and router backwards, attention), or
+         |output| × the condition number of an elementwise map (exp(x) turns an absolute error δ in x into a
+         relative error δ: cross-entropy's softmax). Measuring against max |output| instead would fail wherever
+         random-sign terms cancel (e.g. RMSNorm's dx for width 1 is exactly 0 in exact arithmetic).
+  C = 8  = 2 (two implementations, each within λ√n·u = 2.5√n·eps)
+         × 1.6 (a handful of elementwise roundings per element around each reduction: exp, σ, scaling)
+         × 2.5 (margin: the λ bound is per element, the check takes the maximum over up to ~10⁶ elements).
+
+For the whole training step, rounding differences travel through every layer; the reduction length is the sum of
+the lengths along the longest path forward and back (model_reduction_length), and the layers' Jacobians can
+amplify relative differences further, which MODEL_C covers (measured amplification < 10 on the drawn configs).
+
+Top-k routing is not continuous: where the K-th and (K+1)-th biased scores are closer than the backends' score
+difference can be, the two may choose different experts and then legitimately disagree. Draws whose smallest
+top-k gap is below topk_gap(dtype, n) are rejected (assume) — and for every other draw the choices must be equal.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["C", "MODEL_C", "eps", "rtol", "model_rtol", "model_reduction_length", "topk_gap", "check_close",
+           "Recorder"]
+
+C = 8.0
+MODEL_C = 64.0
+
+
+def eps(dtype) -> float:
+    return float(np.finfo(np.dtype(dtype)).eps)
+
+
+def rtol(dtype, n) -> float:
+    """C · eps(dtype) · √n for a reduction of length n (n ≥ 1)."""
+    return C * eps(dtype) * math.sqrt(max(1, n))
+
+
+def model_reduction_length(config, T: int) -> int:
+    """Σ of the reduction lengths along one forward-and-backward path through the model: per layer the norm width
+    (×4 sandwich norms), the projections (d in, h_q·d_h out), attention (d_h + T keys), the FFN (the widest of the
+    dense, shared and K routed widths, and E for the router), then the head (d) and the vocabulary (V)."""
+    c = config
+    ffn = max(c.intermediate_size, c.moe_intermediate_size * max(1, c.num_experts_per_tok),
+              c.moe_intermediate_size * max(1, c.num_shared_experts))
+    per_layer = 4 * c.hidden_size + c.hidden_size + c.num_attention_heads * c.head_dim + c.head_dim + T + ffn \
+        + c.num_experts
+    return c.num_hidden_layers * per_layer + c.hidden_size + c.vocab_size
+
+
+def model_rtol(dtype, config, T: int) -> float:
+    return MODEL_C * eps(dtype) * math.sqrt(model_reduction_length(config, T))
+
+
+def topk_gap(dtype, config, T: int) -> float:
+    """Smallest top-k gap (in biased-score units) at which both backends must pick the same experts: the router
+    scores s = σ(z) ∈ (0, 1) differ by at most ~model_rtol (σ' ≤ 1/4, |z| = O(1)), with a 10× margin."""
+    return 10.0 * model_rtol(dtype, config, T)
+
+
+def check_close(actual, expected, dtype, n, scale=None, what="", recorder=None):
+    """assert max |actual − expected| ≤ rtol(dtype, n) · scale (module docstring); scale defaults to
+    max |expected| (right where no cancellation is possible) and is never below the smallest normal number.
+    Records (error, tolerance) under `what` when a recorder is given."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != reference {expected.shape}"
+    if scale is None:
+        scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    scale = max(float(scale), float(np.finfo(np.dtype(dtype)).tiny))
+    err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
+    tol = rtol(dtype, n) * scale
+    if recorder is not None:
+        recorder.note(what, dtype, err, tol)
+    assert np.all(np.isfinite(actual) == np.isfinite(expected)), f"{what}: non-finite values differ"
+    assert err <= tol, f"{what}: max |backend − reference| = {err:.3g} > tol {tol:.3g} (n={n}, scale={scale:.3g})"
+    return err, tol
+
+
+class Recorder:
+    """Collects the worst (error, tolerance) per (backend, check, dtype) of one test into its report's
+    user_properties, which conftest.py summarises (they survive the trip from xdist workers)."""
+
+    def __init__(self, request, backend_name: str):
+        self._props = request.node.user_properties
+        self._backend = backend_name
+        self._data: dict = {}
+        self._props.append(("conformance", self._data))
+
+    def note(self, what, dtype, err, tol):
+        key = (self._backend, what, np.dtype(dtype).name)
+        old = self._data.get(key)
+        if old is None or (err / tol if tol else 0) > (old[0] / old[1] if old[1] else 0):
+            self._data[key] = (err, tol)
