@@ -1,0 +1,159 @@
+"""A whole training step of the backend against the reference, on small drawn configs (SPEC §4-§7, §9).
+
+The step is checked stage by stage, each stage on the inputs it would see in training:
+  1. loss_and_grads(ops=backend): every loss, every gradient, the embedding-output gradient and the routing
+     statistics (chosen experts and expert counts must be identical: the draws stay away from top-k ties);
+     with and without activation recompute;
+  2. the balancing update from the backend's expert counts (identical counts give identical bits);
+  3. the optimizer step on the reference's clipped gradients with the backend's newton_schulz in place of the
+     reference's: every updated parameter and optimizer state.
+Stage 3 takes the reference's gradients rather than the backend's because the first optimizer step is not a
+continuous function of its inputs at the scale of rounding: AdamW's first update is lr·g/(|g| + ε) ≈ lr·sign(g),
+so a gradient within its tolerance of 0 may flip a whole lr step, and Newton–Schulz multiplies differences along
+small singular directions by ∏ a_j ≈ 500. The backend's part of the optimizer (Newton–Schulz) is what stage 3 pins.
+"""
+
+from __future__ import annotations
+
+import inspect
+from unittest import mock
+
+import numpy as np
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from strategies import min_topk_gap, random_params, small_configs, token_batches
+from tolerances import check_close, model_reduction_length, model_tol, topk_gap
+from trinity.reference import loss_and_grads, model_forward
+from trinity.reference import optim
+from trinity.reference.balancing import balance_step, init_balancing_state
+from trinity.reference.optim import (_coefficient_schedule, clip_grad_norm, init_optimizer_state, optimizer_step,
+                                     param_group)
+
+STEP_SETTINGS = settings(max_examples=25, deadline=None,
+                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                HealthCheck.filter_too_much])
+
+
+def _to_backend(ops, params):
+    return {k: ops.xp.asarray(v) for k, v in params.items()}
+
+
+def _np(x):
+    return x.get() if hasattr(x, "get") and not isinstance(x, (dict, np.ndarray)) else np.asarray(x)
+
+
+@st.composite
+def step_cases(draw):
+    config = draw(small_configs(max_layers=3, max_hidden=32, max_vocab=48))
+    config = config.replace(z_loss_coeff=draw(st.sampled_from([0.0, 1e-2, 0.3])),
+                            balance_loss_coeff=draw(st.sampled_from([0.0, 1e-2, 0.3])),
+                            load_balancing=draw(st.sampled_from(["sign", "smebu", "none"])),
+                            muon_ns_coefficients=draw(st.sampled_from(["dion", "keller"])))
+    params = random_params(config, draw(st.integers(0, 2**32 - 1)), router=draw(st.floats(0.5, 4.0)),
+                           bias=draw(st.floats(0.0, 0.3)))
+    tokens, labels, doc_ids = draw(token_batches(config, max_batch=2, max_len=24))
+    return config, params, tokens, labels, doc_ids, draw(st.booleans())
+
+
+@STEP_SETTINGS
+@given(step_cases())
+def test_training_step(backend, dtype, record, case):
+    config, params64, tokens, labels, doc_ids, recompute = case
+    params = {k: v.astype(dtype) for k, v in params64.items()}
+    T = tokens.shape[1]
+    _, ctx = model_forward(config, params, tokens, doc_ids)
+    assume(min_topk_gap(config, params, ctx) > topk_gap(dtype, config, T))
+
+    # 1. losses, gradients, statistics; the reference in float32 and float64 gives each output's rounding scale
+    losses_r, grads_r, stats_r = loss_and_grads(config, params, tokens, labels, doc_ids)
+    ref = {np.dtype(t): loss_and_grads(config, {k: v.astype(t) for k, v in params64.items()}, tokens, labels,
+                                       doc_ids) for t in (np.float32, np.float64)}
+    assume(all(_same_routing(stats_r, r[2]) for r in ref.values()))  # the float32/float64 runs route alike too
+    losses_b, grads_b, stats_b = loss_and_grads(config, _to_backend(backend, params), tokens, labels, doc_ids,
+                                                recompute=recompute, ops=backend)
+    n = model_reduction_length(config, T)
+    f32, f64 = ref[np.dtype(np.float32)], ref[np.dtype(np.float64)]
+
+    def check(actual, expected, natural_pair, what):
+        natural = float(np.max(np.abs(np.asarray(natural_pair[0], np.float64) - natural_pair[1])))
+        tol = model_tol(dtype, natural, n, float(np.max(np.abs(expected))))
+        check_close(actual, expected, dtype, n, what=what, recorder=record, tol=tol)
+
+    for key in ("ce", "z", "balance", "total"):
+        check(losses_b[key], losses_r[key], (f32[0][key], f64[0][key]), f"step loss {key}")
+    assert stats_b["tokens"] == stats_r["tokens"]
+    assert _same_routing(stats_b, stats_r), "the backend chose other experts than the reference"
+    assert set(grads_b) == set(grads_r)
+    for key, g_r in grads_r.items():
+        g_b = _np(grads_b[key])
+        assert g_b.dtype == g_r.dtype, key
+        if key.endswith("expert_bias"):
+            np.testing.assert_array_equal(g_b, 0)
+            continue
+        check(g_b, g_r, (f32[1][key], f64[1][key]), "step grad " + _kind(key))
+    key = "embedding_output_grad"
+    check(_np(stats_b[key]), stats_r[key], (f32[2][key], f64[2][key]), "step grad embedding output")
+
+    # 2. balancing from the backend's counts
+    counts_r = {layer: s["expert_counts"] for layer, s in stats_r["layers"].items()}
+    counts_b = {layer: _np(s["expert_counts"]) for layer, s in stats_b["layers"].items()}
+    p_r, p_b = dict(params), dict(params)
+    bal_r, bal_b = init_balancing_state(config, params), init_balancing_state(config, params)
+    balance_step(config, p_r, bal_r, counts_r)
+    balance_step(config, p_b, bal_b, counts_b)
+    for key in p_r:
+        np.testing.assert_array_equal(p_b[key], p_r[key], err_msg=key)
+    for key in bal_r:
+        np.testing.assert_array_equal(bal_b[key], bal_r[key], err_msg=key)
+
+    # 3. the optimizer on the reference's clipped gradients, with the backend's Newton–Schulz
+    clipped, _ = clip_grad_norm(grads_r, config.grad_clip_norm)
+    new_r, state_r = _optimizer(config, params, clipped, None)
+    new_b, state_b = _optimizer(config, params, clipped, backend)
+    steps = config.muon_ns_steps
+    cond = float(np.prod([abs(a) for a, _, _ in _coefficient_schedule(config.muon_ns_coefficients, steps)]))
+    for key, x_r in new_r.items():
+        x_b = new_b[key]
+        if param_group(config, key, x_r.shape) != "muon":
+            np.testing.assert_array_equal(x_b, x_r, err_msg=key)  # same code, same inputs
+            continue
+        m, k = sorted(x_r.shape[-2:])
+        delta_r, delta_b = x_r - params[key], x_b - params[key]
+        check_close(delta_b, delta_r, dtype, steps * (2 * m + k), scale=float(np.abs(delta_r).max()) * cond,
+                    what="step muon update", recorder=record)
+    for key in state_r:
+        np.testing.assert_array_equal(state_b[key], state_r[key], err_msg=key)  # momenta: the gradients only
+
+
+def _same_routing(stats_a, stats_b) -> bool:
+    """Identical chosen experts and expert counts in every MoE layer."""
+    if set(stats_a["layers"]) != set(stats_b["layers"]):
+        return False
+    return all(np.array_equal(_np(stats_a["layers"][l][f]), stats_b["layers"][l][f])
+               for l in stats_b["layers"] for f in ("chosen_experts", "expert_counts"))
+
+
+def _kind(key: str) -> str:
+    """A parameter key without its layer index, for the error summary."""
+    parts = key.split(".")
+    return ".".join(p for p in parts if not p.isdigit()).replace("model.layers.", "").replace("model.", "")
+
+
+def _optimizer(config, params, grads, backend):
+    """One optimizer_step on copies; `backend`'s newton_schulz replaces the reference's when given."""
+    p = {k: v.copy() for k, v in params.items()}
+    state = init_optimizer_state(config, p)
+    if backend is None:
+        optimizer_step(config, p, grads, state, config.muon_lr, config.adamw_lr)
+        return p, state
+
+    def ns(G, **kwargs):
+        return _np(backend.newton_schulz(backend.xp.asarray(G), **kwargs))
+
+    if "newton_schulz" in inspect.signature(optimizer_step).parameters:
+        optimizer_step(config, p, grads, state, config.muon_lr, config.adamw_lr, newton_schulz=ns)
+    else:  # until the optimizer takes the hook: swap the module-level function it calls
+        with mock.patch.object(optim, "newton_schulz", ns):
+            optimizer_step(config, p, grads, state, config.muon_lr, config.adamw_lr)
+    return p, state
