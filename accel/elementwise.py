@@ -4,9 +4,10 @@
     output gate (SPEC §4.4, §5)  y = o ⊙ σ(g);      do = dy ⊙ σ(g),  dg = dy ⊙ o ⊙ σ(g)(1 − σ(g))
     RoPE (SPEC §4.5, §5)         y = x ⊙ cos + rotate_half(x) ⊙ sin;  dx = dy ⊙ cos − rotate_half(dy ⊙ sin)
 
-σ is evaluated as in the reference, from e = exp(−|z|) (never overflows), with the vectorisable _math.vexp. Each forward and backward is one
-pass over memory (NumPy needs a temporary per elementary operation); σ is recomputed in the backward instead of
-stored, so the ctx holds only the inputs: (a, c) for SwiGLU, (o, g) for the gate, (cos, sin) for RoPE.
+σ is evaluated as in the reference, from e = exp(−|z|) (never overflows), with the vectorisable _math.vexp.
+Each forward and backward is one pass over memory (NumPy needs a temporary per elementary operation); σ is
+recomputed in the backward instead of stored, so the ctx holds only the inputs: (a, c) for SwiGLU, (o, g) for the
+gate, (cos, sin) for RoPE.
 """
 
 from __future__ import annotations
