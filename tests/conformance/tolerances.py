@@ -23,20 +23,28 @@ with probability ≥ 1 − 2exp(−λ²(1−u)²/2); λ = 5 makes a failure a ~1
 
 For the whole training step, rounding differences travel through every layer and the gradient of one parameter is
 a sum over tokens whose terms we cannot see from outside; how much of its own size is cancellation varies from key
-to key (a gain's gradient Σ_t dy_t ⊙ x̂_t may be 10³× smaller than its terms). Each gradient entry's natural
-rounding scale is therefore measured: the reference is run in float32 and float64, and
+to key (a gain's gradient Σ_t dy_t ⊙ x̂_t may be 10³× smaller than its terms), and a drawn model can be
+ill-conditioned (a head_dim-2 QK norm of a vector whose rms is near √ε multiplies perturbations by 1/rms ≈ 300).
+Each output's rounding scale is therefore measured on the draw itself, from several samples:
 
-    natural(key) = max |g_ref,float32 − g_ref,float64|          (the float32 rounding of this key on this draw)
+    natural(key) = max( |g_ref,float32 − g_ref,float64|,                the reference's own float32 rounding,
+                        |g_ref,float64(p ⊙ (1 + eps32·r_k)) − g_ref,float64(p)|,  k < PERTURBED_RUNS: the model
+                        under relative float32-ulp perturbations of its parameters, r_k ~ N(0, 1) )
     tol(key, dtype) = MODEL_C · natural(key) · eps(dtype)/eps(float32) + rtol(dtype, n) · G
 
-(first-order rounding errors scale with eps, so natural × eps(dtype)/eps(float32) is the same key's rounding scale
-in the checked dtype). The second term is a floor: differences of relative size rtol(dtype, n), n =
-model_reduction_length, enter the upstream gradient of every layer, and measured against G = the largest gradient
-entry of the whole model (activations are O(1) on the drawn parameters) they bound what any key can carry however
+The perturbed runs measure how strongly the draw amplifies ulp-sized differences: a single float32 sample can be
+lucky exactly where the model is most sensitive (one draw had the reference's float32 error 100× below the
+backend's, and below what ulp-level changes of its parameters produce). First-order rounding errors scale with
+eps, so natural × eps(dtype)/eps(float32) is the same key's rounding scale in the checked dtype. The second term
+is a floor: differences of relative size rtol(dtype, n), n = model_reduction_length, enter the upstream gradient
+of every layer, and measured against G = the largest gradient entry of the whole model (activations are O(1) on
+the drawn parameters; at least the balance coefficient, see the test) they bound what any key can carry however
 much its own sum cancels; it covers keys whose exact gradient is 0 (a router with K = E, a key projection under a
-window of 1), where `natural` is a single sample of pure noise. MODEL_C = 16 = 2 (the backend and the reference each
-carry about `natural`) × 8 (one draw's maximum is a noisy estimate of the error's tail for keys of a handful of
-entries — a head_dim-2 projection has 8).
+window of 1), where `natural` is pure noise. MODEL_C = 8 = 2 (the backend and the reference each carry about
+`natural`) × 4 (margin: three samples' maximum still estimates the tail of the rounding from below). Measured over
+1000 drawn steps (both dtypes) the largest gradient difference was 0.25 × its tolerance. (With `natural` from the
+float32 run alone, one CI draw exceeded MODEL_C = 16 by 2.3×: float32 embedding gradient 0.0168 vs 0.00743, an
+ill-conditioned QK norm; the perturbed runs are what fixed that, not a larger constant.)
 
 Newton–Schulz (alone and inside the Muon update): σ ↦ aσ + bσ³ + cσ⁵ multiplies a perturbation along a small
 singular value by a, so a rounding difference made at iteration i grows by ∏_{j>i} a_j; the checks use n = the
@@ -53,11 +61,12 @@ import math
 
 import numpy as np
 
-__all__ = ["C", "MODEL_C", "eps", "rtol", "model_tol", "model_reduction_length", "topk_gap", "check_close",
-           "Recorder"]
+__all__ = ["C", "MODEL_C", "PERTURBED_RUNS", "eps", "rtol", "model_tol", "model_reduction_length", "topk_gap",
+           "check_close", "Recorder"]
 
 C = 8.0
-MODEL_C = 16.0
+MODEL_C = 8.0
+PERTURBED_RUNS = 2
 
 
 def eps(dtype) -> float:
