@@ -277,6 +277,19 @@ class BatchedRows:
     """What every loader shares: `next_batch()` is the next `batch_size` rows of `next_rows(n)` (tokens, doc_ids),
     counted in `batches_served`; iterating yields batches until the stream ends (StopIteration)."""
 
+    def _open(self, path, seq_len, batch_size, eos_id, seed, rank, world_size):
+        """Check the arguments every loader takes and open its DocumentStore."""
+        self.seq_len = _positive_int("seq_len", seq_len)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        if eos_id is not None:
+            eos_id = _check_eos(eos_id)
+        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
+        self.rank, self.world_size = _check_rank(rank, world_size)
+        self.store = open_store(path, eos_id)
+        self.path, self.eos_id = self.store.path, self.store.eos_id
+
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
         batch = self.next_rows(self.batch_size)
         self.batches_served += 1
@@ -302,16 +315,7 @@ class PackedTokenLoader(BatchedRows):
 
     def __init__(self, path, seq_len: int, batch_size: int, eos_id: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
-        self.seq_len = _positive_int("seq_len", seq_len)
-        self.batch_size = _positive_int("batch_size", batch_size)
-        if eos_id is not None:
-            eos_id = _check_eos(eos_id)
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
-        self.rank, self.world_size = _check_rank(rank, world_size)
-        self.store = open_store(path, eos_id)
-        self.path, self.eos_id = self.store.path, self.store.eos_id
+        self._open(path, seq_len, batch_size, eos_id, seed, rank, world_size)
         self.num_tokens, self.num_documents = self.store.num_tokens, self.store.num_documents
         self._starts, self._ends = self.store.starts, self.store.ends
         self.order = DocumentOrder(self.num_documents, self.seed, self.rank, self.world_size)

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import (BatchedRows, DataError, DocumentOrder, _check_eos, _check_rank, _positive_int, check_common_state,
-                   open_store)
+from .data import BatchedRows, DataError, DocumentOrder, _positive_int, check_common_state
 
 __all__ = ["RSDBLoader"]
 
@@ -45,19 +44,10 @@ class RSDBLoader(BatchedRows):
 
     def __init__(self, path, seq_len: int, batch_size: int, eos_id: int | None = None, buffer_size: int = 1024,
                  seed: int = 0, rank: int = 0, world_size: int = 1, epochs: int | None = None):
-        self.seq_len = _positive_int("seq_len", seq_len)
-        self.batch_size = _positive_int("batch_size", batch_size)
         self.buffer_size = _positive_int("buffer_size", buffer_size)
         self.capacity = 2 * self.buffer_size
-        if eos_id is not None:
-            eos_id = _check_eos(eos_id)
-        if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = int(seed)
-        self.rank, self.world_size = _check_rank(rank, world_size)
         self.epochs = None if epochs is None else _positive_int("epochs", epochs)
-        self.store = open_store(path, eos_id)
-        self.path, self.eos_id = self.store.path, self.store.eos_id
+        self._open(path, seq_len, batch_size, eos_id, seed, rank, world_size)
         self.num_tokens, self.num_documents = self.store.num_tokens, self.store.num_documents
         self._lengths = self.store.ends - self.store.starts
         self.order = DocumentOrder(self.num_documents, self.seed, self.rank, self.world_size)
