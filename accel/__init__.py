@@ -38,7 +38,9 @@ def _numba():
         import numba  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"backend 'numba' needs the numba package (pip install numba): {e}") from None
+    from .host_memory import keep_freed_memory
     from .numba_backend import NumbaOps
+    keep_freed_memory()  # a fast path should not page-fault through its activations every step (host_memory.py)
     return NumbaOps()
 
 

@@ -56,8 +56,8 @@ class RunConfigError(ValueError):
 # Sections whose keys are Config fields (the recipe), with the run-file name → Config field where they differ.
 _CONFIG_SECTIONS = {
     "optimizer": {f: f for f in ("muon_lr", "adamw_lr", "muon_momentum", "muon_nesterov", "muon_ns_coefficients",
-                                 "muon_ns_steps", "muon_eps", "muon_lr_adjust", "router_optimizer", "weight_decay",
-                                 "norm_weight_decay", "adamw_beta1", "adamw_beta2", "adamw_eps", "grad_clip_norm")},
+                                 "muon_ns_steps", "muon_eps", "muon_lr_adjust", "router_optimizer", "matrix_optimizer",
+                                 "weight_decay", "norm_weight_decay", "adamw_beta1", "adamw_beta2", "adamw_eps", "grad_clip_norm")},
     "schedule": {f: f for f in ("warmup_steps", "lr_schedule", "decay_start_fraction", "lr_floor_ratio")},
     "balancing": {"method": "load_balancing", "sign_update_rate": "sign_update_rate", "smebu_lambda": "smebu_lambda",
                   "smebu_beta": "smebu_beta", "smebu_kappa": "smebu_kappa"},

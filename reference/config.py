@@ -90,6 +90,7 @@ class Config:
     muon_eps: float = 1e-8
     muon_lr_adjust: str = "trinity"  # "trinity": sqrt(max(1, out/in)) (eq.41) | "dion": sqrt(out/in)
     router_optimizer: str = "muon"  # "muon" | "adamw"
+    matrix_optimizer: str = "muon"  # "muon" (the recipe) | "adamw": every parameter AdamW (a baseline, not Trinity's)
     weight_decay: float = 0.1  # matrices, embedding and head
     norm_weight_decay: float = 0.0  # norm gains (the report removed WD from norms)
     adamw_beta1: float = 0.9
@@ -156,6 +157,7 @@ class Config:
         need(self.muon_ns_coefficients in ("dion", "keller"), "muon_ns_coefficients", "must be 'dion' or 'keller'")
         need(self.muon_lr_adjust in ("trinity", "dion"), "muon_lr_adjust", "must be 'trinity' or 'dion'")
         need(self.router_optimizer in ("muon", "adamw"), "router_optimizer", "must be 'muon' or 'adamw'")
+        need(self.matrix_optimizer in ("muon", "adamw"), "matrix_optimizer", "must be 'muon' or 'adamw'")
         need(self.lr_schedule in ("wsd", "cosine"), "lr_schedule", "must be 'wsd' or 'cosine'")
         need(0.0 <= self.decay_start_fraction <= 1.0, "decay_start_fraction", "must lie in [0, 1]")
         need(0.0 <= self.lr_floor_ratio <= 1.0, "lr_floor_ratio", "must lie in [0, 1]")

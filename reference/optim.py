@@ -4,6 +4,8 @@ Parameter groups (SPEC §9.1, §9.2 torchtitan-Dion grouping, §14 #4):
     muon   every ≥2-D hidden matrix: attention q/k/v/o/gate_proj, dense MLP, shared experts, each routed-expert
            tensor [E, out, in] (orthogonalised per expert, never flattened: §9.1, §14 #5), and the router gate
            unless `config.router_optimizer == "adamw"` (§14 #4: an assumption, not a published fact)
+           (`config.matrix_optimizer == "adamw"` moves every matrix to AdamW: the all-AdamW baseline that
+           Muon is compared against, and the like-for-like setting of benchmarks/train_step.py)
     adamw  `model.embed_tokens.weight`, `lm_head.weight` and every 1-D parameter (the RMSNorm gains)
     none   `model.layers.{l}.mlp.expert_bias`: moved by load balancing (SPEC §6), never by a gradient
 
@@ -104,11 +106,13 @@ def param_group(config: Config, key: str, shape=None) -> str:
     """"muon", "adamw" or "none" for a parameter key (SPEC §9.1, §9.2 grouping, §14 #4).
 
     expert_bias → "none"; embedding, head, norm gains (and any 1-D parameter when `shape` is given) → "adamw";
-    the router gate → `config.router_optimizer`; every other matrix → "muon".
+    the router gate → `config.router_optimizer`; every other matrix → "muon"; with
+    `config.matrix_optimizer == "adamw"` everything but expert_bias → "adamw".
     """
     if key.endswith("expert_bias"):
         return "none"
-    if key in _ADAMW_MATRICES or is_norm_gain(key) or (shape is not None and len(shape) < 2):
+    if (config.matrix_optimizer == "adamw" or key in _ADAMW_MATRICES or is_norm_gain(key)
+            or (shape is not None and len(shape) < 2)):
         return "adamw"
     if key.endswith("router.gate.weight"):
         return config.router_optimizer
