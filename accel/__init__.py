@@ -2,12 +2,14 @@
 
     get_backend("reference" | "numba" | "cupy")  → an op table: the leaf operators of trinity.reference.ops with
                                                   the same names and signatures, `name`, `xp` (the array module),
-                                                  `scope(name)`, and `newton_schulz` (Muon's orthogonalisation,
-                                                  same signature as trinity.reference.optim.newton_schulz)
+                                                  `scope(name)`, and the optimizer kernels `newton_schulz`,
+                                                  `adamw_update`, `sum_of_squares`, `scaled` (same signatures as
+                                                  in trinity.reference.optim)
     BACKENDS                                     the names get_backend accepts
     BackendUnavailable                           raised when a backend cannot run here (ImportError subclass)
 
-Pass the table as `ops=` to model_forward / logits / loss_and_grads / evaluate_losses. Backends supply kernels
+Pass the table as `ops=` to model_forward / logits / loss_and_grads / evaluate_losses, and as `kernels=` to
+optimizer_step / clip_grad_norm. Backends supply kernels
 only: model composition, losses and optimizer stay in trinity.reference.
 """
 
@@ -23,12 +25,15 @@ class BackendUnavailable(ImportError):
 
 
 def _reference():
+    from trinity.reference import optim
     from trinity.reference.ops import ReferenceOps
-    from trinity.reference.optim import newton_schulz as reference_newton_schulz
 
     class ReferenceTable(ReferenceOps):
-        """The NumPy reference table, plus the reference newton_schulz so every table exposes one."""
-        newton_schulz = staticmethod(reference_newton_schulz)
+        """The NumPy reference table, plus the reference optimizer kernels so every table exposes them."""
+        newton_schulz = staticmethod(optim.newton_schulz)
+        adamw_update = staticmethod(optim.adamw_update)
+        sum_of_squares = staticmethod(optim.sum_of_squares)
+        scaled = staticmethod(optim.scaled)
 
     return ReferenceTable()
 

@@ -17,6 +17,7 @@ from trinity.reference.ops import ReferenceOps
 
 from . import attention, elementwise, embedding, losses, moe, norms, router
 from .newton_schulz import newton_schulz
+from .optimizer_kernels import adamw_update, scaled, sum_of_squares
 
 __all__ = ["NumbaOps", "OVERRIDDEN"]
 
@@ -37,6 +38,9 @@ class NumbaOps(ReferenceOps):
 
     name = "numba"
     newton_schulz = staticmethod(newton_schulz)
+    adamw_update = staticmethod(adamw_update)
+    sum_of_squares = staticmethod(sum_of_squares)
+    scaled = staticmethod(scaled)
 
 
 for _module, _names in OVERRIDDEN.items():

@@ -4,7 +4,7 @@
     loss_and_grads(config, params, tokens, labels, ops=timed)
     print(timed.report())
 
-TimedOps forwards every attribute to the wrapped table; each leaf operator (and newton_schulz) call is timed with
+TimedOps forwards every attribute to the wrapped table; each leaf operator (and optimizer kernel) call is timed with
 time.perf_counter and time.process_time (CPU time of the whole process, all threads; steadier than wall time on a
 shared machine) and summed per operator name.
 """
@@ -16,9 +16,11 @@ from collections import defaultdict
 
 from trinity.reference.ops import LEAF_OPS
 
-__all__ = ["TimedOps", "OP_NAMES"]
+__all__ = ["TimedOps", "OP_NAMES", "OPTIMIZER_KERNELS"]
 
-OP_NAMES = tuple(name for names in LEAF_OPS.values() for name in names) + ("newton_schulz",)
+OPTIMIZER_KERNELS = ("newton_schulz", "adamw_update", "sum_of_squares", "scaled")
+
+OP_NAMES = tuple(name for names in LEAF_OPS.values() for name in names) + OPTIMIZER_KERNELS
 
 
 class TimedOps:

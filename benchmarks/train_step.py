@@ -9,8 +9,12 @@ does one warm-up step (numba compilation, allocator warm-up), then times --steps
 its ratio to PyTorch, peak RSS, and achieved FLOP/s as a fraction of this machine's float32 matrix-product peak
 (numpy, same threads, measured at the start of the run). FLOPs per step are counted analytically (flops()).
 
-PyTorch runs in its default implementations (sdpa attention, grouped_mm experts) in float32; trinity runs its full
-recipe step (Muon + AdamW, balancing). The two models get the same config and random weights of the same scale.
+PyTorch runs in its default implementations (sdpa attention, grouped_mm experts) in float32 with torch.optim.AdamW.
+Like for like, "reference" and "numba" run the same step: AdamW on every parameter (Config.matrix_optimizer =
+"adamw"), global-norm clipping, and SMEBU balancing. "numba-muon" runs Trinity's recipe optimizer (Muon on the
+hidden matrices): its Newton–Schulz iterations add matrix products that the AdamW step does not have, so its FLOPs
+per step are counted with them (muon_flops()). The models get the same config and random weights of the same
+scale; every implementation runs in float32.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import subprocess
 import sys
 import time
 
-IMPLEMENTATIONS = ("reference", "numba", "pytorch")
+IMPLEMENTATIONS = ("reference", "numba", "numba-muon", "pytorch")
 
 
 def flops(config, batch: int, seq: int) -> float:
@@ -46,6 +50,25 @@ def flops(config, batch: int, seq: int) -> float:
         keys = sum(min(t + 1, window) if window else t + 1 for t in range(seq)) / seq
         per_token += 2 * 2 * hq * dh * keys
     return 3.0 * per_token * batch * seq
+
+
+def muon_flops(config) -> float:
+    """Matrix-product FLOPs of Muon's Newton–Schulz in one optimizer step: per iteration on a matrix [m, n], m ≤ n,
+    X Xᵀ (2m²n), A Aᵀ (2m³) and (…) X (2m²n), for every matrix Muon updates (routed experts one per expert)."""
+    from trinity.reference import param_shapes
+    from trinity.reference.optim import param_group
+
+    total = 0.0
+    for key, shape in param_shapes(config).items():
+        if param_group(config, key, shape) != "muon":
+            continue
+        *batch, rows, cols = shape
+        m, n = min(rows, cols), max(rows, cols)
+        count = 1
+        for b in batch:
+            count *= b
+        total += count * config.muon_ns_steps * (4 * m * m * n + 2 * m ** 3)
+    return total
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:
@@ -73,14 +96,14 @@ def child(impl: str, steps: int, batch: int, seq: int, threads: int) -> dict:
 
     import numpy as np
 
-    from trinity.reference import Config, init_params
+    from trinity.reference import init_params
 
-    config = Config.preset("bench-medium")
+    config = bench_config(impl)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq))
     if impl == "pytorch":
         step = _torch_step(config, tokens, threads)
     else:
-        step = _trinity_step(config, init_params(config, 0, np.float32), tokens, impl)
+        step = _trinity_step(config, init_params(config, 0, np.float32), tokens, impl.removesuffix("-muon"))
     step()  # warm-up
     times = []
     for _ in range(steps):
@@ -90,22 +113,27 @@ def child(impl: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     return {"impl": impl, "seconds": times, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def bench_config(impl: str):
+    """bench-medium; every parameter on AdamW unless impl runs the Muon recipe."""
+    from trinity.reference import Config
+    config = Config.preset("bench-medium")
+    return config if impl.endswith("-muon") else config.replace(matrix_optimizer="adamw")
+
+
 def _trinity_step(config, params, tokens, impl):
     from trinity.reference import loss_and_grads
     from trinity.reference.balancing import balance_step, init_balancing_state
     from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
 
-    ops = None
-    if impl != "reference":
-        from trinity.accel import get_backend
-        ops = get_backend(impl)
+    from trinity.accel import get_backend
+    ops = get_backend(impl)
     opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)
 
     def step():
         losses, grads, stats = loss_and_grads(config, params, tokens, tokens, ops=ops)
-        grads, _ = clip_grad_norm(grads, config.grad_clip_norm)
+        grads, _ = clip_grad_norm(grads, config.grad_clip_norm, ops)
         balance_step(config, params, bal, {l: s["expert_counts"] for l, s in stats["layers"].items()})
-        optimizer_step(config, params, grads, opt, config.muon_lr, config.adamw_lr)
+        optimizer_step(config, params, grads, opt, config.muon_lr, config.adamw_lr, kernels=ops)
     return step
 
 
@@ -137,7 +165,7 @@ def _torch_step(config, tokens, threads):
 def available(impl: str) -> str | None:
     """None when the implementation can run here, else why not."""
     try:
-        if impl == "numba":
+        if impl.startswith("numba"):
             from trinity.accel import get_backend
             get_backend("numba")
         if impl == "pytorch":
@@ -162,9 +190,8 @@ def main():
         print(json.dumps(child(args.child, args.steps, args.batch, args.seq, args.threads)))
         return
 
-    from trinity.reference import Config
-    config = Config.preset("bench-medium")
-    step_flops = flops(config, args.batch, args.seq)
+    step_flops = {impl: flops(bench_config(impl), args.batch, args.seq) for impl in IMPLEMENTATIONS}
+    step_flops["numba-muon"] += muon_flops(bench_config("numba-muon"))
     peak = matmul_peak(args.threads)
     impls = []
     for impl in args.only:
@@ -173,8 +200,8 @@ def main():
             print(f"skipping {impl}: {why}")
         else:
             impls.append(impl)
-    print(f"bench-medium, {args.batch}x{args.seq} tokens, {args.threads} threads; {step_flops:.3e} FLOPs per step; "
-          f"float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"bench-medium, {args.batch}x{args.seq} tokens, {args.threads} threads; {step_flops['numba']:.3e} FLOPs per step "
+          f"({step_flops['numba-muon']:.3e} with Muon's Newton–Schulz); float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     results = {impl: {"seconds": [], "peak_rss": 0} for impl in impls}
     for r in range(args.rounds):
         for impl in impls:
@@ -186,15 +213,15 @@ def main():
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[impl]["seconds"] += res["seconds"]
             results[impl]["peak_rss"] = max(results[impl]["peak_rss"], res["peak_rss"])
-            print(f"  round {r + 1} {impl:9s} step {statistics.median(res['seconds']):6.2f} s", flush=True)
+            print(f"  round {r + 1} {impl:10s} step {statistics.median(res['seconds']):6.2f} s", flush=True)
     tokens = args.batch * args.seq
     base = statistics.median(results["pytorch"]["seconds"]) if "pytorch" in results else None
-    print(f"\n{'impl':10s} {'step s':>8s} {'tokens/s':>10s} {'vs torch':>9s} {'peak RSS':>10s} {'of peak':>8s}")
+    print(f"\n{'impl':11s} {'step s':>7s} {'tokens/s':>10s} {'vs torch':>9s} {'peak RSS':>10s} {'of peak':>8s}")
     for impl in impls:
         sec = statistics.median(results[impl]["seconds"])
         ratio = f"{base / sec:8.2f}x" if base else "       -"
-        print(f"{impl:10s} {sec:8.2f} {tokens / sec:10.0f} {ratio:>9s} {results[impl]['peak_rss'] / 2**20:8.0f} MiB "
-              f"{step_flops / sec / peak:7.0%}")
+        print(f"{impl:11s} {sec:7.2f} {tokens / sec:10.0f} {ratio:>9s} {results[impl]['peak_rss'] / 2**20:6.0f} MiB "
+              f"{step_flops[impl] / sec / peak:7.0%}")
 
 
 if __name__ == "__main__":

@@ -154,12 +154,12 @@ class Trainer:
             logit_mean += stats["logits_mean"] / micro_steps
         scale = np.asarray(1.0 / micro_steps, dtype=np.dtype(run.dtype))
         grads = {k: g * scale for k, g in grads_sum.items()}
-        grads, grad_norm = clip_grad_norm(grads, c.grad_clip_norm)
+        grads, grad_norm = clip_grad_norm(grads, c.grad_clip_norm, self.ops)
         balance = balance_step(c, self.params, self.balance_state, counts)
         lr = {group: learning_rate(self.step, run.steps, peak, c.warmup_steps, c.lr_schedule,
                                    c.decay_start_fraction, c.lr_floor_ratio)
               for group, peak in (("muon", c.muon_lr), ("adamw", c.adamw_lr))}
-        optimizer_step(c, self.params, grads, self.opt_state, lr["muon"], lr["adamw"], self.ops.newton_schulz)
+        optimizer_step(c, self.params, grads, self.opt_state, lr["muon"], lr["adamw"], self.ops)
         tokens = sequences * run.seq_len
         self.step += 1
         self.tokens_seen += tokens

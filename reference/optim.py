@@ -29,6 +29,7 @@ input's float dtype (float32 for float32 params, float64 for float64). Trinity's
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -36,7 +37,8 @@ from .config import Config
 from .params import is_norm_gain
 
 __all__ = ["NS_COEFFICIENTS", "newton_schulz", "param_group", "weight_decay_for", "muon_lr_scale",
-           "init_optimizer_state", "clip_grad_norm", "optimizer_step", "MUON_MOMENTUM", "ADAMW_M", "ADAMW_V"]
+           "init_optimizer_state", "clip_grad_norm", "optimizer_step", "adamw_update", "sum_of_squares", "scaled",
+           "MUON_MOMENTUM", "ADAMW_M", "ADAMW_V"]
 
 # Newton–Schulz (a, b, c) per iteration (SPEC §9.2 Dion; §9.3 Keller Jordan).
 NS_COEFFICIENTS: dict[str, list[tuple[float, float, float]]] = {
@@ -160,20 +162,33 @@ def init_optimizer_state(config: Config, params: dict) -> dict[str, np.ndarray]:
 
 
 # ---- gradient clipping ------------------------------------------------------------------------------------------
-def clip_grad_norm(grads: dict, max_norm: float):
+def sum_of_squares(x) -> float:
+    """Σ x² over every element, accumulated in float64 (the norm kernel of clipping)."""
+    x64 = np.asarray(x, dtype=np.float64)
+    return float(np.vdot(x64, x64))
+
+
+def scaled(x, scale: float):
+    """A new array x·scale, the product formed in float64 and rounded once to x's dtype (clipping's rescale)."""
+    x = np.asarray(x)
+    return (x.astype(np.float64) * scale).astype(x.dtype)
+
+
+def clip_grad_norm(grads: dict, max_norm: float, kernels=None):
     """Global-norm clipping (SPEC §14 #3, default 1.0): n = √(Σ_k ‖g_k‖²) over every gradient except expert_bias,
     computed in float64; if max_norm > 0 and n > max_norm, every such g_k is scaled by max_norm/n, so the clipped
     norm is min(n, max_norm). max_norm = 0 disables clipping (n is still returned).
 
     Returns (new dict of new arrays in the input dtypes, n). Inputs are not modified. Unlike torch's
     clip_grad_norm_ there is no +1e-6 in the denominator. A non-finite n propagates into the gradients (the trainer
-    decides what to do with a non-finite norm).
+    decides what to do with a non-finite norm). `kernels` (an op table from trinity.accel.get_backend) supplies
+    `sum_of_squares` and `scaled`; by default this module's.
     """
+    k = kernels or _REFERENCE_KERNELS
     total = 0.0
     for key, g in grads.items():
         if not key.endswith("expert_bias"):
-            g64 = np.asarray(g, dtype=np.float64)
-            total += float(np.vdot(g64, g64))
+            total += k.sum_of_squares(g)
     norm = math.sqrt(total)
     scale = max_norm / norm if (max_norm > 0 and norm > max_norm) else 1.0
     out = {}
@@ -182,55 +197,59 @@ def clip_grad_norm(grads: dict, max_norm: float):
         if scale == 1.0 or key.endswith("expert_bias"):
             out[key] = g.copy()
         else:
-            out[key] = (g.astype(np.float64) * scale).astype(g.dtype)
+            out[key] = k.scaled(g, scale)
     return out, norm
 
 
 # ---- the step ---------------------------------------------------------------------------------------------------
-def _muon_update(config: Config, X, G, M, lr: float, wd: float, orthogonalize=None) -> float:
+def _muon_update(config: Config, X, G, M, lr: float, wd: float, kernels) -> float:
     """One Muon step on X in place (SPEC §9.2, §14 #2, #5); returns ‖η·s·O‖_F for logging."""
     mu = config.muon_momentum
     G = np.asarray(G).astype(M.dtype, copy=False)
     M *= mu                                       # M ← μM + G
     M += G
     U = mu * M + G if config.muon_nesterov else M
-    O = (orthogonalize or newton_schulz)(U, steps=config.muon_ns_steps, coefficients=config.muon_ns_coefficients,
-                                         eps=config.muon_eps, dtype=M.dtype)  # per matrix of a [..., out, in] batch
+    O = kernels.newton_schulz(U, steps=config.muon_ns_steps, coefficients=config.muon_ns_coefficients,
+                              eps=config.muon_eps, dtype=M.dtype)  # per matrix of a [..., out, in] batch
     step = lr * muon_lr_scale(config, X.shape)
     X *= 1.0 - lr * wd                            # decay with the unadjusted lr
     X -= step * O
     return step * float(np.linalg.norm(O.astype(np.float64)))
 
 
-def _adamw_update(config: Config, X, G, m, v, t: int, lr: float, wd: float) -> float:
-    """One AdamW step on X in place (Dion's scalar AdamW, SPEC §9.2); t = 1-based step; returns the update norm."""
-    b1, b2, eps = config.adamw_beta1, config.adamw_beta2, config.adamw_eps
+def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float, eps: float, step: int) -> float:
+    """One AdamW step on X, m, v in place (Dion's scalar AdamW, SPEC §9.2); step = t, 1-based; returns the norm of
+    the lr-scaled update η·m̂/(√v̂ + ε) (before weight decay), accumulated in float64. Arithmetic in m's dtype with
+    the scalars rounded to it (NumPy's rules for Python floats), in the order of the lines below; a backend's kernel
+    that keeps this order and these roundings gives the same bits."""
     G = np.asarray(G).astype(m.dtype, copy=False)
-    m *= b1                                       # m ← lerp(m, g, 1 − β₁)
-    m += (1.0 - b1) * G
-    v *= b2                                       # v ← β₂v + (1 − β₂)g²
-    v += (1.0 - b2) * np.square(G)
-    denom = np.sqrt(v) / math.sqrt(1.0 - b2 ** t) + eps   # √v̂ + ε
-    delta = (lr / (1.0 - b1 ** t)) * (m / denom)          # η·m̂/(√v̂ + ε)
+    m *= beta1                                    # m ← lerp(m, g, 1 − β₁)
+    m += (1.0 - beta1) * G
+    v *= beta2                                    # v ← β₂v + (1 − β₂)g²
+    v += (1.0 - beta2) * np.square(G)
+    denom = np.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps   # √v̂ + ε
+    delta = (lr / (1.0 - beta1 ** step)) * (m / denom)          # η·m̂/(√v̂ + ε)
     X *= 1.0 - lr * wd
     X -= delta
     return float(np.linalg.norm(delta.astype(np.float64)))
 
 
 def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float,
-                   orthogonalize=None) -> dict:
+                   kernels=None) -> dict:
     """One optimizer step: updates `params` and `state` in place (arrays reused, dtypes kept).
 
     Muon parameters use `muon_lr`, AdamW parameters `adamw_lr` (the scheduled learning rates, SPEC §9.1); the
     per-parameter weight decay is `weight_decay_for`. expert_bias is skipped (its gradient, if any, is ignored).
-    Clip the gradients beforehand with `clip_grad_norm`. `orthogonalize` replaces `newton_schulz` (same signature:
-    a backend's kernel, e.g. `get_backend("numba").newton_schulz`). state["step"] counts steps: AdamW's bias correction uses
+    Clip the gradients beforehand with `clip_grad_norm`. `kernels` (an op table from trinity.accel.get_backend,
+    e.g. get_backend("numba")) supplies `newton_schulz` and `adamw_update` with this module's signatures; by default
+    this module's own. state["step"] counts steps: AdamW's bias correction uses
     t = step + 1, and step is incremented once.
 
     Returns logging info: step (the t just taken), muon_lr, adamw_lr, muon_tensors/adamw_tensors (how many
     parameters each group updated) and muon_update_norm/adamw_update_norm (global L2 norm of the lr-scaled update
     before weight decay).
     """
+    k = kernels or _REFERENCE_KERNELS
     t = int(state["step"]) + 1
     norms = {"muon": 0.0, "adamw": 0.0}
     counts = {"muon": 0, "adamw": 0}
@@ -246,9 +265,10 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
         wd = weight_decay_for(config, key)
         try:
             if group == "muon":
-                u = _muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr, wd, orthogonalize)
+                u = _muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr, wd, k)
             else:
-                u = _adamw_update(config, X, G, state[ADAMW_M + key], state[ADAMW_V + key], t, adamw_lr, wd)
+                u = k.adamw_update(X, G, state[ADAMW_M + key], state[ADAMW_V + key], lr=adamw_lr, wd=wd,
+                                   beta1=config.adamw_beta1, beta2=config.adamw_beta2, eps=config.adamw_eps, step=t)
         except KeyError as e:
             raise KeyError(f"optimizer state has no {e.args[0]!r}; build it with init_optimizer_state") from None
         norms[group] += u * u
@@ -260,3 +280,8 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     return {"step": t, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr),
             "muon_tensors": counts["muon"], "adamw_tensors": counts["adamw"],
             "muon_update_norm": math.sqrt(norms["muon"]), "adamw_update_norm": math.sqrt(norms["adamw"])}
+
+
+# The kernels optimizer_step and clip_grad_norm use when no backend table is given.
+_REFERENCE_KERNELS = SimpleNamespace(newton_schulz=newton_schulz, adamw_update=adamw_update,
+                                     sum_of_squares=sum_of_squares, scaled=scaled)

@@ -69,7 +69,8 @@ def test_table_has_every_leaf_op(backend):
     for names in LEAF_OPS.values():
         for name in names:
             assert callable(getattr(backend, name)), name
-    assert callable(backend.newton_schulz)
+    for name in ("newton_schulz", "adamw_update", "sum_of_squares", "scaled"):  # the optimizer kernels
+        assert callable(getattr(backend, name)), name
     assert backend.xp is not None and isinstance(backend.name, str)
     with backend.scope("model.layers.0"):
         pass
@@ -356,3 +357,41 @@ def test_newton_schulz(backend, dtype, record, batch, m, n, coefficients, steps,
     cond = float(np.prod([abs(a) for a, _, _ in _coefficient_schedule(coefficients, steps)]))
     check_close(X_b, X_r, dtype, steps * (2 * min(m, n) + max(m, n)), scale=amax(X_r) * cond,
                 what="newton_schulz", recorder=record)
+
+
+# ---- AdamW and clipping kernels (SPEC §9.2, §14 #3) ---------------------------------------------------------------
+@SETTINGS
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=3), st.integers(1, 2000), st.floats(0.0, 0.3),
+       st.sampled_from([(0.9, 0.95), (0.8, 0.999), (0.0, 0.0)]), st.sampled_from([1e-8, 1e-3]), st.booleans(), seeds)
+def test_adamw_update(backend, dtype, record, shape, step, wd, betas, eps, transposed_grad, seed):
+    """Same bits as the reference for parameter and state (elementwise, same order and roundings); the update norm
+    is a float64 sum of n squares in another order: relative error ≤ n·ε₆₄ (the worst case of any summation order)."""
+    from trinity.reference.optim import adamw_update
+
+    rng = np.random.default_rng(seed)
+    X, m = randn(rng, shape, dtype), randn(rng, shape, dtype, 0.1)
+    v = np.abs(randn(rng, shape, dtype, 0.01))
+    G = randn(rng, shape[::-1], dtype).T if transposed_grad else randn(rng, shape, dtype)
+    kw = dict(lr=1e-3, wd=wd, beta1=betas[0], beta2=betas[1], eps=eps, step=step)
+    ref = [a.copy() for a in (X, m, v)]
+    got = [to_backend(backend, a.copy()) for a in (X, m, v)]
+    n_r = adamw_update(*ref[:1], G, *ref[1:], **kw)
+    n_b = backend.adamw_update(got[0], to_backend(backend, G), got[1], got[2], **kw)
+    for name, r, b in zip(("X", "m", "v"), ref, got):
+        np.testing.assert_array_equal(to_numpy(b), r, err_msg=f"adamw_update {name}")
+    assert abs(n_b - n_r) <= X.size * np.finfo(np.float64).eps * n_r
+
+
+@SETTINGS
+@given(st.lists(st.integers(1, 400), min_size=1, max_size=3), st.floats(-30, 30), st.booleans(), seeds)
+def test_clip_kernels(backend, dtype, record, shape, log_scale, transposed, seed):
+    """sum_of_squares: float64 accumulation of n exact squares in another order, relative error ≤ n·ε₆₄; scaled:
+    the same bits (one float64 product rounded once)."""
+    from trinity.reference.optim import scaled, sum_of_squares
+
+    rng = np.random.default_rng(seed)
+    x = randn(rng, shape[::-1], dtype).T if transposed else randn(rng, shape, dtype)
+    s_r, s_b = sum_of_squares(x), backend.sum_of_squares(to_backend(backend, x))
+    assert abs(s_b - s_r) <= x.size * np.finfo(np.float64).eps * s_r
+    factor = float(np.exp(log_scale) / 7.0)
+    np.testing.assert_array_equal(to_numpy(backend.scaled(to_backend(backend, x), factor)), scaled(x, factor))

@@ -15,6 +15,8 @@ small singular directions by ∏ a_j ≈ 500. The backend's part of the optimize
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -146,7 +148,7 @@ def _kind(key: str) -> str:
 
 
 def _optimizer(config, params, grads, backend):
-    """One optimizer_step on copies; `backend`'s newton_schulz replaces the reference's when given."""
+    """One optimizer_step on copies; `backend`'s optimizer kernels replace the reference's when given."""
     p = {k: v.copy() for k, v in params.items()}
     state = init_optimizer_state(config, p)
     if backend is None:
@@ -156,5 +158,7 @@ def _optimizer(config, params, grads, backend):
     def ns(G, **kwargs):
         return _np(backend.newton_schulz(backend.xp.asarray(G), **kwargs))
 
-    optimizer_step(config, p, grads, state, config.muon_lr, config.adamw_lr, orthogonalize=ns)
+    # the optimizer holds NumPy arrays; the elementwise kernels take them as they are (CuPy's would need host copies)
+    kernels = SimpleNamespace(newton_schulz=ns, adamw_update=backend.adamw_update)
+    optimizer_step(config, p, grads, state, config.muon_lr, config.adamw_lr, kernels=kernels)
     return p, state

@@ -1,0 +1,118 @@
+"""The optimizer's elementwise kernels in numba: AdamW in one pass, and the two halves of global-norm clipping
+(SPEC §9.2, §14 #3). Drop-ins for trinity.reference.optim.adamw_update, sum_of_squares and scaled.
+
+The reference AdamW is eight NumPy passes over every parameter with three temporaries the size of the parameter
+(m/denom, √v, the update); here each element is read and written once:
+
+    m ← β₁m + (1 − β₁)g;  v ← β₂v + (1 − β₂)g²;  δ = c₁ · (m / (√v / c₂ + ε));  X ← X·(1 − ηλ) − δ
+    c₁ = η/(1 − β₁ᵗ),  c₂ = √(1 − β₂ᵗ)
+
+with every scalar rounded to the parameter's dtype first and every operation rounded to it, in the reference's
+order (float32 products and quotients of float32 operands are exact in float64, so the result is the same bits as
+NumPy's). Sums of squares (the update norm, the gradient norm) are accumulated in float64 per block of BLOCK
+elements and the blocks added in order, so results do not depend on the number of threads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from trinity.reference.optim import adamw_update as reference_adamw_update
+
+from ._jit import kernel, run_tasks
+
+__all__ = ["adamw_update", "sum_of_squares", "scaled"]
+
+BLOCK = 1 << 16  # elements per task
+
+
+@kernel
+def _adamw_tasks(first, stride, n, x, g, m, v, coef, partial):
+    """coef = (β₁, 1 − β₁, β₂, 1 − β₂, c₂, ε, c₁, 1 − ηλ) in x's dtype; partial[task] = Σ δ² of the task's block."""
+    b1, a1, b2, a2, c2, eps, c1, decay = coef[0], coef[1], coef[2], coef[3], coef[4], coef[5], coef[6], coef[7]
+    size = x.shape[0]
+    for task in range(first, n, stride):
+        acc = 0.0
+        for i in range(task * BLOCK, min(size, (task + 1) * BLOCK)):
+            gi = g[i]
+            mi = m[i] * b1
+            mi = mi + a1 * gi
+            vi = v[i] * b2
+            vi = vi + a2 * (gi * gi)
+            denom = np.sqrt(vi) / c2
+            denom = denom + eps
+            delta = c1 * (mi / denom)
+            m[i] = mi
+            v[i] = vi
+            x[i] = x[i] * decay - delta
+            acc += np.float64(delta) * np.float64(delta)
+        partial[task] = acc
+
+
+@kernel
+def _sum_of_squares_tasks(first, stride, n, x, partial):
+    size = x.shape[0]
+    for task in range(first, n, stride):
+        acc = 0.0
+        for i in range(task * BLOCK, min(size, (task + 1) * BLOCK)):
+            acc += np.float64(x[i]) * np.float64(x[i])
+        partial[task] = acc
+
+
+@kernel
+def _scaled_tasks(first, stride, n, x, scale, out):
+    size = x.shape[0]
+    for task in range(first, n, stride):
+        for i in range(task * BLOCK, min(size, (task + 1) * BLOCK)):
+            out[i] = np.float64(x[i]) * scale
+
+
+def _tasks(size: int) -> int:
+    return -(-size // BLOCK)
+
+
+def _flat_view(a):
+    """a as a 1-D view (no copy), or None when it is not a contiguous float32/float64 array."""
+    if not isinstance(a, np.ndarray) or a.dtype not in (np.float32, np.float64) or not a.flags.c_contiguous:
+        return None
+    return a.reshape(-1)
+
+
+def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float, eps: float, step: int) -> float:
+    """trinity.reference.optim.adamw_update in one pass (same arguments, same bits, same returned norm up to the
+    order of the float64 sum). Non-contiguous or mixed-dtype state falls back to the reference."""
+    x, mf, vf = _flat_view(X), _flat_view(m), _flat_view(v)
+    if x is None or mf is None or vf is None or not (X.dtype == m.dtype == v.dtype) or X.shape != m.shape:
+        return reference_adamw_update(X, G, m, v, lr=lr, wd=wd, beta1=beta1, beta2=beta2, eps=eps, step=step)
+    g = np.ascontiguousarray(G, dtype=m.dtype).reshape(-1)
+    if g.shape != x.shape:
+        raise ValueError(f"gradient of shape {np.shape(G)} for a parameter of shape {X.shape}")
+    coef = np.array([beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
+                     lr / (1.0 - beta1 ** step), 1.0 - lr * wd], dtype=m.dtype)
+    partial = np.zeros(_tasks(x.size), dtype=np.float64)
+    run_tasks(_adamw_tasks, partial.size, x, g, mf, vf, coef, partial)
+    return math.sqrt(float(partial.sum()))
+
+
+def sum_of_squares(x) -> float:
+    """Σ x² in float64 (trinity.reference.optim.sum_of_squares; equal up to the order of the sum)."""
+    flat = _flat_view(np.ascontiguousarray(x)) if np.asarray(x).dtype in (np.float32, np.float64) else None
+    if flat is None:
+        x64 = np.asarray(x, dtype=np.float64).reshape(-1)
+        return float(np.vdot(x64, x64))
+    partial = np.zeros(_tasks(flat.size), dtype=np.float64)
+    run_tasks(_sum_of_squares_tasks, partial.size, flat, partial)
+    return float(partial.sum())
+
+
+def scaled(x, scale: float):
+    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.optim.scaled; same bits)."""
+    x = np.asarray(x)
+    flat = _flat_view(np.ascontiguousarray(x)) if x.dtype in (np.float32, np.float64) else None
+    if flat is None:
+        return (x.astype(np.float64) * scale).astype(x.dtype)
+    out = np.empty_like(flat)
+    run_tasks(_scaled_tasks, _tasks(flat.size), flat, float(scale), out)
+    return out.reshape(x.shape)
