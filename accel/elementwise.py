@@ -25,6 +25,20 @@ SWIGLU, SWIGLU_BACKWARD, GATE, GATE_BACKWARD = 0, 1, 2, 3
 
 
 @kernel
+def swiglu_value(a, c):
+    """silu(a)·c for one element (inlined into the loops that call it, which stay vectorisable)."""
+    return a * vsigmoid(a) * c
+
+
+@kernel
+def swiglu_grads(dh, a, c):
+    """(da, dc) of h = silu(a)·c for one element, given dh."""
+    s = vsigmoid(a)
+    one = one_like(s)
+    return dh * c * s * (one + a * (one - s)), dh * a * s
+
+
+@kernel
 def _gated_tasks(first, stride, n, mode, a, c, dy, out1, out2):
     """mode SWIGLU: out1 = silu(a)·c;  SWIGLU_BACKWARD: (out1, out2) = (da, dc);
     GATE: out1 = a·σ(c) (a = o, c = g);  GATE_BACKWARD: (out1, out2) = (do, dg)."""
@@ -33,13 +47,10 @@ def _gated_tasks(first, stride, n, mode, a, c, dy, out1, out2):
         lo, hi = task * CHUNK, min(size, (task + 1) * CHUNK)
         if mode == SWIGLU:
             for i in range(lo, hi):
-                out1[i] = a[i] * vsigmoid(a[i]) * c[i]
+                out1[i] = swiglu_value(a[i], c[i])
         elif mode == SWIGLU_BACKWARD:
             for i in range(lo, hi):
-                s = vsigmoid(a[i])
-                one = one_like(s)
-                out1[i] = dy[i] * c[i] * s * (one + a[i] * (one - s))
-                out2[i] = dy[i] * a[i] * s
+                out1[i], out2[i] = swiglu_grads(dy[i], a[i], c[i])
         elif mode == GATE:
             for i in range(lo, hi):
                 out1[i] = a[i] * vsigmoid(c[i])

@@ -2,8 +2,10 @@
 
 dispatch   a counting sort of the N·K (token, slot) assignments by expert (stable, O(N·K)): the same Dispatch as
            the reference's stable argsort, so each expert's rows are one contiguous block, tokens in order.
-experts    per expert one matrix product per weight over its block (numpy @, i.e. BLAS, writing straight into
-           the grouped output); experts with no tokens are skipped; SwiGLU over all blocks at once in numba.
+experts    per expert one matrix product per stacked weight over its block (numpy @, i.e. BLAS, writing straight
+           into the grouped output): [a | c] = x [W1; W3]ᵀ is one product of width 2I (wider products run closer to
+           the BLAS peak than two of width I), then SwiGLU over all blocks at once in numba, then h W2ᵀ; experts
+           with no tokens are skipped.
 combine    per token y_t = Σ_k g_{t,k} · y_grouped[row(t, k)], a gather (no N·K×d temporary); scatter_to_tokens is
            the same gather without gates; combine_backward gives each grouped row g·dy and each gate ⟨dy, y⟩.
 """
@@ -15,7 +17,7 @@ import numpy as np
 from trinity.reference.moe import Dispatch
 
 from ._jit import kernel, run_tasks
-from .elementwise import swiglu_backward, swiglu_forward
+from .elementwise import swiglu_grads, swiglu_value
 
 __all__ = ["dispatch", "experts_forward", "experts_backward", "combine", "combine_backward", "scatter_to_tokens"]
 
@@ -54,42 +56,72 @@ def dispatch(experts, num_experts):
     return Dispatch(token, slot, offsets, counts)
 
 
+@kernel
+def _swiglu_rows_tasks(first, stride, n, backward, ac, dh, out):
+    """Rows of ac [M, 2I] hold [a | c] of one grouped row. forward: out [M, I] = silu(a)·c;
+    backward: out [M, 2I] = [da | dc] given dh [M, I]. Same per-element formulas as elementwise's SwiGLU."""
+    M = ac.shape[0]
+    I = ac.shape[1] // 2
+    for task in range(first, n, stride):
+        for r in range(task * ROWS, min(M, (task + 1) * ROWS)):
+            a, c = ac[r, :I], ac[r, I:]
+            if backward:
+                g, da, dc = dh[r], out[r, :I], out[r, I:]
+                for j in range(I):
+                    da[j], dc[j] = swiglu_grads(g[j], a[j], c[j])
+            else:
+                h = out[r]
+                for j in range(I):
+                    h[j] = swiglu_value(a[j], c[j])
+
+
+def _stacked_w13(w1, w3):
+    """[E, 2I, d]: each expert's W1 over its W3, so x ↦ [a | c] is one matrix product per expert."""
+    return np.concatenate((w1, w3), axis=1)
+
+
+def _blocks(offsets, num_experts):
+    return [(e, offsets[e], offsets[e + 1]) for e in range(num_experts) if offsets[e + 1] > offsets[e]]
+
+
 def experts_forward(x_grouped, offsets, w1, w3, w2):
-    """FFN_e(x) = W2_e (silu(W1_e x) ⊙ W3_e x) on each expert's block of rows (SPEC §4.9); ctx (x, offsets, a, c, h)."""
+    """FFN_e(x) = W2_e (silu(W1_e x) ⊙ W3_e x) on each expert's block of rows (SPEC §4.9); ctx (x, offsets, ac, h)
+    with ac = [a | c] per row."""
     M, d = x_grouped.shape
     I = w1.shape[1]
-    a = np.empty((M, I), dtype=x_grouped.dtype)
-    c = np.empty_like(a)
+    w13 = _stacked_w13(w1, w3)
+    ac = np.empty((M, 2 * I), dtype=x_grouped.dtype)
+    h = np.empty((M, I), dtype=x_grouped.dtype)
     y = np.empty((M, d), dtype=x_grouped.dtype)
-    blocks = [(e, offsets[e], offsets[e + 1]) for e in range(w1.shape[0]) if offsets[e + 1] > offsets[e]]
+    blocks = _blocks(offsets, w1.shape[0])
     for e, lo, hi in blocks:
-        np.matmul(x_grouped[lo:hi], w1[e].T, out=a[lo:hi])
-        np.matmul(x_grouped[lo:hi], w3[e].T, out=c[lo:hi])
-    h, _ = swiglu_forward(a, c)
+        np.matmul(x_grouped[lo:hi], w13[e].T, out=ac[lo:hi])
+    run_tasks(_swiglu_rows_tasks, -(-M // ROWS), False, ac, ac, h)
     for e, lo, hi in blocks:
         np.matmul(h[lo:hi], w2[e].T, out=y[lo:hi])
-    return y, (x_grouped, offsets, a, c, h)
+    return y, (x_grouped, offsets, ac, h)
 
 
 def experts_backward(ctx, dy_grouped, w1, w3, w2):
-    """(dx_grouped, dW1, dW3, dW2) per expert block (SPEC §5); experts with no tokens get zero gradients."""
-    x_grouped, offsets, a, c, h = ctx
+    """(dx_grouped, dW1, dW3, dW2) per expert block (SPEC §5); experts with no tokens get zero gradients.
+    dW1 and dW3 come out of one product [da | dc]ᵀ x, and dx = [da | dc] [W1; W3] is one product over 2I."""
+    x_grouped, offsets, ac, h = ctx
     dy_grouped = np.ascontiguousarray(dy_grouped, dtype=x_grouped.dtype)
+    E, I = w1.shape[0], w1.shape[1]
+    w13 = _stacked_w13(w1, w3)
     dx = np.empty_like(x_grouped)
-    dh = np.empty_like(a)
-    dw1, dw3, dw2 = np.zeros_like(w1), np.zeros_like(w3), np.zeros_like(w2)
-    blocks = [(e, offsets[e], offsets[e + 1]) for e in range(w1.shape[0]) if offsets[e + 1] > offsets[e]]
+    dh = np.empty_like(h)
+    dac = np.empty_like(ac)
+    dw13, dw2 = np.zeros((E, 2 * I, w1.shape[2]), dtype=w1.dtype), np.zeros_like(w2)
+    blocks = _blocks(offsets, E)
     for e, lo, hi in blocks:
         np.matmul(dy_grouped[lo:hi], w2[e], out=dh[lo:hi])
         np.matmul(dy_grouped[lo:hi].T, h[lo:hi], out=dw2[e])
-    da, dc = swiglu_backward((a, c), dh)
+    run_tasks(_swiglu_rows_tasks, -(-ac.shape[0] // ROWS), True, ac, dh, dac)
     for e, lo, hi in blocks:
-        xe = x_grouped[lo:hi]
-        np.matmul(da[lo:hi].T, xe, out=dw1[e])
-        np.matmul(dc[lo:hi].T, xe, out=dw3[e])
-        np.matmul(da[lo:hi], w1[e], out=dx[lo:hi])
-        dx[lo:hi] += dc[lo:hi] @ w3[e]
-    return dx, dw1, dw3, dw2
+        np.matmul(dac[lo:hi].T, x_grouped[lo:hi], out=dw13[e])
+        np.matmul(dac[lo:hi], w13[e], out=dx[lo:hi])
+    return dx, np.ascontiguousarray(dw13[:, :I]), np.ascontiguousarray(dw13[:, I:]), dw2
 
 
 # ---- combine and its transposes -----------------------------------------------------------------------------------

@@ -288,7 +288,7 @@ def test_experts_and_combine(backend, dtype, record, N, E, data, d, I, seed):
     dyg = randn(rng, y_r.shape, dtype)
     sizes = terms(lambda c, *a: REFERENCE.experts_backward(fwd_abs[1], *a), c_r, dyg, w1, w3, w2)
     for name, g_r, g_b, n, size in zip(("dx", "dW1", "dW3", "dW2"), REFERENCE.experts_backward(c_r, dyg, w1, w3, w2),
-                                       run(backend, "experts_backward", c_b, dyg, w1, w3, w2), (I + d, N, N, N), sizes):
+                                       run(backend, "experts_backward", c_b, dyg, w1, w3, w2), (2 * I + d, N, N, N), sizes):
         check_close(to_numpy(g_b), g_r, dtype, n, scale=size, what=f"experts_backward {name}", recorder=record)
     weights = rng.uniform(0.1, 1.0, (N, K)).astype(dtype)
     out_r, out_b = REFERENCE.combine(y_r, weights, plan, N), run(backend, "combine", y_r, weights, plan_b, N)
