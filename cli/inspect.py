@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from .common import CLIError, load_model, load_model_tokenizer
+from .common import CLIError, load_backend, load_model, load_model_tokenizer
 
 NAME = "inspect"
 HELP = "step through one forward (--step: + backward, balancing, optimizer step), operator by operator"
@@ -52,6 +52,8 @@ def add_parser(subparsers):
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="compute dtype (default: the checkpoint's; float32 for HF directories and presets)")
     p.add_argument("--seed", type=int, default=0, help="init seed for a preset (default 0)")
+    p.add_argument("--backend", default="reference", choices=("reference", "numba", "cupy"),
+                   help="operator table to trace (trinity.accel.get_backend; default reference)")
     p.set_defaults(run=run)
     return p
 
@@ -312,7 +314,8 @@ def run(args) -> int:
 
     try:
         st = StepThrough(config, params, tokens, labels=tokens if args.step else None, doc_ids=doc_ids,
-                         step=args.step, optimizer_state=opt_state, balancing_state=bal_state, keep=keep, inplace=True)
+                         step=args.step, optimizer_state=opt_state, balancing_state=bal_state, keep=keep, inplace=True,
+                         ops=load_backend(args.backend))
     except ValueError as e:  # bad inputs caught by the model's own checks
         raise CLIError(str(e)) from None
     view = _View(config, tokens, label, out)

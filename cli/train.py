@@ -19,17 +19,23 @@ def add_parser(subparsers):
                               epilog="example: trinity train configs/tiny-synthetic.toml")
     p.add_argument("run_file", metavar="RUN.toml", help="the run file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    p.add_argument("--backend", choices=("reference", "numba", "cupy"),
+                   help="operator table, overriding [train] backend of the run file (trinity.accel.get_backend)")
     p.set_defaults(run=run)
     return p
 
 
 def run(args) -> int:
+    import dataclasses
+
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer
     from trinity.reference.checkpoint import CheckpointError
 
     try:
         run_config = load_run_config(args.run_file)
+        if args.backend:
+            run_config = dataclasses.replace(run_config, backend=args.backend)
         trainer = Trainer(run_config, resume=args.resume)
     except (RunConfigError, CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None

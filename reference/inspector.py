@@ -526,7 +526,8 @@ class StepThrough:
             return
 
         # The update, in the trainer's order: clip, balancing, optimizer (distributed/trainer.py).
-        self.clipped_grads, self.grad_norm = clip_grad_norm(self.grads, c.grad_clip_norm)
+        kernels = self.base_ops if hasattr(self.base_ops, "adamw_update") else None  # a backend's optimizer kernels
+        self.clipped_grads, self.grad_norm = clip_grad_norm(self.grads, c.grad_clip_norm, kernels)
         scale = min(1.0, c.grad_clip_norm / self.grad_norm) if c.grad_clip_norm > 0 and self.grad_norm > 0 else 1.0
         tracer.emit("clip_grad_norm", "clip_grad_norm", "clip", {"max_norm": c.grad_clip_norm},
                     {"grad_norm": self.grad_norm, "scale": scale})
@@ -570,7 +571,7 @@ class StepThrough:
             name = key[: -len(".weight")] if key.endswith(".weight") else key
             wanted = tracer.keep is None or tracer.keep(name, group, "optimizer")
             before = X.copy() if wanted else None
-            r = optimizer_step(c, {key: X}, {key: self.clipped_grads[key]}, sub, muon_lr, adamw_lr)
+            r = optimizer_step(c, {key: X}, {key: self.clipped_grads[key]}, sub, muon_lr, adamw_lr, kernels)
             for g in ("muon", "adamw"):
                 info[f"{g}_tensors"] += r[f"{g}_tensors"]
                 info[f"{g}_update_norm"] += r[f"{g}_update_norm"] ** 2

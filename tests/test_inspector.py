@@ -332,6 +332,23 @@ def test_inspect_dump_is_bitwise_logits_and_loss_and_grads(tmp_path, capsys):
             assert _equal(rec["inputs"]["bias"], params[name])
 
 
+def test_inspect_backend_traces_that_backend(tmp_path, capsys):
+    """--backend numba traces the numba table: the dumped gradients are numba's (bitwise), not the reference's."""
+    pytest.importorskip("numba")
+    from trinity.accel import get_backend
+
+    path, config, params = _checkpoint(tmp_path)
+    trace = tmp_path / "trace.h5"
+    assert main(["inspect", str(path), "--tokens", ",".join(map(str, TOKENS)), "--step", "--backend", "numba",
+                 "--op", "lm_head", "--dump", str(trace)]) == 0
+    tokens = np.asarray([TOKENS])
+    _, grads, _ = loss_and_grads(config, params, tokens, tokens, ops=get_backend("numba"))
+    recorded = read_trace(trace)
+    dw = recorded[("lm_head", "backward")]["outputs"]["dw"]
+    assert _equal(dw, grads["lm_head.weight"])
+    assert not _equal(dw, loss_and_grads(config, params, tokens, tokens)[1]["lm_head.weight"])  # not the reference
+
+
 def test_inspect_filters_the_table_and_the_dump(tmp_path, capsys):
     path, _, _ = _checkpoint(tmp_path)
     trace = tmp_path / "trace.h5"

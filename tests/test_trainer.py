@@ -185,6 +185,19 @@ def test_numba_backend_trains_like_the_reference(tmp_path):
     np.testing.assert_allclose(losses["numba"], losses["reference"], rtol=1e-4)
 
 
+def test_cli_backend_overrides_the_run_file(tmp_path):
+    """`trinity train RUN --backend X` replaces [train] backend: an unavailable X fails naming it, before training."""
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("cupy is installed here")
+    except ImportError:
+        pass
+    path = make_run(tmp_path, tokens=200, backend="reference")
+    out = trinity("train", str(path), "--backend", "cupy")
+    assert out.returncode == 2 and "backend = 'cupy'" in out.stderr, out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_unavailable_backend_fails_before_training(tmp_path):
     path = make_run(tmp_path, tokens=200, backend="cupy")
     try:
