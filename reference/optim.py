@@ -63,6 +63,17 @@ def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, 
     return [table[min(i, len(table) - 1)] for i in range(steps)]
 
 
+def ns_input(G, dtype=None):
+    """(G as an array, the compute dtype, tall) for Newton–Schulz: the checks and dtype rule every implementation
+    shares (see newton_schulz). tall: rows > cols, so the iteration runs on Gᵀ."""
+    G = np.asarray(G)
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
+    if dtype is None:
+        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.float32
+    return G, np.dtype(dtype), G.shape[-2] > G.shape[-1]
+
+
 def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None) -> np.ndarray:
     """Approximate the polar factor U Vᵀ of G = U Σ Vᵀ ("zeropower", SPEC §9.2).
 
@@ -82,13 +93,7 @@ def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dty
     float32 or float64, else float32 — a deliberate difference (SPEC §9.2). The Frobenius norm is accumulated in
     float64. The result has the compute dtype.
     """
-    G = np.asarray(G)
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
-    if dtype is None:
-        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.float32
-    dtype = np.dtype(dtype)
-    tall = G.shape[-2] > G.shape[-1]
+    G, dtype, tall = ns_input(G, dtype)
     X = G.astype(dtype, copy=False)
     if tall:
         X = np.swapaxes(X, -1, -2)
