@@ -2,12 +2,14 @@
 the numba backend, and PyTorch running transformers' AfmoeForCausalLM with torch.optim.AdamW, interleaved.
 
     python benchmarks/train_step.py [--rounds 3] [--steps 2] [--threads 2] [--batch 4] [--seq 512]
+    python benchmarks/train_step.py --profile numba      # one step, operator by operator (TimedOps)
 
 Each (round, implementation) runs in its own subprocess pinned to --threads threads, so peak memory (ru_maxrss of
 that child) is per implementation; rounds interleave the implementations so machine noise hits them alike. A child
 does one warm-up step (numba compilation, allocator warm-up), then times --steps steps. Printed: median tokens/s,
 its ratio to PyTorch, peak RSS, and achieved FLOP/s as a fraction of this machine's float32 matrix-product peak
-(numpy, same threads, measured at the start of the run). FLOPs per step are counted analytically (flops()).
+(numpy, same threads, measured before the first round and after every round; the best of those is the peak, since
+a shared machine only ever makes a measurement slower). FLOPs per step are counted analytically (flops()).
 
 PyTorch runs in its default implementations (sdpa attention, grouped_mm experts) in float32 with torch.optim.AdamW.
 Like for like, "reference" and "numba" run the same step: AdamW on every parameter (Config.matrix_optimizer =
@@ -120,13 +122,15 @@ def bench_config(impl: str):
     return config if impl.endswith("-muon") else config.replace(matrix_optimizer="adamw")
 
 
-def _trinity_step(config, params, tokens, impl):
+def _trinity_step(config, params, tokens, impl, ops=None):
+    """The step as the trainer takes it (distributed/trainer.py): loss_and_grads, clip, balancing, optimizer.
+    `ops` replaces the backend's table (the profile passes a TimedOps around it)."""
+    from trinity.accel import get_backend
     from trinity.reference import loss_and_grads
     from trinity.reference.balancing import balance_step, init_balancing_state
     from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
 
-    from trinity.accel import get_backend
-    ops = get_backend(impl)
+    ops = ops or get_backend(impl)
     opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)
 
     def step():
@@ -135,6 +139,27 @@ def _trinity_step(config, params, tokens, impl):
         balance_step(config, params, bal, {l: s["expert_counts"] for l, s in stats["layers"].items()})
         optimizer_step(config, params, grads, opt, config.muon_lr, config.adamw_lr, kernels=ops)
     return step
+
+
+def profile(impl: str, batch: int, seq: int) -> str:
+    """Where one trinity step's time goes: a warm-up step, then one step with every operator and optimizer kernel
+    timed (trinity.accel.timing.TimedOps); the table is sorted by wall time, shares of the whole step."""
+    import numpy as np
+
+    from trinity.accel import get_backend
+    from trinity.accel.timing import TimedOps
+    from trinity.reference import init_params
+
+    config = bench_config(impl)
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq))
+    timed = TimedOps(get_backend(impl.removesuffix("-muon")))
+    step = _trinity_step(config, init_params(config, 0, np.float32), tokens, None, ops=timed)
+    step()
+    timed.reset()
+    t0 = time.perf_counter()
+    step()
+    total = time.perf_counter() - t0
+    return f"{impl}: one step {total:.2f} s\n" + timed.report(total)
 
 
 def _torch_step(config, tokens, threads):
@@ -184,11 +209,20 @@ def main():
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--only", nargs="*", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    ap.add_argument("--profile", choices=[i for i in IMPLEMENTATIONS if i != "pytorch"],
+                    help="instead of timing: one step of this implementation, operator by operator")
     ap.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.batch, args.seq, args.threads)))
+        if args.profile:
+            print(profile(args.child, args.batch, args.seq))
+        else:
+            print(json.dumps(child(args.child, args.steps, args.batch, args.seq, args.threads)))
         return
+    if args.profile:  # in a child, so the thread settings take effect before numpy starts
+        cmd = [sys.executable, __file__, "--child", args.profile, "--profile", args.profile, "--threads",
+               str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq)]
+        raise SystemExit(subprocess.run(cmd, env=_env(args.threads)).returncode)
 
     step_flops = {impl: flops(bench_config(impl), args.batch, args.seq) for impl in IMPLEMENTATIONS}
     step_flops["numba-muon"] += muon_flops(bench_config("numba-muon"))
@@ -214,9 +248,11 @@ def main():
             results[impl]["seconds"] += res["seconds"]
             results[impl]["peak_rss"] = max(results[impl]["peak_rss"], res["peak_rss"])
             print(f"  round {r + 1} {impl:10s} step {statistics.median(res['seconds']):6.2f} s", flush=True)
+        peak = max(peak, matmul_peak(args.threads))
     tokens = args.batch * args.seq
     base = statistics.median(results["pytorch"]["seconds"]) if "pytorch" in results else None
-    print(f"\n{'impl':11s} {'step s':>7s} {'tokens/s':>10s} {'vs torch':>9s} {'peak RSS':>10s} {'of peak':>8s}")
+    print(f"\nfloat32 matmul peak (best of {args.rounds + 1} measurements): {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'impl':11s} {'step s':>7s} {'tokens/s':>10s} {'vs torch':>9s} {'peak RSS':>10s} {'of peak':>8s}")
     for impl in impls:
         sec = statistics.median(results[impl]["seconds"])
         ratio = f"{base / sec:8.2f}x" if base else "       -"

@@ -192,6 +192,14 @@ def test_every_key_lands_in_its_documented_group(preset, router):
     assert seen == {"muon", "adamw", "none"}
 
 
+def test_matrix_optimizer_adamw_puts_every_parameter_on_adamw():
+    c = Config.preset("tiny").replace(matrix_optimizer="adamw")
+    groups = {key: param_group(c, key, shape) for key, shape in param_shapes(c).items()}
+    assert {k for k, g in groups.items() if g != "adamw"} == {k for k in groups if k.endswith("expert_bias")}
+    with pytest.raises(ValueError, match="matrix_optimizer"):
+        Config.preset("tiny").replace(matrix_optimizer="sgd")
+
+
 def test_state_layout():
     c = Config.preset("tiny")
     params = init_params(c, dtype=np.float32)
@@ -224,6 +232,8 @@ def _hand_ns(G, triples, eps):
 def _hand_group(c, key):
     if key.endswith("expert_bias"):
         return "none"
+    if c.matrix_optimizer == "adamw":  # the all-AdamW baseline
+        return "adamw"
     if key in ("model.embed_tokens.weight", "lm_head.weight") or key.endswith("norm.weight"):
         return "adamw"
     if key.endswith("router.gate.weight"):
@@ -266,12 +276,13 @@ def _hand_steps(c, params0, grads_seq, lrs):
     return out
 
 
-@pytest.mark.parametrize("nesterov, coefficients, adjust, router", [
-    (False, "dion", "trinity", "muon"), (True, "keller", "dion", "adamw")])
-def test_two_steps_match_hand_computation(nesterov, coefficients, adjust, router):
+@pytest.mark.parametrize("nesterov, coefficients, adjust, router, matrices", [
+    (False, "dion", "trinity", "muon", "muon"), (True, "keller", "dion", "adamw", "muon"),
+    (False, "dion", "trinity", "muon", "adamw")])
+def test_two_steps_match_hand_computation(nesterov, coefficients, adjust, router, matrices):
     c = Config.preset("tiny").replace(muon_nesterov=nesterov, muon_ns_coefficients=coefficients,
                                       muon_lr_adjust=adjust, router_optimizer=router, weight_decay=0.1,
-                                      norm_weight_decay=0.0, muon_momentum=0.9)
+                                      norm_weight_decay=0.0, muon_momentum=0.9, matrix_optimizer=matrices)
     params = init_params(c, seed=3, dtype=np.float64)
     # The shapes the test is about: a tall 3-D expert stack and a tall dense matrix (scale √2 under "trinity").
     assert params["model.layers.1.mlp.experts.down_proj"].shape == (8, 64, 32)
