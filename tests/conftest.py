@@ -62,6 +62,13 @@ def _profile_name() -> str:
 settings.load_profile(_profile_name())
 
 
+def pytest_addoption(parser):
+    # here, not in tests/conformance/conftest.py, so that the option exists however pytest is started
+    parser.addoption("--backend", action="store", default=None,
+                     help="op-table backend(s) for tests/conformance, comma-separated: reference, numba, cupy "
+                          "(default: $TRINITY_BACKEND, else numba when installed, else reference)")
+
+
 def pytest_report_header(config):
     s = settings.default
     return (f"hypothesis profile {settings._current_profile or '?'}: max_examples={s.max_examples}, "

@@ -5,9 +5,8 @@
     TRINITY_BACKEND=numba python -m pytest                        the same through the environment
 
 Default (no option, no variable): "numba" when numba is installed, else "reference" (which passes trivially, being
-the definition), so the plain `python -m pytest -n 2` run checks the numba backend. `--backend` is registered by
-this conftest, which pytest loads at start-up only when tests/conformance (or a path inside it) is on the command
-line; from the repository root use TRINITY_BACKEND. A backend that cannot run here (e.g. cupy without a GPU) is
+the definition), so the plain `python -m pytest -n 2` run checks the numba backend. `--backend` is registered in
+tests/conftest.py, so it works from the repository root too (`python -m pytest --backend numba`). A backend that cannot run here (e.g. cupy without a GPU) is
 skipped with the reason, unless it was asked for explicitly, in which case the tests fail: asking for a backend
 and silently testing nothing would hide a broken install.
 
@@ -22,12 +21,6 @@ import os
 import pytest
 
 BACKEND_ENV = "TRINITY_BACKEND"
-
-
-def pytest_addoption(parser):
-    parser.addoption("--backend", action="store", default=None,
-                     help="op-table backend(s) for tests/conformance, comma-separated: reference, numba, cupy "
-                          f"(default: ${BACKEND_ENV}, else numba when installed, else reference)")
 
 
 def _default_backend() -> str:
