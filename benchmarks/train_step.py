@@ -85,10 +85,15 @@ print(2 * {n}**3 / best)
     return float(out.stdout.strip())
 
 
-def _env(threads: int) -> dict:
+def _env(threads: int, impl: str | None = None) -> dict:
+    """The child's environment: every thread pool at `threads`; trinity's implementations also get the BLAS settings
+    the `trinity` command applies (trinity.accel.blas_threads; PyTorch uses MKL and ignores them)."""
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(threads)
+    if impl is not None and impl != "pytorch":
+        from trinity.accel.blas_threads import BLAS_ENV
+        env = {**BLAS_ENV, **env}  # a value the user set wins, as in the command
     return env
 
 
@@ -222,7 +227,7 @@ def main():
     if args.profile:  # in a child, so the thread settings take effect before numpy starts
         cmd = [sys.executable, __file__, "--child", args.profile, "--profile", args.profile, "--threads",
                str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq)]
-        raise SystemExit(subprocess.run(cmd, env=_env(args.threads)).returncode)
+        raise SystemExit(subprocess.run(cmd, env=_env(args.threads, args.profile)).returncode)
 
     step_flops = {impl: flops(bench_config(impl), args.batch, args.seq) for impl in IMPLEMENTATIONS}
     step_flops["numba-muon"] += muon_flops(bench_config("numba-muon"))
@@ -241,7 +246,7 @@ def main():
         for impl in impls:
             out = subprocess.run([sys.executable, __file__, "--child", impl, "--steps", str(args.steps),
                                   "--threads", str(args.threads), "--batch", str(args.batch), "--seq", str(args.seq)],
-                                 env=_env(args.threads), capture_output=True, text=True)
+                                 env=_env(args.threads, impl), capture_output=True, text=True)
             if out.returncode != 0:
                 raise SystemExit(f"{impl} failed:\n{out.stderr[-3000:]}")
             res = json.loads(out.stdout.strip().splitlines()[-1])
