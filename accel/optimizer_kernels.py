@@ -100,12 +100,13 @@ def _flat_view(a):
 def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float, eps: float, step: int) -> float:
     """trinity.reference.optim.adamw_update in one pass (same arguments, same bits, same returned norm up to the
     order of the float64 sum). Non-contiguous or mixed-dtype state falls back to the reference."""
+    if not (np.shape(X) == np.shape(m) == np.shape(v) == np.shape(G)):
+        raise ValueError(f"adamw_update needs one shape for parameter, gradient and both moments, got "
+                         f"{np.shape(X)}, {np.shape(G)}, {np.shape(m)}, {np.shape(v)}")
     x, mf, vf = _flat_view(X), _flat_view(m), _flat_view(v)
-    if x is None or mf is None or vf is None or not (X.dtype == m.dtype == v.dtype) or X.shape != m.shape:
+    if x is None or mf is None or vf is None or not (X.dtype == m.dtype == v.dtype):
         return reference_adamw_update(X, G, m, v, lr=lr, wd=wd, beta1=beta1, beta2=beta2, eps=eps, step=step)
     g = np.ascontiguousarray(G, dtype=m.dtype).reshape(-1)
-    if g.shape != x.shape:
-        raise ValueError(f"gradient of shape {np.shape(G)} for a parameter of shape {X.shape}")
     coef = np.array([beta1, 1.0 - beta1, beta2, 1.0 - beta2, math.sqrt(1.0 - beta2 ** step), eps,
                      lr / (1.0 - beta1 ** step), 1.0 - lr * wd], dtype=m.dtype)
     partial = np.zeros(_tasks(x.size), dtype=np.float64)

@@ -56,7 +56,8 @@ def flops(config, batch: int, seq: int) -> float:
 
 def muon_flops(config) -> float:
     """Matrix-product FLOPs of Muon's Newton–Schulz in one optimizer step: per iteration on a matrix [m, n], m ≤ n,
-    X Xᵀ (2m²n), A Aᵀ (2m³) and (…) X (2m²n), for every matrix Muon updates (routed experts one per expert)."""
+    X Xᵀ (2m²n), A Aᵀ (2m³) and (…) X (2m²n), for every matrix Muon updates (routed experts one per expert). The
+    textbook count: BLAS may form a product with its own transpose (syrk) in about half of that."""
     from trinity.reference import param_shapes
     from trinity.reference.optim import param_group
 
@@ -239,8 +240,8 @@ def main():
             print(f"skipping {impl}: {why}")
         else:
             impls.append(impl)
-    print(f"bench-medium, {args.batch}x{args.seq} tokens, {args.threads} threads; {step_flops['numba']:.3e} FLOPs per step "
-          f"({step_flops['numba-muon']:.3e} with Muon's Newton–Schulz); float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
+    print(f"bench-medium, {args.batch}x{args.seq} tokens, {args.threads} threads; "
+          f"{step_flops['numba']:.3e} FLOPs per step ({step_flops['numba-muon']:.3e} with Muon's Newton–Schulz); float32 matmul peak {peak / 1e9:.0f} GFLOP/s")
     results = {impl: {"seconds": [], "peak_rss": 0} for impl in impls}
     for r in range(args.rounds):
         for impl in impls:

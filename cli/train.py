@@ -8,7 +8,7 @@ continues from the newest checkpoint in the run's checkpoint folder, bit for bit
 
 from __future__ import annotations
 
-from .common import CLIError
+from .common import CLIError, load_backend
 
 NAME = "train"
 HELP = "train a model from a TOML run file (single process)"
@@ -35,6 +35,7 @@ def run(args) -> int:
     try:
         run_config = load_run_config(args.run_file)
         if args.backend:
+            load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
             run_config = dataclasses.replace(run_config, backend=args.backend)
         trainer = Trainer(run_config, resume=args.resume)
     except (RunConfigError, CheckpointError, FileNotFoundError) as e:

@@ -255,6 +255,9 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     before weight decay).
     """
     k = kernels or _REFERENCE_KERNELS
+    if not hasattr(k, "adamw_update"):
+        raise TypeError("kernels must be an op table with newton_schulz and adamw_update (trinity.accel.get_backend), "
+                        f"got {type(k).__name__}")
     t = int(state["step"]) + 1
     norms = {"muon": 0.0, "adamw": 0.0}
     counts = {"muon": 0, "adamw": 0}

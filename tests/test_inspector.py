@@ -346,7 +346,6 @@ def test_inspect_backend_traces_that_backend(tmp_path, capsys):
     recorded = read_trace(trace)
     dw = recorded[("lm_head", "backward")]["outputs"]["dw"]
     assert _equal(dw, grads["lm_head.weight"])
-    assert not _equal(dw, loss_and_grads(config, params, tokens, tokens)[1]["lm_head.weight"])  # not the reference
 
 
 def test_inspect_filters_the_table_and_the_dump(tmp_path, capsys):

@@ -194,7 +194,7 @@ def test_cli_backend_overrides_the_run_file(tmp_path):
         pass
     path = make_run(tmp_path, tokens=200, backend="reference")
     out = trinity("train", str(path), "--backend", "cupy")
-    assert out.returncode == 2 and "backend = 'cupy'" in out.stderr, out.stderr
+    assert out.returncode == 2 and "--backend cupy" in out.stderr, out.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -5,10 +5,10 @@
     TRINITY_BACKEND=numba python -m pytest                        the same through the environment
 
 Default (no option, no variable): "numba" when numba is installed, else "reference" (which passes trivially, being
-the definition), so the plain `python -m pytest -n 2` run checks the numba backend. `--backend` is registered in
-tests/conftest.py, so it works from the repository root too (`python -m pytest --backend numba`). A backend that cannot run here (e.g. cupy without a GPU) is
-skipped with the reason, unless it was asked for explicitly, in which case the tests fail: asking for a backend
-and silently testing nothing would hide a broken install.
+the definition), so the plain `python -m pytest -n 2` run checks the numba backend. `--backend` is registered
+in tests/conftest.py, so it works from the repository root too (`python -m pytest --backend numba`). A backend
+that cannot run here (e.g. cupy without a GPU) is skipped with the reason, unless it was asked for explicitly, in
+which case the tests fail: asking for a backend and silently testing nothing would hide a broken install.
 
 Every comparison records its measured error and tolerance; the terminal summary lists, per backend, op and dtype,
 the largest error/tolerance ratio seen (also under xdist: the numbers travel in the test reports).

@@ -287,8 +287,9 @@ def test_experts_and_combine(backend, dtype, record, N, E, data, d, I, seed):
     check_close(to_numpy(y_b), y_r, dtype, d + I, scale=amax(fwd_abs[0]), what="experts_forward", recorder=record)
     dyg = randn(rng, y_r.shape, dtype)
     sizes = terms(lambda c, *a: REFERENCE.experts_backward(fwd_abs[1], *a), c_r, dyg, w1, w3, w2)
+    lengths = (2 * I + d, N, N, N)  # dx: dh over d, then one sum over [da | dc] (2I terms)
     for name, g_r, g_b, n, size in zip(("dx", "dW1", "dW3", "dW2"), REFERENCE.experts_backward(c_r, dyg, w1, w3, w2),
-                                       run(backend, "experts_backward", c_b, dyg, w1, w3, w2), (2 * I + d, N, N, N), sizes):
+                                       run(backend, "experts_backward", c_b, dyg, w1, w3, w2), lengths, sizes):
         check_close(to_numpy(g_b), g_r, dtype, n, scale=size, what=f"experts_backward {name}", recorder=record)
     weights = rng.uniform(0.1, 1.0, (N, K)).astype(dtype)
     out_r, out_b = REFERENCE.combine(y_r, weights, plan, N), run(backend, "combine", y_r, weights, plan_b, N)
@@ -360,12 +361,17 @@ def test_newton_schulz(backend, dtype, record, batch, m, n, coefficients, steps,
 
 
 # ---- AdamW and clipping kernels (SPEC §9.2, §14 #3) ---------------------------------------------------------------
+BLOCK = 1 << 16  # elements per task of the numba optimizer kernels (accel/optimizer_kernels.py)
+
+
 @SETTINGS
-@given(st.lists(st.integers(1, 300), min_size=1, max_size=3), st.integers(1, 2000), st.floats(0.0, 0.3),
+@given(st.one_of(st.lists(st.integers(1, 64), min_size=1, max_size=3), st.just([BLOCK + 3])), st.integers(1, 2000),
+       st.floats(0.0, 0.3),
        st.sampled_from([(0.9, 0.95), (0.8, 0.999), (0.0, 0.0)]), st.sampled_from([1e-8, 1e-3]), st.booleans(), seeds)
 def test_adamw_update(backend, dtype, record, shape, step, wd, betas, eps, transposed_grad, seed):
     """Same bits as the reference for parameter and state (elementwise, same order and roundings); the update norm
-    is a float64 sum of n squares in another order: relative error ≤ n·ε₆₄ (the worst case of any summation order)."""
+    is a float64 sum of n squares in another order: relative error ≤ n·ε₆₄ (the worst case of any summation order).
+    Shapes: small ones, and one just over the kernels' task block (BLOCK elements), so several tasks share the work."""
     from trinity.reference.optim import adamw_update
 
     rng = np.random.default_rng(seed)
@@ -380,10 +386,18 @@ def test_adamw_update(backend, dtype, record, shape, step, wd, betas, eps, trans
     for name, r, b in zip(("X", "m", "v"), ref, got):
         np.testing.assert_array_equal(to_numpy(b), r, err_msg=f"adamw_update {name}")
     assert abs(n_b - n_r) <= X.size * np.finfo(np.float64).eps * n_r
+    try:  # mismatched shapes are an error, never a silent update (or an out-of-bounds write)
+        backend.adamw_update(got[0], to_backend(backend, G), got[1], got[2][..., :-1] if v.shape[-1] > 1 else
+                             got[2][..., None], **kw)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("adamw_update accepted a second moment of another shape")
 
 
 @SETTINGS
-@given(st.lists(st.integers(1, 400), min_size=1, max_size=3), st.floats(-30, 30), st.booleans(), seeds)
+@given(st.one_of(st.lists(st.integers(1, 64), min_size=1, max_size=3), st.just([BLOCK + 3])), st.floats(-30, 30),
+       st.booleans(), seeds)
 def test_clip_kernels(backend, dtype, record, shape, log_scale, transposed, seed):
     """sum_of_squares: float64 accumulation of n exact squares in another order, relative error ≤ n·ε₆₄; scaled:
     the same bits (one float64 product rounded once)."""
