@@ -103,6 +103,23 @@ def _save(fig, out_dir, name, written):
     written.append(path)
 
 
+def _step_figure(out_dir, written, name, steps, lines, ylabel, title, log=False):
+    """One figure of lines against the step: lines = [(values, _plot_line keywords)], a legend when a line has a
+    label; log: logarithmic y axis (grid on minor ticks too)."""
+    fig, ax = _pyplot().subplots(figsize=(8, 4.5), constrained_layout=True)
+    for values, kw in lines:
+        _plot_line(ax, steps, values, **kw)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if any("label" in kw for _, kw in lines):
+        ax.legend()
+    ax.grid(alpha=0.3, which="both" if log else "major")
+    _save(fig, out_dir, name, written)
+
+
 def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     """Write PNGs of a run's metrics into out_dir (created if missing); returns their paths.
 
@@ -139,28 +156,13 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     fig.suptitle(f"loss parts{suffix}")
     _save(fig, out_dir, "loss.png", written)
 
-    # learning rates
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
-    for group in ("muon", "adamw"):
-        _plot_line(ax, steps, _series(rows, "lr", group), label=group)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title(f"learning rate{suffix}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    _save(fig, out_dir, "lr.png", written)
-
-    # gradient norm
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
+    _step_figure(out_dir, written, "lr.png", steps,
+                 [(_series(rows, "lr", group), dict(label=group)) for group in ("muon", "adamw")],
+                 "learning rate", f"learning rate{suffix}")
     gn = _series(rows, "grad_norm")
-    _plot_line(ax, steps, gn, color="C3")
-    if any(g is not None and g > 0 for g in gn):
-        ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("global gradient norm (before clipping)")
-    ax.set_title(f"gradient norm{suffix}")
-    ax.grid(alpha=0.3, which="both")
-    _save(fig, out_dir, "grad_norm.png", written)
+    _step_figure(out_dir, written, "grad_norm.png", steps, [(gn, dict(color="C3"))],
+                 "global gradient norm (before clipping)", f"gradient norm{suffix}",
+                 log=any(g is not None and g > 0 for g in gn))
 
     # MaxVio per layer
     fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
@@ -219,35 +221,15 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     fig.suptitle(f"expert load per MoE layer (1 = balanced){suffix}")
     _save(fig, out_dir, "expert_load.png", written)
 
-    # logits
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
-    _plot_line(ax, steps, _series(rows, "logits_max"), label="max")
-    _plot_line(ax, steps, _series(rows, "logits_mean"), label="mean")
-    ax.set_xlabel("step")
-    ax.set_ylabel("logit")
-    ax.set_title(f"logits{suffix}")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    _save(fig, out_dir, "logits.png", written)
-
-    # throughput
-    fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
-    _plot_line(ax, steps, _series(rows, "tokens_per_s"), color="C2")
-    ax.set_xlabel("step")
-    ax.set_ylabel("tokens / s")
-    ax.set_title(f"throughput{suffix}")
-    ax.grid(alpha=0.3)
-    _save(fig, out_dir, "throughput.png", written)
-
+    _step_figure(out_dir, written, "logits.png", steps,
+                 [(_series(rows, "logits_max"), dict(label="max")), (_series(rows, "logits_mean"), dict(label="mean"))],
+                 "logit", f"logits{suffix}")
+    _step_figure(out_dir, written, "throughput.png", steps, [(_series(rows, "tokens_per_s"), dict(color="C2"))],
+                 "tokens / s", f"throughput{suffix}")
     het = _series(rows, "batch_het")
     if any(h is not None for h in het):
-        fig, ax = plt.subplots(figsize=(8, 4.5), constrained_layout=True)
-        _plot_line(ax, steps, het, color="C4")
-        ax.set_xlabel("step")
-        ax.set_ylabel("max − mean micro-batch loss")
-        ax.set_title(f"BatchHet{suffix}")
-        ax.grid(alpha=0.3)
-        _save(fig, out_dir, "batch_het.png", written)
+        _step_figure(out_dir, written, "batch_het.png", steps, [(het, dict(color="C4"))],
+                     "max − mean micro-batch loss", f"BatchHet{suffix}")
     return written
 
 
