@@ -19,6 +19,8 @@ from __future__ import annotations
 import sys
 import time
 
+from trinity.accel import BACKENDS
+
 from .common import CLIError, load_backend, load_model, load_model_tokenizer, resolve_eos_id
 
 NAME = "generate"
@@ -44,7 +46,7 @@ def add_parser(subparsers):
     p.add_argument("--ignore-eos", action="store_true", help="never stop before N tokens")
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="compute dtype (default: the checkpoint's own; float32 for HF directories)")
-    p.add_argument("--backend", default="reference", choices=("reference", "numba", "cupy"),
+    p.add_argument("--backend", default="reference", choices=BACKENDS,
                    help="operator table (trinity.accel.get_backend; default reference)")
     p.add_argument("--output", choices=("text", "ids"),
                    help="print decoded text (default when a tokenizer is known) or token ids")

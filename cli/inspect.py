@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import os
 
+from trinity.accel import BACKENDS
+
 from .common import CLIError, load_backend, load_model, load_model_tokenizer
 
 NAME = "inspect"
@@ -52,7 +54,7 @@ def add_parser(subparsers):
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="compute dtype (default: the checkpoint's; float32 for HF directories and presets)")
     p.add_argument("--seed", type=int, default=0, help="init seed for a preset (default 0)")
-    p.add_argument("--backend", default="reference", choices=("reference", "numba", "cupy"),
+    p.add_argument("--backend", default="reference", choices=BACKENDS,
                    help="operator table to trace (trinity.accel.get_backend; default reference)")
     p.set_defaults(run=run)
     return p

@@ -8,6 +8,8 @@ continues from the newest checkpoint in the run's checkpoint folder, bit for bit
 
 from __future__ import annotations
 
+from trinity.accel import BACKENDS
+
 from .common import CLIError, load_backend
 
 NAME = "train"
@@ -19,7 +21,7 @@ def add_parser(subparsers):
                               epilog="example: trinity train configs/tiny-synthetic.toml")
     p.add_argument("run_file", metavar="RUN.toml", help="the run file")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
-    p.add_argument("--backend", choices=("reference", "numba", "cupy"),
+    p.add_argument("--backend", choices=BACKENDS,
                    help="operator table, overriding [train] backend of the run file (trinity.accel.get_backend)")
     p.set_defaults(run=run)
     return p

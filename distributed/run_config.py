@@ -44,6 +44,7 @@ import os
 import tomllib
 from dataclasses import dataclass, field, fields
 
+from trinity.accel import BACKENDS
 from trinity.reference.config import Config, ConfigError
 
 __all__ = ["RunConfig", "RunConfigError", "load_run_config"]
@@ -209,8 +210,8 @@ def load_run_config(path) -> RunConfig:
     if [t for t, _ in changes] != sorted(t for t, _ in changes):
         raise RunConfigError("[train] batch_schedule thresholds must increase")
     recompute = _take(train, "train", "recompute", bool, False)
-    backend = _take(train, "train", "backend", str, "reference", lambda v: v in ("reference", "numba", "cupy"),
-                    "reference|numba|cupy")
+    backend = _take(train, "train", "backend", str, "reference", lambda v: v in BACKENDS,
+                    "|".join(BACKENDS))
     _no_leftovers(train, "train")
 
     ckpt = sections.get("checkpoint", {})
