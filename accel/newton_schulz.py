@@ -20,21 +20,9 @@ import numpy as np
 
 from trinity.reference.optim import _coefficient_schedule, ns_input
 
-from ._jit import kernel
+from .optimizer_kernels import sum_of_squares
 
 __all__ = ["newton_schulz"]
-
-
-@kernel
-def _sum_squares(x):
-    """Σ x² per matrix of x [batch, m·n], accumulated in float64."""
-    out = np.empty(x.shape[0], dtype=np.float64)
-    for b in range(x.shape[0]):
-        s = 0.0
-        for i in range(x.shape[1]):
-            s += np.float64(x[b, i]) * np.float64(x[b, i])
-        out[b] = s
-    return out
 
 
 def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None) -> np.ndarray:
@@ -47,7 +35,7 @@ def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dty
     X = np.ascontiguousarray(X.reshape((-1, m, n)), dtype=dtype)
     if X is G or np.shares_memory(X, G):
         X = X.copy()
-    norm = np.sqrt(_sum_squares(X.reshape(X.shape[0], -1)))
+    norm = np.sqrt(np.array([sum_of_squares(x) for x in X]))  # per matrix, accumulated in float64
     X /= (norm + eps).astype(dtype)[:, None, None]
     Y = np.empty_like(X)
     A = np.empty((X.shape[0], m, m), dtype=dtype)

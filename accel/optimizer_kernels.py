@@ -20,6 +20,8 @@ import math
 import numpy as np
 
 from trinity.reference.optim import adamw_update as reference_adamw_update
+from trinity.reference.optim import scaled as reference_scaled
+from trinity.reference.optim import sum_of_squares as reference_sum_of_squares
 
 from ._jit import kernel, run_tasks
 
@@ -114,23 +116,29 @@ def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float
     return math.sqrt(float(partial.sum()))
 
 
+def _float_flat(x):
+    """x as a contiguous 1-D float32/float64 array (copied only when strided), or None for other dtypes."""
+    x = np.asarray(x)
+    return np.ascontiguousarray(x).reshape(-1) if x.dtype in (np.float32, np.float64) else None
+
+
 def sum_of_squares(x) -> float:
-    """Σ x² in float64 (trinity.reference.optim.sum_of_squares; equal up to the order of the sum)."""
-    flat = _flat_view(np.ascontiguousarray(x)) if np.asarray(x).dtype in (np.float32, np.float64) else None
+    """Σ x² in float64 (trinity.reference.optim.sum_of_squares; equal up to the order of the sum); other dtypes
+    go to the reference."""
+    flat = _float_flat(x)
     if flat is None:
-        x64 = np.asarray(x, dtype=np.float64).reshape(-1)
-        return float(np.vdot(x64, x64))
+        return reference_sum_of_squares(x)
     partial = np.zeros(_tasks(flat.size), dtype=np.float64)
     run_tasks(_sum_of_squares_tasks, partial.size, flat, partial)
     return float(partial.sum())
 
 
 def scaled(x, scale: float):
-    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.optim.scaled; same bits)."""
-    x = np.asarray(x)
-    flat = _flat_view(np.ascontiguousarray(x)) if x.dtype in (np.float32, np.float64) else None
+    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.optim.scaled; same bits); other
+    dtypes go to the reference."""
+    flat = _float_flat(x)
     if flat is None:
-        return (x.astype(np.float64) * scale).astype(x.dtype)
+        return reference_scaled(x, scale)
     out = np.empty_like(flat)
     run_tasks(_scaled_tasks, _tasks(flat.size), flat, float(scale), out)
-    return out.reshape(x.shape)
+    return out.reshape(np.shape(x))
