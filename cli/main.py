@@ -24,7 +24,6 @@ from trinity.reference.config import ConfigError
 
 from .common import CLIError
 
-# Later: "train", "inspect", "generate", "plot", "data" — one module each.
 COMMANDS = ("info", "train", "data", "generate", "inspect", "plot")
 
 

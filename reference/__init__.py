@@ -10,16 +10,11 @@ Public entry points (SPEC sections in each docstring):
 
 from .attention import document_ids
 from .config import PRESETS, Config, ConfigError
+from .hf_interop import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
 from .model import logits, model_backward, model_forward
 from .objective import evaluate_losses, loss_and_grads
 from .params import check_params, init_params, param_count, param_shapes
 
 __all__ = ["Config", "ConfigError", "PRESETS", "init_params", "param_count", "param_shapes", "check_params",
            "logits", "model_forward", "model_backward", "loss_and_grads", "evaluate_losses",
-           "document_ids"]
-
-try:  # HF interop is built beside the model; export it when present.
-    from .hf_interop import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict  # noqa: F401
-    __all__ += ["load_pretrained", "save_pretrained", "to_hf_state_dict", "from_hf_state_dict"]
-except ImportError:  # pragma: no cover - removed once hf_interop.py lands
-    pass
+           "document_ids", "load_pretrained", "save_pretrained", "to_hf_state_dict", "from_hf_state_dict"]

@@ -1,14 +1,25 @@
 """Training checkpoints: one HDF5 file holding everything a run needs to continue bit for bit (ARCHITECTURE.md,
 "State is explicit and resumable").
 
-File layout (format_version 1)
+File layout (format_version 2)
 ------------------------------
     /params/<key>      one dataset per parameter, in its own dtype (keys are the HF names of SPEC §3.1)
     /optimizer/<key>   the optimizer state, a flat dict of arrays (a scalar "step" is a 0-d dataset)
     /balancing/<key>   the load-balancing state (expert bias, momentum; SPEC §6), a flat dict of arrays
+    /assets/<name>     files the checkpoint carries as uint8 bytes (the training tokenizer's tokenizer.json)
     attributes of /:   format_version (int), step (int), tokens_seen (int), and JSON strings config
                        (`Config.to_dict()`), data_state (the loader position, data.py), rng_state
-                       (`Generator.bit_generator.state`; PCG64's 128-bit ints are plain JSON ints), extra (free-form)
+                       (`Generator.bit_generator.state`; PCG64's 128-bit ints are plain JSON ints), extra
+                       (free-form), run_id (the run that wrote it, for retention), tokenizer (kind, vocab_size,
+                       eos_id, sha256 of /assets/tokenizer.json, or null), data_fingerprint (per data source:
+                       documents, tokens, sha256 of the document index), attrs_sha256 (see below)
+
+Verification. Every dataset carries an attribute `sha256`, the SHA-256 of its group/name, dtype, shape and C-ordered
+bytes (so a damaged name, type or shape is caught as well as damaged data), and `attrs_sha256`
+is the SHA-256 of the other root attributes (canonical JSON). `load_checkpoint` recomputes both and raises
+CheckpointCorrupt naming the file and the dataset on any mismatch, as it does for a truncated or unreadable file.
+Version 1 files (no digests) still load. `save_checkpoint` refuses params, optimizer or balancing state holding
+NaN or infinity (`require_finite`), so a diverged run can never rotate its good checkpoints away.
 
 Dataset names are the dict keys with "%" written as "%25", "/" as "%2F" and a leading "." as "%2E" (HDF5 reads
 "/" as a path separator and "." as the group itself), so "muon.momentum/model.layers.0.self_attn.q_proj.weight" is
@@ -25,6 +36,7 @@ removes once its writer is gone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -36,16 +48,21 @@ import numpy as np
 from .config import Config, ConfigError
 from .params import check_params
 
-try:  # one CheckpointError for the whole package (HF interop defines it)
-    from .hf_interop import CheckpointError
-except ImportError:  # pragma: no cover - hf_interop is always present in this tree
-    class CheckpointError(ValueError):
-        """A checkpoint that cannot be loaded or saved; the message names the file and the problem."""
+from .hf_interop import CheckpointError  # one CheckpointError for the whole package
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointManager", "save_checkpoint",
-           "load_checkpoint", "restore_rng", "atomic_path"]
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
+           "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "atomic_path", "read_run_id"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+class CheckpointCorrupt(CheckpointError):
+    """The file is missing, truncated or damaged (a checksum does not match): another checkpoint may still load."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """The file could not be written (disk full, read-only, ...); the previous checkpoints are untouched."""
+
 _NUMERIC_KINDS = "biufc"
 # Bit generators a stored rng_state may name (looked up in this table, never by getattr on a stored string).
 _BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "Philox": np.random.Philox,
@@ -64,6 +81,10 @@ class Checkpoint:
     data_state: dict
     rng_state: dict | None
     extra: dict = field(default_factory=dict)
+    run_id: str | None = None
+    tokenizer: dict | None = None  # tokenizer_record's info; its tokenizer.json bytes are tokenizer_json
+    tokenizer_json: bytes | None = None
+    data_fingerprint: list | None = None
     path: str | None = None
     format_version: int = FORMAT_VERSION
 
@@ -75,7 +96,9 @@ class Checkpoint:
         """The keyword arguments of `save_checkpoint` that write this checkpoint again."""
         return dict(config=self.config, params=self.params, optimizer_state=self.optimizer_state,
                     balancing_state=self.balancing_state, step=self.step, tokens_seen=self.tokens_seen,
-                    data_state=self.data_state, rng_state=self.rng_state, extra=self.extra)
+                    data_state=self.data_state, rng_state=self.rng_state, extra=self.extra, run_id=self.run_id,
+                    tokenizer=None if self.tokenizer is None else (self.tokenizer, self.tokenizer_json),
+                    data_fingerprint=self.data_fingerprint)
 
 
 def restore_rng(state) -> np.random.Generator:
@@ -159,7 +182,7 @@ def _check_int(name: str, value) -> int:
     return int(value)
 
 
-def _flat_arrays(name: str, tree) -> dict:
+def _flat_arrays(name: str, tree, require_finite: bool = False) -> dict:
     if not isinstance(tree, dict):
         raise CheckpointError(f"{name} must be a flat dict of arrays, got {type(tree).__name__}")
     out = {}
@@ -167,14 +190,42 @@ def _flat_arrays(name: str, tree) -> dict:
         array = np.asarray(value)
         if array.dtype.kind not in _NUMERIC_KINDS:
             raise CheckpointError(f"{name}[{key!r}]: dtype {array.dtype} is not numeric")
+        if require_finite and array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise CheckpointError(f"{name}[{key!r}] holds NaN or infinity: refusing to write a checkpoint that "
+                                  f"could not be trained on")
         out[_escape(key)] = np.require(array, requirements="C")  # (ascontiguousarray makes 0-d 1-d)
     return out
 
 
+def _digest(where: str, array: np.ndarray) -> str:
+    """SHA-256 of the dataset's place ("group/name"), dtype, shape and bytes in C order (no copy of the data)."""
+    h = hashlib.sha256(f"{where}\0{array.dtype.str}\0{array.shape}\0".encode("utf-8"))
+    flat = np.require(array, requirements="C").reshape(-1)
+    if flat.size:
+        h.update(flat.view(np.uint8))
+    return h.hexdigest()
+
+
+def _attrs_digest(attrs: dict) -> str:
+    canonical = {k: (int(v) if isinstance(v, (int, np.integer)) else str(v)) for k, v in attrs.items()
+                 if k != "attrs_sha256"}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with open(path, "wb") as out:
+        out.write(data)
+
+
 def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict, balancing_state: dict, step: int,
-                    tokens_seen: int, data_state: dict, rng_state, extra: dict | None = None) -> str:
+                    tokens_seen: int, data_state: dict, rng_state, extra: dict | None = None,
+                    run_id: str | None = None, tokenizer: tuple[dict, bytes | None] | None = None,
+                    data_fingerprint: list | None = None, require_finite: bool = True) -> str:
     """Write one checkpoint file atomically (see the module docstring) and return its path. `params` must match
-    `config` (check_params); `rng_state` is a `bit_generator.state` dict, a np.random.Generator, or None."""
+    `config` (check_params); `rng_state` is a `bit_generator.state` dict, a np.random.Generator, or None;
+    `tokenizer` is (info, tokenizer.json bytes or None) from `tokenizer.tokenizer_record`. With `require_finite`
+    (the default) params, optimizer and balancing state holding NaN or infinity are refused. An OSError while
+    writing (disk full, read-only) raises CheckpointWriteError and leaves `path` as it was."""
     path = os.fspath(path)
     if not isinstance(config, Config):
         raise CheckpointError(f"config must be a Config, got {type(config).__name__}")
@@ -188,26 +239,42 @@ def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict
         restore_rng(rng_state)  # refuse a state that could not be restored later
     if not isinstance(data_state, dict):
         raise CheckpointError(f"data_state must be a dict, got {type(data_state).__name__}")
+    tokenizer_info, tokenizer_json = tokenizer if tokenizer is not None else (None, None)
     attrs = {"format_version": FORMAT_VERSION, "step": _check_int("step", step),
              "tokens_seen": _check_int("tokens_seen", tokens_seen),
              "config": _dumps("config", config.to_dict()), "data_state": _dumps("data_state", data_state),
-             "rng_state": _dumps("rng_state", rng_state), "extra": _dumps("extra", dict(extra or {}))}
-    groups = {"params": _flat_arrays("params", params),
-              "optimizer": _flat_arrays("optimizer_state", optimizer_state),
-              "balancing": _flat_arrays("balancing_state", balancing_state)}
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as f:
-            for key, value in attrs.items():
-                f.attrs[key] = value
-            for group, arrays in groups.items():
-                g = f.create_group(group, track_order=True)
-                for name, array in arrays.items():
-                    g.create_dataset(name, data=array)
-            f.flush()
+             "rng_state": _dumps("rng_state", rng_state), "extra": _dumps("extra", dict(extra or {})),
+             "run_id": _dumps("run_id", run_id), "tokenizer": _dumps("tokenizer", tokenizer_info),
+             "data_fingerprint": _dumps("data_fingerprint", data_fingerprint)}
+    attrs["attrs_sha256"] = _attrs_digest(attrs)
+    groups = {"params": _flat_arrays("params", params, require_finite),
+              "optimizer": _flat_arrays("optimizer_state", optimizer_state, require_finite),
+              "balancing": _flat_arrays("balancing_state", balancing_state, require_finite),
+              "assets": {} if tokenizer_json is None else
+              {"tokenizer.json": np.frombuffer(bytes(tokenizer_json), dtype=np.uint8)}}
+    # The file is built in memory (HDF5's core driver) and written with plain file I/O: HDF5 itself reacts to a
+    # failed write (a full disk) with pages of errors and, at exit, a crash; Python's write raises one OSError.
+    # This holds the file twice in memory while saving.
+    with h5py.File(f"{path}.image", "w", driver="core", backing_store=False, track_order=True) as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        for group, arrays in groups.items():
+            g = f.create_group(group, track_order=True)
+            for name, array in arrays.items():
+                g.create_dataset(name, data=array).attrs["sha256"] = _digest(f"{group}/{name}", array)
+        f.flush()
+        image = f.id.get_file_image()
+    try:
+        with atomic_path(path) as tmp:
+            _write_bytes(tmp, image)
+    except OSError as e:  # a full disk, a read-only or vanished directory
+        reason = e.strerror or str(e).split("\n")[0]
+        raise CheckpointWriteError(f"{path}: cannot write checkpoint ({reason}); the file was not changed") \
+            from None
     return path
 
 
-def _read_group(f, name: str, path: str) -> dict:
+def _read_group(f, name: str, path: str, verify: bool) -> dict:
     group = f.get(name, getlink=True)
     if not isinstance(group, h5py.HardLink) or not isinstance(f[name], h5py.Group):
         raise CheckpointError(f"{path}: no {name}/ group")
@@ -219,7 +286,15 @@ def _read_group(f, name: str, path: str) -> dict:
         ds = f[name][key]
         if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in _NUMERIC_KINDS or ds.dtype.fields:
             raise CheckpointError(f"{where} is not a plain numeric dataset")
-        out[_unescape(key)] = np.asarray(ds[()])
+        array = np.asarray(ds[()])
+        if verify:
+            stored = ds.attrs.get("sha256")
+            stored = stored.decode("ascii", "replace") if isinstance(stored, bytes) else stored
+            if not isinstance(stored, str):
+                raise CheckpointCorrupt(f"{where} has no sha256 checksum (damaged file?)")
+            if stored != _digest(f"{name}/{key}", array):
+                raise CheckpointCorrupt(f"{where} fails its sha256 checksum: the file is corrupt")
+        out[_unescape(key)] = array
     return out
 
 
@@ -249,13 +324,36 @@ def _config_diff(found: Config, expected: Config) -> list[str]:
     return [f"{k} {a[k]!r} != {b[k]!r}" for k in b if a.get(k) != b[k]]
 
 
+def _verify_attrs(f, path: str) -> None:
+    attrs = {}
+    for key, value in f.attrs.items():
+        attrs[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+        if isinstance(attrs[key], np.ndarray) and attrs[key].shape == ():
+            attrs[key] = attrs[key][()]
+    if attrs.get("attrs_sha256") != _attrs_digest(attrs):
+        raise CheckpointCorrupt(f"{path}: the file's attributes fail their sha256 checksum: the file is corrupt")
+
+
+def read_run_id(path) -> str | None:
+    """The run_id a checkpoint file records (None for version 1 files or unreadable ones)."""
+    try:
+        with h5py.File(path, "r") as f:
+            value = f.attrs.get("run_id")
+            value = value.decode("utf-8") if isinstance(value, bytes) else value
+            run_id = json.loads(value) if isinstance(value, str) else None
+    except Exception:  # unreadable or damaged: not identifiable as any run's
+        return None
+    return run_id if isinstance(run_id, str) else None
+
+
 def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`. With `config`, the stored config must equal it (the error
-    lists each differing field as `name stored != expected`). Raises CheckpointError, naming the path, for a missing,
-    truncated or corrupt file, an unknown format_version, or params that do not match the stored config."""
+    """Read and verify a checkpoint written by `save_checkpoint`. With `config`, the stored config must equal it
+    (the error lists each differing field as `name stored != expected`). Raises CheckpointCorrupt, naming the path
+    (and the dataset), for a missing, truncated or damaged file, and CheckpointError for an unknown format_version
+    or params that do not match the stored config."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointCorrupt(f"no checkpoint file at {path}")
     try:
         with h5py.File(path, "r") as f:
             version = _read_int(f, "format_version", path) if "format_version" in f.attrs else None
@@ -264,6 +362,9 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
             if not 1 <= version <= FORMAT_VERSION:
                 raise CheckpointError(f"{path}: checkpoint format_version {version} is not supported "
                                       f"(this trinity reads versions 1..{FORMAT_VERSION})")
+            verify = version >= 2
+            if verify:
+                _verify_attrs(f, path)
             try:
                 stored = Config.from_dict(_read_json(f, "config", path))
             except (ConfigError, TypeError) as e:
@@ -273,19 +374,33 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
                 if diff:
                     raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} "
                                           f"(checkpoint != expected)")
-            ck = Checkpoint(config=stored, params=_read_group(f, "params", path),
-                            optimizer_state=_read_group(f, "optimizer", path),
-                            balancing_state=_read_group(f, "balancing", path),
+            ck = Checkpoint(config=stored, params=_read_group(f, "params", path, verify),
+                            optimizer_state=_read_group(f, "optimizer", path, verify),
+                            balancing_state=_read_group(f, "balancing", path, verify),
                             step=_read_int(f, "step", path), tokens_seen=_read_int(f, "tokens_seen", path),
                             data_state=_read_json(f, "data_state", path), rng_state=_read_json(f, "rng_state", path),
                             extra=_read_json(f, "extra", path), path=path, format_version=version)
+            if verify:
+                ck.run_id = _read_json(f, "run_id", path)
+                ck.tokenizer = _read_json(f, "tokenizer", path)
+                ck.data_fingerprint = _read_json(f, "data_fingerprint", path)
+                assets = _read_group(f, "assets", path, verify)
+                if "tokenizer.json" in assets:
+                    ck.tokenizer_json = assets["tokenizer.json"].tobytes()
     except CheckpointError:
         raise
-    except (OSError, KeyError, RuntimeError) as e:  # h5py: truncated / corrupt file or object
-        raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt file?): {e}") from None
+    except Exception as e:  # h5py on a truncated or damaged file: OSError, KeyError, TypeError, RuntimeError, ...
+        raise CheckpointCorrupt(f"{path}: cannot read checkpoint (truncated or corrupt file?): "
+                                f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     for name in ("data_state", "extra"):
         if not isinstance(getattr(ck, name), dict):
             raise CheckpointError(f"{path}: {name} is not a JSON object")
+    if ck.tokenizer is not None and not isinstance(ck.tokenizer, dict):
+        raise CheckpointError(f"{path}: tokenizer is not a JSON object")
+    if ck.run_id is not None and not isinstance(ck.run_id, str):
+        raise CheckpointError(f"{path}: run_id is not a string")
+    if ck.data_fingerprint is not None and not isinstance(ck.data_fingerprint, list):
+        raise CheckpointError(f"{path}: data_fingerprint is not a JSON list")
     if ck.rng_state is not None:
         try:
             restore_rng(ck.rng_state)
@@ -315,19 +430,29 @@ def _pid_alive(pid: int) -> bool:
 
 
 class CheckpointManager:
-    """`directory/step_{step:08d}.h5`, one file per saved step, keeping the newest `keep_last` (None: all).
+    """`directory/step_{step:08d}.h5`, one file per saved step, keeping the newest `keep_last` (None: all) of the
+    run `run_id`.
 
     The newest checkpoint is found by scanning file names (no pointer file that could go stale); only complete
     files carry the `step_N.h5` name, because each is renamed into place after it is fully written. Leftover
     `*.tmp-<pid>` files from crashed writers are ignored, and removed by `save`/`clean_tmp` once that pid is no
-    longer running on this host. One manager (one writer) per directory is assumed."""
+    longer running on this host. Retention deletes only checkpoints that record this manager's `run_id`, never the
+    one just written, and every checkpoint is finite (`save_checkpoint` refuses NaN), so the newest finite
+    checkpoint always survives. One manager (one writer) per directory is assumed."""
 
-    def __init__(self, directory, keep_last: int | None = 3):
+    def __init__(self, directory, keep_last: int | None = 3, run_id: str | None = None):
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
         self.directory = os.fspath(directory)
         self.keep_last = keep_last
-        os.makedirs(self.directory, exist_ok=True)
+        self.run_id = run_id
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"checkpoint directory {self.directory} is a file")
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+        except OSError as e:
+            raise CheckpointWriteError(f"cannot create checkpoint directory {self.directory}: "
+                                       f"{e.strerror or e}") from None
 
     def path_for(self, step: int) -> str:
         return os.path.join(self.directory, f"step_{_check_int('step', step):08d}.h5")
@@ -353,6 +478,27 @@ class CheckpointManager:
         path = self.latest()
         return None if path is None else load_checkpoint(path, config)
 
+    def load_newest_valid(self, config: Config | None = None) -> tuple[Checkpoint | None, list[tuple[str, str]]]:
+        """(the newest checkpoint that verifies, [(path, why) for each newer one skipped as corrupt]). A checkpoint
+        of another model (or any error other than corruption) is raised, not skipped: an older file would not
+        mend it."""
+        skipped = []
+        for path in reversed(self.list()):
+            try:
+                return load_checkpoint(path, config), skipped
+            except CheckpointCorrupt as e:
+                skipped.append((path, str(e)))
+        return None, skipped
+
+    def remove_all(self) -> list[str]:
+        """Delete every complete checkpoint in the directory (a run started over); return their paths."""
+        removed = self.list()
+        for path in removed:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        _fsync_dir(self.directory)
+        return removed
+
     def clean_tmp(self) -> list[str]:
         """Remove `*.tmp-<pid>` leftovers whose writer is gone (not this process, not alive here); return them."""
         removed = []
@@ -365,13 +511,16 @@ class CheckpointManager:
         return removed
 
     def save(self, step: int, **state) -> str:
-        """Write `step_{step:08d}.h5` atomically (state: the other keyword arguments of `save_checkpoint`), then
-        delete the oldest checkpoints beyond keep_last, never the one just written. Returns its path."""
+        """Write `step_{step:08d}.h5` atomically (state: the other keyword arguments of `save_checkpoint`; run_id
+        defaults to the manager's), then delete the oldest checkpoints of this run beyond keep_last, never the one
+        just written. Returns its path."""
         self.clean_tmp()
+        state.setdefault("run_id", self.run_id)
         path = save_checkpoint(self.path_for(step), step=step, **state)
         if self.keep_last is not None:
-            others = [p for _, p in self._steps() if os.path.abspath(p) != os.path.abspath(path)]
-            for old in others[: max(0, len(others) - (self.keep_last - 1))]:
+            ours = [p for _, p in self._steps()
+                    if os.path.abspath(p) != os.path.abspath(path) and read_run_id(p) == state["run_id"]]
+            for old in ours[: max(0, len(ours) - (self.keep_last - 1))]:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(old)
             _fsync_dir(self.directory)

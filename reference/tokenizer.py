@@ -20,11 +20,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "TokenizerError", "load_tokenizer", "train_bpe",
-           "BPE_EOS_TOKEN", "KINDS"]
+           "BPE_EOS_TOKEN", "KINDS", "tokenizer_record", "tokenizer_from_record"]
 
 KINDS = ("hf", "bpe", "bytes")
 BPE_EOS_TOKEN = "<|endoftext|>"
@@ -83,7 +84,9 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A tokenizer.json read with the `tokenizers` library (kind "hf", or "bpe" for one we trained)."""
 
-    def __init__(self, path, eos_id: int | None = None, kind: str = "hf"):
+    def __init__(self, path, eos_id: int | None = None, kind: str = "hf", *, json_text: str | None = None):
+        """Read the tokenizer.json at `path`; or, with `json_text`, parse that JSON text (a copy stored in a
+        checkpoint; `path` then only labels it in messages and eos_id must be given)."""
         try:
             from tokenizers import Tokenizer as _Tok
         except ImportError as e:  # pragma: no cover - dependency
@@ -92,12 +95,15 @@ class HFTokenizer(Tokenizer):
         if kind not in ("hf", "bpe"):
             raise TokenizerError(f"kind must be 'hf' or 'bpe' for a tokenizer.json, got {kind!r}")
         self.path = os.fspath(path)
-        if not os.path.isfile(self.path):
+        if json_text is None and not os.path.isfile(self.path):
             raise FileNotFoundError(f"tokenizer file not found: {self.path}")
+        if json_text is not None and eos_id is None:
+            raise TokenizerError(f"{self.path}: a tokenizer given as JSON text needs its eos_id")
         try:
-            self._tok = _Tok.from_file(self.path)
+            self._tok = _Tok.from_str(json_text) if json_text is not None else _Tok.from_file(self.path)
         except Exception as e:
             raise TokenizerError(f"{self.path}: not a readable tokenizer.json ({e})") from None
+        self._json_text = json_text
         self.kind = kind
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         self.eos_id = int(eos_id) if eos_id is not None else self._find_eos()
@@ -127,11 +133,18 @@ class HFTokenizer(Tokenizer):
         raise TokenizerError(f"{self.path}: cannot tell the EOS token (no config.json eos_token_id, no "
                              f"tokenizer_config.json eos_token, none of {list(_EOS_CANDIDATES)}); pass eos_id=")
 
-    def __getstate__(self):  # pickles as its file (for worker processes)
-        return {"path": self.path, "eos_id": self.eos_id, "kind": self.kind}
+    def __getstate__(self):  # pickles as its file or JSON text (for worker processes)
+        return {"path": self.path, "eos_id": self.eos_id, "kind": self.kind, "json_text": self._json_text}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["eos_id"], state["kind"])
+        self.__init__(state["path"], state["eos_id"], state["kind"], json_text=state.get("json_text"))
+
+    def json_bytes(self) -> bytes:
+        """The tokenizer.json this tokenizer was read from, byte for byte."""
+        if self._json_text is not None:
+            return self._json_text.encode("utf-8")
+        with open(self.path, "rb") as f:
+            return f.read()
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -144,6 +157,31 @@ class HFTokenizer(Tokenizer):
 
     def token_to_id(self, token: str):
         return self._tok.token_to_id(token)
+
+
+# ---- a tokenizer carried inside a checkpoint ----------------------------------------------------------------------
+def tokenizer_record(tok: Tokenizer) -> tuple[dict, bytes | None]:
+    """(info, tokenizer.json bytes or None) that `tokenizer_from_record` turns back into the same tokenizer:
+    info = {kind, vocab_size, eos_id, sha256 of the JSON bytes (None for bytes)}."""
+    blob = None if isinstance(tok, ByteTokenizer) else tok.json_bytes()
+    info = dict(tok.describe(), sha256=hashlib.sha256(blob).hexdigest() if blob is not None else None)
+    return info, blob
+
+
+def tokenizer_from_record(info: dict, blob: bytes | None, where: str = "checkpoint") -> Tokenizer:
+    """The tokenizer stored by `tokenizer_record`; `where` names the container in errors."""
+    kind = info.get("kind") if isinstance(info, dict) else None
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind not in ("hf", "bpe") or blob is None:
+        raise TokenizerError(f"{where}: stored tokenizer of kind {kind!r} cannot be read")
+    if info.get("sha256") != hashlib.sha256(blob).hexdigest():
+        raise TokenizerError(f"{where}: stored tokenizer.json does not match its sha256")
+    try:
+        text = bytes(blob).decode("utf-8")
+    except UnicodeDecodeError:
+        raise TokenizerError(f"{where}: stored tokenizer.json is not UTF-8") from None
+    return HFTokenizer(f"{where}:tokenizer.json", info.get("eos_id"), kind, json_text=text)
 
 
 def _read_json(path):

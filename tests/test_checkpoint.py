@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from trinity.reference import Config, init_params
-from trinity.reference.checkpoint import (FORMAT_VERSION, CheckpointError, CheckpointManager, atomic_path,
-                                          load_checkpoint, restore_rng, save_checkpoint)
+from trinity.reference.checkpoint import (FORMAT_VERSION, CheckpointCorrupt, CheckpointError, CheckpointManager,
+                                          _attrs_digest, _digest, atomic_path, load_checkpoint, restore_rng, save_checkpoint)
 
 TINY = dict(vocab_size=32, hidden_size=8, intermediate_size=12, moe_intermediate_size=4, num_hidden_layers=2,
             num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=4,
@@ -57,8 +57,11 @@ def assert_same_arrays(a: dict, b: dict):
 def test_round_trip_is_bit_exact(tmp_path, dtype):
     config = tiny_config()
     state = make_state(config, dtype=dtype)
-    state["params"]["model.norm.weight"][0] = np.nan  # odd values too
-    path = save_checkpoint(tmp_path / "a.h5", step=42, **state)
+    state["params"]["model.norm.weight"][0] = np.nan  # odd values too (a library caller may store them)
+    with pytest.raises(CheckpointError, match=r"params\['model.norm.weight'\] holds NaN or infinity"):
+        save_checkpoint(tmp_path / "a.h5", step=42, **state)  # but not by default: a training run never does
+    assert not os.path.exists(tmp_path / "a.h5")
+    path = save_checkpoint(tmp_path / "a.h5", step=42, require_finite=False, **state)
     ck = load_checkpoint(path, config=config)
     assert ck.config == config and ck.step == 42 and ck.tokens_seen == state["tokens_seen"]
     assert ck.format_version == FORMAT_VERSION and ck.path == str(tmp_path / "a.h5")
@@ -69,7 +72,7 @@ def test_round_trip_is_bit_exact(tmp_path, dtype):
     assert ck.data_state == state["data_state"] and ck.extra == state["extra"]
     assert ck.rng_state == state["rng_state"]
     # Saving what was loaded gives the same checkpoint again.
-    save_checkpoint(tmp_path / "b.h5", **ck.as_kwargs())
+    save_checkpoint(tmp_path / "b.h5", require_finite=False, **ck.as_kwargs())
     again = load_checkpoint(tmp_path / "b.h5")
     assert_same_arrays(again.params, ck.params) and again.step == 42
 
@@ -109,13 +112,15 @@ CHILD = textwrap.dedent("""
     def die():
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    if kill_at == "first_dataset":
-        original = h5py.Group.create_dataset
-        def create_dataset(self, *args, **kwargs):
-            out = original(self, *args, **kwargs)
-            self.file.flush()  # some bytes really are on disk in the temp file
+    if kill_at == "half_written":
+        from trinity.reference import checkpoint
+        def write_half(path, data):
+            with open(path, "wb") as out:
+                out.write(data[: len(data) // 2])
+                out.flush()
+                os.fsync(out.fileno())  # some bytes really are on disk in the temp file
             die()
-        h5py.Group.create_dataset = create_dataset
+        checkpoint._write_bytes = write_half
     elif kill_at == "before_replace":
         os.replace = lambda *a: die()
     CheckpointManager(directory, keep_last=1).save(20, **make_state(tiny_config(), seed=1))
@@ -123,7 +128,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("kill_at", ["first_dataset", "before_replace"])
+@pytest.mark.parametrize("kill_at", ["half_written", "before_replace"])
 def test_sigkill_mid_write_keeps_previous_checkpoint(tmp_path, kill_at):
     config = tiny_config()
     manager = CheckpointManager(tmp_path, keep_last=1)
@@ -231,8 +236,9 @@ def test_params_that_do_not_match_the_stored_config(tmp_path):
         del f["params/model.norm.weight"]
     with pytest.raises(CheckpointError, match="p.h5.*model.norm.weight"):
         load_checkpoint(path)
-    with h5py.File(path, "r+") as f:
+    with h5py.File(path, "r+") as f:  # a well-formed file (valid checksum) whose params do not fit the config
         f["params/model.norm.weight"] = np.zeros(5, np.float32)
+        f["params/model.norm.weight"].attrs["sha256"] = _digest("params/model.norm.weight", np.zeros(5, np.float32))
     with pytest.raises(CheckpointError, match=r"model.norm.weight: expected shape \(8,\), found \(5,\)"):
         load_checkpoint(path)
     state = make_state(config)
@@ -257,6 +263,7 @@ def test_refuses_non_numeric_datasets_links_and_unknown_rng(tmp_path):
     with h5py.File(path, "r+") as f:
         del f["balancing/link"]
         f.attrs["rng_state"] = json.dumps({"bit_generator": "os.system", "state": {}})
+        f.attrs["attrs_sha256"] = _attrs_digest(dict(f.attrs))  # a crafted file with valid checksums
     with pytest.raises(CheckpointError, match="unknown bit generator 'os.system'"):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="unknown bit generator"):
@@ -302,3 +309,125 @@ def test_latest_ignores_leftovers_of_live_writers(tmp_path):
     (tmp_path / "notes.txt").write_text("other files are left alone")
     assert manager.latest() == first and manager.clean_tmp() == []
     assert live.exists() and (tmp_path / "notes.txt").exists()
+
+
+# ---- verification, fallback, run ownership, carried tokenizer ---------------------------------------------------
+def _flip_byte(path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x5A]))
+
+
+@pytest.mark.parametrize("group,key", [("params", "model.layers.1.mlp.experts.down_proj"),
+                                       ("optimizer", "lr"), ("balancing", "updates")])
+def test_flipped_bytes_in_a_dataset_are_named(tmp_path, group, key):
+    path = save_checkpoint(tmp_path / "f.h5", step=3, **make_state(tiny_config()))
+    with h5py.File(path, "r") as f:
+        ds = f[f"{group}/{key}"]
+        offset = ds.id.get_offset() + ds.id.get_storage_size() // 2
+    _flip_byte(path, offset)
+    with pytest.raises(CheckpointCorrupt, match=f"f.h5: {group}/{key} fails its sha256 checksum"):
+        load_checkpoint(path)
+
+
+def test_every_flipped_byte_is_refused_or_harmless(tmp_path):
+    """Flip each of many bytes of a checkpoint in turn: every load either raises CheckpointError or returns exactly
+    the saved arrays (bytes HDF5 never reads, such as padding, change nothing). Nothing loads altered."""
+    state = make_state(tiny_config())
+    path = save_checkpoint(tmp_path / "g.h5", step=3, **state)
+    size = os.path.getsize(path)
+    pristine = open(path, "rb").read()
+    refused = 0
+    for offset in range(0, size, max(1, size // 400)):
+        _flip_byte(path, offset)
+        try:
+            ck = load_checkpoint(path)
+        except CheckpointError:
+            refused += 1
+        else:
+            assert_same_arrays(ck.params, state["params"])
+            assert_same_arrays(ck.optimizer_state, state["optimizer_state"])
+            assert_same_arrays(ck.balancing_state, state["balancing_state"])
+            assert (ck.step, ck.data_state, ck.extra) == (3, state["data_state"], state["extra"])
+        with open(path, "wb") as f:
+            f.write(pristine)
+    assert refused > 0
+
+
+def test_manager_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    config = tiny_config()
+    manager = CheckpointManager(tmp_path, keep_last=None, run_id="a")
+    good = manager.save(10, **make_state(config))
+    bad1 = manager.save(20, **make_state(config, seed=1))
+    bad2 = manager.save(30, **make_state(config, seed=2))
+    with h5py.File(bad1, "r") as f:
+        ds = f["params/model.norm.weight"]
+        offset = ds.id.get_offset()
+    _flip_byte(bad1, offset)
+    with open(bad2, "r+b") as f:
+        f.truncate(os.path.getsize(bad2) // 2)
+    ck, skipped = manager.load_newest_valid(config)
+    assert ck.step == 10 and ck.path == good
+    assert [p for p, _ in skipped] == [bad2, bad1]
+    assert "truncated or corrupt" in skipped[0][1] and "model.norm.weight fails its sha256" in skipped[1][1]
+    with pytest.raises(CheckpointError, match="another model"):  # not corruption: no fallback
+        manager.load_newest_valid(tiny_config(hidden_size=16))
+
+
+def test_retention_removes_only_checkpoints_of_its_own_run(tmp_path):
+    config = tiny_config()
+    other = CheckpointManager(tmp_path, keep_last=1, run_id="other-run")
+    foreign = other.save(50, **make_state(config))
+    mine = CheckpointManager(tmp_path, keep_last=1, run_id="my-run")
+    paths = [mine.save(step, **make_state(config)) for step in (1, 2, 3)]
+    assert sorted(mine.list()) == sorted([foreign, paths[-1]])
+    assert load_checkpoint(foreign).run_id == "other-run" and load_checkpoint(paths[-1]).run_id == "my-run"
+    assert sorted(mine.remove_all()) == sorted([foreign, paths[-1]]) and mine.list() == []
+
+
+def test_checkpoint_carries_its_tokenizer_and_data_fingerprint(tmp_path):
+    from trinity.reference.tokenizer import (ByteTokenizer, load_tokenizer, tokenizer_from_record,
+                                             tokenizer_record, train_bpe)
+    bpe = train_bpe(["def main():\n    return 42\n"] * 20 + ["print('hello world')\n"] * 20, 300,
+                    tmp_path / "tokenizer.json")
+    fingerprint = [{"documents": 7, "tokens": 123, "index_sha256": "ab" * 32}]
+    path = save_checkpoint(tmp_path / "t.h5", step=1, tokenizer=tokenizer_record(bpe), data_fingerprint=fingerprint,
+                           **make_state(tiny_config()))
+    os.remove(tmp_path / "tokenizer.json")  # the checkpoint does not need the original file
+    ck = load_checkpoint(path)
+    assert ck.data_fingerprint == fingerprint
+    tok = tokenizer_from_record(ck.tokenizer, ck.tokenizer_json)
+    text = "def main():\n    print('hello world')\n"
+    assert tok.encode(text) == bpe.encode(text) and tok.decode(tok.encode(text)) == text
+    assert (tok.kind, tok.eos_id, tok.vocab_size) == (bpe.kind, bpe.eos_id, bpe.vocab_size)
+    byte_path = save_checkpoint(tmp_path / "b.h5", step=1, tokenizer=tokenizer_record(ByteTokenizer()),
+                                **make_state(tiny_config()))
+    ck = load_checkpoint(byte_path)
+    assert isinstance(tokenizer_from_record(ck.tokenizer, ck.tokenizer_json), ByteTokenizer)
+    assert load_tokenizer("bytes").encode("é") == [0xC3, 0xA9]
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
+    """A file-size limit makes the write fail as a full disk would: one CheckpointWriteError naming the file, the
+    previous checkpoint byte-identical, no temporary file left (in a child process, where the limit applies)."""
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    previous = manager.save(10, **make_state(tiny_config()))
+    before = open(previous, "rb").read()
+    script = textwrap.dedent(f"""
+        import resource, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_checkpoint import make_state, tiny_config
+        from trinity.reference.checkpoint import CheckpointManager, CheckpointWriteError
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+        try:
+            CheckpointManager({str(tmp_path)!r}, keep_last=1).save(20, **make_state(tiny_config(), seed=1))
+        except CheckpointWriteError as e:
+            print("refused:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.startswith("refused: ") and "step_00000020.h5: cannot write checkpoint (File too large)" \
+        in out.stdout
+    assert os.listdir(tmp_path) == [os.path.basename(previous)] and open(previous, "rb").read() == before
