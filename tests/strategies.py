@@ -7,6 +7,7 @@ score tie at 0.5, so top-k would be decided by index alone (SPEC §3.4, §8, §1
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import numpy as np
 from hypothesis import strategies as st
@@ -94,3 +95,123 @@ def token_batches(draw, config: Config, max_batch=2, max_len=24):
     labels = np.where(rng.random((B, T)) < draw(st.sampled_from([0.0, 0.2, 0.5])), -100, tokens)
     doc_ids = np.sort(rng.integers(0, 3, (B, T)), axis=1) if draw(st.booleans()) else None
     return tokens, labels, doc_ids
+
+
+# ---- token loaders (reference/data.py, rsdb.py, mixture.py) ------------------------------------------------------
+# What the loaders promise about their streams, checked independently of how they are implemented: documents whose
+# every non-EOS token says which document and position it is, and the document order the module docstring of
+# reference/data.py publishes, recomputed here from its formula.
+
+@st.composite
+def loader_corpora(draw, max_documents=12, max_length=40, max_world_size=3):
+    """(document lengths, world_size): lengths >= 0 (0 = a lone EOS), at least one document per rank."""
+    world_size = draw(st.integers(1, max_world_size))
+    lengths = draw(st.lists(st.one_of(st.integers(0, 3), st.integers(0, max_length)), min_size=world_size,
+                            max_size=max_documents))
+    return lengths, world_size
+
+
+def tagged_documents(lengths, source=0):
+    """Document i of source s holds 1 + s*100_000 + i*1000 + j at position j (never 0, the EOS these tests use)."""
+    assert max(lengths, default=0) < 1000 and len(lengths) < 100
+    return [np.arange(n, dtype=np.int64) + 1 + source * 100_000 + i * 1000 for i, n in enumerate(lengths)]
+
+
+def documented_order(num_documents, seed, epoch, rank=0, world_size=1):
+    """The document order of `rank` in `epoch` as reference/data.py's module docstring states it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_documents)[rank::world_size]
+
+
+def with_eos(document, eos):
+    return np.append(np.asarray(document, np.int64), eos)
+
+
+def token_counts(tokens, size):
+    """How often each token id < size occurs in `tokens` (any array)."""
+    return np.bincount(np.asarray(tokens, np.int64).reshape(-1), minlength=size)
+
+
+def _diff_message(want, got, whole):
+    """Which documents (by index in `whole`; a token run that is no document by its first tokens) are missing and
+    which extra in `got`, or both orders when only the order differs."""
+    def name(d):
+        return f"doc {whole.index(d)}" if d in whole else f"not a document {d[:4]}..."
+
+    missing, extra = Counter(want) - Counter(got), Counter(got) - Counter(want)
+    if not missing and not extra:
+        return f"order {[name(d) for d in got][:12]} != {[name(d) for d in want][:12]}"
+    return (f"missing {[name(d) for d in sorted(missing.elements())][:8]} "
+            f"extra {[name(d) for d in sorted(extra.elements())][:8]}")
+
+
+def check_packed_epochs(streams, documents, seed, epochs, eos):
+    """The sequential loader's promise (reference/data.py), over `epochs` epochs of every rank.
+
+    streams[r] is rank r's rows, flattened in order (rank r of len(streams)); nothing but documents may be in it (no
+    padding, no gaps: a row's tail continues in the next row, an epoch's last document runs on into the next epoch).
+    Split at EOS, rank r's documents come `n_r = len(range(r, N, world_size))` per epoch: epoch e of rank r must be
+    exactly the documents `documented_order(N, seed, e, r, world_size)`, each whole and in order, and the union over
+    ranks of each epoch must be every document exactly once."""
+    world_size, N = len(streams), len(documents)
+    whole = [tuple(d.tolist()) for d in documents]
+    per_rank = []
+    for rank, stream in enumerate(streams):
+        n_r = len(range(rank, N, world_size))
+        ends = np.flatnonzero(stream == eos)
+        found = [tuple(d[:-1].tolist()) for d in np.split(stream[:ends[-1] + 1], ends + 1)[:-1]] if ends.size else []
+        assert len(found) >= epochs * n_r, f"rank {rank}: {len(found)} documents, fewer than {epochs} epochs"
+        per_rank.append([found[e * n_r:(e + 1) * n_r] for e in range(epochs)])
+    for e in range(epochs):
+        union = [d for rank in range(world_size) for d in per_rank[rank][e]]
+        assert sorted(union) == sorted(whole), \
+            f"epoch {e}: not every document exactly once over {world_size} rank(s): " \
+            f"{_diff_message(whole, union, whole)}"
+        for rank in range(world_size):
+            want = [whole[i] for i in documented_order(N, seed, e, rank, world_size)]
+            assert per_rank[rank][e] == want, \
+                f"epoch {e} rank {rank}: not the documented order: {_diff_message(want, per_rank[rank][e], whole)}"
+
+
+def check_each_pass_in_order(words, documents):
+    """`words` (the emitted non-EOS tokens, in stream order) read every document front to back in each pass. The
+    passes of one document may interleave (a buffer can hold two passes of it at once), so the property is: the k-th
+    read of position p comes after the k-th read of position p-1 (no prefix of the stream has read p more often than
+    p-1), which holds exactly when the reads split into passes that each run 0, 1, 2, ..."""
+    words = np.asarray(words, np.int64)
+    index = {int(t): (i, j) for i, d in enumerate(documents) for j, t in enumerate(d.tolist())}
+    foreign = [int(t) for t in words if int(t) not in index]
+    assert not foreign, f"tokens {foreign[:8]} belong to no document"
+    doc_pos = np.array([index[int(t)] for t in words], np.int64).reshape(-1, 2)
+    for i in np.unique(doc_pos[:, 0]):
+        pos = doc_pos[doc_pos[:, 0] == i, 1]
+        for p in range(1, len(documents[i])):
+            before, at = np.flatnonzero(pos == p - 1), np.flatnonzero(pos == p)
+            assert at.size <= before.size and np.all(at > before[:at.size]), \
+                f"document {i}: position {p} read before position {p - 1} of the same pass"
+
+
+def rsdb_consumed_documents(state, num_documents):
+    """The documents an RSDB loader's source has handed to its buffer so far, from the documented order and the
+    source position (src_epoch, src_cursor) in its state_dict()."""
+    docs = [documented_order(num_documents, state["seed"], e, state["rank"], state["world_size"])
+            for e in range(state["src_epoch"])]
+    docs.append(documented_order(num_documents, state["seed"], state["src_epoch"], state["rank"],
+                                 state["world_size"])[:state["src_cursor"]])
+    return np.concatenate(docs).astype(np.int64)
+
+
+def check_rsdb_accounts(state, emitted_counts, documents, eos):
+    """No token dropped or repeated (reference/rsdb.py), at any moment: the tokens emitted so far (`emitted_counts`,
+    a token_counts vector, padding excluded) plus the tokens still unread in the buffer (each buffered document from
+    its read head on, per state_dict()) are exactly the tokens of the documents the source has handed out."""
+    size = emitted_counts.size
+    full = [with_eos(d, eos) for d in documents]
+    consumed = rsdb_consumed_documents(state, len(documents))
+    want = token_counts(np.concatenate([full[d] for d in consumed] + [np.zeros(0, np.int64)]), size)
+    unread = [full[state["slots"][i][0]][state["slots"][i][1]:] for i in state["live"]]
+    have = emitted_counts + token_counts(np.concatenate(unread + [np.zeros(0, np.int64)]), size)
+    if not np.array_equal(have, want):
+        bad = np.flatnonzero(have != want)[:8]
+        raise AssertionError(f"after source epoch {state['src_epoch']} cursor {state['src_cursor']} (rank "
+                             f"{state['rank']}): tokens {bad.tolist()} handed out {want[bad].tolist()} times but "
+                             f"emitted + unread {have[bad].tolist()} times")

@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from trinity.reference.attention import document_ids
 from trinity.reference.data import DataError, PackedTokenLoader, write_token_file
 
+from strategies import check_packed_epochs, loader_corpora, tagged_documents
+
 EOS = 0
 
 
@@ -63,6 +65,34 @@ def test_every_token_once_per_epoch_in_document_order(lengths, seq_len, batch_si
         assert chunk[-1] == EOS
         found = np.split(chunk, np.flatnonzero(chunk == EOS) + 1)[:-1]
         assert sorted(tuple(d[:-1]) for d in found) == sorted(tuple(d) for d in documents)
+
+
+@settings(max_examples=40, deadline=None)
+@given(corpus=loader_corpora(), seq_len=st.integers(1, 17), batch_size=st.integers(1, 4),
+       seed=st.integers(0, 2**32 - 1), epochs=st.integers(2, 4))
+def test_every_rank_every_epoch_exactly_once(corpus, seq_len, batch_size, seed, epochs):
+    """Over several epochs and 1-3 ranks: each rank's packed rows, flattened, are its documents whole and back to
+    back (no padding, no gap: tails carried into the next row and the next epoch); split at EOS they come
+    len(range(rank, N, world_size)) per epoch in the documented order, and each epoch's union over the ranks is
+    every document exactly once (`strategies.check_packed_epochs`). Epochs after the first are checked as strictly
+    as the first: a loader that skipped or repeated a document when it starts a new epoch fails here."""
+    lengths, world_size = corpus
+    documents = tagged_documents(lengths)
+    streams = []
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "tokens.bin")
+        write_token_file(path, documents, EOS)
+        for rank in range(world_size):
+            loader = PackedTokenLoader(path, seq_len, batch_size, EOS, seed=seed, rank=rank, world_size=world_size)
+            want_eos = epochs * len(range(rank, len(documents), world_size))
+            parts, eos_seen = [], 0
+            while eos_seen < want_eos:  # until `epochs` epochs of this rank are out (their documents, at least)
+                tokens, doc_ids = loader.next_batch()
+                assert np.array_equal(doc_ids, document_ids(tokens, EOS))
+                parts.append(tokens.reshape(-1))
+                eos_seen += int(np.count_nonzero(parts[-1] == EOS))
+            streams.append(np.concatenate(parts))
+    check_packed_epochs(streams, documents, seed, epochs, EOS)
 
 
 def test_deterministic_from_seed_and_seed_changes_order(tmp_path):

@@ -395,18 +395,59 @@ def test_cli_checkpoint_prompt_tokens(cli_setup, capsys):
     assert out.split() == [str(t) for t in greedy[:3]]
 
 
-def test_cli_checkpoint_text_with_dataset_tokenizer(cli_setup, capsys):
+def _checkpoint_trained_on_bytes(root):
+    """A checkpoint whose run file trained on a prepared dataset with the bytes tokenizer, and whose vocabulary is
+    that tokenizer's (257: bytes 0..255 and EOS 256), so that every id the model can generate decodes, whatever the
+    numbers; and a checkpoint of the same model whose run file names a flat token file (no tokenizer)."""
+    from trinity.reference.checkpoint import save_checkpoint
     from trinity.reference.tokenizer import ByteTokenizer
 
-    config, params, paths = cli_setup
+    config = _feature_config(**FEATURES["gqa_dense_mup_wraps"]).replace(vocab_size=ByteTokenizer.vocab_size)
+    params = {k: v.astype(np.float32) for k, v in random_params(config, 4).items()}
+    data = root / "data"
+    data.mkdir()
+    (data / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "bytes"}}))
+    (data / "tokens.bin").write_bytes(b"")
+    (root / "flat.bin").write_bytes(b"")
+    paths = {}
+    for name, data_path in (("bytes", "data/tokens.bin"), ("flat", "flat.bin")):
+        run = root / f"{name}.toml"
+        run.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{data_path}"\neos_id = 3\n')
+        paths[name] = save_checkpoint(root / f"{name}.h5", config=config, params=params, optimizer_state={},
+                                      balancing_state={}, step=1, tokens_seen=0, data_state={}, rng_state=None,
+                                      extra={"run_file": str(run)})
+    return config, params, paths
+
+
+def test_cli_checkpoint_text_with_dataset_tokenizer(tmp_path, capsys):
+    """`--prompt TEXT` on a checkpoint encodes the text with the tokenizer of the dataset its run trained on (here
+    bytes: the non-ASCII prompt is its UTF-8 bytes) and decodes the continuation with it. Exact whatever ids greedy
+    decoding picks: the model's vocabulary is the tokenizer's, so every id decodes."""
+    from trinity.reference.tokenizer import ByteTokenizer
+
+    config, params, paths = _checkpoint_trained_on_bytes(tmp_path)
     tok = ByteTokenizer()
-    new = generate(config, params, tok.encode("hi there"), 10, eos_id=None)
-    code, out, err = _run(capsys, paths["bytes"], "--prompt", "hi there", "--max-new-tokens", 10, "--ignore-eos")
+    prompt = "héllo, wörld ✓"
+    prompt_ids = tok.encode(prompt)
+    assert prompt_ids == list(prompt.encode("utf-8")) and len(prompt_ids) > len(prompt)
+    new = generate(config, params, prompt_ids, 10, eos_id=None)
+    code, out, err = _run(capsys, paths["bytes"], "--prompt", prompt, "--max-new-tokens", 10, "--ignore-eos")
     assert code == 0, err
-    assert out == "hi there" + tok.decode(new) + "\n"
-    code, out, _ = _run(capsys, paths["bytes"], "--prompt", "hi there", "--max-new-tokens", 10, "--ignore-eos",
-                        "--no-echo", "--output", "ids")
+    assert out == prompt + tok.decode(new) + "\n"  # text by default: a tokenizer was found
+    # the prompt went in as its bytes: the same ids as giving those bytes as --prompt-tokens, or the bytes tokenizer
+    code, out, err = _run(capsys, paths["bytes"], "--prompt", prompt, "--max-new-tokens", 10, "--ignore-eos",
+                          "--no-echo", "--output", "ids")
+    assert code == 0, err
     assert out.split() == [str(t) for t in new]
+    code, out, _ = _run(capsys, paths["flat"], "--prompt-tokens", ",".join(map(str, prompt_ids)),
+                        "--max-new-tokens", 10, "--ignore-eos", "--output", "ids")
+    assert out.split() == [str(t) for t in new]
+    code, out, _ = _run(capsys, paths["flat"], "--prompt", prompt, "--tokenizer", "bytes", "--max-new-tokens", 10,
+                        "--ignore-eos")
+    assert out == prompt + tok.decode(new) + "\n"
+    # without the dataset (a run on a flat token file) there is no tokenizer to find
+    code, _, err = _run(capsys, paths["flat"], "--prompt", prompt, "--max-new-tokens", 2)
+    assert code == 2 and "needs a tokenizer" in err
 
 
 def test_cli_hf_directory_with_tokenizer(cli_setup, capsys):

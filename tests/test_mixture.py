@@ -16,6 +16,8 @@ from trinity.reference.data import DataError, PackedTokenLoader, write_token_fil
 from trinity.reference.mixture import MixtureLoader
 from trinity.reference.rsdb import RSDBLoader
 
+from strategies import check_packed_epochs, check_rsdb_accounts, loader_corpora, tagged_documents, token_counts
+
 EOS = 0
 T = 8
 
@@ -93,6 +95,73 @@ def test_resume_continues_exactly(seed, stops, kinds, switch, batch):
         got += [mix.next_batch() for _ in range(len(expected) - len(got))]
     for (t1, d1), (t2, d2) in zip(expected, got, strict=True):
         assert np.array_equal(t1, t2) and np.array_equal(d1, d2)
+
+
+@settings(max_examples=30, deadline=None)
+@given(corpora=st.lists(loader_corpora(max_documents=8, max_length=20, max_world_size=1), min_size=2, max_size=3),
+       kinds=st.lists(st.sampled_from(["sequential", "rsdb"]), min_size=3, max_size=3),
+       weights=st.lists(st.floats(0.2, 1.0), min_size=6, max_size=6), switch=st.integers(0, 30),
+       world_size=st.integers(1, 3), batch_size=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+def test_each_source_gives_every_token_once_per_epoch_over_several_epochs(corpora, kinds, weights, switch,
+                                                                            world_size, batch_size, seed):
+    """Within a mixture each source keeps its own promise, over several of that source's epochs and 1-3 ranks
+    (each rank its own mixture of its own rank's sources). A row's source shows in its tokens (source s holds ids
+    s*100_000 + ...) and must be `choose(row)`. The rows a sequential source gave, flattened, are its documents
+    whole, back to back, per epoch in the documented order, each epoch's union over the ranks every document once
+    (check_packed_epochs); for an RSDB source, after every batch the tokens it gave plus those unread in its buffer
+    are exactly the documents its source handed out (check_rsdb_accounts). Run until every source has passed its
+    third epoch on every rank."""
+    epochs, n = 3, len(corpora)
+    documents = [tagged_documents(lengths, s) for s, (lengths, _) in enumerate(corpora)]
+    world_size = min([world_size] + [len(d) for d in documents])  # every rank needs a document of every source
+    phases = [(0, weights[:n]), ((switch + 1) * T * world_size, weights[3:3 + n])]
+    size = 1 + max((int(d.max()) for docs in documents for d in docs if d.size), default=EOS)
+    streams = [[None] * world_size for _ in range(n)]
+    with tempfile.TemporaryDirectory() as directory:
+        paths = []
+        for s, docs in enumerate(documents):
+            paths.append(os.path.join(directory, f"s{s}.bin"))
+            write_token_file(paths[-1], docs, EOS)
+        for rank in range(world_size):
+            sources = [PackedTokenLoader(p, T, 2, EOS, seed=seed + s, rank=rank, world_size=world_size)
+                       if kinds[s] == "sequential" else
+                       RSDBLoader(p, T, 2, EOS, buffer_size=1 + s, seed=seed + s, rank=rank, world_size=world_size)
+                       for s, p in enumerate(paths)]
+            mix = MixtureLoader(sources, phases, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size)
+            given_rows = [[] for _ in range(n)]
+            emitted = [np.zeros(size, np.int64) for _ in range(n)]
+
+            # an RSDB source has given `epochs` passes' worth of tokens when it has given that many times the
+            # tokens of its rank's n_r longest documents
+            per_pass = [sum(sorted(len(d) + 1 for d in docs)[-len(range(rank, len(docs), world_size)):])
+                        for docs in documents]
+
+            def passed(s):
+                state = sources[s].state_dict()
+                if sources[s].kind == "sequential":
+                    return state["epoch"] >= epochs
+                return state["src_epoch"] >= epochs and emitted[s].sum() >= epochs * per_pass[s]
+
+            for _ in range(3000):  # far more than needed (a few hundred rows)
+                if all(passed(s) for s in range(n)):
+                    break
+                first = mix.rows_served
+                tokens, _ = mix.next_batch()
+                for r, row in enumerate(tokens):
+                    s = mix.choose(first + r)
+                    words = row[row != EOS]
+                    assert words.size == 0 or np.all(words // 100_000 == s), (first + r, s, row)
+                    given_rows[s].append(row)
+                    emitted[s] += token_counts(row, size)
+                for s, src in enumerate(sources):
+                    if src.kind == "rsdb":
+                        check_rsdb_accounts(src.state_dict(), emitted[s], documents[s], EOS)
+            assert all(passed(s) for s in range(n))
+            for s in range(n):
+                streams[s][rank] = np.concatenate(given_rows[s]).reshape(-1)
+    for s in range(n):
+        if kinds[s] == "sequential":
+            check_packed_epochs(streams[s], documents[s], seed + s, epochs, EOS)
 
 
 def test_errors(tmp_path):

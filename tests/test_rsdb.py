@@ -17,6 +17,9 @@ from trinity.reference.attention import document_ids
 from trinity.reference.data import DataError, PackedTokenLoader, write_token_file
 from trinity.reference.rsdb import RSDBLoader
 
+from strategies import (check_each_pass_in_order, check_rsdb_accounts, documented_order, loader_corpora,
+                        tagged_documents, token_counts, with_eos)
+
 EOS = 0
 
 
@@ -73,6 +76,76 @@ def test_every_token_exactly_once_when_source_exhausted_and_buffer_drained(lengt
         assert np.array_equal(np.where(valid, document_ids(tokens, EOS), -1), doc_ids)
     flat_valid = np.concatenate([d.reshape(-1) >= 0 for _, d in batches])
     assert flat_valid.all() or (not flat_valid[np.argmin(flat_valid):].any())
+
+
+def _rsdb_run(path, documents, seq_len, batch_size, buffer, seed, rank, world_size, epochs, until_epoch=None):
+    """Run one rank's RSDB loader (finite with `epochs`, drained; or endless until its source has begun epoch
+    `until_epoch` and it has emitted that many passes' worth of tokens), checking after every batch that the tokens
+    emitted plus those unread in the buffer are exactly those of the documents handed out (check_rsdb_accounts).
+    Returns the emitted tokens (padding removed) and the loader."""
+    loader = RSDBLoader(path, seq_len, batch_size, EOS, buffer_size=buffer, seed=seed, rank=rank,
+                        world_size=world_size, epochs=epochs)
+    size = 1 + max((int(d.max()) for d in documents if d.size), default=EOS)
+    per_pass = sum(len(documents[i]) + 1 for i in range(rank, len(documents), world_size))
+    emitted, parts = np.zeros(size, np.int64), []
+    check_rsdb_accounts(loader.state_dict(), emitted, documents, EOS)
+    while until_epoch is None or loader.src_epoch < until_epoch or emitted.sum() < until_epoch * per_pass:
+        try:
+            tokens, doc_ids = loader.next_batch()
+        except StopIteration:
+            break
+        parts.append(tokens[doc_ids >= 0])
+        emitted += token_counts(parts[-1], size)
+        check_rsdb_accounts(loader.state_dict(), emitted, documents, EOS)
+    return np.concatenate(parts + [np.zeros(0, np.int64)]), loader
+
+
+@settings(max_examples=40, deadline=None)
+@given(corpus=loader_corpora(max_documents=16, max_length=30), seq_len=st.integers(1, 17),
+       batch_size=st.integers(1, 4), buffer=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
+       epochs=st.integers(2, 4))
+def test_every_pass_exactly_once_over_several_epochs_and_ranks(corpus, seq_len, batch_size, buffer, seed, epochs):
+    """`epochs=k` (k = 2..4), 1-3 ranks, each drained: rank r emits exactly the documents of its source, the
+    documented orders of epochs 0..k-1 strided by rank, every token once per pass (each pass of a document front to
+    back, passes of one document possibly interleaved in the buffer); the ranks together emit every document exactly
+    k times. After every batch, emitted + unread-in-buffer = handed out by the source (no token lost on the way)."""
+    lengths, world_size = corpus
+    documents = tagged_documents(lengths)
+    full = [with_eos(d, EOS) for d in documents]
+    size = 1 + max(int(d.max()) for d in full)
+    union = np.zeros(size, np.int64)
+    with tempfile.TemporaryDirectory() as directory:
+        path = write(directory, documents)
+        for rank in range(world_size):
+            stream, loader = _rsdb_run(path, documents, seq_len, batch_size, buffer, seed, rank, world_size, epochs)
+            assert loader.src_epoch == epochs and not loader.live
+            mine = [full[i] for e in range(epochs) for i in documented_order(len(documents), seed, e, rank,
+                                                                            world_size)]
+            assert np.array_equal(token_counts(stream, size), token_counts(np.concatenate(mine), size)), \
+                f"rank {rank}: the tokens emitted over {epochs} epochs are not its documents once per epoch"
+            check_each_pass_in_order(stream[stream != EOS], documents)
+            union += token_counts(stream, size)
+    assert np.array_equal(union, epochs * token_counts(np.concatenate(full), size)), \
+        f"the {world_size} rank(s) together do not emit every document exactly {epochs} times"
+
+
+@settings(max_examples=30, deadline=None)
+@given(corpus=loader_corpora(max_documents=16, max_length=30), seq_len=st.integers(1, 17),
+       batch_size=st.integers(1, 4), buffer=st.integers(1, 6), seed=st.integers(0, 2**32 - 1),
+       rank=st.integers(0, 2))
+def test_endless_stream_accounts_for_every_token_over_several_epochs(corpus, seq_len, batch_size, buffer, seed,
+                                                                   rank):
+    """Endless mode, through at least 3 passes of the source: after every batch the emitted tokens plus those unread
+    in the buffer are exactly the documents handed out so far (the documented order, epoch after epoch), so no token
+    of any epoch is dropped or repeated; and each pass reads a document front to back."""
+    lengths, world_size = corpus
+    rank = min(rank, world_size - 1)
+    documents = tagged_documents(lengths)
+    with tempfile.TemporaryDirectory() as directory:
+        stream, loader = _rsdb_run(write(directory, documents), documents, seq_len, batch_size, buffer, seed, rank,
+                                   world_size, None, until_epoch=3)
+    assert loader.src_epoch >= 3
+    check_each_pass_in_order(stream[stream != EOS], documents)
 
 
 def test_pieces_are_their_own_documents(tmp_path):
