@@ -19,10 +19,15 @@ __all__ = ["CLIError", "ModelSource", "load_config", "LoadedModel", "load_model"
 
 
 class CLIError(Exception):
-    """A problem the user can fix (bad argument, missing file, invalid config).
+    """A problem the user can fix (bad argument, missing file, invalid config), or a run that had to stop.
 
-    `trinity` prints its message as one line on stderr and exits with status 2; no traceback.
+    `trinity` prints its message as one line on stderr and exits with `status` (2 unless said otherwise); no
+    traceback.
     """
+
+    def __init__(self, message, status: int = 2):
+        super().__init__(" ".join(str(message).splitlines()))
+        self.status = status
 
 
 class ModelSource:
@@ -98,10 +103,11 @@ class LoadedModel:
 
     `kind` is "checkpoint" (ours), "hf" or "preset". For our checkpoints `optimizer_state` and `balancing_state`
     (None when empty), `step`, `tokens_seen` and `extra` (the run file in `extra["run_file"]`) are set; otherwise
-    they are None / {}. `description` is one line for the user. `tokenizer_source` is where the tokenizer lives
-    when the model itself tells (the HF directory's tokenizer.json, or the prepared dataset named by the run file of
-    our checkpoint), else None and `why_no_tokenizer` says why; `eos_id` is the run file's [data] eos_id, else the
-    config's eos_token_id.
+    they are None / {}. `description` is one line for the user. `tokenizer_source` is the tokenizer when the model
+    itself tells: the copy our checkpoint carries (a Tokenizer), the HF directory's tokenizer.json, or, for our
+    checkpoints without a copy, the prepared dataset named by the run file it records; else None and
+    `why_no_tokenizer` says why. `eos_id` is the tokenizer's or the run file's [data] eos_id, else the config's
+    eos_token_id.
     """
 
     def __init__(self, kind: str, spec: str, config, params, description: str, optimizer_state=None,
@@ -165,7 +171,16 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
             return {k: (np.ascontiguousarray(v, dtype=dt) if v.dtype.kind == "f" else v) for k, v in tree.items()}
 
         params, opt, bal = cast(params), cast(opt), cast(bal)
-    source, eos_id, why = _data_of_run(spec, ck.extra.get("run_file"))
+    if ck.tokenizer is not None:  # the tokenizer the model was trained with, carried by the checkpoint
+        from trinity.reference.tokenizer import TokenizerError, tokenizer_from_record
+
+        try:
+            source = tokenizer_from_record(ck.tokenizer, ck.tokenizer_json, where=spec)
+        except TokenizerError as e:
+            raise CLIError(str(e)) from None
+        eos_id, why = source.eos_id, ""
+    else:  # older checkpoints, and runs on raw token files: look for it through the recorded run file
+        source, eos_id, why = _data_of_run(spec, ck.extra.get("run_file"))
     return LoadedModel("checkpoint", spec, ck.config, params,
                        f"{spec} (checkpoint at step {ck.step}, {ck.tokens_seen:,} tokens seen)",
                        optimizer_state=opt if state else None, balancing_state=bal or None, step=ck.step,

@@ -11,7 +11,8 @@ and is listed in COMMANDS below. Modules must keep their top-level imports light
 mpi4py, numba or matplotlib are imported inside `run`), because `trinity -h` imports every one of them.
 
 Errors the user can fix raise `trinity.cli.common.CLIError` (or `ConfigError`): `main` prints one line,
-`trinity <cmd>: error: <message>`, on stderr and returns 2. Anything else is a bug and keeps its traceback.
+`trinity <cmd>: error: <message>`, on stderr and returns 2 (or the CLIError's own `status`, e.g. 3 for a training
+run stopped by divergence). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except (CLIError, ConfigError) as e:
         print(f"trinity {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "status", 2)
     except BrokenPipeError:  # `trinity info ... | head`
         return 0
     except KeyboardInterrupt:

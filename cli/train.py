@@ -1,9 +1,14 @@
-"""`trinity train RUN.toml [--resume]`: train in one process with the Trinity recipe (SPEC §6, §7, §9).
+"""`trinity train RUN.toml [--resume | --restart]`: train in one process with the Trinity recipe (SPEC §6, §7, §9).
 
 The run file names the model, data, optimizer, schedule, balancing, loss coefficients, checkpoints and logging
 (see trinity.distributed.run_config for every key). Bad run files fail before any work, naming the key. A progress
 bar shows step, loss, tokens/s and time left; every step appends one JSON line to the metrics file. `--resume`
-continues from the newest checkpoint in the run's checkpoint folder, bit for bit.
+continues from the newest checkpoint of the run that verifies, bit for bit; a folder that already holds another
+run's checkpoints is refused unless `--restart` removes them.
+
+Exit status: 0 done; 2 a problem with the run file, data, paths or checkpoints (one line naming the key);
+3 the loss or gradient norm went non-finite (the run stopped before the update); 130 / 143 stopped by SIGINT /
+SIGTERM after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +19,18 @@ from .common import CLIError, load_backend
 
 NAME = "train"
 HELP = "train a model from a TOML run file (single process)"
+DIVERGED = 3  # exit status of a run stopped by a non-finite loss or gradient norm
 
 
 def add_parser(subparsers):
     p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
                               epilog="example: trinity train configs/tiny-synthetic.toml")
     p.add_argument("run_file", metavar="RUN.toml", help="the run file")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue from the newest checkpoint of the run that verifies")
+    start.add_argument("--restart", action="store_true",
+                       help="start over: remove the checkpoints and metrics the run's folders already hold")
     p.add_argument("--backend", choices=BACKENDS,
                    help="operator table, overriding [train] backend of the run file (trinity.accel.get_backend)")
     p.set_defaults(run=run)
@@ -31,7 +41,7 @@ def run(args) -> int:
     import dataclasses
 
     from trinity.distributed.run_config import RunConfigError, load_run_config
-    from trinity.distributed.trainer import Trainer
+    from trinity.distributed.trainer import Trainer, TrainingDiverged
     from trinity.reference.checkpoint import CheckpointError
 
     try:
@@ -39,10 +49,14 @@ def run(args) -> int:
         if args.backend:
             load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
             run_config = dataclasses.replace(run_config, backend=args.backend)
-        trainer = Trainer(run_config, resume=args.resume)
+        trainer = Trainer(run_config, resume=args.resume, restart=args.restart)
+        last = trainer.train()
     except (RunConfigError, CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    last = trainer.train()
+    except TrainingDiverged as e:
+        raise CLIError(str(e), status=DIVERGED) from None
+    if trainer.stopped_by is not None:
+        return 128 + int(trainer.stopped_by)
     if last is not None:
         loss = last["loss"]
         print(f"step {last['step']}: loss {loss['total']:.4f} (ce {loss['ce']:.4f}, z {loss['z']:.2e}, "

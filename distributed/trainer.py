@@ -1,4 +1,4 @@
-"""The trainer: the Trinity recipe step by step, resumable bit for bit (SPEC §6, §7, §9; ARCHITECTURE.md).
+"""The trainer: the Trinity recipe step by step, resumable bit for bit (SPEC §6, §7, §9; docs/architecture.md).
 
 One optimizer step:
   1. sequences_per_step / micro_batch_size micro-batches: forward + backward each, gradients averaged, expert
@@ -10,36 +10,59 @@ One optimizer step:
 
 This is the single-process trainer; the distributed layouts will inject their communicators into the same loop.
 State that makes a run resumable: params (expert_bias included), optimizer state, balancing state, step,
-tokens seen, the data loader's position and the RNG. A run stopped at any moment and resumed from its latest
-checkpoint ends with the same bits as a run that was never stopped.
+tokens seen, skipped steps, the data loader's position and the RNG. A run stopped at any moment and resumed from its
+latest checkpoint ends with the same bits as a run that was never stopped.
+
+What a run survives (docs/architecture.md, "Run safety"):
+  - divergence: a non-finite loss or gradient norm is caught before the balancing and optimizer updates; by default
+    the run stops (TrainingDiverged, exit 3) naming the step and the checkpoint to resume from, or with
+    `[train] on_nonfinite = "skip"` the step is skipped (counted in the metrics) up to `max_skipped_steps`;
+    checkpoints never hold NaN (save_checkpoint refuses it), so retention never removes the last finite one;
+  - re-runs: a run folder belongs to one run (`run_id`): without --resume, existing checkpoints or metrics are
+    refused unless --restart removes them; retention deletes only the run's own checkpoints;
+  - kills: metrics.jsonl is cut back to the resumed step (metrics_log.py); a corrupt newest checkpoint is skipped
+    for the newest one that verifies; SIGINT/SIGTERM finish the step and checkpoint (preemption.py);
+  - changed data: each checkpoint holds a fingerprint of the data and a copy of the tokenizer; resuming on other
+    data is refused, naming what changed.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import os
 import signal
 import sys
 import time
+import uuid
 
 import numpy as np
 
 from trinity.accel import BackendUnavailable, get_backend
 from trinity.reference import Config, init_params, loss_and_grads
 from trinity.reference.balancing import balance_step, init_balancing_state
-from trinity.reference.checkpoint import CheckpointManager, load_checkpoint
+from trinity.reference.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError
 from trinity.reference.data import DataError, DocumentStore, PackedTokenLoader
 from trinity.reference.mixture import MixtureLoader
 from trinity.reference.rsdb import RSDBLoader
 from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
 from trinity.reference.schedules import BatchSchedule, learning_rate
+from trinity.reference.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
 
+from .metrics_log import MetricsLog
+from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError
 
-__all__ = ["Trainer", "FAULT_ENV", "build_loader"]
+__all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "build_loader", "data_fingerprint"]
 
-# Fault injection for tests: SIGKILL this process right after the checkpoint of this step is written.
+# Fault injection for tests: SIGKILL this process right after the checkpoint of this step is written
+# (FAULT_ENV), or right after the metrics line of this step is written (FAULT_METRICS_ENV).
 FAULT_ENV = "TRINITY_FAULT_KILL_AFTER_CHECKPOINT"
+FAULT_METRICS_ENV = "TRINITY_FAULT_KILL_AFTER_METRICS"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm went non-finite (or too many steps were skipped): the run stopped before the
+    update, and the message names the step and the checkpoint to resume from."""
 
 
 def _base_config(run: RunConfig):
@@ -51,7 +74,47 @@ def _base_config(run: RunConfig):
         return Config.from_hf(value), None
     from trinity.reference.hf_interop import load_pretrained
     config, params = load_pretrained(value, dtype=np.dtype(run.dtype))
+    for key, array in params.items():
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise RunConfigError(f"[model] init_from = {value!r}: the weights hold NaN or infinity ({key})")
     return config, params
+
+
+def data_fingerprint(stores) -> list[dict]:
+    """Per data source: documents, tokens and the SHA-256 of its document index (where each document starts)."""
+    return [{"documents": int(s.num_documents), "tokens": int(s.num_tokens),
+             "index_sha256": hashlib.sha256(np.ascontiguousarray(s.starts, dtype="<i8").tobytes()).hexdigest()}
+            for s in stores]
+
+
+def _data_changes(saved, now, stores) -> list[str]:
+    """What differs between a checkpoint's data fingerprint and the current data's, one phrase per change."""
+    if not isinstance(saved, list) or len(saved) != len(now):
+        return [f"{len(now)} data source(s) now, {len(saved) if isinstance(saved, list) else '?'} in the checkpoint"]
+    changes = []
+    for store, old, new in zip(stores, saved, now):
+        what = [f"{k} {old.get(k)} -> {new[k]}" for k in ("documents", "tokens") if old.get(k) != new[k]]
+        if not what and old.get("index_sha256") != new["index_sha256"]:
+            what = ["the document boundaries differ"]
+        if what:
+            changes.append(f"{store.path}: " + ", ".join(what))
+    return changes
+
+
+def _dataset_tokenizer(stores):
+    """(info, tokenizer.json bytes) of the prepared datasets' tokenizer, or None when no source names one (raw
+    token files). Sources with different tokenizers are refused: their ids would mean different things."""
+    records = []
+    for store in stores:
+        if getattr(store, "meta", None) is None:
+            continue
+        try:
+            records.append((store.path, tokenizer_record(load_tokenizer(store.path))))
+        except (TokenizerError, OSError) as e:
+            raise RunConfigError(f"[data] {store.path}: its tokenizer cannot be read ({e})") from None
+    if len({r[1][0].get("sha256") or r[1][0]["kind"] for r in records}) > 1:
+        raise RunConfigError(f"[data] sources use different tokenizers: {', '.join(p for p, _ in records)}")
+    return records[0][1] if records else None
 
 
 def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
@@ -88,27 +151,37 @@ def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, resume: bool = False, log=print):
+    def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print):
         self.run, self.log = run, log
+        self.stopped_by: int | None = None  # the signal that ended `train` early (preemption), if any
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
         try:
             self.ops = get_backend(run.backend)
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
-        self.loader, stores = build_loader(run)
+        self.loader, self.stores = build_loader(run)
+        self.fingerprint = data_fingerprint(self.stores)
+        self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
-        self.checkpoints = CheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
-        latest = self.checkpoints.latest() if resume else None
-        if latest is not None:
-            ckpt = load_checkpoint(latest, config=config)
+        try:
+            self.checkpoints = CheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
+        except CheckpointError as e:
+            raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {e}") from None
+        self.metrics = MetricsLog(run.metrics_path)
+        if not resume:
+            self._claim_folder(restart)
+        ckpt = self._load_resume_point(config) if resume else None
+        if ckpt is not None:
             self.params, self.opt_state, self.balance_state = ckpt.params, ckpt.optimizer_state, \
                 ckpt.balancing_state
             self.step, self.tokens_seen = ckpt.step, ckpt.tokens_seen
+            self.skipped_steps = int(ckpt.extra.get("skipped_steps", 0))
+            self.run_id = ckpt.run_id or uuid.uuid4().hex
             self.loader.load_state_dict(ckpt.data_state)
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = ckpt.rng_state
-            log(f"resumed from {latest} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+            log(f"resumed from {ckpt.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
         else:
             if resume:
                 log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
@@ -118,16 +191,63 @@ class Trainer:
                 self.params = init_params(config, seed=run.init_seed, dtype=np.dtype(run.dtype))
             self.opt_state = init_optimizer_state(config, self.params)
             self.balance_state = init_balancing_state(config, self.params)
-            self.step, self.tokens_seen = 0, 0
+            self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
+            self.run_id = uuid.uuid4().hex
             self.rng = np.random.default_rng(run.init_seed)
-        for store in stores:
+        self.checkpoints.run_id = self.run_id
+        for store in self.stores:
             largest = store.max_token()
             if largest >= config.vocab_size:
                 raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
                                      f"{config.vocab_size}")
 
+    def _claim_folder(self, restart: bool) -> None:
+        """A new run needs a folder of its own: existing checkpoints (or a non-empty metrics file) are refused,
+        unless `restart` removes them."""
+        run = self.run
+        found = self.checkpoints.list()
+        metrics = os.path.isfile(run.metrics_path) and os.path.getsize(run.metrics_path) > 0
+        if not found and not metrics:
+            return
+        if restart:
+            removed = self.checkpoints.remove_all()
+            self.log(f"--restart: removed {len(removed)} checkpoint(s) from {run.checkpoint_dir}"
+                     + (f" and the metrics in {run.metrics_path}" if metrics else ""))
+            return  # the metrics file is started empty by `train`
+        what = (f"holds checkpoints of an earlier run ({', '.join(os.path.basename(p) for p in found[-3:])}"
+                f"{', ...' if len(found) > 3 else ''})" if found else f"metrics {run.metrics_path} of an earlier run")
+        raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {what}; continue it with --resume, "
+                             f"give this run another [checkpoint] dir and [logging] metrics, or start over with "
+                             f"--restart (removes the old checkpoints and metrics)")
+
+    def _load_resume_point(self, config):
+        """The newest checkpoint that verifies (None: none at all); skipped corrupt ones are logged; one whose
+        data fingerprint differs from the current data is refused."""
+        try:
+            ckpt, skipped = self.checkpoints.load_newest_valid(config)
+        except CheckpointError as e:
+            raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}") from None
+        for path, why in skipped:
+            self.log(f"skipped checkpoint {path}: {why}")
+        if ckpt is None and skipped:
+            raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: none of its {len(skipped)} "
+                                 f"checkpoint(s) verifies (corrupt); start over with --restart")
+        if ckpt is not None and ckpt.data_fingerprint is not None:
+            changes = _data_changes(ckpt.data_fingerprint, self.fingerprint, self.stores)
+            was, now = ckpt.tokenizer, self.tokenizer[0] if self.tokenizer else None
+            if (was or {}).get("sha256") != (now or {}).get("sha256") or \
+                    (was or {}).get("kind") != (now or {}).get("kind"):
+                changes.append(f"the tokenizer changed ({(was or {}).get('kind')} -> {(now or {}).get('kind')})")
+            if changes:
+                raise RunConfigError(f"[data] the training data changed since checkpoint {ckpt.path}: "
+                                     f"{'; '.join(changes)}; resume on the same data, or start a new run")
+        return ckpt
+
     # ---- one optimizer step -------------------------------------------------------------------------------------
     def train_step(self) -> dict:
+        """One optimizer step; its metrics line. A step whose loss or gradient norm is not finite changes no
+        parameter or balancing state: it raises TrainingDiverged, or under `on_nonfinite = "skip"` returns a line
+        with "skipped": true (the micro-batches it read are consumed)."""
         c, run = self.config, self.run
         t0 = time.perf_counter()
         sequences = self.batches.sequences(self.tokens_seen)
@@ -137,9 +257,10 @@ class Trainer:
         logit_max, logit_mean = -np.inf, 0.0
         for _ in range(micro_steps):
             tokens, doc_ids = self.loader.next_batch()
-            losses, grads, stats = loss_and_grads(c, self.params, tokens, tokens,
-                                                  doc_ids if c.intra_document_mask else None,
-                                                  recompute=run.recompute, ops=self.ops)
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below, by name
+                losses, grads, stats = loss_and_grads(c, self.params, tokens, tokens,
+                                                      doc_ids if c.intra_document_mask else None,
+                                                      recompute=run.recompute, ops=self.ops)
             if grads_sum is None:
                 grads_sum = grads
             else:
@@ -155,6 +276,8 @@ class Trainer:
         scale = np.asarray(1.0 / micro_steps, dtype=np.dtype(run.dtype))
         grads = {k: g * scale for k, g in grads_sum.items()}
         grads, grad_norm = clip_grad_norm(grads, c.grad_clip_norm, self.ops)
+        if not (np.isfinite(parts["total"]) and np.isfinite(grad_norm)):
+            return self._non_finite_step(parts, grad_norm, sequences, time.perf_counter() - t0)
         balance = balance_step(c, self.params, self.balance_state, counts)
         lr = {group: learning_rate(self.step, run.steps, peak, c.warmup_steps, c.lr_schedule,
                                    c.decay_start_fraction, c.lr_floor_ratio)
@@ -169,44 +292,102 @@ class Trainer:
             "grad_norm": float(grad_norm), "lr": lr, "logits_max": float(logit_max), "logits_mean": float(logit_mean),
             "max_vio": {str(l): m["max_vio"] for l, m in balance.items()},
             "expert_load": {str(l): counts[l].astype(int).tolist() for l in counts},
-            "tokens_per_s": tokens / seconds, "seconds": seconds,
+            "skipped_steps": self.skipped_steps, "tokens_per_s": tokens / seconds, "seconds": seconds,
         }
         if micro_steps > 1:  # SPEC §6.4: BatchHet = max_i L_i − mean_i L_i over the step's micro-batch losses
             metrics["batch_het"] = float(max(micro_losses) - np.mean(micro_losses))
         return metrics
 
+    def _non_finite_step(self, parts, grad_norm, sequences, seconds) -> dict:
+        run, attempt = self.run, self.step + 1
+        what = f"step {attempt}: loss {parts['total']:.6g}, gradient norm {grad_norm:.6g}"
+        newest = self.checkpoints.latest()
+        where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
+        if run.on_nonfinite == "skip" and self.skipped_steps < run.max_skipped_steps:
+            self.skipped_steps += 1
+            self.log(f"{what}: not finite, step skipped ({self.skipped_steps} of at most {run.max_skipped_steps})")
+            return {"step": attempt, "skipped": True, "skipped_steps": self.skipped_steps,
+                    "tokens_seen": self.tokens_seen, "sequences": sequences,
+                    "loss": {k: (float(v) if np.isfinite(v) else None) for k, v in parts.items()},
+                    "grad_norm": float(grad_norm) if np.isfinite(grad_norm) else None, "seconds": seconds}
+        if run.on_nonfinite == "skip":
+            raise TrainingDiverged(f"{what}: not finite, and {self.skipped_steps} steps were skipped already "
+                                   f"([train] max_skipped_steps = {run.max_skipped_steps}): stopped before the "
+                                   f"update; {where}")
+        raise TrainingDiverged(f"{what}: not finite: stopped before the update (no checkpoint holds it); {where}; "
+                               f"resume from it with --resume, or set [train] on_nonfinite = \"skip\"")
+
     # ---- the loop -----------------------------------------------------------------------------------------------
-    def save(self):
-        self.checkpoints.save(self.step, config=self.config, params=self.params, optimizer_state=self.opt_state,
-                              balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
-                              data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
-                              extra={"run_file": os.path.abspath(self.run.path)})
+    def save(self) -> str:
+        """Write the checkpoint of the current step. A failed write (full disk) is a RunConfigError naming
+        [checkpoint] dir; parameters that went non-finite in the last update are a TrainingDiverged."""
+        previous = self.checkpoints.latest()
+        try:
+            path = self.checkpoints.save(
+                self.step, config=self.config, params=self.params, optimizer_state=self.opt_state,
+                balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
+                data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
+                extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps},
+                tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
+        except CheckpointWriteError as e:
+            raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}; the previous checkpoint "
+                                 f"{previous or '(none)'} is intact") from None
+        except CheckpointError as e:  # save_checkpoint refuses NaN: the last update overflowed
+            raise TrainingDiverged(f"step {self.step}: {e}; the newest checkpoint is "
+                                   f"{previous or '(none yet)'}") from None
         if os.environ.get(FAULT_ENV) == str(self.step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return path
+
+    def _write_metrics(self, row: dict) -> None:
+        try:
+            self.metrics.write(row)
+        except OSError as e:
+            raise RunConfigError(f"[logging] metrics = {self.run.metrics_path!r}: cannot write "
+                                 f"({e.strerror or e}); the newest checkpoint is "
+                                 f"{self.checkpoints.latest() or '(none)'}") from None
+        if os.environ.get(FAULT_METRICS_ENV) == str(row["step"]) and not row.get("skipped"):
             os.kill(os.getpid(), signal.SIGKILL)
 
     def train(self) -> dict | None:
+        """Run to `[train] steps`; the last step's metrics (None when there was nothing to do). A SIGINT/SIGTERM
+        ends it early after a checkpoint, with `stopped_by` set to the signal."""
         run = self.run
         if self.step >= run.steps:
             self.log(f"already at step {self.step} of {run.steps}: nothing to do")
             return None
-        os.makedirs(os.path.dirname(run.metrics_path) or ".", exist_ok=True)
+        try:
+            cut = self.metrics.start(self.step)
+        except OSError as e:
+            raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: {e.strerror or e}") from None
+        if cut["dropped_steps"] or cut["dropped_unreadable"]:
+            self.log(f"{run.metrics_path}: cut back to step {self.step} (dropped {cut['dropped_steps']} line(s) of "
+                     f"later steps and {len(cut['dropped_unreadable'])} unreadable line(s))")
         bar = None
         if run.progress:
             from tqdm import tqdm
             bar = tqdm(total=run.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True)
-        metrics = None
-        # Resuming appends; lines past the checkpoint (from the interrupted run) are superseded by the new ones.
-        with open(run.metrics_path, "a", encoding="utf-8") as out:
+        last = None
+        with self.metrics, PreemptionGuard(self.log) as guard:
             while self.step < run.steps:
-                metrics = self.train_step()
-                out.write(json.dumps(metrics) + "\n")
-                out.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{metrics['loss']['total']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}",
-                                    refresh=False)
-                    bar.update(1)
-                if self.step % run.checkpoint_every == 0 or self.step == run.steps:
-                    self.save()
+                row = self.train_step()
+                self._write_metrics(row)
+                saved = False
+                if not row.get("skipped"):
+                    last = row
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']['total']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                                        refresh=False)
+                        bar.update(1)
+                    if self.step % run.checkpoint_every == 0 or self.step == run.steps:
+                        self.save()
+                        saved = True
+                if guard.signum is not None:
+                    path = self.checkpoints.latest() if saved else self.save()
+                    self.stopped_by = guard.signum
+                    self.log(f"stopped by {signal.Signals(guard.signum).name} after step {self.step}: checkpoint "
+                             f"{path}; continue with --resume")
+                    break
         if bar is not None:
             bar.close()
-        return metrics
+        return last
