@@ -331,3 +331,31 @@ def test_a_second_signal_exits_at_once():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert out.returncode == 143 and "not reached" not in out.stdout and time.time() - t0 < 20
     assert "second SIGTERM: exiting now" in out.stderr
+
+
+# ---- 8. a full disk ------------------------------------------------------------------------------------------------
+def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    """A file-size limit (what a full disk looks like to a writer) makes the step-4 checkpoint fail: status 2, one
+    line naming [checkpoint] dir and the intact previous checkpoint, which still loads, and no temporary file left."""
+    import resource
+
+    run = write_run(tmp_path, steps=2, every=2)
+    assert trinity("train", run).returncode == 0
+    previous = tmp_path / "ckpt" / "step_00000002.h5"
+    before = previous.read_bytes()
+    with open(run) as f:
+        text = f.read()
+    with open(run, "w") as f:
+        f.write(text.replace("steps = 2", "steps = 4"))
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4, len(before) // 4))
+
+    out = subprocess.run([sys.executable, "-m", "trinity.cli", "train", run, "--resume"], capture_output=True,
+                         text=True, timeout=600, preexec_fn=limit)
+    assert out.returncode == 2, out.stderr
+    line = error_line(out)
+    assert "[checkpoint] dir" in line and "cannot write checkpoint (File too large)" in line
+    assert f"the previous checkpoint {previous} is intact" in line
+    assert previous.read_bytes() == before and sorted(os.listdir(tmp_path / "ckpt")) == [previous.name]
+    assert load_checkpoint(previous).step == 2
