@@ -8,7 +8,8 @@
                        [--glob '*.py'] [--exclude PATTERN] [--errors strict|replace] [--shard-tokens N] [--workers N]
       text files (each file one document; folders are walked recursively) tokenized in parallel into uint32 shards
       with document indexes and meta.json (trinity.reference.prepare). The directory is a [data] path for
-      `trinity train`. Example: the Python standard library with a byte-level BPE of 4096 entries trained on it:
+      `trinity train`. --out is a new or empty directory, or a prepared dataset (prepared again in place); an
+      existing file or another non-empty directory is refused before anything is written. Example: the Python standard library with a byte-level BPE of 4096 entries trained on it:
         trinity data prepare "$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")" \
             --glob '*.py' --train-bpe 4096 --out data/stdlib
 """
@@ -76,6 +77,9 @@ def run_prepare(args) -> int:
                 workers=args.workers, glob=args.glob, exclude=tuple(args.exclude), progress=not args.no_progress)
     except (DataError, TokenizerError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
+    except OSError as e:  # e.g. an output folder that cannot be written
+        raise CLIError(f"cannot prepare into {args.out}: {e.strerror or e}"
+                       + (f": {e.filename}" if e.filename else "")) from None
     return 0
 
 
@@ -89,15 +93,22 @@ def run_synthetic(args) -> int:
         raise CLIError(str(e)) from None
     if args.tokens <= 0:
         raise CLIError(f"--tokens must be positive, got {args.tokens}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for path in (args.out, args.out + ".json"):
+        if os.path.isdir(path):
+            raise CLIError(f"--out {args.out}: {path} is a directory (--out names the token file to write)")
     documents = source.documents(args.tokens)
-    written = write_token_file(args.out, documents, args.eos_id)
     floor = source.entropy_floor()
-    meta = {"kind": "markov", "vocab_size": args.vocab, "eos_id": args.eos_id, "tokens": written,
-            "documents": len(documents), "branching": args.branching, "mean_doc_len": args.mean_doc_len,
-            "seed": args.seed, "entropy_floor_nats": floor}
-    with open(args.out + ".json", "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        written = write_token_file(args.out, documents, args.eos_id)
+        meta = {"kind": "markov", "vocab_size": args.vocab, "eos_id": args.eos_id, "tokens": written,
+                "documents": len(documents), "branching": args.branching, "mean_doc_len": args.mean_doc_len,
+                "seed": args.seed, "entropy_floor_nats": floor}
+        with open(args.out + ".json", "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+    except OSError as e:
+        raise CLIError(f"cannot write --out {args.out}: {e.strerror or e}"
+                       + (f": {e.filename}" if e.filename else "")) from None
     print(f"wrote {written:,} tokens in {len(documents):,} documents to {args.out}; "
           f"entropy floor {floor:.4f} nats/token")
     return 0

@@ -2,12 +2,15 @@
 
 Writes loss.png (total, ce, z and balance loss against tokens seen), lr.png, grad_norm.png, max_vio.png (MaxVio per
 MoE layer), expert_load.png (per MoE layer a heatmap of expert × step, load / mean load), logits.png,
-throughput.png and, when logged, batch_het.png. A resumed run's re-logged steps are handled: later lines win.
+throughput.png and, when logged, batch_het.png. A resumed run's re-logged steps are handled: later lines win. A bad
+line (cut short, not JSON, not an object with an integer step) is named by line number in a warning on stderr and
+skipped; a file with no good line is an error.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 
 from .common import CLIError
 
@@ -28,8 +31,11 @@ def add_parser(subparsers):
 def run(args) -> int:
     from .plotting import MetricsError, plot_metrics, read_metrics
 
+    def warn(message):
+        print(f"trinity plot: warning: {message}", file=sys.stderr)
+
     try:
-        rows = read_metrics(args.metrics)
+        rows = read_metrics(args.metrics, warn=warn)
     except MetricsError as e:
         raise CLIError(str(e)) from None
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -19,39 +19,60 @@ class MetricsError(ValueError):
     """A metrics file that cannot be plotted; the message names the file and line."""
 
 
-def read_metrics(path) -> list[dict]:
+def read_metrics(path, warn=None) -> list[dict]:
     """The rows of a metrics JSONL file in step order, as a resumed run means them.
 
     A run resumed from a checkpoint appends lines again from the checkpoint's step on, so a line whose step is not
     above the previous line's starts a new segment: every stored row at or past that step is dropped (the
     interrupted run's lines past its checkpoint are superseded even where the resumed run has not reached them yet),
-    and later lines win. Blank lines are skipped, and so is a truncated last line (a run killed mid-write); any
-    other line that is not a JSON object with an integer "step" is an error naming the line.
+    and later lines win. Blank lines are skipped. A bad line (cut short by a kill, not JSON, not a JSON object with
+    an integer "step") is skipped and reported: `warn(message)` is called once per bad line with a message naming
+    the file and line number, when at least one line is good. MetricsError (naming the first bad line) when the
+    file cannot be read or holds no good line.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise MetricsError(f"{path}: is a directory, not a metrics file")
     if not os.path.isfile(path):
         raise MetricsError(f"no such file: {path}")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().split("\n")
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().split("\n")
+    except OSError as e:
+        raise MetricsError(f"{path}: cannot read ({e.strerror or e})") from None
     rows: dict[int, dict] = {}
     last_step = None
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
+    problems = []
     for n, (lineno, line) in enumerate(numbered):
+        problem = None
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if n == len(numbered) - 1 and not line.endswith("}"):
-                continue  # a line cut short by a kill
-            raise MetricsError(f"{path}:{lineno}: not valid JSON: {e.msg}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
-            raise MetricsError(f"{path}:{lineno}: expected a JSON object with an integer \"step\"")
+        except (json.JSONDecodeError, RecursionError) as e:
+            if n == len(numbered) - 1 and not line.rstrip().endswith("}"):
+                problem = "cut short (a run stopped while writing it?)"
+            elif isinstance(e, RecursionError):
+                problem = "not valid JSON (nested too deeply)"
+            else:
+                problem = f"not valid JSON ({e.msg} at column {e.colno})"
+        else:
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+                problem = 'not a JSON object with an integer "step"'
+        if problem is not None:
+            problems.append(f"{path}:{lineno}: {problem}")
+            continue
         step = row["step"]
         if last_step is not None and step <= last_step:
             rows = {s: r for s, r in rows.items() if s < step}
         rows[step] = row
         last_step = step
     if not rows:
+        if problems:
+            raise MetricsError(f"{path}: no usable metrics line ({len(problems)} bad; the first, {problems[0]})")
         raise MetricsError(f"{path}: no metrics lines")
+    if warn is not None:
+        for problem in problems:
+            warn(f"{problem}; line skipped")
     return [rows[s] for s in sorted(rows)]
 
 
@@ -81,6 +102,16 @@ def _plot_line(ax, x, y, label=None, **kw):
         xs, ys = zip(*pts)
         ax.plot(xs, ys, label=label, marker="." if len(xs) < 50 else None, **kw)
     return bool(pts)
+
+
+def _counts(row, layer):
+    """The expert load list of one layer in one row; None when missing or not a non-empty list of numbers."""
+    loads = row.get("expert_load")
+    counts = loads.get(layer) if isinstance(loads, dict) else None
+    if not (isinstance(counts, list) and counts and all(isinstance(c, (int, float)) and not isinstance(c, bool)
+                                                         for c in counts)):
+        return None
+    return counts
 
 
 def _layers(rows, key):
@@ -182,7 +213,7 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     _save(fig, out_dir, "max_vio.png", written)
 
     # expert load heatmaps: one per MoE layer, expert × step, normalised by the step's mean load
-    layers = _layers(rows, "expert_load")
+    layers = [layer for layer in _layers(rows, "expert_load") if any(_counts(r, layer) for r in rows)]
     n = max(1, len(layers))
     cols = min(n, 4)
     grid_rows = math.ceil(n / cols)
@@ -191,10 +222,9 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     loads = []
     for layer in layers:
         cols_ = []
-        width = max(len(r["expert_load"][layer]) for r in rows if isinstance(r.get("expert_load"), dict)
-                    and layer in r["expert_load"])
+        width = max([len(c) for c in (_counts(r, layer) for r in rows) if c is not None] or [0])
         for r in rows:
-            counts = (r.get("expert_load") or {}).get(layer)
+            counts = _counts(r, layer)
             if counts is None or len(counts) != width:
                 cols_.append(np.full(width, np.nan))
                 continue

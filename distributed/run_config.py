@@ -1,7 +1,12 @@
 """The run file of `trinity train`: a TOML file naming the model, data, recipe, checkpoints and logging.
 
 Every key is checked before any work starts; an unknown key or a bad value raises RunConfigError naming the
-section and key. Relative paths are taken relative to the run file's folder. Example (configs/tiny-synthetic.toml):
+section and key, always in one line: "[optimizer] muon_lr = -1: must be a non-negative number" (a recipe value the
+Config rejects is named by its run-file key, not its Config field), and a file that cannot be used at all (missing,
+a directory, unreadable, not UTF-8, not TOML) names the file. What needs the built model is checked by
+`RunConfig.build_config` (`check_against`: [data] seq_len against max_position_embeddings), and the output paths by
+`check_output_paths` (the trainer calls it before any work). Relative paths are taken relative to the run file's
+folder. Example (configs/tiny-synthetic.toml):
 
     [model]                      # exactly one of preset / config / init_from
     preset = "tiny"              # a Config preset; or config = "config.json"; or init_from = "hf_checkpoint_dir"
@@ -30,6 +35,8 @@ section and key. Relative paths are taken relative to the run file's folder. Exa
     batch_schedule = [[1_000_000, 32]]   # [tokens_seen threshold, sequences_per_step] pairs
     recompute = false
     backend = "reference"        # reference | numba | cupy: the op table (trinity.accel.get_backend)
+    on_nonfinite = "stop"        # a non-finite loss or gradient norm stops the run before the update; or "skip"
+    max_skipped_steps = 10       # with "skip": the run stops when more steps than this were skipped
     [optimizer]   muon_lr, adamw_lr, muon_momentum, … (Config fields, SPEC §9)
     [schedule]    warmup_steps, lr_schedule, decay_start_fraction, lr_floor_ratio
     [balancing]   method = "smebu" | "sign" | "none", sign_update_rate, smebu_lambda, smebu_beta, smebu_kappa
@@ -41,17 +48,23 @@ section and key. Relative paths are taken relative to the run file's folder. Exa
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, field, fields
 
 from trinity.accel import BACKENDS
-from trinity.reference.config import Config, ConfigError
+from trinity.reference.config import PRESETS, Config, ConfigError
 
-__all__ = ["RunConfig", "RunConfigError", "load_run_config"]
+__all__ = ["RunConfig", "RunConfigError", "load_run_config", "check_output_paths"]
 
 
 class RunConfigError(ValueError):
-    """A run file that cannot be used; the message names the section and key."""
+    """A run file that cannot be used; the message names the section and key (or the file, when the file itself
+    cannot be read). The message is always one line: `trinity` prints it as `trinity train: error: <message>`."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 # Sections whose keys are Config fields (the recipe), with the run-file name → Config field where they differ.
@@ -90,18 +103,57 @@ class RunConfig:
     progress: bool
     data_loader: str = "sequential"  # "sequential" | "rsdb"
     rsdb_buffer: int = 1024
+    on_nonfinite: str = "stop"  # a step with a non-finite loss or gradient norm: "stop" the run | "skip" the step
+    max_skipped_steps: int = 10  # with "skip": more skipped steps than this stop the run
     data_sources: tuple = ()  # paths of a phase mix ([[data.sources]]); data_path is None then
     data_phases: tuple = ()  # ((start_tokens, (w1, w2, ...)), ...) for data_sources
     extra: dict = field(default_factory=dict)
+    # Config field → (section, key, value as written) for every config_overrides entry, so that a value the Config
+    # rejects is reported under the name the run file gave it ("[optimizer] muon_lr = -1").
+    override_origins: dict = field(default_factory=dict)
 
     def build_config(self, base: Config) -> Config:
-        """Apply the run's Config overrides (model.overrides and the recipe sections) to `base`."""
+        """Apply the run's Config overrides (model.overrides and the recipe sections) to `base`, then
+        `check_against` the result. A value the Config rejects is named by its section and key."""
         try:
-            return base.replace(**self.config_overrides)
-        except ConfigError as e:
-            raise RunConfigError(f"{self.path}: {e}") from None
-        except TypeError as e:
-            raise RunConfigError(f"{self.path}: {e}") from None
+            config = base.replace(**self.config_overrides)
+        except (ConfigError, TypeError, ValueError) as e:
+            raise self._config_error(e) from None
+        self.check_against(config)
+        return config
+
+    def check_against(self, config: Config) -> None:
+        """Check the run against the model it trains (the built Config): `[data] seq_len` must not exceed the
+        model's `max_position_embeddings`. Raises RunConfigError naming the key. `build_config` calls it."""
+        if self.seq_len > config.max_position_embeddings:
+            raise RunConfigError(f"[data] seq_len = {self.seq_len}: exceeds max_position_embeddings "
+                                 f"{config.max_position_embeddings} of the model")
+
+    def _config_error(self, e: Exception) -> RunConfigError:
+        """A Config validation error as a RunConfigError naming the run-file key that set the field."""
+        return _config_error(e, self.override_origins, self.config_overrides,
+                             f"[model] {self.model_source[0]} = {_show(self.model_source[1])}")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key(name) -> str:
+    """A key as the user wrote it: bare keys as they are, anything else quoted (so that no key can spill a newline
+    or hide in spaces)."""
+    name = str(name)
+    return name if _BARE_KEY.fullmatch(name) else repr(name)
+
+
+def _keys(names) -> str:
+    return ", ".join(_key(n) for n in sorted(names, key=str))
+
+
+def _show(value, limit: int = 60) -> str:
+    """repr(value), shortened to about `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _take(section: dict, name: str, key: str, kind, default=..., check=None, what=""):
@@ -114,32 +166,100 @@ def _take(section: dict, name: str, key: str, kind, default=..., check=None, wha
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value, ok_type = float(value), True
     if not ok_type or (check is not None and not check(value)):
-        raise RunConfigError(f"[{name}] {key} = {value!r}: must be {what or kind.__name__}")
+        raise RunConfigError(f"[{name}] {key} = {_show(value)}: must be {what or kind.__name__}")
     return value
 
 
 def _no_leftovers(section: dict, name: str):
     if section:
-        raise RunConfigError(f"[{name}] unknown key(s): {', '.join(sorted(section))}")
+        raise RunConfigError(f"[{name}] unknown key(s): {_keys(section)}")
+
+
+def _field_kinds() -> dict[str, str]:
+    """Config field → "int" | "float" | "bool" | "str" | "strings" (a tuple of str), from the annotations; None
+    is never a value a TOML file can write, so `X | None` counts as X."""
+    kinds = {}
+    for f in fields(Config):
+        parts = {p.strip() for p in str(f.type).split("|")} - {"None"}
+        part = parts.pop() if len(parts) == 1 else ""
+        kinds[f.name] = "strings" if part.startswith("tuple[str") else part
+    return kinds
+
+
+_FIELD_KINDS = _field_kinds()
+_KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+              "strings": "a list of strings"}
+
+
+def _field_value(where: str, name: str, value):
+    """A run-file value for Config field `name`, type-checked against the field (integers are accepted for
+    float fields, lists become tuples); `where` ("[optimizer] muon_lr") names it in the error."""
+    kind = _FIELD_KINDS.get(name, "")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool), "float": number,
+          "bool": isinstance(value, bool), "str": isinstance(value, str),
+          "strings": isinstance(value, list) and all(isinstance(v, str) for v in value)}.get(kind, True)
+    if not ok:
+        raise RunConfigError(f"{where} = {_show(value)}: must be {_KIND_TEXT[kind]}")
+    if kind == "float":
+        return float(value)
+    if kind == "strings":
+        return tuple(value)
+    return value
+
+
+def _config_error(e: Exception, origins: dict, overrides: dict, base: str) -> RunConfigError:
+    """Config's "field=value: constraint" message → "[section] key = value: constraint" for the run-file key that
+    set the field; a constraint on a field the run did not set names the first set field the message mentions,
+    else the model source `base`."""
+    message = str(e)
+    match = re.match(r"([a-z_0-9]+)\b", message)
+    name = match.group(1) if match else None
+    if name in origins:
+        section, key, written = origins[name]
+        prefix = f"{name}={overrides[name]!r}: "
+        rest = message[len(prefix):] if message.startswith(prefix) else message
+        return RunConfigError(f"[{section}] {key} = {_show(written)}: {rest}")
+    for field_name, (section, key, written) in origins.items():
+        if re.search(rf"\b{re.escape(field_name)}\b", message):
+            return RunConfigError(f"[{section}] {key} = {_show(written)}: {message}")
+    return RunConfigError(f"{base}: {message}")
+
+
+def _read_run_file(path: str) -> dict:
+    """The TOML document of the run file; every way the file itself can be unusable is one RunConfigError that
+    names the file."""
+    if os.path.isdir(path):
+        raise RunConfigError(f"{path}: is a directory, not a run file")
+    if not os.path.exists(path):
+        raise RunConfigError(f"run file not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise RunConfigError(f"{path}: cannot read the run file ({e.strerror or e})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RunConfigError(f"{path}: not a run file: not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
+                             f"{e.start}); a run file is TOML") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise RunConfigError(f"{path} is not valid TOML: {e}") from None
 
 
 def load_run_config(path) -> RunConfig:
     """Parse and check a run file; nothing is loaded or created."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise RunConfigError(f"run file not found: {path}")
-    with open(path, "rb") as f:
-        try:
-            doc = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise RunConfigError(f"{path} is not valid TOML: {e}") from None
+    doc = _read_run_file(path)
     here = os.path.dirname(os.path.abspath(path))
     resolve = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p))  # noqa: E731
     sections = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
     known = {"model", "data", "train", "checkpoint", "logging", *_CONFIG_SECTIONS}
     unknown = sorted(set(sections) - known)
     if unknown:
-        raise RunConfigError(f"unknown section(s): {', '.join(unknown)}; expected {sorted(known)}")
+        raise RunConfigError(f"unknown section(s): {_keys(unknown)}; expected {sorted(known)}")
     for name, section in sections.items():
         if not isinstance(section, dict):
             raise RunConfigError(f"[{name}] must be a table")
@@ -149,38 +269,55 @@ def load_run_config(path) -> RunConfig:
     if len(sources) != 1:
         raise RunConfigError("[model] needs exactly one of preset, config, init_from")
     kind = sources[0]
-    value = _take(model, "model", kind, str)
-    model_source = (kind, value if kind == "preset" else resolve(value))
+    value = _take(model, "model", kind, str, what="a string")
+    if kind == "preset":
+        if value not in PRESETS:
+            raise RunConfigError(f"[model] preset = {_show(value)}: unknown; choose one of "
+                                 f"{', '.join(sorted(PRESETS))}")
+        model_source = (kind, value)
+    else:
+        model_source = (kind, resolve(value))
+        if kind == "config" and not os.path.isfile(model_source[1]):
+            raise RunConfigError(f"[model] config = {_show(value)}: no such file {model_source[1]}")
+        if kind == "init_from" and not os.path.isdir(model_source[1]):
+            raise RunConfigError(f"[model] init_from = {_show(value)}: no such directory {model_source[1]} "
+                                 f"(an HF checkpoint directory)")
     dtype = _take(model, "model", "dtype", str, "float32", lambda v: v in ("float32", "float64"), "float32|float64")
     init_seed = _take(model, "model", "seed", int, 0, lambda v: v >= 0, "a non-negative integer")
-    overrides = model.pop("overrides", {})
-    if not isinstance(overrides, dict):
+    raw_overrides = model.pop("overrides", {})
+    if not isinstance(raw_overrides, dict):
         raise RunConfigError("[model.overrides] must be a table")
     config_fields = {f.name for f in fields(Config)}
-    bad = sorted(set(overrides) - config_fields)
+    bad = sorted(set(raw_overrides) - config_fields)
     if bad:
-        raise RunConfigError(f"[model.overrides] unknown Config field(s): {', '.join(bad)}")
+        raise RunConfigError(f"[model.overrides] unknown Config field(s): {_keys(bad)}")
     _no_leftovers(model, "model")
-    overrides = dict(overrides)
-    for name, mapping in _CONFIG_SECTIONS.items():
-        section = sections.get(name, {})
+    overrides, origins = {}, {}
+    for name, written in raw_overrides.items():
+        overrides[name] = _field_value(f"[model.overrides] {name}", name, written)
+        origins[name] = ("model.overrides", name, written)
+    for section_name, mapping in _CONFIG_SECTIONS.items():
+        section = sections.get(section_name, {})
         for key in list(section):
             if key not in mapping:
-                raise RunConfigError(f"[{name}] unknown key: {key}; expected one of {sorted(mapping)}")
-            overrides[mapping[key]] = section.pop(key)
-    if "layer_types" in overrides and isinstance(overrides["layer_types"], list):
-        overrides["layer_types"] = tuple(overrides["layer_types"])
+                raise RunConfigError(f"[{section_name}] unknown key: {_key(key)}; expected one of {sorted(mapping)}")
+            name, written = mapping[key], section.pop(key)
+            if name in origins:
+                other = origins[name]
+                raise RunConfigError(f"[{section_name}] {key}: also set as [{other[0]}] {other[1]}; set it once")
+            overrides[name] = _field_value(f"[{section_name}] {key}", name, written)
+            origins[name] = (section_name, key, written)
     try:  # check the recipe values now, on a preset, so errors come before any work
         Config.preset("tiny").replace(**{k: v for k, v in overrides.items() if k not in _SHAPE_FIELDS})
-    except ConfigError as e:
-        raise RunConfigError(f"{path}: {e}") from None
+    except (ConfigError, TypeError, ValueError) as e:
+        raise _config_error(e, origins, overrides, f"[model] {kind} = {_show(value)}") from None
 
     data = sections.get("data", {})
     positive = lambda v: v > 0  # noqa: E731
     raw_sources = data.pop("sources", None)
     if raw_sources is not None and "path" in data:
         raise RunConfigError("[data] path and [[data.sources]] exclude each other: give one path or a mix")
-    data_path = resolve(_take(data, "data", "path", str)) if raw_sources is None else None
+    data_path = resolve(_take(data, "data", "path", str, what="a string")) if raw_sources is None else None
     eos_id = _take(data, "data", "eos_id", int, None, lambda v: v >= 0, "a token id >= 0")
     seq_len = _take(data, "data", "seq_len", int, check=positive, what="a positive integer")
     micro = _take(data, "data", "micro_batch_size", int, check=positive, what="a positive integer")
@@ -190,39 +327,50 @@ def load_run_config(path) -> RunConfig:
     if "rsdb_buffer" in data and data_loader != "rsdb":
         raise RunConfigError('[data] rsdb_buffer needs loader = "rsdb"')
     rsdb_buffer = _take(data, "data", "rsdb_buffer", int, 1024, positive, "a positive integer (documents)")
-    raw_phases = _take(data, "data", "phases", list, None)
+    raw_phases = _take(data, "data", "phases", list, None, what="a list of [start_tokens, [weights]] pairs")
     data_sources, data_phases = _parse_sources(raw_sources, raw_phases, resolve)
     _no_leftovers(data, "data")
 
     train = sections.get("train", {})
     steps = _take(train, "train", "steps", int, check=positive, what="a positive integer")
     seqs = _take(train, "train", "sequences_per_step", int, micro, positive, "a positive integer")
-    schedule = _take(train, "train", "batch_schedule", list, [])
+    if seqs % micro:
+        raise RunConfigError(f"[train] sequences_per_step = {seqs}: must be a positive multiple of [data] "
+                             f"micro_batch_size {micro}")
+    schedule = _take(train, "train", "batch_schedule", list, [], what="a list of [tokens, sequences] pairs")
     changes = []
     for item in schedule:
-        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, (int, float)) for x in item)):
-            raise RunConfigError(f"[train] batch_schedule entries must be [tokens, sequences] pairs, got {item!r}")
+        if not (isinstance(item, list) and len(item) == 2
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0 and float(x).is_integer()
+                        for x in item)):
+            raise RunConfigError(f"[train] batch_schedule = {_show(schedule)}: entries must be [tokens, sequences] "
+                                 f"pairs of whole numbers >= 0, got {_show(item)}")
         changes.append((int(item[0]), int(item[1])))
-    for n in [seqs] + [s for _, s in changes]:
+    for _, n in changes:
         if n <= 0 or n % micro:
-            raise RunConfigError(f"[train] sequences per step {n} must be a positive multiple of "
-                                 f"[data] micro_batch_size {micro}")
-    if [t for t, _ in changes] != sorted(t for t, _ in changes):
-        raise RunConfigError("[train] batch_schedule thresholds must increase")
-    recompute = _take(train, "train", "recompute", bool, False)
+            raise RunConfigError(f"[train] batch_schedule = {_show(schedule)}: sequences per step {n} must be a "
+                                 f"positive multiple of [data] micro_batch_size {micro}")
+    if any(b[0] <= a[0] for a, b in zip(changes, changes[1:])):
+        raise RunConfigError(f"[train] batch_schedule = {_show(schedule)}: token thresholds must increase")
+    recompute = _take(train, "train", "recompute", bool, False, what="true or false")
     backend = _take(train, "train", "backend", str, "reference", lambda v: v in BACKENDS,
                     "|".join(BACKENDS))
+    on_nonfinite = _take(train, "train", "on_nonfinite", str, "stop", lambda v: v in ("stop", "skip"),
+                         '"stop" or "skip"')
+    max_skipped = _take(train, "train", "max_skipped_steps", int, 10, lambda v: v >= 0, "a non-negative integer")
     _no_leftovers(train, "train")
 
     ckpt = sections.get("checkpoint", {})
-    ckpt_dir = resolve(_take(ckpt, "checkpoint", "dir", str, "checkpoints"))
+    ckpt_dir = resolve(_take(ckpt, "checkpoint", "dir", str, "checkpoints", lambda v: v.strip() != "",
+                             "a folder name"))
     every = _take(ckpt, "checkpoint", "every", int, max(1, steps // 10), positive, "a positive integer")
     keep_last = _take(ckpt, "checkpoint", "keep_last", int, 3, positive, "a positive integer")
     _no_leftovers(ckpt, "checkpoint")
 
     logging = sections.get("logging", {})
-    metrics = resolve(_take(logging, "logging", "metrics", str, "metrics.jsonl"))
-    progress = _take(logging, "logging", "progress", bool, True)
+    metrics = resolve(_take(logging, "logging", "metrics", str, "metrics.jsonl", lambda v: v.strip() != "",
+                            "a file name"))
+    progress = _take(logging, "logging", "progress", bool, True, what="true or false")
     _no_leftovers(logging, "logging")
 
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
@@ -231,7 +379,8 @@ def load_run_config(path) -> RunConfig:
                      batch_schedule=tuple(changes), recompute=recompute, backend=backend, checkpoint_dir=ckpt_dir,
                      checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
-                     data_phases=data_phases)
+                     data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
+                     max_skipped_steps=max_skipped)
 
 
 def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:
@@ -245,7 +394,7 @@ def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:
     paths, weights = [], []
     for i, table in enumerate(raw_sources):
         table, name = dict(table), f"data.sources.{i}"
-        paths.append(resolve(_take(table, name, "path", str)))
+        paths.append(resolve(_take(table, name, "path", str, what="a string")))
         weights.append(_take(table, name, "weight", float, None, lambda v: v >= 0, "a number >= 0"))
         _no_leftovers(table, name)
     n = len(paths)
@@ -265,13 +414,62 @@ def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:
                 and len(item[1]) == n and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
                                               for w in item[1]) and sum(item[1]) > 0):
             raise RunConfigError(f"[data] phases entries must be [start_tokens, [{n} weight(s) >= 0, not all 0]], "
-                                 f"got {item!r}")
+                                 f"got {_show(item)}")
         phases.append((item[0], tuple(float(w) for w in item[1])))
     if not phases or phases[0][0] != 0:
         raise RunConfigError("[data] phases must start with a phase at 0 tokens")
     if any(b[0] <= a[0] for a, b in zip(phases, phases[1:])):
         raise RunConfigError("[data] phases start tokens must increase")
     return tuple(paths), tuple(phases)
+
+
+# ---- output paths ------------------------------------------------------------------------------------------------
+def check_output_paths(run: RunConfig) -> None:
+    """Check, before any work, that the run can write its outputs: `[checkpoint] dir` is a directory or can be
+    created as one, `[logging] metrics` is a file or can be created as one, and both places are writable.
+
+    Raises RunConfigError naming the key: "[checkpoint] dir = '…': is a file", "[logging] metrics = '…': is a
+    directory", "…: not writable (Permission denied)". Nothing is created or changed: writability is probed with an
+    unnamed temporary file (O_TMPFILE where the file system has it, else a temporary file removed at once) in the
+    nearest existing folder, and an existing metrics file is opened for appending and closed without a write.
+    """
+    _check_output(run.checkpoint_dir, "[checkpoint] dir", directory=True)
+    _check_output(run.metrics_path, "[logging] metrics", directory=False)
+
+
+def _probe_writable(folder: str) -> None:
+    """Raise OSError unless a file can be created in `folder`; leaves nothing behind."""
+    with tempfile.TemporaryFile(dir=folder):
+        pass
+
+
+def _check_output(path: str, where: str, directory: bool) -> None:
+    shown = f"{where} = {_show(path, 200)}"
+    if os.path.lexists(path) and not os.path.exists(path):
+        raise RunConfigError(f"{shown}: is a broken symbolic link")
+    if os.path.exists(path):
+        if directory and not os.path.isdir(path):
+            raise RunConfigError(f"{shown}: is a file" if os.path.isfile(path) else f"{shown}: not a directory")
+        if not directory and os.path.isdir(path):
+            raise RunConfigError(f"{shown}: is a directory")
+        try:
+            if directory:
+                _probe_writable(path)
+            else:
+                with open(path, "ab"):
+                    pass
+        except OSError as e:
+            raise RunConfigError(f"{shown}: not writable ({e.strerror or e})") from None
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise RunConfigError(f"{shown}: cannot be created: {parent} is a file")
+    try:
+        _probe_writable(parent)
+    except OSError as e:
+        raise RunConfigError(f"{shown}: cannot be created: {parent} is not writable ({e.strerror or e})") from None
 
 
 # Fields that shape the model; checked against the real base config later, not against the `tiny` stand-in.

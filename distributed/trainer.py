@@ -38,10 +38,11 @@ import uuid
 import numpy as np
 
 from trinity.accel import BackendUnavailable, get_backend
-from trinity.reference import Config, init_params, loss_and_grads
+from trinity.reference import Config, ConfigError, init_params, loss_and_grads
 from trinity.reference.balancing import balance_step, init_balancing_state
 from trinity.reference.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError
 from trinity.reference.data import DataError, DocumentStore, PackedTokenLoader
+from trinity.reference.memory import available_memory_bytes, estimate_step_bytes
 from trinity.reference.mixture import MixtureLoader
 from trinity.reference.rsdb import RSDBLoader
 from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
@@ -50,7 +51,7 @@ from trinity.reference.tokenizer import TokenizerError, load_tokenizer, tokenize
 
 from .metrics_log import MetricsLog
 from .preemption import PreemptionGuard
-from .run_config import RunConfig, RunConfigError
+from .run_config import RunConfig, RunConfigError, check_output_paths
 
 __all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "build_loader", "data_fingerprint"]
 
@@ -66,14 +67,18 @@ class TrainingDiverged(RuntimeError):
 
 
 def _base_config(run: RunConfig):
-    """(Config, params or None) from the run's model source: a preset, a config.json, or an HF checkpoint."""
+    """(Config, params or None) from the run's model source: a preset, a config.json, or an HF checkpoint. Errors
+    name the [model] key."""
     kind, value = run.model_source
     if kind == "preset":
         return Config.preset(value), None
-    if kind == "config":
-        return Config.from_hf(value), None
-    from trinity.reference.hf_interop import load_pretrained
-    config, params = load_pretrained(value, dtype=np.dtype(run.dtype))
+    from trinity.reference.hf_interop import CheckpointError as HFError, load_pretrained
+    try:
+        if kind == "config":
+            return Config.from_hf(value), None
+        config, params = load_pretrained(value, dtype=np.dtype(run.dtype))
+    except (ConfigError, HFError, OSError, ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise RunConfigError(f"[model] {kind} = {value!r}: {e}") from None
     for key, array in params.items():
         if array.dtype.kind in "fc" and not np.isfinite(array).all():
             raise RunConfigError(f"[model] init_from = {value!r}: the weights hold NaN or infinity ({key})")
@@ -154,6 +159,7 @@ class Trainer:
     def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print):
         self.run, self.log = run, log
         self.stopped_by: int | None = None  # the signal that ended `train` early (preemption), if any
+        check_output_paths(run)
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
         try:
@@ -161,6 +167,12 @@ class Trainer:
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
         self.loader, self.stores = build_loader(run)
+        for store in self.stores:
+            largest = store.max_token()
+            if largest >= config.vocab_size:
+                raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
+                                     f"{config.vocab_size}")
+        self._check_memory()
         self.fingerprint = data_fingerprint(self.stores)
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
@@ -195,11 +207,24 @@ class Trainer:
             self.run_id = uuid.uuid4().hex
             self.rng = np.random.default_rng(run.init_seed)
         self.checkpoints.run_id = self.run_id
-        for store in self.stores:
-            largest = store.max_token()
-            if largest >= config.vocab_size:
-                raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
-                                     f"{config.vocab_size}")
+
+    def _check_memory(self) -> None:
+        """Refuse, before any work, a step whose estimated peak memory (reference/memory.py) exceeds what the
+        machine has available; log the estimate either way."""
+        run = self.run
+        micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size
+        estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
+                                       micro_steps=micro_steps)
+        available = available_memory_bytes()
+        gib = 2.0 ** 30
+        said = (f"estimated peak memory {estimate['total'] / gib:.2f} GiB (params {estimate['params'] / gib:.2f}, "
+                f"optimizer {estimate['optimizer'] / gib:.2f}, activations {estimate['activations'] / gib:.2f}, "
+                f"logits {estimate['logits'] / gib:.2f} GiB)")
+        if available is not None and estimate["total"] > available:
+            raise RunConfigError(f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said} "
+                                 f"exceeds the {available / gib:.2f} GiB available; lower them"
+                                 + ("" if run.recompute else ", or set [train] recompute = true"))
+        self.log(said + (f" of {available / gib:.2f} GiB available" if available is not None else ""))
 
     def _claim_folder(self, restart: bool) -> None:
         """A new run needs a folder of its own: existing checkpoints (or a non-empty metrics file) are refused,

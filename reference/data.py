@@ -167,7 +167,10 @@ class DocumentStore:
             if eos_id is None:
                 raise DataError(f"{self.path}/{META_FILE} names no eos_id")
             meta_eos = eos_id
-        self.eos_id = _check_eos(meta_eos)
+        try:
+            self.eos_id = _check_eos(meta_eos)
+        except DataError as e:
+            raise DataError(f"{self.path}/{META_FILE}: {e}") from None
         if eos_id is not None and _check_eos(eos_id) != self.eos_id:
             raise DataError(f"eos_id {eos_id} disagrees with {self.path}/{META_FILE} eos_id {self.eos_id}")
         shards = meta.get("shards")
@@ -185,8 +188,9 @@ class DocumentStore:
             mm = _open_tokens(file)
             try:
                 idx = np.load(os.path.join(self.path, shard["index"]), allow_pickle=False)
-            except (OSError, ValueError) as e:
-                raise DataError(f"{self.path}/{shard['index']}: cannot read the document index ({e})") from None
+            except (OSError, ValueError, EOFError) as e:  # a cut .npy ends in EOFError
+                raise DataError(f"{self.path}/{shard['index']}: cannot read the document index "
+                                f"({e or type(e).__name__})") from None
             n = mm.shape[0]
             if idx.ndim != 1 or idx.dtype.kind not in "iu" or idx.size == 0 or idx[0] != 0 \
                     or np.any(np.diff(idx) <= 0) or idx[-1] >= n:

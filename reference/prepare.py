@@ -21,7 +21,9 @@ workers. The output directory holds
   meta.json                 tokenizer (kind, file, vocab size, EOS id), counts, shard list, problem files
   tokenizer.json            for kinds "hf" and "bpe"
 Every file is written atomically (temp file, fsync, rename); meta.json is removed first and written last, so a
-directory with meta.json always describes complete shards.
+directory with meta.json always describes complete shards. The output is an empty or new directory, or a prepared
+dataset, which is prepared again in place (stale shards removed); an existing file or a non-empty directory that is
+not a prepared dataset is refused before anything is written (`check_output_dir`).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .checkpoint import atomic_path
 from .data import META_FILE, TOKEN_DTYPE, DataError
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
-__all__ = ["prepare", "find_files", "PrepareError", "FORMAT", "DEFAULT_SHARD_TOKENS"]
+__all__ = ["prepare", "find_files", "check_output_dir", "PrepareError", "FORMAT", "DEFAULT_SHARD_TOKENS"]
 
 FORMAT = "trinity-prepared-tokens"
 FORMAT_VERSION = 1
@@ -202,6 +204,49 @@ class _ShardWriter:
             self._cm.__exit__(type(exc), exc, exc.__traceback__)
 
 
+# ---- the output directory ----------------------------------------------------------------------------------------
+def _ours(name: str) -> bool:
+    """A file name that `prepare` writes: shards, indexes, tokenizer.json, meta.json, or their temporary files."""
+    base = name.split(".tmp-", 1)[0] if ".tmp-" in name else name
+    return base in (META_FILE, "tokenizer.json") or (base.startswith(_SHARD_PREFIX)
+                                                     and (base.endswith(".bin") or base.endswith(".idx.npy")))
+
+
+def check_output_dir(out_dir) -> None:
+    """Refuse an output that `prepare` must not write into, before anything is written: an existing file (or
+    anything else that is not a directory), and a non-empty directory that is not a prepared dataset. A prepared
+    dataset (meta.json of this format) is prepared again in place, as is a directory holding only files that
+    `prepare` writes (what an interrupted preparation leaves). Raises PrepareError naming the path."""
+    out_dir = os.fspath(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        kind = "a file" if os.path.isfile(out_dir) else "not a directory"
+        raise PrepareError(f"output {out_dir} exists and is {kind}; give a new or empty directory, or a prepared "
+                           f"dataset to prepare again")
+    try:
+        names = os.listdir(out_dir)
+    except OSError as e:
+        raise PrepareError(f"output directory {out_dir}: cannot list it ({e.strerror or e})") from None
+    if not names:
+        return
+    meta_path = os.path.join(out_dir, META_FILE)
+    if os.path.lexists(meta_path):
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                meta = json.load(f)
+        except (OSError, ValueError):
+            meta = None
+        if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
+            raise PrepareError(f"output directory {out_dir} holds a {META_FILE} that is not a prepared dataset's "
+                               f"(format {FORMAT!r}); give a new or empty directory")
+    strangers = sorted(n for n in names if not _ours(n))
+    if strangers:
+        shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
+        raise PrepareError(f"output directory {out_dir} is not empty and is not a prepared dataset (it holds "
+                           f"{shown}); give a new or empty directory")
+
+
 # ---- the whole job -----------------------------------------------------------------------------------------------
 def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None, use_bytes: bool = False,
             errors: str = "strict", shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
@@ -218,6 +263,7 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
     workers = usable_cores() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PrepareError(f"workers must be a positive integer, got {workers!r}")
+    check_output_dir(out_dir)
     out_real = os.path.realpath(os.fspath(out_dir)) + os.sep  # never read our own output (a re-run into an input)
     files = [f for f in find_files(inputs, glob, exclude) if not os.path.realpath(f).startswith(out_real)]
     if not files:

@@ -94,9 +94,11 @@ def test_resumed_runs_later_lines_win(tmp_path):
     # a resumed run that has not yet reached the old lines: those are superseded all the same
     _write(path, [_row(s) for s in range(1, 6)] + [_row(4, ce=4.0)])
     assert [(r["step"], r["loss"]["ce"]) for r in read_metrics(path)] == [(1, 5.0), (2, 5.0), (3, 5.0), (4, 4.0)]
-    # a last line cut short by a kill, and blank lines, are skipped
+    # a last line cut short by a kill, and blank lines, are skipped; the cut line is reported
     _write(path, [_row(1), _row(2)], tail='\n{"step": 3, "loss": {"to')
-    assert [r["step"] for r in read_metrics(path)] == [1, 2]
+    seen = []
+    assert [r["step"] for r in read_metrics(path, warn=seen.append)] == [1, 2]
+    assert seen == [f"{path}:4: cut short (a run stopped while writing it?); line skipped"]
 
 
 def test_plot_tolerates_missing_keys_and_many_layers(tmp_path, capsys):
@@ -110,10 +112,13 @@ def test_plot_tolerates_missing_keys_and_many_layers(tmp_path, capsys):
 
 @pytest.mark.parametrize("content, message", [
     ("", "no metrics lines"),
-    ('{"step": 1}\nnot json\n{"step": 2}\n', r"m.jsonl:2: not valid JSON"),
-    ('{"loss": 1}\n', r"m.jsonl:1: expected a JSON object with an integer \"step\""),
+    ("\n\n", "no metrics lines"),
+    ('not json\n{"loss": 1}\n', r"m.jsonl: no usable metrics line \(2 bad; the first, .*m.jsonl:1: not valid JSON"),
+    ('[1, 2]\n{"step": "1"}\n{"step": true}\n', r'no usable metrics line \(3 bad; .*m.jsonl:1: not a JSON object '
+                                                  r'with an integer "step"'),
+    ('{"step": 1, "loss": {"to', r"no usable metrics line \(1 bad; .*m.jsonl:1: cut short"),
 ])
-def test_bad_metrics_files(tmp_path, capsys, content, message):
+def test_metrics_files_without_a_good_line_are_one_line_errors(tmp_path, capsys, content, message):
     import re
 
     path = tmp_path / "m.jsonl"
@@ -122,12 +127,57 @@ def test_bad_metrics_files(tmp_path, capsys, content, message):
         read_metrics(path)
     assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("trinity plot: error:") and re.search(message, err[0])
+    assert len(err) == 1 and err[0].startswith("trinity plot: error:") and re.search(message, err[0]), err
+    assert not (tmp_path / "p").exists()
+
+
+def test_bad_lines_are_warned_by_number_and_the_rest_plotted(tmp_path, capsys):
+    """A line cut short by a kill and then appended to by the resumed run, a line that is not JSON, JSON that is not
+    an object or has no integer step, a cut-short last line: each is one warning naming its line, and the good
+    lines are plotted (exit 0)."""
+    path = tmp_path / "m.jsonl"
+    good = [json.dumps(_row(s)) for s in range(1, 6)]
+    lines = [good[0],
+             good[1][:25] + good[2],            # 2: cut short, then the resumed run's line appended to it
+             good[3],
+             "\x00\xff garbage",                # 4: not JSON
+             "[1, 2, 3]",                        # 5: not an object
+             '{"step": 2.5}',                    # 6: step not an integer
+             "",                                 # 7: blank: silently skipped
+             good[4],
+             good[4][:40]]                       # 9: the last line, cut short by a kill
+    path.write_text("\n".join(lines), encoding="utf-8")
+    seen = []
+    rows = read_metrics(path, warn=seen.append)
+    assert [r["step"] for r in rows] == [1, 4, 5]
+    assert [w.split(": ")[0] for w in seen] == [f"{path}:{n}" for n in (2, 4, 5, 6, 9)]
+    assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 5 and all(line.startswith(f"trinity plot: warning: {path}:") for line in err), err
+    assert "line skipped" in err[0] and ":2: not valid JSON" in err[0] and ":9: cut short" in err[4]
+    assert "3 steps (1…5)" in captured.out
+    assert {p.name for p in (tmp_path / "p").iterdir()} == FIGURES - {"batch_het.png"}
+
+
+def test_plot_tolerates_malformed_values_in_good_lines(tmp_path, capsys):
+    """Lines that are objects with an integer step but odd values elsewhere still plot (the odd values are gaps)."""
+    path = tmp_path / "m.jsonl"
+    rows = [_row(s) for s in range(1, 4)]
+    rows[0]["expert_load"] = {"1": "many", "2": [1, "x"], "3": []}
+    rows[1]["loss"] = "low"
+    rows[2]["max_vio"] = [1, 2]
+    rows[2]["lr"] = {"muon": None, "adamw": True}
+    _write(path, rows)
+    assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 0, capsys.readouterr().err
+    assert {p.name for p in (tmp_path / "p").iterdir()} == FIGURES - {"batch_het.png"}
 
 
 def test_plot_errors_are_one_line(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == f"trinity plot: error: no such file: {tmp_path / 'missing.jsonl'}"
+    assert main(["plot", str(tmp_path), "--out", str(tmp_path / "p")]) == 2
+    assert capsys.readouterr().err.strip() == f"trinity plot: error: {tmp_path}: is a directory, not a metrics file"
     path = tmp_path / "m.jsonl"
     _write(path, [_row(1)])
     (tmp_path / "file").write_text("x")

@@ -259,3 +259,55 @@ def test_prepare_errors(tmp_path):
     with pytest.raises(PrepareError, match="none of the 1 input files could be used"):
         prepare([only_bad], tmp_path / "o2", workers=1, progress=False, log=quiet)
     assert not os.path.exists(tmp_path / "o2" / "meta.json")
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_that_is_not_a_dataset_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--out onto an existing file, a non-empty folder that is not a prepared dataset, or a folder with a foreign
+    meta.json: one line, exit 2, nothing written or removed. An empty folder, a prepared dataset and what an
+    interrupted preparation leaves (shards, no meta.json) are prepared into as before."""
+    corpus = make_corpus(tmp_path / "in", bad=False)
+    args = ["data", "prepare", str(corpus), "--bytes", "--workers", "1", "--no-progress", "--out"]
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    user_dir = tmp_path / "docs"
+    user_dir.mkdir()
+    (user_dir / "a.md").write_text("mine")
+    (user_dir / "shard_00000.bin").write_bytes(b"\0" * 8)  # a name we write, next to one we do not
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text('{"format": "something-else"}')
+    for out, message in [(target, "exists and is a file"), (user_dir, r"is not empty and is not a prepared dataset "
+                                                                     r"\(it holds a.md\)"),
+                         (foreign, "holds a meta.json that is not a prepared dataset's")]:
+        before = _snapshot(tmp_path)
+        with pytest.raises(PrepareError, match=message):
+            prepare([corpus], out, use_bytes=True, workers=1, progress=False, log=quiet)
+        assert trinity_main(args + [str(out)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("trinity data: error: output ") and str(out) in err[0], err
+        assert _snapshot(tmp_path) == before
+    (tmp_path / "empty").mkdir()
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    (interrupted / "shard_00003.bin").write_bytes(b"\0" * 8)
+    (interrupted / "shard_00000.bin.tmp-123").write_bytes(b"\0" * 8)
+    for out in (tmp_path / "empty", interrupted, interrupted):  # the last: a prepared dataset, prepared again
+        assert trinity_main(args + [str(out)]) == 0
+        assert json.loads((out / "meta.json").read_text())["documents"] == 5
+    assert "shard_00003.bin" not in os.listdir(interrupted)
+
+
+def test_synthetic_out_onto_a_directory_is_one_line(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    assert trinity_main(["data", "synthetic", "--out", str(tmp_path / "d"), "--tokens", "100"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("trinity data: error: --out ") and "is a directory" in err[0]
+    (tmp_path / "file").write_text("x")
+    assert trinity_main(["data", "synthetic", "--out", str(tmp_path / "file" / "t.bin"), "--tokens", "100"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("trinity data: error: cannot write --out"), err
+    assert (tmp_path / "file").read_text() == "x"

@@ -359,3 +359,24 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     assert f"the previous checkpoint {previous} is intact" in line
     assert previous.read_bytes() == before and sorted(os.listdir(tmp_path / "ckpt")) == [previous.name]
     assert load_checkpoint(previous).step == 2
+
+
+def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path):
+    """Micro-batches of 4 sequences of 2**21 tokens: their logits alone need far more memory than any test machine
+    has. Refused in one line with the estimate, before a step is tried (not a MemoryError much later)."""
+    from trinity.reference.memory import available_memory_bytes
+
+    if available_memory_bytes() is None:
+        pytest.skip("this machine does not tell its available memory")
+    run = write_run(tmp_path, overrides="[model.overrides]\nmax_position_embeddings = 4194304")
+    with open(run) as f:
+        text = f.read()
+    with open(run, "w") as f:
+        f.write(text.replace("seq_len = 32", "seq_len = 2097152"))
+    t0 = time.time()
+    out = trinity("train", run)
+    assert out.returncode == 2
+    line = error_line(out)
+    assert "[data] seq_len = 2097152, micro_batch_size = 4: estimated peak memory" in line
+    assert "GiB available" in line and "recompute = true" in line
+    assert time.time() - t0 < 60 and not os.path.exists(tmp_path / "metrics.jsonl")

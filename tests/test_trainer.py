@@ -121,7 +121,7 @@ def test_smebu_beats_none_on_a_skewed_router_during_training(tmp_path):
     for method in ("none", "smebu"):
         (tmp_path / method).mkdir()
         run = make_run(tmp_path / method, steps=25, every=25, method=method, lam=1e-2,
-                       model=f'init_from = "{tmp_path / "skewed"}"', overrides="warmup_steps = 2")
+                       model=f'init_from = "{tmp_path / "skewed"}"')  # [schedule] warmup_steps = 2
         Trainer(load_run_config(run), log=lambda *_: None).train()
         rows = [json.loads(line) for line in open(tmp_path / method / "metrics.jsonl")]
         max_vio[method] = np.mean([max(r["max_vio"].values()) for r in rows[-5:]])
@@ -137,7 +137,7 @@ def test_smebu_beats_none_on_a_skewed_router_during_training(tmp_path):
     (lambda s: s.replace("muon_lr = 0.02", "muon_lrr = 0.02"), r"\[optimizer\] unknown key: muon_lrr"),
     (lambda s: s.replace("seq_len = 32", 'seq_len = "long"'), r"\[data\] seq_len = 'long'"),
     (lambda s: s.replace("sequences_per_step = 8", "sequences_per_step = 6"), "multiple of"),
-    (lambda s: s.replace('method = "smebu"', 'method = "aux"'), "load_balancing"),
+    (lambda s: s.replace('method = "smebu"', 'method = "aux"'), r"\[balancing\] method = 'aux'"),
     (lambda s: s.replace('preset = "tiny"', 'preset = "tiny"\nconfig = "x.json"'), "exactly one of"),
     (lambda s: s + "\n[extras]\nx = 1\n", r"unknown section\(s\): extras"),
     (lambda s: s.replace("[model.overrides]", "[model.overrides]\nhidden = 3"), "unknown Config field"),
