@@ -1,4 +1,4 @@
-"""trinity.accel: backends with the reference's operator table (ARCHITECTURE.md "Core design").
+"""trinity.accel: backends with the reference's operator table (docs/architecture.md "Core design").
 
     get_backend("reference" | "numba" | "cupy")  → an op table: the leaf operators of trinity.reference.ops with
                                                   the same names and signatures, `name`, `xp` (the array module),

@@ -1,4 +1,4 @@
-"""trinity.cli — see ARCHITECTURE.md."""
+"""trinity.cli — see docs/architecture.md."""
 
 from trinity.accel.blas_threads import prefer_sleeping_blas_threads
 

@@ -1,1 +1,1 @@
-"""trinity.distributed — see ARCHITECTURE.md."""
+"""trinity.distributed — see docs/architecture.md."""

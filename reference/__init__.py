@@ -1,6 +1,6 @@
 """trinity.reference: the NumPy definition of the AFMoE model that every backend and layout is pinned to.
 
-Public entry points (SPEC sections in each docstring):
+Public entry points (each docstring cites its `SPEC §` section: docs/spec.md):
     Config, PRESETS                     configuration (SPEC §1, §2, §14)
     init_params, param_count, param_shapes
     logits(config, params, tokens, doc_ids=None)   forward → [B, T, V]

@@ -1,4 +1,4 @@
-"""Training checkpoints: one HDF5 file holding everything a run needs to continue bit for bit (ARCHITECTURE.md,
+"""Training checkpoints: one HDF5 file holding everything a run needs to continue bit for bit (docs/architecture.md,
 "State is explicit and resumable").
 
 File layout (format_version 2)

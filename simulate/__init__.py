@@ -1,1 +1,1 @@
-"""trinity.simulate — see ARCHITECTURE.md."""
+"""trinity.simulate — see docs/architecture.md."""
