@@ -9,6 +9,10 @@ updated once per step, before the parameter update. Three methods:
   "none"
 
 Centring Δb (torchtitan) rather than b keeps b zero-mean when it starts at zero (SPEC §6.1).
+
+Dtypes (docs/decisions.md #18): the bias is float32 whatever the model's dtype, and so is the SMEBU momentum. Each
+update is computed in float64 and rounded once to the stored dtype; `sign_update` and `smebu_update` keep the dtypes
+of the arrays they are given, `init_balancing_state` and `balance_step` store float32.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from __future__ import annotations
 import numpy as np
 
 from .config import Config
+from .params import EXPERT_BIAS_DTYPE, is_expert_bias
 
 __all__ = ["sign_update", "smebu_update", "max_violation", "init_balancing_state", "balance_step",
            "momentum_key"]
 
 
 def sign_update(bias, counts, gamma=1e-3):
-    """Δb_i = γ·sign(n̄ − n_i), then Δb ← Δb − mean(Δb); returns b + Δb (SPEC §6.1). No tokens: no change."""
+    """Δb_i = γ·sign(n̄ − n_i), then Δb ← Δb − mean(Δb); returns b + Δb (SPEC §6.1), computed in float64 and
+    rounded to `bias`'s dtype. No tokens: no change."""
     counts = np.asarray(counts, dtype=np.float64)
     if counts.sum() == 0:
         return bias.copy()
@@ -39,7 +45,9 @@ def smebu_update(bias, momentum, counts, lam=5e-4, beta=0.5, kappa=2.0):
         Δb ← Δb − mean(Δb)            centred
         m ← β m + (1 − β) Δb          momentum
         b ← b + m
-    A step with no tokens (n̄ = 0) leaves both unchanged.
+    computed in float64; m is rounded to `momentum`'s dtype first and b ← b + m uses that stored m, so the bias moves
+    by exactly the momentum that is kept (then rounded to `bias`'s dtype). A step with no tokens (n̄ = 0) leaves both
+    unchanged.
     """
     counts = np.asarray(counts, dtype=np.float64)
     mean = counts.mean()
@@ -47,8 +55,9 @@ def smebu_update(bias, momentum, counts, lam=5e-4, beta=0.5, kappa=2.0):
         return bias.copy(), momentum.copy()
     delta = lam * np.tanh(kappa * (mean - counts) / mean)
     delta -= delta.mean()
-    new_momentum = beta * momentum + (1.0 - beta) * delta
-    return (bias + new_momentum).astype(bias.dtype), new_momentum.astype(momentum.dtype)
+    momentum = np.asarray(momentum)
+    new_momentum = (beta * momentum.astype(np.float64) + (1.0 - beta) * delta).astype(momentum.dtype)
+    return (bias.astype(np.float64) + new_momentum).astype(bias.dtype), new_momentum
 
 
 def max_violation(counts) -> float:
@@ -63,24 +72,28 @@ def momentum_key(bias_key: str) -> str:
 
 
 def init_balancing_state(config: Config, params: dict) -> dict:
-    """SMEBU momentum per MoE layer, zero (SPEC §6.2: m = b = 0 at the start); empty for "sign" and "none"."""
+    """SMEBU momentum per MoE layer, zero and float32 like the bias (SPEC §6.2: m = b = 0 at the start); empty for
+    "sign" and "none"."""
     if config.load_balancing != "smebu":
         return {}
-    return {momentum_key(k): np.zeros_like(v) for k, v in params.items() if k.endswith("mlp.expert_bias")}
+    return {momentum_key(k): np.zeros(np.shape(v), dtype=EXPERT_BIAS_DTYPE) for k, v in params.items()
+            if is_expert_bias(k)}
 
 
 def balance_step(config: Config, params: dict, state: dict, counts: dict) -> dict:
     """Update every layer's expert_bias in `params` (and the SMEBU momentum in `state`) in place from this step's
-    counts {layer: n [E]}. Returns per-layer metrics {layer: {"max_vio", "bias_step_rms"}}."""
+    counts {layer: n [E]}. Returns per-layer metrics {layer: {"max_vio", "bias_step_rms"}}. An updated bias is
+    stored in float32 (a bias given in the model's dtype becomes float32 at its first update)."""
     metrics = {}
     for layer, n in counts.items():
         key = f"model.layers.{layer}.mlp.expert_bias"
         old = params[key]
         if config.load_balancing == "smebu":
-            new, state[momentum_key(key)] = smebu_update(old, state[momentum_key(key)], n, config.smebu_lambda,
+            new, state[momentum_key(key)] = smebu_update(old.astype(EXPERT_BIAS_DTYPE, copy=False),
+                                                         state[momentum_key(key)], n, config.smebu_lambda,
                                                          config.smebu_beta, config.smebu_kappa)
         elif config.load_balancing == "sign":
-            new = sign_update(old, n, config.sign_update_rate)
+            new = sign_update(old.astype(EXPERT_BIAS_DTYPE, copy=False), n, config.sign_update_rate)
         else:
             new = old
         metrics[layer] = {"max_vio": max_violation(n),

@@ -1,6 +1,6 @@
 """Hugging Face interop: convert between our stacked-expert params and the HF layouts, load and save checkpoints.
 
-Our params (ARCHITECTURE.md, params.py) are a flat dict keyed by the HF names of SPEC §3.1, except that the routed
+Our params (docs/architecture.md, params.py) are a flat dict keyed by the HF names of SPEC §3.1, except that the routed
 experts of MoE layer l are stacked:
 
     model.layers.{l}.mlp.experts.gate_proj  [E, I_m, d]
@@ -17,6 +17,10 @@ Hugging Face uses two other layouts for the same numbers:
 Everything else is keyed identically. `to_hf_state_dict` / `from_hf_state_dict` convert any tree keyed like params
 (params, gradients, optimizer moments). `load_pretrained` / `save_pretrained` read and write a checkpoint directory
 (config.json + safetensors) with strict validation against `param_shapes(config)`.
+
+`model.layers.{l}.mlp.expert_bias` is float32 whatever the model's dtype (docs/decisions.md #18), as transformers keeps
+it (`_keep_in_fp32_modules_strict`, 5.24 on) and the released checkpoints store it: every function here writes and
+reads it as float32, also for float16 and float64 models (a bias held in float64 is rounded to float32).
 
 Security: weights are read only from safetensors files (never a pickle), and `auto_map` (remote code) in
 config.json is ignored by `Config.from_hf`.
@@ -37,7 +41,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .config import Config
-from .params import layer_prefix, param_shapes
+from .params import EXPERT_BIAS_DTYPE, is_expert_bias, layer_prefix, param_dtype, param_shapes
 
 __all__ = ["CheckpointError", "to_hf_state_dict", "from_hf_state_dict", "hf_disk_shapes", "load_pretrained",
            "save_pretrained"]
@@ -64,6 +68,11 @@ class CheckpointError(ValueError):
     the found shape."""
 
 
+def _bias_f32(value):
+    """An expert_bias as a float32 numpy array (no copy when it already is one)."""
+    return np.asarray(value, dtype=EXPERT_BIAS_DTYPE)
+
+
 def _is_ignored(key: str) -> bool:
     """Rotary `inv_freq` buffers (written by old transformers versions) carry no parameter."""
     return key.endswith("inv_freq")
@@ -75,14 +84,15 @@ def to_hf_state_dict(config: Config, tree: dict) -> dict:
 
     `tree` is any dict keyed like params (params, gradients, optimizer moments, or a subset of them). Each stacked
     `...experts.{gate_proj,up_proj,down_proj}` [E, a, b] becomes E keys `...experts.{e}.{name}.weight` whose values
-    are views `tree[key][e]` (no copy); every other key is passed through. The order of keys is kept.
+    are views `tree[key][e]` (no copy); `...mlp.expert_bias` becomes float32 (HF's dtype for it, a copy only when it is
+    not float32 already); every other key is passed through. The order of keys is kept.
     """
     E = config.num_experts
     out = {}
     for key, value in tree.items():
         m = _STACKED.match(key)
         if m is None:
-            out[key] = value
+            out[key] = _bias_f32(value) if is_expert_bias(key) else value
             continue
         if value.ndim != 3 or value.shape[0] != E:
             raise CheckpointError(f"{key}: expected a stacked expert tensor with {E} experts, "
@@ -100,8 +110,10 @@ def from_hf_state_dict(config: Config, tree: dict) -> dict:
     - v5 fused `...experts.gate_up_proj` [E, 2·I_m, d] (SPEC §3.2): split into views `[:, :I_m]` (gate) and
       `[:, I_m:]` (up); v5 `...experts.down_proj` [E, d, I_m] already has our key and shape.
 
-    Dropped on the way: rotary `inv_freq` buffers, the 0-width `shared_experts` tensors HF keeps when
-    num_shared_experts = 0, and `lm_head.weight` when embeddings are tied (HF's state_dict() lists the tied head).
+    `...mlp.expert_bias` becomes float32 (our dtype for it in every model dtype; an HF float64 model of transformers
+    < 5.24 holds it in float64). Dropped on the way: rotary `inv_freq` buffers, the 0-width `shared_experts` tensors
+    HF keeps when num_shared_experts = 0, and `lm_head.weight` when embeddings are tied (HF's state_dict() lists the
+    tied head).
     """
     E, I = config.num_experts, config.moe_intermediate_size
     out: dict = {}
@@ -127,7 +139,7 @@ def from_hf_state_dict(config: Config, tree: dict) -> dict:
             out[m[1] + ".gate_proj"] = value[:, :I]
             out[m[1] + ".up_proj"] = value[:, I:]
             continue
-        out[key] = value
+        out[key] = _bias_f32(value) if is_expert_bias(key) else value
     for stacked_key, experts in groups.items():
         prefix, name = stacked_key.rsplit(".", 1)
         missing = [e for e in range(E) if e not in experts]
@@ -340,9 +352,10 @@ def load_pretrained(path, dtype=np.float32) -> tuple[Config, dict[str, np.ndarra
     `model.safetensors` or a sharded set named by `model.safetensors.index.json`.
 
     Weights may be F64, F32, F16 or BF16 (widened exactly), in the per-expert on-disk layout (SPEC §3.1) or the v5
-    fused layout (§3.2); each is cast to `dtype` as it is read. Each param array is allocated once and filled tensor
-    by tensor (stacked experts expert by expert), reading one file at a time, so the full weights are never held
-    twice. Validation is strict (CheckpointError names the key with expected and found shapes): every key of
+    fused layout (§3.2); each is cast to `dtype` as it is read, except `...mlp.expert_bias`, which is read as float32
+    whatever `dtype` (docs/decisions.md #18; an F64 bias is rounded to float32). Each param array is allocated once
+    and filled tensor by tensor (stacked experts expert by expert), reading one file at a time, so the full weights
+    are never held twice. Validation is strict (CheckpointError names the key with expected and found shapes): every key of
     `param_shapes(config)` must be present with its shape, no other key may be (rotary `inv_freq` buffers are
     ignored; a tied `lm_head.weight` may be present if it equals the embedding).
     """
@@ -379,7 +392,7 @@ def load_pretrained(path, dtype=np.float32) -> tuple[Config, dict[str, np.ndarra
             continue
         with safe_open(filename, framework="np") as handle, open(filename, "rb") as raw:
             for entry, key, expert, rows, dest in mine:
-                value = _read(entry, handle, raw, dtype, expert, rows)
+                value = _read(entry, handle, raw, param_dtype(key, dtype), expert, rows)
                 if dest is None:
                     params[key] = value
                 else:
@@ -445,7 +458,9 @@ def save_pretrained(path, config: Config, params: dict) -> None:
 
     Like transformers: a tied model has no lm_head.weight in the file, and a model with num_shared_experts = 0 gets
     the 0-width `shared_experts.{gate,up,down}_proj.weight` tensors ([0, d], [0, d], [d, 0]) that HF's module tree
-    still holds. Params are written in their own dtype (float16/32/64); expert matrices are views, not copies.
+    still holds. Params are written in their own dtype (float16/32/64), except `...mlp.expert_bias`, which is written
+    as float32 whatever the model's dtype (docs/decisions.md #18; a float64 bias is rounded); expert matrices are
+    views, not copies.
     """
     path = os.fspath(path)
     _check_params(config, params)

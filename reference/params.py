@@ -1,6 +1,6 @@
 """Parameter names, shapes, initialization and counts.
 
-Params are data (ARCHITECTURE.md): a flat `dict[str, ndarray]` keyed by the Hugging Face names of SPEC §3.1,
+Params are data (docs/architecture.md): a flat `dict[str, ndarray]` keyed by the Hugging Face names of SPEC §3.1,
 except that the routed experts of a layer are stacked into three tensors
 
     model.layers.{l}.mlp.experts.gate_proj  [E, I_m, d]   (W1 of every expert)
@@ -20,9 +20,14 @@ import numpy as np
 from .config import Config
 
 __all__ = ["param_shapes", "init_params", "param_count", "ParamCount", "layer_prefix", "EXPERT_KEYS", "check_params",
-           "is_norm_gain"]
+           "is_norm_gain", "is_expert_bias", "EXPERT_BIAS_DTYPE", "param_dtype"]
 
 EXPERT_KEYS = ("gate_proj", "up_proj", "down_proj")
+
+# `model.layers.{l}.mlp.expert_bias` is float32 whatever the model's dtype (docs/decisions.md #18): Hugging Face keeps
+# it so (`_keep_in_fp32_modules_strict = ["expert_bias"]` since transformers 5.24) and the released checkpoints store
+# it so. It only selects experts (s + b, SPEC §4.8), never multiplies an activation.
+EXPERT_BIAS_DTYPE = np.dtype(np.float32)
 
 
 def layer_prefix(layer: int) -> str:
@@ -68,6 +73,16 @@ def _swiglu_shapes(prefix: str, d: int, width: int) -> dict[str, tuple[int, ...]
             prefix + "down_proj.weight": (d, width)}
 
 
+def is_expert_bias(key: str) -> bool:
+    """`model.layers.{l}.mlp.expert_bias`: float32 in every model dtype (EXPERT_BIAS_DTYPE)."""
+    return key.endswith("mlp.expert_bias")
+
+
+def param_dtype(key: str, dtype) -> np.dtype:
+    """The dtype parameter `key` has in a model of dtype `dtype`: float32 for the expert bias, else `dtype`."""
+    return EXPERT_BIAS_DTYPE if is_expert_bias(key) else np.dtype(dtype)
+
+
 def is_norm_gain(key: str) -> bool:
     """RMSNorm gains (layer norms, q/k norms, final norm): 1-D, no weight decay (SPEC §9.1)."""
     return key.endswith("norm.weight")
@@ -105,15 +120,15 @@ def init_params(config: Config, seed: int = 0, dtype=np.float32) -> dict[str, np
       TruncNormal(0, σ²) on [−3σ, 3σ] with σ = `config.base_std` (0.5/√d under muP);
     - output-side matrices (o_proj, every down_proj, router gate): σ, or σ/√(2(l+1)) when `depth_init`;
     - pre-norm, q_norm, k_norm and final-norm gains 1; post-norm gains 1/√L (§14 #9);
-    - expert_bias 0.
+    - expert_bias 0, in float32 whatever `dtype` (EXPERT_BIAS_DTYPE, docs/decisions.md #18).
     Values depend only on (seed, key), and are drawn in float64 then cast, so float32 and float64 params agree.
     """
     dtype = np.dtype(dtype)
     params = {}
     std = config.base_std
     for key, shape in param_shapes(config).items():
-        if key.endswith("expert_bias"):
-            params[key] = np.zeros(shape, dtype=dtype)
+        if is_expert_bias(key):
+            params[key] = np.zeros(shape, dtype=EXPERT_BIAS_DTYPE)
         elif is_norm_gain(key):
             gain = config.post_norm_init if _is_post_norm(key) else 1.0
             params[key] = np.full(shape, gain, dtype=dtype)
@@ -150,7 +165,12 @@ def param_count(config: Config) -> ParamCount:
 
 def check_params(config: Config, params: dict) -> np.dtype:
     """Raise KeyError/ValueError naming the key if `params` does not match `config` (missing or unexpected key,
-    wrong shape, non-float or mixed dtype). Returns the common float dtype."""
+    wrong shape, non-float or mixed dtype). Returns the model's float dtype: the one dtype every parameter but the
+    expert biases shares.
+
+    `model.layers.{l}.mlp.expert_bias` is float32 in every model dtype (docs/decisions.md #18); a bias in the model's
+    own dtype (params cast key by key, `{k: v.astype(np.float64) ...}`) is accepted too and used as it is. Any other
+    bias dtype is an error."""
     shapes = param_shapes(config)
     missing = [k for k in shapes if k not in params]
     if missing:
@@ -160,12 +180,19 @@ def check_params(config: Config, params: dict) -> np.dtype:
     if extra:
         raise KeyError(f"params hold key(s) the config does not have, e.g. {extra[0]!r} "
                        f"(shape {np.shape(params[extra[0]])})")
-    dtypes = set()
+    dtypes, biases = set(), {}
     for k, shape in shapes.items():
         found = np.shape(params[k])
         if found != shape:
             raise ValueError(f"{k}: expected shape {shape}, found {found}")
-        dtypes.add(np.asarray(params[k]).dtype)
+        if is_expert_bias(k):
+            biases[k] = np.asarray(params[k]).dtype
+        else:
+            dtypes.add(np.asarray(params[k]).dtype)
     if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
-        raise ValueError(f"params must share one float dtype, found {sorted(map(str, dtypes))}")
-    return dtypes.pop()
+        raise ValueError(f"params must share one float dtype (expert_bias aside), found {sorted(map(str, dtypes))}")
+    dtype = dtypes.pop()
+    for k, found in biases.items():
+        if found not in (EXPERT_BIAS_DTYPE, dtype):
+            raise ValueError(f"{k}: expert_bias must be float32 (or the model's {dtype}), found {found}")
+    return dtype

@@ -23,12 +23,15 @@ def router_forward(x, w_router, expert_bias, top_k, route_scale):
         g_k = ρ · s_{e_k} / (Σ_{k'∈𝒦} s_{e_k'} + 1e−20)   … but the weights use the unbiased scores.
 
     So Σ_k g_k = ρ (route_scale) and b changes which experts are chosen, never the weights of the chosen ones.
+    b is float32 in every model dtype (docs/decisions.md #18); s + b is formed in the promoted dtype, as torch does:
+    a float64 model upcasts b exactly, a float32 model adds in float32, a float16 model adds in float32 (HF's scores
+    are float32 there).
     Returns (weights g [N, K], experts 𝒦 [N, K] int64, ctx); ctx = (x, W_r, s, 𝒦, S = Σ_{𝒦} s, ρ, z) is what the
     backward (through the normalised unbiased scores only) and the load-balancing statistics need.
     """
     z = x @ w_router.T
     s = sigmoid(z)
-    experts = select_top_k(s + expert_bias.astype(s.dtype, copy=False), top_k)
+    experts = select_top_k(s + expert_bias, top_k)
     chosen = np.take_along_axis(s, experts, axis=-1)
     total = chosen.sum(axis=-1, keepdims=True)
     weights = chosen / (total + 1e-20) * np.asarray(route_scale, dtype=s.dtype)

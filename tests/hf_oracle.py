@@ -11,6 +11,14 @@ computes in `promote_types(input dtype, float32)`: float64 inputs stay float64, 
 Everything else runs unchanged. Together with eager attention and eager experts (`experts_implementation="eager"`;
 the grouped_mm experts refuse float64), HF becomes a float64 oracle.
 
+expert_bias is float32 in our params whatever the model's dtype (docs/decisions.md #18). transformers ≥ 5.24 keeps it
+float32 too (`_keep_in_fp32_modules_strict = ["expert_bias"]`); 5.23 holds it in float64 in a float64 model. Either
+way it holds our float32 values exactly, and the lifted router adds it to float64 scores in float64 (torch promotes).
+`hf_bias_dtype(model, dtype)` says which dtype the installed transformers uses.
+
+Works with transformers 5.23 and 5.24 (5.24 renamed the `past_key_values` argument of the attention, decoder layer and
+model forwards to `cache`; nothing here passes or patches it: the oracle runs without a KV cache).
+
 Importing this module needs torch and transformers; tests import it after `pytest.importorskip`.
 """
 
@@ -27,7 +35,22 @@ from transformers.models.afmoe import modeling_afmoe as M
 from trinity.reference.config import Config
 
 __all__ = ["lifted", "hf_config", "load_hf", "hf_model_from_params", "to_hf_v5_state_dict", "hf_logits",
-           "hf_router_logits", "topk_gaps"]
+           "hf_router_logits", "topk_gaps", "f32_bias", "hf_bias_dtype"]
+
+
+def f32_bias(params: dict) -> dict:
+    """`params` with every expert_bias cast to float32, the dtype it has in our params in every model dtype
+    (docs/decisions.md #18: what init_params and load_pretrained give). Other arrays are the same objects."""
+    return {k: (np.asarray(v, dtype=np.float32) if k.endswith("mlp.expert_bias") else v) for k, v in params.items()}
+
+
+def hf_bias_dtype(model, dtype: torch.dtype) -> torch.dtype:
+    """The dtype transformers holds `mlp.expert_bias` in for a model loaded in `dtype`: float32 where the class keeps
+    it strictly in float32 (transformers ≥ 5.24), else `dtype` for float32/float64 (5.23 keeps it float32 only for
+    float16/bfloat16 models)."""
+    if "expert_bias" in (getattr(model, "_keep_in_fp32_modules_strict", None) or []):
+        return torch.float32
+    return dtype
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -182,7 +205,9 @@ def to_hf_v5_state_dict(config: Config, params: dict) -> dict[str, torch.Tensor]
 
 def hf_model_from_params(config: Config, params: dict, dtype=torch.float64, lift: bool = True,
                          attn: str | None = "eager", experts: str | None = "eager") -> AfmoeForCausalLM:
-    """Build an HF model in memory (no files) and load our params into it with strict=True."""
+    """Build an HF model in memory (no files) and load our params into it with strict=True. load_state_dict copies
+    expert_bias into the dtype HF holds it in (`hf_bias_dtype`): exact for our float32 bias in a float32 or float64
+    model."""
     cfg = hf_config(config)
     kwargs = {"dtype": dtype}
     if attn is not None:

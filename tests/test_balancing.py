@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trinity.reference import Config, evaluate_losses
+from trinity.reference import Config, evaluate_losses, init_params
 from trinity.reference.balancing import (balance_step, init_balancing_state, max_violation, sign_update,
                                          smebu_update)
 from strategies import random_params
@@ -72,7 +72,7 @@ def skewed_router_model(seed=0):
         w = p[f"model.layers.{layer}.mlp.router.gate.weight"]
         direction = np.ones(c.hidden_size) / np.sqrt(c.hidden_size)
         w += np.linspace(3.0, -3.0, c.num_experts)[:, None] * direction[None, :]
-        p[f"model.layers.{layer}.mlp.expert_bias"] = np.zeros(c.num_experts)
+        p[f"model.layers.{layer}.mlp.expert_bias"] = np.zeros(c.num_experts, np.float32)  # float32: decisions #18
     return c, p, tokens
 
 
@@ -98,3 +98,47 @@ def test_balancing_drives_max_vio_down_on_a_skewed_router(method, rate):
     assert none[0] == balanced[0] > 1.0  # the skew is real: some expert gets > 2× its share
     assert none[-1] == none[0]
     assert np.mean(balanced[-20:]) < 0.5 * none[-1]
+
+
+@pytest.mark.parametrize("method", ["smebu", "sign"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_balancing_keeps_bias_and_momentum_float32(method, dtype):
+    """docs/decisions.md #18: the bias and the SMEBU momentum are float32 whatever the model's dtype, across steps;
+    each update is the float64 formula rounded once to float32, and b moves by exactly the stored m."""
+    c = Config.preset("tiny").replace(load_balancing=method, smebu_lambda=1e-2, sign_update_rate=1e-2)
+    params = init_params(c, seed=0, dtype=dtype)
+    state = init_balancing_state(c, params)
+    assert all(v.dtype == np.float32 for v in state.values())
+    assert len(state) == (c.num_hidden_layers - c.num_dense_layers if method == "smebu" else 0)
+    rng = np.random.default_rng(0)
+    layers = range(c.num_dense_layers, c.num_hidden_layers)
+    for _ in range(3):
+        counts = {l: rng.integers(0, 40, c.num_experts).astype(np.float64) for l in layers}
+        old = {l: params[f"model.layers.{l}.mlp.expert_bias"].copy() for l in layers}
+        m_old = {k: v.copy() for k, v in state.items()}
+        balance_step(c, params, state, counts)
+        for l in layers:
+            key = f"model.layers.{l}.mlp.expert_bias"
+            assert params[key].dtype == np.float32, key
+            if method == "sign":
+                want = sign_update(old[l].astype(np.float64), counts[l], c.sign_update_rate).astype(np.float32)
+            else:
+                mkey = "smebu.momentum/" + key
+                b64, m64 = smebu_update(old[l].astype(np.float64), m_old[mkey].astype(np.float64), counts[l],
+                                        c.smebu_lambda, c.smebu_beta, c.smebu_kappa)
+                assert state[mkey].dtype == np.float32
+                np.testing.assert_array_equal(state[mkey], m64.astype(np.float32))
+                want = (old[l].astype(np.float64) + state[mkey]).astype(np.float32)
+            np.testing.assert_array_equal(params[key], want)
+    assert all(v.dtype == dtype for k, v in params.items() if not k.endswith("expert_bias"))
+    assert any(np.abs(params[f"model.layers.{l}.mlp.expert_bias"]).max() > 0 for l in layers)
+
+
+def test_balance_step_stores_a_model_dtype_bias_as_float32():
+    """A bias given in a float64 model's dtype (params cast key by key) is stored float32 after its first update."""
+    c = Config.preset("tiny").replace(load_balancing="sign")
+    params = {k: v.astype(np.float64) for k, v in init_params(c, seed=0, dtype=np.float64).items()}
+    key = f"model.layers.{c.num_dense_layers}.mlp.expert_bias"
+    assert params[key].dtype == np.float64
+    balance_step(c, params, {}, {c.num_dense_layers: np.arange(c.num_experts, dtype=np.float64)})
+    assert params[key].dtype == np.float32 and np.abs(params[key]).max() > 0

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from trinity.reference import Config, ConfigError, init_params, param_count, param_shapes
+from trinity.reference import Config, ConfigError, check_params, init_params, param_count, param_shapes
 from trinity.reference.config import PRESETS
 
 
@@ -118,3 +118,24 @@ def test_depth_init_shrinks_output_side_matrices():
     sigma = c.base_std
     assert np.abs(p["model.layers.3.self_attn.o_proj.weight"]).max() <= 3 * sigma / math.sqrt(8)
     assert np.abs(p["model.layers.3.self_attn.q_proj.weight"]).max() > 3 * sigma / math.sqrt(8)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_expert_bias_is_float32_in_every_model_dtype(dtype):
+    """docs/decisions.md #18: init_params makes every expert_bias float32 whatever the model's dtype; check_params
+    accepts it so (returning the model's dtype) and a bias in the model's own dtype too, nothing else."""
+    c = Config.preset("tiny")
+    p = init_params(c, seed=0, dtype=dtype)
+    biases = [k for k in p if k.endswith("mlp.expert_bias")]
+    assert len(biases) == c.num_hidden_layers - c.num_dense_layers
+    assert all(p[k].dtype == np.float32 for k in biases)
+    assert all(v.dtype == dtype for k, v in p.items() if k not in biases)
+    assert check_params(c, p) == dtype
+    key = biases[0]
+    assert check_params(c, {**p, key: p[key].astype(dtype)}) == dtype  # params cast key by key
+    other = np.float16 if dtype != np.float16 else np.float64
+    with pytest.raises(ValueError, match=rf"{key}: expert_bias must be float32 \(or the model's {np.dtype(dtype)}\), "
+                                         rf"found {np.dtype(other)}"):
+        check_params(c, {**p, key: p[key].astype(other)})
+    with pytest.raises(ValueError, match="one float dtype"):  # the rest must still agree
+        check_params(c, {**p, "model.norm.weight": p["model.norm.weight"].astype(other)})

@@ -1,5 +1,8 @@
 """HF interop without transformers: layout conversion, save/load round trips, shards, bf16, and every error case
-(SPEC §3.1, §3.2). The comparisons against transformers itself are in test_oracle_hf.py."""
+(SPEC §3.1, §3.2). The comparisons against transformers itself are in test_oracle_hf.py.
+
+expert_bias is float32 in every model dtype (docs/decisions.md #18): the random params here hold it so, and every
+comparison checks dtypes as well as values."""
 
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from trinity.reference import hf_interop
 from trinity.reference.config import Config
 from trinity.reference.hf_interop import (CheckpointError, from_hf_state_dict, hf_disk_shapes, load_pretrained,
                                           save_pretrained, to_hf_state_dict)
-from trinity.reference.params import init_params, param_shapes
+from trinity.reference.params import init_params, param_dtype, param_shapes
 
 TINY = Config.preset("tiny")
 TMP_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
@@ -41,9 +44,15 @@ def small_configs(draw):
 
 
 def random_params(config, seed=0, dtype=np.float64):
-    """Random values for every param (expert_bias and norms included), so no two entries coincide."""
+    """Random values for every param (expert_bias and norms included), so no two entries coincide; a model of
+    `dtype`: every key in `dtype` but expert_bias, float32 (docs/decisions.md #18)."""
     rng = np.random.default_rng(seed)
-    return {k: rng.standard_normal(s).astype(dtype) for k, s in param_shapes(config).items()}
+    return {k: rng.standard_normal(s).astype(param_dtype(k, dtype)) for k, s in param_shapes(config).items()}
+
+
+def as_model(params, dtype):
+    """`params` cast to a model of `dtype` by the rule: expert_bias float32, every other key `dtype`."""
+    return {k: v.astype(param_dtype(k, dtype)) for k, v in params.items()}
 
 
 def fused(config, params):
@@ -91,7 +100,7 @@ def bf16_round(x):
 def assert_same(a, b):
     assert list(a) == list(b)
     for key in a:
-        assert a[key].shape == b[key].shape, key
+        assert a[key].shape == b[key].shape and a[key].dtype == b[key].dtype, key
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
@@ -194,12 +203,13 @@ def test_save_load_round_trip_exact(tmp_path_factory, config, dtype, seed):
             expected.update({s + "gate_proj.weight": (0, d), s + "up_proj.weight": (0, d),
                              s + "down_proj.weight": (d, 0)})
     assert {k: v.shape for k, v in on_disk.items()} == expected
-    assert all(v.dtype == dtype for v in on_disk.values())
+    assert all(v.dtype == param_dtype(k, dtype) for k, v in on_disk.items())  # expert_bias F32 in a float64 model
     assert ("lm_head.weight" in on_disk) == (not config.tie_word_embeddings)
     loaded_config, loaded = load_pretrained(path, dtype=dtype)
     assert loaded_config.to_hf() == config.to_hf()
     assert_same(loaded, params)
-    assert all(v.dtype == dtype and v.flags.writeable and v.flags.c_contiguous for v in loaded.values())
+    assert all(v.dtype == param_dtype(k, dtype) and v.flags.writeable and v.flags.c_contiguous
+               for k, v in loaded.items())
 
 
 def test_config_json_is_hf(tmp_path):
@@ -215,6 +225,38 @@ def test_load_casts_to_requested_dtype(tmp_path):
     _, loaded = load_pretrained(path)  # default float32
     assert all(v.dtype == np.float32 for v in loaded.values())
     assert_same(loaded, {k: v.astype(np.float32) for k, v in params.items()})
+
+
+def test_expert_bias_is_float32_in_every_model_dtype(tmp_path):
+    """docs/decisions.md #18: saved as F32 whatever the model's dtype, loaded as float32 whatever dtype is asked for;
+    a bias held in the model's dtype (float64 or float16) is rounded to float32 on the way, by every function."""
+    bias = "model.layers.1.mlp.expert_bias"
+    for dtype in (np.float16, np.float64):
+        params = {k: v.astype(dtype) for k, v in random_params(TINY, 12, np.float64).items()}  # bias in dtype too
+        want = params[bias].astype(np.float32)
+        assert to_hf_state_dict(TINY, params)[bias].dtype == np.float32
+        np.testing.assert_array_equal(from_hf_state_dict(TINY, to_hf_state_dict(TINY, params))[bias], want)
+        assert from_hf_state_dict(TINY, params)[bias].dtype == np.float32
+        path = tmp_path / np.dtype(dtype).name
+        save_pretrained(path, TINY, params)
+        on_disk = load_file(path / "model.safetensors")
+        assert on_disk[bias].dtype == np.float32 and on_disk["model.norm.weight"].dtype == dtype
+        assert json.loads((path / "config.json").read_text())["dtype"] == np.dtype(dtype).name
+        for load_dtype in (np.float16, np.float32, np.float64):
+            _, loaded = load_pretrained(path, dtype=load_dtype)
+            assert loaded[bias].dtype == np.float32 and loaded["model.norm.weight"].dtype == load_dtype
+            np.testing.assert_array_equal(loaded[bias], want)
+    # A float32 bias in a float64 model passes through the layout conversion as it is (no copy).
+    params = random_params(TINY, 13, np.float64)
+    assert to_hf_state_dict(TINY, params)[bias] is params[bias]
+    # An F64 bias on disk (what transformers 5.23 writes for a float64 model) is read as float32.
+    write_config(tmp_path / "f64", TINY)
+    tensors = {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in to_hf_state_dict(TINY, params).items()}
+    tensors[bias] = np.full(8, 0.1)  # not a float32 number
+    save_file(tensors, str(tmp_path / "f64" / "model.safetensors"))
+    _, loaded = load_pretrained(tmp_path / "f64", dtype=np.float64)
+    assert loaded[bias].dtype == np.float32 and np.all(loaded[bias] == np.float32(0.1))
+    assert_same({k: v for k, v in loaded.items() if k != bias}, {k: v for k, v in params.items() if k != bias})
 
 
 def test_save_overwrites_atomically(tmp_path, monkeypatch):
@@ -298,8 +340,8 @@ def test_bf16_checkpoint(tmp_path, out_dtype):
     tensors["model.layers.1.mlp.expert_bias"] = ("F32", (8,), params["model.layers.1.mlp.expert_bias"].tobytes())
     write_raw(tmp_path / "model.safetensors", tensors)
     _, loaded = load_pretrained(tmp_path, dtype=out_dtype)
-    expected = {k: bf16_round(v).astype(out_dtype) for k, v in params.items()}
-    expected["model.layers.1.mlp.expert_bias"] = params["model.layers.1.mlp.expert_bias"].astype(out_dtype)
+    expected = {k: bf16_round(v).astype(param_dtype(k, out_dtype)) for k, v in params.items()}
+    expected["model.layers.1.mlp.expert_bias"] = params["model.layers.1.mlp.expert_bias"]  # float32: not rounded
     assert_same(loaded, expected)
     assert not np.array_equal(loaded["model.norm.weight"], params["model.norm.weight"].astype(out_dtype))
     assert all(v.flags.writeable and v.flags.c_contiguous for v in loaded.values())
@@ -340,7 +382,7 @@ def test_f16_checkpoint(tmp_path):
     path = tmp_path / "c"
     save_pretrained(path, TINY, params)
     _, loaded = load_pretrained(path, dtype=np.float64)
-    assert_same(loaded, {k: v.astype(np.float64) for k, v in params.items()})
+    assert_same(loaded, as_model(params, np.float64))
 
 
 def test_tied_head_present_must_equal_embedding(tmp_path):

@@ -10,6 +10,10 @@
     our float32 vs HF float32 with its defaults (sdpa, grouped_mm experts)       max|Δ| ≤ 1e-4 · max|logit|
   Draws whose top-k boundary (K-th vs (K+1)-th of s + b, from our float64 reference) is closer than 1e-6 for any
   token are rejected: there, rounding alone may flip the selection (SPEC §14 #14).
+
+expert_bias is float32 in our params in every model dtype (docs/decisions.md #18), so the random params get a float32
+bias (`O.f32_bias`) and the round trips compare it float32-exact, dtype included; HF may hold it in float64
+(transformers 5.23) or float32 (5.24), which changes nothing since it holds the same float32 values.
 """
 
 from __future__ import annotations
@@ -139,7 +143,7 @@ def test_lifting_each_island_is_float64():
     pos = np.arange(40)
     inv = 1.0 / 500.0 ** (np.arange(0, 16, 2) / 16)
     emb = np.concatenate([pos[:, None] * inv] * 2, axis=-1)
-    model = O.hf_model_from_params(config, random_params(config, 1))
+    model = O.hf_model_from_params(config, O.f32_bias(random_params(config, 1)))
     with O.lifted(), torch.no_grad():
         cos, sin = model.model.rotary_emb(torch.zeros(1, dtype=torch.float64), torch.from_numpy(pos)[None])
     assert model.model.rotary_emb.inv_freq.dtype == torch.float64
@@ -157,7 +161,7 @@ def test_lifting_eager_matches_sdpa(case):
     shows the eager softmax no longer rounds to float32; RMSNorm/RoPE/router are shared by both paths and are
     checked against NumPy above and by test_oracle_logits."""
     config, scales, seed, tokens = case
-    params = random_params(config, seed, **scales)
+    params = O.f32_bias(random_params(config, seed, **scales))
     eager = O.hf_logits(O.hf_model_from_params(config, params, attn="eager"), tokens)
     sdpa = O.hf_logits(O.hf_model_from_params(config, params, attn="sdpa"), tokens)
     assert rel_err(eager, sdpa) < 1e-13
@@ -170,7 +174,7 @@ def test_lifting_eager_matches_sdpa(case):
 @given(case=cases())
 def test_oracle_logits(case):
     config, scales, seed, tokens = case
-    params = random_params(config, seed, **scales)
+    params = O.f32_bias(random_params(config, seed, **scales))
     ours, gap, changed = reference_with_gaps(config, params, tokens)
     assume(gap >= MIN_GAP)
     if config.num_experts_per_tok == config.num_experts or config.num_dense_layers == config.num_hidden_layers:
@@ -182,6 +186,10 @@ def test_oracle_logits(case):
         # ours -> HF
         save_pretrained(ours_dir, config, params)
         hf64 = O.load_hf(ours_dir, dtype=torch.float64, lift=True, attn="eager", experts="eager")
+        for name, p in hf64.named_parameters():  # HF holds our float32 bias exactly, in its own dtype for it
+            if name.endswith("mlp.expert_bias"):
+                assert p.dtype == O.hf_bias_dtype(hf64, torch.float64), name
+                np.testing.assert_array_equal(p.detach().numpy(), params[name], err_msg=name)
         theirs = O.hf_logits(hf64, tokens)
         err64 = rel_err(ours, theirs)
         assert err64 <= F64_TOL, f"float64 ours vs HF: {err64:.3e}"
@@ -191,7 +199,9 @@ def test_oracle_logits(case):
         loaded_config, loaded = load_pretrained(hf_dir, dtype=np.float64)
         assert loaded_config.to_hf() == config.to_hf()
         assert list(loaded) == list(params)
-        for key in params:
+        for key in params:  # every key float64-exact but expert_bias, float32-exact (docs/decisions.md #18)
+            assert loaded[key].dtype == params[key].dtype == (np.float32 if key.endswith("expert_bias")
+                                                              else np.float64), key
             np.testing.assert_array_equal(loaded[key], params[key], err_msg=key)
         err_loaded = rel_err(logits(loaded_config, loaded, tokens), theirs)
         assert err_loaded <= F64_TOL
@@ -219,7 +229,7 @@ def test_oracle_bias_changes_selection():
     """A fixed case where expert_bias flips the top-k of many tokens, and both sides still agree (SPEC §4.8 step 3:
     the bias selects, the unbiased scores weigh)."""
     config = Config.preset("tiny").replace(num_hidden_layers=3, vocab_size=48, max_position_embeddings=64)
-    params = random_params(config, 123, router=2.0, bias=0.3)
+    params = O.f32_bias(random_params(config, 123, router=2.0, bias=0.3))
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 20))
     ours, gap, changed = reference_with_gaps(config, params, tokens)
     assert gap >= MIN_GAP and changed >= 10
@@ -232,17 +242,24 @@ def test_oracle_bias_changes_selection():
 
 # ---- real HF checkpoints: sharded and bf16 files written by transformers itself -------------------------------------
 def test_hf_sharded_and_bf16_checkpoints_load(tmp_path):
+    """Checkpoints transformers writes itself: a sharded float64 one loads exactly (expert_bias float32-exact, as a
+    float32 array: docs/decisions.md #18), a bfloat16 one loads as the values HF wrote (bf16-rounded weights; the bias
+    as HF holds it in a bf16 model)."""
     config = Config.preset("tiny").replace(num_shared_experts=0, tie_word_embeddings=True, max_position_embeddings=64)
-    params = random_params(config, 7)
+    params = O.f32_bias(random_params(config, 7))
     model = O.hf_model_from_params(config, params)
     model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     _, loaded = load_pretrained(tmp_path / "sharded", dtype=np.float64)
     for key in params:
+        assert loaded[key].dtype == params[key].dtype, key
         np.testing.assert_array_equal(loaded[key], params[key], err_msg=key)
 
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    held = model.state_dict()  # what HF wrote: every weight in bf16, the bias in the dtype HF keeps it in
     _, loaded = load_pretrained(tmp_path / "bf16", dtype=np.float32)
     for key, value in params.items():
-        want = torch.from_numpy(value).to(torch.bfloat16).float().numpy()
+        dtype = held[key].dtype if key.endswith("expert_bias") else torch.bfloat16
+        want = torch.from_numpy(value).to(dtype).float().numpy()
+        assert loaded[key].dtype == np.float32, key
         np.testing.assert_array_equal(loaded[key], want, err_msg=key)
