@@ -63,6 +63,14 @@ def write_run(folder, steps=6, every=3, keep_last=2, adamw_lr=0.01, train="", mo
     return path
 
 
+def edit_run(run, old: str, new: str) -> None:
+    with open(run) as f:
+        text = f.read()
+    assert old in text, old
+    with open(run, "w") as f:
+        f.write(text.replace(old, new))
+
+
 def trinity(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "-m", "trinity.cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
@@ -215,10 +223,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint(tmp_path):
     out = trinity("generate", newest, "--prompt-tokens", "1,2", "--max-new-tokens", "2")
     assert out.returncode == 2
     assert "step_00000006.h5: params/model.embed_tokens.weight fails its sha256 checksum" in error_line(out)
-    with open(run) as f:
-        text = f.read()
-    with open(run, "w") as f:
-        f.write(text.replace("steps = 6", "steps = 9"))
+    edit_run(run, "steps = 6", "steps = 9")
     out = trinity("train", run, "--resume")
     assert out.returncode == 0, out.stderr
     assert f"skipped checkpoint {newest}" in out.stdout and "fails its sha256" in out.stdout
@@ -261,10 +266,7 @@ def test_checkpoint_tokenizer_survives_re_preparing_the_data(tmp_path):
     out = trinity("generate", ckpt, "--prompt", prompt, "--max-new-tokens", "3")
     assert out.returncode == 0 and out.stdout.startswith(prompt), out.stderr
     # Resuming on the changed data is refused, saying what changed.
-    with open(run) as f:
-        text = f.read()
-    with open(run, "w") as f:
-        f.write(text.replace("steps = 2", "steps = 4"))
+    edit_run(run, "steps = 2", "steps = 4")
     out = trinity("train", run, "--resume")
     assert out.returncode == 2
     line = error_line(out)
@@ -277,10 +279,7 @@ def test_resume_on_a_changed_token_file_names_what_changed(tmp_path):
     assert trinity("train", run).returncode == 0
     source = MarkovSource(256, eos_id=0, branching=4, mean_doc_len=40, seed=1)
     write_token_file(tmp_path / "tokens.bin", source.documents(9000), eos_id=0)
-    with open(run) as f:
-        text = f.read()
-    with open(run, "w") as f:
-        f.write(text.replace("steps = 2", "steps = 4"))
+    edit_run(run, "steps = 2", "steps = 4")
     out = trinity("train", run, "--resume")
     assert out.returncode == 2
     line = error_line(out)
@@ -343,10 +342,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
     assert trinity("train", run).returncode == 0
     previous = tmp_path / "ckpt" / "step_00000002.h5"
     before = previous.read_bytes()
-    with open(run) as f:
-        text = f.read()
-    with open(run, "w") as f:
-        f.write(text.replace("steps = 2", "steps = 4"))
+    edit_run(run, "steps = 2", "steps = 4")
 
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 4, len(before) // 4))
@@ -369,10 +365,7 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path):
     if available_memory_bytes() is None:
         pytest.skip("this machine does not tell its available memory")
     run = write_run(tmp_path, overrides="[model.overrides]\nmax_position_embeddings = 4194304")
-    with open(run) as f:
-        text = f.read()
-    with open(run, "w") as f:
-        f.write(text.replace("seq_len = 32", "seq_len = 2097152"))
+    edit_run(run, "seq_len = 32", "seq_len = 2097152")
     t0 = time.time()
     out = trinity("train", run)
     assert out.returncode == 2
