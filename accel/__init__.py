@@ -25,17 +25,8 @@ class BackendUnavailable(ImportError):
 
 
 def _reference():
-    from trinity.reference import optim
-    from trinity.reference.ops import ReferenceOps
-
-    class ReferenceTable(ReferenceOps):
-        """The NumPy reference table, plus the reference optimizer kernels so every table exposes them."""
-        newton_schulz = staticmethod(optim.newton_schulz)
-        adamw_update = staticmethod(optim.adamw_update)
-        sum_of_squares = staticmethod(optim.sum_of_squares)
-        scaled = staticmethod(optim.scaled)
-
-    return ReferenceTable()
+    from trinity.reference.ops import REFERENCE
+    return REFERENCE  # the one reference table, optimizer kernels included
 
 
 def _numba():

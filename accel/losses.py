@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trinity.reference.losses import IGNORE_INDEX
+from trinity.reference.losses import IGNORE_INDEX, CrossEntropyCtx
 
 from ._jit import kernel, run_tasks
 from ._math import vexp
@@ -129,7 +129,7 @@ def cross_entropy_forward(logits, labels, z_loss_coeff=0.0):
     lse = lse.reshape(B, T)[:, :-1]
     ce = float((lse.sum() - picked.sum()) / denom)  # rows that do not count hold 0 in both
     zl = float(z_loss_coeff * np.square(lse).sum() / denom)
-    return ce, zl, (logits, safe_target, valid, lse, denom, z_loss_coeff)
+    return ce, zl, CrossEntropyCtx(logits, safe_target, valid, lse, denom, z_loss_coeff)
 
 
 def cross_entropy_backward(ctx, scale=1.0):

@@ -7,8 +7,8 @@ only. What stays the reference's, and why:
     rope_tables                  computed once per forward, O(T·d_h)
     balance_loss_forward/backward  O(B·T·E), negligible
 Every override takes the reference's arguments and returns the reference's outputs; the ctx objects are tuples of
-arrays consumed only by this table's own backwards (layouts follow the reference where the model reads them:
-router ctx[2:4], the dispatch plan, the cross-entropy ctx[2]).
+arrays consumed only by this table's own backwards, except those the model reads, which are the reference's named
+types (router: RouterCtx, cross-entropy: CrossEntropyCtx, the dispatch plan).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from trinity.reference.activations import sigmoid
+from trinity.reference.router import RouterCtx
 
 from ._jit import kernel, run_tasks
 
@@ -77,7 +78,7 @@ def router_forward(x, w_router, expert_bias, top_k, route_scale):
     bias = np.ascontiguousarray(expert_bias, dtype=s.dtype)
     run_tasks(_select_tasks, -(-N // ROWS), np.ascontiguousarray(s), bias, s.dtype.type(route_scale), experts,
               weights, total)
-    return weights, experts, (x, w_router, s, experts, total, route_scale, z)
+    return weights, experts, RouterCtx(x, w_router, s, experts, total, route_scale, z)
 
 
 def router_backward(ctx, dweights, dscores=None):

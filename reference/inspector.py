@@ -519,7 +519,7 @@ class StepThrough:
                 continue
             layer = int(m.group(1))
             weights, experts, rctx = result
-            scores = rctx[2] if isinstance(rctx, tuple) and len(rctx) > 2 else None
+            scores = getattr(rctx, "scores", None)
             self.routers[layer] = RouterInfo(scores, experts, weights, params[f"model.layers.{layer}.mlp.expert_bias"],
                                              np.bincount(experts.reshape(-1), minlength=c.num_experts))
         if not self.step:

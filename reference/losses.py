@@ -3,10 +3,22 @@ sequence-wise balance loss (SPEC §6.3, §14 #6, #16)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 __all__ = ["IGNORE_INDEX", "cross_entropy_forward", "cross_entropy_backward", "balance_loss_forward",
-           "balance_loss_backward"]
+           "balance_loss_backward", "CrossEntropyCtx"]
+
+
+class CrossEntropyCtx(NamedTuple):
+    """What cross_entropy_backward and the token count read; every backend's cross-entropy returns this type."""
+    logits: object  # [B, T, V]
+    target: object  # labels shifted, ignored positions replaced by 0 [B, T-1]
+    valid: object  # the positions that count [B, T-1] bool
+    lse: object  # log Σ_v exp(logit) [B, T-1]
+    denom: object  # the number of counted tokens N (at least 1)
+    z_loss_coeff: float  # λ_z
 
 IGNORE_INDEX = -100
 
@@ -41,7 +53,7 @@ def cross_entropy_forward(logits, labels, z_loss_coeff=0.0):
     denom = max(n, 1)
     ce = float(np.where(valid, lse - picked, 0.0).sum() / denom)
     zl = float(z_loss_coeff * np.where(valid, lse * lse, 0.0).sum() / denom)
-    return ce, zl, (logits, safe_target, valid, lse, denom, z_loss_coeff)
+    return ce, zl, CrossEntropyCtx(logits, safe_target, valid, lse, denom, z_loss_coeff)
 
 
 def cross_entropy_backward(ctx, scale=1.0):

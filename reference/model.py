@@ -80,8 +80,7 @@ def _routing(layer_ctx):
     mlp = layer_ctx["mlp"]
     if "router" not in mlp:
         return None
-    router = mlp["router"]
-    return router[2], router[3], mlp["plan"].counts
+    return mlp["router"].scores, mlp["router"].experts, mlp["plan"].counts
 
 
 def logits(config: Config, params: dict, tokens, doc_ids=None, ops=None, kv_cache=None):

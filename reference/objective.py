@@ -25,7 +25,7 @@ def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_
     balance = 0.0
     balance_ctxs = [None] * c.num_hidden_layers
     stats = {"layers": {}, "logits_max": float(out.max()), "logits_mean": float(out.mean()),
-             "tokens": int(ce_ctx[2].sum())}
+             "tokens": int(ce_ctx.valid.sum())}
     for layer, routing in enumerate(ctx["routing"]):
         if routing is None:
             continue

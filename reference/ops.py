@@ -1,4 +1,5 @@
-"""The operator table: every leaf operator of the model as a forward/backward pair, plus the array module.
+"""The operator table: every leaf operator of the model as a forward/backward pair, the optimizer kernels, and the
+array module. There is one reference table, REFERENCE (trinity.accel.get_backend("reference") returns it).
 
 Model code (layers.py, model.py, objective.py) is written once against an op table `ops`: it calls
 `ops.linear_forward(...)`, never the functions directly. A backend (trinity.accel) supplies a table with the same
@@ -13,9 +14,9 @@ import contextlib
 
 import numpy as np
 
-from . import attention, embedding, linear, losses, mlp, moe, norms, rope, router
+from . import attention, embedding, linear, losses, mlp, moe, norms, optim, rope, router
 
-__all__ = ["ReferenceOps", "REFERENCE", "LEAF_OPS"]
+__all__ = ["ReferenceOps", "REFERENCE", "LEAF_OPS", "OPTIMIZER_KERNELS"]
 
 LEAF_OPS = {
     linear: ["linear_forward", "linear_backward"],
@@ -28,6 +29,8 @@ LEAF_OPS = {
     moe: ["dispatch", "experts_forward", "experts_backward", "combine", "combine_backward", "scatter_to_tokens"],
     losses: ["cross_entropy_forward", "cross_entropy_backward", "balance_loss_forward", "balance_loss_backward"],
 }
+# The optimizer kernels (optim.py): optimizer_step and clip_grad_norm take them from a table (`kernels=`).
+OPTIMIZER_KERNELS = ["newton_schulz", "adamw_update", "sum_of_squares", "scaled"]
 
 
 class ReferenceOps:
@@ -40,7 +43,7 @@ class ReferenceOps:
         return contextlib.nullcontext()
 
 
-for _module, _names in LEAF_OPS.items():
+for _module, _names in [*LEAF_OPS.items(), (optim, OPTIMIZER_KERNELS)]:
     for _name in _names:
         setattr(ReferenceOps, _name, staticmethod(getattr(_module, _name)))
 

@@ -29,7 +29,6 @@ input's float dtype (float32 for float32 params, float64 for float64). Trinity's
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -189,7 +188,7 @@ def clip_grad_norm(grads: dict, max_norm: float, kernels=None):
     decides what to do with a non-finite norm). `kernels` (an op table from trinity.accel.get_backend) supplies
     `sum_of_squares` and `scaled`; by default this module's.
     """
-    k = kernels or _REFERENCE_KERNELS
+    k = kernels or _reference_table()
     total = 0.0
     for key, g in grads.items():
         if not key.endswith("expert_bias"):
@@ -254,7 +253,7 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     parameters each group updated) and muon_update_norm/adamw_update_norm (global L2 norm of the lr-scaled update
     before weight decay).
     """
-    k = kernels or _REFERENCE_KERNELS
+    k = kernels or _reference_table()
     if not hasattr(k, "adamw_update"):
         raise TypeError("kernels must be an op table with newton_schulz and adamw_update (trinity.accel.get_backend), "
                         f"got {type(k).__name__}")
@@ -290,6 +289,8 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
             "muon_update_norm": math.sqrt(norms["muon"]), "adamw_update_norm": math.sqrt(norms["adamw"])}
 
 
-# The kernels optimizer_step and clip_grad_norm use when no backend table is given.
-_REFERENCE_KERNELS = SimpleNamespace(newton_schulz=newton_schulz, adamw_update=adamw_update,
-                                     sum_of_squares=sum_of_squares, scaled=scaled)
+def _reference_table():
+    """The op table optimizer_step and clip_grad_norm use when none is given: the reference's (ops.REFERENCE,
+    which holds this module's kernels; imported here because ops.py imports this module)."""
+    from .ops import REFERENCE
+    return REFERENCE

@@ -1,10 +1,23 @@
 """Sigmoid token-choice top-K router with the selection-only expert bias (SPEC §4.8; backward §5 "Router")."""
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .activations import sigmoid
 
-__all__ = ["router_forward", "router_backward", "select_top_k"]
+__all__ = ["router_forward", "router_backward", "select_top_k", "RouterCtx"]
+
+
+class RouterCtx(NamedTuple):
+    """What router_backward and the routing statistics read; every backend's router returns this type."""
+    x: object  # tokens [N, d]
+    w_router: object  # W_r [E, d]
+    scores: object  # s = σ(z) [N, E]
+    experts: object  # 𝒦 [N, K] int64
+    total: object  # S = Σ_{𝒦} s [N, 1]
+    route_scale: float  # ρ
+    logits: object  # z [N, E]
 
 
 def select_top_k(biased_scores, k):
@@ -26,8 +39,8 @@ def router_forward(x, w_router, expert_bias, top_k, route_scale):
     b is float32 in every model dtype (docs/decisions.md #18); s + b is formed in the promoted dtype, as torch does:
     a float64 model upcasts b exactly, a float32 model adds in float32, a float16 model adds in float32 (HF's scores
     are float32 there).
-    Returns (weights g [N, K], experts 𝒦 [N, K] int64, ctx); ctx = (x, W_r, s, 𝒦, S = Σ_{𝒦} s, ρ, z) is what the
-    backward (through the normalised unbiased scores only) and the load-balancing statistics need.
+    Returns (weights g [N, K], experts 𝒦 [N, K] int64, ctx); ctx = RouterCtx(x, W_r, s, 𝒦, S = Σ_{𝒦} s, ρ, z) is
+    what the backward (through the normalised unbiased scores only) and the load-balancing statistics need.
     """
     z = x @ w_router.T
     s = sigmoid(z)
@@ -35,7 +48,7 @@ def router_forward(x, w_router, expert_bias, top_k, route_scale):
     chosen = np.take_along_axis(s, experts, axis=-1)
     total = chosen.sum(axis=-1, keepdims=True)
     weights = chosen / (total + 1e-20) * np.asarray(route_scale, dtype=s.dtype)
-    return weights, experts, (x, w_router, s, experts, total, route_scale, z)
+    return weights, experts, RouterCtx(x, w_router, s, experts, total, route_scale, z)
 
 
 def router_backward(ctx, dweights, dscores=None):
