@@ -49,7 +49,7 @@ from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimi
 from trinity.reference.schedules import BatchSchedule, learning_rate
 from trinity.reference.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
 
-from .metrics_log import MetricsLog
+from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError, check_output_paths
 
@@ -172,7 +172,7 @@ class Trainer:
             if largest >= config.vocab_size:
                 raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
                                      f"{config.vocab_size}")
-        self._check_memory()
+        self._check_memory(loaded=pretrained)
         self.fingerprint = data_fingerprint(self.stores)
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
@@ -181,9 +181,14 @@ class Trainer:
         except CheckpointError as e:
             raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {e}") from None
         self.metrics = MetricsLog(run.metrics_path)
+        if not is_metrics_file(run.metrics_path):
+            raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: holds a file that is not a trinity "
+                                 f"metrics file; it is left alone: choose another path")
         if not resume:
             self._claim_folder(restart)
         ckpt = self._load_resume_point(config) if resume else None
+        self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
+        self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
         if ckpt is not None:
             self.params, self.opt_state, self.balance_state = ckpt.params, ckpt.optimizer_state, \
                 ckpt.balancing_state
@@ -208,19 +213,24 @@ class Trainer:
             self.rng = np.random.default_rng(run.init_seed)
         self.checkpoints.run_id = self.run_id
 
-    def _check_memory(self) -> None:
-        """Refuse, before any work, a step whose estimated peak memory (reference/memory.py) exceeds what the
-        machine has available; log the estimate either way."""
+    def _check_memory(self, loaded=None) -> None:
+        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the
+        larger of a step's (reference/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
+        file). `loaded`: params already in memory (init_from), not counted twice. Log the estimate either way."""
         run = self.run
         micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size
         estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
                                        micro_steps=micro_steps)
+        state = estimate["params"] + estimate["optimizer"]
+        total = max(estimate["total"], 2 * state + (state >> 4))
         available = available_memory_bytes()
+        if available is not None and loaded is not None:
+            available += sum(v.nbytes for v in loaded.values())
         gib = 2.0 ** 30
-        said = (f"estimated peak memory {estimate['total'] / gib:.2f} GiB (params {estimate['params'] / gib:.2f}, "
+        said = (f"estimated peak memory {total / gib:.2f} GiB (params {estimate['params'] / gib:.2f}, "
                 f"optimizer {estimate['optimizer'] / gib:.2f}, activations {estimate['activations'] / gib:.2f}, "
                 f"logits {estimate['logits'] / gib:.2f} GiB)")
-        if available is not None and estimate["total"] > available:
+        if available is not None and total > available:
             raise RunConfigError(f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said} "
                                  f"exceeds the {available / gib:.2f} GiB available; lower them"
                                  + ("" if run.recompute else ", or set [train] recompute = true"))
@@ -239,11 +249,12 @@ class Trainer:
             self.log(f"--restart: removed {len(removed)} checkpoint(s) from {run.checkpoint_dir}"
                      + (f" and the metrics in {run.metrics_path}" if metrics else ""))
             return  # the metrics file is started empty by `train`
-        what = (f"holds checkpoints of an earlier run ({', '.join(os.path.basename(p) for p in found[-3:])}"
-                f"{', ...' if len(found) > 3 else ''})" if found else f"metrics {run.metrics_path} of an earlier run")
-        raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {what}; continue it with --resume, "
-                             f"give this run another [checkpoint] dir and [logging] metrics, or start over with "
-                             f"--restart (removes the old checkpoints and metrics)")
+        where = (f"[checkpoint] dir = {run.checkpoint_dir!r}: holds checkpoints of an earlier run ("
+                 f"{', '.join(os.path.basename(p) for p in found[-3:])}{', ...' if len(found) > 3 else ''})"
+                 if found else f"[logging] metrics = {run.metrics_path!r}: holds the metrics of an earlier run")
+        raise RunConfigError(f"{where}; continue it with --resume, give this run another [checkpoint] dir and "
+                             f"[logging] metrics, or start over with --restart (removes the old checkpoints and "
+                             f"metrics)")
 
     def _load_resume_point(self, config):
         """The newest checkpoint that verifies (None: none at all); skipped corrupt ones are logged; one whose
@@ -326,7 +337,7 @@ class Trainer:
     def _non_finite_step(self, parts, grad_norm, sequences, seconds) -> dict:
         run, attempt = self.run, self.step + 1
         what = f"step {attempt}: loss {parts['total']:.6g}, gradient norm {grad_norm:.6g}"
-        newest = self.checkpoints.latest()
+        newest = self.last_checkpoint
         where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written yet"
         if run.on_nonfinite == "skip" and self.skipped_steps < run.max_skipped_steps:
             self.skipped_steps += 1
@@ -339,20 +350,22 @@ class Trainer:
             raise TrainingDiverged(f"{what}: not finite, and {self.skipped_steps} steps were skipped already "
                                    f"([train] max_skipped_steps = {run.max_skipped_steps}): stopped before the "
                                    f"update; {where}")
-        raise TrainingDiverged(f"{what}: not finite: stopped before the update (no checkpoint holds it); {where}; "
-                               f"resume from it with --resume, or set [train] on_nonfinite = \"skip\"")
+        raise TrainingDiverged(f"{what}: not finite: stopped before the update (no checkpoint holds it); {where} "
+                               f"(resuming from it replays the same data: to get past such steps set [train] "
+                               f"on_nonfinite = \"skip\", or start over with a lower learning rate)")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> str:
         """Write the checkpoint of the current step. A failed write (full disk) is a RunConfigError naming
         [checkpoint] dir; parameters that went non-finite in the last update are a TrainingDiverged."""
-        previous = self.checkpoints.latest()
+        previous = self.last_checkpoint
         try:
             path = self.checkpoints.save(
                 self.step, config=self.config, params=self.params, optimizer_state=self.opt_state,
                 balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
                 data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
-                extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps},
+                extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps,
+                       "metrics_lines": self.metrics.lines},
                 tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
         except CheckpointWriteError as e:
             raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}; the previous checkpoint "
@@ -360,6 +373,7 @@ class Trainer:
         except CheckpointError as e:  # save_checkpoint refuses NaN: the last update overflowed
             raise TrainingDiverged(f"step {self.step}: {e}; the newest checkpoint is "
                                    f"{previous or '(none yet)'}") from None
+        self.last_checkpoint = path
         if os.environ.get(FAULT_ENV) == str(self.step):
             os.kill(os.getpid(), signal.SIGKILL)
         return path
@@ -370,7 +384,7 @@ class Trainer:
         except OSError as e:
             raise RunConfigError(f"[logging] metrics = {self.run.metrics_path!r}: cannot write "
                                  f"({e.strerror or e}); the newest checkpoint is "
-                                 f"{self.checkpoints.latest() or '(none)'}") from None
+                                 f"{self.last_checkpoint or '(none)'}") from None
         if os.environ.get(FAULT_METRICS_ENV) == str(row["step"]) and not row.get("skipped"):
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -382,12 +396,13 @@ class Trainer:
             self.log(f"already at step {self.step} of {run.steps}: nothing to do")
             return None
         try:
-            cut = self.metrics.start(self.step)
-        except OSError as e:
-            raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: {e.strerror or e}") from None
-        if cut["dropped_steps"] or cut["dropped_unreadable"]:
-            self.log(f"{run.metrics_path}: cut back to step {self.step} (dropped {cut['dropped_steps']} line(s) of "
-                     f"later steps and {len(cut['dropped_unreadable'])} unreadable line(s))")
+            cut = self.metrics.start(self.step, self.metrics_lines)
+        except (OSError, MetricsFileError) as e:
+            raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: {getattr(e, 'strerror', None) or e}") \
+                from None
+        if cut["dropped_lines"] or cut["dropped_unreadable"]:
+            self.log(f"{run.metrics_path}: cut back to step {self.step} (dropped {cut['dropped_lines']} later "
+                     f"line(s) and {len(cut['dropped_unreadable'])} unreadable line(s))")
         bar = None
         if run.progress:
             from tqdm import tqdm
@@ -407,8 +422,8 @@ class Trainer:
                     if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                         self.save()
                         saved = True
-                if guard.signum is not None:
-                    path = self.checkpoints.latest() if saved else self.save()
+                if guard.signum is not None and self.step < run.steps:  # (at the end the run is simply done)
+                    path = self.last_checkpoint if saved else self.save()
                     self.stopped_by = guard.signum
                     self.log(f"stopped by {signal.Signals(guard.signum).name} after step {self.step}: checkpoint "
                              f"{path}; continue with --resume")

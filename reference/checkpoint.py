@@ -12,14 +12,15 @@ File layout (format_version 2)
                        (`Generator.bit_generator.state`; PCG64's 128-bit ints are plain JSON ints), extra
                        (free-form), run_id (the run that wrote it, for retention), tokenizer (kind, vocab_size,
                        eos_id, sha256 of /assets/tokenizer.json, or null), data_fingerprint (per data source:
-                       documents, tokens, sha256 of the document index), attrs_sha256 (see below)
+                       documents, tokens, sha256 of the document index)
 
-Verification. Every dataset carries an attribute `sha256`, the SHA-256 of its group/name, dtype, shape and C-ordered
-bytes (so a damaged name, type or shape is caught as well as damaged data), and `attrs_sha256`
-is the SHA-256 of the other root attributes (canonical JSON). `load_checkpoint` recomputes both and raises
-CheckpointCorrupt naming the file and the dataset on any mismatch, as it does for a truncated or unreadable file.
-Version 1 files (no digests) still load. `save_checkpoint` refuses params, optimizer or balancing state holding
-NaN or infinity (`require_finite`), so a diverged run can never rotate its good checkpoints away.
+Verification. A version 2 file is sealed (sealed_file.py): its HDF5 user block holds the SHA-256 of every byte after
+it and of each dataset's raw bytes, plus the run_id. `load_checkpoint` checks the seal from the bytes alone before
+HDF5 parses anything (a damaged HDF5 structure can make the parser hang or crash), then that the file holds exactly
+the sealed datasets; any mismatch is a CheckpointCorrupt naming the file and the damaged dataset (or the structure),
+as is a truncated or unreadable file. Version 1 files (no seal) still load, unverified. `save_checkpoint` refuses
+params, optimizer or balancing state holding NaN or infinity (`require_finite`), so a diverged run can never rotate
+its good checkpoints away.
 
 Dataset names are the dict keys with "%" written as "%25", "/" as "%2F" and a leading "." as "%2E" (HDF5 reads
 "/" as a path separator and "." as the group itself), so "muon.momentum/model.layers.0.self_attn.q_proj.weight" is
@@ -36,7 +37,7 @@ removes once its writer is gone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import io
 import json
 import os
 import re
@@ -47,6 +48,7 @@ import numpy as np
 
 from .config import Config, ConfigError
 from .params import check_params
+from .sealed_file import SealError, header_size, is_sealed, read_header, seal, verify
 
 from .hf_interop import CheckpointError  # one CheckpointError for the whole package
 
@@ -197,21 +199,6 @@ def _flat_arrays(name: str, tree, require_finite: bool = False) -> dict:
     return out
 
 
-def _digest(where: str, array: np.ndarray) -> str:
-    """SHA-256 of the dataset's place ("group/name"), dtype, shape and bytes in C order (no copy of the data)."""
-    h = hashlib.sha256(f"{where}\0{array.dtype.str}\0{array.shape}\0".encode("utf-8"))
-    flat = np.require(array, requirements="C").reshape(-1)
-    if flat.size:
-        h.update(flat.view(np.uint8))
-    return h.hexdigest()
-
-
-def _attrs_digest(attrs: dict) -> str:
-    canonical = {k: (int(v) if isinstance(v, (int, np.integer)) else str(v)) for k, v in attrs.items()
-                 if k != "attrs_sha256"}
-    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode("utf-8")).hexdigest()
-
-
 def _write_bytes(path: str, data: bytes) -> None:
     with open(path, "wb") as out:
         out.write(data)
@@ -246,24 +233,28 @@ def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict
              "rng_state": _dumps("rng_state", rng_state), "extra": _dumps("extra", dict(extra or {})),
              "run_id": _dumps("run_id", run_id), "tokenizer": _dumps("tokenizer", tokenizer_info),
              "data_fingerprint": _dumps("data_fingerprint", data_fingerprint)}
-    attrs["attrs_sha256"] = _attrs_digest(attrs)
     groups = {"params": _flat_arrays("params", params, require_finite),
               "optimizer": _flat_arrays("optimizer_state", optimizer_state, require_finite),
               "balancing": _flat_arrays("balancing_state", balancing_state, require_finite),
               "assets": {} if tokenizer_json is None else
               {"tokenizer.json": np.frombuffer(bytes(tokenizer_json), dtype=np.uint8)}}
-    # The file is built in memory (HDF5's core driver) and written with plain file I/O: HDF5 itself reacts to a
-    # failed write (a full disk) with pages of errors and, at exit, a crash; Python's write raises one OSError.
-    # This holds the file twice in memory while saving.
-    with h5py.File(f"{path}.image", "w", driver="core", backing_store=False, track_order=True) as f:
+    # The file is built in memory and written with plain file I/O: HDF5 itself reacts to a failed write (a full
+    # disk) with pages of errors and, at exit, a crash; Python's write raises one OSError. Memory: the arrays plus
+    # one copy of the file, held while saving.
+    names = [f"{group}/{name}" for group, arrays in groups.items() for name in arrays]
+    meta = {"run_id": run_id, "format_version": FORMAT_VERSION}
+    userblock = header_size(names, meta)
+    ranges, memory = {}, io.BytesIO()
+    with h5py.File(memory, "w", userblock_size=userblock, track_order=True) as f:
         for key, value in attrs.items():
             f.attrs[key] = value
         for group, arrays in groups.items():
             g = f.create_group(group, track_order=True)
             for name, array in arrays.items():
-                g.create_dataset(name, data=array).attrs["sha256"] = _digest(f"{group}/{name}", array)
-        f.flush()
-        image = f.id.get_file_image()
+                offset = g.create_dataset(name, data=array).id.get_offset()
+                ranges[f"{group}/{name}"] = (offset or 0, array.nbytes if offset is not None else 0)
+    image = memory.getbuffer()
+    seal(image, userblock, ranges, meta)
     try:
         with atomic_path(path) as tmp:
             _write_bytes(tmp, image)
@@ -274,7 +265,7 @@ def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict
     return path
 
 
-def _read_group(f, name: str, path: str, verify: bool) -> dict:
+def _read_group(f, name: str, path: str) -> dict:
     group = f.get(name, getlink=True)
     if not isinstance(group, h5py.HardLink) or not isinstance(f[name], h5py.Group):
         raise CheckpointError(f"{path}: no {name}/ group")
@@ -286,15 +277,7 @@ def _read_group(f, name: str, path: str, verify: bool) -> dict:
         ds = f[name][key]
         if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in _NUMERIC_KINDS or ds.dtype.fields:
             raise CheckpointError(f"{where} is not a plain numeric dataset")
-        array = np.asarray(ds[()])
-        if verify:
-            stored = ds.attrs.get("sha256")
-            stored = stored.decode("ascii", "replace") if isinstance(stored, bytes) else stored
-            if not isinstance(stored, str):
-                raise CheckpointCorrupt(f"{where} has no sha256 checksum (damaged file?)")
-            if stored != _digest(f"{name}/{key}", array):
-                raise CheckpointCorrupt(f"{where} fails its sha256 checksum: the file is corrupt")
-        out[_unescape(key)] = array
+        out[_unescape(key)] = np.asarray(ds[()])
     return out
 
 
@@ -324,26 +307,31 @@ def _config_diff(found: Config, expected: Config) -> list[str]:
     return [f"{k} {a[k]!r} != {b[k]!r}" for k in b if a.get(k) != b[k]]
 
 
-def _verify_attrs(f, path: str) -> None:
-    attrs = {}
-    for key, value in f.attrs.items():
-        attrs[key] = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-        if isinstance(attrs[key], np.ndarray) and attrs[key].shape == ():
-            attrs[key] = attrs[key][()]
-    if attrs.get("attrs_sha256") != _attrs_digest(attrs):
-        raise CheckpointCorrupt(f"{path}: the file's attributes fail their sha256 checksum: the file is corrupt")
-
-
 def read_run_id(path) -> str | None:
-    """The run_id a checkpoint file records (None for version 1 files or unreadable ones)."""
+    """The run_id a checkpoint file records in its seal (None for version 1 files or damaged ones); reads only the
+    header, so retention never parses a damaged file."""
     try:
-        with h5py.File(path, "r") as f:
-            value = f.attrs.get("run_id")
-            value = value.decode("utf-8") if isinstance(value, bytes) else value
-            run_id = json.loads(value) if isinstance(value, str) else None
-    except Exception:  # unreadable or damaged: not identifiable as any run's
+        run_id = read_header(path)["meta"].get("run_id")
+    except (OSError, SealError):
         return None
     return run_id if isinstance(run_id, str) else None
+
+
+def _verified_datasets(path: str) -> set | None:
+    """Check a sealed file's bytes against its seal (CheckpointCorrupt naming the damaged dataset) and return the
+    names of the datasets it must hold; None for an unsealed (version 1) file."""
+    try:
+        if not is_sealed(path):
+            return None
+        return set(verify(path)["ranges"])
+    except SealError as e:
+        raise CheckpointCorrupt(f"{path}: {_unescape(str(e))}: the file is corrupt") from None
+    except OSError as e:
+        raise CheckpointCorrupt(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
+
+
+def _dataset_names(f) -> set:
+    return {f"{group}/{name}" for group in f if isinstance(f[group], h5py.Group) for name in f[group]}
 
 
 def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
@@ -354,6 +342,7 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointCorrupt(f"no checkpoint file at {path}")
+    sealed = _verified_datasets(path)
     try:
         with h5py.File(path, "r") as f:
             version = _read_int(f, "format_version", path) if "format_version" in f.attrs else None
@@ -362,9 +351,12 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
             if not 1 <= version <= FORMAT_VERSION:
                 raise CheckpointError(f"{path}: checkpoint format_version {version} is not supported "
                                       f"(this trinity reads versions 1..{FORMAT_VERSION})")
-            verify = version >= 2
-            if verify:
-                _verify_attrs(f, path)
+            if (version >= 2) != (sealed is not None):
+                raise CheckpointCorrupt(f"{path}: format_version {version} does not match its seal: the file is "
+                                        f"corrupt")
+            if sealed is not None and _dataset_names(f) != sealed:
+                raise CheckpointCorrupt(f"{path}: its datasets are not the ones it was sealed with: "
+                                        f"{sorted(sealed ^ _dataset_names(f))[:3]}")
             try:
                 stored = Config.from_dict(_read_json(f, "config", path))
             except (ConfigError, TypeError) as e:
@@ -374,17 +366,17 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
                 if diff:
                     raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} "
                                           f"(checkpoint != expected)")
-            ck = Checkpoint(config=stored, params=_read_group(f, "params", path, verify),
-                            optimizer_state=_read_group(f, "optimizer", path, verify),
-                            balancing_state=_read_group(f, "balancing", path, verify),
+            ck = Checkpoint(config=stored, params=_read_group(f, "params", path),
+                            optimizer_state=_read_group(f, "optimizer", path),
+                            balancing_state=_read_group(f, "balancing", path),
                             step=_read_int(f, "step", path), tokens_seen=_read_int(f, "tokens_seen", path),
                             data_state=_read_json(f, "data_state", path), rng_state=_read_json(f, "rng_state", path),
                             extra=_read_json(f, "extra", path), path=path, format_version=version)
-            if verify:
+            if version >= 2:
                 ck.run_id = _read_json(f, "run_id", path)
                 ck.tokenizer = _read_json(f, "tokenizer", path)
                 ck.data_fingerprint = _read_json(f, "data_fingerprint", path)
-                assets = _read_group(f, "assets", path, verify)
+                assets = _read_group(f, "assets", path)
                 if "tokenizer.json" in assets:
                     ck.tokenizer_json = assets["tokenizer.json"].tobytes()
     except CheckpointError:

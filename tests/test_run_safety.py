@@ -200,7 +200,7 @@ def test_kills_and_resumes_give_the_lines_of_an_uninterrupted_run(tmp_path):
         f.write('{"step": 5, "tokens_seen": 16')  # a line cut short
     out = trinity("train", run, "--resume", env={FAULT_METRICS_ENV: "5"})
     assert out.returncode == -signal.SIGKILL
-    assert "dropped 1 line(s) of later steps and 1 unreadable line(s)" in out.stdout
+    assert "dropped 1 later line(s) and 1 unreadable line(s)" in out.stdout
     out = trinity("train", run, "--resume")
     assert out.returncode == 0, out.stderr
     assert without_timing(metrics_rows(broken)) == without_timing(metrics_rows(whole))
@@ -373,3 +373,43 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path):
     assert "[data] seq_len = 2097152, micro_batch_size = 4: estimated peak memory" in line
     assert "GiB available" in line and "recompute = true" in line
     assert time.time() - t0 < 60 and not os.path.exists(tmp_path / "metrics.jsonl")
+
+
+def test_a_signal_right_after_a_skipped_step_keeps_the_metrics_of_one_run(tmp_path):
+    """SIGTERM lands just after a skipped step: the checkpoint written then records the skipped line, so the resumed
+    run's metrics equal the uninterrupted run's (which stops at its skip limit)."""
+    def run_in(folder):
+        return load_run_config(write_run(folder, steps=6, every=100, adamw_lr=1e30,
+                                         train='on_nonfinite = "skip"\nmax_skipped_steps = 2'))
+
+    with pytest.raises(TrainingDiverged):
+        Trainer(run_in(tmp_path / "whole"), log=lambda *a: None).train()
+    trainer = Trainer(run_in(tmp_path / "stopped"), log=lambda *a: None)
+    step = trainer.train_step
+
+    def step_then_signal():
+        row = step()
+        if row.get("skipped"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return row
+
+    trainer.train_step = step_then_signal
+    trainer.train()
+    assert trainer.stopped_by == signal.SIGTERM
+    with pytest.raises(TrainingDiverged):
+        Trainer(run_in(tmp_path / "stopped"), resume=True, log=lambda *a: None).train()
+    rows = [(r["step"], r.get("skipped", False), r["skipped_steps"]) for r in metrics_rows(tmp_path / "stopped")]
+    assert rows == [(1, False, 0), (2, True, 1), (2, True, 2)]
+    assert without_timing(metrics_rows(tmp_path / "stopped")) == without_timing(metrics_rows(tmp_path / "whole"))
+
+
+def test_a_file_that_is_not_a_metrics_file_is_never_overwritten(tmp_path):
+    run = write_run(tmp_path, steps=2, every=2)
+    edit_run(run, 'metrics = "metrics.jsonl"', 'metrics = "notes.txt"')
+    (tmp_path / "notes.txt").write_text("my precious notes\n")
+    for flags in ((), ("--resume",), ("--restart",)):
+        out = trinity("train", run, *flags)
+        assert out.returncode == 2
+        assert "[logging] metrics = " in error_line(out) and "not a trinity metrics file" in error_line(out)
+        assert (tmp_path / "notes.txt").read_text() == "my precious notes\n"
+    assert not os.path.exists(tmp_path / "ckpt") or os.listdir(tmp_path / "ckpt") == []
