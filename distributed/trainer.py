@@ -40,7 +40,7 @@ import numpy as np
 from trinity.accel import BackendUnavailable, get_backend
 from trinity.reference import Config, ConfigError, init_params, loss_and_grads
 from trinity.reference.balancing import balance_step, init_balancing_state
-from trinity.reference.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError
+from trinity.reference.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, config_changes
 from trinity.reference.data import DataError, DocumentStore, PackedTokenLoader
 from trinity.reference.memory import available_memory_bytes, estimate_step_bytes
 from trinity.reference.mixture import MixtureLoader
@@ -199,6 +199,9 @@ class Trainer:
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = ckpt.rng_state
             log(f"resumed from {ckpt.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+            changed = config_changes(ckpt.config, config, recipe=True)
+            if changed:
+                log(f"the recipe changed since that checkpoint (checkpoint != now): {'; '.join(changed)}")
         else:
             if resume:
                 log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
@@ -351,8 +354,8 @@ class Trainer:
                                    f"([train] max_skipped_steps = {run.max_skipped_steps}): stopped before the "
                                    f"update; {where}")
         raise TrainingDiverged(f"{what}: not finite: stopped before the update (no checkpoint holds it); {where} "
-                               f"(resuming from it replays the same data: to get past such steps set [train] "
-                               f"on_nonfinite = \"skip\", or start over with a lower learning rate)")
+                               f"(resuming from it replays the same data: resume with a lower learning rate, or "
+                               f"set [train] on_nonfinite = \"skip\")")
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> str:

@@ -46,14 +46,15 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from .config import Config, ConfigError
+from .config import RESUMABLE_FIELDS, Config, ConfigError
 from .params import check_params
 from .sealed_file import SealError, header_size, is_sealed, read_header, seal, verify
 
 from .hf_interop import CheckpointError  # one CheckpointError for the whole package
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
-           "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "atomic_path", "read_run_id"]
+           "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "atomic_path", "read_run_id",
+           "config_changes"]
 
 FORMAT_VERSION = 2
 
@@ -302,9 +303,11 @@ def _read_int(f, name: str, path: str) -> int:
     return int(value)
 
 
-def _config_diff(found: Config, expected: Config) -> list[str]:
+def config_changes(found: Config, expected: Config, recipe: bool) -> list[str]:
+    """The fields that differ, as "name stored != expected": the recipe fields a resume may change
+    (config.RESUMABLE_FIELDS) with recipe=True, the others (the model) with recipe=False."""
     a, b = found.to_dict(), expected.to_dict()
-    return [f"{k} {a[k]!r} != {b[k]!r}" for k in b if a.get(k) != b[k]]
+    return [f"{k} {a.get(k)!r} != {b[k]!r}" for k in b if a.get(k) != b[k] and (k in RESUMABLE_FIELDS) == recipe]
 
 
 def read_run_id(path) -> str | None:
@@ -335,8 +338,9 @@ def _dataset_names(f) -> set:
 
 
 def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
-    """Read and verify a checkpoint written by `save_checkpoint`. With `config`, the stored config must equal it
-    (the error lists each differing field as `name stored != expected`). Raises CheckpointCorrupt, naming the path
+    """Read and verify a checkpoint written by `save_checkpoint`. With `config`, the stored config must be the same
+    model: equal in every field but the recipe fields a resume may change (config.RESUMABLE_FIELDS; the error lists
+    each differing field as `name stored != expected`). Raises CheckpointCorrupt, naming the path
     (and the dataset), for a missing, truncated or damaged file, and CheckpointError for an unknown format_version
     or params that do not match the stored config."""
     path = os.fspath(path)
@@ -362,7 +366,7 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
             except (ConfigError, TypeError) as e:
                 raise CheckpointError(f"{path}: stored config is not valid: {e}") from None
             if config is not None:
-                diff = _config_diff(stored, config)
+                diff = config_changes(stored, config, recipe=False)
                 if diff:
                     raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} "
                                           f"(checkpoint != expected)")

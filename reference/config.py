@@ -18,7 +18,7 @@ import os
 import warnings
 from dataclasses import dataclass, field, fields
 
-__all__ = ["Config", "ConfigError", "PRESETS"]
+__all__ = ["Config", "ConfigError", "PRESETS", "RESUMABLE_FIELDS"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -347,6 +347,19 @@ _HF_BOOKKEEPING = {
     "_attn_implementation_autoset", "_experts_implementation", "router_aux_loss_coef", "sep_token_id",
     "decoder_start_token_id", "quantization_config",
 }
+
+# The training-recipe fields a resumed run may change (logged when it does): learning rates and their schedule,
+# optimizer coefficients, loss and balancing coefficients, masks, and the initialization fields (spent once the
+# params exist). Everything else is the model itself, or shapes the saved optimizer or balancing state (the
+# balancing method, which parameters Muon takes), and a checkpoint of another value is "another model".
+RESUMABLE_FIELDS = frozenset({
+    "init_std", "init_truncation", "depth_init", "post_norm_gain", "intra_document_mask",
+    "sign_update_rate", "smebu_lambda", "smebu_beta", "smebu_kappa", "balance_loss_coeff", "z_loss_coeff",
+    "muon_lr", "adamw_lr", "muon_momentum", "muon_nesterov", "muon_ns_coefficients", "muon_ns_steps", "muon_eps",
+    "muon_lr_adjust", "weight_decay", "norm_weight_decay", "adamw_beta1", "adamw_beta2", "adamw_eps",
+    "grad_clip_norm", "warmup_steps", "lr_schedule", "decay_start_fraction", "lr_floor_ratio",
+})
+
 
 _NANO_MINI_RECIPE = dict(load_balancing="sign", balance_loss_coeff=0.0, z_loss_coeff=0.0, lr_schedule="wsd",
                          lr_floor_ratio=0.0)

@@ -413,3 +413,31 @@ def test_a_file_that_is_not_a_metrics_file_is_never_overwritten(tmp_path):
         assert "[logging] metrics = " in error_line(out) and "not a trinity metrics file" in error_line(out)
         assert (tmp_path / "notes.txt").read_text() == "my precious notes\n"
     assert not os.path.exists(tmp_path / "ckpt") or os.listdir(tmp_path / "ckpt") == []
+
+
+def test_a_diverged_run_resumes_with_a_lower_learning_rate(tmp_path):
+    """The recipe may change on resume (logged, field by field); the model and what shapes the saved state may not.
+    So a run that diverged after a bad learning-rate change goes on from its newest checkpoint with a lower one."""
+    run = write_run(tmp_path, steps=2, every=2)
+    assert trinity("train", run).returncode == 0
+    edit_run(run, "steps = 2", "steps = 6")
+    edit_run(run, "adamw_lr = 0.01", "adamw_lr = 1e30")
+    out = trinity("train", run, "--resume")
+    assert out.returncode == 3 and "step 4: " in error_line(out) and "step_00000002.h5" in error_line(out)
+    edit_run(run, "adamw_lr = 1e30", "adamw_lr = 0.01")
+    out = trinity("train", run, "--resume")
+    assert out.returncode == 0, out.stderr
+    assert "at step 2" in out.stdout
+    assert "the recipe changed since that checkpoint (checkpoint != now): adamw_lr 1e+30 != 0.01" not in out.stdout
+    assert [r["step"] for r in metrics_rows(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(r["loss"]["total"]) for r in metrics_rows(tmp_path))
+    assert load_checkpoint(tmp_path / "ckpt" / "step_00000006.h5").config.adamw_lr == 0.01
+    edit_run(run, "adamw_lr = 0.01", "adamw_lr = 0.005")
+    edit_run(run, "steps = 6", "steps = 8")
+    out = trinity("train", run, "--resume")
+    assert out.returncode == 0, out.stderr
+    assert "the recipe changed since that checkpoint (checkpoint != now): adamw_lr 0.01 != 0.005" in out.stdout
+    edit_run(run, "steps = 8", "steps = 10")
+    edit_run(run, "progress = false", "progress = false\n[balancing]\nmethod = \"sign\"")
+    out = trinity("train", run, "--resume")
+    assert out.returncode == 2 and "another model: load_balancing 'smebu' != 'sign'" in error_line(out)
