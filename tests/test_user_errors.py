@@ -6,7 +6,8 @@ byte-identical, no metrics are written).
 Hypothesis draws malformed run files (bytes that are not UTF-8, invalid TOML, unknown keys and sections, values of the
 wrong type and bad values in every section, missing keys, a seq_len over the model's max_position_embeddings),
 malformed prepared token folders (a cut token shard or index, meta.json missing / not JSON / wrong, token ids over
-the vocabulary) and malformed checkpoints (cut short, bytes flipped, not HDF5) for `generate` and `inspect`.
+the vocabulary) and malformed checkpoints (cut short, bytes flipped, not HDF5) for `generate`, `inspect` and
+`train --resume`.
 """
 
 from __future__ import annotations
@@ -487,3 +488,30 @@ def test_malformed_checkpoints_fail_in_one_line(folder, capsys, how, command, da
     assert main(args) == 2
     line = one_error_line(capsys, command)
     assert path in line, line
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None, max_examples=15)
+@given(how=st.sampled_from(["cut", "flip", "not hdf5"]), data=st.data())
+def test_resume_onto_only_damaged_checkpoints_fails_in_one_line(folder, capsys, how, data):
+    """`train --resume` in a folder whose only checkpoint is damaged: one line naming [checkpoint] dir and the
+    skipped file, status 2, the damaged file and the run's real checkpoint folder untouched."""
+    with open(folder.checkpoint, "rb") as f:
+        good = f.read()
+    if how == "cut":
+        damaged = good[:data.draw(st.integers(0, len(good) - 1))]
+    elif how == "flip":
+        damaged = bytearray(good)
+        damaged[data.draw(st.integers(0, len(good) - 1))] ^= 1 << data.draw(st.integers(0, 7))
+        damaged = bytes(damaged)
+    else:
+        damaged = data.draw(st.binary(max_size=2000))
+    name = folder.new_name("ckpt")
+    os.makedirs(os.path.join(folder.root, name))
+    with open(os.path.join(folder.root, name, "step_00000001.h5"), "wb") as f:
+        f.write(damaged)
+    content = render({("checkpoint", "dir"): f'"{name}"', ("logging", "metrics"): f'"{name}.jsonl"'})
+    line = check_train_fails(folder, capsys, content, r"\[checkpoint\] dir = .*: none of its 1 checkpoint\(s\) "
+                                                      r"verifies \(corrupt\)", args=("--resume",))
+    assert name in line
+    with open(os.path.join(folder.root, name, "step_00000001.h5"), "rb") as f:
+        assert f.read() == damaged
