@@ -59,10 +59,10 @@ import os
 
 import numpy as np
 
-from .attention import _BLOCK_ELEMENTS, query_blocks
-from .config import Config
+from ..model.config import Config
+from ..model.params import EXPERT_BIAS_DTYPE, param_shapes
+from ..operators.attention import _BLOCK_ELEMENTS, query_blocks
 from .optim import param_group
-from .params import EXPERT_BIAS_DTYPE, param_shapes
 
 __all__ = ["estimate_step_bytes", "available_memory_bytes"]
 
