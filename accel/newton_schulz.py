@@ -1,4 +1,5 @@
-"""Muon's Newton–Schulz orthogonalisation on BLAS (SPEC §9.2), a drop-in for trinity.reference.operators.optimizer_kernels.newton_schulz.
+"""Muon's Newton–Schulz orthogonalisation on BLAS (SPEC §9.2), a drop-in for
+trinity.reference.operators.optimizer_kernels.newton_schulz.
 
 Same iteration, arranged to cost fewer matrix products and no elementwise temporaries:
 

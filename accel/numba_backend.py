@@ -1,7 +1,7 @@
 """The "numba" op table: the reference table with the operators that cost time replaced by numba kernels.
 
-Model code is never duplicated: NumbaOps subclasses trinity.reference.model.ops.ReferenceOps and overrides leaf operators
-only. What stays the reference's, and why:
+Model code is never duplicated: NumbaOps subclasses trinity.reference.model.ops.ReferenceOps and overrides leaf
+operators only. What stays the reference's, and why:
     linear_forward/backward      one BLAS GEMM each already (x Wᵀ, dyᵀ x)
     embedding_forward            one NumPy gather
     rope_tables                  computed once per forward, O(T·d_h)

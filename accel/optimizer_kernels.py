@@ -100,8 +100,8 @@ def _flat_view(a):
 
 
 def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float, eps: float, step: int) -> float:
-    """trinity.reference.operators.optimizer_kernels.adamw_update in one pass (same arguments, same bits, same returned norm up to the
-    order of the float64 sum). Non-contiguous or mixed-dtype state falls back to the reference."""
+    """trinity.reference.operators.optimizer_kernels.adamw_update in one pass (same arguments, same bits, same returned
+    norm up to the order of the float64 sum). Non-contiguous or mixed-dtype state falls back to the reference."""
     if not (np.shape(X) == np.shape(m) == np.shape(v) == np.shape(G)):
         raise ValueError(f"adamw_update needs one shape for parameter, gradient and both moments, got "
                          f"{np.shape(X)}, {np.shape(G)}, {np.shape(m)}, {np.shape(v)}")
@@ -123,8 +123,8 @@ def _float_flat(x):
 
 
 def sum_of_squares(x) -> float:
-    """Σ x² in float64 (trinity.reference.operators.optimizer_kernels.sum_of_squares; equal up to the order of the sum); other dtypes
-    go to the reference."""
+    """Σ x² in float64 (trinity.reference.operators.optimizer_kernels.sum_of_squares; equal up to the order of the sum);
+    other dtypes go to the reference."""
     flat = _float_flat(x)
     if flat is None:
         return reference_sum_of_squares(x)
@@ -134,8 +134,8 @@ def sum_of_squares(x) -> float:
 
 
 def scaled(x, scale: float):
-    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.operators.optimizer_kernels.scaled; same bits); other
-    dtypes go to the reference."""
+    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.operators.optimizer_kernels.scaled;
+    same bits); other dtypes go to the reference."""
     flat = _float_flat(x)
     if flat is None:
         return reference_scaled(x, scale)

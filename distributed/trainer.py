@@ -219,8 +219,8 @@ class Trainer:
         self.checkpoints.run_id = self.run_id
 
     def _check_memory(self, loaded=None) -> None:
-        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the
-        larger of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
+        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the larger
+        of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
         file). `loaded`: params already in memory (init_from), not counted twice. Log the estimate either way."""
         run = self.run
         micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size

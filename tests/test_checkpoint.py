@@ -1,5 +1,5 @@
-"""Checkpoints (reference/training/checkpoint.py): bit-exact round trips, atomic writes under real crashes (SIGKILL in a child
-process, and exceptions in-process), clear errors for damaged or foreign files, and retention."""
+"""Checkpoints (reference/training/checkpoint.py): bit-exact round trips, atomic writes under real crashes (SIGKILL in a
+child process, and exceptions in-process), clear errors for damaged or foreign files, and retention."""
 
 from __future__ import annotations
 

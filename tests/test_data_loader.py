@@ -1,5 +1,5 @@
-"""The packed token loader (reference/data/store.py, SPEC §10): determinism, every document token exactly once per epoch
-in document order, exact resume from state_dict, and clear errors for bad files and settings."""
+"""The packed token loader (reference/data/packing.py, SPEC §10): determinism, every document token exactly once per
+epoch in document order, exact resume from state_dict, and clear errors for bad files and settings."""
 
 from __future__ import annotations
 

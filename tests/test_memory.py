@@ -1,5 +1,5 @@
-"""reference/training/memory.py: the peak-memory estimate of a training step (exact parts, scaling, against a measured peak)
-and the free memory of the machine (MemAvailable, cgroup v1/v2 limits, on fake /proc and cgroup trees)."""
+"""reference/training/memory.py: the peak-memory estimate of a training step (exact parts, scaling, against a measured
+peak) and the free memory of the machine (MemAvailable, cgroup v1/v2 limits, on fake /proc and cgroup trees)."""
 
 from __future__ import annotations
 

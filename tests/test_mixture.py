@@ -1,5 +1,5 @@
-"""Phase mixes (reference/data/mixture.py, SPEC §10): rows drawn from sources by the weights of the phase in force at the
-tokens served, each source's own stream preserved, exact resume, and clear errors."""
+"""Phase mixes (reference/data/mixture.py, SPEC §10): rows drawn from sources by the weights of the phase in force at
+the tokens served, each source's own stream preserved, exact resume, and clear errors."""
 
 from __future__ import annotations
 

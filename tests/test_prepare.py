@@ -1,5 +1,5 @@
-"""Tokenizers (reference/data/tokenizer.py) and `trinity data prepare` (reference/data/prepare.py, SPEC §10): bytes / trained
-byte-level BPE / HF tokenizer.json, encode/decode round trips, undecodable files (strict: skipped and reported;
+"""Tokenizers (reference/data/tokenizer.py) and `trinity data prepare` (reference/data/prepare.py, SPEC §10): bytes /
+trained byte-level BPE / HF tokenizer.json, encode/decode round trips, undecodable files (strict: skipped and reported;
 replace: kept), shards with document indexes read back as one stream by the loaders, determinism across workers."""
 
 from __future__ import annotations

@@ -463,7 +463,7 @@ def test_the_undamaged_token_folder_is_usable(folder):
     assert stores[0].max_token() == 256 and loader.next_batch()[0].shape == (2, 16)
 
 
-# ---- checkpoints (the lead's part: reference/training/checkpoint.py, cli/common.py) ---------------------------------------
+# ---- checkpoints (the lead's part: reference/training/checkpoint.py, cli/common.py) ----------------------------------
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(how=st.sampled_from(["cut", "flip", "not hdf5"]), command=st.sampled_from(["generate", "inspect"]),
        data=st.data())

@@ -4,8 +4,8 @@ Two on-disk forms, both read by `DocumentStore` (and so by every loader):
   - a flat token file: little-endian uint32 tokens, nothing else. Each document ends with `eos_id`, and the EOS
     belongs to the document it ends (SPEC §4.6), so the file must end with an EOS. `write_token_file` writes one
     atomically. The EOS positions (8 bytes per document) are found once, when the store is opened.
-  - a prepared dataset directory (`trinity data prepare`, reference/data/prepare.py): meta.json (tokenizer, EOS id, counts,
-    the shard list) and shards `shard_00000.bin` (the flat format above) each with `shard_00000.idx.npy` (int64
+  - a prepared dataset directory (`trinity data prepare`, reference/data/prepare.py): meta.json (tokenizer, EOS id,
+    counts, the shard list) and shards `shard_00000.bin` (the flat format above) each with `shard_00000.idx.npy` (int64
     document start offsets in that shard, saved with allow_pickle=False). All shards, in order, are one stream of
     documents: document numbers run over shard 0, then shard 1, ...
 

@@ -1,9 +1,9 @@
 """The step inspector: run the model through a tracing op table and see every operator's inputs and outputs.
 
-Model code is written once against an op table (ops.py); `TracingOps` wraps any table (the NumPy reference, later
+Model code is written once against an op table (model/ops.py); `TracingOps` wraps any table (the NumPy reference, later
 a numba or cupy backend) and records every leaf call as an `Event`. The traced run is the same computation as the
-untraced one: the wrapper calls the wrapped table's own functions with the same arguments and hands their results
-back untouched, so every value is bitwise that of `logits` / `loss_and_grads` (tests/test_inspector.py proves it).
+untraced one: the wrapper calls the wrapped table's own functions with the same arguments and hands their results back
+untouched, so every value is bitwise that of `logits` / `loss_and_grads` (tests/test_inspector.py proves it).
 
 Event names follow the model's structure (the HF module tree, SPEC §3.1):
   - an operator whose arguments include parameters is named after them, found by identity in the params dict:
@@ -36,8 +36,8 @@ Modules, by job:
     analysis.py   tensor_stats, attention_entropy
     traces.py     write_trace / read_trace (HDF5)
 
-Imports: the model (model/, operators/) and, for step=True, training/ (balancing, optimizer); nothing imports this
-package but the cli.
+Imports: operators/, model/, files.py and, for step=True, training/ (balancing, optimizer); only the cli (and the
+tests) import this package.
 """
 
 from .analysis import attention_entropy, tensor_stats

@@ -38,7 +38,7 @@ def _ctx_extras(op: str, bound: dict, ctx) -> dict:
             out[name] = _copy(ctx[i])
     return out
 
-# The model's role names for operators that carry no parameter (layers.py ctx keys); a tuple names the calls of
+# The model's role names for operators that carry no parameter (model/layers.py ctx keys); a tuple names the calls of
 # one pass in order.
 ALIASES = {"attention": "sdpa", "output_gate": "gate", "swiglu": "act", "rope": ("q_rope", "k_rope")}
 

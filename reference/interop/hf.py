@@ -1,7 +1,7 @@
 """Hugging Face interop: convert between our stacked-expert params and the HF layouts, load and save checkpoints.
 
-Our params (docs/architecture.md, params.py) are a flat dict keyed by the HF names of SPEC §3.1, except that the routed
-experts of MoE layer l are stacked:
+Our params (docs/architecture.md, model/params.py) are a flat dict keyed by the HF names of SPEC §3.1, except that the
+routed experts of MoE layer l are stacked:
 
     model.layers.{l}.mlp.experts.gate_proj  [E, I_m, d]
     model.layers.{l}.mlp.experts.up_proj    [E, I_m, d]
