@@ -1,10 +1,10 @@
 """trinity.accel: backends with the reference's operator table (docs/architecture.md "Core design").
 
-    get_backend("reference" | "numba" | "cupy")  → an op table: the leaf operators of trinity.reference.ops with
+    get_backend("reference" | "numba" | "cupy")  → an op table: the leaf operators of trinity.reference.model.ops with
                                                   the same names and signatures, `name`, `xp` (the array module),
                                                   `scope(name)`, and the optimizer kernels `newton_schulz`,
                                                   `adamw_update`, `sum_of_squares`, `scaled` (same signatures as
-                                                  in trinity.reference.optim)
+                                                  in trinity.reference.training.optim)
     BACKENDS                                     the names get_backend accepts
     BackendUnavailable                           raised when a backend cannot run here (ImportError subclass)
 
@@ -25,7 +25,7 @@ class BackendUnavailable(ImportError):
 
 
 def _reference():
-    from trinity.reference.ops import REFERENCE
+    from trinity.reference.model.ops import REFERENCE
     return REFERENCE  # the one reference table, optimizer kernels included
 
 

@@ -1,8 +1,8 @@
 """Attention as tiles with an online softmax (flash-attention recipe) in numba; SPEC §4.4-§4.6, §5 "SDPA".
 
-Same operator as trinity.reference.attention (GQA, causal, sliding window, intra-document mask, arbitrary sorted key
-positions), computed tile by tile so no T×T (nor block×T) score matrix ever exists. A tile holds the r query heads
-that share KV head j (rows = r × TILE_Q queries) against TILE_K keys.
+Same operator as trinity.reference.operators.attention (GQA, causal, sliding window, intra-document mask, arbitrary
+sorted key positions), computed tile by tile so no T×T (nor block×T) score matrix ever exists. A tile holds the r query
+heads that share KV head j (rows = r × TILE_Q queries) against TILE_K keys.
 
 forward, one task per (sequence b, KV head j, query tile):
     for each key tile the query tile can see (causal / window / document ranges skip the rest):

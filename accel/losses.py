@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trinity.reference.losses import IGNORE_INDEX, CrossEntropyCtx
+from trinity.reference.operators.losses import IGNORE_INDEX, CrossEntropyCtx
 
 from ._jit import kernel, run_tasks
 from ._math import vexp

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trinity.reference.moe import Dispatch
+from trinity.reference.operators.moe import Dispatch
 
 from ._jit import kernel, run_tasks
 from .elementwise import swiglu_grads, swiglu_value

@@ -1,4 +1,5 @@
-"""Muon's Newton–Schulz orthogonalisation on BLAS (SPEC §9.2), a drop-in for trinity.reference.optim.newton_schulz.
+"""Muon's Newton–Schulz orthogonalisation on BLAS (SPEC §9.2), a drop-in for
+trinity.reference.operators.optimizer_kernels.newton_schulz.
 
 Same iteration, arranged to cost fewer matrix products and no elementwise temporaries:
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trinity.reference.optim import _coefficient_schedule, ns_input
+from trinity.reference.operators.optimizer_kernels import _coefficient_schedule, ns_input
 
 from .optimizer_kernels import sum_of_squares
 
@@ -27,7 +28,7 @@ __all__ = ["newton_schulz"]
 
 def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None) -> np.ndarray:
     """The polar factor U Vᵀ of G = U Σ Vᵀ by `steps` Newton–Schulz iterations; same arguments, dtype rules and
-    result as trinity.reference.optim.newton_schulz (see its docstring)."""
+    result as trinity.reference.operators.optimizer_kernels.newton_schulz (see its docstring)."""
     G, dtype, tall = ns_input(G, dtype)
     schedule = _coefficient_schedule(coefficients, steps)
     X = np.swapaxes(G, -1, -2) if tall else G

@@ -1,7 +1,7 @@
 """The "numba" op table: the reference table with the operators that cost time replaced by numba kernels.
 
-Model code is never duplicated: NumbaOps subclasses trinity.reference.ops.ReferenceOps and overrides leaf operators
-only. What stays the reference's, and why:
+Model code is never duplicated: NumbaOps subclasses trinity.reference.model.ops.ReferenceOps and overrides leaf
+operators only. What stays the reference's, and why:
     linear_forward/backward      one BLAS GEMM each already (x Wᵀ, dyᵀ x)
     embedding_forward            one NumPy gather
     rope_tables                  computed once per forward, O(T·d_h)
@@ -13,7 +13,7 @@ types (router: RouterCtx, cross-entropy: CrossEntropyCtx, the dispatch plan).
 
 from __future__ import annotations
 
-from trinity.reference.ops import ReferenceOps
+from trinity.reference.model.ops import ReferenceOps
 
 from . import attention, elementwise, embedding, losses, moe, norms, router
 from .newton_schulz import newton_schulz

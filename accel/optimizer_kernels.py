@@ -1,5 +1,5 @@
 """The optimizer's elementwise kernels in numba: AdamW in one pass, and the two halves of global-norm clipping
-(SPEC §9.2, §14 #3). Drop-ins for trinity.reference.optim.adamw_update, sum_of_squares and scaled.
+(SPEC §9.2, §14 #3). Drop-ins for trinity.reference.operators.optimizer_kernels.adamw_update, sum_of_squares and scaled.
 
 The reference AdamW is eight NumPy passes over every parameter with three temporaries the size of the parameter
 (m/denom, √v, the update); here each element is read and written once:
@@ -19,9 +19,9 @@ import math
 
 import numpy as np
 
-from trinity.reference.optim import adamw_update as reference_adamw_update
-from trinity.reference.optim import scaled as reference_scaled
-from trinity.reference.optim import sum_of_squares as reference_sum_of_squares
+from trinity.reference.operators.optimizer_kernels import adamw_update as reference_adamw_update
+from trinity.reference.operators.optimizer_kernels import scaled as reference_scaled
+from trinity.reference.operators.optimizer_kernels import sum_of_squares as reference_sum_of_squares
 
 from ._jit import kernel, run_tasks
 
@@ -100,8 +100,8 @@ def _flat_view(a):
 
 
 def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float, eps: float, step: int) -> float:
-    """trinity.reference.optim.adamw_update in one pass (same arguments, same bits, same returned norm up to the
-    order of the float64 sum). Non-contiguous or mixed-dtype state falls back to the reference."""
+    """trinity.reference.operators.optimizer_kernels.adamw_update in one pass (same arguments, same bits, same returned
+    norm up to the order of the float64 sum). Non-contiguous or mixed-dtype state falls back to the reference."""
     if not (np.shape(X) == np.shape(m) == np.shape(v) == np.shape(G)):
         raise ValueError(f"adamw_update needs one shape for parameter, gradient and both moments, got "
                          f"{np.shape(X)}, {np.shape(G)}, {np.shape(m)}, {np.shape(v)}")
@@ -123,8 +123,8 @@ def _float_flat(x):
 
 
 def sum_of_squares(x) -> float:
-    """Σ x² in float64 (trinity.reference.optim.sum_of_squares; equal up to the order of the sum); other dtypes
-    go to the reference."""
+    """Σ x² in float64 (trinity.reference.operators.optimizer_kernels.sum_of_squares; equal up to the order of the sum);
+    other dtypes go to the reference."""
     flat = _float_flat(x)
     if flat is None:
         return reference_sum_of_squares(x)
@@ -134,8 +134,8 @@ def sum_of_squares(x) -> float:
 
 
 def scaled(x, scale: float):
-    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.optim.scaled; same bits); other
-    dtypes go to the reference."""
+    """x·scale formed in float64 and rounded once to x's dtype (trinity.reference.operators.optimizer_kernels.scaled;
+    same bits); other dtypes go to the reference."""
     flat = _float_flat(x)
     if flat is None:
         return reference_scaled(x, scale)

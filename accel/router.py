@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trinity.reference.activations import sigmoid
-from trinity.reference.router import RouterCtx
+from trinity.reference.operators.activations import sigmoid
+from trinity.reference.operators.router import RouterCtx
 
 from ._jit import kernel, run_tasks
 

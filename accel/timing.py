@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-from trinity.reference.ops import LEAF_OPS
+from trinity.reference.model.ops import LEAF_OPS
 
 __all__ = ["TimedOps", "OP_NAMES", "OPTIMIZER_KERNELS"]
 

@@ -59,7 +59,7 @@ def muon_flops(config) -> float:
     X Xᵀ (2m²n), A Aᵀ (2m³) and (…) X (2m²n), for every matrix Muon updates (routed experts one per expert). The
     textbook count: BLAS may form a product with its own transpose (syrk) in about half of that."""
     from trinity.reference import param_shapes
-    from trinity.reference.optim import param_group
+    from trinity.reference.training.optim import param_group
 
     total = 0.0
     for key, shape in param_shapes(config).items():
@@ -133,8 +133,8 @@ def _trinity_step(config, params, tokens, impl, ops=None):
     `ops` replaces the backend's table (the profile passes a TimedOps around it)."""
     from trinity.accel import get_backend
     from trinity.reference import loss_and_grads
-    from trinity.reference.balancing import balance_step, init_balancing_state
-    from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
+    from trinity.reference.training.balancing import balance_step, init_balancing_state
+    from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step
 
     ops = ops or get_backend(impl)
     opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)

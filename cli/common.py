@@ -1,7 +1,7 @@
 """Helpers shared by the `trinity` subcommands: the user-facing error, model-source loading (a config; a model to
 run with its tokenizer, EOS id and operator backend), number formatting.
 
-Only the standard library and trinity.reference.config are imported at the top (numpy, h5py, the tokenizer and
+Only the standard library and trinity.reference.model.config are imported at the top (numpy, h5py, the tokenizer and
 the accel backends inside the functions), so that `trinity -h` and every subcommand start fast.
 """
 
@@ -12,7 +12,7 @@ import os
 import sys
 import warnings
 
-from trinity.reference.config import PRESETS, Config, ConfigError
+from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["CLIError", "ModelSource", "load_config", "LoadedModel", "load_model", "load_model_tokenizer",
            "resolve_eos_id", "load_backend", "human_count", "human_bytes"]
@@ -131,7 +131,7 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
     import numpy as np
 
     if presets and spec in PRESETS and not os.path.exists(spec):
-        from trinity.reference.params import init_params
+        from trinity.reference.model.params import init_params
 
         config = Config.preset(spec)
         params = init_params(config, seed=seed, dtype=np.dtype(dtype or "float32"))
@@ -145,7 +145,7 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
         raise CLIError(f"no such file or directory: {spec}")
 
     if os.path.isdir(spec):
-        from trinity.reference.hf_interop import CheckpointError, load_pretrained
+        from trinity.reference.interop.hf import CheckpointError, load_pretrained
 
         try:
             config, params = load_pretrained(spec, dtype=np.dtype(dtype or "float32"))
@@ -156,7 +156,7 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
                            tokenizer_source=spec if has_tok else None, eos_id=config.eos_token_id,
                            why_no_tokenizer="" if has_tok else f"the HF directory {spec} has no tokenizer.json")
 
-    from trinity.reference.checkpoint import CheckpointError, load_checkpoint
+    from trinity.reference.training.checkpoint import CheckpointError, load_checkpoint
 
     try:
         ck = load_checkpoint(spec)
@@ -172,7 +172,7 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
 
         params, opt, bal = cast(params), cast(opt), cast(bal)
     if ck.tokenizer is not None:  # the tokenizer the model was trained with, carried by the checkpoint
-        from trinity.reference.tokenizer import TokenizerError, tokenizer_from_record
+        from trinity.reference.data.tokenizer import TokenizerError, tokenizer_from_record
 
         try:
             source = tokenizer_from_record(ck.tokenizer, ck.tokenizer_json, where=spec)
@@ -225,7 +225,7 @@ def load_model_tokenizer(explicit: str | None, model: LoadedModel):
     """The tokenizer for MODEL, or None: `explicit` (--tokenizer SOURCE: 'bytes', a prepared dataset dir, an HF
     dir or a tokenizer.json) if given, else the model's own (`model.tokenizer_source`). A source that cannot be
     loaded is a CLIError."""
-    from trinity.reference.tokenizer import TokenizerError, load_tokenizer
+    from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer
 
     source = explicit if explicit is not None else model.tokenizer_source
     if source is None:

@@ -1,13 +1,13 @@
 """`trinity data ...`: make token files for training.
 
   trinity data synthetic --out tokens.bin --vocab 256 --tokens 2000000
-      a learnable Markov-chain stream with a known entropy floor (trinity.reference.synthetic), written as flat
+      a learnable Markov-chain stream with a known entropy floor (trinity.reference.data.synthetic), written as flat
       uint32 tokens with EOS-separated documents; the floor goes in tokens.bin.json and on stdout.
 
   trinity data prepare INPUTS... --out DIR [--tokenizer tokenizer.json | --train-bpe VOCAB | --bytes]
                        [--glob '*.py'] [--exclude PATTERN] [--errors strict|replace] [--shard-tokens N] [--workers N]
       text files (each file one document; folders are walked recursively) tokenized in parallel into uint32 shards
-      with document indexes and meta.json (trinity.reference.prepare). The directory is a [data] path for
+      with document indexes and meta.json (trinity.reference.data.prepare). The directory is a [data] path for
       `trinity train`. --out is a new or empty directory, or a prepared dataset (prepared again in place); an
       existing file or another non-empty directory is refused before anything is written. Example: the Python standard library with a byte-level BPE of 4096 entries trained on it:
         trinity data prepare "$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")" \
@@ -66,9 +66,9 @@ def add_parser(subparsers):
 
 
 def run_prepare(args) -> int:
-    from trinity.reference.data import DataError
-    from trinity.reference.prepare import DEFAULT_SHARD_TOKENS, prepare
-    from trinity.reference.tokenizer import TokenizerError
+    from trinity.reference.data.store import DataError
+    from trinity.reference.data.prepare import DEFAULT_SHARD_TOKENS, prepare
+    from trinity.reference.data.tokenizer import TokenizerError
 
     try:
         prepare(args.inputs, args.out, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
@@ -84,8 +84,8 @@ def run_prepare(args) -> int:
 
 
 def run_synthetic(args) -> int:
-    from trinity.reference.data import write_token_file
-    from trinity.reference.synthetic import MarkovSource
+    from trinity.reference.data.store import write_token_file
+    from trinity.reference.data.synthetic import MarkovSource
 
     try:
         source = MarkovSource(args.vocab, args.eos_id, args.branching, args.mean_doc_len, args.seed)

@@ -84,7 +84,7 @@ class _TextStream:
 
 
 def run(args) -> int:
-    from trinity.reference.generation import check_sampling, generate_stream
+    from trinity.reference.generation.sampling import check_sampling, generate_stream
 
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")

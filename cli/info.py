@@ -2,14 +2,14 @@
 
 PRESET_OR_PATH is a preset name (`trinity-nano`, `trinity-mini`, `trinity-large`, `tiny`, `bench-medium`), a
 Hugging Face config.json, or an HF checkpoint directory holding one. Nothing is allocated: counts come from
-`trinity.reference.params.param_count`, which works from shapes only.
+`trinity.reference.model.params.param_count`, which works from shapes only.
 """
 
 from __future__ import annotations
 
 import json
 
-from trinity.reference.config import Config
+from trinity.reference.model.config import Config
 
 from .common import human_bytes, human_count, load_config
 
@@ -52,7 +52,7 @@ def layer_codes(config: Config) -> tuple[str, str]:
 
 def describe(config: Config) -> dict:
     """Everything `trinity info` shows, as plain JSON-able data."""
-    from trinity.reference.params import param_count  # numpy: imported only when needed
+    from trinity.reference.model.params import param_count  # numpy: imported only when needed
 
     c = config
     count = param_count(c)

@@ -147,7 +147,7 @@ class _View:
             self._optimizer(e)
 
     def _op_rows(self, e):
-        from trinity.reference.inspector import tensor_stats
+        from trinity.reference.inspection import tensor_stats
 
         key = (e.phase, e.layer)
         if key != self.section:
@@ -200,8 +200,8 @@ class _View:
     def _entropy(self, e):
         import numpy as np
 
-        from trinity.reference.attention import allowed
-        from trinity.reference.inspector import attention_entropy
+        from trinity.reference.operators.attention import allowed
+        from trinity.reference.inspection import attention_entropy
 
         q, k = e.inputs["q"], e.inputs["k"]
         window, doc = e.inputs.get("window"), e.inputs.get("doc_ids")
@@ -233,7 +233,7 @@ class _View:
                        f"{float(new[ex] - old[ex]):>+11.3e}{m}")
 
     def _optimizer(self, e):
-        from trinity.reference.inspector import tensor_stats
+        from trinity.reference.inspection import tensor_stats
 
         g = tensor_stats(e.inputs["grad"])["rms"]
         u = tensor_stats(e.outputs["update"])["rms"]
@@ -248,8 +248,8 @@ def run(args) -> int:
 
     import numpy as np
 
-    from trinity.reference.inspector import StepThrough, name_matches, write_trace
-    from trinity.reference.losses import cross_entropy_forward
+    from trinity.reference.inspection import StepThrough, name_matches, write_trace
+    from trinity.reference.operators.losses import cross_entropy_forward
 
     if (args.text is None) == (args.tokens is None):
         raise CLIError("give exactly one of --text T or --tokens 1,2,3")
@@ -285,7 +285,7 @@ def run(args) -> int:
     tokens = np.asarray([ids], dtype=np.int64)
     doc_ids = None
     if config.intra_document_mask and config.eos_token_id is not None:
-        from trinity.reference.attention import document_ids
+        from trinity.reference.data.packing import document_ids
 
         doc_ids = document_ids(tokens, config.eos_token_id)
 

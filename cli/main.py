@@ -21,7 +21,7 @@ import argparse
 import importlib
 import sys
 
-from trinity.reference.config import ConfigError
+from trinity.reference.model.config import ConfigError
 
 from .common import CLIError
 

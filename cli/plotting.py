@@ -265,7 +265,7 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
 
 def plot_router(routers: dict, token_labels: list[str], path, title: str = "") -> str:
     """Token × expert heatmaps of the router's choices, one panel per MoE layer: the gate weight g of each chosen
-    expert (0 where not chosen). routers: {layer: RouterInfo} (trinity.reference.inspector) of a B = 1 run."""
+    expert (0 where not chosen). routers: {layer: RouterInfo} (trinity.reference.inspection) of a B = 1 run."""
     import numpy as np
 
     plt = _pyplot()

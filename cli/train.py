@@ -42,7 +42,7 @@ def run(args) -> int:
 
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer, TrainingDiverged
-    from trinity.reference.checkpoint import CheckpointError
+    from trinity.reference.training.checkpoint import CheckpointError
 
     try:
         run_config = load_run_config(args.run_file)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 
-from trinity.reference.checkpoint import atomic_path
+from trinity.reference.files import atomic_path
 
 __all__ = ["MetricsLog", "MetricsFileError", "read_lines", "is_metrics_file"]
 

@@ -54,7 +54,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 from trinity.accel import BACKENDS
-from trinity.reference.config import PRESETS, Config, ConfigError
+from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["RunConfig", "RunConfigError", "load_run_config", "check_output_paths"]
 

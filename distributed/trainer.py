@@ -39,15 +39,17 @@ import numpy as np
 
 from trinity.accel import BackendUnavailable, get_backend
 from trinity.reference import Config, ConfigError, init_params, loss_and_grads
-from trinity.reference.balancing import balance_step, init_balancing_state
-from trinity.reference.checkpoint import CheckpointError, CheckpointManager, CheckpointWriteError, config_changes
-from trinity.reference.data import DataError, DocumentStore, PackedTokenLoader
-from trinity.reference.memory import available_memory_bytes, estimate_step_bytes
-from trinity.reference.mixture import MixtureLoader
-from trinity.reference.rsdb import RSDBLoader
-from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
-from trinity.reference.schedules import BatchSchedule, learning_rate
-from trinity.reference.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
+from trinity.reference.data.mixture import MixtureLoader
+from trinity.reference.data.packing import PackedTokenLoader
+from trinity.reference.data.rsdb import RSDBLoader
+from trinity.reference.data.store import DataError, DocumentStore
+from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
+from trinity.reference.training.balancing import balance_step, init_balancing_state
+from trinity.reference.training.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError,
+                                                   config_changes)
+from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
+from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step
+from trinity.reference.training.schedules import BatchSchedule, learning_rate
 
 from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
 from .preemption import PreemptionGuard
@@ -72,7 +74,7 @@ def _base_config(run: RunConfig):
     kind, value = run.model_source
     if kind == "preset":
         return Config.preset(value), None
-    from trinity.reference.hf_interop import CheckpointError as HFError, load_pretrained
+    from trinity.reference.interop.hf import CheckpointError as HFError, load_pretrained
     try:
         if kind == "config":
             return Config.from_hf(value), None
@@ -125,7 +127,7 @@ def _dataset_tokenizer(stores):
 def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
     """(loader, [DocumentStore per data source]) for the run's [data] section: a PackedTokenLoader or RSDBLoader
     over `path` (a token file or prepared directory), or a MixtureLoader of one such loader per [[data.sources]]
-    with the run's phases. Ranks read disjoint documents (data.py). Errors name the [data] key."""
+    with the run's phases. Ranks read disjoint documents (data/packing.py). Errors name the [data] key."""
     paths = list(run.data_sources) if run.data_sources else [run.data_path]
     stores = []
     for path in paths:
@@ -217,8 +219,8 @@ class Trainer:
         self.checkpoints.run_id = self.run_id
 
     def _check_memory(self, loaded=None) -> None:
-        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the
-        larger of a step's (reference/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
+        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the larger
+        of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
         file). `loaded`: params already in memory (init_from), not counted twice. Log the estimate either way."""
         run = self.run
         micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size

@@ -8,12 +8,12 @@ Public entry points (each docstring cites its `SPEC §` section: docs/spec.md):
     load_pretrained, save_pretrained, to_hf_state_dict, from_hf_state_dict   HF checkpoint interop (SPEC §3)
 """
 
-from .attention import document_ids
-from .config import PRESETS, Config, ConfigError
-from .hf_interop import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
-from .model import logits, model_backward, model_forward
-from .objective import evaluate_losses, loss_and_grads
-from .params import check_params, init_params, param_count, param_shapes
+from .data.packing import document_ids
+from .interop.hf import from_hf_state_dict, load_pretrained, save_pretrained, to_hf_state_dict
+from .model.config import PRESETS, Config, ConfigError
+from .model.model import logits, model_backward, model_forward
+from .model.objective import evaluate_losses, loss_and_grads
+from .model.params import check_params, init_params, param_count, param_shapes
 
 __all__ = ["Config", "ConfigError", "PRESETS", "init_params", "param_count", "param_shapes", "check_params",
            "logits", "model_forward", "model_backward", "loss_and_grads", "evaluate_losses",

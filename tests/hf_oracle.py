@@ -32,7 +32,7 @@ from torch import nn
 from transformers import AfmoeConfig, AfmoeForCausalLM
 from transformers.models.afmoe import modeling_afmoe as M
 
-from trinity.reference.config import Config
+from trinity.reference.model.config import Config
 
 __all__ = ["lifted", "hf_config", "load_hf", "hf_model_from_params", "to_hf_v5_state_dict", "hf_logits",
            "hf_router_logits", "topk_gaps", "f32_bias", "hf_bias_dtype"]

@@ -97,10 +97,10 @@ def token_batches(draw, config: Config, max_batch=2, max_len=24):
     return tokens, labels, doc_ids
 
 
-# ---- token loaders (reference/data.py, rsdb.py, mixture.py) ------------------------------------------------------
+# ---- token loaders (reference/data/packing.py, rsdb.py, mixture.py) ------------------------------------------------
 # What the loaders promise about their streams, checked independently of how they are implemented: documents whose
 # every non-EOS token says which document and position it is, and the document order the module docstring of
-# reference/data.py publishes, recomputed here from its formula.
+# reference/data/packing.py publishes, recomputed here from its formula.
 
 @st.composite
 def loader_corpora(draw, max_documents=12, max_length=40, max_world_size=3):
@@ -118,7 +118,7 @@ def tagged_documents(lengths, source=0):
 
 
 def documented_order(num_documents, seed, epoch, rank=0, world_size=1):
-    """The document order of `rank` in `epoch` as reference/data.py's module docstring states it."""
+    """The document order of `rank` in `epoch` as reference/data/packing.py's module docstring states it."""
     return np.random.default_rng([seed, epoch]).permutation(num_documents)[rank::world_size]
 
 
@@ -145,7 +145,7 @@ def _diff_message(want, got, whole):
 
 
 def check_packed_epochs(streams, documents, seed, epochs, eos):
-    """The sequential loader's promise (reference/data.py), over `epochs` epochs of every rank.
+    """The sequential loader's promise (reference/data/packing.py), over `epochs` epochs of every rank.
 
     streams[r] is rank r's rows, flattened in order (rank r of len(streams)); nothing but documents may be in it (no
     padding, no gaps: a row's tail continues in the next row, an epoch's last document runs on into the next epoch).
@@ -201,9 +201,10 @@ def rsdb_consumed_documents(state, num_documents):
 
 
 def check_rsdb_accounts(state, emitted_counts, documents, eos):
-    """No token dropped or repeated (reference/rsdb.py), at any moment: the tokens emitted so far (`emitted_counts`,
-    a token_counts vector, padding excluded) plus the tokens still unread in the buffer (each buffered document from
-    its read head on, per state_dict()) are exactly the tokens of the documents the source has handed out."""
+    """No token dropped or repeated (reference/data/rsdb.py), at any moment: the tokens emitted so far
+    (`emitted_counts`, a token_counts vector, padding excluded) plus the tokens still unread in the buffer (each
+    buffered document from its read head on, per state_dict()) are exactly the tokens of the documents the source has
+    handed out."""
     size = emitted_counts.size
     full = [with_eos(d, eos) for d in documents]
     consumed = rsdb_consumed_documents(state, len(documents))

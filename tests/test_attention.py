@@ -4,9 +4,10 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trinity.reference import attention as attn
-from trinity.reference.attention import allowed, attention_forward, document_ids
-from trinity.reference.rope import rope_forward, rope_tables
+from trinity.reference.operators import attention as attn
+from trinity.reference.data.packing import document_ids
+from trinity.reference.operators.attention import allowed, attention_forward
+from trinity.reference.operators.rope import rope_forward, rope_tables
 
 # float64 softmax-weighted sums of O(1) values over ≤ 64 keys: rounding is a few ulps of 1.
 TOL64 = 1e-12

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trinity.reference import Config, evaluate_losses, init_params
-from trinity.reference.balancing import (balance_step, init_balancing_state, max_violation, sign_update,
-                                         smebu_update)
+from trinity.reference.training.balancing import (balance_step, init_balancing_state, max_violation, sign_update,
+                                                  smebu_update)
 from strategies import random_params
 
 

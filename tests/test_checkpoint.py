@@ -1,5 +1,5 @@
-"""Checkpoints (reference/checkpoint.py): bit-exact round trips, atomic writes under real crashes (SIGKILL in a child
-process, and exceptions in-process), clear errors for damaged or foreign files, and retention."""
+"""Checkpoints (reference/training/checkpoint.py): bit-exact round trips, atomic writes under real crashes (SIGKILL in a
+child process, and exceptions in-process), clear errors for damaged or foreign files, and retention."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from trinity.reference import Config, init_params
-from trinity.reference.checkpoint import (FORMAT_VERSION, CheckpointCorrupt, CheckpointError, CheckpointManager,
-                                          atomic_path, load_checkpoint, read_run_id, restore_rng, save_checkpoint)
-from trinity.reference.sealed_file import read_header, seal
+from trinity.reference.files import atomic_path
+from trinity.reference.training.checkpoint import (FORMAT_VERSION, CheckpointCorrupt, CheckpointError,
+                                                   CheckpointManager, load_checkpoint, read_run_id, restore_rng,
+                                                   save_checkpoint)
+from trinity.reference.training.sealed_file import read_header, seal
 
 TINY = dict(vocab_size=32, hidden_size=8, intermediate_size=12, moe_intermediate_size=4, num_hidden_layers=2,
             num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=4,
@@ -125,13 +127,13 @@ CHILD = textwrap.dedent("""
     import h5py
     sys.path.insert(0, {tests!r})
     from test_checkpoint import make_state, tiny_config
-    from trinity.reference.checkpoint import CheckpointManager
+    from trinity.reference.training.checkpoint import CheckpointManager
     directory, kill_at = sys.argv[1], sys.argv[2]
     def die():
         sys.stdout.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     if kill_at == "half_written":
-        from trinity.reference import checkpoint
+        from trinity.reference.training import checkpoint
         def write_half(path, data):
             with open(path, "wb") as out:
                 out.write(data[: len(data) // 2])
@@ -416,8 +418,8 @@ def test_retention_removes_only_checkpoints_of_its_own_run(tmp_path):
 
 
 def test_checkpoint_carries_its_tokenizer_and_data_fingerprint(tmp_path):
-    from trinity.reference.tokenizer import (ByteTokenizer, load_tokenizer, tokenizer_from_record,
-                                             tokenizer_record, train_bpe)
+    from trinity.reference.data.tokenizer import (ByteTokenizer, load_tokenizer, tokenizer_from_record,
+                                                  tokenizer_record, train_bpe)
     bpe = train_bpe(["def main():\n    return 42\n"] * 20 + ["print('hello world')\n"] * 20, 300,
                     tmp_path / "tokenizer.json")
     fingerprint = [{"documents": 7, "tokens": 123, "index_sha256": "ab" * 32}]
@@ -447,7 +449,7 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
         import resource, sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_checkpoint import make_state, tiny_config
-        from trinity.reference.checkpoint import CheckpointManager, CheckpointWriteError
+        from trinity.reference.training.checkpoint import CheckpointManager, CheckpointWriteError
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
         try:
             CheckpointManager({str(tmp_path)!r}, keep_last=1).save(20, **make_state(tiny_config(), seed=1))

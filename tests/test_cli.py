@@ -12,8 +12,8 @@ import pytest
 
 from trinity.cli.common import human_bytes, human_count
 from trinity.cli.main import main
-from trinity.reference.config import PRESETS, Config
-from trinity.reference.params import param_count
+from trinity.reference.model.config import PRESETS, Config
+from trinity.reference.model.params import param_count
 
 PRESET_NAMES = sorted(PRESETS)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from trinity.reference import Config, ConfigError, check_params, init_params, param_count, param_shapes
-from trinity.reference.config import PRESETS
+from trinity.reference.model.config import PRESETS
 
 
 @pytest.mark.parametrize("name, total, active", [

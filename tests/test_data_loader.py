@@ -1,5 +1,5 @@
-"""The packed token loader (reference/data.py, SPEC §10): determinism, every document token exactly once per epoch
-in document order, exact resume from state_dict, and clear errors for bad files and settings."""
+"""The packed token loader (reference/data/packing.py, SPEC §10): determinism, every document token exactly once per
+epoch in document order, exact resume from state_dict, and clear errors for bad files and settings."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trinity.reference.attention import document_ids
-from trinity.reference.data import DataError, PackedTokenLoader, write_token_file
+from trinity.reference.data.packing import PackedTokenLoader, document_ids
+from trinity.reference.data.store import DataError, write_token_file
 
 from strategies import check_packed_epochs, loader_corpora, tagged_documents
 
@@ -264,7 +264,7 @@ progress = false
 
 
 def _prepared(tmp_path, name, texts):
-    from trinity.reference.prepare import prepare
+    from trinity.reference.data.prepare import prepare
 
     folder = tmp_path / f"{name}_in"
     folder.mkdir()
@@ -277,8 +277,8 @@ def _prepared(tmp_path, name, texts):
 def test_run_file_data_section_builds_each_loader(tmp_path):
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer, build_loader
-    from trinity.reference.mixture import MixtureLoader
-    from trinity.reference.rsdb import RSDBLoader
+    from trinity.reference.data.mixture import MixtureLoader
+    from trinity.reference.data.rsdb import RSDBLoader
 
     rng = np.random.default_rng(0)
     texts = ["".join(chr(c) for c in rng.integers(97, 123, int(n))) for n in rng.integers(1, 90, 30)]

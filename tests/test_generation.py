@@ -1,4 +1,4 @@
-"""Generation with a KV cache (reference/kv_cache.py, reference/generation.py, `trinity generate`).
+"""Generation with a KV cache (reference/model/kv_cache.py, reference/generation/sampling.py, `trinity generate`).
 
 The cache must be invisible: feeding a sequence through the cache in pieces (a prefill, then one token at a time,
 or any chunking) gives the logits of the full forward on the whole sequence, to ~1e-12 in float64 (only the order
@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from trinity.cli.main import main
 from trinity.reference import Config, logits, model_backward, model_forward
-from trinity.reference.generation import generate, generate_stream, sample_next
-from trinity.reference.kv_cache import KVCache, LayerCache
+from trinity.reference.generation.sampling import generate, generate_stream, sample_next
+from trinity.reference.model.kv_cache import KVCache, LayerCache
 from strategies import min_topk_gap, random_params, small_configs
 
 GAP = 1e-9
@@ -342,9 +342,9 @@ def test_generate_errors(small_model, kwargs, match):
 def cli_setup(tmp_path_factory):
     """Our checkpoint (float32) whose run file names a bytes-tokenizer dataset, one whose run file names synthetic
     data (no tokenizer), and an HF directory of the same params with a trained BPE tokenizer.json."""
-    from trinity.reference.checkpoint import save_checkpoint
-    from trinity.reference.hf_interop import save_pretrained
-    from trinity.reference.tokenizer import train_bpe
+    from trinity.reference.training.checkpoint import save_checkpoint
+    from trinity.reference.interop.hf import save_pretrained
+    from trinity.reference.data.tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("gen")
     config = _feature_config(**FEATURES["gqa_dense_mup_wraps"]).replace(vocab_size=300)
@@ -399,8 +399,8 @@ def _checkpoint_trained_on_bytes(root):
     """A checkpoint whose run file trained on a prepared dataset with the bytes tokenizer, and whose vocabulary is
     that tokenizer's (257: bytes 0..255 and EOS 256), so that every id the model can generate decodes, whatever the
     numbers; and a checkpoint of the same model whose run file names a flat token file (no tokenizer)."""
-    from trinity.reference.checkpoint import save_checkpoint
-    from trinity.reference.tokenizer import ByteTokenizer
+    from trinity.reference.training.checkpoint import save_checkpoint
+    from trinity.reference.data.tokenizer import ByteTokenizer
 
     config = _feature_config(**FEATURES["gqa_dense_mup_wraps"]).replace(vocab_size=ByteTokenizer.vocab_size)
     params = {k: v.astype(np.float32) for k, v in random_params(config, 4).items()}
@@ -423,7 +423,7 @@ def test_cli_checkpoint_text_with_dataset_tokenizer(tmp_path, capsys):
     """`--prompt TEXT` on a checkpoint encodes the text with the tokenizer of the dataset its run trained on (here
     bytes: the non-ASCII prompt is its UTF-8 bytes) and decodes the continuation with it. Exact whatever ids greedy
     decoding picks: the model's vocabulary is the tokenizer's, so every id decodes."""
-    from trinity.reference.tokenizer import ByteTokenizer
+    from trinity.reference.data.tokenizer import ByteTokenizer
 
     config, params, paths = _checkpoint_trained_on_bytes(tmp_path)
     tok = ByteTokenizer()
@@ -451,7 +451,7 @@ def test_cli_checkpoint_text_with_dataset_tokenizer(tmp_path, capsys):
 
 
 def test_cli_hf_directory_with_tokenizer(cli_setup, capsys):
-    from trinity.reference.tokenizer import load_tokenizer
+    from trinity.reference.data.tokenizer import load_tokenizer
 
     config, params, paths = cli_setup
     tok = load_tokenizer(paths["hf"])

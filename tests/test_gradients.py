@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, assume, given, reject, settings
 from hypothesis import strategies as st
 
 from trinity.reference import evaluate_losses, loss_and_grads, model_forward
-from trinity.reference.losses import (balance_loss_backward, balance_loss_forward, cross_entropy_backward,
-                                      cross_entropy_forward)
+from trinity.reference.operators.losses import (balance_loss_backward, balance_loss_forward, cross_entropy_backward,
+                                                cross_entropy_forward)
 from strategies import min_topk_gap, random_params, small_configs, token_batches
 
 WORST = {"fd": 0.0, "examples": 0}

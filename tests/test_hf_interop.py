@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from trinity.reference import hf_interop
-from trinity.reference.config import Config
-from trinity.reference.hf_interop import (CheckpointError, from_hf_state_dict, hf_disk_shapes, load_pretrained,
+from trinity.reference.interop import hf as hf_interop
+from trinity.reference.interop.hf import (CheckpointError, from_hf_state_dict, hf_disk_shapes, load_pretrained,
                                           save_pretrained, to_hf_state_dict)
-from trinity.reference.params import init_params, param_dtype, param_shapes
+from trinity.reference.model.config import Config
+from trinity.reference.model.params import init_params, param_dtype, param_shapes
 
 TINY = Config.preset("tiny")
 TMP_OK = settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)

@@ -11,13 +11,13 @@ import pytest
 
 from trinity.cli.main import main
 from trinity.reference import Config, init_params, logits, loss_and_grads, save_pretrained
-from trinity.reference.attention import document_ids
-from trinity.reference.balancing import balance_step, init_balancing_state
-from trinity.reference.checkpoint import save_checkpoint
-from trinity.reference.inspector import (StepThrough, TracingOps, attention_entropy, event_matches, read_trace,
-                                         step_through)
-from trinity.reference.ops import ReferenceOps
-from trinity.reference.optim import clip_grad_norm, init_optimizer_state, optimizer_step
+from trinity.reference.data.packing import document_ids
+from trinity.reference.inspection import (StepThrough, TracingOps, attention_entropy, event_matches, read_trace,
+                                          step_through)
+from trinity.reference.model.ops import ReferenceOps
+from trinity.reference.training.balancing import balance_step, init_balancing_state
+from trinity.reference.training.checkpoint import save_checkpoint
+from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step
 
 TINY = Config.preset("tiny")  # 4 layers: 0 dense, 1-3 MoE; layers 0-2 sliding (window 32), layer 3 global
 
@@ -397,7 +397,7 @@ def test_inspect_hf_directory_text_and_plot(tmp_path, capsys):
 def test_inspect_text_finds_the_tokenizer_through_the_run_file(tmp_path, capsys, data):
     """As `trinity generate` does: our checkpoint records its run file, whose [data] path (or [[data.sources]], both
     relative to the run file) is a prepared dataset with meta.json, whose tokenizer encodes --text."""
-    from trinity.reference.tokenizer import ByteTokenizer
+    from trinity.reference.data.tokenizer import ByteTokenizer
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "bytes"}}))

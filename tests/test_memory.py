@@ -1,5 +1,5 @@
-"""reference/memory.py: the peak-memory estimate of a training step (exact parts, scaling, against a measured peak)
-and the free memory of the machine (MemAvailable, cgroup v1/v2 limits, on fake /proc and cgroup trees)."""
+"""reference/training/memory.py: the peak-memory estimate of a training step (exact parts, scaling, against a measured
+peak) and the free memory of the machine (MemAvailable, cgroup v1/v2 limits, on fake /proc and cgroup trees)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 from trinity.distributed.run_config import load_run_config
 from trinity.distributed.trainer import Trainer
 from trinity.reference import Config, init_params
-from trinity.reference.data import write_token_file
-from trinity.reference.memory import available_memory_bytes, estimate_step_bytes
-from trinity.reference.optim import init_optimizer_state
-from trinity.reference.synthetic import MarkovSource
+from trinity.reference.data.store import write_token_file
+from trinity.reference.data.synthetic import MarkovSource
+from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
+from trinity.reference.training.optim import init_optimizer_state
 
 TINY = Config.preset("tiny")
 
@@ -158,7 +158,7 @@ def test_available_memory_from_meminfo_and_cgroup_limits(tmp_path):
 
 if __name__ == "__main__":
     # python tests/test_memory.py PRESET,B,T[,MICRO[,RECOMPUTE]] ...: estimate against the measured step (the table
-    # in trinity/reference/memory.py's docstring), e.g. tiny,4,32 bench-medium,4,512 bench-medium,4,512,1,1
+    # in trinity/reference/training/memory.py's docstring), e.g. tiny,4,32 bench-medium,4,512 bench-medium,4,512,1,1
     import pathlib
     import sys
 

@@ -1,5 +1,5 @@
-"""Phase mixes (reference/mixture.py, SPEC §10): rows drawn from sources by the weights of the phase in force at the
-tokens served, each source's own stream preserved, exact resume, and clear errors."""
+"""Phase mixes (reference/data/mixture.py, SPEC §10): rows drawn from sources by the weights of the phase in force at
+the tokens served, each source's own stream preserved, exact resume, and clear errors."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trinity.reference.data import DataError, PackedTokenLoader, write_token_file
-from trinity.reference.mixture import MixtureLoader
-from trinity.reference.rsdb import RSDBLoader
+from trinity.reference.data.mixture import MixtureLoader
+from trinity.reference.data.packing import PackedTokenLoader
+from trinity.reference.data.rsdb import RSDBLoader
+from trinity.reference.data.store import DataError, write_token_file
 
 from strategies import check_packed_epochs, check_rsdb_accounts, loader_corpora, tagged_documents, token_counts
 

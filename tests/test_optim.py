@@ -12,8 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trinity.reference import Config, init_params, param_shapes
-from trinity.reference.optim import (NS_COEFFICIENTS, clip_grad_norm, init_optimizer_state, muon_lr_scale,
-                                     newton_schulz, optimizer_step, param_group, weight_decay_for)
+from trinity.reference.operators.optimizer_kernels import NS_COEFFICIENTS, newton_schulz
+from trinity.reference.training.optim import (clip_grad_norm, init_optimizer_state, muon_lr_scale, optimizer_step,
+                                              param_group, weight_decay_for)
 
 # Written out again from SPEC §9.2 / §9.3, not imported, so a typo in optim.py shows up here.
 DION = [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),

@@ -47,7 +47,7 @@ import hf_oracle as O  # noqa: E402  (needs torch and transformers)
 from strategies import min_topk_gap, random_params, small_configs, token_batches  # noqa: E402
 
 from trinity.reference import loss_and_grads, model_forward, to_hf_state_dict  # noqa: E402
-from trinity.reference.config import Config  # noqa: E402
+from trinity.reference.model.config import Config  # noqa: E402
 
 pytestmark = [pytest.mark.oracle,  # HF builds 0-width shared experts when num_shared_experts = 0:
               pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op:UserWarning")]

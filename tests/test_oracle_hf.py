@@ -36,8 +36,8 @@ import hf_oracle as O  # noqa: E402  (needs torch and transformers)
 from strategies import random_params  # noqa: E402
 
 from trinity.reference import logits, model_forward  # noqa: E402
-from trinity.reference.config import Config  # noqa: E402
-from trinity.reference.hf_interop import load_pretrained, save_pretrained  # noqa: E402
+from trinity.reference.interop.hf import load_pretrained, save_pretrained  # noqa: E402
+from trinity.reference.model.config import Config  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 

@@ -11,8 +11,8 @@ from trinity.cli.main import main
 from trinity.cli.plotting import MetricsError, read_metrics
 from trinity.distributed.run_config import load_run_config
 from trinity.distributed.trainer import Trainer
-from trinity.reference.data import write_token_file
-from trinity.reference.synthetic import MarkovSource
+from trinity.reference.data.store import write_token_file
+from trinity.reference.data.synthetic import MarkovSource
 
 RUN = """
 [model]

@@ -1,5 +1,5 @@
-"""Tokenizers (reference/tokenizer.py) and `trinity data prepare` (reference/prepare.py, SPEC §10): bytes / trained
-byte-level BPE / HF tokenizer.json, encode/decode round trips, undecodable files (strict: skipped and reported;
+"""Tokenizers (reference/data/tokenizer.py) and `trinity data prepare` (reference/data/prepare.py, SPEC §10): bytes /
+trained byte-level BPE / HF tokenizer.json, encode/decode round trips, undecodable files (strict: skipped and reported;
 replace: kept), shards with document indexes read back as one stream by the loaders, determinism across workers."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trinity.cli.main import main as trinity_main
-from trinity.reference.data import DataError, DocumentStore, PackedTokenLoader, write_token_file
-from trinity.reference.prepare import PrepareError, find_files, prepare
-from trinity.reference.rsdb import RSDBLoader
-from trinity.reference.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
+from trinity.reference.data.packing import PackedTokenLoader
+from trinity.reference.data.prepare import PrepareError, find_files, prepare
+from trinity.reference.data.rsdb import RSDBLoader
+from trinity.reference.data.store import DataError, DocumentStore, write_token_file
+from trinity.reference.data.tokenizer import ByteTokenizer, TokenizerError, load_tokenizer, train_bpe
 
 BAD_UTF8 = b"x = 1  # caf\xe9 in latin-1\n"
 TEXTS = {

@@ -6,13 +6,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from trinity.reference import Config, init_params, logits, model_forward
-from trinity.reference.activations import sigmoid, silu
-from trinity.reference.embedding import embedding_forward
-from trinity.reference.layers import moe_forward
-from trinity.reference.moe import dispatch
-from trinity.reference.ops import REFERENCE
-from trinity.reference.norms import rmsnorm_forward
-from trinity.reference.router import router_forward, select_top_k
+from trinity.reference.model.layers import moe_forward
+from trinity.reference.model.ops import REFERENCE
+from trinity.reference.operators.activations import sigmoid, silu
+from trinity.reference.operators.embedding import embedding_forward
+from trinity.reference.operators.moe import dispatch
+from trinity.reference.operators.norms import rmsnorm_forward
+from trinity.reference.operators.router import router_forward, select_top_k
 
 
 @st.composite

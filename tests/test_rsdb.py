@@ -1,4 +1,4 @@
-"""RSDB (reference/rsdb.py, SPEC §10): every token of every document exactly once per pass of the source, in order
+"""RSDB (reference/data/rsdb.py, SPEC §10): every token of every document exactly once per pass of the source, in order
 within its document; doc ids from piece boundaries; the 2x buffer with bulk refill at the user size; disjoint ranks;
 exact resume from a JSON state; and lower BatchHet (SPEC §6.4) than sequential packing on mixed document lengths."""
 
@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trinity.reference.attention import document_ids
-from trinity.reference.data import DataError, PackedTokenLoader, write_token_file
-from trinity.reference.rsdb import RSDBLoader
+from trinity.reference.data.packing import PackedTokenLoader, document_ids
+from trinity.reference.data.rsdb import RSDBLoader
+from trinity.reference.data.store import DataError, write_token_file
 
 from strategies import (check_each_pass_in_order, check_rsdb_accounts, documented_order, loader_corpora,
                         tagged_documents, token_counts, with_eos)

@@ -1,6 +1,6 @@
 """What a training run survives: divergence, re-runs in the same folder, kills and resumes (metrics.jsonl), corrupt
 checkpoints, changed data and tokenizers, and preemption signals (distributed/trainer.py, metrics_log.py,
-preemption.py, reference/checkpoint.py)."""
+preemption.py, reference/training/checkpoint.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 
 from trinity.distributed.run_config import load_run_config
 from trinity.distributed.trainer import FAULT_METRICS_ENV, Trainer, TrainingDiverged
-from trinity.reference.checkpoint import CheckpointManager, load_checkpoint
-from trinity.reference.data import write_token_file
-from trinity.reference.synthetic import MarkovSource
+from trinity.reference.data.store import write_token_file
+from trinity.reference.data.synthetic import MarkovSource
+from trinity.reference.training.checkpoint import CheckpointManager, load_checkpoint
 
 RUN = """
 [model]
@@ -238,7 +238,7 @@ def _prepare(folder, text_dir, *how):
 
 def test_checkpoint_tokenizer_survives_re_preparing_the_data(tmp_path):
     from trinity.cli.common import load_model, load_model_tokenizer
-    from trinity.reference.tokenizer import load_tokenizer
+    from trinity.reference.data.tokenizer import load_tokenizer
 
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -360,7 +360,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path):
 def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path):
     """Micro-batches of 4 sequences of 2**21 tokens: their logits alone need far more memory than any test machine
     has. Refused in one line with the estimate, before a step is tried (not a MemoryError much later)."""
-    from trinity.reference.memory import available_memory_bytes
+    from trinity.reference.training.memory import available_memory_bytes
 
     if available_memory_bytes() is None:
         pytest.skip("this machine does not tell its available memory")

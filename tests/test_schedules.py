@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from trinity.reference.schedules import BatchSchedule, learning_rate
+from trinity.reference.training.schedules import BatchSchedule, learning_rate
 
 
 def test_linear_warmup_then_wsd_constant_then_linear_decay_to_floor():

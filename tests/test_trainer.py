@@ -13,9 +13,9 @@ import pytest
 from trinity.distributed.run_config import RunConfigError, load_run_config
 from trinity.distributed.trainer import FAULT_ENV, Trainer
 from trinity.reference import Config, save_pretrained
-from trinity.reference.checkpoint import CheckpointManager, load_checkpoint
-from trinity.reference.data import write_token_file
-from trinity.reference.synthetic import MarkovSource
+from trinity.reference.data.store import write_token_file
+from trinity.reference.data.synthetic import MarkovSource
+from trinity.reference.training.checkpoint import CheckpointManager, load_checkpoint
 
 RUN = """
 [model]

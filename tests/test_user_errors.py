@@ -25,10 +25,10 @@ from hypothesis import strategies as st
 from trinity.cli.main import main
 from trinity.distributed import run_config
 from trinity.distributed.run_config import RunConfigError, check_output_paths, load_run_config
-from trinity.reference.config import Config
-from trinity.reference.data import write_token_file
-from trinity.reference.prepare import prepare
-from trinity.reference.synthetic import MarkovSource
+from trinity.reference.data.prepare import prepare
+from trinity.reference.data.store import write_token_file
+from trinity.reference.data.synthetic import MarkovSource
+from trinity.reference.model.config import Config
 
 # The good run file, section by section: (key, TOML value, kind). Kinds pick wrong-typed values below.
 SECTIONS = {
@@ -464,7 +464,7 @@ def test_the_undamaged_token_folder_is_usable(folder):
     assert stores[0].max_token() == 256 and loader.next_batch()[0].shape == (2, 16)
 
 
-# ---- checkpoints (the lead's part: reference/checkpoint.py, cli/common.py) ---------------------------------------
+# ---- checkpoints (the lead's part: reference/training/checkpoint.py, cli/common.py) ----------------------------------
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
 @given(how=st.sampled_from(["cut", "flip", "not hdf5"]), command=st.sampled_from(["generate", "inspect"]),
        data=st.data())

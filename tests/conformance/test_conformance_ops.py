@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tolerances import check_close, rtol
-from trinity.reference.ops import LEAF_OPS, REFERENCE
+from trinity.reference.model.ops import LEAF_OPS, REFERENCE
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                           HealthCheck.too_slow])
@@ -344,7 +344,7 @@ def test_balance_loss(backend, dtype, record, B, T, E, data, coeff, seed):
 @given(st.sampled_from([(), (3,)]), st.integers(1, 48), st.integers(1, 48), st.sampled_from(["dion", "keller"]),
        st.integers(1, 6), seeds)
 def test_newton_schulz(backend, dtype, record, batch, m, n, coefficients, steps, seed):
-    from trinity.reference.optim import newton_schulz
+    from trinity.reference.operators.optimizer_kernels import newton_schulz
 
     G = randn(np.random.default_rng(seed), (*batch, m, n), dtype)
     X_r = newton_schulz(G, steps=steps, coefficients=coefficients)
@@ -353,7 +353,7 @@ def test_newton_schulz(backend, dtype, record, batch, m, n, coefficients, steps,
     # Each step is three products (after the transpose m ≤ n: X Xᵀ over n, A² over m, B X over m). The map
     # σ ↦ aσ + bσ³ + cσ⁵ multiplies a perturbation along a small singular value by a, so a rounding difference made
     # at step i grows by ∏_{j>i} a_j: the condition factor is ∏ |a_j| (≈ 493 for Dion's five steps).
-    from trinity.reference.optim import _coefficient_schedule
+    from trinity.reference.operators.optimizer_kernels import _coefficient_schedule
 
     cond = float(np.prod([abs(a) for a, _, _ in _coefficient_schedule(coefficients, steps)]))
     check_close(X_b, X_r, dtype, steps * (2 * min(m, n) + max(m, n)), scale=amax(X_r) * cond,
@@ -372,7 +372,7 @@ def test_adamw_update(backend, dtype, record, shape, step, wd, betas, eps, trans
     """Same bits as the reference for parameter and state (elementwise, same order and roundings); the update norm
     is a float64 sum of n squares in another order: relative error ≤ n·ε₆₄ (the worst case of any summation order).
     Shapes: small ones, and one just over the kernels' task block (BLOCK elements), so several tasks share the work."""
-    from trinity.reference.optim import adamw_update
+    from trinity.reference.operators.optimizer_kernels import adamw_update
 
     rng = np.random.default_rng(seed)
     X, m = randn(rng, shape, dtype), randn(rng, shape, dtype, 0.1)
@@ -401,7 +401,7 @@ def test_adamw_update(backend, dtype, record, shape, step, wd, betas, eps, trans
 def test_clip_kernels(backend, dtype, record, shape, log_scale, transposed, seed):
     """sum_of_squares: float64 accumulation of n exact squares in another order, relative error ≤ n·ε₆₄; scaled:
     the same bits (one float64 product rounded once)."""
-    from trinity.reference.optim import scaled, sum_of_squares
+    from trinity.reference.operators.optimizer_kernels import scaled, sum_of_squares
 
     rng = np.random.default_rng(seed)
     x = randn(rng, shape[::-1], dtype).T if transposed else randn(rng, shape, dtype)

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from strategies import min_topk_gap, random_params, small_configs, token_batches
 from tolerances import PERTURBED_RUNS, check_close, eps, model_reduction_length, model_tol, topk_gap
 from trinity.reference import loss_and_grads, model_forward
-from trinity.reference.balancing import balance_step, init_balancing_state
-from trinity.reference.optim import (_coefficient_schedule, clip_grad_norm, init_optimizer_state, optimizer_step,
-                                     param_group)
+from trinity.reference.operators.optimizer_kernels import _coefficient_schedule
+from trinity.reference.training.balancing import balance_step, init_balancing_state
+from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step, param_group
 
 STEP_SETTINGS = settings(max_examples=25, deadline=None,
                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,

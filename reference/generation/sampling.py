@@ -20,10 +20,10 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .config import Config
-from .kv_cache import KVCache
-from .model import logits as model_logits
-from .ops import REFERENCE
+from ..model.config import Config
+from ..model.kv_cache import KVCache
+from ..model.model import logits as model_logits
+from ..model.ops import REFERENCE
 
 __all__ = ["generate", "generate_stream", "sample_next", "check_sampling"]
 

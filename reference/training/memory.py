@@ -7,9 +7,9 @@ at once during an optimizer step (trainer: loss_and_grads per micro-batch, clipp
   grads        one set of gradients (the same shapes); clipping and the update hold up to three such sets
   optimizer    Muon momentum for the matrices in the Muon group, AdamW m and v for the rest (optim.param_group,
                exactly the arrays of optim.init_optimizer_state); nothing for expert_bias
-  activations  what the forward keeps for the backward of one micro-batch (model.py, layers.py: every operator's
-               ctx), or with recompute only each layer's input and its routing, plus one layer's ctx rebuilt in
-               the backward; per layer with N = B·T tokens:
+  activations  what the forward keeps for the backward of one micro-batch (model/model.py, model/layers.py: every
+               operator's ctx), or with recompute only each layer's input and its routing, plus one layer's ctx
+               rebuilt in the backward; per layer with N = B·T tokens:
                  norms: x̂ [N, d] (and 1/rms [N]) for each of the 4 sandwich norms, the per-head x̂ of the QK norms;
                  attention: the normed input, q, k, v (after QK norm and RoPE), o, the log-normaliser [B, h, T]
                    (never a T×T matrix: scores are recomputed per query block in the backward), σ(gate), the
@@ -59,10 +59,10 @@ import os
 
 import numpy as np
 
-from .attention import _BLOCK_ELEMENTS, query_blocks
-from .config import Config
+from ..model.config import Config
+from ..model.params import EXPERT_BIAS_DTYPE, param_shapes
+from ..operators.attention import _BLOCK_ELEMENTS, query_blocks
 from .optim import param_group
-from .params import EXPERT_BIAS_DTYPE, param_shapes
 
 __all__ = ["estimate_step_bytes", "available_memory_bytes"]
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import BatchedRows, DataError, _check_rank, _positive_int
+from .packing import BatchedRows
+from .store import DataError, _check_rank, _positive_int
 
 __all__ = ["MixtureLoader", "check_phases"]
 

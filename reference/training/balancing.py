@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import Config
-from .params import EXPERT_BIAS_DTYPE, is_expert_bias
+from ..model.config import Config
+from ..model.params import EXPERT_BIAS_DTYPE, is_expert_bias
 
 __all__ = ["sign_update", "smebu_update", "max_violation", "init_balancing_state", "balance_step",
            "momentum_key"]

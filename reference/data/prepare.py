@@ -15,7 +15,7 @@ document.
 
 Tokenizing runs in `workers` processes (default: the usable cores); the result does not depend on the number of
 workers. The output directory holds
-  shard_00000.bin, ...      uint32 tokens, each document followed by the EOS id (the flat format of data.py); a
+  shard_00000.bin, ...      uint32 tokens, each document followed by the EOS id (the flat format of store.py); a
                             shard is closed once it holds >= shard_tokens tokens (documents are never split)
   shard_00000.idx.npy, ...  int64 document start offsets within the shard (np.save, allow_pickle=False)
   meta.json                 tokenizer (kind, file, vocab size, EOS id), counts, shard list, problem files
@@ -38,8 +38,8 @@ import time
 
 import numpy as np
 
-from .checkpoint import atomic_path
-from .data import META_FILE, TOKEN_DTYPE, DataError
+from ..files import atomic_path
+from .store import META_FILE, TOKEN_DTYPE, DataError
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
 __all__ = ["prepare", "find_files", "check_output_dir", "PrepareError", "FORMAT", "DEFAULT_SHARD_TOKENS"]

@@ -7,7 +7,7 @@ except that the routed experts of a layer are stacked into three tensors
     model.layers.{l}.mlp.experts.up_proj    [E, I_m, d]   (W3)
     model.layers.{l}.mlp.experts.down_proj  [E, d, I_m]   (W2)
 
-Gradients and optimizer moments use the same keys. Conversion to the per-expert HF layout lives in hf_interop.py.
+Gradients and optimizer moments use the same keys. Conversion to the per-expert HF layout lives in interop/hf.py.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def train_bpe(texts, vocab_size: int, out_path, eos_token: str = BPE_EOS_TOKEN, 
     from tokenizers import Tokenizer as _Tok
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from .checkpoint import atomic_path
+    from ..files import atomic_path
 
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 258:
         raise TokenizerError(f"BPE vocab size must be an integer >= 258 (256 bytes + EOS + 1 merge), "

@@ -1,6 +1,6 @@
 """RSDB, the Random Sequential Document Buffer (SPEC §10), over the same data as the sequential loader.
 
-Source: this rank's documents in the order of data.py (`default_rng([seed, e]).permutation(N)[rank::world_size]` for
+Source: this rank's documents in the order of packing.py (`default_rng([seed, e]).permutation(N)[rank::world_size]` for
 epochs e = 0, 1, ...; endless, or `epochs` epochs when given). Buffer: whole documents, each with a read head.
   1. The buffer starts with 2 × buffer_size documents (the internal size is twice the user size), read heads at 0.
   2. A training row is filled by repeatedly picking a live (not yet exhausted) buffered document uniformly at random
@@ -11,7 +11,7 @@ epochs e = 0, 1, ...; endless, or `epochs` epochs when given). Buffer: whole doc
      source in bulk, back to 2 × buffer_size (or until a finite source is exhausted).
 A row is a concatenation of pieces of documents. Each piece is its own document for the intra-document mask:
 doc_ids[b, t] is the index of the piece holding t within row b. (A piece ends early only when the row is full, so
-every piece but a row's last ends with its document's EOS; the ids therefore equal `attention.document_ids`, the EOS
+every piece but a row's last ends with its document's EOS; the ids therefore equal `packing.document_ids`, the EOS
 count, and a piece that starts inside a document is a new document that sees only itself.)
 
 No token is dropped or repeated: every token of every document is emitted exactly once per pass of the source, in
@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .data import BatchedRows, DataError, DocumentOrder, _positive_int, check_common_state
+from .packing import BatchedRows, DocumentOrder, check_common_state
+from .store import DataError, _positive_int
 
 __all__ = ["RSDBLoader"]
 

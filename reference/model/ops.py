@@ -14,7 +14,7 @@ import contextlib
 
 import numpy as np
 
-from . import attention, embedding, linear, losses, mlp, moe, norms, optim, rope, router
+from ..operators import attention, embedding, linear, losses, mlp, moe, norms, optimizer_kernels, rope, router
 
 __all__ = ["ReferenceOps", "REFERENCE", "LEAF_OPS", "OPTIMIZER_KERNELS"]
 
@@ -29,7 +29,8 @@ LEAF_OPS = {
     moe: ["dispatch", "experts_forward", "experts_backward", "combine", "combine_backward", "scatter_to_tokens"],
     losses: ["cross_entropy_forward", "cross_entropy_backward", "balance_loss_forward", "balance_loss_backward"],
 }
-# The optimizer kernels (optim.py): optimizer_step and clip_grad_norm take them from a table (`kernels=`).
+# The optimizer kernels (operators/optimizer_kernels.py): training/optim.py's optimizer_step and clip_grad_norm
+# take them from a table (`kernels=`).
 OPTIMIZER_KERNELS = ["newton_schulz", "adamw_update", "sum_of_squares", "scaled"]
 
 
@@ -43,7 +44,7 @@ class ReferenceOps:
         return contextlib.nullcontext()
 
 
-for _module, _names in [*LEAF_OPS.items(), (optim, OPTIMIZER_KERNELS)]:
+for _module, _names in [*LEAF_OPS.items(), (optimizer_kernels, OPTIMIZER_KERNELS)]:
     for _name in _names:
         setattr(ReferenceOps, _name, staticmethod(getattr(_module, _name)))
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from .activations import sigmoid
 
-__all__ = ["allowed", "document_ids", "attention_forward", "attention_backward", "query_blocks", "positions_and_docs",
+__all__ = ["allowed", "attention_forward", "attention_backward", "query_blocks", "positions_and_docs",
            "output_gate_forward", "output_gate_backward"]
 
 # Scores held per block: B · h_q · block · keys elements. 2^22 float64 values is 32 MiB.
@@ -35,13 +35,6 @@ def allowed(q_pos, k_pos, window=None, q_doc=None, k_doc=None):
     if q_doc is not None:
         ok = ok & (q_doc[..., :, None] == k_doc[..., None, :])
     return ok
-
-
-def document_ids(tokens, eos_id):
-    """doc(t) = number of EOS tokens strictly before t, per row (SPEC §4.6: the EOS belongs to the document it
-    ends; Arcee's `block_causal`). tokens: [B, T] → int64 [B, T]."""
-    is_eos = (np.asarray(tokens) == eos_id).astype(np.int64)
-    return np.cumsum(is_eos, axis=-1) - is_eos
 
 
 def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None, block_budget=_BLOCK_ELEMENTS):

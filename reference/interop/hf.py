@@ -1,7 +1,7 @@
 """Hugging Face interop: convert between our stacked-expert params and the HF layouts, load and save checkpoints.
 
-Our params (docs/architecture.md, params.py) are a flat dict keyed by the HF names of SPEC §3.1, except that the routed
-experts of MoE layer l are stacked:
+Our params (docs/architecture.md, model/params.py) are a flat dict keyed by the HF names of SPEC §3.1, except that the
+routed experts of MoE layer l are stacked:
 
     model.layers.{l}.mlp.experts.gate_proj  [E, I_m, d]
     model.layers.{l}.mlp.experts.up_proj    [E, I_m, d]
@@ -33,15 +33,15 @@ import math
 import os
 import re
 import struct
-import tempfile
 from typing import NamedTuple
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .config import Config
-from .params import EXPERT_BIAS_DTYPE, is_expert_bias, layer_prefix, param_dtype, param_shapes
+from ..files import CheckpointError, atomic_path
+from ..model.config import Config
+from ..model.params import EXPERT_BIAS_DTYPE, is_expert_bias, layer_prefix, param_dtype, param_shapes
 
 __all__ = ["CheckpointError", "to_hf_state_dict", "from_hf_state_dict", "hf_disk_shapes", "load_pretrained",
            "save_pretrained"]
@@ -60,12 +60,6 @@ _SHARED = re.compile(r"^model\.layers\.\d+\.mlp\.shared_experts\.")
 _DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
 _MAX_HEADER = 100 * 1024 * 1024
 _MAX_LISTED = 20  # problems listed in one CheckpointError message
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded or saved: a missing file or key, an unexpected key, a wrong shape, an
-    unsupported dtype, or a config that does not match the weights. The message names the key, with the expected and
-    the found shape."""
 
 
 def _bias_f32(value):
@@ -425,30 +419,11 @@ def _check_params(config: Config, params: dict) -> None:
 
 
 def _atomic_write(directory: str, name: str, write) -> None:
-    """Write `directory/name` atomically: `write(tmp_path)` into a temp file in the same directory, fsync it,
-    os.replace it over the target, then fsync the directory. A crash leaves the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Write `directory/name` atomically (files.atomic_path): `write(tmp_path)` into a temp file in the same
+    directory, which is then fsynced and renamed over the target. A crash leaves the old file or the new one."""
+    with atomic_path(os.path.join(directory, name)) as tmp:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
-        os.replace(tmp, os.path.join(directory, name))
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def save_pretrained(path, config: Config, params: dict) -> None:

@@ -8,7 +8,7 @@ File layout (format_version 2)
     /balancing/<key>   the load-balancing state (expert bias, momentum; SPEC §6), a flat dict of arrays
     /assets/<name>     files the checkpoint carries as uint8 bytes (the training tokenizer's tokenizer.json)
     attributes of /:   format_version (int), step (int), tokens_seen (int), and JSON strings config
-                       (`Config.to_dict()`), data_state (the loader position, data.py), rng_state
+                       (`Config.to_dict()`), data_state (the loader position, data/), rng_state
                        (`Generator.bit_generator.state`; PCG64's 128-bit ints are plain JSON ints), extra
                        (free-form), run_id (the run that wrote it, for retention), tokenizer (kind, vocab_size,
                        eos_id, sha256 of /assets/tokenizer.json, or null), data_fingerprint (per data source:
@@ -46,14 +46,13 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from .config import RESUMABLE_FIELDS, Config, ConfigError
-from .params import check_params
+from ..files import CheckpointError, atomic_path, fsync_dir  # one CheckpointError for the whole package
+from ..model.config import RESUMABLE_FIELDS, Config, ConfigError
+from ..model.params import check_params
 from .sealed_file import SealError, header_size, is_sealed, read_header, seal, verify
 
-from .hf_interop import CheckpointError  # one CheckpointError for the whole package
-
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
-           "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "atomic_path", "read_run_id",
+           "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "read_run_id",
            "config_changes"]
 
 FORMAT_VERSION = 2
@@ -143,41 +142,6 @@ def _dumps(name: str, value) -> str:
 
 
 # ---- atomic files ------------------------------------------------------------------------------------------------
-def _fsync_dir(directory: str) -> None:
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temporary path `path + ".tmp-<pid>"` in the same directory; when the block ends normally the file is
-    fsynced, renamed over `path` and the directory fsynced. On an exception the temporary file is removed and
-    `path` is left as it was."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 # ---- save / load -------------------------------------------------------------------------------------------------
 def _check_int(name: str, value) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 0:
@@ -492,7 +456,7 @@ class CheckpointManager:
         for path in removed:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         return removed
 
     def clean_tmp(self) -> list[str]:
@@ -519,5 +483,5 @@ class CheckpointManager:
             for old in ours[: max(0, len(ours) - (self.keep_last - 1))]:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(old)
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return path

@@ -32,79 +32,17 @@ import math
 
 import numpy as np
 
-from .config import Config
-from .params import is_norm_gain
+from ..model.config import Config
+from ..model.ops import REFERENCE
+from ..model.params import is_norm_gain
 
-__all__ = ["NS_COEFFICIENTS", "newton_schulz", "param_group", "weight_decay_for", "muon_lr_scale",
-           "init_optimizer_state", "clip_grad_norm", "optimizer_step", "adamw_update", "sum_of_squares", "scaled",
-           "MUON_MOMENTUM", "ADAMW_M", "ADAMW_V"]
-
-# Newton–Schulz (a, b, c) per iteration (SPEC §9.2 Dion; §9.3 Keller Jordan).
-NS_COEFFICIENTS: dict[str, list[tuple[float, float, float]]] = {
-    "dion": [(4.0848, -6.8946, 2.9270), (3.9505, -6.3029, 2.6377), (3.7418, -5.5913, 2.3037),
-             (2.8769, -3.1427, 1.2046), (2.8366, -3.0525, 1.2012)],
-    "keller": [(3.4445, -4.7750, 2.0315)] * 5,
-}
+__all__ = ["param_group", "weight_decay_for", "muon_lr_scale", "init_optimizer_state", "clip_grad_norm",
+           "optimizer_step", "MUON_MOMENTUM", "ADAMW_M", "ADAMW_V"]
 
 # Prefixes of the flat optimizer-state keys: "<prefix>/<param key>".
 MUON_MOMENTUM, ADAMW_M, ADAMW_V = "muon.momentum/", "adamw.m/", "adamw.v/"
 
 _ADAMW_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-# ---- Newton–Schulz orthogonalisation -----------------------------------------------------------------------------
-def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, float]]:
-    """The (a, b, c) used at each of `steps` iterations. A named set ("dion", "keller") or an explicit list of
-    triples; with more steps than triples the last triple repeats (Dion defines exactly five)."""
-    table = NS_COEFFICIENTS[coefficients] if isinstance(coefficients, str) else [tuple(t) for t in coefficients]
-    if steps < 1 or not table:
-        raise ValueError(f"need steps >= 1 and at least one coefficient triple, got steps={steps}")
-    return [table[min(i, len(table) - 1)] for i in range(steps)]
-
-
-def ns_input(G, dtype=None):
-    """(G as an array, the compute dtype, tall) for Newton–Schulz: the checks and dtype rule every implementation
-    shares (see newton_schulz). tall: rows > cols, so the iteration runs on Gᵀ."""
-    G = np.asarray(G)
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
-    if dtype is None:
-        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.float32
-    return G, np.dtype(dtype), G.shape[-2] > G.shape[-1]
-
-
-def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None) -> np.ndarray:
-    """Approximate the polar factor U Vᵀ of G = U Σ Vᵀ ("zeropower", SPEC §9.2).
-
-        X = Gᵀ if rows > cols else G                 (so A = X Xᵀ is the smaller Gram matrix)
-        X ← X / (‖X‖_F + eps)                        (every singular value now ≤ 1)
-        for (a, b, c) in coefficients[:steps]:
-            A = X Xᵀ;  X ← aX + (bA + cA²)X          (σ ← aσ + bσ³ + cσ⁵ on each singular value)
-        transpose back
-
-    G is one matrix [m, n] or a batch [..., m, n]; each matrix is normalised and iterated independently (routed
-    experts are orthogonalised per expert, SPEC §9.1, §14 #5). The singular vectors of G are kept exactly (up to
-    rounding); only the singular values move, towards a band around 1 that depends on the coefficients (measured in
-    tests/test_optim.py: ≈[0.978, 1.032] for "dion", ≈[0.682, 1.134] for "keller", for inputs whose normalised
-    singular values lie in [0.0125, 1], e.g. condition number ≤ 10 and min(m, n) ≤ 64).
-
-    Dion computes in bf16. NumPy has no bf16, so this computes in `dtype` when given, else in G's dtype when it is
-    float32 or float64, else float32 — a deliberate difference (SPEC §9.2). The Frobenius norm is accumulated in
-    float64. The result has the compute dtype.
-    """
-    G, dtype, tall = ns_input(G, dtype)
-    X = G.astype(dtype, copy=False)
-    if tall:
-        X = np.swapaxes(X, -1, -2)
-    norm = np.sqrt(np.sum(np.square(X, dtype=np.float64), axis=(-2, -1), keepdims=True))
-    X = X / (norm + eps).astype(dtype)
-    for a, b, c in _coefficient_schedule(coefficients, steps):
-        A = X @ np.swapaxes(X, -1, -2)
-        B = dtype.type(b) * A + dtype.type(c) * (A @ A)
-        X = dtype.type(a) * X + B @ X
-    if tall:
-        X = np.swapaxes(X, -1, -2)
-    return np.ascontiguousarray(X)
 
 
 # ---- grouping and hyper-parameters ------------------------------------------------------------------------------
@@ -166,18 +104,6 @@ def init_optimizer_state(config: Config, params: dict) -> dict[str, np.ndarray]:
 
 
 # ---- gradient clipping ------------------------------------------------------------------------------------------
-def sum_of_squares(x) -> float:
-    """Σ x² over every element, accumulated in float64 (the norm kernel of clipping)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return float(np.vdot(x64, x64))
-
-
-def scaled(x, scale: float):
-    """A new array x·scale, the product formed in float64 and rounded once to x's dtype (clipping's rescale)."""
-    x = np.asarray(x)
-    return (x.astype(np.float64) * scale).astype(x.dtype)
-
-
 def clip_grad_norm(grads: dict, max_norm: float, kernels=None):
     """Global-norm clipping (SPEC §14 #3, default 1.0): n = √(Σ_k ‖g_k‖²) over every gradient except expert_bias,
     computed in float64; if max_norm > 0 and n > max_norm, every such g_k is scaled by max_norm/n, so the clipped
@@ -186,9 +112,9 @@ def clip_grad_norm(grads: dict, max_norm: float, kernels=None):
     Returns (new dict of new arrays in the input dtypes, n). Inputs are not modified. Unlike torch's
     clip_grad_norm_ there is no +1e-6 in the denominator. A non-finite n propagates into the gradients (the trainer
     decides what to do with a non-finite norm). `kernels` (an op table from trinity.accel.get_backend) supplies
-    `sum_of_squares` and `scaled`; by default this module's.
+    `sum_of_squares` and `scaled`; by default the reference's (operators/optimizer_kernels.py).
     """
-    k = kernels or _reference_table()
+    k = kernels or REFERENCE
     total = 0.0
     for key, g in grads.items():
         if not key.endswith("expert_bias"):
@@ -221,23 +147,6 @@ def _muon_update(config: Config, X, G, M, lr: float, wd: float, kernels) -> floa
     return step * float(np.linalg.norm(O.astype(np.float64)))
 
 
-def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float, eps: float, step: int) -> float:
-    """One AdamW step on X, m, v in place (Dion's scalar AdamW, SPEC §9.2); step = t, 1-based; returns the norm of
-    the lr-scaled update η·m̂/(√v̂ + ε) (before weight decay), accumulated in float64. Arithmetic in m's dtype with
-    the scalars rounded to it (NumPy's rules for Python floats), in the order of the lines below; a backend's kernel
-    that keeps this order and these roundings gives the same bits."""
-    G = np.asarray(G).astype(m.dtype, copy=False)
-    m *= beta1                                    # m ← lerp(m, g, 1 − β₁)
-    m += (1.0 - beta1) * G
-    v *= beta2                                    # v ← β₂v + (1 − β₂)g²
-    v += (1.0 - beta2) * np.square(G)
-    denom = np.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps   # √v̂ + ε
-    delta = (lr / (1.0 - beta1 ** step)) * (m / denom)          # η·m̂/(√v̂ + ε)
-    X *= 1.0 - lr * wd
-    X -= delta
-    return float(np.linalg.norm(delta.astype(np.float64)))
-
-
 def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float,
                    kernels=None) -> dict:
     """One optimizer step: updates `params` and `state` in place (arrays reused, dtypes kept).
@@ -245,15 +154,15 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     Muon parameters use `muon_lr`, AdamW parameters `adamw_lr` (the scheduled learning rates, SPEC §9.1); the
     per-parameter weight decay is `weight_decay_for`. expert_bias is skipped (its gradient, if any, is ignored).
     Clip the gradients beforehand with `clip_grad_norm`. `kernels` (an op table from trinity.accel.get_backend,
-    e.g. get_backend("numba")) supplies `newton_schulz` and `adamw_update` with this module's signatures; by default
-    this module's own. state["step"] counts steps: AdamW's bias correction uses
+    e.g. get_backend("numba")) supplies `newton_schulz` and `adamw_update` with the signatures of
+    operators/optimizer_kernels.py; by default those. state["step"] counts steps: AdamW's bias correction uses
     t = step + 1, and step is incremented once.
 
     Returns logging info: step (the t just taken), muon_lr, adamw_lr, muon_tensors/adamw_tensors (how many
     parameters each group updated) and muon_update_norm/adamw_update_norm (global L2 norm of the lr-scaled update
     before weight decay).
     """
-    k = kernels or _reference_table()
+    k = kernels or REFERENCE
     if not hasattr(k, "adamw_update"):
         raise TypeError("kernels must be an op table with newton_schulz and adamw_update (trinity.accel.get_backend), "
                         f"got {type(k).__name__}")
@@ -287,10 +196,3 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     return {"step": t, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr),
             "muon_tensors": counts["muon"], "adamw_tensors": counts["adamw"],
             "muon_update_norm": math.sqrt(norms["muon"]), "adamw_update_norm": math.sqrt(norms["adamw"])}
-
-
-def _reference_table():
-    """The op table optimizer_step and clip_grad_norm use when none is given: the reference's (ops.REFERENCE,
-    which holds this module's kernels; imported here because ops.py imports this module)."""
-    from .ops import REFERENCE
-    return REFERENCE

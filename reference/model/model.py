@@ -26,7 +26,7 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
         logits = RMSNorm(x^L; γ_final) W_lmᵀ   (W_lm = E_emb when tie_word_embeddings)
 
     Positions are 0…T−1 in every row (SPEC §14 #12). doc_ids [B, T], when given, adds the intra-document mask of
-    SPEC §4.6 (see attention.document_ids to derive them from EOS tokens). Returns (logits, ctx) where ctx has
+    SPEC §4.6 (see data.packing.document_ids to derive them from EOS tokens). Returns (logits, ctx) where ctx has
     "embed", "layers" (one ctx per layer), "routing" (per layer: the router's scores and chosen experts, or None
     for dense layers), "norm" and "lm_head"; ctx is None when keep_ctx is False. With recompute, "layers" holds
     only each layer's input, and model_backward runs that layer's forward again (activation recompute).

@@ -1,0 +1,5 @@
+"""Autoregressive generation: sampling (generate, generate_stream, sample_next) over the model's KV cache
+(model/kv_cache.py).
+
+Imports: model/.
+"""

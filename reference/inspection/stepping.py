@@ -1,0 +1,242 @@
+"""Stepping through a run: `StepThrough` / `step_through` run one forward (+ losses and backward, + clipping, the
+load-balancing update and one optimizer step, in the trainer's order) through a TracingOps, pausing after each event
+until the caller asks for the next."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..model.config import Config
+from ..model.model import check_inputs, model_forward
+from ..model.objective import loss_and_grads
+from .events import _LAYER, Event
+from .tracing import TracingOps
+
+__all__ = ["StepThrough", "step_through", "RouterInfo"]
+
+
+# ---- stepping through a run ---------------------------------------------------------------------------------------
+class _Cancelled(BaseException):
+    pass
+
+
+@dataclass
+class RouterInfo:
+    """One MoE layer's routing of the inspected tokens: scores s [N, E], chosen experts [N, K] (biased selection),
+    gate weights g [N, K], the expert bias b [E] used for the selection, and (token, slot) counts per expert [E]."""
+    scores: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray
+    bias: np.ndarray
+    counts: np.ndarray
+
+
+class StepThrough:
+    """One forward (+ losses and backward when labels are given, + the update when step=True), operator by operator.
+
+    Iterate it for the events, in the order they happen; the model thread waits after each event until the next is
+    asked for, and stopping early (break) ends it. `run()` instead runs everything and returns self. Afterwards:
+      logits [B, T, V]; losses, grads (unclipped), stats (as loss_and_grads); routers {layer: RouterInfo};
+      with step: grad_norm, clipped_grads, balance (balance_step's metrics), optimizer (optimizer_step's info),
+      lr {"muon", "adamw"}; params, optimizer_state, balancing_state (after the step).
+    Parameters are copied before a step unless inplace=True (then `params` and the states are updated in place,
+    as the trainer does).
+
+    lr: (muon_lr, adamw_lr) for the step; default the config's peak rates. optimizer_state, balancing_state: the
+    run's state (default fresh: init_optimizer_state / init_balancing_state). ops: the table to trace (default the
+    reference). keep(name, op, phase): which events to record (default all).
+    """
+
+    def __init__(self, config: Config, params: dict, tokens, labels=None, doc_ids=None, *, backward: bool | None = None,
+                 step: bool = False, optimizer_state: dict | None = None, balancing_state: dict | None = None,
+                 lr: tuple[float, float] | None = None, ops=None, keep: Callable | None = None, inplace: bool = False):
+        tokens = np.asarray(tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+            labels = None if labels is None else np.asarray(labels)[None]
+            doc_ids = None if doc_ids is None else np.asarray(doc_ids)[None]
+        if step and labels is None:
+            labels = tokens
+        self.backward = (labels is not None) if backward is None else bool(backward)
+        if self.backward and labels is None:
+            labels = tokens
+        self.tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
+        self.labels = None if labels is None else np.asarray(labels)
+        self.config, self.doc_ids, self.step = config, doc_ids, bool(step)
+        if self.step and not inplace:
+            params = {k: v.copy() for k, v in params.items()}
+            optimizer_state = None if optimizer_state is None else {k: np.array(v, copy=True) for k, v in
+                                                                    optimizer_state.items()}
+            balancing_state = None if balancing_state is None else {k: v.copy() for k, v in balancing_state.items()}
+        self.params, self.optimizer_state, self.balancing_state = params, optimizer_state, balancing_state
+        self.lr_peak, self.base_ops, self.keep = lr, ops, keep
+        self.events: list[Event] = []
+        self.logits = self.losses = self.grads = self.stats = None
+        self.routers: dict[int, RouterInfo] = {}
+        self.grad_norm = self.clipped_grads = self.balance = self.optimizer = self.lr = None
+        self._started = False
+
+    # -- the computation, calling emit(event) after each recorded event
+    def _compute(self, emit):
+        from ..training.balancing import balance_step, init_balancing_state
+        from ..training.optim import clip_grad_norm, init_optimizer_state, optimizer_step, param_group
+
+        c, params = self.config, self.params
+        keep = None if self.keep is None else (lambda name, op, phase: self.keep(name, op, phase))
+        tracer = TracingOps(self.base_ops, params, keep=keep, on_event=emit,
+                            capture=lambda name, op: op == "router_forward" or name == "lm_head")
+        self.tracer = tracer
+        if self.backward:
+            self.losses, self.grads, self.stats = loss_and_grads(c, params, self.tokens, self.labels, self.doc_ids,
+                                                                 ops=tracer)
+            tracer.emit("loss", "losses", "loss", {}, {k: float(v) for k, v in self.losses.items()})
+        else:
+            _, ctx = model_forward(c, params, self.tokens, self.doc_ids, keep_ctx=True, ops=tracer)
+        self.logits = tracer.captured[("forward", "lm_head")][0]
+        for (phase, name), result in tracer.captured.items():
+            m = _LAYER.match(name)
+            if phase != "forward" or m is None or len(result) != 3:
+                continue
+            layer = int(m.group(1))
+            weights, experts, rctx = result
+            scores = getattr(rctx, "scores", None)
+            self.routers[layer] = RouterInfo(scores, experts, weights, params[f"model.layers.{layer}.mlp.expert_bias"],
+                                             np.bincount(experts.reshape(-1), minlength=c.num_experts))
+        if not self.step:
+            return
+
+        # The update, in the trainer's order: clip, balancing, optimizer (distributed/trainer.py).
+        kernels = self.base_ops if hasattr(self.base_ops, "adamw_update") else None  # a backend's optimizer kernels
+        self.clipped_grads, self.grad_norm = clip_grad_norm(self.grads, c.grad_clip_norm, kernels)
+        scale = min(1.0, c.grad_clip_norm / self.grad_norm) if c.grad_clip_norm > 0 and self.grad_norm > 0 else 1.0
+        tracer.emit("clip_grad_norm", "clip_grad_norm", "clip", {"max_norm": c.grad_clip_norm},
+                    {"grad_norm": self.grad_norm, "scale": scale})
+        if self.balancing_state is None:
+            self.balancing_state = init_balancing_state(c, params)
+        if self.optimizer_state is None:
+            self.optimizer_state = init_optimizer_state(c, params)
+        self.balance = {}
+        for layer in sorted(self.stats["layers"]):
+            counts = self.stats["layers"][layer]["expert_counts"]
+            key = f"model.layers.{layer}.mlp.expert_bias"
+            mkey = "smebu.momentum/" + key
+            old = params[key]
+            m_old = self.balancing_state.get(mkey)
+            m_old = None if m_old is None else m_old.copy()
+            self.balance.update(balance_step(c, params, self.balancing_state, {layer: counts}))
+            new = params[key]
+            outputs = {"bias": new.copy(), "delta": (new - old)}
+            if mkey in self.balancing_state:
+                outputs["momentum"] = self.balancing_state[mkey].copy()
+            inputs = {"counts": np.array(counts, copy=True), "bias": old, "method": c.load_balancing}
+            if m_old is not None:
+                inputs["momentum"] = m_old
+            outputs.update({k: float(v) for k, v in self.balance[layer].items()})
+            tracer.emit(key, "balance_step", "balancing", inputs, outputs)
+        tracer.set_params(params)
+
+        muon_lr, adamw_lr = self.lr_peak if self.lr_peak is not None else (c.muon_lr, c.adamw_lr)
+        self.lr = {"muon": float(muon_lr), "adamw": float(adamw_lr)}
+        state = self.optimizer_state
+        t0 = int(state["step"])
+        info = {"muon_tensors": 0, "adamw_tensors": 0, "muon_update_norm": 0.0, "adamw_update_norm": 0.0}
+        for key, X in params.items():
+            group = param_group(c, key, X.shape)
+            if group == "none":
+                continue
+            # One parameter at a time: optimizer_step's per-parameter updates are independent given the step
+            # count, so this is bitwise the trainer's single call (tests/test_inspector.py checks it).
+            own = {k: v for k, v in state.items() if k != "step" and k.endswith("/" + key)}
+            sub = {"step": np.array(t0, dtype=np.int64), **own}
+            name = key[: -len(".weight")] if key.endswith(".weight") else key
+            wanted = tracer.keep is None or tracer.keep(name, group, "optimizer")
+            before = X.copy() if wanted else None
+            r = optimizer_step(c, {key: X}, {key: self.clipped_grads[key]}, sub, muon_lr, adamw_lr, kernels)
+            for g in ("muon", "adamw"):
+                info[f"{g}_tensors"] += r[f"{g}_tensors"]
+                info[f"{g}_update_norm"] += r[f"{g}_update_norm"] ** 2
+            if wanted:
+                outputs = {"update": X - before}
+                outputs.update({k.split("/", 1)[0]: v.copy() for k, v in own.items()})
+                tracer.emit(name, group, "optimizer", {"grad": self.clipped_grads[key], "param": before,
+                                                       "lr": muon_lr if group == "muon" else adamw_lr},
+                            outputs, {"param": key})
+        if isinstance(state["step"], np.ndarray) and state["step"].ndim == 0:
+            state["step"][...] = t0 + 1
+        else:
+            state["step"] = np.array(t0 + 1, dtype=np.int64)
+        self.optimizer = {"step": t0 + 1, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr),
+                          "muon_tensors": info["muon_tensors"], "adamw_tensors": info["adamw_tensors"],
+                          "muon_update_norm": float(np.sqrt(info["muon_update_norm"])),
+                          "adamw_update_norm": float(np.sqrt(info["adamw_update_norm"]))}
+
+    def _start(self):
+        if self._started:
+            raise RuntimeError("a StepThrough runs once; make a new one")
+        self._started = True
+
+    def run(self) -> "StepThrough":
+        """Run everything (no pausing); events in self.events."""
+        self._start()
+        self._compute(self.events.append)
+        return self
+
+    def __iter__(self):
+        self._start()
+        handoff: queue.Queue = queue.Queue(maxsize=1)
+        resume = threading.Semaphore(0)
+        cancel = threading.Event()
+
+        def emit(event):
+            self.events.append(event)
+            handoff.put(("event", event))
+            resume.acquire()
+            if cancel.is_set():
+                raise _Cancelled()
+
+        def worker():
+            try:
+                self._compute(emit)
+            except _Cancelled:
+                handoff.put(("cancelled", None))
+                return
+            except BaseException as e:  # handed to the consumer, raised there
+                handoff.put(("error", e))
+                return
+            handoff.put(("done", None))
+
+        thread = threading.Thread(target=worker, name="trinity-step-through", daemon=True)
+        thread.start()
+        try:
+            while True:
+                kind, value = handoff.get()
+                if kind == "event":
+                    yield value
+                    resume.release()
+                elif kind == "error":
+                    raise value
+                else:
+                    break
+        finally:
+            if thread.is_alive():
+                cancel.set()
+                resume.release()
+                # drain so the worker can finish
+                while thread.is_alive():
+                    try:
+                        handoff.get(timeout=0.05)
+                        resume.release()
+                    except queue.Empty:
+                        pass
+                thread.join()
+
+
+def step_through(config: Config, params: dict, tokens, labels=None, step: bool = False, **kwargs) -> StepThrough:
+    """Iterate the events of one forward (labels: + backward; step: + balancing and optimizer step), one operator
+    at a time. See StepThrough for the keywords and for the results available afterwards."""
+    return StepThrough(config, params, tokens, labels, step=step, **kwargs)
