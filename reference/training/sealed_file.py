@@ -1,16 +1,18 @@
 """A sealed file: its first `size` bytes (an HDF5 user block, which HDF5 itself never reads) hold a header with the
-SHA-256 of everything after it and of each named byte range (a dataset's raw data), so damage anywhere is found
-from the bytes alone, before any parser touches the file, and is reported by the name of the range it hit.
+SHA-256 of each named byte range (a dataset's raw data) and of everything else after the header, so damage anywhere
+is found from the bytes alone, before any parser touches the file, and is reported by the name of the range it hit.
+Every byte is hashed once: the "structure" digest reads the bytes outside the ranges in file order, with each range's
+hex digest in its place.
 
 Header (ASCII, padded with spaces to `size` bytes, `size` a power of two >= 512):
 
     TRINITY-SEALED <size> <hex of the JSON line>\\n
-    {"sha256": <hex of bytes [size:]>, "length": <file length>, "ranges": {name: [offset, nbytes, <hex>], ...},
+    {"sha256": <hex of the structure>, "length": <file length>, "ranges": {name: [offset, nbytes, <hex>], ...},
      "meta": {...}}\\n
 
 so the header checks itself too. `meta` is free JSON that `read_header` returns without reading the body
-(checkpoints keep their run_id there, so retention can tell whose a file is without parsing it). Verification streams the file once; on a mismatch it hashes each range to
-name the damaged ones, and blames the file's structure when no range is damaged.
+(checkpoints keep their run_id there, so retention can tell whose a file is without parsing it). Verification
+streams the file once and names the damaged ranges, or blames the file's structure when no range is damaged.
 """
 
 from __future__ import annotations
@@ -42,12 +44,36 @@ def _sha(view) -> str:
     return hashlib.sha256(view).hexdigest()
 
 
+def _digests(read, size: int, length: int, ranges: dict) -> tuple[str, dict]:
+    """(structure digest, {name: range digest}) of bytes [size, length), reading each byte once through
+    read(offset, nbytes) -> iterable of chunks. Ranges must lie in [size, length) and not overlap."""
+    structure, out, pos = hashlib.sha256(), {}, size
+    for name, (off, n) in sorted(ranges.items(), key=lambda item: (item[1][0], item[1][1])):
+        if n == 0:
+            out[name] = _sha(b"")
+            continue
+        if off < pos or off + n > length:
+            raise SealError("the seal header is damaged (ranges out of place)")
+        for chunk in read(pos, off - pos):
+            structure.update(chunk)
+        h = hashlib.sha256()
+        for chunk in read(off, n):
+            h.update(chunk)
+        out[name] = h.hexdigest()
+        structure.update(out[name].encode("ascii"))
+        pos = off + n
+    for chunk in read(pos, length - pos):
+        structure.update(chunk)
+    return structure.hexdigest(), out
+
+
 def seal(buf, size: int, ranges: dict, meta: dict | None = None) -> None:
     """Write the header into the first `size` bytes of the writable buffer `buf` (the whole file's bytes), for
     `ranges` {name: (offset, nbytes)} inside buf[size:]."""
     view = memoryview(buf)
-    table = {name: [int(off), int(n), _sha(view[off:off + n])] for name, (off, n) in ranges.items()}
-    body = {"sha256": _sha(view[size:]), "length": len(view), "ranges": table, "meta": meta or {}}
+    structure, digests = _digests(lambda off, n: (view[off:off + n],), size, len(view), ranges)
+    table = {name: [int(off), int(n), digests[name]] for name, (off, n) in ranges.items()}
+    body = {"sha256": structure, "length": len(view), "ranges": table, "meta": meta or {}}
     line = json.dumps(body, sort_keys=True).encode("ascii")
     header = MAGIC + f"{size} {_sha(line)}\n".encode("ascii") + line + b"\n"
     if len(header) > size:
@@ -93,17 +119,14 @@ def read_header(path) -> dict:
     return header
 
 
-def _hash_file(f, start: int, end: int) -> str:
-    h = hashlib.sha256()
+def _chunks(f, start: int, n: int):
     f.seek(start)
-    left = end - start
-    while left > 0:
-        chunk = f.read(min(_CHUNK, left))
+    while n > 0:
+        chunk = f.read(min(_CHUNK, n))
         if not chunk:
-            break
-        h.update(chunk)
-        left -= len(chunk)
-    return h.hexdigest()
+            return
+        n -= len(chunk)
+        yield chunk
 
 
 def verify(path) -> dict:
@@ -113,12 +136,13 @@ def verify(path) -> dict:
     length = os.path.getsize(path)
     if length != header["length"]:
         raise SealError(f"the file has {length} bytes, its seal says {header['length']} (truncated?)")
+    ranges = {name: (off, n) for name, (off, n, _) in header["ranges"].items()}
     with open(path, "rb") as f:
-        if _hash_file(f, header["size"], length) == header["sha256"]:
-            return header
-        damaged = [name for name, (off, n, digest) in header["ranges"].items()
-                   if _hash_file(f, off, off + n) != digest]
+        structure, digests = _digests(lambda off, n: _chunks(f, off, n), header["size"], length, ranges)
+    damaged = [name for name, (_, _, digest) in header["ranges"].items() if digests[name] != digest]
     if damaged:
         shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
         raise SealError(f"{shown} {'fails its' if len(damaged) == 1 else 'fail their'} sha256 checksum")
-    raise SealError("its structure (HDF5 metadata, names, attributes) fails the file's sha256 checksum")
+    if structure != header["sha256"]:
+        raise SealError("its structure (HDF5 metadata, names, attributes) fails the file's sha256 checksum")
+    return header
