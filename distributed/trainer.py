@@ -174,7 +174,7 @@ class Trainer:
             if largest >= config.vocab_size:
                 raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
                                      f"{config.vocab_size}")
-        self._check_memory(loaded=pretrained)
+        memory = self._check_memory(loaded=pretrained)
         self.fingerprint = data_fingerprint(self.stores)
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
@@ -189,6 +189,7 @@ class Trainer:
         if not resume:
             self._claim_folder(restart)
         ckpt = self._load_resume_point(config) if resume else None
+        log(memory)
         self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
         self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
         if ckpt is not None:
@@ -218,10 +219,10 @@ class Trainer:
             self.rng = np.random.default_rng(run.init_seed)
         self.checkpoints.run_id = self.run_id
 
-    def _check_memory(self, loaded=None) -> None:
+    def _check_memory(self, loaded=None) -> str:
         """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the larger
         of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
-        file). `loaded`: params already in memory (init_from), not counted twice. Log the estimate either way."""
+        file). `loaded`: params already in memory (init_from), not counted twice. Returns the estimate, to log."""
         run = self.run
         micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size
         estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
@@ -239,7 +240,7 @@ class Trainer:
             raise RunConfigError(f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said} "
                                  f"exceeds the {available / gib:.2f} GiB available; lower them"
                                  + ("" if run.recompute else ", or set [train] recompute = true"))
-        self.log(said + (f" of {available / gib:.2f} GiB available" if available is not None else ""))
+        return said + (f" of {available / gib:.2f} GiB available" if available is not None else "")
 
     def _claim_folder(self, restart: bool) -> None:
         """A new run needs a folder of its own: existing checkpoints (or a non-empty metrics file) are refused,
