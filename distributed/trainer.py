@@ -228,18 +228,22 @@ class Trainer:
         estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
                                        micro_steps=micro_steps)
         state = estimate["params"] + estimate["optimizer"]
-        total = max(estimate["total"], 2 * state + (state >> 4))
+        save = 2 * state + (state >> 4)
+        total, peak = (save, "a checkpoint save") if save > estimate["total"] else (estimate["total"],
+                                                                                   f"the step's {estimate['phase']}")
+
         available = available_memory_bytes()
         if available is not None and loaded is not None:
             available += sum(v.nbytes for v in loaded.values())
         gib = 2.0 ** 30
-        said = (f"estimated peak memory {total / gib:.2f} GiB (params {estimate['params'] / gib:.2f}, "
+        said = (f"estimated peak memory {total / gib:.2f} GiB, in {peak} (params {estimate['params'] / gib:.2f}, "
                 f"optimizer {estimate['optimizer'] / gib:.2f}, activations {estimate['activations'] / gib:.2f}, "
                 f"logits {estimate['logits'] / gib:.2f} GiB)")
         if available is not None and total > available:
             raise RunConfigError(f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said} "
-                                 f"exceeds the {available / gib:.2f} GiB available; lower them"
-                                 + ("" if run.recompute else ", or set [train] recompute = true"))
+                                 f"exceeds the {available / gib:.2f} GiB available; "
+                                 + ("this model's state does not fit this machine" if peak == "a checkpoint save" else
+                                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true")))
         return said + (f" of {available / gib:.2f} GiB available" if available is not None else "")
 
     def _claim_folder(self, restart: bool) -> None:
