@@ -231,7 +231,6 @@ class Trainer:
         save = 2 * state + (state >> 4)
         total, peak = (save, "a checkpoint save") if save > estimate["total"] else (estimate["total"],
                                                                                    f"the step's {estimate['phase']}")
-
         available = available_memory_bytes()
         if available is not None and loaded is not None:
             available += sum(v.nbytes for v in loaded.values())
