@@ -279,10 +279,9 @@ class Trainer:
                                  f"checkpoint(s) verifies (corrupt); start over with --restart")
         if ckpt is not None and ckpt.data_fingerprint is not None:
             changes = _data_changes(ckpt.data_fingerprint, self.fingerprint, self.stores)
-            was, now = ckpt.tokenizer, self.tokenizer[0] if self.tokenizer else None
-            if (was or {}).get("sha256") != (now or {}).get("sha256") or \
-                    (was or {}).get("kind") != (now or {}).get("kind"):
-                changes.append(f"the tokenizer changed ({(was or {}).get('kind')} -> {(now or {}).get('kind')})")
+            was, now = ckpt.tokenizer or {}, self.tokenizer[0] if self.tokenizer else {}
+            if (was.get("kind"), was.get("sha256")) != (now.get("kind"), now.get("sha256")):
+                changes.append(f"the tokenizer changed ({was.get('kind')} -> {now.get('kind')})")
             if changes:
                 raise RunConfigError(f"[data] the training data changed since checkpoint {ckpt.path}: "
                                      f"{'; '.join(changes)}; resume on the same data, or start a new run")
