@@ -99,22 +99,24 @@ def _backward_tasks(first, stride, n, z, target, lse, lam, inv_n, dz):
 
 
 def _row_targets(target, valid, T):
-    """int64 [B·T]: the label each row of logits predicts, −1 where it does not count (ignored, or t = T − 1)."""
-    B = target.shape[0]
+    """int64 [B·T]: the label each row of logits predicts, −1 where it does not count (ignored, or t = T − 1 with
+    the shift)."""
+    B, P = target.shape
     out = np.full((B, T), -1, dtype=np.int64)
-    out[:, :-1] = np.where(valid, target, -1)
+    out[:, :P] = np.where(valid, target, -1)
     return out.reshape(-1)
 
 
-def cross_entropy_forward(logits, labels, z_loss_coeff=0.0):
-    """(ce, z, ctx) with the reference's semantics: labels shifted inside, −100 ignored, mean over counted tokens;
-    both 0 when no token counts (SPEC §4.10, §7, §14 #17). ctx's lse is kept in float64."""
+def cross_entropy_forward(logits, labels, z_loss_coeff=0.0, *, shift=True, denom=None):
+    """(ce, z, ctx) with the reference's semantics: labels shifted inside (unless shift=False: already aligned),
+    −100 ignored, mean over counted tokens (or sums over `denom`); both 0 when no token counts (SPEC §4.10, §7,
+    §14 #17). ctx's lse is kept in float64."""
     labels = np.asarray(labels)
     if labels.shape != logits.shape[:-1] or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be an integer array shaped like tokens {logits.shape[:-1]}, "
                          f"got dtype {labels.dtype} shape {labels.shape}")
     B, T, V = logits.shape
-    target = labels[:, 1:]
+    target = labels[:, 1:] if shift else labels
     valid = target != IGNORE_INDEX
     if np.any(valid & ((target < 0) | (target >= V))):
         raise ValueError(f"labels must be token ids in [0, {V}) or {IGNORE_INDEX}")
@@ -125,8 +127,8 @@ def cross_entropy_forward(logits, labels, z_loss_coeff=0.0):
     run_tasks(_forward_tasks, -(-(B * T) // ROWS), logits.reshape(B * T, V), _row_targets(target, valid, T), lse,
               picked)
     n = int(valid.sum())
-    denom = max(n, 1)
-    lse = lse.reshape(B, T)[:, :-1]
+    denom = max(n, 1) if denom is None else denom
+    lse = lse.reshape(B, T)[:, :target.shape[1]]
     ce = float((lse.sum() - picked.sum()) / denom)  # rows that do not count hold 0 in both
     zl = float(z_loss_coeff * np.square(lse).sum() / denom)
     return ce, zl, CrossEntropyCtx(logits, safe_target, valid, lse, denom, z_loss_coeff)
@@ -138,7 +140,7 @@ def cross_entropy_backward(ctx, scale=1.0):
     B, T, V = logits.shape
     dlogits = np.empty_like(logits)
     lse_rows = np.zeros((B, T), dtype=np.float64)
-    lse_rows[:, :-1] = lse
+    lse_rows[:, :lse.shape[1]] = lse
     run_tasks(_backward_tasks, -(-(B * T) // ROWS), logits.reshape(B * T, V), _row_targets(target, valid, T),
               lse_rows.reshape(-1), float(lam), float(scale / denom), dlogits.reshape(B * T, V))
     return dlogits

@@ -129,21 +129,19 @@ def bench_config(impl: str):
 
 
 def _trinity_step(config, params, tokens, impl, ops=None):
-    """The step as the trainer takes it (distributed/trainer.py): loss_and_grads, clip, balancing, optimizer.
-    `ops` replaces the backend's table (the profile passes a TimedOps around it)."""
+    """The trainer's step (trinity.reference.training.step: compute_gradients, then apply_update: clip, balancing,
+    optimizer). `ops` replaces the backend's table (the profile passes a TimedOps around it)."""
     from trinity.accel import get_backend
-    from trinity.reference import loss_and_grads
-    from trinity.reference.training.balancing import balance_step, init_balancing_state
-    from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step
+    from trinity.reference.training.balancing import init_balancing_state
+    from trinity.reference.training.optim import init_optimizer_state
+    from trinity.reference.training.step import GlobalBatch, apply_update, compute_gradients
 
     ops = ops or get_backend(impl)
     opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)
 
     def step():
-        losses, grads, stats = loss_and_grads(config, params, tokens, tokens, ops=ops)
-        grads, _ = clip_grad_norm(grads, config.grad_clip_norm, ops)
-        balance_step(config, params, bal, {l: s["expert_counts"] for l, s in stats["layers"].items()})
-        optimizer_step(config, params, grads, opt, config.muon_lr, config.adamw_lr, kernels=ops)
+        result = compute_gradients(config, params, GlobalBatch(tokens), ops=ops, check=False)
+        apply_update(config, params, opt, bal, result, config.muon_lr, config.adamw_lr, ops=ops)
     return step
 
 

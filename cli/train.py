@@ -1,4 +1,4 @@
-"""`trinity train RUN.toml [--resume | --restart]`: train in one process with the Trinity recipe (SPEC §6, §7, §9).
+"""`trinity train RUN.toml [--resume | --restart] [--mesh SPEC]`: train with the Trinity recipe (SPEC §6, §7, §9).
 
 The run file names the model, data, optimizer, schedule, balancing, loss coefficients, checkpoints and logging
 (see trinity.distributed.run_config for every key). Bad run files fail before any work, naming the key. A progress
@@ -6,7 +6,17 @@ bar shows step, loss, tokens/s and time left; every step appends one JSON line t
 continues from the newest checkpoint of the run that verifies, bit for bit; a folder that already holds another
 run's checkpoints is refused unless `--restart` removes them.
 
-Exit status: 0 done; 2 a problem with the run file, data, paths or checkpoints (one line naming the key);
+`--mesh SPEC` sets the parallel layout, overriding the run file's [parallel] section: comma-separated name=size
+pairs of the mesh dimensions dp_replicate, dp_shard, cp and ep (unnamed ones are 1; trinity.distributed.layout),
+e.g. on 4 ranks, params sharded over all 4 and each MoE layer's experts split in 2 groups (ep borrows its ranks
+from dp_shard·cp; it does not add ranks):
+
+    mpiexec -n 4 python -m mpi4py -m trinity.cli train run.toml --mesh dp_shard=4,ep=2
+
+The job needs dp_replicate·dp_shard·cp ranks; a layout that does not fit the job, the model or the batch sizes is
+refused before any work with the layouts that would fit.
+
+Exit status: 0 done; 2 a problem with the run file, --mesh, the layout, data, paths or checkpoints (one line);
 3 the loss or gradient norm went non-finite (the run stopped before the update); 130 / 143 stopped by SIGINT /
 SIGTERM after writing a checkpoint.
 """
@@ -24,7 +34,9 @@ DIVERGED = 3  # exit status of a run stopped by a non-finite loss or gradient no
 
 def add_parser(subparsers):
     p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
-                              epilog="example: trinity train configs/tiny-synthetic.toml")
+                              epilog="examples: trinity train configs/tiny-synthetic.toml; "
+                                     "mpiexec -n 4 python -m mpi4py -m trinity.cli train run.toml "
+                                     "--mesh dp_shard=4,ep=2")
     p.add_argument("run_file", metavar="RUN.toml", help="the run file")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -33,6 +45,10 @@ def add_parser(subparsers):
                        help="start over: remove the checkpoints and metrics the run's folders already hold")
     p.add_argument("--backend", choices=BACKENDS,
                    help="operator table, overriding [train] backend of the run file (trinity.accel.get_backend)")
+    p.add_argument("--mesh", metavar="SPEC",
+                   help="parallel layout, overriding the run file's [parallel] section: name=size pairs of "
+                        "dp_replicate, dp_shard, cp, ep (unnamed ones are 1), e.g. dp_shard=2,ep=2; the job needs "
+                        "dp_replicate*dp_shard*cp ranks")
     p.set_defaults(run=run)
     return p
 
@@ -40,18 +56,27 @@ def add_parser(subparsers):
 def run(args) -> int:
     import dataclasses
 
+    from trinity.distributed.layout import Layout, LayoutError
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer, TrainingDiverged
     from trinity.reference.training.checkpoint import CheckpointError
 
+    layout = None
+    if args.mesh is not None:
+        try:
+            layout = Layout.parse(args.mesh)
+        except LayoutError as e:
+            raise CLIError(f"--mesh: {e}") from None
     try:
         run_config = load_run_config(args.run_file)
+        if layout is not None:
+            run_config = dataclasses.replace(run_config, layout=layout)
         if args.backend:
             load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
             run_config = dataclasses.replace(run_config, backend=args.backend)
         trainer = Trainer(run_config, resume=args.resume, restart=args.restart)
         last = trainer.train()
-    except (RunConfigError, CheckpointError, FileNotFoundError) as e:
+    except (RunConfigError, LayoutError, CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     except TrainingDiverged as e:
         raise CLIError(str(e), status=DIVERGED) from None

@@ -43,6 +43,14 @@ folder. Example (configs/tiny-synthetic.toml):
     [loss]        z_loss_coeff, balance_loss_coeff, intra_document_mask
     [checkpoint]  dir, every (steps), keep_last
     [logging]     metrics (JSONL path), progress (bool)
+    [parallel]                   # optional: the layout (trinity.distributed.layout); `--mesh` overrides it
+    dp_replicate = 1             # positive integers, default 1; the job has dp_replicate·dp_shard·cp ranks,
+    dp_shard = 1                 # e.g. dp_shard = 2 and ep = 2 for `mpiexec -n 2 ...`
+    cp = 1
+    ep = 1                       # expert parallel: borrows its ranks from dp_shard·cp
+
+The layout's checks that need the job's world size or the built model (`Layout.check`) are the trainer's; the loader
+refuses only what needs neither (a size that is not a positive integer).
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 from trinity.accel import BACKENDS
+from trinity.distributed.layout import DIMS as _LAYOUT_KEYS
+from trinity.distributed.layout import Layout
 from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["RunConfig", "RunConfigError", "load_run_config", "check_output_paths"]
@@ -107,10 +117,16 @@ class RunConfig:
     max_skipped_steps: int = 10  # with "skip": more skipped steps than this stop the run
     data_sources: tuple = ()  # paths of a phase mix ([[data.sources]]); data_path is None then
     data_phases: tuple = ()  # ((start_tokens, (w1, w2, ...)), ...) for data_sources
+    layout: Layout = Layout()  # [parallel]; checked against the job and the model by the trainer (Layout.check)
     extra: dict = field(default_factory=dict)
     # Config field → (section, key, value as written) for every config_overrides entry, so that a value the Config
     # rejects is reported under the name the run file gave it ("[optimizer] muon_lr = -1").
     override_origins: dict = field(default_factory=dict)
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """Every sequences-per-step value the run uses: the base value, then each batch_schedule value."""
+        return [self.sequences_per_step, *(n for _, n in self.batch_schedule)]
 
     def build_config(self, base: Config) -> Config:
         """Apply the run's Config overrides (model.overrides and the recipe sections) to `base`, then
@@ -256,7 +272,7 @@ def load_run_config(path) -> RunConfig:
     here = os.path.dirname(os.path.abspath(path))
     resolve = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p))  # noqa: E731
     sections = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
-    known = {"model", "data", "train", "checkpoint", "logging", *_CONFIG_SECTIONS}
+    known = {"model", "data", "train", "checkpoint", "logging", "parallel", *_CONFIG_SECTIONS}
     unknown = sorted(set(sections) - known)
     if unknown:
         raise RunConfigError(f"unknown section(s): {_keys(unknown)}; expected {sorted(known)}")
@@ -373,6 +389,11 @@ def load_run_config(path) -> RunConfig:
     progress = _take(logging, "logging", "progress", bool, True, what="true or false")
     _no_leftovers(logging, "logging")
 
+    parallel = sections.get("parallel", {})
+    sizes = {name: _take(parallel, "parallel", name, int, 1, positive, "a positive integer") for name in _LAYOUT_KEYS}
+    if parallel:
+        raise RunConfigError(f"[parallel] unknown key(s): {_keys(parallel)}; expected {', '.join(_LAYOUT_KEYS)}")
+
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
                      micro_batch_size=micro, data_seed=data_seed, steps=steps, sequences_per_step=seqs,
@@ -380,7 +401,7 @@ def load_run_config(path) -> RunConfig:
                      checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
-                     max_skipped_steps=max_skipped)
+                     max_skipped_steps=max_skipped, layout=Layout(**sizes))
 
 
 def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:

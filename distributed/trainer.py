@@ -38,18 +38,19 @@ import uuid
 import numpy as np
 
 from trinity.accel import BackendUnavailable, get_backend
-from trinity.reference import Config, ConfigError, init_params, loss_and_grads
+from trinity.reference import Config, ConfigError, init_params
 from trinity.reference.data.mixture import MixtureLoader
 from trinity.reference.data.packing import PackedTokenLoader
 from trinity.reference.data.rsdb import RSDBLoader
 from trinity.reference.data.store import DataError, DocumentStore
 from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
-from trinity.reference.training.balancing import balance_step, init_balancing_state
+from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError,
                                                    config_changes)
 from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
-from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step
+from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule, learning_rate
+from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, compute_gradients
 
 from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
 from .preemption import PreemptionGuard
@@ -161,6 +162,7 @@ class Trainer:
     def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print):
         self.run, self.log = run, log
         self.stopped_by: int | None = None  # the signal that ended `train` early (preemption), if any
+        self.mesh = LOCAL
         check_output_paths(run)
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
@@ -288,58 +290,44 @@ class Trainer:
         return ckpt
 
     # ---- one optimizer step -------------------------------------------------------------------------------------
+    def next_batch(self, sequences: int) -> GlobalBatch:
+        """The step's global batch: `sequences` sequences read from the loader in micro_batch_size pieces, the same
+        on every rank and under every layout (each rank then trains on its part, training/step.py)."""
+        pieces = [self.loader.next_batch() for _ in range(sequences // self.run.micro_batch_size)]
+        tokens = np.concatenate([t for t, _ in pieces])
+        doc_ids = np.concatenate([d for _, d in pieces]) if self.config.intra_document_mask else None
+        return GlobalBatch(tokens, doc_ids=doc_ids)
+
     def train_step(self) -> dict:
-        """One optimizer step; its metrics line. A step whose loss or gradient norm is not finite changes no
-        parameter or balancing state: it raises TrainingDiverged, or under `on_nonfinite = "skip"` returns a line
-        with "skipped": true (the micro-batches it read are consumed)."""
+        """One optimizer step (training/step.py); its metrics line. A step whose loss or gradient norm is not finite
+        changes no parameter or balancing state: it raises TrainingDiverged, or under `on_nonfinite = "skip"`
+        returns a line with "skipped": true (the batch it read is consumed)."""
         c, run = self.config, self.run
         t0 = time.perf_counter()
         sequences = self.batches.sequences(self.tokens_seen)
-        micro_steps = sequences // run.micro_batch_size
-        grads_sum, counts, micro_losses = None, {}, []
-        parts = {"total": 0.0, "ce": 0.0, "z": 0.0, "balance": 0.0}
-        logit_max, logit_mean = -np.inf, 0.0
-        for _ in range(micro_steps):
-            tokens, doc_ids = self.loader.next_batch()
-            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught below, by name
-                losses, grads, stats = loss_and_grads(c, self.params, tokens, tokens,
-                                                      doc_ids if c.intra_document_mask else None,
-                                                      recompute=run.recompute, ops=self.ops)
-            if grads_sum is None:
-                grads_sum = grads
-            else:
-                for k, g in grads.items():
-                    grads_sum[k] += g
-            for layer, s in stats["layers"].items():
-                counts[layer] = counts.get(layer, 0) + s["expert_counts"]
-            for k in parts:
-                parts[k] += losses[k] / micro_steps
-            micro_losses.append(losses["total"])
-            logit_max = max(logit_max, stats["logits_max"])
-            logit_mean += stats["logits_mean"] / micro_steps
-        scale = np.asarray(1.0 / micro_steps, dtype=np.dtype(run.dtype))
-        grads = {k: g * scale for k, g in grads_sum.items()}
-        grads, grad_norm = clip_grad_norm(grads, c.grad_clip_norm, self.ops)
-        if not (np.isfinite(parts["total"]) and np.isfinite(grad_norm)):
-            return self._non_finite_step(parts, grad_norm, sequences, time.perf_counter() - t0)
-        balance = balance_step(c, self.params, self.balance_state, counts)
+        result = compute_gradients(c, self.params, self.next_batch(sequences), micro_batch_size=run.micro_batch_size,
+                                   ops=self.ops, mesh=self.mesh, recompute=run.recompute, check=False)
+        if not result.finite:
+            return self._non_finite_step(result.losses, result.grad_norm, sequences, time.perf_counter() - t0)
         lr = {group: learning_rate(self.step, run.steps, peak, c.warmup_steps, c.lr_schedule,
                                    c.decay_start_fraction, c.lr_floor_ratio)
               for group, peak in (("muon", c.muon_lr), ("adamw", c.adamw_lr))}
-        optimizer_step(c, self.params, grads, self.opt_state, lr["muon"], lr["adamw"], self.ops)
+        update = apply_update(c, self.params, self.opt_state, self.balance_state, result, lr["muon"], lr["adamw"],
+                              ops=self.ops, mesh=self.mesh)
         tokens = sequences * run.seq_len
         self.step += 1
         self.tokens_seen += tokens
         seconds = time.perf_counter() - t0
         metrics = {
-            "step": self.step, "tokens_seen": self.tokens_seen, "sequences": sequences, "loss": parts,
-            "grad_norm": float(grad_norm), "lr": lr, "logits_max": float(logit_max), "logits_mean": float(logit_mean),
-            "max_vio": {str(l): m["max_vio"] for l, m in balance.items()},
-            "expert_load": {str(l): counts[l].astype(int).tolist() for l in counts},
+            "step": self.step, "tokens_seen": self.tokens_seen, "sequences": sequences, "loss": result.losses,
+            "grad_norm": float(result.grad_norm), "lr": lr, "logits_max": result.logits_max,
+            "logits_mean": result.logits_mean,
+            "max_vio": {str(l): m["max_vio"] for l, m in update["balance"].items()},
+            "expert_load": {str(l): np.asarray(n).astype(int).tolist() for l, n in result.counts.items()},
             "skipped_steps": self.skipped_steps, "tokens_per_s": tokens / seconds, "seconds": seconds,
         }
-        if micro_steps > 1:  # SPEC §6.4: BatchHet = max_i L_i − mean_i L_i over the step's micro-batch losses
-            metrics["batch_het"] = float(max(micro_losses) - np.mean(micro_losses))
+        if result.batch_het is not None:  # SPEC §6.4
+            metrics["batch_het"] = result.batch_het
         return metrics
 
     def _non_finite_step(self, parts, grad_norm, sequences, seconds) -> dict:

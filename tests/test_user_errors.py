@@ -45,6 +45,7 @@ SECTIONS = {
     "loss": [("z_loss_coeff", "1e-6", "float"), ("balance_loss_coeff", "1e-4", "float")],
     "checkpoint": [("dir", '"ckpt"', "str"), ("every", "1", "int"), ("keep_last", "2", "int")],
     "logging": [("metrics", '"metrics.jsonl"', "str"), ("progress", "false", "bool")],
+    "parallel": [("dp_replicate", "1", "int"), ("dp_shard", "1", "int"), ("cp", "1", "int"), ("ep", "1", "int")],
 }
 KEYS = [(section, key, kind) for section, items in SECTIONS.items() for key, _, kind in items]
 
@@ -170,6 +171,9 @@ BAD_VALUES = [
     ("checkpoint", "keep_last", "0", r"\[checkpoint\] keep_last = 0"),
     ("checkpoint", "dir", '""', r"\[checkpoint\] dir = ''"),
     ("logging", "metrics", '" "', r"\[logging\] metrics = ' '"),
+    ("parallel", "cp", "0", r"\[parallel\] cp = 0: must be a positive integer"),
+    ("parallel", "ep", "-2", r"\[parallel\] ep = -2: must be a positive integer"),
+    ("parallel", "dp_shard", "2.0", r"\[parallel\] dp_shard = 2.0: must be a positive integer"),
 ]
 MORE_BAD = [  # extra keys of a section, with a bad value
     ("model.overrides", "head_dim = 15", r"\[model.overrides\] head_dim = 15: must be even"),
@@ -194,6 +198,7 @@ KNOWN = {"model": {"preset", "config", "init_from", "dtype", "seed", "overrides"
          "train": {"steps", "sequences_per_step", "batch_schedule", "recompute", "backend", "on_nonfinite",
                    "max_skipped_steps"},
          "checkpoint": {"dir", "every", "keep_last"}, "logging": {"metrics", "progress"},
+         "parallel": {"dp_replicate", "dp_shard", "cp", "ep"},
          **{name: set(mapping) for name, mapping in run_config._CONFIG_SECTIONS.items()}}
 BAD_TOML = ["[", "x =", "= 1", "a = 'b", "[data]", "x = 1 2", "a = \x00", "[[model]]", 'k = "\\q"']
 
@@ -309,6 +314,20 @@ def test_config_errors_name_the_run_file_key_not_the_config_field(tmp_path):
 ])
 def test_model_source_paths_are_checked_with_the_run_file(folder, capsys, line, expect):
     check_train_fails(folder, capsys, render({("model", "preset"): None}, extra={"model": [line]}), expect)
+
+
+@pytest.mark.parametrize("mesh, expect", [
+    ("dp_shard=0", r"--mesh: layout 'dp_shard=0': dp_shard=0: the size must be a positive integer; .*dp_replicate, "
+                   r"dp_shard, cp, ep"),
+    ("dp_shrd=2", r"--mesh: layout 'dp_shrd=2': unknown dimension 'dp_shrd'"),
+    ("ep=2,ep=2", r"--mesh: layout 'ep=2,ep=2': ep given twice"),
+    ("ep=two", r"--mesh: layout 'ep=two': ep=two: the size must be a positive integer"),
+    ("dp_shard 2", r"--mesh: layout 'dp_shard 2': 'dp_shard 2' is not name=size"),
+    ("", r"--mesh: layout '': '' is not name=size"),
+])
+def test_bad_mesh_option_fails_in_one_line(folder, capsys, mesh, expect):
+    """A bad `--mesh` is refused in one line naming the option, before the run file is read or anything is touched."""
+    check_train_fails(folder, capsys, render(), expect, args=("--mesh", mesh))
 
 
 # ---- output paths --------------------------------------------------------------------------------------------------

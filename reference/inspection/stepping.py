@@ -13,7 +13,6 @@ import numpy as np
 
 from ..model.config import Config
 from ..model.model import check_inputs, model_forward
-from ..model.objective import loss_and_grads
 from .events import _LAYER, Event
 from .tracing import TracingOps
 
@@ -83,97 +82,81 @@ class StepThrough:
 
     # -- the computation, calling emit(event) after each recorded event
     def _compute(self, emit):
-        from ..training.balancing import balance_step, init_balancing_state
-        from ..training.optim import clip_grad_norm, init_optimizer_state, optimizer_step, param_group
+        from ..training.balancing import init_balancing_state, momentum_key
+        from ..training.optim import init_optimizer_state
+        from ..training.step import GlobalBatch, apply_update, compute_gradients
 
         c, params = self.config, self.params
         keep = None if self.keep is None else (lambda name, op, phase: self.keep(name, op, phase))
         tracer = TracingOps(self.base_ops, params, keep=keep, on_event=emit,
                             capture=lambda name, op: op == "router_forward" or name == "lm_head")
         self.tracer = tracer
-        if self.backward:
-            self.losses, self.grads, self.stats = loss_and_grads(c, params, self.tokens, self.labels, self.doc_ids,
-                                                                 ops=tracer)
+        if self.backward:  # the training step's gradients (training/step.py), one micro-batch
+            result = compute_gradients(c, params, GlobalBatch(self.tokens, self.labels, self.doc_ids), ops=tracer,
+                                       check=False)
+            self.losses, self.grads, self.stats = result.losses, result.grads, result.stats[0]
             tracer.emit("loss", "losses", "loss", {}, {k: float(v) for k, v in self.losses.items()})
         else:
             _, ctx = model_forward(c, params, self.tokens, self.doc_ids, keep_ctx=True, ops=tracer)
         self.logits = tracer.captured[("forward", "lm_head")][0]
-        for (phase, name), result in tracer.captured.items():
+        for (phase, name), result_ in tracer.captured.items():
             m = _LAYER.match(name)
-            if phase != "forward" or m is None or len(result) != 3:
+            if phase != "forward" or m is None or len(result_) != 3:
                 continue
             layer = int(m.group(1))
-            weights, experts, rctx = result
+            weights, experts, rctx = result_
             scores = getattr(rctx, "scores", None)
             self.routers[layer] = RouterInfo(scores, experts, weights, params[f"model.layers.{layer}.mlp.expert_bias"],
                                              np.bincount(experts.reshape(-1), minlength=c.num_experts))
         if not self.step:
             return
 
-        # The update, in the trainer's order: clip, balancing, optimizer (distributed/trainer.py).
-        kernels = self.base_ops if hasattr(self.base_ops, "adamw_update") else None  # a backend's optimizer kernels
-        self.clipped_grads, self.grad_norm = clip_grad_norm(self.grads, c.grad_clip_norm, kernels)
-        scale = min(1.0, c.grad_clip_norm / self.grad_norm) if c.grad_clip_norm > 0 and self.grad_norm > 0 else 1.0
-        tracer.emit("clip_grad_norm", "clip_grad_norm", "clip", {"max_norm": c.grad_clip_norm},
-                    {"grad_norm": self.grad_norm, "scale": scale})
+        # The update, as the trainer takes it (training/step.py apply_update): clip, balancing, optimizer, with an
+        # event for each.
         if self.balancing_state is None:
             self.balancing_state = init_balancing_state(c, params)
         if self.optimizer_state is None:
             self.optimizer_state = init_optimizer_state(c, params)
-        self.balance = {}
-        for layer in sorted(self.stats["layers"]):
-            counts = self.stats["layers"][layer]["expert_counts"]
+        muon_lr, adamw_lr = self.lr_peak if self.lr_peak is not None else (c.muon_lr, c.adamw_lr)
+        self.lr = {"muon": float(muon_lr), "adamw": float(adamw_lr)}
+
+        def on_clip(norm, scale):
+            tracer.emit("clip_grad_norm", "clip_grad_norm", "clip", {"max_norm": c.grad_clip_norm},
+                        {"grad_norm": norm, "scale": scale})
+
+        def on_balance(layer, counts, old, m_old, metrics):
             key = f"model.layers.{layer}.mlp.expert_bias"
-            mkey = "smebu.momentum/" + key
-            old = params[key]
-            m_old = self.balancing_state.get(mkey)
-            m_old = None if m_old is None else m_old.copy()
-            self.balance.update(balance_step(c, params, self.balancing_state, {layer: counts}))
             new = params[key]
             outputs = {"bias": new.copy(), "delta": (new - old)}
-            if mkey in self.balancing_state:
-                outputs["momentum"] = self.balancing_state[mkey].copy()
+            if momentum_key(key) in self.balancing_state:
+                outputs["momentum"] = self.balancing_state[momentum_key(key)].copy()
             inputs = {"counts": np.array(counts, copy=True), "bias": old, "method": c.load_balancing}
             if m_old is not None:
                 inputs["momentum"] = m_old
-            outputs.update({k: float(v) for k, v in self.balance[layer].items()})
+            outputs.update({k: float(v) for k, v in metrics.items()})
             tracer.emit(key, "balance_step", "balancing", inputs, outputs)
-        tracer.set_params(params)
 
-        muon_lr, adamw_lr = self.lr_peak if self.lr_peak is not None else (c.muon_lr, c.adamw_lr)
-        self.lr = {"muon": float(muon_lr), "adamw": float(adamw_lr)}
-        state = self.optimizer_state
-        t0 = int(state["step"])
-        info = {"muon_tensors": 0, "adamw_tensors": 0, "muon_update_norm": 0.0, "adamw_update_norm": 0.0}
-        for key, X in params.items():
-            group = param_group(c, key, X.shape)
-            if group == "none":
-                continue
-            # One parameter at a time: optimizer_step's per-parameter updates are independent given the step
-            # count, so this is bitwise the trainer's single call (tests/test_inspector.py checks it).
-            own = {k: v for k, v in state.items() if k != "step" and k.endswith("/" + key)}
-            sub = {"step": np.array(t0, dtype=np.int64), **own}
+        def observe(key, group, X, G, lr, own):
+            if observe.first:  # the balancing moved expert_bias: recognise the new arrays as parameters
+                tracer.set_params(params)
+                observe.first = False
             name = key[: -len(".weight")] if key.endswith(".weight") else key
-            wanted = tracer.keep is None or tracer.keep(name, group, "optimizer")
-            before = X.copy() if wanted else None
-            r = optimizer_step(c, {key: X}, {key: self.clipped_grads[key]}, sub, muon_lr, adamw_lr, kernels)
-            for g in ("muon", "adamw"):
-                info[f"{g}_tensors"] += r[f"{g}_tensors"]
-                info[f"{g}_update_norm"] += r[f"{g}_update_norm"] ** 2
-            if wanted:
+            if tracer.keep is not None and not tracer.keep(name, group, "optimizer"):
+                return None
+            before = X.copy()
+
+            def after():
                 outputs = {"update": X - before}
                 outputs.update({k.split("/", 1)[0]: v.copy() for k, v in own.items()})
-                tracer.emit(name, group, "optimizer", {"grad": self.clipped_grads[key], "param": before,
-                                                       "lr": muon_lr if group == "muon" else adamw_lr},
-                            outputs, {"param": key})
-        if isinstance(state["step"], np.ndarray) and state["step"].ndim == 0:
-            state["step"][...] = t0 + 1
-        else:
-            state["step"] = np.array(t0 + 1, dtype=np.int64)
-        self.optimizer = {"step": t0 + 1, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr),
-                          "muon_tensors": info["muon_tensors"], "adamw_tensors": info["adamw_tensors"],
-                          "muon_update_norm": float(np.sqrt(info["muon_update_norm"])),
-                          "adamw_update_norm": float(np.sqrt(info["adamw_update_norm"]))}
+                tracer.emit(name, group, "optimizer", {"grad": G, "param": before, "lr": lr}, outputs,
+                            {"param": key})
+            return after
+        observe.first = True
+
+        update = apply_update(c, params, self.optimizer_state, self.balancing_state, result, muon_lr, adamw_lr,
+                              ops=self.base_ops, on_clip=on_clip, on_balance=on_balance, observe=observe)
+        self.clipped_grads, self.grad_norm = update["clipped_grads"], result.grad_norm
+        self.balance, self.optimizer = update["balance"], update["optimizer"]
 
     def _start(self):
         if self._started:

@@ -11,8 +11,9 @@ time (decode); positions continue from `cache.length`, so a token at absolute po
   keys sorted by position) and the new keys are appended.
 - Global layers (NoPE, causal): a growing buffer holding every key so far (capacity doubles when full).
 
-`LayerCache.update(k, v)` is what the attention block calls: it stores the new keys and returns the keys, values
-and positions the new queries attend to. The cache holds B rows that all advance together (no padding).
+`LayerCache.gather_kv(...)` is what the attention block calls, in place of the op table's gather_kv seam
+(model/seams.py: the cache is another implementation of the same interface): it stores the new keys and returns the
+keys, values and positions the new queries attend to. The cache holds B rows that all advance together (no padding).
 """
 
 from __future__ import annotations
@@ -84,6 +85,18 @@ class LayerCache:
             self.positions[new % w] = new
         self.length = n + T
         return k_all, v_all, q_pos, k_pos
+
+    def gather_kv(self, k, v, positions, doc_ids, window):
+        """The gather_kv seam (model/seams.py) for an incremental step: `update`, checking that the queries sit at
+        the cache's next positions. No document mask and no backward (ctx None)."""
+        if doc_ids is not None:
+            raise ValueError("the KV-cache path does not take doc_ids (inference has no intra-document mask)")
+        if window != self.window:
+            raise ValueError(f"this cache holds a layer of window {self.window}, the attention asks for {window}")
+        k_all, v_all, q_pos, k_pos = self.update(k, v)
+        if not np.array_equal(np.asarray(positions), q_pos):
+            raise ValueError(f"queries at positions {positions[:1]}… do not continue the cache at {q_pos[:1]}…")
+        return k_all, v_all, k_pos, None, None
 
     def _grow(self, needed: int):
         xp = self.xp

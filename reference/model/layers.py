@@ -43,14 +43,18 @@ def _swiglu_keys(prefix):
 # ---- MoE: router, routed experts, shared expert (SPEC §4.8, §4.9) ---------------------------------------------
 def moe_forward(ops, x, p, prefix, top_k, route_scale):
     """y_MoE(x) = FFN_shared(x) + Σ_k g_k · FFN_{e_k}(x) for tokens x [N, d], the layer's params under `prefix`
-    (…mlp.). ctx: router, plan (the dispatch), experts, y_grouped, weights, shared — what the backward and the
+    (…mlp.). The routed rows reach the experts through the table's dispatch seam and come back through its combine
+    seam (seams.py: x[plan.token] in one process, all-to-alls under expert parallel, where `p` holds only this
+    rank's experts). ctx: router, plan, exchange, experts, y_grouped, weights, shared — what the backward and the
     balancing statistics need."""
     ctx = {}
-    weights, chosen, ctx["router"] = ops.router_forward(x, p[prefix + "router.gate.weight"],
-                                                        p[prefix + "expert_bias"], top_k, route_scale)
-    plan = ops.dispatch(chosen, p[prefix + "router.gate.weight"].shape[0])
-    y_grouped, ctx["experts"] = ops.experts_forward(x[plan.token], plan.offsets, p[prefix + "experts.gate_proj"],
-                                                    p[prefix + "experts.up_proj"], p[prefix + "experts.down_proj"])
+    w_router = p[prefix + "router.gate.weight"]
+    weights, chosen, ctx["router"] = ops.router_forward(x, w_router, p[prefix + "expert_bias"], top_k, route_scale)
+    plan = ops.dispatch(chosen, w_router.shape[0])
+    x_rows, offsets, ctx["exchange"] = ops.expert_dispatch(x, plan)
+    y_rows, ctx["experts"] = ops.experts_forward(x_rows, offsets, p[prefix + "experts.gate_proj"],
+                                                 p[prefix + "experts.up_proj"], p[prefix + "experts.down_proj"])
+    y_grouped = ops.expert_combine(ctx["exchange"], y_rows)
     y = ops.combine(y_grouped, weights, plan, x.shape[0])
     ctx.update(plan=plan, y_grouped=y_grouped, weights=weights, shared=None)
     if prefix + "shared_experts.gate_proj.weight" in p:
@@ -68,11 +72,12 @@ def moe_backward(ops, ctx, dy, p, prefix, dscores=None):
     N, K = weights.shape
     grads = {}
     dy_grouped, dweights = ops.combine_backward(dy, ctx["y_grouped"], weights, plan)
-    dx_grouped, dw1, dw3, dw2 = ops.experts_backward(ctx["experts"], dy_grouped, p[prefix + "experts.gate_proj"],
-                                                     p[prefix + "experts.up_proj"], p[prefix + "experts.down_proj"])
+    dy_rows = ops.expert_combine_backward(ctx["exchange"], dy_grouped)
+    dx_rows, dw1, dw3, dw2 = ops.experts_backward(ctx["experts"], dy_rows, p[prefix + "experts.gate_proj"],
+                                                  p[prefix + "experts.up_proj"], p[prefix + "experts.down_proj"])
     grads[prefix + "experts.gate_proj"], grads[prefix + "experts.up_proj"] = dw1, dw3
     grads[prefix + "experts.down_proj"] = dw2
-    dx = ops.scatter_to_tokens(dx_grouped, plan, N, K)
+    dx = ops.scatter_to_tokens(ops.expert_dispatch_backward(ctx["exchange"], dx_rows), plan, N, K)
     dx_router, grads[prefix + "router.gate.weight"] = ops.router_backward(ctx["router"], dweights, dscores)
     dx += dx_router
     grads[prefix + "expert_bias"] = np.zeros_like(p[prefix + "expert_bias"])  # selection only: no gradient
@@ -84,7 +89,8 @@ def moe_backward(ops, ctx, dy, p, prefix, dscores=None):
 
 
 # ---- gated GQA attention with QK-norm (SPEC §4.4) ---------------------------------------------------------------
-def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer: int, rope, doc_ids, kv_cache=None):
+def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer: int, rope, positions, doc_ids,
+                            kv_cache=None):
     """On the normed input a [B, T, d]:
 
         Q, K, V, G = a W_qᵀ, a W_kᵀ, a W_vᵀ, a W_gᵀ         (heads split: [B, T, h, d_h])
@@ -93,9 +99,11 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
         O = concat_i softmax(Q_i K_{⌊i/r⌋}ᵀ/√d_h + M) V_{⌊i/r⌋}
         out = (O ⊙ σ(G)) W_oᵀ
 
-    kv_cache (a kv_cache.LayerCache), when given, makes this an incremental step: the new keys and values (after
-    QK-norm and RoPE) are stored in it, and the queries attend to the cached keys plus the new ones at their
-    absolute positions; `rope` must then hold the tables of the new tokens' positions.
+    positions [T] are the tokens' positions in their sequences (increasing; `rope` holds their tables) and doc_ids
+    [B, T] their document ids (or None). The queries attend to the keys the table's gather_kv seam returns
+    (seams.py: their own keys in one process; under context parallel also other ranks' chunks or the halo).
+    kv_cache (a kv_cache.LayerCache), when given, is the gather instead: an incremental step whose new keys and
+    values (after QK-norm and RoPE) are stored in it, the queries attending to the cached keys plus the new ones.
     """
     c = config
     B, T, _ = a.shape
@@ -113,13 +121,10 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
         cos, sin = rope
         q, ctx["q_rope"] = ops.rope_forward(q, cos, sin)
         k, ctx["k_rope"] = ops.rope_forward(k, cos, sin)
-    if kv_cache is None:
-        o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, doc_ids=doc_ids)
-    else:
-        if doc_ids is not None:
-            raise ValueError("the KV-cache path does not take doc_ids (inference has no intra-document mask)")
-        k, v, q_pos, k_pos = kv_cache.update(k, v)
-        o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos)
+    gather = ops if kv_cache is None else kv_cache
+    k, v, k_pos, k_doc, ctx["kv"] = gather.gather_kv(k, v, positions, doc_ids, window)
+    docs = doc_ids if k_doc is doc_ids else (doc_ids, k_doc)  # a pair when the keys are not the queries' own
+    o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, doc_ids=docs, q_pos=positions, k_pos=k_pos)
     o, ctx["gate"] = ops.output_gate_forward(o.reshape(B, T, hq * dh), g)
     out, ctx["o_proj"] = ops.linear_forward(o, p[prefix + "o_proj.weight"])
     return out, ctx
@@ -134,6 +139,7 @@ def attention_block_backward(ops, config: Config, p: dict, prefix: str, ctx, dou
     do, grads[prefix + "o_proj.weight"] = ops.linear_backward(ctx["o_proj"], dout)
     do, dg = ops.output_gate_backward(ctx["gate"], do)
     dq, dk, dv = ops.attention_backward(ctx["sdpa"], do.reshape(B, T, hq, dh))
+    dk, dv = ops.gather_kv_backward(ctx["kv"], dk, dv)
     if "q_rope" in ctx:
         dq, dk = ops.rope_backward(ctx["q_rope"], dq), ops.rope_backward(ctx["k_rope"], dk)
     dq, grads[prefix + "q_norm.weight"] = ops.rmsnorm_backward(ctx["q_norm"], dq)
@@ -147,13 +153,13 @@ def attention_block_backward(ops, config: Config, p: dict, prefix: str, ctx, dou
 
 
 # ---- decoder layer: depth-scaled sandwich norm (SPEC §4.2) -----------------------------------------------------
-def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, doc_ids, kv_cache=None):
+def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, positions, doc_ids, kv_cache=None):
     """The residual sits outside the post-norm:
 
         x ← x + RMSNorm(Attn(RMSNorm(x; γ_in)); γ_post_attn)
         x ← x + RMSNorm(F(RMSNorm(x; γ_pre_mlp)); γ_post_mlp),   F = dense SwiGLU if l < L_d, else MoE
 
-    kv_cache: this layer's kv_cache.LayerCache for an incremental step (see attention_block_forward).
+    positions, doc_ids, kv_cache: see attention_block_forward.
     """
     c = config
     pre = layer_prefix(layer)
@@ -162,8 +168,8 @@ def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, doc
     with ops.scope(pre[:-1]):
         a, ctx["input_layernorm"] = ops.rmsnorm_forward(x, p[pre + "input_layernorm.weight"], c.rms_norm_eps)
         with ops.scope("self_attn"):
-            attn, ctx["self_attn"] = attention_block_forward(ops, c, p, pre + "self_attn.", a, layer, rope, doc_ids,
-                                                             kv_cache)
+            attn, ctx["self_attn"] = attention_block_forward(ops, c, p, pre + "self_attn.", a, layer, rope,
+                                                             positions, doc_ids, kv_cache)
         attn, ctx["post_attention_layernorm"] = ops.rmsnorm_forward(
             attn, p[pre + "post_attention_layernorm.weight"], c.post_eps)
         x = x + attn

@@ -18,20 +18,25 @@ __all__ = ["model_forward", "model_backward", "logits", "check_inputs"]
 
 
 def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=True, recompute=False, check=True,
-                  embeds=None, ops=None, kv_cache=None):
+                  embeds=None, ops=None, kv_cache=None, positions=None):
     """Tokens [B, T] → logits [B, T, V] (SPEC §4.1, §4.2, §4.10):
 
         x⁰ = m · E_emb[tok]          (m = √d under muP)
         x^l = DecoderLayer_l(x^{l−1})
         logits = RMSNorm(x^L; γ_final) W_lmᵀ   (W_lm = E_emb when tie_word_embeddings)
 
-    Positions are 0…T−1 in every row (SPEC §14 #12). doc_ids [B, T], when given, adds the intra-document mask of
-    SPEC §4.6 (see data.packing.document_ids to derive them from EOS tokens). Returns (logits, ctx) where ctx has
-    "embed", "layers" (one ctx per layer), "routing" (per layer: the router's scores and chosen experts, or None
-    for dense layers), "norm" and "lm_head"; ctx is None when keep_ctx is False. With recompute, "layers" holds
-    only each layer's input, and model_backward runs that layer's forward again (activation recompute).
-    embeds [B, T, d], when given, replaces the table lookup E_emb[tok] (HF `inputs_embeds`; the muP multiplier
-    still applies); tokens then only give the shape.
+    positions [T] are the tokens' positions in their sequences, the same in every row (default 0…T−1, SPEC §14 #12;
+    a context-parallel rank holds two chunks of each sequence and passes their positions). doc_ids [B, T], when
+    given, adds the intra-document mask of SPEC §4.6 (see data.packing.document_ids to derive them from EOS tokens).
+    Returns (logits, ctx) where ctx has "embed", "layers" (one ctx per layer), "routing" (per layer: the router's
+    scores and chosen experts, or None for dense layers), "norm" and "lm_head"; ctx is None when keep_ctx is False.
+    With recompute, "layers" holds only each layer's input, and model_backward runs that layer's forward again
+    (activation recompute). embeds [B, T, d], when given, replaces the table lookup E_emb[tok] (HF `inputs_embeds`;
+    the muP multiplier still applies); tokens then only give the shape.
+
+    Parameters are read bucket by bucket through the op table's gather_params seam (seams.py; under FSDP `params`
+    holds this rank's shards and each layer is gathered just before use). `check=False` skips check_inputs (the
+    training step checks once).
 
     kv_cache (a kv_cache.KVCache), when given, makes this an incremental forward: the T tokens take the absolute
     positions cache.length … cache.length+T−1 (RoPE at those positions), attend to every earlier token through the
@@ -43,33 +48,46 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
         tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
     ops = ops or REFERENCE
     c = config
-    dtype = params["model.embed_tokens.weight"].dtype
-    if embeds is None:
-        x, embed_ctx = ops.embedding_forward(tokens, params["model.embed_tokens.weight"], c.embedding_multiplier)
-    else:
-        x, embed_ctx = embeds * np.asarray(c.embedding_multiplier, dtype=dtype), None
-    if kv_cache is None:
-        rope = ops.rope_tables(np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
-    else:
+    T = tokens.shape[1]
+    if kv_cache is not None:
         if doc_ids is not None:
             raise ValueError("model_forward: doc_ids cannot be combined with kv_cache")
         if len(kv_cache.layers) != c.num_hidden_layers:
             raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {c.num_hidden_layers}")
-        rope = ops.rope_tables(kv_cache.length + np.arange(tokens.shape[1]), c.head_dim, c.rope_theta, dtype)
+        positions = kv_cache.length + np.arange(T)
+    elif positions is None:
+        positions = np.arange(T)
+    elif len(positions) != T:
+        raise ValueError(f"positions has {len(positions)} entries for {T} tokens per row")
+    emb = ops.gather_params(params, "embed")["model.embed_tokens.weight"]
+    dtype = emb.dtype
+    if embeds is None:
+        x, embed_ctx = ops.embedding_forward(tokens, emb, c.embedding_multiplier)
+    else:
+        x, embed_ctx = embeds * np.asarray(c.embedding_multiplier, dtype=dtype), None
+    ops.release_params("embed")
+    rope = ops.rope_tables(positions, c.head_dim, c.rope_theta, dtype)
     layer_ctxs, routing = [], []
     for layer in range(c.num_hidden_layers):
         x_in = x
         layer_cache = None if kv_cache is None else kv_cache.layers[layer]
-        x, layer_ctx = decoder_layer_forward(ops, c, params, layer, x, rope, doc_ids, layer_cache)
+        x, layer_ctx = decoder_layer_forward(ops, c, ops.gather_params(params, layer), layer, x, rope, positions,
+                                             doc_ids, layer_cache)
+        ops.release_params(layer)
         if keep_ctx:
             layer_ctxs.append(x_in if recompute else layer_ctx)
             routing.append(_routing(layer_ctx))
+    head_params = ops.gather_params(params, "head")
     with ops.scope("model"):
-        h, norm_ctx = ops.rmsnorm_forward(x, params["model.norm.weight"], c.rms_norm_eps)
-    head = params["model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"]
+        h, norm_ctx = ops.rmsnorm_forward(x, head_params["model.norm.weight"], c.rms_norm_eps)
+    head = (ops.gather_params(params, "embed")["model.embed_tokens.weight"] if c.tie_word_embeddings
+            else head_params["lm_head.weight"])
     out, head_ctx = ops.linear_forward(h, head)
-    ctx = dict(embed=embed_ctx, rope=rope, doc_ids=doc_ids, layers=layer_ctxs, routing=routing, norm=norm_ctx,
-               lm_head=head_ctx, recompute=recompute, ops=ops)
+    ops.release_params("head")
+    if c.tie_word_embeddings:
+        ops.release_params("embed")
+    ctx = dict(embed=embed_ctx, rope=rope, positions=positions, doc_ids=doc_ids, layers=layer_ctxs, routing=routing,
+               norm=norm_ctx, lm_head=head_ctx, recompute=recompute, ops=ops)
     if kv_cache is not None:
         ctx["kv_cache"] = kv_cache
     return out, (ctx if keep_ctx else None)
@@ -116,27 +134,36 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
     """Gradients of every parameter from dlogits [B, T, V] (and, per MoE layer, the balance loss's gradient on the
     router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰): dx⁰ is the
     gradient w.r.t. the embedding output x⁰ = m·E_emb[tok] (or m·embeds). Layers kept by recompute run their
-    forward again here, one at a time."""
+    forward again here, one at a time. Each bucket's gradients pass through the op table's hand_back_grads seam as
+    soon as they are complete (head first, embedding last), with its parameters gathered again for the backward."""
     if ctx.get("kv_cache") is not None:
         raise ValueError("model_backward: a forward run with kv_cache has no backward (use a full forward)")
     c, ops = config, ctx["ops"]
     grads = {}
     dh, dhead = ops.linear_backward(ctx["lm_head"], dlogits)
     with ops.scope("model"):
-        dx, grads["model.norm.weight"] = ops.rmsnorm_backward(ctx["norm"], dh)
+        dx, dnorm = ops.rmsnorm_backward(ctx["norm"], dh)
+    head_grads = {"model.norm.weight": dnorm}
+    if not c.tie_word_embeddings:
+        head_grads["lm_head.weight"] = dhead
+    grads.update(ops.hand_back_grads("head", head_grads))
     for layer in reversed(range(c.num_hidden_layers)):
         layer_ctx = ctx["layers"][layer]
+        p = ops.gather_params(params, layer)
         if ctx["recompute"]:
-            _, layer_ctx = decoder_layer_forward(ops, c, params, layer, layer_ctx, ctx["rope"], ctx["doc_ids"])
+            _, layer_ctx = decoder_layer_forward(ops, c, p, layer, layer_ctx, ctx["rope"], ctx["positions"],
+                                                 ctx["doc_ids"])
         ds = None if dscores is None else dscores[layer]
-        dx, layer_grads = decoder_layer_backward(ops, c, params, layer, layer_ctx, dx, ds)
-        grads.update(layer_grads)
+        dx, layer_grads = decoder_layer_backward(ops, c, p, layer, layer_ctx, dx, ds)
+        ops.release_params(layer)
+        grads.update(ops.hand_back_grads(layer, layer_grads))
     if ctx["embed"] is None:  # the forward took embeds: the table gets no gradient
-        dembed = np.zeros_like(params["model.embed_tokens.weight"])
+        emb = ops.gather_params(params, "embed")["model.embed_tokens.weight"]
+        dembed = np.zeros_like(emb)
+        ops.release_params("embed")
     else:
         dembed = ops.embedding_backward(ctx["embed"], dx)
     if c.tie_word_embeddings:
-        grads["model.embed_tokens.weight"] = dembed + dhead
-    else:
-        grads["model.embed_tokens.weight"], grads["lm_head.weight"] = dembed, dhead
+        dembed = dembed + dhead
+    grads.update(ops.hand_back_grads("embed", {"model.embed_tokens.weight": dembed}))
     return {k: grads[k] for k in params}, dx

@@ -8,24 +8,42 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import numpy as np
+
 from .config import Config
 from .model import model_backward, model_forward
 from .ops import REFERENCE
 
-__all__ = ["loss_and_grads", "evaluate_losses"]
+__all__ = ["loss_and_grads", "evaluate_losses", "LossScale"]
+
+
+class LossScale(NamedTuple):
+    """The denominators of the step's losses, for a rank or micro-batch that holds part of the step's batch: the
+    counted tokens of the whole step (cross-entropy and z-loss), its number of sequences and their length (the
+    balance loss's mean over sequences and tokens). Each part's losses and gradients are then its share of the
+    step's, and the shares add up."""
+    tokens: int
+    sequences: int
+    seq_len: int
 
 
 def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_ctx, recompute=False, embeds=None,
-                    ops=None):
+                    ops=None, positions=None, shift=True, scale: LossScale | None = None, check=True):
     """Forward and every loss; also the loss ctxs (for the backward) and the routing statistics."""
     c, ops = config, ops or REFERENCE
-    out, ctx = model_forward(c, params, tokens, doc_ids, keep_ctx=True, recompute=recompute, embeds=embeds, ops=ops)
-    ce, zl, ce_ctx = ops.cross_entropy_forward(out, labels, c.z_loss_coeff)
+    out, ctx = model_forward(c, params, tokens, doc_ids, keep_ctx=True, recompute=recompute, embeds=embeds, ops=ops,
+                             positions=positions, check=check)
+    ce, zl, ce_ctx = ops.cross_entropy_forward(out, labels, c.z_loss_coeff, shift=shift,
+                                               denom=None if scale is None else max(scale.tokens, 1))
     B, T = out.shape[:2]
+    per_sequence = {} if scale is None else dict(seq_len=scale.seq_len, num_sequences=scale.sequences,
+                                                 sequence_sum=ops.sequence_sum)
     balance = 0.0
     balance_ctxs = [None] * c.num_hidden_layers
-    stats = {"layers": {}, "logits_max": float(out.max()), "logits_mean": float(out.mean()),
-             "tokens": int(ce_ctx.valid.sum())}
+    stats = {"layers": {}, "logits_max": float(out.max()) if out.size else -np.inf,
+             "logits_mean": float(out.mean()) if out.size else 0.0, "tokens": int(ce_ctx.valid.sum())}
     for layer, routing in enumerate(ctx["routing"]):
         if routing is None:
             continue
@@ -35,7 +53,7 @@ def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_
         if c.balance_loss_coeff > 0:
             E, K = scores.shape[-1], chosen.shape[-1]
             lb, balance_ctxs[layer] = ops.balance_loss_forward(scores.reshape(B, T, E), chosen.reshape(B, T, K), K,
-                                                           c.balance_loss_coeff)
+                                                               c.balance_loss_coeff, **per_sequence)
             balance += lb
     losses = {"total": ce + zl + balance, "ce": ce, "z": zl, "balance": balance}
     return losses, stats, (ctx if keep_ctx else None), ce_ctx, balance_ctxs
@@ -49,13 +67,18 @@ def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, 
 
 
 def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, recompute=False, embeds=None,
-                   ops=None):
+                   ops=None, *, positions=None, shift=True, scale: LossScale | None = None, check=True):
     """Losses, gradients of `total` w.r.t. every parameter, and routing statistics.
 
     tokens, labels: int [B, T] with Hugging Face `labels` semantics (shifted inside, −100 ignored); doc_ids
     optional [B, T] for the intra-document mask (SPEC §4.6). recompute=True keeps only each layer's input and runs
     its forward again in the backward (less memory, bitwise-equal gradients). embeds: see model_forward. ops: the
     op table (None: the NumPy reference).
+
+    For part of a training step (training/step.py): positions [T] the tokens' positions (a context-parallel rank's
+    chunks), shift=False with labels already aligned to positions (labels[t] is what position t predicts), and
+    scale (LossScale) the step's denominators, so that the losses and gradients are this part's share of the
+    step's. check=False skips the parameter and input checks (the step checks once).
 
     Returns (losses, grads, stats):
       losses: dict total, ce, z, balance (floats; z uses config.z_loss_coeff, balance config.balance_loss_coeff);
@@ -67,7 +90,8 @@ def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, r
     """
     losses, stats, ctx, ce_ctx, balance_ctxs = _forward_losses(config, params, tokens, labels, doc_ids,
                                                                keep_ctx=True, recompute=recompute, embeds=embeds,
-                                                               ops=ops)
+                                                               ops=ops, positions=positions, shift=shift,
+                                                               scale=scale, check=check)
     ops = ctx["ops"]
     dscores = []
     for lb_ctx in balance_ctxs:

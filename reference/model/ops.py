@@ -2,7 +2,8 @@
 array module. There is one reference table, REFERENCE (trinity.accel.get_backend("reference") returns it).
 
 Model code (layers.py, model.py, objective.py) is written once against an op table `ops`: it calls
-`ops.linear_forward(...)`, never the functions directly. A backend (trinity.accel) supplies a table with the same
+`ops.linear_forward(...)`, never the functions directly, and reaches parameters, routed experts and attention keys
+through the table's seams (seams.py: identities here, collectives under trinity.distributed). A backend (trinity.accel) supplies a table with the same
 names and signatures and faster kernels; a tracing table (the step inspector) wraps every call to record its
 inputs and outputs. `ops.scope(name)` marks where in the model a call happens ("model.layers.3.self_attn"); the
 reference ignores it.
@@ -15,6 +16,7 @@ import contextlib
 import numpy as np
 
 from ..operators import attention, embedding, linear, losses, mlp, moe, norms, optimizer_kernels, rope, router
+from .seams import SingleProcessSeams
 
 __all__ = ["ReferenceOps", "REFERENCE", "LEAF_OPS", "OPTIMIZER_KERNELS"]
 
@@ -34,8 +36,9 @@ LEAF_OPS = {
 OPTIMIZER_KERNELS = ["newton_schulz", "adamw_update", "sum_of_squares", "scaled"]
 
 
-class ReferenceOps:
-    """The NumPy reference: readable, float32 or float64, the definition every other table is checked against."""
+class ReferenceOps(SingleProcessSeams):
+    """The NumPy reference: readable, float32 or float64, the definition every other table is checked against.
+    The seams where parallelism enters (seams.py) are the single-process identities."""
 
     name = "reference"
     xp = np

@@ -20,7 +20,7 @@ import numpy as np
 from .config import Config
 
 __all__ = ["param_shapes", "init_params", "param_count", "ParamCount", "layer_prefix", "EXPERT_KEYS", "check_params",
-           "is_norm_gain", "is_expert_bias", "EXPERT_BIAS_DTYPE", "param_dtype"]
+           "is_norm_gain", "is_expert_bias", "EXPERT_BIAS_DTYPE", "param_dtype", "param_buckets", "bucket_of"]
 
 EXPERT_KEYS = ("gate_proj", "up_proj", "down_proj")
 
@@ -66,6 +66,23 @@ def param_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, d)
     return shapes
+
+
+def bucket_of(key: str):
+    """The bucket a parameter is gathered with (seams.py): the layer number for `model.layers.{l}.…`, "embed" for
+    the embedding table, "head" for the final norm and the untied head."""
+    if key.startswith("model.layers."):
+        return int(key.split(".", 3)[2])
+    return "embed" if key == "model.embed_tokens.weight" else "head"
+
+
+def param_buckets(config: Config) -> dict:
+    """{bucket: [keys]} in the order the forward uses them: "embed", 0 … L−1, "head" (the order parameters are
+    gathered in under FSDP, and reversed in the backward)."""
+    buckets: dict = {"embed": [], **{layer: [] for layer in range(config.num_hidden_layers)}, "head": []}
+    for key in param_shapes(config):
+        buckets[bucket_of(key)].append(key)
+    return buckets
 
 
 def _swiglu_shapes(prefix: str, d: int, width: int) -> dict[str, tuple[int, ...]]:

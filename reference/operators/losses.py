@@ -14,10 +14,10 @@ __all__ = ["IGNORE_INDEX", "cross_entropy_forward", "cross_entropy_backward", "b
 class CrossEntropyCtx(NamedTuple):
     """What cross_entropy_backward and the token count read; every backend's cross-entropy returns this type."""
     logits: object  # [B, T, V]
-    target: object  # labels shifted, ignored positions replaced by 0 [B, T-1]
-    valid: object  # the positions that count [B, T-1] bool
-    lse: object  # log Σ_v exp(logit) [B, T-1]
-    denom: object  # the number of counted tokens N (at least 1)
+    target: object  # the label each predicting position predicts, ignored ones replaced by 0 [B, P]
+    valid: object  # the predicting positions that count [B, P] bool (P = T − 1 with shift, else T)
+    lse: object  # log Σ_v exp(logit) [B, P]
+    denom: object  # N: the number of counted tokens (at least 1), or the step's global count
     z_loss_coeff: float  # λ_z
 
 IGNORE_INDEX = -100
@@ -28,29 +28,33 @@ def _logsumexp(z):
     return (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
 
 
-def cross_entropy_forward(logits, labels, z_loss_coeff=0.0):
+def cross_entropy_forward(logits, labels, z_loss_coeff=0.0, *, shift=True, denom=None):
     """Hugging Face causal-LM loss semantics plus the z-loss (SPEC §4.10, §7, §14 #17).
 
     Labels are shifted inside: position t predicts labels[t+1]; labels equal to −100 are ignored; with N the number
     of tokens that count and lse_t = log Σ_v exp(logit_{t,v}):
         ce = (1/N) Σ_t (lse_t − logit_{t,y_t}),      z = λ_z · (1/N) Σ_t lse_t²
     Returns (ce, z, ctx). With N = 0 both are 0 (HF would return NaN) and so is the gradient.
+
+    shift=False takes labels already aligned (labels[t] is what position t predicts, −100 where none): a rank that
+    holds chunks of sequences gets its targets from the whole sequence. denom, when given, replaces N: the training
+    step divides every rank's and micro-batch's sums by the token count of the whole step.
     """
     labels = np.asarray(labels)
     if labels.shape != logits.shape[:-1] or labels.dtype.kind not in "iu":
         raise ValueError(f"labels must be an integer array shaped like tokens {logits.shape[:-1]}, "
                          f"got dtype {labels.dtype} shape {labels.shape}")
     V = logits.shape[-1]
-    target = labels[:, 1:]
+    target = labels[:, 1:] if shift else labels
     valid = target != IGNORE_INDEX
     if np.any(valid & ((target < 0) | (target >= V))):
         raise ValueError(f"labels must be token ids in [0, {V}) or {IGNORE_INDEX}")
-    z = logits[:, :-1]
+    z = logits[:, :target.shape[1]]
     n = int(valid.sum())
     lse = _logsumexp(z)
     safe_target = np.where(valid, target, 0)
     picked = np.take_along_axis(z, safe_target[..., None], axis=-1)[..., 0]
-    denom = max(n, 1)
+    denom = max(n, 1) if denom is None else denom
     ce = float(np.where(valid, lse - picked, 0.0).sum() / denom)
     zl = float(z_loss_coeff * np.where(valid, lse * lse, 0.0).sum() / denom)
     return ce, zl, CrossEntropyCtx(logits, safe_target, valid, lse, denom, z_loss_coeff)
@@ -58,42 +62,54 @@ def cross_entropy_forward(logits, labels, z_loss_coeff=0.0):
 
 def cross_entropy_backward(ctx, scale=1.0):
     """d(ce + z)/dlogit_t = (softmax(logit_t)·(1 + 2λ_z lse_t) − onehot(y_t)) / N on counted positions, 0 elsewhere
-    (the last position predicts nothing) (SPEC §5 "Cross-entropy + z-loss"). `scale` multiplies the result."""
+    (with shift, the last position predicts nothing) (SPEC §5 "Cross-entropy + z-loss"). `scale` multiplies the
+    result."""
     logits, target, valid, lse, denom, lam = ctx
-    z = logits[:, :-1]
+    P = valid.shape[1]
+    z = logits[:, :P]
     coef = np.where(valid, (1.0 + 2.0 * lam * lse) * (scale / denom), 0.0).astype(logits.dtype)
     dz = np.exp(z - lse[..., None]) * coef[..., None]
     rows = np.nonzero(valid)
     dz[rows + (target[rows],)] -= np.asarray(scale / denom, dtype=logits.dtype)
     dlogits = np.zeros_like(logits)
-    dlogits[:, :-1] = dz
+    dlogits[:, :P] = dz
     return dlogits
 
 
-def balance_loss_forward(scores, experts, top_k, coeff):
+def balance_loss_forward(scores, experts, top_k, coeff, *, seq_len=None, num_sequences=None, sequence_sum=None):
     """Trinity's sequence-wise balance loss for one MoE layer, averaged over the B sequences (SPEC §6.3):
 
         f_i = E/(K·T) Σ_t 1[i ∈ 𝒦_t]   (𝒦_t: the actual, biased selection; treated as a constant)
         s̃_{i,t} = s_{i,t} / Σ_{j=1..E} s_{j,t},   P_i = (1/T) Σ_t s̃_{i,t},   L = α Σ_i f_i P_i
 
     scores [B, T, E] (sigmoid scores s), experts [B, T, K]. Returns (loss, ctx).
+
+    For a rank that holds parts of sequences and some of the step's sequences: seq_len is the whole sequences' T,
+    num_sequences the step's B (the mean runs over every sequence of the step), and sequence_sum(x [B, E]) sums the
+    per-sequence sums Σ_t over the ranks holding the other parts of the same sequences (the op table's seam). The
+    loss returned is then this rank's share; the shares add up to L.
     """
     B, T, E = scores.shape
+    seq_len = T if seq_len is None else seq_len
+    num_sequences = B if num_sequences is None else num_sequences
     counts = np.zeros((B, E), dtype=scores.dtype)
     for b in range(B):
         counts[b] = np.bincount(experts[b].reshape(-1), minlength=E)
-    f = counts * (E / (top_k * T))
     total = scores.sum(axis=-1, keepdims=True)
     s_norm = scores / total
-    P = s_norm.mean(axis=1)
-    loss = float(coeff * (f * P).sum(axis=-1).mean())
-    return loss, (scores, total, s_norm, f, coeff)
+    s_sum = s_norm.sum(axis=1)
+    if sequence_sum is not None:
+        counts, s_sum = sequence_sum(counts), sequence_sum(s_sum)
+    f = counts * (E / (top_k * seq_len))
+    P = s_sum / seq_len
+    loss = float(coeff * (f * P).sum(axis=-1).sum() / num_sequences)
+    return loss, (scores, total, s_norm, f, coeff, seq_len, num_sequences)
 
 
 def balance_loss_backward(ctx, scale=1.0):
     """dL/ds̃_{i,t} = α f_i / (T·B); ds_j = (dL/ds̃_j − Σ_i dL/ds̃_i s̃_i) / S_t with S_t = Σ_j s_{j,t}, over all E
-    experts, not just the chosen K (SPEC §5 "Sequence-wise balance loss"). Returns ds [B, T, E]."""
-    scores, total, s_norm, f, coeff = ctx
-    B, T, _ = scores.shape
-    g = np.broadcast_to((scale * coeff / (T * B)) * f[:, None, :], scores.shape)
+    experts, not just the chosen K (SPEC §5 "Sequence-wise balance loss"). Returns ds [B, T, E] (of this rank's
+    tokens; T and B those of balance_loss_forward's seq_len and num_sequences)."""
+    scores, total, s_norm, f, coeff, seq_len, num_sequences = ctx
+    g = np.broadcast_to((scale * coeff / (seq_len * num_sequences)) * f[:, None, :], scores.shape)
     return (g - (g * s_norm).sum(axis=-1, keepdims=True)) / total

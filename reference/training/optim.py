@@ -29,6 +29,7 @@ input's float dtype (float32 for float32 params, float64 for float64). Trinity's
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from ..model.config import Config
 from ..model.ops import REFERENCE
 from ..model.params import is_norm_gain
 
-__all__ = ["param_group", "weight_decay_for", "muon_lr_scale", "init_optimizer_state", "clip_grad_norm",
+__all__ = ["param_group", "weight_decay_for", "muon_lr_scale", "init_optimizer_state", "grad_norm", "clip_grad_norm",
            "optimizer_step", "MUON_MOMENTUM", "ADAMW_M", "ADAMW_V"]
 
 # Prefixes of the flat optimizer-state keys: "<prefix>/<param key>".
@@ -104,10 +105,23 @@ def init_optimizer_state(config: Config, params: dict) -> dict[str, np.ndarray]:
 
 
 # ---- gradient clipping ------------------------------------------------------------------------------------------
-def clip_grad_norm(grads: dict, max_norm: float, kernels=None):
-    """Global-norm clipping (SPEC §14 #3, default 1.0): n = √(Σ_k ‖g_k‖²) over every gradient except expert_bias,
-    computed in float64; if max_norm > 0 and n > max_norm, every such g_k is scaled by max_norm/n, so the clipped
-    norm is min(n, max_norm). max_norm = 0 disables clipping (n is still returned).
+def grad_norm(grads: dict, kernels=None, reduce: Callable | None = None) -> float:
+    """n = √(Σ_k ‖g_k‖²) over every gradient except expert_bias, the sum in float64 (SPEC §14 #3). `reduce`, when
+    given, sums the local Σ over the ranks holding the other parts of the gradients (training/step.py)."""
+    k = kernels or REFERENCE
+    total = 0.0
+    for key, g in grads.items():
+        if not key.endswith("expert_bias"):
+            total += k.sum_of_squares(g)
+    if reduce is not None:
+        total = float(reduce(total))
+    return math.sqrt(total)
+
+
+def clip_grad_norm(grads: dict, max_norm: float, kernels=None, norm: float | None = None):
+    """Global-norm clipping (SPEC §14 #3, default 1.0): n = grad_norm(grads) (or `norm`, computed by the caller over
+    every rank); if max_norm > 0 and n > max_norm, every gradient but expert_bias's is scaled by max_norm/n, so the
+    clipped norm is min(n, max_norm). max_norm = 0 disables clipping (n is still returned).
 
     Returns (new dict of new arrays in the input dtypes, n). Inputs are not modified. Unlike torch's
     clip_grad_norm_ there is no +1e-6 in the denominator. A non-finite n propagates into the gradients (the trainer
@@ -115,11 +129,7 @@ def clip_grad_norm(grads: dict, max_norm: float, kernels=None):
     `sum_of_squares` and `scaled`; by default the reference's (operators/optimizer_kernels.py).
     """
     k = kernels or REFERENCE
-    total = 0.0
-    for key, g in grads.items():
-        if not key.endswith("expert_bias"):
-            total += k.sum_of_squares(g)
-    norm = math.sqrt(total)
+    norm = grad_norm(grads, k) if norm is None else norm
     scale = max_norm / norm if (max_norm > 0 and norm > max_norm) else 1.0
     out = {}
     for key, g in grads.items():
@@ -148,7 +158,7 @@ def _muon_update(config: Config, X, G, M, lr: float, wd: float, kernels) -> floa
 
 
 def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float,
-                   kernels=None) -> dict:
+                   kernels=None, observe: Callable | None = None) -> dict:
     """One optimizer step: updates `params` and `state` in place (arrays reused, dtypes kept).
 
     Muon parameters use `muon_lr`, AdamW parameters `adamw_lr` (the scheduled learning rates, SPEC §9.1); the
@@ -157,6 +167,9 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     e.g. get_backend("numba")) supplies `newton_schulz` and `adamw_update` with the signatures of
     operators/optimizer_kernels.py; by default those. state["step"] counts steps: AdamW's bias correction uses
     t = step + 1, and step is incremented once.
+
+    observe(key, group, X, G, lr, state entries of X), when given, is called before each parameter's update and may
+    return a callable that is called after it (the step inspector records each update so).
 
     Returns logging info: step (the t just taken), muon_lr, adamw_lr, muon_tensors/adamw_tensors (how many
     parameters each group updated) and muon_update_norm/adamw_update_norm (global L2 norm of the lr-scaled update
@@ -179,6 +192,9 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
         if np.shape(G) != X.shape:
             raise ValueError(f"gradient of {key!r} has shape {np.shape(G)}, parameter has {X.shape}")
         wd = weight_decay_for(config, key)
+        lr = muon_lr if group == "muon" else adamw_lr
+        after = None if observe is None else observe(key, group, X, G, lr, {
+            k: v for k, v in state.items() if k.endswith("/" + key) and k.split("/", 1)[1] == key})
         try:
             if group == "muon":
                 u = _muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr, wd, k)
@@ -187,6 +203,8 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
                                    beta1=config.adamw_beta1, beta2=config.adamw_beta2, eps=config.adamw_eps, step=t)
         except KeyError as e:
             raise KeyError(f"optimizer state has no {e.args[0]!r}; build it with init_optimizer_state") from None
+        if after is not None:
+            after()
         norms[group] += u * u
         counts[group] += 1
     if isinstance(state["step"], np.ndarray) and state["step"].ndim == 0:

@@ -1,0 +1,144 @@
+"""The device mesh: a Layout's named dimensions as groups of ranks over any communicator (docs/distributed.md).
+
+Ranks are numbered row-major over (dp_replicate, dp_shard, cp), cp fastest:
+
+    rank = (replica · dp_shard + shard) · cp + chunk,        fsdp index f = shard · cp + chunk  ∈ [0, dp_shard·cp)
+
+Parameters are sharded over the fsdp group (dp_shard·cp ranks of one replica, as torchtitan shards over
+dp_shard·cp). Expert parallel borrows its ranks from that group: ep rank = f mod ep, the ep group being the ep
+consecutive fsdp indices f // ep; the experts an ep rank holds are sharded further over the ranks with the same
+f mod ep (the "efsdp" group, dp_shard·cp/ep ranks). Groups, each a communicator made by `Split`:
+
+    world         every rank                               dp_replicate   same (shard, chunk)
+    dp_shard      same (replica, chunk)                    cp             same (replica, shard)
+    fsdp          same replica (dp_shard·cp ranks)         dp             same chunk (dp_replicate·dp_shard ranks)
+    ep            same replica, same f // ep               efsdp          same replica, same f mod ep
+
+The training step (reference/training/step.py) names groups by what they share; `sum`/`max` map them here:
+"data" → world (every rank holds different tokens), "dp" → dp, "cp" → cp, "shards" → fsdp (the ranks holding
+different parts of the gradients). A group of one rank costs nothing: no collective is called.
+
+The communicator is any object with mpi4py's buffer-based methods (mpi4py.MPI.COMM_WORLD, taken only by the
+launcher, or trinity.simulate's virtual communicator). Every collective goes through `Mesh.collective`, which counts
+its bytes per kind and group (`traffic`).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from .layout import Layout
+
+__all__ = ["Mesh", "GROUPS"]
+
+GROUPS = ("world", "dp_replicate", "dp_shard", "cp", "fsdp", "dp", "ep", "efsdp")
+_STEP_GROUPS = {"data": "world", "dp": "dp", "cp": "cp", "shards": "fsdp"}
+
+
+class Mesh:
+    """The named groups of `layout` over `comm` (whose size must be layout.world_size). Collective calls: every rank
+    creates its Mesh at the same point (Split is collective)."""
+
+    def __init__(self, comm, layout: Layout):
+        if comm.Get_size() != layout.world_size:
+            raise ValueError(f"layout {layout} needs {layout.world_size} ranks, the communicator has "
+                             f"{comm.Get_size()}")
+        self.layout, self.comm = layout, comm
+        self.rank = comm.Get_rank()
+        L = layout
+        self.chunk = self.rank % L.cp
+        self.shard = self.rank // L.cp % L.dp_shard
+        self.replica = self.rank // (L.cp * L.dp_shard)
+        self.fsdp_index = self.shard * L.cp + self.chunk
+        self.ep_rank = self.fsdp_index % L.ep
+        self.sizes = {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "cp": L.cp, "ep": L.ep}
+        colors = {
+            "dp_replicate": self.fsdp_index,
+            "dp_shard": self.replica * L.cp + self.chunk,
+            "cp": self.replica * L.dp_shard + self.shard,
+            "fsdp": self.replica,
+            "dp": self.chunk,
+            "ep": self.replica * L.dp_shard * L.cp + self.fsdp_index // L.ep,
+            "efsdp": self.replica * L.ep + self.ep_rank,
+        }
+        self.groups = {"world": comm}
+        for name in GROUPS[1:]:
+            self.groups[name] = comm.Split(colors[name], self.rank)
+        self.group_size = {name: g.Get_size() for name, g in self.groups.items()}
+        self.group_rank = {name: g.Get_rank() for name, g in self.groups.items()}
+        self.dp_rank = self.group_rank["dp"]
+        self.traffic: dict = defaultdict(int)  # (kind, group) → bytes this rank sent this step
+
+    # ---- what a rank holds of the global batch ------------------------------------------------------------------
+    def local_sequences(self, num_sequences: int) -> slice:
+        """This data-parallel rank's contiguous slice of the global batch's sequences."""
+        dp = self.group_size["dp"]
+        if num_sequences % dp:
+            raise ValueError(f"{num_sequences} sequences per step do not split over {dp} data-parallel ranks")
+        n = num_sequences // dp
+        return slice(self.dp_rank * n, (self.dp_rank + 1) * n)
+
+    def local_positions(self, seq_len: int) -> np.ndarray:
+        """The positions of each sequence this cp rank holds: chunks r and 2·cp−1−r of 2·cp equal chunks (causal
+        work balances: an early chunk pairs with a late one)."""
+        cp = self.sizes["cp"]
+        if cp == 1:
+            return np.arange(seq_len)
+        if seq_len % (2 * cp):
+            raise ValueError(f"seq_len {seq_len} does not split into 2·cp = {2 * cp} chunks")
+        c = seq_len // (2 * cp)
+        r = self.chunk
+        return np.concatenate([np.arange(r * c, (r + 1) * c), np.arange((2 * cp - 1 - r) * c, (2 * cp - r) * c)])
+
+    # ---- reductions the step names by group ---------------------------------------------------------------------
+    def sum(self, value, group: str):
+        """Σ of a number or array over the ranks of a step group ("data", "dp", "cp", "shards")."""
+        return self._reduce(value, _STEP_GROUPS[group], None)
+
+    def max(self, value, group: str):
+        return self._reduce(value, _STEP_GROUPS[group], "max")
+
+    def _reduce(self, value, group: str, op):
+        if self.group_size[group] == 1:
+            return value
+        scalar = np.ndim(value) == 0
+        send = np.ascontiguousarray(np.asarray(value, dtype=np.float64 if scalar else None)).reshape(-1)
+        recv = np.empty_like(send)
+        self.collective("Allreduce", group, send, recv, op=op)
+        return recv.reshape(np.shape(value)).item() if scalar else recv.reshape(np.shape(value))
+
+    # ---- every collective, counted ------------------------------------------------------------------------------
+    def collective(self, kind: str, group: str, *args, op=None, sent_bytes: int | None = None):
+        """Call `kind` (an mpi4py Comm method name) on `group`'s communicator and count the bytes that leave this
+        rank, as the ring algorithms move them for a send buffer of s bytes over n ranks: Allreduce 2(n−1)/n·s,
+        Reduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s; Alltoallv passes
+        `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
+        default). Returns what the method returns (a request for the non-blocking ones)."""
+        comm = self.groups[group]
+        if sent_bytes is None:
+            n = self.group_size[group]
+            s = int(args[0].nbytes)
+            sent_bytes = {"Allreduce": 2 * (n - 1) * s // n, "Reduce_scatter_block": (n - 1) * s // n,
+                          "Alltoall": (n - 1) * s // n}.get(kind, (n - 1) * s)
+        self.traffic[(kind, group)] += sent_bytes
+        method = getattr(comm, kind)
+        if op == "max":
+            return method(*args, op=_max_op(comm))
+        return method(*args)
+
+    def take_traffic(self) -> dict:
+        """The bytes counted since the last call, {(kind, group): bytes}, and start counting afresh."""
+        out, self.traffic = dict(self.traffic), defaultdict(int)
+        return out
+
+
+def _max_op(comm):
+    """The MAX reduction constant of the communicator's library (mpi4py's MPI.MAX, or the virtual one's)."""
+    module = type(comm).__module__
+    if module.startswith("mpi4py"):
+        from mpi4py import MPI
+        return MPI.MAX
+    import importlib
+    return getattr(importlib.import_module(module), "MAX")

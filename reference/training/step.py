@@ -1,0 +1,209 @@
+"""One training step, the same function for the trainer, the step inspector and the benchmarks, in one process and
+under every parallel layout (docs/distributed.md; SPEC §6, §7, §9, §14 #8).
+
+    1. The global batch: S sequences of T tokens, defined by the loader and the same whatever the layout. This rank
+       takes its data-parallel slice of the sequences (mesh.local_sequences) and its context-parallel chunks of each
+       (mesh.local_positions), the targets of its positions coming from the whole sequences.
+    2. Micro-batches of `micro_batch_size` of those sequences: forward + backward each. Every loss is a sum over this
+       rank's tokens divided by the step's global denominators (objective.LossScale: the counted tokens of the whole
+       step, its sequences and their length), so the shares of every rank and micro-batch add up to the step's mean
+       losses and their gradients to its gradient. Gradients leave the model bucket by bucket through the op table's
+       hand_back_grads seam (FSDP: reduce-scattered there) and are summed over micro-batches.
+    3. Expert counts, loss shares and the gradient norm are summed over the mesh.
+    4. Global-norm clipping, the load-balancing update of every expert_bias (SPEC §6.1), then the optimizer
+       (SPEC §9) — the caller applies them (`apply_update`) only when the loss and norm are finite.
+
+Every reduction goes through the mesh; `LOCAL` is the mesh of one process, where each is the identity. A mesh
+names its groups of ranks by what they share: "data" (every rank holding different tokens), "dp" (the data-parallel
+ranks, each its own sequences), "cp" (the ranks holding chunks of the same sequences), "shards" (the ranks holding
+different parts of the gradients, for the clip norm).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..model.config import Config
+from ..model.model import check_inputs
+from ..model.objective import LossScale, loss_and_grads
+from ..operators.losses import IGNORE_INDEX
+from .balancing import balance_step, momentum_key
+from .optim import clip_grad_norm, grad_norm, optimizer_step
+
+__all__ = ["LocalMesh", "LOCAL", "GlobalBatch", "Gradients", "compute_gradients", "apply_update", "LOSS_PARTS"]
+
+LOSS_PARTS = ("total", "ce", "z", "balance")
+
+
+class LocalMesh:
+    """The mesh of one process: one rank holds every sequence, every position and every parameter whole, so each
+    reduction is the identity and the optimizer is training/optim.py's."""
+
+    sizes = {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "ep": 1}
+
+    def local_sequences(self, num_sequences: int) -> slice:
+        """The rows of the global batch this rank trains on."""
+        return slice(0, num_sequences)
+
+    def local_positions(self, seq_len: int) -> np.ndarray:
+        """The positions of each sequence this rank holds, increasing."""
+        return np.arange(seq_len)
+
+    def sum(self, value, group: str):
+        """Σ of `value` (a number or an array) over the ranks of `group`."""
+        return value
+
+    def max(self, value, group: str):
+        return value
+
+    @staticmethod
+    def optimizer_step(config, params, grads, state, muon_lr, adamw_lr, kernels=None, observe=None):
+        return optimizer_step(config, params, grads, state, muon_lr, adamw_lr, kernels, observe=observe)
+
+
+LOCAL = LocalMesh()
+
+
+@dataclass
+class GlobalBatch:
+    """The step's sequences: tokens [S, T]; labels [S, T] with Hugging Face semantics (position t predicts
+    labels[t+1], −100 ignored; default: the tokens); doc_ids [S, T] for the intra-document mask, or None."""
+    tokens: np.ndarray
+    labels: np.ndarray | None = None
+    doc_ids: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.labels is None:
+            self.labels = self.tokens
+
+    @property
+    def shape(self):
+        return self.tokens.shape
+
+
+@dataclass
+class Gradients:
+    """What compute_gradients returns: everything summed over micro-batches and the mesh, except `grads` (as the
+    hand_back_grads seam keeps them: this rank's shards under FSDP; whole in one process, unclipped)."""
+    grads: dict
+    losses: dict  # the step's mean losses, LOSS_PARTS
+    grad_norm: float  # before clipping
+    counts: dict  # {MoE layer: (token, slot) assignments per expert [E]}
+    tokens: int  # counted tokens of the step
+    sequences: int
+    logits_max: float
+    logits_mean: float
+    batch_het: float | None = None  # max_i L_i − mean_i L_i over the step's micro-batches (SPEC §6.4); None: one
+    stats: list = field(default_factory=list)  # this rank's loss_and_grads stats per micro-batch
+
+    @property
+    def finite(self) -> bool:
+        return bool(np.isfinite(self.losses["total"]) and np.isfinite(self.grad_norm))
+
+
+def _aligned_targets(labels):
+    """targets [S, T]: targets[:, t] = labels[:, t+1], −100 at the last position (which predicts nothing)."""
+    out = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
+    out[:, :-1] = labels[:, 1:]
+    return out
+
+
+def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch_size: int | None = None, ops=None,
+                      mesh=LOCAL, recompute: bool = False, check: bool = True) -> Gradients:
+    """Steps 1-3 of the module docstring: the losses, gradients and expert counts of one step of `batch`.
+    micro_batch_size: sequences per forward on this rank (default: all of its sequences at once)."""
+    c = config
+    S, T = batch.shape
+    rows = mesh.local_sequences(S)
+    positions = mesh.local_positions(T)
+    whole = len(positions) == T  # this rank holds whole sequences: the labels keep HF's shift
+    if check:
+        check_inputs(c, params, batch.tokens, batch.doc_ids)
+    targets = batch.labels if whole else _aligned_targets(np.asarray(batch.labels))
+    counted = np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX
+    scale = LossScale(tokens=int(counted.sum()), sequences=S, seq_len=T)
+    tokens = batch.tokens[rows][:, positions]
+    targets = np.asarray(targets)[rows][:, positions]
+    docs = None if batch.doc_ids is None else batch.doc_ids[rows][:, positions]
+    local = tokens.shape[0]
+    mbs = local if micro_batch_size is None else micro_batch_size
+    if local % max(mbs, 1):
+        raise ValueError(f"{local} sequences on this rank are not a whole number of micro-batches of {mbs}")
+    grads_sum, counts, parts = None, {}, dict.fromkeys(LOSS_PARTS, 0.0)
+    micro_losses, all_stats = [], []
+    logit_max, logit_mean_sum = -np.inf, 0.0
+    counted_rows = counted[rows]
+    for m0 in range(0, local, max(mbs, 1)):
+        mb = slice(m0, m0 + mbs)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by the caller, by name
+            losses, grads, stats = loss_and_grads(c, params, tokens[mb], targets[mb],
+                                                  None if docs is None else docs[mb], recompute=recompute, ops=ops,
+                                                  positions=None if whole else positions, shift=whole, scale=scale,
+                                                  check=False)
+        if grads_sum is None:
+            grads_sum = grads
+        else:
+            for k, g in grads.items():
+                grads_sum[k] += g
+        for layer, s in stats["layers"].items():
+            counts[layer] = counts.get(layer, 0) + s["expert_counts"]
+        for k in LOSS_PARTS:
+            parts[k] += losses[k]
+        # this micro-batch's own mean loss (its share rescaled by its own denominators), for BatchHet
+        own_tokens = max(int(counted_rows[mb].sum()), 1)
+        micro_losses.append((losses["ce"] + losses["z"]) * scale.tokens / own_tokens
+                            + losses["balance"] * S / (mb.stop - mb.start))
+        logit_max = max(logit_max, stats["logits_max"])
+        logit_mean_sum += stats["logits_mean"]
+        all_stats.append(stats)
+    micro_losses = mesh.sum(np.asarray(micro_losses, dtype=np.float64), "cp")
+    counts = {layer: mesh.sum(n, "data") for layer, n in counts.items()}
+    summed = mesh.sum(np.array([parts[k] for k in LOSS_PARTS], dtype=np.float64), "data")
+    micro_total = len(all_stats) * mesh.sizes["dp_replicate"] * mesh.sizes["dp_shard"] * mesh.sizes["cp"]
+    return Gradients(
+        grads=grads_sum, losses=dict(zip(LOSS_PARTS, map(float, summed))), grad_norm=grad_norm(grads_sum, ops, lambda total: mesh.sum(total, "shards")),
+        counts=counts, tokens=scale.tokens, sequences=S, logits_max=float(mesh.max(logit_max, "data")),
+        logits_mean=float(mesh.sum(logit_mean_sum, "data")) / max(micro_total, 1),
+        batch_het=_batch_het(micro_losses, mesh), stats=all_stats)
+
+
+def _batch_het(micro_losses: np.ndarray, mesh) -> float | None:
+    """BatchHet = max_i L_i − mean_i L_i over the micro-batches of every data-parallel rank (SPEC §6.4)."""
+    dp = mesh.sizes["dp_replicate"] * mesh.sizes["dp_shard"]
+    if len(micro_losses) * dp < 2:
+        return None
+    top = float(mesh.max(float(micro_losses.max()), "dp"))
+    return top - float(mesh.sum(float(micro_losses.sum()), "dp")) / (len(micro_losses) * dp)
+
+
+def apply_update(config: Config, params, optimizer_state: dict, balancing_state: dict, gradients: Gradients,
+                 muon_lr: float, adamw_lr: float, *, ops=None, mesh=LOCAL, on_clip: Callable | None = None,
+                 on_balance: Callable | None = None, observe: Callable | None = None) -> dict:
+    """Step 4: clip the gradients to config.grad_clip_norm by the step's global norm, move every expert_bias by the
+    step's counts (before the parameter update, SPEC §6.1), then one optimizer step at the given learning rates.
+    Updates params and the states in place. Returns {"clipped_grads", "balance": {layer: metrics}, "optimizer":
+    optimizer_step's info}.
+
+    Hooks for the step inspector: on_clip(norm, scale); on_balance(layer, counts, bias_before, momentum_before,
+    metrics) after each layer's update; observe(key, group, X, G, lr, state) before each parameter's update,
+    returning a callable run after it (or None) (optim.optimizer_step).
+    """
+    c = config
+    norm = gradients.grad_norm
+    grads, _ = clip_grad_norm(gradients.grads, c.grad_clip_norm, ops, norm=norm)
+    if on_clip is not None:
+        on_clip(norm, min(1.0, c.grad_clip_norm / norm) if c.grad_clip_norm > 0 and norm > 0 else 1.0)
+    balance = {}
+    for layer in sorted(gradients.counts):
+        key = f"model.layers.{layer}.mlp.expert_bias"
+        before = params[key]
+        momentum = balancing_state.get(momentum_key(key))
+        momentum = None if momentum is None else momentum.copy()
+        balance.update(balance_step(c, params, balancing_state, {layer: gradients.counts[layer]}))
+        if on_balance is not None:
+            on_balance(layer, gradients.counts[layer], before, momentum, balance[layer])
+    info = mesh.optimizer_step(c, params, grads, optimizer_state, muon_lr, adamw_lr, kernels=ops, observe=observe)
+    return {"clipped_grads": grads, "balance": balance, "optimizer": info}

@@ -1,0 +1,288 @@
+"""The parallel layout (trinity.distributed.layout): its text form, the rules `Layout.check` enforces (each refusal
+names why and lists only layouts that really pass), `fitting_layouts` against a brute force written from the rules,
+the run file's [parallel] section and `trinity train --mesh`."""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_user_errors import render
+
+from trinity.cli.main import build_parser, main
+from trinity.distributed.layout import DIMS, Layout, LayoutError, fitting_layouts
+from trinity.distributed.run_config import RunConfigError, load_run_config
+from trinity.reference.model.config import Config
+
+TINY = Config.preset("tiny")  # 8 experts, sliding window 32 on its sliding layers
+FULL_ONLY = TINY.replace(layer_types=("full_attention",) * TINY.num_hidden_layers)
+
+
+def job(world_size=4, config=TINY, seq_len=64, micro_batch_size=2, batch_sizes=(16,)):
+    return dict(world_size=world_size, config=config, seq_len=seq_len, micro_batch_size=micro_batch_size,
+                batch_sizes=list(batch_sizes))
+
+
+def passes(layout: Layout, **job) -> bool:
+    try:
+        layout.check(**job)
+        return True
+    except LayoutError:
+        return False
+
+
+def rules_hold(layout: Layout, world_size, config, seq_len, micro_batch_size, batch_sizes) -> bool:
+    """The rules of the module docstring, written out again independently of the module."""
+    r, s, c, e = layout.dp_replicate, layout.dp_shard, layout.cp, layout.ep
+    windows = [config.window_of(i) for i in range(config.num_hidden_layers)]
+    return (r * s * c == world_size and (s * c) % e == 0 and config.num_experts % e == 0
+            and all(b % (r * s * micro_batch_size) == 0 for b in batch_sizes)
+            and (c == 1 or (seq_len % (2 * c) == 0 and all(w is None or w - 1 <= seq_len // (2 * c)
+                                                             for w in windows))))
+
+
+def brute_force(**job) -> set[Layout]:
+    n = job["world_size"]
+    return {Layout(*dims) for dims in itertools.product(range(1, n + 1), repeat=4) if rules_hold(Layout(*dims), **job)}
+
+
+def listed(message: str) -> list[Layout]:
+    """The layouts a refusal lists after "layouts that fit: " (the "... (N in all)" tail left out)."""
+    assert "\n" not in message
+    if "layouts that fit: " not in message:
+        return []
+    tail = message.split("layouts that fit: ", 1)[1]
+    return [Layout.parse(part) for part in tail.split("; ") if not part.startswith("...")]
+
+
+# ---- the text form --------------------------------------------------------------------------------------------
+layouts = st.builds(Layout, *[st.integers(1, 64)] * 4)
+
+
+@given(layouts)
+def test_parse_round_trips(layout):
+    assert Layout.parse(str(layout)) == layout
+    assert str(Layout.parse(str(layout))) == str(layout)
+
+
+@given(layouts, st.permutations(DIMS), st.lists(st.sampled_from(["", " ", "  "]), min_size=16, max_size=16),
+       st.booleans())
+def test_parse_takes_any_order_spaces_and_explicit_ones(layout, order, spaces, explicit):
+    pad = iter(spaces)
+    parts = [f"{next(pad)}{name}{next(pad)}={next(pad)}{getattr(layout, name)}{next(pad)}" for name in order
+             if explicit or getattr(layout, name) != 1]
+    assert Layout.parse(",".join(parts) or "single") == layout
+
+
+def test_text_form_examples():
+    assert str(Layout()) == "single" and Layout.parse(" single ") == Layout()
+    assert str(Layout(dp_shard=2, ep=2)) == "dp_shard=2,ep=2"
+    assert str(Layout(2, 2, 1, 1)) == "dp_replicate=2,dp_shard=2"
+    assert Layout.parse("ep=2, dp_shard = 4") == Layout(dp_shard=4, ep=2)
+    assert Layout(2, 3, 5, 7).world_size == 30 and Layout(2, 3, 5, 7).dp == 6
+    assert Layout(dp_shard=4, ep=4).world_size == 4  # ep borrows its ranks
+
+
+@pytest.mark.parametrize("text, bad", [
+    ("dp_shrd=2", "unknown dimension 'dp_shrd'"), ("tp=2", "unknown dimension 'tp'"),
+    ("dp_shard=2,dp_shard=2", "dp_shard given twice"), ("ep=0", "ep=0: the size must be a positive integer"),
+    ("cp=-1", "cp=-1: the size"), ("ep=1.5", "ep=1.5: the size"), ("ep=two", "ep=two: the size"),
+    ("ep=", "ep=: the size"), ("ep", "'ep' is not name=size"), ("=2", "'=2' is not name=size"),
+    ("dp_shard=2,", "'' is not name=size"), ("", "'' is not name=size"), ("single,ep=2", "'single' is not"),
+    ("dp_shard=2\nep=2", "dp_shard=2 ep=2: the size"),
+])
+def test_parse_refuses_bad_text_naming_the_part_and_the_names(text, bad):
+    with pytest.raises(LayoutError) as e:
+        Layout.parse(text)
+    message = str(e.value)
+    assert "\n" not in message and bad in message, message
+    assert "dp_replicate, dp_shard, cp, ep" in message
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.0, True, "2", None])
+def test_layout_refuses_sizes_that_are_not_positive_integers(value):
+    with pytest.raises(LayoutError, match=r"^ep = .*: must be a positive integer$"):
+        Layout(ep=value)
+
+
+# ---- the rules ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout, changes, why", [
+    ("dp_shard=3", {}, r"dp_replicate·dp_shard·cp = 3, but the job has 4 ranks"),
+    ("dp_replicate=2,dp_shard=4", {}, r"dp_replicate·dp_shard·cp = 8, but the job has 4 ranks"),
+    ("dp_replicate=4,ep=2", {}, r"ep = 2 does not divide dp_shard·cp = 1"),
+    ("dp_shard=4,ep=4", dict(config=TINY.replace(num_experts=6)), r"ep = 4 does not divide num_experts = 6"),
+    ("dp_shard=4", dict(batch_sizes=(16, 12), seq_len=128),
+     r"sequences per step 12 not divisible by dp·micro_batch_size = 4·2 = 8"),
+    ("dp_replicate=2,dp_shard=2", dict(micro_batch_size=3, batch_sizes=(12, 24, 18), seq_len=128),
+     r"sequences per step 18 not divisible by dp·micro_batch_size = 4·3 = 12"),
+    ("dp_shard=2,cp=2", dict(seq_len=66), r"seq_len = 66 not divisible by 2·cp = 4"),
+    ("cp=4", dict(seq_len=64), r"sliding window 32 needs 31 preceding tokens but a cp chunk holds "
+                               r"seq_len/\(2·cp\) = 8"),
+])
+def test_each_rule_is_refused_with_the_layouts_that_fit(layout, changes, why):
+    the_job = job(**changes)
+    layout = Layout.parse(layout)
+    with pytest.raises(LayoutError) as e:
+        layout.check(**the_job)
+    message = str(e.value)
+    assert message.startswith(f"layout {layout}: ") and re.search(why, message), message
+    fits = listed(message)
+    assert fits and all(passes(x, **the_job) for x in fits), message
+    assert fits == fitting_layouts(**the_job)[:len(fits)]
+
+
+def test_the_halo_rule_is_about_sliding_windows_only():
+    assert passes(Layout(cp=4), **job(config=FULL_ONLY))  # no sliding layer: any chunk length works
+    assert passes(Layout(cp=2), **job(world_size=2, seq_len=124))  # chunk 31 = w - 1: the halo just fits
+    assert not passes(Layout(cp=2), **job(world_size=2, seq_len=120))  # chunk 30 < 31
+
+
+def test_nothing_fits():
+    the_job = job(world_size=3, batch_sizes=(2,), micro_batch_size=2, seq_len=16)  # dp 3 can't split 2; cp 3 no
+    assert fitting_layouts(**the_job) == []
+    with pytest.raises(LayoutError, match=r"^layout dp_shard=3: .*; no layout of 3 ranks fits"):
+        Layout(dp_shard=3).check(**the_job)
+
+
+def test_a_long_list_is_cut():
+    the_job = job(world_size=16, batch_sizes=(64,), micro_batch_size=1, seq_len=1024, config=FULL_ONLY)
+    fits = fitting_layouts(**the_job)
+    assert len(fits) > 8
+    with pytest.raises(LayoutError) as e:
+        Layout(dp_shard=3).check(**the_job)
+    assert listed(str(e.value)) == fits[:8] and str(e.value).endswith(f"; ... ({len(fits)} in all)")
+
+
+def test_fitting_layouts_example_order():
+    assert [str(x) for x in fitting_layouts(**job())] == [
+        "dp_shard=4", "dp_replicate=4", "dp_shard=4,ep=2", "dp_shard=4,ep=4", "dp_replicate=2,dp_shard=2",
+        "dp_replicate=2,dp_shard=2,ep=2"]
+    assert fitting_layouts(**job(world_size=1)) == [Layout()]
+
+
+jobs = st.fixed_dictionaries(dict(
+    world_size=st.integers(1, 12),
+    config=st.builds(lambda experts, window, full: (FULL_ONLY if full else TINY).replace(
+        num_experts=experts, sliding_window=window), st.sampled_from([2, 3, 4, 6, 8, 12, 16]), st.integers(1, 40),
+        st.booleans()),
+    seq_len=st.sampled_from([8, 16, 24, 30, 48, 64, 96, 128]),
+    micro_batch_size=st.integers(1, 4),
+    batch_sizes=st.lists(st.sampled_from([1, 2, 4, 6, 8, 12, 16, 24, 32, 48]), min_size=1, max_size=3)))
+
+
+@given(jobs, st.builds(Layout, *[st.integers(1, 12)] * 4))
+def test_check_and_fitting_layouts_agree_with_the_rules(the_job, layout):
+    fits = fitting_layouts(**the_job)
+    assert set(fits) == brute_force(**the_job)  # complete, and nothing that breaks a rule
+    assert len(fits) == len(set(fits))
+    key = [(sum(getattr(x, n) != 1 for n in DIMS), -x.dp_shard, x.cp, x.ep) for x in fits]
+    assert key == sorted(key)  # simplest first, as documented
+    if rules_hold(layout, **the_job):
+        layout.check(**the_job)
+        assert layout in fits
+    else:
+        with pytest.raises(LayoutError) as e:
+            layout.check(**the_job)
+        assert listed(str(e.value)) == fits[:8]
+        assert all(passes(x, **the_job) for x in listed(str(e.value)))
+
+
+# ---- [parallel] in the run file -------------------------------------------------------------------------------
+def load(tmp_path, changes=None, extra=None, drop_parallel=False):
+    text = render(changes, extra)
+    if drop_parallel:
+        text = text.split("[parallel]")[0]
+    (tmp_path / "run.toml").write_text(text)
+    return load_run_config(tmp_path / "run.toml")
+
+
+def test_parallel_section(tmp_path):
+    assert load(tmp_path, drop_parallel=True).layout == Layout()  # the section is optional
+    assert load(tmp_path).layout == Layout()
+    run = load(tmp_path, {("parallel", "dp_shard"): "4", ("parallel", "ep"): "2", ("parallel", "cp"): None})
+    assert run.layout == Layout(dp_shard=4, ep=2)
+    assert run.batch_sizes == [2]
+    run = load(tmp_path, {("train", "sequences_per_step"): "4"}, extra={"train": ["batch_schedule = [[100, 8]]"]})
+    assert run.batch_sizes == [4, 8]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("cp", "0", "[parallel] cp = 0: must be a positive integer"),
+    ("ep", "-1", "[parallel] ep = -1: must be a positive integer"),
+    ("dp_shard", "1.5", "[parallel] dp_shard = 1.5: must be a positive integer"),
+    ("dp_replicate", '"2"', "[parallel] dp_replicate = '2': must be a positive integer"),
+    ("dp_replicate", "true", "[parallel] dp_replicate = True: must be a positive integer"),
+])
+def test_parallel_section_bad_values(tmp_path, key, value, message):
+    with pytest.raises(RunConfigError) as e:
+        load(tmp_path, {("parallel", key): value})
+    assert str(e.value) == message
+
+
+def test_parallel_section_unknown_key(tmp_path):
+    with pytest.raises(RunConfigError) as e:
+        load(tmp_path, extra={"parallel": ["tp = 2"]})
+    assert str(e.value) == "[parallel] unknown key(s): tp; expected dp_replicate, dp_shard, cp, ep"
+    (tmp_path / "run.toml").write_text("parallel = 2\n" + render().split("[parallel]")[0])
+    with pytest.raises(RunConfigError, match=r"^\[parallel\] must be a table$"):
+        load_run_config(tmp_path / "run.toml")
+
+
+# ---- trinity train --mesh -------------------------------------------------------------------------------------
+def test_mesh_option_parses():
+    args = build_parser().parse_args(["train", "run.toml", "--mesh", "dp_shard=2,ep=2"])
+    assert args.mesh == "dp_shard=2,ep=2" and Layout.parse(args.mesh) == Layout(dp_shard=2, ep=2)
+    assert build_parser().parse_args(["train", "run.toml"]).mesh is None
+
+
+class FakeTrainer:
+    """Stands in for the trainer: records the RunConfig the CLI built; `fail` is raised by train()."""
+    seen, fail = [], None
+
+    def __init__(self, run_config, resume=False, restart=False):
+        FakeTrainer.seen.append(run_config)
+        self.stopped_by = None
+
+    def train(self):
+        if FakeTrainer.fail is not None:
+            raise FakeTrainer.fail
+        return None
+
+
+@pytest.fixture
+def fake_trainer(monkeypatch):
+    import trinity.distributed.trainer as trainer
+
+    monkeypatch.setattr(trainer, "Trainer", FakeTrainer)
+    FakeTrainer.seen, FakeTrainer.fail = [], None
+    return FakeTrainer
+
+
+def test_mesh_overrides_the_parallel_section(tmp_path, capsys, fake_trainer):
+    path = tmp_path / "run.toml"
+    path.write_text(render({("parallel", "dp_shard"): "4"}))
+    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--mesh", " ep=2 , dp_shard=2, dp_replicate=2"]) == 0
+    assert main(["train", str(path), "--mesh", "single"]) == 0
+    assert [run.layout for run in fake_trainer.seen] == [Layout(dp_shard=4), Layout(2, 2, 1, 2), Layout()]
+
+
+def test_bad_mesh_and_refused_layouts_are_one_line(tmp_path, capsys, fake_trainer):
+    path = tmp_path / "run.toml"
+    path.write_text(render())
+    capsys.readouterr()
+    assert main(["train", str(path), "--mesh", "dp_shard=2,tp=2"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("trinity train: error: --mesh: layout 'dp_shard=2,tp=2': unknown "
+                                               "dimension 'tp'"), err
+    assert fake_trainer.seen == []  # refused before the run file is used
+    # a layout the trainer's check refuses is one line too, status 2
+    fake_trainer.fail = LayoutError("layout dp_shard=3: dp_replicate·dp_shard·cp = 3, but the job has 1 ranks; "
+                                    "layouts that fit: single")
+    assert main(["train", str(path), "--mesh", "dp_shard=3"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["trinity train: error: layout dp_shard=3: dp_replicate·dp_shard·cp = 3, but the job has 1 ranks; "
+                   "layouts that fit: single"]
