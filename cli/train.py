@@ -56,6 +56,7 @@ def add_parser(subparsers):
 def run(args) -> int:
     import dataclasses
 
+    from trinity.distributed.launch import LaunchError, world
     from trinity.distributed.layout import Layout, LayoutError
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer, TrainingDiverged
@@ -74,9 +75,9 @@ def run(args) -> int:
         if args.backend:
             load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
             run_config = dataclasses.replace(run_config, backend=args.backend)
-        trainer = Trainer(run_config, resume=args.resume, restart=args.restart)
+        trainer = Trainer(run_config, resume=args.resume, restart=args.restart, comm=world())
         last = trainer.train()
-    except (RunConfigError, LayoutError, CheckpointError, FileNotFoundError) as e:
+    except (RunConfigError, LayoutError, LaunchError, CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     except TrainingDiverged as e:
         raise CLIError(str(e), status=DIVERGED) from None
@@ -84,7 +85,7 @@ def run(args) -> int:
         return 128 + int(trainer.stopped_by)
     if last is not None:
         loss = last["loss"]
-        print(f"step {last['step']}: loss {loss['total']:.4f} (ce {loss['ce']:.4f}, z {loss['z']:.2e}, "
+        trainer.log(f"step {last['step']}: loss {loss['total']:.4f} (ce {loss['ce']:.4f}, z {loss['z']:.2e}, "
               f"balance {loss['balance']:.2e}); checkpoints in {run_config.checkpoint_dir}; "
               f"metrics in {run_config.metrics_path}")
     return 0

@@ -109,6 +109,11 @@ class Mesh:
         self.collective("Allreduce", group, send, recv, op=op)
         return recv.reshape(np.shape(value)).item() if scalar else recv.reshape(np.shape(value))
 
+    def optimizer_step(self, config, params, grads, state, muon_lr, adamw_lr, kernels=None, observe=None):
+        """The optimizer on this rank's shards (sharded_optim.py: AdamW per shard, distributed Muon)."""
+        from .sharded_optim import sharded_optimizer_step
+        return sharded_optimizer_step(self, config, params, grads, state, muon_lr, adamw_lr, kernels, observe)
+
     # ---- every collective, counted ------------------------------------------------------------------------------
     def collective(self, kind: str, group: str, *args, op=None, sent_bytes: int | None = None):
         """Call `kind` (an mpi4py Comm method name) on `group`'s communicator and count the bytes that leave this

@@ -28,6 +28,7 @@ What a run survives (docs/architecture.md, "Run safety"):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -159,17 +160,24 @@ def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print):
-        self.run, self.log = run, log
+    """Trains the run's model. `comm` (launch.world(): mpi4py's COMM_WORLD, or a virtual communicator) makes it one
+    rank of a job laid out by the run's [parallel] section (docs/distributed.md): every rank runs this same code on
+    its part of each step; rank 0 alone logs, draws the progress bar and writes metrics and checkpoints."""
+
+    def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print, comm=None):
+        self.run = run
+        self.rank = 0 if comm is None else comm.Get_rank()
+        self.is_main = self.rank == 0
+        self.log = log if self.is_main else (lambda *a, **k: None)
         self.stopped_by: int | None = None  # the signal that ended `train` early (preemption), if any
-        self.mesh = LOCAL
         check_output_paths(run)
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
         try:
-            self.ops = get_backend(run.backend)
+            backend = get_backend(run.backend)
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
+        self.mesh, self.ops = self._build_mesh(comm, backend)
         self.loader, self.stores = build_loader(run)
         for store in self.stores:
             largest = store.max_token()
@@ -184,14 +192,14 @@ class Trainer:
             self.checkpoints = CheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
         except CheckpointError as e:
             raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {e}") from None
-        self.metrics = MetricsLog(run.metrics_path)
+        self.metrics = MetricsLog(run.metrics_path) if self.is_main else None
         if not is_metrics_file(run.metrics_path):
             raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: holds a file that is not a trinity "
                                  f"metrics file; it is left alone: choose another path")
-        if not resume:
+        if not resume and self.is_main:  # rank 0 decides for the job (an error there ends every rank)
             self._claim_folder(restart)
         ckpt = self._load_resume_point(config) if resume else None
-        log(memory)
+        self.log(memory)
         self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
         self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
         if ckpt is not None:
@@ -203,13 +211,13 @@ class Trainer:
             self.loader.load_state_dict(ckpt.data_state)
             self.rng = np.random.default_rng()
             self.rng.bit_generator.state = ckpt.rng_state
-            log(f"resumed from {ckpt.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+            self.log(f"resumed from {ckpt.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
             changed = config_changes(ckpt.config, config, recipe=True)
             if changed:
-                log(f"the recipe changed since that checkpoint (checkpoint != now): {'; '.join(changed)}")
+                self.log(f"the recipe changed since that checkpoint (checkpoint != now): {'; '.join(changed)}")
         else:
             if resume:
-                log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
+                self.log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
             if pretrained is not None:
                 self.params = pretrained
             else:
@@ -220,6 +228,48 @@ class Trainer:
             self.run_id = uuid.uuid4().hex
             self.rng = np.random.default_rng(run.init_seed)
         self.checkpoints.run_id = self.run_id
+        self._shard_state()
+
+    # ---- the layout ---------------------------------------------------------------------------------------------
+    def _build_mesh(self, comm, backend):
+        """(mesh, op table): the single-process ones without a communicator, else the run's layout over `comm`,
+        checked against the job before any work."""
+        from .layout import Layout, LayoutError
+        if comm is None and self.run.layout == Layout():
+            return LOCAL, backend
+        from .mesh import Mesh
+        from .parallel_ops import ParallelOps
+        run = self.run
+        try:
+            run.layout.check(world_size=1 if comm is None else comm.Get_size(), config=self.config, seq_len=run.seq_len,
+                             micro_batch_size=run.micro_batch_size, batch_sizes=run.batch_sizes)
+        except LayoutError as e:
+            raise RunConfigError(f"[parallel] {e}") from None
+        mesh = Mesh(comm, run.layout)
+        return mesh, ParallelOps(backend, mesh, self.config)
+
+    def _shard_state(self) -> None:
+        """Under a layout, keep only this rank's shards of the params and optimizer state (every rank built or
+        loaded the whole state the same way)."""
+        if self.mesh is LOCAL:
+            return
+        from .fsdp import ShardedParams
+        from .sharded_optim import shard_optimizer_state
+        self.params = ShardedParams.from_full(self.config, self.mesh, self.params)
+        self.opt_state = shard_optimizer_state(self.config, self.params, self.opt_state)
+
+    def whole_state(self) -> tuple[dict, dict]:
+        """(params, optimizer state) as whole arrays keyed as in one process (collective under a layout)."""
+        if self.mesh is LOCAL:
+            return self.params, self.opt_state
+        from .sharded_optim import gather_optimizer_state
+        return self.params.full(), gather_optimizer_state(self.config, self.params, self.opt_state)
+
+    def memory(self) -> dict:
+        """Bytes this rank holds for params, gradients (one copy, as the step keeps them) and optimizer state."""
+        params = sum(int(self.params[k].nbytes) for k in self.params)
+        state = sum(int(np.asarray(v).nbytes) for k, v in self.opt_state.items() if k != "step")
+        return {"params": params, "grads": params, "optimizer": state}
 
     def _check_memory(self, loaded=None) -> str:
         """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the larger
@@ -326,6 +376,8 @@ class Trainer:
             "expert_load": {str(l): np.asarray(n).astype(int).tolist() for l, n in result.counts.items()},
             "skipped_steps": self.skipped_steps, "tokens_per_s": tokens / seconds, "seconds": seconds,
         }
+        if self.mesh is not LOCAL:  # per-rank bytes (rank 0's): they shrink as 1/(dp_shard·cp)
+            metrics["layout"], metrics["memory"] = str(self.run.layout), self.memory()
         if result.batch_het is not None:  # SPEC §6.4
             metrics["batch_het"] = result.batch_het
         return metrics
@@ -355,13 +407,17 @@ class Trainer:
         """Write the checkpoint of the current step. A failed write (full disk) is a RunConfigError naming
         [checkpoint] dir; parameters that went non-finite in the last update are a TrainingDiverged."""
         previous = self.last_checkpoint
+        params, opt_state = self.whole_state()  # under a layout: gathered from every rank, written by rank 0
+        if not self.is_main:
+            self.last_checkpoint = self.checkpoints.path_for(self.step)
+            return self.last_checkpoint
         try:
             path = self.checkpoints.save(
-                self.step, config=self.config, params=self.params, optimizer_state=self.opt_state,
+                self.step, config=self.config, params=params, optimizer_state=opt_state,
                 balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
                 data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
                 extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps,
-                       "metrics_lines": self.metrics.lines},
+                       "metrics_lines": self.metrics.lines, "layout": str(self.run.layout)},
                 tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
         except CheckpointWriteError as e:
             raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}; the previous checkpoint "
@@ -375,6 +431,8 @@ class Trainer:
         return path
 
     def _write_metrics(self, row: dict) -> None:
+        if not self.is_main:
+            return
         try:
             self.metrics.write(row)
         except OSError as e:
@@ -391,20 +449,21 @@ class Trainer:
         if self.step >= run.steps:
             self.log(f"already at step {self.step} of {run.steps}: nothing to do")
             return None
-        try:
-            cut = self.metrics.start(self.step, self.metrics_lines)
-        except (OSError, MetricsFileError) as e:
-            raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: {getattr(e, 'strerror', None) or e}") \
-                from None
-        if cut["dropped_lines"] or cut["dropped_unreadable"]:
-            self.log(f"{run.metrics_path}: cut back to step {self.step} (dropped {cut['dropped_lines']} later "
-                     f"line(s) and {len(cut['dropped_unreadable'])} unreadable line(s))")
+        if self.is_main:
+            try:
+                cut = self.metrics.start(self.step, self.metrics_lines)
+            except (OSError, MetricsFileError) as e:
+                raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: "
+                                     f"{getattr(e, 'strerror', None) or e}") from None
+            if cut["dropped_lines"] or cut["dropped_unreadable"]:
+                self.log(f"{run.metrics_path}: cut back to step {self.step} (dropped {cut['dropped_lines']} later "
+                         f"line(s) and {len(cut['dropped_unreadable'])} unreadable line(s))")
         bar = None
-        if run.progress:
+        if run.progress and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=run.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True)
         last = None
-        with self.metrics, PreemptionGuard(self.log) as guard:
+        with self.metrics or contextlib.nullcontext(), PreemptionGuard(self.log) as guard:
             while self.step < run.steps:
                 row = self.train_step()
                 self._write_metrics(row)
@@ -418,12 +477,21 @@ class Trainer:
                     if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                         self.save()
                         saved = True
-                if guard.signum is not None and self.step < run.steps:  # (at the end the run is simply done)
+                signum = self._agreed_signal(guard.signum)
+                if signum is not None and self.step < run.steps:  # (at the end the run is simply done)
                     path = self.last_checkpoint if saved else self.save()
-                    self.stopped_by = guard.signum
-                    self.log(f"stopped by {signal.Signals(guard.signum).name} after step {self.step}: checkpoint "
+                    self.stopped_by = signum
+                    self.log(f"stopped by {signal.Signals(signum).name} after step {self.step}: checkpoint "
                              f"{path}; continue with --resume")
                     break
         if bar is not None:
             bar.close()
         return last
+
+    def _agreed_signal(self, signum):
+        """The stop signal any rank received (ranks stop together, after the same step); one all-reduce per step
+        under a layout."""
+        if self.mesh is LOCAL:
+            return signum
+        agreed = int(self.mesh.max(float(signum or 0), "data"))
+        return agreed or None

@@ -242,7 +242,7 @@ class FakeTrainer:
     """Stands in for the trainer: records the RunConfig the CLI built; `fail` is raised by train()."""
     seen, fail = [], None
 
-    def __init__(self, run_config, resume=False, restart=False):
+    def __init__(self, run_config, resume=False, restart=False, comm=None):
         FakeTrainer.seen.append(run_config)
         self.stopped_by = None
 

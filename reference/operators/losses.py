@@ -86,8 +86,9 @@ def balance_loss_forward(scores, experts, top_k, coeff, *, seq_len=None, num_seq
 
     For a rank that holds parts of sequences and some of the step's sequences: seq_len is the whole sequences' T,
     num_sequences the step's B (the mean runs over every sequence of the step), and sequence_sum(x [B, E]) sums the
-    per-sequence sums Σ_t over the ranks holding the other parts of the same sequences (the op table's seam). The
-    loss returned is then this rank's share; the shares add up to L.
+    per-sequence counts over the ranks holding the other parts of the same sequences (the op table's seam): f is the
+    whole sequence's, P_i this rank's part of the sum over t, so the loss returned is this rank's share of L and the
+    shares add up to L.
     """
     B, T, E = scores.shape
     seq_len = T if seq_len is None else seq_len
@@ -98,8 +99,8 @@ def balance_loss_forward(scores, experts, top_k, coeff, *, seq_len=None, num_seq
     total = scores.sum(axis=-1, keepdims=True)
     s_norm = scores / total
     s_sum = s_norm.sum(axis=1)
-    if sequence_sum is not None:
-        counts, s_sum = sequence_sum(counts), sequence_sum(s_sum)
+    if sequence_sum is not None:  # f needs the whole sequence's counts; P splits: Σ_t over this rank's tokens
+        counts = sequence_sum(counts)
     f = counts * (E / (top_k * seq_len))
     P = s_sum / seq_len
     loss = float(coeff * (f * P).sum(axis=-1).sum() / num_sequences)

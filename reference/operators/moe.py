@@ -103,4 +103,4 @@ def scatter_to_tokens(rows, plan: Dispatch, num_tokens, top_k):
     """Σ over a token's K grouped rows: the transpose of gathering x[plan.token] (the dispatch)."""
     per_slot = np.empty((num_tokens * top_k, rows.shape[1]), dtype=rows.dtype)
     per_slot[plan.token * top_k + plan.slot] = rows
-    return per_slot.reshape(num_tokens, top_k, -1).sum(axis=1)
+    return per_slot.reshape(num_tokens, top_k, rows.shape[1]).sum(axis=1)

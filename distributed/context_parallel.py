@@ -1,0 +1,149 @@
+"""Context parallel: the key/value gathering seam and the per-sequence sums over `cp` (SPEC §4.4-§4.6, §6.3).
+
+Each sequence of T tokens is cut into 2·cp chunks of c = T/(2·cp); cp rank r holds chunks r and 2·cp−1−r (its
+queries, keys and values, in that order: Tl = 2c rows), so every rank does the same causal work. cp = 3:
+
+    position  0 ·········································· T
+    chunk     | 0  | 1  | 2  | 3  | 4  | 5  |
+    rank      | r0 | r1 | r2 | r2 | r1 | r0 |        rank r: [chunk r | chunk 2cp−1−r]
+
+Global layer (window None): one Allgather over cp of every rank's k and v (packed [2, B, Tl, h_kv, d_h]; the doc
+ids in a second, small Allgather), reordered by position: k_all is the whole sequence, k_pos = 0…T−1. Every rank
+gets every chunk, also the late chunks its causal queries never see (an Allgather sends equal blocks; the attention
+core skips keys past a block's last query, so they cost bytes, not work). Backward: each rank lays out its dk_all
+(and dv_all) by owner, [cp, 2, B, Tl, h_kv, d_h], and a Reduce_scatter_block hands rank r the sum of every rank's
+gradients of its own rows.
+
+Sliding layer (window w, halo h = w−1 ≤ c, layout rule 4): a chunk's queries need only the h keys before it, which
+lie in the preceding chunk. Chunk r−1 is rank r−1's first chunk; chunk 2cp−r (before 2cp−1−r) is rank r+1's second:
+
+    rank r  sends   tail(first chunk)  → r+1          receives  halo₁ ← r−1  (tail of chunk r−1)
+                    tail(second chunk) → r−1                    halo₂ ← r+1  (tail of chunk 2cp−r)
+    k_all = [halo₁ | chunk r | halo₂ | chunk 2cp−1−r]          (h + c + h + c rows, positions increasing)
+
+Rank 0 has no halo₁ (chunk 0 starts the sequence); rank cp−1's chunks cp−1, cp are adjacent, so it has no halo₂
+(its first chunk is that halo: no position twice). One Alltoallv with neighbours only (k and v packed, h rows per
+chunk; doc ids in their own Alltoallv); backward sends the halos' gradients back the same way and adds them to the
+tails. w = 1 needs no keys but the queries' own. With cp = 1 every method is the single-process identity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trinity.reference.model.seams import SingleProcessSeams
+
+__all__ = ["ContextParallelSeams"]
+
+
+class ContextParallelSeams:
+    """The cp seams of an op table: `self.mesh` (mesh.Mesh) holds the cp group."""
+
+    def _cp(self):
+        return self.mesh.group_size["cp"], self.mesh.group_rank["cp"]
+
+    # ---- key/value gathering ------------------------------------------------------------------------------------
+    def gather_kv(self, k, v, positions, doc_ids, window):
+        """(k_all, v_all [B, S, h_kv, d_h], k_pos [S] strictly increasing, k_doc [B, S] or None, ctx) for the
+        queries at `positions` (this rank's two chunks, mesh.local_positions): the whole sequence for a global
+        layer, the rank's chunks with the w−1 keys before each for a sliding one (module docstring)."""
+        n, r = self._cp()
+        if n == 1:
+            return SingleProcessSeams.gather_kv(self, k, v, positions, doc_ids, window)
+        B, Tl = k.shape[:2]
+        c = Tl // 2
+        if Tl % 2 or not np.array_equal(positions, self.mesh.local_positions(2 * n * c)):
+            raise ValueError(f"gather_kv: positions must be this cp rank's two chunks (mesh.local_positions), got "
+                             f"{len(positions)} positions")
+        if window is None:
+            return self._gather_all(k, v, doc_ids, n, c)
+        h = window - 1
+        if h > c:
+            raise ValueError(f"sliding window {window} needs {h} preceding tokens but a cp chunk holds {c} "
+                             f"(layout rule: w−1 ≤ seq_len/(2·cp))")
+        if h == 0:
+            return k, v, positions, doc_ids, ("local",)
+        first, second = r > 0, r < n - 1  # which halos this rank receives
+        kv = np.stack([k, v])  # [2, B, Tl, h_kv, d_h]
+        halo1, halo2 = self._swap(kv[:, :, 2 * c - h:], kv[:, :, c - h:c], r, n)
+        doc1 = doc2 = None
+        if doc_ids is not None:
+            doc1, doc2 = self._swap(doc_ids[:, 2 * c - h:], doc_ids[:, c - h:c], r, n)
+        lo1, lo2 = positions[0] - h, positions[c] - h  # the halos' first positions
+        segments = [(halo1, doc1, np.arange(lo1, lo1 + h)) if first else None,
+                    (kv[:, :, :c], None if doc_ids is None else doc_ids[:, :c], positions[:c]),
+                    (halo2, doc2, np.arange(lo2, lo2 + h)) if second else None,
+                    (kv[:, :, c:], None if doc_ids is None else doc_ids[:, c:], positions[c:])]
+        segments = [s for s in segments if s is not None]
+        kv_all = np.concatenate([s[0] for s in segments], axis=2)
+        k_pos = np.concatenate([s[2] for s in segments])
+        k_doc = None if doc_ids is None else np.concatenate([s[1] for s in segments], axis=1)
+        return kv_all[0], kv_all[1], k_pos, k_doc, ("halo", first, second, c, h)
+
+    def gather_kv_backward(self, ctx, dk_all, dv_all):
+        """(dk, dv) of this rank's own rows [B, Tl, h_kv, d_h]: its own gradients of them plus those the other
+        ranks computed for them (the transpose of gather_kv)."""
+        if ctx is None or ctx[0] == "local":
+            return dk_all, dv_all
+        n, r = self._cp()
+        dkv = np.stack([dk_all, dv_all])  # [2, B, S, h_kv, d_h]
+        if ctx[0] == "all":
+            _, local_rows, c = ctx  # local_rows [n, Tl]: the positions of each rank's rows
+            by_owner = dkv[:, :, local_rows.reshape(-1)].reshape(dkv.shape[:2] + local_rows.shape + dkv.shape[3:])
+            send = np.ascontiguousarray(by_owner.transpose(2, 0, 1, 3, 4, 5))  # [n, 2, B, Tl, h_kv, d_h]
+            mine = np.empty(send.shape[1:], dtype=send.dtype)
+            self.mesh.collective("Reduce_scatter_block", "cp", send, mine)
+            return mine[0], mine[1]
+        _, first, second, c, h = ctx
+        o = h if first else 0  # where the first chunk starts in k_all
+        own = np.concatenate([dkv[:, :, o:o + c], dkv[:, :, o + c + (h if second else 0):]], axis=2)
+        halo1 = dkv[:, :, :h] if first else None
+        halo2 = dkv[:, :, o + c:o + c + h] if second else None
+        tail2, tail1 = self._swap(halo1, halo2, r, n)  # ← r−1: my second chunk's tail, ← r+1: my first's
+        if tail1 is not None:
+            own[:, :, c - h:c] += tail1
+        if tail2 is not None:
+            own[:, :, 2 * c - h:] += tail2
+        return own[0], own[1]
+
+    def _gather_all(self, k, v, doc_ids, n, c):
+        """Every rank's chunks, by position (global layers)."""
+        kv = np.ascontiguousarray(np.stack([k, v]))  # [2, B, Tl, h_kv, d_h]
+        recv = np.empty((n,) + kv.shape, dtype=kv.dtype)
+        self.mesh.collective("Allgather", "cp", kv, recv)
+        local_rows = np.stack([_positions(j, n, c) for j in range(n)])  # [n, Tl]
+        order = np.argsort(local_rows.reshape(-1))  # row of the gathered ranks' rows holding position p
+        kv_all = recv.transpose(1, 2, 0, 3, 4, 5).reshape(kv.shape[:2] + (n * 2 * c,) + kv.shape[3:])[:, :, order]
+        k_doc = None
+        if doc_ids is not None:
+            docs = np.ascontiguousarray(doc_ids)
+            all_docs = np.empty((n,) + docs.shape, dtype=docs.dtype)
+            self.mesh.collective("Allgather", "cp", docs, all_docs)
+            k_doc = all_docs.transpose(1, 0, 2).reshape(docs.shape[0], -1)[:, order]
+        return kv_all[0], kv_all[1], np.arange(2 * n * c), k_doc, ("all", local_rows, c)
+
+    def _swap(self, to_prev, to_next, r, n):
+        """One Alltoallv with the neighbouring cp ranks: `to_prev` goes to rank r−1, `to_next` to r+1 (None or
+        ignored where there is no such rank); returns (from r−1, from r+1), shaped like what was sent (every rank
+        sends its neighbours blocks of the same shape)."""
+        blocks = {j: np.ascontiguousarray(x) for j, x in ((r - 1, to_prev), (r + 1, to_next)) if 0 <= j < n}
+        counts = [blocks[j].size if j in blocks else 0 for j in range(n)]
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64).tolist()
+        send = np.concatenate([blocks[j].reshape(-1) for j in sorted(blocks)])
+        recv = np.empty_like(send)
+        self.mesh.collective("Alltoallv", "cp", [send, (counts, displs)], [recv, (counts, displs)],
+                             sent_bytes=int(send.nbytes))
+        got = {j: recv[displs[j]:displs[j] + counts[j]].reshape(blocks[j].shape) for j in blocks}
+        return got.get(r - 1), got.get(r + 1)
+
+    # ---- per-sequence sums --------------------------------------------------------------------------------------
+    def sequence_sum(self, x):
+        """Σ of x over the cp group (the ranks holding the other chunks of the same sequences), in x's dtype."""
+        if self._cp()[0] == 1:
+            return x
+        return np.asarray(self.mesh.sum(x, "cp"), dtype=np.asarray(x).dtype)
+
+
+def _positions(rank, n, c):
+    """The positions cp rank `rank` of n holds: chunks rank and 2n−1−rank of length c (mesh.local_positions)."""
+    return np.concatenate([np.arange(rank * c, (rank + 1) * c), np.arange((2 * n - 1 - rank) * c, (2 * n - rank) * c)])

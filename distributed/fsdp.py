@@ -1,0 +1,294 @@
+"""Sharded parameters (HSDP): flat buckets sharded over the fsdp group, gathered per layer just before use.
+
+Every parameter but expert_bias lives in a flat bucket: the parameters of one model bucket (reference/model/params.py
+param_buckets: "embed", each layer, "head") that share an optimizer group, concatenated in key order and padded to a
+multiple of the group's size n. A rank holds one contiguous 1/n of it (its shard):
+
+    bucket "3.muon"  = [q_proj | k_proj | v_proj | gate_proj | o_proj | router | shared experts … | pad]
+                        ├─ rank 0 ─┤├─ rank 1 ─┤├─ rank 2 ─┤├─ rank 3 ─┤
+
+Dense buckets are sharded over "fsdp" (the dp_shard·cp ranks of a replica); a MoE layer's routed experts form their
+own bucket "3.experts" holding only this ep rank's experts [E/ep, …], sharded over "efsdp" (the ranks holding the
+same experts). expert_bias is replicated: every rank moves it identically from the all-reduced counts.
+
+The seams (reference/model/seams.py), for the model code:
+    gather_params(params, b)   Allgather of b's buckets → views of the full arrays; the next bucket's gather is
+                               posted (Iallgather) before returning, so it travels while this one computes
+    release_params(b)          the gathered arrays are dropped
+    hand_back_grads(b, grads)  Reduce_scatter_block of b's flat gradient within the bucket's group (the sum over
+                               every rank holding different tokens or experts' rows), then Allreduce over
+                               dp_replicate; returns {shard name: this rank's summed shard}
+A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole bucket and only dp_replicate reduces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from trinity.reference.model.params import EXPERT_KEYS, bucket_of, is_expert_bias, param_buckets, param_shapes
+from trinity.reference.training.optim import param_group
+
+__all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX"]
+
+SHARD_PREFIX = "shard:"
+
+
+def _is_routed_expert(key: str) -> bool:
+    return ".mlp.experts." in key and key.rsplit(".", 1)[-1] in EXPERT_KEYS
+
+
+@dataclass
+class FlatBucket:
+    """One flat bucket: `keys` of local `shapes` at `offsets` in a vector of `padded` elements, sharded over the
+    mesh group `group` (n ranks; this rank is `index`)."""
+    name: str
+    model_bucket: object
+    optimizer: str  # "muon" | "adamw": the optimizer group of every key
+    group: str  # "fsdp" | "efsdp"
+    keys: list
+    shapes: list
+    offsets: list
+    size: int
+    n: int
+    index: int
+
+    @property
+    def padded(self) -> int:
+        return -(-self.size // self.n) * self.n
+
+    @property
+    def shard_size(self) -> int:
+        return self.padded // self.n
+
+    @property
+    def shard_name(self) -> str:
+        return SHARD_PREFIX + self.name
+
+    def span(self, rank: int | None = None) -> tuple[int, int]:
+        """The flat range [lo, hi) held by `rank` of the group (default this rank)."""
+        r = self.index if rank is None else rank
+        return r * self.shard_size, (r + 1) * self.shard_size
+
+    def segments(self, rank: int | None = None):
+        """(key, slice of the shard, slice of the key's flat array) for every key overlapping `rank`'s shard."""
+        lo, hi = self.span(rank)
+        for key, shape, start in zip(self.keys, self.shapes, self.offsets):
+            end = start + int(np.prod(shape))
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                yield key, slice(a - lo, b - lo), slice(a - start, b - start)
+
+    def flatten(self, arrays: dict, dtype) -> np.ndarray:
+        """The whole padded vector of `arrays` (keyed like `keys`, local shapes)."""
+        flat = np.zeros(self.padded, dtype=dtype)
+        for key, shape, start in zip(self.keys, self.shapes, self.offsets):
+            flat[start:start + int(np.prod(shape))] = np.asarray(arrays[key]).reshape(-1)
+        return flat
+
+    def views(self, flat: np.ndarray) -> dict:
+        """{key: view of `flat` in its local shape}."""
+        return {key: flat[start:start + int(np.prod(shape))].reshape(shape)
+                for key, shape, start in zip(self.keys, self.shapes, self.offsets)}
+
+
+def plan_buckets(config, mesh) -> list[FlatBucket]:
+    """The flat buckets of `config` on this rank of `mesh`, in the model's order (embed, layers, head)."""
+    shapes = param_shapes(config)
+    ep, ep_rank = mesh.sizes["ep"], mesh.ep_rank
+    buckets = []
+    for model_bucket, keys in param_buckets(config).items():
+        parts: dict = {}
+        for key in keys:
+            if is_expert_bias(key):
+                continue
+            shape = tuple(shapes[key])
+            routed = _is_routed_expert(key)
+            if routed:
+                shape = (shape[0] // ep,) + shape[1:]
+            optimizer = param_group(config, key, shape)
+            part = "experts" if routed else optimizer
+            parts.setdefault((part, optimizer), []).append((key, shape))
+        for (part, optimizer), members in parts.items():
+            group = "efsdp" if part == "experts" else "fsdp"
+            offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in members]).tolist()
+            buckets.append(FlatBucket(f"{model_bucket}.{part}", model_bucket, optimizer, group,
+                                      [k for k, _ in members], [s for _, s in members], offsets[:-1], offsets[-1],
+                                      mesh.group_size[group], mesh.group_rank[group]))
+    return buckets
+
+
+def expert_slice(mesh, num_experts: int) -> slice:
+    """The experts this ep rank holds: [r·E/ep, (r+1)·E/ep)."""
+    per = num_experts // mesh.sizes["ep"]
+    return slice(mesh.ep_rank * per, (mesh.ep_rank + 1) * per)
+
+
+class ShardedParams:
+    """This rank's parameters: a shard of every flat bucket (keys "shard:<bucket>") and the replicated expert_bias
+    arrays (their own keys). Iterating gives the shard keys, then the bias keys; gradients and optimizer state use
+    the same keys."""
+
+    def __init__(self, config, mesh, buckets: list[FlatBucket], shards: dict, replicated: dict):
+        self.config, self.mesh, self.buckets = config, mesh, buckets
+        self.shards, self.replicated = shards, replicated
+
+    @classmethod
+    def from_full(cls, config, mesh, full: dict) -> "ShardedParams":
+        """Shard a whole parameter dict (the same on every rank); no communication."""
+        dtype = full["model.embed_tokens.weight"].dtype
+        buckets = plan_buckets(config, mesh)
+        experts = expert_slice(mesh, config.num_experts)
+        local = {k: (v[experts] if _is_routed_expert(k) else v) for k, v in full.items()}
+        shards = {b.shard_name: b.flatten(local, dtype)[slice(*b.span())].copy() for b in buckets}
+        return cls(config, mesh, buckets, shards, {k: v.copy() for k, v in full.items() if is_expert_bias(k)})
+
+    # -- a dict's reading and writing, by key
+    def __iter__(self):
+        yield from self.shards
+        yield from self.replicated
+
+    def keys(self):
+        return list(self)
+
+    def items(self):
+        return [(k, self[k]) for k in self]
+
+    def __len__(self):
+        return len(self.shards) + len(self.replicated)
+
+    def __contains__(self, key):
+        return key in self.shards or key in self.replicated
+
+    def __getitem__(self, key):
+        return self.shards[key] if key in self.shards else self.replicated[key]
+
+    def __setitem__(self, key, value):
+        (self.shards if key in self.shards else self.replicated)[key] = value
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(v.nbytes) for v in self.shards.values()) + sum(int(v.nbytes) for v in self.replicated.values())
+
+    # -- whole arrays (collective: every rank calls it)
+    def gather_bucket(self, bucket: FlatBucket, shard=None) -> np.ndarray:
+        """The whole flat vector of `bucket` from every rank's shard (of params, or of `shard` e.g. a state)."""
+        shard = self.shards[bucket.shard_name] if shard is None else shard
+        if bucket.n == 1:
+            return shard
+        flat = np.empty(bucket.padded, dtype=shard.dtype)
+        self.mesh.collective("Allgather", bucket.group, np.ascontiguousarray(shard), flat)
+        return flat
+
+    def full(self, sharded: dict | None = None, prefix: str = "", only: str | None = None) -> dict:
+        """The whole arrays of every key, on every rank: all-gathered within the shard groups, experts across ep.
+        `sharded` (default these params) may be another dict keyed by prefix + shard name (an optimizer state);
+        `only` keeps the buckets of one optimizer group."""
+        out = {}
+        for b in self.buckets:
+            if only is not None and b.optimizer != only:
+                continue
+            shard = None if sharded is None else sharded[prefix + b.shard_name]
+            local = b.views(self.gather_bucket(b, shard))
+            for key, value in local.items():
+                out[key] = self._gather_experts(value) if _is_routed_expert(key) else value.copy()
+        if sharded is None:
+            out.update({k: v.copy() for k, v in self.replicated.items()})
+        order = param_shapes(self.config)
+        return {k: out[k] for k in order if k in out}
+
+    def _gather_experts(self, local: np.ndarray) -> np.ndarray:
+        ep = self.mesh.sizes["ep"]
+        if ep == 1:
+            return local.copy()
+        whole = np.empty((ep,) + local.shape, dtype=local.dtype)
+        self.mesh.collective("Allgather", "ep", np.ascontiguousarray(local), whole)
+        return whole.reshape((ep * local.shape[0],) + local.shape[1:])
+
+
+class ShardedParamSeams:
+    """The parameter-gather seam over ShardedParams (a mixin of ParallelOps: needs self.mesh and self.config).
+
+    Prefetch follows the order a micro-batch asks for buckets: forward embed, 0 … L−1, head (and embed again when
+    the head is tied to it), backward L−1 … 0; after each gather the next bucket of that order is posted. Nothing
+    is posted past the end of a micro-batch (its parameters change at the update)."""
+
+    def _init_sharding(self):
+        self._gathered: dict = {}  # model bucket → {key: full array}
+        self._in_flight: dict = {}  # model bucket → [(FlatBucket, request or None, receive buffer)]
+        self._buckets = plan_buckets(self.config, self.mesh)
+        self._by_model_bucket: dict = {}
+        for b in self._buckets:
+            self._by_model_bucket.setdefault(b.model_bucket, []).append(b)
+        L = self.config.num_hidden_layers
+        self._sequence = (["embed", *range(L), "head"] + (["embed"] if self.config.tie_word_embeddings else [])
+                          + list(reversed(range(L))))
+        self._position = 0
+
+    def gather_params(self, params, bucket):
+        if not isinstance(params, ShardedParams):
+            return params
+        if bucket not in self._gathered:
+            self._gathered[bucket] = self._finish_gather(params, bucket)
+        self._prefetch(params, bucket)
+        return self._gathered[bucket]
+
+    def release_params(self, bucket) -> None:
+        self._gathered.pop(bucket, None)
+
+    def _start_gather(self, params, bucket):
+        posted = []
+        for b in self._by_model_bucket.get(bucket, []):
+            shard = params.shards[b.shard_name]
+            if b.n == 1:
+                posted.append((b, None, shard))
+                continue
+            flat = np.empty(b.padded, dtype=shard.dtype)
+            posted.append((b, self.mesh.collective("Iallgather", b.group, np.ascontiguousarray(shard), flat), flat))
+        self._in_flight[bucket] = posted
+
+    def _finish_gather(self, params, bucket) -> dict:
+        if bucket not in self._in_flight:
+            self._start_gather(params, bucket)
+        arrays = {}
+        for b, request, flat in self._in_flight.pop(bucket):
+            if request is not None:
+                request.Wait()
+            arrays.update(b.views(flat))
+        arrays.update({k: v for k, v in params.replicated.items() if bucket_of(k) == bucket})
+        return arrays
+
+    def _prefetch(self, params, bucket):
+        seq = self._sequence
+        at = next((i for i in range(self._position, len(seq)) if seq[i] == bucket), None)
+        if at is None:
+            at = seq.index(bucket) if bucket in seq else None
+        if at is None:
+            return
+        self._position = at + 1
+        if self._position < len(seq):
+            nxt = seq[self._position]
+            if nxt not in self._gathered and nxt not in self._in_flight:
+                self._start_gather(params, nxt)
+        else:
+            self._position = 0  # the micro-batch is done: the next gather starts a new one
+
+    def hand_back_grads(self, bucket, grads: dict) -> dict:
+        if bucket == "embed":
+            self._position = 0
+        out = {}
+        for b in self._by_model_bucket.get(bucket, []):
+            flat = b.flatten(grads, grads[b.keys[0]].dtype)
+            if b.n == 1:
+                shard = flat
+            else:
+                shard = np.empty(b.shard_size, dtype=flat.dtype)
+                self.mesh.collective("Reduce_scatter_block", b.group, flat, shard)
+            if self.mesh.group_size["dp_replicate"] > 1:
+                summed = np.empty_like(shard)
+                self.mesh.collective("Allreduce", "dp_replicate", np.ascontiguousarray(shard), summed)
+                shard = summed
+            out[b.shard_name] = shard
+        out.update({k: v for k, v in grads.items() if is_expert_bias(k)})
+        return out

@@ -1,0 +1,218 @@
+"""Context parallel (distributed/context_parallel.py) on a virtual cluster of cp ∈ {1, 2, 3, 4} ranks, in float64.
+
+Each rank holds chunks r and 2·cp−1−r of every sequence and runs the same model code through an op table whose
+key/value gathering and per-sequence sums are the cp seams. Properties:
+  - the seams themselves: gather_kv returns exactly the keys the queries may need (the whole sequence for a global
+    layer; the rank's chunks and the w−1 keys before each for a sliding one), by position, and gather_kv_backward
+    is its transpose (each rank's rows get every rank's gradients of them);
+  - the whole objective: the ranks' loss shares add up to the single-process losses and their gradients to its
+    gradients, for drawn configs (sliding windows up to chunk + 1, global layers, MoE layers with the balance loss,
+    document boundaries anywhere, also exactly at chunk boundaries);
+  - the traffic: the sliding layers' Alltoallv moves only the halos (w−1 rows per chunk), never whole sequences.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import assume, event, given, settings
+from hypothesis import strategies as st
+
+from trinity.distributed.context_parallel import ContextParallelSeams
+from trinity.distributed.layout import Layout
+from trinity.distributed.mesh import Mesh
+from trinity.reference import Config, loss_and_grads, model_forward
+from trinity.reference.model.config import FULL, SLIDING
+from trinity.reference.model.objective import LossScale
+from trinity.reference.model.ops import REFERENCE, ReferenceOps
+from trinity.reference.training.step import _aligned_targets
+from trinity.simulate.virtual_comm import VirtualCluster
+from strategies import min_topk_gap, random_params, small_configs
+
+cps = st.integers(1, 4)
+
+
+class CPOps(ContextParallelSeams, ReferenceOps):
+    """The reference table with the cp seams."""
+
+    def __init__(self, mesh):
+        self.mesh, self.base = mesh, REFERENCE
+
+
+def on_cluster(cp, fn):
+    """fn(mesh, ops) on every rank of a cp-rank virtual cluster; results by rank."""
+    def body(comm):
+        mesh = Mesh(comm, Layout(cp=cp))
+        return fn(mesh, CPOps(mesh))
+    return VirtualCluster(cp, timeout=60).run(body)
+
+
+@st.composite
+def doc_ids_for(draw, B, T, chunk):
+    """[B, T] document ids with boundaries anywhere, often exactly at chunk boundaries; or None."""
+    if not draw(st.booleans()):
+        return None
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    starts = np.zeros((B, T), dtype=bool)
+    starts[:, 1:] = rng.random((B, T - 1)) < draw(st.sampled_from([0.1, 0.3]))
+    if draw(st.booleans()):  # documents that start where chunks start
+        starts[:, chunk::chunk] |= rng.random((B, len(range(chunk, T, chunk)))) < 0.7
+    return np.cumsum(starts, axis=1)
+
+
+# ---- the seams alone --------------------------------------------------------------------------------------------
+@given(cp=cps, chunk=st.integers(1, 5), B=st.integers(1, 2), hkv=st.integers(1, 2), docs=st.booleans(),
+       window=st.one_of(st.none(), st.integers(1, 6)), seed=st.integers(0, 2**32 - 1))
+def test_gather_kv_returns_the_needed_keys_and_its_backward_is_the_transpose(cp, chunk, B, hkv, docs, window, seed):
+    window = None if window is None else min(window, chunk + 1)
+    T, dh = 2 * cp * chunk, 3
+    rng = np.random.default_rng(seed)
+    K, V = rng.standard_normal((2, B, T, hkv, dh))
+    D = np.cumsum(rng.random((B, T)) < 0.3, axis=1) if docs else None
+    dK_all = [rng.standard_normal((B, T, hkv, dh)) for _ in range(cp)]  # per rank, indexed by key position
+    dV_all = [rng.standard_normal((B, T, hkv, dh)) for _ in range(cp)]
+
+    def fn(mesh, ops):
+        pos = mesh.local_positions(T)
+        k_all, v_all, k_pos, k_doc, ctx = ops.gather_kv(K[:, pos], V[:, pos], pos, None if D is None else D[:, pos],
+                                                        window)
+        r = mesh.group_rank["cp"]
+        dk, dv = ops.gather_kv_backward(ctx, dK_all[r][:, k_pos], dV_all[r][:, k_pos])
+        return pos, k_all, v_all, k_pos, k_doc, dk, dv
+
+    results = on_cluster(cp, fn)
+    dK_sum, dV_sum = np.zeros_like(K), np.zeros_like(V)
+    for r, (pos, k_all, v_all, k_pos, k_doc, dk, dv) in enumerate(results):
+        assert np.all(np.diff(k_pos) > 0)
+        if window is None:
+            need = np.arange(T)  # global: every position (also those after the last query: one whole Allgather)
+        else:  # the queries' own positions and the w−1 before each chunk
+            need = np.unique(np.concatenate([pos] + [np.arange(max(p - window + 1, 0), p) for p in pos]))
+        np.testing.assert_array_equal(k_pos, need)
+        np.testing.assert_array_equal(k_all, K[:, k_pos])
+        np.testing.assert_array_equal(v_all, V[:, k_pos])
+        if D is None:
+            assert k_doc is None
+        else:
+            np.testing.assert_array_equal(k_doc, D[:, k_pos])
+        dK_sum[:, k_pos] += dK_all[r][:, k_pos]
+        dV_sum[:, k_pos] += dV_all[r][:, k_pos]
+    for pos, *_, dk, dv in results:  # each rank's rows: the sum of every rank's gradients of them
+        np.testing.assert_allclose(dk, dK_sum[:, pos], rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(dv, dV_sum[:, pos], rtol=1e-14, atol=1e-14)
+
+
+@given(cp=cps, seed=st.integers(0, 2**32 - 1))
+def test_sequence_sum_over_cp_keeps_dtype(cp, seed):
+    xs = np.random.default_rng(seed).standard_normal((cp, 2, 3)).astype(np.float32)
+    got = on_cluster(cp, lambda mesh, ops: ops.sequence_sum(xs[mesh.group_rank["cp"]]))
+    for g in got:
+        assert g.dtype == np.float32
+        np.testing.assert_allclose(g, xs.sum(axis=0), rtol=1e-6)
+
+
+def test_cp1_is_the_single_process_identity():
+    def fn(mesh, ops):
+        k, v, pos, doc = np.ones((1, 4, 1, 2)), np.zeros((1, 4, 1, 2)), np.arange(4), np.zeros((1, 4), int)
+        for window in (None, 2):
+            out = ops.gather_kv(k, v, pos, doc, window)
+            assert out[0] is k and out[1] is v and out[2] is pos and out[3] is doc
+            assert ops.gather_kv_backward(out[4], k, v) == (k, v)
+        assert ops.sequence_sum(k) is k
+        return mesh.take_traffic()
+
+    assert on_cluster(1, fn) == [{}]
+
+
+# ---- the whole objective ----------------------------------------------------------------------------------------
+def cp_loss_and_grads(cp, config, params, tokens, labels, doc_ids):
+    """Every rank's (losses, grads, stats, traffic) for its chunks of the batch."""
+    B, T = tokens.shape
+    targets = _aligned_targets(labels)
+    scale = LossScale(tokens=int((labels[:, 1:] != -100).sum()), sequences=B, seq_len=T)
+
+    def fn(mesh, ops):
+        pos = mesh.local_positions(T)
+        losses, grads, stats = loss_and_grads(config, params, tokens[:, pos], targets[:, pos],
+                                              None if doc_ids is None else doc_ids[:, pos], ops=ops, positions=pos,
+                                              shift=False, scale=scale, check=False)
+        return losses, grads, stats, mesh.take_traffic()
+    return on_cluster(cp, fn)
+
+
+@st.composite
+def cp_cases(draw):
+    cp, chunk = draw(cps), draw(st.integers(1, 4))
+    T = 2 * cp * chunk
+    config = draw(small_configs(max_layers=3, max_hidden=24, max_vocab=32))
+    window = draw(st.sampled_from([1, chunk + 1, draw(st.integers(1, chunk + 1))]))  # up to chunk + 1: w−1 ≤ chunk
+    config = config.replace(sliding_window=window, global_attn_every_n_layers=draw(st.integers(1, 3)),
+                            num_dense_layers=draw(st.integers(0, min(1, config.num_hidden_layers))),
+                            balance_loss_coeff=draw(st.sampled_from([0.0, 1e-2, 0.5])),
+                            z_loss_coeff=draw(st.sampled_from([0.0, 1e-2])), max_position_embeddings=max(T, 8))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    B = draw(st.integers(1, 2))
+    tokens = rng.integers(0, config.vocab_size, (B, T))
+    labels = np.where(rng.random((B, T)) < draw(st.sampled_from([0.0, 0.3])), -100, tokens)
+    return cp, config, random_params(config, seed), tokens, labels, draw(doc_ids_for(B, T, chunk))
+
+
+@settings(max_examples=150)
+@given(cp_cases())
+def test_shares_add_up_to_the_single_process_losses_and_gradients(case):
+    cp, config, params, tokens, labels, doc_ids = case
+    chunk = tokens.shape[1] // (2 * cp)
+    layers = range(config.num_hidden_layers)
+    event(f"cp = {cp}")
+    event("a global layer" if any(config.window_of(i) is None for i in layers) else "no global layer")
+    if any(config.window_of(i) is not None for i in layers):
+        event(f"sliding, w − 1 {'=' if config.sliding_window - 1 == chunk else '<'} chunk")
+    if config.balance_loss_coeff and any(config.is_moe_layer(i) for i in layers):
+        event("balance loss on a MoE layer")
+    if doc_ids is not None and np.any(doc_ids[:, chunk::chunk] != doc_ids[:, chunk - 1:-1:chunk]):
+        event("a document starts at a chunk boundary")
+    _, ctx = model_forward(config, params, tokens, doc_ids)
+    assume(min_topk_gap(config, params, ctx) > 1e-9)  # rounding must not flip a top-k choice
+    want_losses, want_grads, want_stats = loss_and_grads(config, params, tokens, labels, doc_ids)
+    ranks = cp_loss_and_grads(cp, config, params, tokens, labels, doc_ids)
+    for name in ("ce", "z", "balance", "total"):
+        got = sum(losses[name] for losses, *_ in ranks)
+        np.testing.assert_allclose(got, want_losses[name], rtol=1e-12, atol=1e-15, err_msg=name)
+    # relative to each key's largest entry; a key that is only rounding noise (e.g. q_proj with w = 1, where every
+    # query sees itself alone) against 1e-4 of the whole gradient's largest entry instead
+    floor = 1e-4 * max(float(np.abs(g).max(initial=0.0)) for g in want_grads.values())
+    for key, want in want_grads.items():
+        got = sum(grads[key] for _, grads, *_ in ranks)
+        scale = max(float(np.abs(want).max(initial=0.0)), floor, 1e-300)
+        assert np.abs(got - want).max(initial=0.0) <= 1e-10 * scale, key
+    for layer, s in want_stats["layers"].items():
+        np.testing.assert_array_equal(sum(stats["layers"][layer]["expert_counts"] for _, _, stats, _ in ranks),
+                                      s["expert_counts"])
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+@pytest.mark.parametrize("with_docs", [False, True])
+def test_sliding_layers_exchange_only_halos(cp, with_docs):
+    chunk, B, window = 4, 2, 3
+    T = 2 * cp * chunk
+    types = (SLIDING, FULL, SLIDING)
+    config = Config(vocab_size=16, hidden_size=8, intermediate_size=8, moe_intermediate_size=4, num_hidden_layers=3,
+                    num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=2,
+                    num_experts_per_tok=1, sliding_window=window, layer_types=types, max_position_embeddings=T)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 16, (B, T))
+    doc_ids = np.cumsum(rng.random((B, T)) < 0.2, axis=1) if with_docs else None
+    ranks = cp_loss_and_grads(cp, config, random_params(config, 0), tokens, tokens, doc_ids)
+    h, hkv, dh, f = window - 1, config.num_key_value_heads, config.head_dim, 8  # float64 / int64: 8 bytes
+    halo_kv = 2 * B * h * hkv * dh * f  # k and v of one halo
+    halo_doc = B * h * 8 if with_docs else 0
+    whole_kv = 2 * B * T * hkv * dh * f
+    for r, (*_, traffic) in enumerate(ranks):
+        neighbours = (r > 0) + (r < cp - 1)  # halos this rank sends (its chunks' tails needed by others)
+        sent = traffic[("Alltoallv", "cp")]
+        # per sliding layer: the halos forward (k, v, doc ids) and their gradients back, nothing else
+        assert sent == types.count(SLIDING) * neighbours * (2 * halo_kv + halo_doc), (r, traffic)
+        assert sent < types.count(SLIDING) * whole_kv
+        assert traffic[("Allgather", "cp")] == types.count(FULL) * (cp - 1) * (whole_kv + (B * T * 8 if with_docs
+                                                                                          else 0)) // cp
