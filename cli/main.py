@@ -13,6 +13,13 @@ mpi4py, numba or matplotlib are imported inside `run`), because `trinity -h` imp
 Errors the user can fix raise `trinity.cli.common.CLIError` (or `ConfigError`): `main` prints one line,
 `trinity <cmd>: error: <message>`, on stderr and returns 2 (or the CLIError's own `status`, e.g. 3 for a training
 run stopped by divergence). Anything else is a bug and keeps its traceback.
+
+Under an MPI launcher with more than one rank (`mpiexec -n 4 python -m mpi4py -m trinity.cli ...`,
+trinity.distributed.launch.world()), an error on any rank must end the whole job, because the other ranks may be
+blocked in a collective waiting for it: a CLIError / ConfigError prints `rank R: trinity <cmd>: error: <message>`,
+any other exception its traceback and then `rank R: trinity <cmd>: <Type>: <message>`, and the rank calls
+`Abort(status)` (launch.fail_job), so the launcher stops every rank and exits non-zero within seconds. On success
+every rank returns normally. In a single process (no launcher, or a job of one rank) nothing changes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
+from trinity.distributed.launch import LaunchError, fail_job, world
 from trinity.reference.model.config import ConfigError
 
 from .common import CLIError
@@ -41,7 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2
+    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2 (on every rank alike)
+    try:
+        comm = world()  # None in a plain single process: mpi4py is not imported
+    except LaunchError as e:
+        print(f"trinity {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    if comm is not None and comm.Get_size() > 1:
+        return _run_on_ranks(args, comm)
+    return _run(args)
+
+
+def _run(args) -> int:
+    """One process: errors the user can fix are one line and their status; anything else raises (traceback)."""
     try:
         return int(args.run(args) or 0)
     except (CLIError, ConfigError) as e:
@@ -51,6 +72,31 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
+
+
+def _run_on_ranks(args, comm) -> int:
+    """One rank of a job of several: the same subcommand, but any error ends the whole job through fail_job
+    (comm.Abort), naming this rank, so that no other rank hangs in a collective waiting for it."""
+    rank = comm.Get_rank()
+    where = f"trinity {args.command}"
+    try:
+        return int(args.run(args) or 0)
+    except (CLIError, ConfigError) as e:
+        return fail_job(comm, rank, f"{where}: error: {e}", getattr(e, "status", 2))
+    except BrokenPipeError:
+        return fail_job(comm, rank, f"{where}: output closed (broken pipe)", 1)
+    except KeyboardInterrupt:
+        return fail_job(comm, rank, f"{where}: interrupted", 130)
+    except SystemExit as e:
+        if e.code is None or e.code == 0:
+            raise
+        status = e.code if isinstance(e.code, int) else 1
+        return fail_job(comm, rank, f"{where}: exited with status {e.code}", status)
+    except Exception as e:  # a bug: keep its traceback, then end the job
+        traceback.print_exc()
+        sys.stderr.flush()
+        message = " ".join(str(e).splitlines())
+        return fail_job(comm, rank, f"{where}: {type(e).__name__}: {message} (traceback above)", 1)
 
 
 if __name__ == "__main__":
