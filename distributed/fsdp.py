@@ -16,8 +16,9 @@ The seams (reference/model/seams.py), for the model code:
                                posted (Iallgather) before returning, so it travels while this one computes
     release_params(b)          the gathered arrays are dropped
     hand_back_grads(b, grads)  Reduce_scatter_block of b's flat gradient within the bucket's group (the sum over
-                               every rank holding different tokens or experts' rows), then Allreduce over
-                               dp_replicate; returns {shard name: this rank's summed shard}
+                               every rank holding different tokens or experts' rows); returns {shard name: this
+                               rank's summed shard}. The sum over dp_replicate follows once per step, after the
+                               micro-batches (training/step.py: mesh.sum(…, "replicas"), an Allreduce per shard)
 A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole bucket and only dp_replicate reduces.
 """
 
@@ -285,10 +286,6 @@ class ShardedParamSeams:
             else:
                 shard = np.empty(b.shard_size, dtype=flat.dtype)
                 self.mesh.collective("Reduce_scatter_block", b.group, flat, shard)
-            if self.mesh.group_size["dp_replicate"] > 1:
-                summed = np.empty_like(shard)
-                self.mesh.collective("Allreduce", "dp_replicate", np.ascontiguousarray(shard), summed)
-                shard = summed
             out[b.shard_name] = shard
         out.update({k: v for k, v in grads.items() if is_expert_bias(k)})
         return out

@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -57,12 +58,16 @@ from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError, check_output_paths
 
-__all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "build_loader", "data_fingerprint"]
+__all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "FAULT_MID_STEP_ENV", "build_loader",
+           "data_fingerprint"]
 
 # Fault injection for tests: SIGKILL this process right after the checkpoint of this step is written
 # (FAULT_ENV), or right after the metrics line of this step is written (FAULT_METRICS_ENV).
 FAULT_ENV = "TRINITY_FAULT_KILL_AFTER_CHECKPOINT"
 FAULT_METRICS_ENV = "TRINITY_FAULT_KILL_AFTER_METRICS"
+# "R:S": rank R SIGKILLs itself in the middle of step S (after its gradients, before the update): the other ranks are
+# then inside a collective.
+FAULT_MID_STEP_ENV = "TRINITY_FAULT_KILL_MID_STEP"
 
 
 class TrainingDiverged(RuntimeError):
@@ -246,6 +251,9 @@ class Trainer:
         except LayoutError as e:
             raise RunConfigError(f"[parallel] {e}") from None
         mesh = Mesh(comm, run.layout)
+        ranks = comm.allgather((os.getpid(), socket.gethostname()))
+        shown = "; ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(ranks[:16]))
+        self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))
         return mesh, ParallelOps(backend, mesh, self.config)
 
     def _shard_state(self) -> None:
@@ -357,6 +365,8 @@ class Trainer:
         sequences = self.batches.sequences(self.tokens_seen)
         result = compute_gradients(c, self.params, self.next_batch(sequences), micro_batch_size=run.micro_batch_size,
                                    ops=self.ops, mesh=self.mesh, recompute=run.recompute, check=False)
+        if os.environ.get(FAULT_MID_STEP_ENV) == f"{self.rank}:{self.step + 1}":
+            os.kill(os.getpid(), signal.SIGKILL)
         if not result.finite:
             return self._non_finite_step(result.losses, result.grad_norm, sequences, time.perf_counter() - t0)
         lr = {group: learning_rate(self.step, run.steps, peak, c.warmup_steps, c.lr_schedule,

@@ -16,7 +16,8 @@ under every parallel layout (docs/distributed.md; SPEC §6, §7, §9, §14 #8).
 Every reduction goes through the mesh; `LOCAL` is the mesh of one process, where each is the identity. A mesh
 names its groups of ranks by what they share: "data" (every rank holding different tokens), "dp" (the data-parallel
 ranks, each its own sequences), "cp" (the ranks holding chunks of the same sequences), "shards" (the ranks holding
-different parts of the gradients, for the clip norm).
+different parts of the gradients, for the clip norm), "replicas" (the ranks holding the same part of the gradients
+but different tokens: their gradients are summed once per step).
 """
 
 from __future__ import annotations
@@ -159,6 +160,9 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
         logit_max = max(logit_max, stats["logits_max"])
         logit_mean_sum += stats["logits_mean"]
         all_stats.append(stats)
+    for k, g in grads_sum.items():  # the replicas' sums, once per step (FSDP reduced within a replica already)
+        if not k.endswith("expert_bias"):
+            grads_sum[k] = mesh.sum(g, "replicas")
     micro_losses = mesh.sum(np.asarray(micro_losses, dtype=np.float64), "cp")
     counts = {layer: mesh.sum(n, "data") for layer, n in counts.items()}
     summed = mesh.sum(np.array([parts[k] for k in LOSS_PARTS], dtype=np.float64), "data")

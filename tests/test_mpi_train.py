@@ -1,0 +1,158 @@
+"""Cluster mode under real `mpiexec`: every layout trains the single process's model, resumes on another layout, and
+a killed rank ends the job with the last checkpoint intact.
+
+Each job is `mpiexec -n N python -m mpi4py -m trinity.cli train run.toml --mesh …` (2–4 ranks, one thread each),
+compared in float64 with `trinity train` in one process: after 1, 3 and 4 steps the losses of every step, the params, the
+optimizer state, the balancing state and every expert_bias agree to 1e-10 relative (a wrong shard or reduction is off
+by far more; reordered float64 sums by ~1e-15).
+"""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from trinity.reference.training.checkpoint import CheckpointManager, load_checkpoint
+
+from mpi_jobs import requires_mpi, run_mpi
+from test_trainer import trinity
+
+pytestmark = requires_mpi
+
+RUN = """
+[model]
+preset = "tiny"
+dtype = "float64"
+[model.overrides]
+sliding_window = 8
+[data]
+path = "{data}"
+eos_id = 0
+seq_len = 32
+micro_batch_size = 1
+[train]
+steps = {steps}
+sequences_per_step = 8
+[optimizer]
+muon_lr = 0.02
+adamw_lr = 0.01
+[schedule]
+warmup_steps = 2
+[loss]
+intra_document_mask = true
+balance_loss_coeff = 0.01
+[checkpoint]
+dir = "ckpt"
+every = 1
+keep_last = 10
+[logging]
+metrics = "metrics.jsonl"
+progress = false
+"""
+
+# (ranks, layout): the layouts the issue names, and one with every mechanism at 4 ranks (dp_replicate all-reduce,
+# FSDP over cp, context parallel, expert parallel)
+LAYOUTS = [(4, "dp_shard=4"), (4, "dp_replicate=2,dp_shard=2"), (2, "dp_shard=2,ep=2"), (4, "dp_shard=4,ep=4"),
+           (2, "cp=2"), (4, "dp_replicate=2,cp=2,ep=2")]
+RTOL = 1e-10
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from trinity.reference.data.store import write_token_file
+    from trinity.reference.data.synthetic import MarkovSource
+    path = tmp_path_factory.mktemp("data") / "tokens.bin"
+    write_token_file(path, MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(20000),
+                     eos_id=0)
+    return path
+
+
+def _run_dir(tmp_path, data, steps=4):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "run.toml").write_text(RUN.format(data=data, steps=steps))
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data):
+    """The single-process run of 4 steps (reference backend): {step: checkpoint path}, metrics lines."""
+    d = _run_dir(tmp_path_factory.mktemp("single"), data, steps=4)
+    r = trinity("train", str(d / "run.toml"))
+    assert r.returncode == 0, r.stderr
+    return d
+
+
+def _metrics(d):
+    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_state(got_path, want_path):
+    got, want = load_checkpoint(got_path), load_checkpoint(want_path)
+    assert got.step == want.step and got.tokens_seen == want.tokens_seen and got.data_state == want.data_state
+    for name, a, b in (("param", got.params, want.params), ("optimizer", got.optimizer_state, want.optimizer_state),
+                       ("balancing", got.balancing_state, want.balancing_state)):
+        assert set(a) == set(b), name
+        for k in b:
+            if k == "step":
+                assert int(a[k]) == int(b[k])
+                continue
+            err = float(np.abs(np.asarray(a[k], np.float64) - b[k]).max()) / max(float(np.abs(b[k]).max()), 1e-300)
+            assert err <= RTOL, f"{name} {k}: relative error {err:.2e}"
+
+
+def _assert_same_losses(got_lines, want_lines):
+    for got, want in zip(got_lines, want_lines):
+        for part, value in want["loss"].items():
+            assert abs(got["loss"][part] - value) <= RTOL * abs(value), (got["step"], part)
+
+
+@pytest.mark.parametrize("backend", ["reference", "numba"])
+@pytest.mark.parametrize("ranks,layout", LAYOUTS)
+def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, layout, backend):
+    d = _run_dir(tmp_path, data)
+    code, out, err, seconds = run_mpi(ranks, ["-m", "trinity.cli", "train", "run.toml", "--mesh", layout,
+                                              "--backend", backend], cwd=d, timeout=120)
+    assert code == 0, err
+    assert f"layout {layout} over {ranks} ranks" in out
+    lines = _metrics(d)
+    assert [row["step"] for row in lines] == [1, 2, 3, 4]
+    _assert_same_losses(lines, _metrics(single))
+    for step in (1, 3, 4):
+        _assert_same_state(CheckpointManager(d / "ckpt").path_for(step),
+                           CheckpointManager(single / "ckpt").path_for(step))
+    memory = lines[-1]["memory"]
+    assert memory["params"] > 0 and memory["optimizer"] > 0
+
+
+def test_resharding_resumes_continue_the_uninterrupted_run(tmp_path, data, single):
+    """4 ranks → 2 → 4 → 1 process, each job killed right after a checkpoint, end with the uninterrupted run."""
+    d = _run_dir(tmp_path, data)
+    chain = [(4, "dp_shard=4", 1), (2, "dp_shard=2,ep=2", 2), (4, "dp_replicate=2,cp=2", 3)]
+    for i, (ranks, layout, kill_after) in enumerate(chain):
+        args = ["-m", "trinity.cli", "train", "run.toml", "--mesh", layout] + (["--resume"] if i else [])
+        code, out, err, _ = run_mpi(ranks, args, cwd=d, timeout=120,
+                                    env={"TRINITY_FAULT_KILL_AFTER_CHECKPOINT": str(kill_after)})
+        assert code != 0, "the job should have been killed after its checkpoint"
+        assert CheckpointManager(d / "ckpt").latest().endswith(f"step_{kill_after:08d}.h5"), err
+        if i:
+            assert f"at step {kill_after - 1}" in out
+    r = trinity("train", str(d / "run.toml"), "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout and "at step 3" in r.stdout
+    _assert_same_state(CheckpointManager(d / "ckpt").path_for(4), CheckpointManager(single / "ckpt").path_for(4))
+    _assert_same_losses(_metrics(d), _metrics(single))
+
+
+def test_a_rank_killed_mid_step_ends_the_job_and_the_last_checkpoint_loads(tmp_path, data):
+    d = _run_dir(tmp_path, data)
+    code, out, err, seconds = run_mpi(4, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4"], cwd=d,
+                                      timeout=60, env={"TRINITY_FAULT_KILL_MID_STEP": "1:3"})
+    assert code != 0 and seconds < 10, (code, seconds)
+    pids = dict(re.findall(r"rank (\d+) pid (\d+)", out))
+    killed = re.search(r"PID (\d+) RUNNING AT", out + err)
+    assert killed is not None, out + err
+    assert pids["1"] == killed.group(1), f"the launcher named pid {killed.group(1)}; ranks: {pids}"
+    newest = CheckpointManager(d / "ckpt").latest()
+    assert newest.endswith("step_00000002.h5")
+    assert load_checkpoint(newest).step == 2
