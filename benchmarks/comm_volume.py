@@ -59,11 +59,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from trinity.distributed.fsdp import ShardedParams
 from trinity.distributed.layout import Layout
 from trinity.distributed.mesh import Mesh
-from trinity.distributed.parallel_ops import ParallelOps
-from trinity.distributed.sharded_optim import shard_optimizer_state
+from trinity.distributed.parallel_ops import parallelize
 from trinity.reference import Config, init_params
 from trinity.reference.model.ops import REFERENCE
 from trinity.reference.model.params import is_expert_bias, param_buckets, param_shapes
@@ -94,9 +92,7 @@ def make_batch(config, S, T, seed=0) -> GlobalBatch:
 # ---- measured ----------------------------------------------------------------------------------------------------
 def _rank_step(comm, layout, config, params0, batch, mbs, recompute):
     mesh = Mesh(comm, layout)
-    ops = ParallelOps(REFERENCE, mesh, config)
-    params = ShardedParams.from_full(config, mesh, params0)
-    opt = shard_optimizer_state(config, params, init_optimizer_state(config, params0))
+    ops, params, opt = parallelize(REFERENCE, mesh, config, params0, init_optimizer_state(config, params0))
     bal = init_balancing_state(config, params0)
     mesh.take_traffic()  # nothing before the step counts
     g = compute_gradients(config, params, batch, micro_batch_size=mbs, ops=ops, mesh=mesh, recompute=recompute,

@@ -19,7 +19,8 @@ trinity.distributed.launch.world()), an error on any rank must end the whole job
 blocked in a collective waiting for it: a CLIError / ConfigError prints `rank R: trinity <cmd>: error: <message>`,
 any other exception its traceback and then `rank R: trinity <cmd>: <Type>: <message>`, and the rank calls
 `Abort(status)` (launch.fail_job), so the launcher stops every rank and exits non-zero within seconds. On success
-every rank returns normally. In a single process (no launcher, or a job of one rank) nothing changes.
+every rank returns normally. In a single process (no launcher, or a job of one rank) nothing changes. Each rank runs
+supervised (launch.supervise): a rank killed by the system is named by its supervisor.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import importlib
 import sys
 import traceback
 
-from trinity.distributed.launch import LaunchError, fail_job, world
+from trinity.distributed.launch import LaunchError, fail_job, supervise, world
 from trinity.reference.model.config import ConfigError
 
 from .common import CLIError
@@ -99,5 +100,12 @@ def _run_on_ranks(args, comm) -> int:
         return fail_job(comm, rank, f"{where}: {type(e).__name__}: {message} (traceback above)", 1)
 
 
+def entry() -> int:
+    """The program's entry point (the `trinity` script, `python -m trinity.cli`): under an MPI launcher this process
+    becomes the rank's supervisor and the command runs in its child (launch.supervise); else `main`."""
+    status = supervise()
+    return main() if status is None else status
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

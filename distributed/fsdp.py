@@ -97,7 +97,7 @@ class FlatBucket:
 def plan_buckets(config, mesh) -> list[FlatBucket]:
     """The flat buckets of `config` on this rank of `mesh`, in the model's order (embed, layers, head)."""
     shapes = param_shapes(config)
-    ep, ep_rank = mesh.sizes["ep"], mesh.ep_rank
+    ep = mesh.sizes["ep"]
     buckets = []
     for model_bucket, keys in param_buckets(config).items():
         parts: dict = {}

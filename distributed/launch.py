@@ -19,14 +19,26 @@ nothing was launched by srun: they alone do not count. SLURM_STEP_NUM_TASKS is s
 A failing rank must end the whole job: the other ranks are (or soon will be) blocked in a collective waiting for it
 and would hang until the allocation runs out. `fail_job` reports the error naming the rank and calls `Abort`;
 `python -m mpi4py` does the same for an exception nothing caught (see README, "Training on a cluster").
+
+A rank the system kills (the OOM killer, a SIGKILL) cannot say so itself, and the launcher's report names a pid, not
+always the first to die. So under a launcher each rank runs supervised (`supervise`): the process the launcher
+started forks before MPI is initialised, the child is the rank, and the parent waits for it; when the child is
+killed the parent prints "rank R (pid P on host): killed by SIGKILL during the job" and exits with 128 + signal,
+which ends the job. The child dies with its parent (PR_SET_PDEATHSIG), so a job the launcher tears down leaves no
+orphan. Signals the launcher sends (SIGINT, SIGTERM: preemption) are passed on to the child.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
-__all__ = ["LaunchError", "launcher", "world", "rank_zero_log", "fail_job", "MPI_EXTRA_HINT"]
+__all__ = ["LaunchError", "launcher", "world", "rank_zero_log", "fail_job", "supervise", "MPI_EXTRA_HINT",
+           "SUPERVISE_ENV"]
+
+# "0" turns the supervisor off (supervise); the supervised child finds "child" here.
+SUPERVISE_ENV = "TRINITY_SUPERVISE"
 
 MPI_EXTRA_HINT = "pip install 'trinity-moe[mpi]'"
 
@@ -157,3 +169,51 @@ def _wait_for_output_to_leave(timeout: float = 2.0) -> None:
         except (AttributeError, OSError, ValueError):
             continue
     time.sleep(0.05)  # read is not yet forwarded: let the proxy pass it on before the abort overtakes it
+
+
+def _rank_of(env) -> str:
+    for name in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"):
+        if name in env:
+            return env[name]
+    return "?"
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent ends (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(environ=None) -> int | None:
+    """Under an MPI launcher, split this process into a supervisor and the rank (module docstring). Returns None in
+    the process that goes on to run the command (the rank, or an unsupervised process: no launcher, or
+    TRINITY_SUPERVISE=0), and the exit status in the supervisor, which has nothing else to do."""
+    env = os.environ if environ is None else environ
+    if launcher(env) is None or env.get(SUPERVISE_ENV) in ("0", "child") or not hasattr(os, "fork"):
+        return None
+    if "mpi4py.MPI" in sys.modules:  # MPI is initialised: too late to fork safely
+        return None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        os.environ[SUPERVISE_ENV] = "child"
+        _die_with_parent()
+        if os.getppid() != parent:  # the supervisor is already gone
+            os._exit(1)
+        return None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: os.kill(child, signum))
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        import socket
+        print(f"rank {_rank_of(env)} (pid {child} on {socket.gethostname()}): killed by "
+              f"{signal.Signals(sig).name} during the job", file=sys.stderr, flush=True)
+        return 128 + sig
+    return os.WEXITSTATUS(status)

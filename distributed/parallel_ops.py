@@ -17,7 +17,7 @@ from .context_parallel import ContextParallelSeams
 from .expert_parallel import ExpertParallelSeams
 from .fsdp import ShardedParamSeams
 
-__all__ = ["ParallelOps"]
+__all__ = ["ParallelOps", "parallelize"]
 
 
 class ParallelOps(ShardedParamSeams, ExpertParallelSeams, ContextParallelSeams):
@@ -33,3 +33,13 @@ class ParallelOps(ShardedParamSeams, ExpertParallelSeams, ContextParallelSeams):
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+def parallelize(backend, mesh, config, params: dict, optimizer_state: dict):
+    """A run's single-process state laid out on this rank of `mesh`: (op table, this rank's ShardedParams, its
+    sharded optimizer state). Every rank passes the same whole params and state (built or loaded the same way); no
+    communication."""
+    from .fsdp import ShardedParams
+    from .sharded_optim import shard_optimizer_state
+    sharded = ShardedParams.from_full(config, mesh, params)
+    return ParallelOps(backend, mesh, config), sharded, shard_optimizer_state(config, sharded, optimizer_state)

@@ -41,7 +41,9 @@ folder. Example (configs/tiny-synthetic.toml):
     [schedule]    warmup_steps, lr_schedule, decay_start_fraction, lr_floor_ratio
     [balancing]   method = "smebu" | "sign" | "none", sign_update_rate, smebu_lambda, smebu_beta, smebu_kappa
     [loss]        z_loss_coeff, balance_loss_coeff, intra_document_mask
-    [checkpoint]  dir, every (steps), keep_last
+    [checkpoint]  dir, every (steps), keep_last, format = "sharded" (under a [parallel] layout: a file per rank and a
+                  manifest; "single": one file written by rank 0), hf_export = "folder" (the final params as a
+                  Hugging Face checkpoint, written at the end of the run)
     [logging]     metrics (JSONL path), progress (bool)
     [parallel]                   # optional: the layout (trinity.distributed.layout); `--mesh` overrides it
     dp_replicate = 1             # positive integers, default 1; the job has dp_replicate·dp_shard·cp ranks,
@@ -118,6 +120,8 @@ class RunConfig:
     data_sources: tuple = ()  # paths of a phase mix ([[data.sources]]); data_path is None then
     data_phases: tuple = ()  # ((start_tokens, (w1, w2, ...)), ...) for data_sources
     layout: Layout = Layout()  # [parallel]; checked against the job and the model by the trainer (Layout.check)
+    checkpoint_format: str = "sharded"  # under a layout: a file per rank + manifest | "single": one file by rank 0
+    hf_export: str | None = None  # a folder: the final params as a Hugging Face checkpoint (save_pretrained)
     extra: dict = field(default_factory=dict)
     # Config field → (section, key, value as written) for every config_overrides entry, so that a value the Config
     # rejects is reported under the name the run file gave it ("[optimizer] muon_lr = -1").
@@ -381,6 +385,10 @@ def load_run_config(path) -> RunConfig:
                              "a folder name"))
     every = _take(ckpt, "checkpoint", "every", int, max(1, steps // 10), positive, "a positive integer")
     keep_last = _take(ckpt, "checkpoint", "keep_last", int, 3, positive, "a positive integer")
+    ckpt_format = _take(ckpt, "checkpoint", "format", str, "sharded", lambda v: v in ("sharded", "single"),
+                        '"sharded" or "single"')
+    hf_export = _take(ckpt, "checkpoint", "hf_export", str, None, lambda v: v.strip() != "", "a folder name")
+    hf_export = None if hf_export is None else resolve(hf_export)
     _no_leftovers(ckpt, "checkpoint")
 
     logging = sections.get("logging", {})
@@ -401,7 +409,8 @@ def load_run_config(path) -> RunConfig:
                      checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
-                     max_skipped_steps=max_skipped, layout=Layout(**sizes))
+                     max_skipped_steps=max_skipped, layout=Layout(**sizes), checkpoint_format=ckpt_format,
+                     hf_export=hf_export)
 
 
 def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:
@@ -456,6 +465,8 @@ def check_output_paths(run: RunConfig) -> None:
     """
     _check_output(run.checkpoint_dir, "[checkpoint] dir", directory=True)
     _check_output(run.metrics_path, "[logging] metrics", directory=False)
+    if run.hf_export is not None:
+        _check_output(run.hf_export, "[checkpoint] hf_export", directory=True)
 
 
 def _probe_writable(folder: str) -> None:

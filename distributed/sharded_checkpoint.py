@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -60,13 +59,12 @@ from trinity.reference.model.params import check_params, param_shapes
 from trinity.reference.training import checkpoint as _ck
 from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt, CheckpointError, CheckpointManager,
                                                    CheckpointWriteError, load_checkpoint, read_run_id, restore_rng,
-                                                   save_checkpoint)
-from trinity.reference.training.sealed_file import header_size, seal
+                                                   save_checkpoint, write_sealed_hdf5)
 
 from .fsdp import SHARD_PREFIX, expert_slice
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save_sharded", "load_sharded", "read_manifest", "sharded_path",
-           "sharded_steps", "ShardedCheckpointManager", "write_sealed_hdf5"]
+           "sharded_steps", "ShardedCheckpointManager"]
 
 FORMAT, FORMAT_VERSION, MANIFEST = "trinity-sharded-checkpoint", 1, "manifest.json"
 _DIR = re.compile(r"^step_(\d+)\.sharded$")
@@ -81,31 +79,6 @@ def sharded_path(directory, step: int) -> str:
 
 def _rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.h5"
-
-
-def write_sealed_hdf5(path: str, attrs: dict, groups: dict, meta: dict) -> str:
-    """Write an HDF5 file of `attrs` and {group: {escaped name: array}}, sealed with `meta`, atomically; return the
-    SHA-256 of its bytes. (save_checkpoint's body; to move to checkpoint.py, where save_checkpoint would call it.)"""
-    names = [f"{group}/{name}" for group, arrays in groups.items() for name in arrays]
-    userblock = header_size(names, meta)
-    ranges, memory = {}, io.BytesIO()
-    with h5py.File(memory, "w", userblock_size=userblock, track_order=True) as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        for group, arrays in groups.items():
-            g = f.create_group(group, track_order=True)
-            for name, array in arrays.items():
-                offset = g.create_dataset(name, data=array).id.get_offset()
-                ranges[f"{group}/{name}"] = (offset or 0, array.nbytes if offset is not None else 0)
-    image = memory.getbuffer()
-    seal(image, userblock, ranges, meta)
-    try:
-        with atomic_path(path) as tmp:
-            _ck._write_bytes(tmp, image)
-    except OSError as e:
-        raise CheckpointWriteError(f"{path}: cannot write checkpoint ({e.strerror or str(e).splitlines()[0]}); "
-                                   f"the file was not changed") from None
-    return hashlib.sha256(image).hexdigest()
 
 
 # ---- saving (collective) -----------------------------------------------------------------------------------------

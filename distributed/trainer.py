@@ -47,8 +47,7 @@ from trinity.reference.data.rsdb import RSDBLoader
 from trinity.reference.data.store import DataError, DocumentStore
 from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
 from trinity.reference.training.balancing import init_balancing_state
-from trinity.reference.training.checkpoint import (CheckpointError, CheckpointManager, CheckpointWriteError,
-                                                   config_changes)
+from trinity.reference.training.checkpoint import CheckpointError, CheckpointWriteError, config_changes
 from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule, learning_rate
@@ -57,6 +56,7 @@ from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, co
 from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError, check_output_paths
+from .sharded_checkpoint import ShardedCheckpointManager
 
 __all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "FAULT_MID_STEP_ENV", "build_loader",
            "data_fingerprint"]
@@ -182,7 +182,7 @@ class Trainer:
             backend = get_backend(run.backend)
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
-        self.mesh, self.ops = self._build_mesh(comm, backend)
+        self.mesh, self.ops = self._build_mesh(comm), backend
         self.loader, self.stores = build_loader(run)
         for store in self.stores:
             largest = store.max_token()
@@ -194,7 +194,7 @@ class Trainer:
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
         try:
-            self.checkpoints = CheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
+            self.checkpoints = ShardedCheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
         except CheckpointError as e:
             raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {e}") from None
         self.metrics = MetricsLog(run.metrics_path) if self.is_main else None
@@ -236,14 +236,13 @@ class Trainer:
         self._shard_state()
 
     # ---- the layout ---------------------------------------------------------------------------------------------
-    def _build_mesh(self, comm, backend):
-        """(mesh, op table): the single-process ones without a communicator, else the run's layout over `comm`,
-        checked against the job before any work."""
+    def _build_mesh(self, comm):
+        """The single-process mesh without a communicator, else the run's layout over `comm`, checked against the
+        job before any work."""
         from .layout import Layout, LayoutError
         if comm is None and self.run.layout == Layout():
-            return LOCAL, backend
+            return LOCAL
         from .mesh import Mesh
-        from .parallel_ops import ParallelOps
         run = self.run
         try:
             run.layout.check(world_size=1 if comm is None else comm.Get_size(), config=self.config, seq_len=run.seq_len,
@@ -254,17 +253,17 @@ class Trainer:
         ranks = comm.allgather((os.getpid(), socket.gethostname()))
         shown = "; ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(ranks[:16]))
         self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))
-        return mesh, ParallelOps(backend, mesh, self.config)
+        return mesh
 
     def _shard_state(self) -> None:
         """Under a layout, keep only this rank's shards of the params and optimizer state (every rank built or
-        loaded the whole state the same way)."""
+        loaded the whole state the same way), and train with the layout's op table."""
         if self.mesh is LOCAL:
             return
-        from .fsdp import ShardedParams
-        from .sharded_optim import shard_optimizer_state
-        self.params = ShardedParams.from_full(self.config, self.mesh, self.params)
-        self.opt_state = shard_optimizer_state(self.config, self.params, self.opt_state)
+        from .parallel_ops import parallelize
+        self.run_id = self.checkpoints.run_id = self.mesh.comm.bcast(self.run_id, root=0)  # rank 0's names the run
+        self.ops, self.params, self.opt_state = parallelize(self.ops, self.mesh, self.config, self.params,
+                                                            self.opt_state)
 
     def whole_state(self) -> tuple[dict, dict]:
         """(params, optimizer state) as whole arrays keyed as in one process (collective under a layout)."""
@@ -417,18 +416,22 @@ class Trainer:
         """Write the checkpoint of the current step. A failed write (full disk) is a RunConfigError naming
         [checkpoint] dir; parameters that went non-finite in the last update are a TrainingDiverged."""
         previous = self.last_checkpoint
-        params, opt_state = self.whole_state()  # under a layout: gathered from every rank, written by rank 0
-        if not self.is_main:
-            self.last_checkpoint = self.checkpoints.path_for(self.step)
-            return self.last_checkpoint
+        common = dict(balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
+                      data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
+                      extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps,
+                             "metrics_lines": self.metrics.lines if self.metrics else None,
+                             "layout": str(self.run.layout)},
+                      tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
         try:
-            path = self.checkpoints.save(
-                self.step, config=self.config, params=params, optimizer_state=opt_state,
-                balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
-                data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
-                extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps,
-                       "metrics_lines": self.metrics.lines, "layout": str(self.run.layout)},
-                tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
+            if self.mesh is not LOCAL and self.run.checkpoint_format == "sharded":
+                # collective: a file per rank, then rank 0's manifest (sharded_checkpoint.py)
+                path = self.checkpoints.save_sharded(self.step, self.mesh, self.params, self.opt_state, **common)
+            else:  # one file; under a layout gathered from every rank and written by rank 0
+                params, opt_state = self.whole_state()
+                path = self.checkpoints.path_for(self.step)
+                if self.is_main:
+                    path = self.checkpoints.save(self.step, config=self.config, params=params,
+                                                 optimizer_state=opt_state, **common)
         except CheckpointWriteError as e:
             raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}; the previous checkpoint "
                                  f"{previous or '(none)'} is intact") from None
@@ -436,7 +439,7 @@ class Trainer:
             raise TrainingDiverged(f"step {self.step}: {e}; the newest checkpoint is "
                                    f"{previous or '(none yet)'}") from None
         self.last_checkpoint = path
-        if os.environ.get(FAULT_ENV) == str(self.step):
+        if os.environ.get(FAULT_ENV) == str(self.step) and self.is_main:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
 
@@ -496,7 +499,18 @@ class Trainer:
                     break
         if bar is not None:
             bar.close()
+        if self.run.hf_export is not None and self.stopped_by is None:
+            self.export_hf(self.run.hf_export)
         return last
+
+    def export_hf(self, folder: str) -> None:
+        """The current params as a Hugging Face checkpoint (save_pretrained; gathered from every rank, written by
+        rank 0)."""
+        from trinity.reference.interop.hf import save_pretrained
+        params, _ = self.whole_state()
+        if self.is_main:
+            save_pretrained(folder, self.config, params)
+            self.log(f"Hugging Face checkpoint of step {self.step} in {folder}")
 
     def _agreed_signal(self, signum):
         """The stop signal any rank received (ranks stop together, after the same step); one all-reduce per step

@@ -11,11 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trinity.distributed.fsdp import ShardedParams
 from trinity.distributed.layout import Layout
 from trinity.distributed.mesh import Mesh
-from trinity.distributed.parallel_ops import ParallelOps
-from trinity.distributed.sharded_optim import gather_optimizer_state, shard_optimizer_state
+from trinity.distributed.parallel_ops import parallelize
+from trinity.distributed.sharded_optim import gather_optimizer_state
 from trinity.reference import Config, init_params
 from trinity.reference.data.packing import document_ids
 from trinity.reference.model.ops import REFERENCE
@@ -61,9 +60,7 @@ def _single(config, params0, batches, mbs, lr):
 
 def _rank(comm, layout, config, params0, batches, mbs, lr):
     mesh = Mesh(comm, layout)
-    ops = ParallelOps(REFERENCE, mesh, config)
-    p = ShardedParams.from_full(config, mesh, params0)
-    o = shard_optimizer_state(config, p, init_optimizer_state(config, params0))
+    ops, p, o = parallelize(REFERENCE, mesh, config, params0, init_optimizer_state(config, params0))
     b = init_balancing_state(config, params0)
     losses = []
     for batch in batches:

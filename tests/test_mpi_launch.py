@@ -289,3 +289,11 @@ def test_only_the_launcher_takes_comm_world():
                 if any(isinstance(node, ast.Attribute) and node.attr == "COMM_WORLD" for node in ast.walk(tree)):
                     found.append(os.path.relpath(path, root))
     assert found == [os.path.join("distributed", "launch.py")], found
+
+
+def test_supervise_forks_only_under_a_launcher():
+    """No launcher, TRINITY_SUPERVISE=0, or the supervised child itself: the command runs in this process."""
+    from trinity.distributed.launch import supervise
+    assert supervise({}) is None
+    assert supervise({"PMI_RANK": "0", "PMI_SIZE": "2", "TRINITY_SUPERVISE": "0"}) is None
+    assert supervise({"PMI_RANK": "0", "PMI_SIZE": "2", "TRINITY_SUPERVISE": "child"}) is None

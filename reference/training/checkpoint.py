@@ -37,6 +37,7 @@ removes once its writer is gone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -53,7 +54,7 @@ from .sealed_file import SealError, header_size, is_sealed, read_header, seal, v
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
            "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "read_run_id",
-           "config_changes"]
+           "config_changes", "write_sealed_hdf5"]
 
 FORMAT_VERSION = 2
 
@@ -203,11 +204,16 @@ def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict
               "balancing": _flat_arrays("balancing_state", balancing_state, require_finite),
               "assets": {} if tokenizer_json is None else
               {"tokenizer.json": np.frombuffer(bytes(tokenizer_json), dtype=np.uint8)}}
-    # The file is built in memory and written with plain file I/O: HDF5 itself reacts to a failed write (a full
-    # disk) with pages of errors and, at exit, a crash; Python's write raises one OSError. Memory: the arrays plus
-    # one copy of the file, held while saving.
+    write_sealed_hdf5(path, attrs, groups, {"run_id": run_id, "format_version": FORMAT_VERSION})
+    return path
+
+
+def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
+    """Write an HDF5 file of `attrs` and {group: {name: array}}, sealed with `meta` (sealed_file.py), atomically;
+    returns the SHA-256 of its bytes. The file is built in memory and written with plain file I/O: HDF5 itself
+    reacts to a failed write (a full disk) with pages of errors and, at exit, a crash; Python's write raises one
+    OSError (CheckpointWriteError here). Memory: the arrays plus one copy of the file, held while saving."""
     names = [f"{group}/{name}" for group, arrays in groups.items() for name in arrays]
-    meta = {"run_id": run_id, "format_version": FORMAT_VERSION}
     userblock = header_size(names, meta)
     ranges, memory = {}, io.BytesIO()
     with h5py.File(memory, "w", userblock_size=userblock, track_order=True) as f:
@@ -227,7 +233,7 @@ def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict
         reason = e.strerror or str(e).split("\n")[0]
         raise CheckpointWriteError(f"{path}: cannot write checkpoint ({reason}); the file was not changed") \
             from None
-    return path
+    return hashlib.sha256(image).hexdigest()
 
 
 def _read_group(f, name: str, path: str) -> dict:
