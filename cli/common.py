@@ -121,8 +121,9 @@ class LoadedModel:
 
 
 def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, state: bool = True) -> LoadedModel:
-    """Load MODEL: our checkpoint file (.h5), an HF checkpoint directory, or (with `presets`) a preset name, which
-    is randomly initialised with `seed` (an existing file or directory of that name wins).
+    """Load MODEL: our checkpoint file (.h5) or sharded checkpoint directory (step_N.sharded, from a layout), an HF
+    checkpoint directory, or (with `presets`) a preset name, which is randomly initialised with `seed` (an existing
+    file or directory of that name wins).
 
     `dtype` (None, "float32" or "float64") casts the floating arrays; None keeps our checkpoint's own dtype and
     gives float32 for HF directories and presets. `state=False` drops our checkpoint's optimizer and balancing
@@ -144,7 +145,8 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
                            f"{', '.join(sorted(PRESETS))})")
         raise CLIError(f"no such file or directory: {spec}")
 
-    if os.path.isdir(spec):
+    sharded = os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json"))  # step_N.sharded/
+    if os.path.isdir(spec) and not sharded:
         from trinity.reference.interop.hf import CheckpointError, load_pretrained
 
         try:
@@ -159,7 +161,11 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
     from trinity.reference.training.checkpoint import CheckpointError, load_checkpoint
 
     try:
-        ck = load_checkpoint(spec)
+        if sharded:  # written by a layout: reassembled into whole arrays
+            from trinity.distributed.sharded_checkpoint import load_sharded
+            ck = load_sharded(spec)
+        else:
+            ck = load_checkpoint(spec)
     except CheckpointError as e:
         raise CLIError(str(e)) from None
     params = ck.params

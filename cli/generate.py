@@ -1,7 +1,7 @@
 """`trinity generate MODEL --prompt TEXT --max-new-tokens N`: continue a prompt with a KV cache, streaming tokens.
 
-MODEL is a checkpoint file of ours (`trinity train` writes step_N.h5) or a Hugging Face checkpoint directory
-(config.json + safetensors). Greedy by default; `--temperature T` samples from softmax(z/T), `--top-p P` keeps only
+MODEL is a checkpoint of ours (`trinity train` writes step_N.h5, or step_N.sharded/ under a layout) or a Hugging
+Face checkpoint directory (config.json + safetensors). Greedy by default; `--temperature T` samples from softmax(z/T), `--top-p P` keeps only
 the nucleus of mass P; the same --seed gives the same tokens.
 
 The tokenizer is --tokenizer SOURCE (a prepared dataset dir with meta.json, an HF dir with tokenizer.json, a
@@ -31,7 +31,7 @@ def add_parser(subparsers):
     p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
                               epilog="example: trinity generate runs/tiny/checkpoints/step_1000.h5 "
                                      "--prompt-tokens 1,2,3 --max-new-tokens 32")
-    p.add_argument("model", metavar="MODEL", help="our checkpoint file (.h5) or an HF checkpoint directory")
+    p.add_argument("model", metavar="MODEL", help="our checkpoint (.h5 or .sharded) or an HF checkpoint directory")
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", metavar="TEXT", help="the prompt text (needs a tokenizer)")
     prompt.add_argument("--prompt-tokens", metavar="IDS", help="the prompt as comma-separated token ids")

@@ -31,7 +31,7 @@ def add_parser(subparsers):
                                      "trinity inspect ./Trinity-Nano --text 'Hello world' --op router --plot r.png; "
                                      "trinity inspect tiny --tokens 1,2,3 --step --dump trace.h5")
     p.add_argument("model", metavar="MODEL",
-                   help="our checkpoint (.h5), an HF checkpoint directory, or a preset name (random init)")
+                   help="our checkpoint (.h5 or .sharded), an HF checkpoint directory, or a preset name (random init)")
     p.add_argument("--text", help="text to inspect (needs a tokenizer: --tokenizer, the HF directory's, or the "
                                    "dataset of the run file recorded in our checkpoint)")
     p.add_argument("--tokens", help="token ids to inspect, comma-separated: 1,2,3")

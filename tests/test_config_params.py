@@ -139,3 +139,19 @@ def test_expert_bias_is_float32_in_every_model_dtype(dtype):
         check_params(c, {**p, key: p[key].astype(other)})
     with pytest.raises(ValueError, match="one float dtype"):  # the rest must still agree
         check_params(c, {**p, "model.norm.weight": p["model.norm.weight"].astype(other)})
+
+
+def test_config_is_a_model_and_a_recipe():
+    """Every field belongs to exactly one part; the resumable fields are the recipe's but those shaping the state;
+    the parts rebuild the Config; a learning-rate change is a recipe change only."""
+    from dataclasses import fields
+
+    from trinity.reference.model.config import RESUMABLE_FIELDS, STATE_SHAPING, ModelConfig, Recipe
+    model, recipe = {f.name for f in fields(ModelConfig)}, {f.name for f in fields(Recipe)}
+    assert model | recipe == {f.name for f in fields(Config)} and not model & recipe
+    assert RESUMABLE_FIELDS == recipe - STATE_SHAPING and STATE_SHAPING <= recipe
+    base = Config.preset("tiny")
+    changed = base.replace(muon_lr=0.1, warmup_steps=7)
+    assert Config.from_parts(changed.model, changed.recipe) == changed
+    assert changed.model == base.model and changed.recipe != base.recipe
+    assert base.replace(hidden_size=32, head_dim=8).model != base.model

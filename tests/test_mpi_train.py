@@ -130,6 +130,9 @@ def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, l
         _assert_same_state(_checkpoint(d, step), _checkpoint(single, step))
     memory = lines[-1]["memory"]
     assert memory["params"] > 0 and memory["optimizer"] > 0
+    if backend == "reference" and ranks == 4:  # the other commands read a sharded checkpoint too
+        r = trinity("inspect", _checkpoint(d, 4).path, "--tokens", "1,2,3", "--layer", "1")
+        assert r.returncode == 0, r.stderr
 
 
 def test_resharding_resumes_continue_the_uninterrupted_run(tmp_path, data, single):
@@ -181,3 +184,13 @@ def test_a_sharded_run_writes_the_single_file_checkpoint_and_a_hugging_face_expo
     for k, v in want.params.items():
         tol = 1e-6 if k.endswith("expert_bias") else RTOL  # the export stores the bias in float32 (decisions #18)
         assert np.abs(params[k] - v).max() <= tol * max(np.abs(v).max(), 1e-300), k
+
+
+def test_a_layout_that_cannot_work_fails_before_any_work_listing_those_that_fit(tmp_path, data):
+    d = _run_dir(tmp_path, data)
+    code, out, err, seconds = run_mpi(2, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4,ep=4"],
+                                      cwd=d, timeout=60)
+    assert code == 2 and seconds < 10, (code, seconds, err)
+    assert re.search(r"rank \d+: trinity train: error: \[parallel\] layout dp_shard=4,ep=4: .*4.* but the job has 2 "
+                     r"ranks; layouts that fit: dp_shard=2", err), err
+    assert not (d / "ckpt").exists() or not any((d / "ckpt").iterdir())

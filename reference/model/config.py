@@ -1,5 +1,11 @@
 """The model and recipe configuration: every HF `AfmoeConfig` field plus the trainer-side fields.
 
+Two parts, each its own frozen dataclass: `ModelConfig` (what the model computes: the HF fields) and `Recipe` (how it
+is trained: initialization, the document mask, balancing, loss coefficients, optimizers, schedule). `Config` holds
+both, flat, and `config.model` / `config.recipe` give them back: a resumed run may change the recipe (logged) but not
+the model (refused), nor the recipe fields that shape the saved state (STATE_SHAPING). The parallel layout is
+neither: it is run configuration (trinity.distributed.layout).
+
 SPEC §1 lists the HF fields and their defaults, §2 the published Trinity shapes, §6/§7/§9 the recipe, and
 §14 the decisions this project took where public material is silent. Each §14 decision is a field here with the
 §14 default, so a user can change it; the docs call those choices, not published facts.
@@ -16,9 +22,9 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
-__all__ = ["Config", "ConfigError", "PRESETS", "RESUMABLE_FIELDS"]
+__all__ = ["Config", "ModelConfig", "Recipe", "ConfigError", "PRESETS", "RESUMABLE_FIELDS", "STATE_SHAPING"]
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -28,7 +34,9 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Config:
+class ModelConfig:
+    """What the model computes: the HF AfmoeConfig fields (SPEC §1) and the post-norm epsilon. A checkpoint of
+    another ModelConfig is another model (a resume refuses it). Fields only: `Config` validates."""
     # ---- HF AfmoeConfig fields (SPEC §1), with HF's defaults -------------------------------------------------
     vocab_size: int = 200192
     hidden_size: int = 2048
@@ -59,12 +67,22 @@ class Config:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
 
+    # ---- Norm epsilon of the post-norms (SPEC §4.2; §14 #10) ------------------------------------------------------
+    post_norm_eps: float | None = None  # None -> rms_norm_eps (§14 #10); HF has one eps, so != eps is not HF-exact
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the model is trained (SPEC §6-§9): initialization, the training-side document mask, load balancing, loss
+    coefficients, optimizers and the learning-rate schedule. A resumed run may change it (each change is logged),
+    except the fields in STATE_SHAPING, which decide what the saved optimizer or balancing state holds. Fields only:
+    `Config` validates."""
+
     # ---- Initialization (SPEC §8; §14 #9, #13) --------------------------------------------------------------
     init_std: float | None = None  # None -> 0.5/sqrt(d) under muP, else 0.02 (Arcee base_std)
     init_truncation: float = 3.0  # truncated normal on [-t*sigma, t*sigma]
     depth_init: bool = False  # True -> output-side matrices use sigma/sqrt(2(l+1)) (Arcee converter: False)
     post_norm_gain: float | None = None  # None -> 1/sqrt(num_hidden_layers)  (§14 #9)
-    post_norm_eps: float | None = None  # None -> rms_norm_eps (§14 #10); HF has one eps, so != eps is not HF-exact
 
     # ---- Training-side masks (SPEC §4.6; §14 #12) -----------------------------------------------------------
     intra_document_mask: bool = False  # Trinity Large pretraining: True; Nano/Mini: False
@@ -103,6 +121,18 @@ class Config:
     lr_schedule: str = "wsd"  # "wsd" (constant then linear decay) | "cosine"
     decay_start_fraction: float = 0.88  # WSD: decay over the last 12% of steps (phase 3 of the 10T mix)
     lr_floor_ratio: float = 0.0  # final lr as a fraction of peak (Large cosine: 0.1)
+
+
+
+# Recipe fields a resume may not change: they decide the shape of the saved state (the balancing method's momentum,
+# which parameters Muon or AdamW keep state for).
+STATE_SHAPING = frozenset({"load_balancing", "router_optimizer", "matrix_optimizer"})
+
+
+@dataclass(frozen=True)
+class Config(Recipe, ModelConfig):
+    """A model and its training recipe: every field of ModelConfig and of Recipe, flat (`config.hidden_size`,
+    `config.muon_lr`); `config.model` and `config.recipe` are the two parts, `Config.from_parts` joins them."""
 
     # ------------------------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -221,6 +251,23 @@ class Config:
     @property
     def post_eps(self) -> float:
         return self.post_norm_eps if self.post_norm_eps is not None else self.rms_norm_eps
+
+    @property
+    def model(self) -> ModelConfig:
+        """What the model computes (a resume refuses a change)."""
+        return ModelConfig(**{f.name: getattr(self, f.name) for f in fields(ModelConfig)})
+
+    @property
+    def recipe(self) -> Recipe:
+        """How it is trained (a resume may change it, but for STATE_SHAPING)."""
+        return Recipe(**{f.name: getattr(self, f.name) for f in fields(Recipe)})
+
+    @classmethod
+    def from_parts(cls, model: ModelConfig, recipe: Recipe | None = None) -> "Config":
+        """The Config of a model and a recipe (default: the recipe's defaults), validated."""
+        parts = dataclasses.asdict(model)
+        parts.update(dataclasses.asdict(recipe if recipe is not None else Recipe()))
+        return cls(**parts)
 
     @property
     def embedding_multiplier(self) -> float:
@@ -348,17 +395,8 @@ _HF_BOOKKEEPING = {
     "decoder_start_token_id", "quantization_config",
 }
 
-# The training-recipe fields a resumed run may change (logged when it does): learning rates and their schedule,
-# optimizer coefficients, loss and balancing coefficients, masks, and the initialization fields (spent once the
-# params exist). Everything else is the model itself, or shapes the saved optimizer or balancing state (the
-# balancing method, which parameters Muon takes), and a checkpoint of another value is "another model".
-RESUMABLE_FIELDS = frozenset({
-    "init_std", "init_truncation", "depth_init", "post_norm_gain", "intra_document_mask",
-    "sign_update_rate", "smebu_lambda", "smebu_beta", "smebu_kappa", "balance_loss_coeff", "z_loss_coeff",
-    "muon_lr", "adamw_lr", "muon_momentum", "muon_nesterov", "muon_ns_coefficients", "muon_ns_steps", "muon_eps",
-    "muon_lr_adjust", "weight_decay", "norm_weight_decay", "adamw_beta1", "adamw_beta2", "adamw_eps",
-    "grad_clip_norm", "warmup_steps", "lr_schedule", "decay_start_fraction", "lr_floor_ratio",
-})
+# The fields a resumed run may change (logged when it does): the recipe's, but for those that shape the saved state.
+RESUMABLE_FIELDS = frozenset(f.name for f in fields(Recipe)) - STATE_SHAPING
 
 
 _NANO_MINI_RECIPE = dict(load_balancing="sign", balance_loss_coeff=0.0, z_loss_coeff=0.0, lr_schedule="wsd",
