@@ -1,8 +1,8 @@
 """`trinity generate MODEL --prompt TEXT --max-new-tokens N`: continue a prompt with a KV cache, streaming tokens.
 
 MODEL is a checkpoint of ours (`trinity train` writes step_N.h5, or step_N.sharded/ under a layout) or a Hugging
-Face checkpoint directory (config.json + safetensors). Greedy by default; `--temperature T` samples from softmax(z/T), `--top-p P` keeps only
-the nucleus of mass P; the same --seed gives the same tokens.
+Face checkpoint directory (config.json + safetensors). Greedy by default; `--temperature T` samples from
+softmax(z/T), `--top-p P` keeps only the nucleus of mass P; the same --seed gives the same tokens.
 
 The tokenizer is --tokenizer SOURCE (a prepared dataset dir with meta.json, an HF dir with tokenizer.json, a
 tokenizer.json file, or "bytes"); else the HF directory's own tokenizer.json; else, for one of our checkpoints, the

@@ -16,7 +16,8 @@ f mod ep (the "efsdp" group, dp_shard·cp/ep ranks). Groups, each a communicator
 
 The training step (reference/training/step.py) names groups by what they share; `sum`/`max` map them here:
 "data" → world (every rank holds different tokens), "dp" → dp, "cp" → cp, "shards" → fsdp (the ranks holding
-different parts of the gradients), "replicas" → dp_replicate (the ranks holding the same part). A group of one rank costs nothing: no collective is called.
+different parts of the gradients), "replicas" → dp_replicate (the ranks holding the same part). A group of one
+rank costs nothing: no collective is called.
 
 The communicator is any object with mpi4py's buffer-based methods (mpi4py.MPI.COMM_WORLD, taken only by the
 launcher, or trinity.simulate's virtual communicator). Every collective goes through `Mesh.collective`, which counts

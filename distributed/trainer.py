@@ -385,8 +385,10 @@ class Trainer:
             "expert_load": {str(l): np.asarray(n).astype(int).tolist() for l, n in result.counts.items()},
             "skipped_steps": self.skipped_steps, "tokens_per_s": tokens / seconds, "seconds": seconds,
         }
-        if self.mesh is not LOCAL:  # per-rank bytes (rank 0's): they shrink as 1/(dp_shard·cp)
+        if self.mesh is not LOCAL:  # rank 0's bytes held (they shrink as 1/(dp_shard·cp)) and sent, by kind and group
             metrics["layout"], metrics["memory"] = str(self.run.layout), self.memory()
+            traffic = sorted(self.mesh.take_traffic().items())
+            metrics["comm_bytes"] = {f"{kind}/{group}": n for (kind, group), n in traffic}
         if result.batch_het is not None:  # SPEC §6.4
             metrics["batch_het"] = result.batch_het
         return metrics

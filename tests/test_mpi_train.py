@@ -1,10 +1,11 @@
 """Cluster mode under real `mpiexec`: every layout trains the single process's model, resumes on another layout, and
 a killed rank ends the job with the last checkpoint intact.
 
-Each job is `mpiexec -n N python -m mpi4py -m trinity.cli train run.toml --mesh …` (2–4 ranks, one thread each),
-compared in float64 with `trinity train` in one process: after 1, 3 and 4 steps the losses of every step, the params, the
-optimizer state, the balancing state and every expert_bias agree to 1e-10 relative (a wrong shard or reduction is off
-by far more; reordered float64 sums by ~1e-15).
+Each job is `mpiexec -n N python -m mpi4py -m trinity.cli train run.toml --mesh …` (2–4 ranks, one thread each;
+8 for the layout with every dimension above 1), compared in float64 with `trinity train` in one process: the losses
+of every step and, after 1, 3 and 4 steps, the params, the optimizer state, the balancing state and every
+expert_bias agree to 1e-10 relative (a wrong shard or reduction is off by far more; reordered float64 sums by
+~1e-15).
 """
 
 import json
@@ -52,10 +53,10 @@ metrics = "metrics.jsonl"
 progress = false
 """
 
-# (ranks, layout): the layouts the issue names, and one with every mechanism at 4 ranks (dp_replicate all-reduce,
-# FSDP over cp, context parallel, expert parallel)
+# (ranks, layout): the layouts the issue names; one with every mechanism at 4 ranks (dp_replicate all-reduce, FSDP
+# over cp, context parallel, expert parallel), and every dimension above 1 at once, which takes 8 ranks
 LAYOUTS = [(4, "dp_shard=4"), (4, "dp_replicate=2,dp_shard=2"), (2, "dp_shard=2,ep=2"), (4, "dp_shard=4,ep=4"),
-           (2, "cp=2"), (4, "dp_replicate=2,cp=2,ep=2")]
+           (2, "cp=2"), (4, "dp_replicate=2,cp=2,ep=2"), (8, "dp_replicate=2,dp_shard=2,cp=2,ep=2")]
 RTOL = 1e-10
 
 
@@ -82,6 +83,12 @@ def single(tmp_path_factory, data):
     r = trinity("train", str(d / "run.toml"))
     assert r.returncode == 0, r.stderr
     return d
+
+
+def layout_sizes(text):
+    from trinity.distributed.layout import Layout
+    layout = Layout.parse(text)
+    return {"dp_shard": layout.dp_shard, "cp": layout.cp}
 
 
 def _metrics(d):
@@ -128,8 +135,15 @@ def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, l
     for step in (1, 3, 4):
         assert _checkpoint(d, step).path.endswith(".sharded")
         _assert_same_state(_checkpoint(d, step), _checkpoint(single, step))
+    # per-rank state shrinks as 1/(dp_shard·cp): whole/F plus at most the padding of each flat bucket and the
+    # replicated expert_bias
+    whole = _checkpoint(single, 4).params
+    F = layout_sizes(layout)["dp_shard"] * layout_sizes(layout)["cp"]
+    bias = sum(v.nbytes for k, v in whole.items() if k.endswith("expert_bias"))
+    shares = (sum(v.nbytes for v in whole.values()) - bias) / F
     memory = lines[-1]["memory"]
-    assert memory["params"] > 0 and memory["optimizer"] > 0
+    assert shares + bias <= memory["params"] <= shares + bias + 64 * F * 8, (memory, shares, bias)
+    assert memory["optimizer"] > 0 and all(row["comm_bytes"] for row in lines) == (ranks > 1)
     if backend == "reference" and ranks == 4:  # the other commands read a sharded checkpoint too
         r = trinity("inspect", _checkpoint(d, 4).path, "--tokens", "1,2,3", "--layer", "1")
         assert r.returncode == 0, r.stderr

@@ -3,9 +3,9 @@ array module. There is one reference table, REFERENCE (trinity.accel.get_backend
 
 Model code (layers.py, model.py, objective.py) is written once against an op table `ops`: it calls
 `ops.linear_forward(...)`, never the functions directly, and reaches parameters, routed experts and attention keys
-through the table's seams (seams.py: identities here, collectives under trinity.distributed). A backend (trinity.accel) supplies a table with the same
-names and signatures and faster kernels; a tracing table (the step inspector) wraps every call to record its
-inputs and outputs. `ops.scope(name)` marks where in the model a call happens ("model.layers.3.self_attn"); the
+through the table's seams (seams.py: identities here, collectives under trinity.distributed). A backend
+(trinity.accel) supplies a table with the same names and signatures and faster kernels; a tracing table (the step
+inspector) wraps every call to record its inputs and outputs. `ops.scope(name)` marks where in the model a call happens ("model.layers.3.self_attn"); the
 reference ignores it.
 """
 

@@ -168,7 +168,8 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     summed = mesh.sum(np.array([parts[k] for k in LOSS_PARTS], dtype=np.float64), "data")
     micro_total = len(all_stats) * mesh.sizes["dp_replicate"] * mesh.sizes["dp_shard"] * mesh.sizes["cp"]
     return Gradients(
-        grads=grads_sum, losses=dict(zip(LOSS_PARTS, map(float, summed))), grad_norm=grad_norm(grads_sum, ops, lambda total: mesh.sum(total, "shards")),
+        grads=grads_sum, losses=dict(zip(LOSS_PARTS, map(float, summed))),
+        grad_norm=grad_norm(grads_sum, ops, lambda total: mesh.sum(total, "shards")),
         counts=counts, tokens=scale.tokens, sequences=S, logits_max=float(mesh.max(logit_max, "data")),
         logits_mean=float(mesh.sum(logit_mean_sum, "data")) / max(micro_total, 1),
         batch_het=_batch_het(micro_losses, mesh), stats=all_stats)
