@@ -21,8 +21,8 @@ FSDP (fsdp.py). Flat buckets: per model bucket (embed, each layer, head) one per
 "adamw", sharded over fsdp, n = F) plus the routed experts of a MoE layer (E_l experts' w1, w3, w2, over
 efsdp, n = F/ep); expert_bias is not in any. Size z = Σ elements, padded to P = ⌈z/n⌉·n, shard P/n.
   Iallgather  [group]          per gather of a model bucket, per flat bucket: (n−1)·(P/n)·q per rank. Gathers per
-                               micro-batch: embed 1 (+1 tied), each layer 2 (forward, backward; recompute reuses the
-                               backward's), head 1.
+                               micro-batch: embed 1 (+2 tied: the head's forward and backward), each layer 2
+                               (forward, backward; recompute reuses the backward's), head 2 (forward, backward).
   Reduce_scatter_block [group] per micro-batch, per flat bucket: (n−1)·(P/n)·q per rank.
   Allreduce dp_replicate       once per step (after the micro-batches), per flat bucket: ⌊2(R−1)·(P/n)·q/R⌋ per rank.
 Distributed Muon (sharded_optim.py), per Muon flat bucket with n > 1: each matrix (a stacked [E_l, o, i] is E_l)
@@ -169,7 +169,7 @@ def analytic(config, layout, S, T, mbs, itemsize, counts, recompute=False, doc_i
         out[(kind, group)] += times * W * ring(kind, size[group], s)
 
     # FSDP: gathers, reduce-scatters, dp_replicate all-reduces; distributed Muon
-    gathers = {"embed": 1 + bool(c.tie_word_embeddings), "head": 1, **{l: 2 for l in range(c.num_hidden_layers)}}
+    gathers = {"embed": 1 + 2 * bool(c.tie_word_embeddings), "head": 2, **{l: 2 for l in range(c.num_hidden_layers)}}
     for model_bucket, parts in flat_buckets(c, ep).items():
         for group, opt, shapes in parts:
             n = size[group]

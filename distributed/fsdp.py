@@ -24,7 +24,9 @@ A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +40,22 @@ SHARD_PREFIX = "shard:"
 
 def _is_routed_expert(key: str) -> bool:
     return ".mlp.experts." in key and key.rsplit(".", 1)[-1] in EXPERT_KEYS
+
+
+_LINEAR_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
+                   "up_proj.weight", "down_proj.weight")
+
+
+def _is_linear_weight(key: str) -> bool:
+    """A weight the model passes to linear_forward: attention and dense/shared FFN projections, the head, the tied
+    embedding (which is also the head)."""
+    return key.endswith(_LINEAR_WEIGHTS) or key in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+class GatheredWeight(NamedTuple):
+    """What a linear ctx holds under FSDP in place of its weight: where to find it again."""
+    bucket: object
+    key: str
 
 
 @dataclass
@@ -217,14 +235,16 @@ class ShardedParamSeams:
 
     def _init_sharding(self):
         self._gathered: dict = {}  # model bucket → {key: full array}
+        self._weight_key: dict = {}  # id of a gathered linear weight → (bucket, key)
+        self._buffers: list = []  # weak references to the gathered flat buffers
         self._in_flight: dict = {}  # model bucket → [(FlatBucket, request or None, receive buffer)]
         self._buckets = plan_buckets(self.config, self.mesh)
         self._by_model_bucket: dict = {}
         for b in self._buckets:
             self._by_model_bucket.setdefault(b.model_bucket, []).append(b)
         L = self.config.num_hidden_layers
-        self._sequence = (["embed", *range(L), "head"] + (["embed"] if self.config.tie_word_embeddings else [])
-                          + list(reversed(range(L))))
+        tied = ["embed"] if self.config.tie_word_embeddings else []
+        self._sequence = ["embed", *range(L), "head", *tied, "head", *tied, *reversed(range(L))]
         self._position = 0
 
     def gather_params(self, params, bucket):
@@ -236,7 +256,9 @@ class ShardedParamSeams:
         return self._gathered[bucket]
 
     def release_params(self, bucket) -> None:
-        self._gathered.pop(bucket, None)
+        for key, array in self._gathered.pop(bucket, {}).items():
+            if self._weight_key.get(id(array)) == (bucket, key):
+                del self._weight_key[id(array)]
 
     def _start_gather(self, params, bucket):
         posted = []
@@ -247,18 +269,52 @@ class ShardedParamSeams:
                 continue
             flat = np.empty(b.padded, dtype=shard.dtype)
             posted.append((b, self.mesh.collective("Iallgather", b.group, np.ascontiguousarray(shard), flat), flat))
+            self._buffers = [r for r in self._buffers if r() is not None] + [weakref.ref(flat)]
         self._in_flight[bucket] = posted
 
+    def gathered_bytes(self) -> int:
+        """Bytes of gathered flat buffers still alive (in flight, in use, or kept by something: the FSDP memory
+        beyond this rank's shards)."""
+        return sum(buf.nbytes for buf in (r() for r in self._buffers) if buf is not None)
+
     def _finish_gather(self, params, bucket) -> dict:
+        """The bucket's arrays once its gathers arrived. The linear layers' weights (and the routed experts, which
+        no ctx keeps) stay views of the gathered flat buffers; every other array (norm gains, the router) is copied
+        out, so that what a ctx keeps until the backward never holds a flat buffer: releasing the bucket frees it."""
         if bucket not in self._in_flight:
             self._start_gather(params, bucket)
         arrays = {}
         for b, request, flat in self._in_flight.pop(bucket):
             if request is not None:
                 request.Wait()
-            arrays.update(b.views(flat))
+            for key, view in b.views(flat).items():
+                if _is_linear_weight(key):
+                    arrays[key] = view
+                    self._weight_key[id(view)] = (bucket, key)
+                else:
+                    arrays[key] = view if _is_routed_expert(key) else view.copy()
         arrays.update({k: v for k, v in params.replicated.items() if bucket_of(k) == bucket})
         return arrays
+
+    # ---- linear layers keep a reference to their gathered weight, not the weight --------------------------------
+    def linear_forward(self, x, w):
+        """The backend's linear; when w is a gathered weight, its ctx names the weight (bucket, key) instead of
+        holding it, and the backward takes it from that bucket's gather in the backward (seams.py: the model gathers
+        each bucket again before its backward)."""
+        y, ctx = self.base.linear_forward(x, w)
+        ref = self._weight_key.get(id(w))
+        if ref is not None and self._gathered.get(ref[0], {}).get(ref[1]) is w and isinstance(ctx, tuple) \
+                and len(ctx) == 2 and ctx[1] is w:
+            ctx = (ctx[0], GatheredWeight(*ref))
+        return y, ctx
+
+    def linear_backward(self, ctx, dy):
+        if isinstance(ctx, tuple) and len(ctx) == 2 and isinstance(ctx[1], GatheredWeight):
+            bucket, key = ctx[1]
+            if bucket not in self._gathered:
+                raise RuntimeError(f"linear_backward: bucket {bucket!r} is not gathered (gather it before its backward)")
+            ctx = (ctx[0], self._gathered[bucket][key])
+        return self.base.linear_backward(ctx, dy)
 
     def _prefetch(self, params, bucket):
         seq = self._sequence

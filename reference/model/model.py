@@ -134,15 +134,22 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
     """Gradients of every parameter from dlogits [B, T, V] (and, per MoE layer, the balance loss's gradient on the
     router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰): dx⁰ is the
     gradient w.r.t. the embedding output x⁰ = m·E_emb[tok] (or m·embeds). Layers kept by recompute run their
-    forward again here, one at a time. Each bucket's gradients pass through the op table's hand_back_grads seam as
-    soon as they are complete (head first, embedding last), with its parameters gathered again for the backward."""
+    forward again here, one at a time. Each bucket is gathered again for its backward (the head first, the layers in
+    reverse), and its gradients pass through the op table's hand_back_grads seam as soon as they are complete (head
+    first, embedding last)."""
     if ctx.get("kv_cache") is not None:
         raise ValueError("model_backward: a forward run with kv_cache has no backward (use a full forward)")
     c, ops = config, ctx["ops"]
     grads = {}
+    ops.gather_params(params, "head")
+    if c.tie_word_embeddings:
+        ops.gather_params(params, "embed")
     dh, dhead = ops.linear_backward(ctx["lm_head"], dlogits)
     with ops.scope("model"):
         dx, dnorm = ops.rmsnorm_backward(ctx["norm"], dh)
+    ops.release_params("head")
+    if c.tie_word_embeddings:
+        ops.release_params("embed")
     head_grads = {"model.norm.weight": dnorm}
     if not c.tie_word_embeddings:
         head_grads["lm_head.weight"] = dhead
