@@ -22,12 +22,14 @@ class CLIError(Exception):
     """A problem the user can fix (bad argument, missing file, invalid config), or a run that had to stop.
 
     `trinity` prints its message as one line on stderr and exits with `status` (2 unless said otherwise); no
-    traceback.
+    traceback. `every_rank`: under MPI, every rank of the job raised it at the same point (the job then ends once,
+    cleanly, instead of being aborted).
     """
 
-    def __init__(self, message, status: int = 2):
+    def __init__(self, message, status: int = 2, every_rank: bool = False):
         super().__init__(" ".join(str(message).splitlines()))
         self.status = status
+        self.every_rank = every_rank
 
 
 class ModelSource:
@@ -146,6 +148,9 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
         raise CLIError(f"no such file or directory: {spec}")
 
     sharded = os.path.isdir(spec) and os.path.isfile(os.path.join(spec, "manifest.json"))  # step_N.sharded/
+    folder = os.path.dirname(os.path.abspath(spec))
+    if os.path.isfile(spec) and os.path.isfile(os.path.join(folder, "manifest.json")):
+        raise CLIError(f"{spec} is one rank's part of the sharded checkpoint {folder}: pass that directory")
     if os.path.isdir(spec) and not sharded:
         from trinity.reference.interop.hf import CheckpointError, load_pretrained
 

@@ -30,7 +30,7 @@ import importlib
 import sys
 import traceback
 
-from trinity.distributed.launch import LaunchError, fail_job, supervise, world
+from trinity.distributed.launch import LaunchError, end_together, fail_job, supervise, world
 from trinity.reference.model.config import ConfigError
 
 from .common import CLIError
@@ -81,8 +81,12 @@ def _run_on_ranks(args, comm) -> int:
     rank = comm.Get_rank()
     where = f"trinity {args.command}"
     try:
-        return int(args.run(args) or 0)
+        status = int(args.run(args) or 0)
+        # every rank returns the same status (e.g. 143 after an agreed preemption): end together, without an abort
+        return status if status == 0 else end_together(comm, rank, None, status)
     except (CLIError, ConfigError) as e:
+        if getattr(e, "every_rank", False):
+            return end_together(comm, rank, f"{where}: error: {e}", getattr(e, "status", 2))
         return fail_job(comm, rank, f"{where}: error: {e}", getattr(e, "status", 2))
     except BrokenPipeError:
         return fail_job(comm, rank, f"{where}: output closed (broken pipe)", 1)

@@ -78,9 +78,9 @@ def run(args) -> int:
         trainer = Trainer(run_config, resume=args.resume, restart=args.restart, comm=world())
         last = trainer.train()
     except (RunConfigError, LayoutError, LaunchError, CheckpointError, FileNotFoundError) as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(str(e), every_rank=getattr(e, "every_rank", False)) from None
     except TrainingDiverged as e:
-        raise CLIError(str(e), status=DIVERGED) from None
+        raise CLIError(str(e), status=DIVERGED, every_rank=getattr(e, "every_rank", False)) from None
     if trainer.stopped_by is not None:
         return 128 + int(trainer.stopped_by)
     if last is not None:

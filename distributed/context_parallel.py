@@ -55,7 +55,7 @@ class ContextParallelSeams:
         if Tl % 2 or not np.array_equal(positions, self.mesh.local_positions(2 * n * c)):
             raise ValueError(f"gather_kv: positions must be this cp rank's two chunks (mesh.local_positions), got "
                              f"{len(positions)} positions")
-        if window is None:
+        if window is None or window >= 2 * n * c:  # a window covering the sequence is causal attention
             return self._gather_all(k, v, doc_ids, n, c)
         h = window - 1
         if h > c:

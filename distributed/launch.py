@@ -25,7 +25,9 @@ always the first to die. So under a launcher each rank runs supervised (`supervi
 started forks before MPI is initialised, the child is the rank, and the parent waits for it; when the child is
 killed the parent prints "rank R (pid P on host): killed by SIGKILL during the job" and exits with 128 + signal,
 which ends the job. The child dies with its parent (PR_SET_PDEATHSIG), so a job the launcher tears down leaves no
-orphan. Signals the launcher sends (SIGINT, SIGTERM: preemption) are passed on to the child.
+orphan. Signals the launcher sends (SIGINT, SIGTERM: preemption) are passed on to the child, which has a process
+group of its own so that a signal sent to the launcher's group reaches it once, not twice (a second signal means
+"stop now").
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ import os
 import signal
 import sys
 
-__all__ = ["LaunchError", "launcher", "world", "rank_zero_log", "fail_job", "supervise", "MPI_EXTRA_HINT",
-           "SUPERVISE_ENV"]
+__all__ = ["LaunchError", "launcher", "world", "rank_zero_log", "fail_job", "end_together", "supervise",
+           "MPI_EXTRA_HINT", "SUPERVISE_ENV"]
 
 # "0" turns the supervisor off (supervise); the supervised child finds "child" here.
 SUPERVISE_ENV = "TRINITY_SUPERVISE"
@@ -129,12 +131,33 @@ def fail_job(comm, rank: int, message: str, status: int = 1) -> int:
     except Exception:  # a closed pipe must not stop the abort
         pass
     try:
-        print(f"rank {rank}: {message}", file=sys.stderr, flush=True)
+        sys.stderr.write(f"rank {rank}: {message}\n")  # one write: lines of several ranks do not interleave
+        sys.stderr.flush()
     except Exception:
         pass
     _wait_for_output_to_leave()
     comm.Abort(int(status) or 1)
     raise SystemExit(int(status) or 1)  # not reached with mpi4py; a stand-in communicator's Abort may return
+
+
+def end_together(comm, rank: int, message: str | None, status: int) -> int:
+    """End the job from every rank alike, for an outcome every rank reached at the same point (a refused start,
+    divergence, preemption): rank 0 prints `message` once, the ranks meet in a barrier, MPI is finalised (no abort,
+    nothing left in /dev/shm) and the process exits with `status`. A communicator that is not mpi4py's (the virtual
+    one) just returns the status."""
+    if rank == 0 and message:
+        sys.stderr.write(message + "\n")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    if not type(comm).__module__.startswith("mpi4py"):
+        return status
+    from mpi4py import MPI
+    comm.Barrier()
+    MPI.Finalize()
+    os._exit(status)  # not SystemExit: `python -m mpi4py` would turn a non-zero exit into MPI_Abort
 
 
 def _wait_for_output_to_leave(timeout: float = 2.0) -> None:
@@ -203,6 +226,7 @@ def supervise(environ=None) -> int | None:
     child = os.fork()
     if child == 0:
         os.environ[SUPERVISE_ENV] = "child"
+        os.setpgid(0, 0)  # its own process group: a signal to the launcher's group reaches it once, via the parent
         _die_with_parent()
         if os.getppid() != parent:  # the supervisor is already gone
             os._exit(1)

@@ -19,8 +19,9 @@ above; "single" when all are 1): `Layout.parse(str(layout)) == layout`. It is ru
 3. every sequences-per-step value of the run (the base value and every batch_schedule value) is divisible by
    dp·micro_batch_size: each data-parallel rank takes an equal whole number of micro-batches of the global batch;
 4. with cp > 1: seq_len is divisible by 2·cp (each sequence is cut into 2·cp chunks; cp rank r holds chunks r and
-   2·cp−1−r, which balances the causal work), and every sliding window w of the model has w−1 <= seq_len/(2·cp)
-   (the w−1 preceding tokens a chunk needs come from the one neighbouring chunk).
+   2·cp−1−r, which balances the causal work), and every sliding window w of the model shorter than the sequence
+   has w−1 <= seq_len/(2·cp) (the w−1 preceding tokens a chunk needs come from the one neighbouring chunk; a window
+   of at least seq_len is causal attention over the whole sequence, gathered like a global layer's).
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ class Layout:
                 why.append(f"seq_len = {seq_len} not divisible by 2·cp = {2 * self.cp}")
             chunk = seq_len // (2 * self.cp)
             windows = {config.window_of(layer) for layer in range(config.num_hidden_layers)} - {None}
-            wide = sorted(w for w in windows if w - 1 > chunk)
+            wide = sorted(w for w in windows if chunk < w - 1 and w < seq_len)  # w >= seq_len: global attention
             if wide:
                 why.append(f"sliding window {wide[-1]} needs {wide[-1] - 1} preceding tokens but a cp chunk holds "
                            f"seq_len/(2·cp) = {chunk}")

@@ -26,13 +26,14 @@ its bytes per kind and group (`traffic`).
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 
 import numpy as np
 
 from .layout import Layout
 
-__all__ = ["Mesh", "GROUPS"]
+__all__ = ["Mesh", "GROUPS", "allgather_json"]
 
 GROUPS = ("world", "dp_replicate", "dp_shard", "cp", "fsdp", "dp", "ep", "efsdp")
 _STEP_GROUPS = {"data": "world", "dp": "dp", "cp": "cp", "shards": "fsdp", "replicas": "dp_replicate"}
@@ -138,6 +139,22 @@ class Mesh:
         """The bytes counted since the last call, {(kind, group): bytes}, and start counting afresh."""
         out, self.traffic = dict(self.traffic), defaultdict(int)
         return out
+
+
+def allgather_json(comm, value, call=None) -> list:
+    """Every rank's `value` (anything JSON can write), in rank order: two buffer Allgathers of the encoded bytes
+    (their lengths, then the bytes padded to the longest), never pickle. `call(kind, send, recv)` runs a collective
+    (default: the communicator's own method; a Mesh passes its counted `collective`)."""
+    call = call or (lambda kind, send, recv: getattr(comm, kind)(send, recv))
+    data = np.frombuffer(json.dumps(value, sort_keys=True).encode(), dtype=np.uint8)
+    n = comm.Get_size()
+    sizes = np.empty(n, dtype=np.int64)
+    call("Allgather", np.array([data.size], dtype=np.int64), sizes)
+    out = np.zeros((n, max(int(sizes.max()), 1)), dtype=np.uint8)
+    padded = np.zeros(out.shape[1], dtype=np.uint8)
+    padded[:data.size] = data
+    call("Allgather", padded, out)
+    return [json.loads(out[r, :sizes[r]].tobytes()) for r in range(n)]
 
 
 def _max_op(comm):

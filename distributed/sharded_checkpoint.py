@@ -62,6 +62,7 @@ from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt
                                                    save_checkpoint, write_sealed_hdf5)
 
 from .fsdp import SHARD_PREFIX, expert_slice
+from .mesh import allgather_json
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save_sharded", "load_sharded", "read_manifest", "sharded_path",
            "sharded_steps", "ShardedCheckpointManager"]
@@ -83,16 +84,10 @@ def _rank_file(rank: int) -> str:
 
 # ---- saving (collective) -----------------------------------------------------------------------------------------
 def _agree(mesh, payload, error=None) -> list:
-    """Every rank's JSON payload (two Allgathers over the world); if any rank had an error, the lowest such rank's
-    is raised on every rank, so the ranks stay in step (none waits in a collective the others skipped)."""
-    data = np.frombuffer(json.dumps({"error": error and [type(error).__name__, str(error)], "payload": payload})
-                         .encode("ascii"), dtype=np.uint8)
-    n = mesh.group_size["world"]
-    sizes = np.empty(n, dtype=np.int64)
-    mesh.collective("Allgather", "world", np.array([data.size], dtype=np.int64), sizes)
-    out = np.empty((n, int(sizes.max())), dtype=np.uint8)
-    mesh.collective("Allgather", "world", np.concatenate([data, np.zeros(out.shape[1] - data.size, np.uint8)]), out)
-    everyone = [json.loads(out[r, :sizes[r]].tobytes()) for r in range(n)]
+    """Every rank's JSON payload (mesh.allgather_json over the world); if any rank had an error, the lowest such
+    rank's is raised on every rank, so the ranks stay in step (none waits in a collective the others skipped)."""
+    everyone = allgather_json(mesh.comm, {"error": error and [type(error).__name__, str(error)], "payload": payload},
+                              lambda kind, send, recv: mesh.collective(kind, "world", send, recv))
     for r, got in enumerate(everyone):
         if got["error"]:
             kind = CheckpointWriteError if got["error"][0] == "CheckpointWriteError" else CheckpointError

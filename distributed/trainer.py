@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,8 @@ from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule, learning_rate
 from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, compute_gradients
 
+from .layout import Layout, LayoutError
+from .mesh import allgather_json
 from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError, check_output_paths
@@ -73,6 +76,17 @@ FAULT_MID_STEP_ENV = "TRINITY_FAULT_KILL_MID_STEP"
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm went non-finite (or too many steps were skipped): the run stopped before the
     update, and the message names the step and the checkpoint to resume from."""
+
+
+def _every_rank(error):
+    """Mark an error that every rank of the job raises at the same point (the command can then end the job once and
+    cleanly instead of aborting it from each rank)."""
+    error.every_rank = True
+    return error
+
+
+def _ranges(ranks: list[int]) -> str:
+    return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}…{ranks[-1]} ({len(ranks)})"
 
 
 def _base_config(run: RunConfig):
@@ -175,6 +189,24 @@ class Trainer:
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.stopped_by: int | None = None  # the signal that ended `train` early (preemption), if any
+        distributed = comm is not None and not (comm.Get_size() == 1 and run.layout == Layout())
+        failed = None
+        try:
+            self._prepare(resume, restart, comm)
+        except RunConfigError as e:  # under a layout every rank first learns whether any failed (_agree)
+            if not distributed:
+                raise
+            failed = e
+        self.mesh = LOCAL
+        if distributed:
+            self._agree(comm, failed, resume)
+            self.mesh = self._build_mesh(comm)
+            self._shard_state()
+
+    def _prepare(self, resume: bool, restart: bool, comm) -> None:
+        """Everything before the first collective: the run file, model, backend, layout check, data, memory, run
+        folder and resume point, and the whole state (built or loaded the same way on every rank)."""
+        run = self.run
         check_output_paths(run)
         base, pretrained = _base_config(run)
         self.config = config = run.build_config(base)
@@ -182,7 +214,8 @@ class Trainer:
             backend = get_backend(run.backend)
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
-        self.mesh, self.ops = self._build_mesh(comm), backend
+        self.ops = backend
+        self._check_layout(comm)
         self.loader, self.stores = build_loader(run)
         for store in self.stores:
             largest = store.max_token()
@@ -204,6 +237,7 @@ class Trainer:
         if not resume and self.is_main:  # rank 0 decides for the job (an error there ends every rank)
             self._claim_folder(restart)
         ckpt = self._load_resume_point(config) if resume else None
+        self.resumed_from = None if ckpt is None else (ckpt.path, ckpt.step)
         self.log(memory)
         self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
         self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
@@ -233,24 +267,52 @@ class Trainer:
             self.run_id = uuid.uuid4().hex
             self.rng = np.random.default_rng(run.init_seed)
         self.checkpoints.run_id = self.run_id
-        self._shard_state()
 
     # ---- the layout ---------------------------------------------------------------------------------------------
-    def _build_mesh(self, comm):
-        """The single-process mesh without a communicator, else the run's layout over `comm`, checked against the
-        job before any work."""
-        from .layout import Layout, LayoutError
-        if comm is None and self.run.layout == Layout():
-            return LOCAL
-        from .mesh import Mesh
+    def _check_layout(self, comm) -> None:
+        """Refuse, before any work, a layout the job cannot run, listing those that fit (Layout.check)."""
         run = self.run
+        if run.layout == Layout():
+            return
+        if comm is None:
+            raise RunConfigError(f"[parallel] layout {run.layout} needs {run.layout.world_size} ranks, but no MPI "
+                                 f"launcher started this process: mpiexec -n {run.layout.world_size} python -m mpi4py "
+                                 f"-m trinity.cli train {run.path} --mesh {run.layout}")
         try:
-            run.layout.check(world_size=1 if comm is None else comm.Get_size(), config=self.config, seq_len=run.seq_len,
+            run.layout.check(world_size=comm.Get_size(), config=self.config, seq_len=run.seq_len,
                              micro_batch_size=run.micro_batch_size, batch_sizes=run.batch_sizes)
         except LayoutError as e:
             raise RunConfigError(f"[parallel] {e}") from None
+
+    def _agree(self, comm, failed: RunConfigError | None, resume: bool) -> None:
+        """The ranks' first exchange: each one's error (if any) and a digest of the job it is about to run (the run
+        configuration, the model, the resume point). An error on any rank, or ranks that disagree, is raised on every
+        rank alike (`every_rank`: the command ends the job once, cleanly)."""
+        job = None if failed else hashlib.sha256(json.dumps(
+            [repr(self.run), self.config.to_dict(), self.resumed_from, self.step, self.tokens_seen],
+            sort_keys=True, default=str).encode()).hexdigest()
+        everyone = allgather_json(comm, {"error": None if failed is None else str(failed), "job": job})
+        errors = [(r, e["error"]) for r, e in enumerate(everyone) if e["error"]]
+        if errors:
+            first, message = errors[0]
+            where = ("every rank" if len(errors) == len(everyone) else
+                     f"rank {first}" + (f" and {len(errors) - 1} more" if len(errors) > 1 else ""))
+            raise _every_rank(RunConfigError(f"{message} ({where})"))
+        jobs = {}
+        for r, e in enumerate(everyone):
+            jobs.setdefault(e["job"], []).append(r)
+        if len(jobs) > 1:
+            groups = " vs ".join(_ranges(rs) for rs in jobs.values())
+            raise _every_rank(RunConfigError(f"the ranks are not running the same job (run file, model or resume "
+                                             f"point differ): ranks {groups}; start every rank with the same run file"
+                                             + (" and checkpoint folder" if resume else "")))
+
+    def _build_mesh(self, comm):
+        """The run's layout over `comm` (collective), and one line naming every rank's pid and host."""
+        from .mesh import Mesh
+        run = self.run
         mesh = Mesh(comm, run.layout)
-        ranks = comm.allgather((os.getpid(), socket.gethostname()))
+        ranks = allgather_json(comm, [os.getpid(), socket.gethostname()])
         shown = "; ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(ranks[:16]))
         self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))
         return mesh
@@ -261,7 +323,7 @@ class Trainer:
         if self.mesh is LOCAL:
             return
         from .parallel_ops import parallelize
-        self.run_id = self.checkpoints.run_id = self.mesh.comm.bcast(self.run_id, root=0)  # rank 0's names the run
+        self.run_id = self.checkpoints.run_id = allgather_json(self.mesh.comm, self.run_id)[0]  # rank 0's names it
         self.ops, self.params, self.opt_state = parallelize(self.ops, self.mesh, self.config, self.params,
                                                             self.opt_state)
 
@@ -406,12 +468,17 @@ class Trainer:
                     "loss": {k: (float(v) if np.isfinite(v) else None) for k, v in parts.items()},
                     "grad_norm": float(grad_norm) if np.isfinite(grad_norm) else None, "seconds": seconds}
         if run.on_nonfinite == "skip":
-            raise TrainingDiverged(f"{what}: not finite, and {self.skipped_steps} steps were skipped already "
+            raise self._diverged(f"{what}: not finite, and {self.skipped_steps} steps were skipped already "
                                    f"([train] max_skipped_steps = {run.max_skipped_steps}): stopped before the "
                                    f"update; {where}")
-        raise TrainingDiverged(f"{what}: not finite: stopped before the update (no checkpoint holds it); {where} "
+        raise self._diverged(f"{what}: not finite: stopped before the update (no checkpoint holds it); {where} "
                                f"(resuming from it replays the same data: resume with a lower learning rate, or "
                                f"set [train] on_nonfinite = \"skip\")")
+
+    def _diverged(self, message: str) -> TrainingDiverged:
+        """Divergence is decided from the step's global loss and norm: under a layout every rank stops alike."""
+        error = TrainingDiverged(message)
+        return error if self.mesh is LOCAL else _every_rank(error)
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> str:

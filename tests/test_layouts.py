@@ -125,7 +125,8 @@ def layouts(draw):
     T = 2 * cp * chunk
     # w ≥ 2: with w = 1 a query sees only its own key, the q/k gradients are 0 up to rounding, and Muon turns that
     # noise into an O(1) update that differs between layouts
-    window = draw(st.integers(2, chunk + 1)) if cp > 1 else draw(st.integers(2, T + 2))
+    window = draw(st.one_of(st.integers(2, chunk + 1), st.integers(T, T + 3))) if cp > 1 else \
+        draw(st.integers(2, T + 2))
     layout = Layout(dp_replicate=dp_replicate, dp_shard=dp_shard, cp=cp, ep=ep)
     mbs = draw(st.sampled_from([1, 2]))
     S = layout.dp * mbs * draw(st.integers(1, 2))

@@ -147,6 +147,8 @@ def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, l
     if backend == "reference" and ranks == 4:  # the other commands read a sharded checkpoint too
         r = trinity("inspect", _checkpoint(d, 4).path, "--tokens", "1,2,3", "--layer", "1")
         assert r.returncode == 0, r.stderr
+        r = trinity("inspect", f"{_checkpoint(d, 4).path}/rank_00000.h5", "--tokens", "1,2,3")
+        assert r.returncode == 2 and "one rank's part of the sharded checkpoint" in r.stderr, r.stderr
 
 
 def test_resharding_resumes_continue_the_uninterrupted_run(tmp_path, data, single):
@@ -205,6 +207,48 @@ def test_a_layout_that_cannot_work_fails_before_any_work_listing_those_that_fit(
     code, out, err, seconds = run_mpi(2, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4,ep=4"],
                                       cwd=d, timeout=60)
     assert code == 2 and seconds < 10, (code, seconds, err)
-    assert re.search(r"rank \d+: trinity train: error: \[parallel\] layout dp_shard=4,ep=4: .*4.* but the job has 2 "
-                     r"ranks; layouts that fit: dp_shard=2", err), err
+    # every rank refuses alike: one line, printed once, and the job ends without an MPI abort
+    assert re.fullmatch(r"trinity train: error: \[parallel\] layout dp_shard=4,ep=4: .*4.* but the job has 2 ranks; "
+                        r"layouts that fit: dp_shard=2.* \(every rank\)\n", err), err
     assert not (d / "ckpt").exists() or not any((d / "ckpt").iterdir())
+
+
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint(tmp_path, data):
+    """Preemption under a launcher: SIGTERM to mpiexec; every rank finishes the same step, the checkpoint is
+    written, and the job exits 143 without an MPI abort."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mpi_jobs import job_env, mpiexec_path
+    d = _run_dir(tmp_path, data, steps=10_000)
+    job = subprocess.Popen([mpiexec_path(), "-n", "2", sys.executable, "-m", "mpi4py", "-m", "trinity.cli", "train",
+                            "run.toml", "--mesh", "dp_shard=2"], cwd=d, env=job_env(), stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((d / "metrics.jsonl").exists() and len(_metrics(d)) >= 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        job.send_signal(signal.SIGTERM)
+        out, err = job.communicate(timeout=60)
+    finally:
+        job.kill()
+    assert job.returncode == 143, err
+    assert "MPI_Abort" not in err and "stopped by SIGTERM after step" in out, (out, err)
+    last = _metrics(d)[-1]["step"]
+    manager = ShardedCheckpointManager(d / "ckpt")
+    assert manager.latest().endswith(f"step_{last:08d}.sharded") and manager.load(manager.latest()).step == last
+
+
+def test_ranks_running_different_jobs_are_refused(tmp_path, data):
+    d = _run_dir(tmp_path, data)
+    (d / "other.toml").write_text((d / "run.toml").read_text().replace("steps = 4", "steps = 3"))
+    from mpi_jobs import job_env, mpiexec_path
+    import subprocess
+    import sys
+    cmd = [mpiexec_path(), "-n", "1", sys.executable, "-m", "mpi4py", "-m", "trinity.cli", "train", "run.toml",
+           "--mesh", "dp_shard=2", ":", "-n", "1", sys.executable, "-m", "mpi4py", "-m", "trinity.cli", "train",
+           "other.toml", "--mesh", "dp_shard=2"]
+    r = subprocess.run(cmd, cwd=d, env=job_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "the ranks are not running the same job" in r.stderr and "ranks 0 vs 1" in r.stderr
