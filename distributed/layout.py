@@ -100,7 +100,8 @@ class Layout:
         """Why this layout cannot run the job (the rules of the module docstring), one phrase each; [] if it can."""
         why = []
         if self.world_size != world_size:
-            why.append(f"dp_replicate·dp_shard·cp = {self.world_size}, but the job has {world_size} ranks")
+            why.append(f"dp_replicate·dp_shard·cp = {self.world_size}, but the job has {world_size} "
+                       f"rank{'s' if world_size != 1 else ''}")
         if (self.dp_shard * self.cp) % self.ep:
             why.append(f"ep = {self.ep} does not divide dp_shard·cp = {self.dp_shard * self.cp}")
         if config.num_experts % self.ep:
