@@ -37,6 +37,13 @@ def add_parser(subparsers):
                               epilog="examples: trinity train configs/tiny-synthetic.toml; "
                                      "mpiexec -n 4 python -m mpi4py -m trinity.cli train run.toml "
                                      "--mesh dp_shard=4,ep=2")
+    add_run_arguments(p)
+    p.set_defaults(run=run)
+    return p
+
+
+def add_run_arguments(p) -> None:
+    """The arguments of a training run (also `trinity simulate`'s)."""
     p.add_argument("run_file", metavar="RUN.toml", help="the run file")
     start = p.add_mutually_exclusive_group()
     start.add_argument("--resume", action="store_true",
@@ -49,14 +56,22 @@ def add_parser(subparsers):
                    help="parallel layout, overriding the run file's [parallel] section: name=size pairs of "
                         "dp_replicate, dp_shard, cp, ep (unnamed ones are 1), e.g. dp_shard=2,ep=2; the job needs "
                         "dp_replicate*dp_shard*cp ranks")
-    p.set_defaults(run=run)
-    return p
 
 
 def run(args) -> int:
+    from trinity.distributed.launch import LaunchError, world
+    try:
+        comm = world()
+    except LaunchError as e:
+        raise CLIError(str(e)) from None
+    return train_on(args, comm)[0]
+
+
+def train_on(args, comm, prepare=None):
+    """Train the run of `args` as one rank of `comm` (None: one process): (exit status, the Trainer or None).
+    `prepare(trainer)`, when given, is called before training (trinity simulate turns traces on there)."""
     import dataclasses
 
-    from trinity.distributed.launch import LaunchError, world
     from trinity.distributed.layout import Layout, LayoutError
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer, TrainingDiverged
@@ -75,17 +90,19 @@ def run(args) -> int:
         if args.backend:
             load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
             run_config = dataclasses.replace(run_config, backend=args.backend)
-        trainer = Trainer(run_config, resume=args.resume, restart=args.restart, comm=world())
+        trainer = Trainer(run_config, resume=args.resume, restart=args.restart, comm=comm)
+        if prepare is not None:
+            prepare(trainer)
         last = trainer.train()
-    except (RunConfigError, LayoutError, LaunchError, CheckpointError, FileNotFoundError) as e:
+    except (RunConfigError, LayoutError, CheckpointError, FileNotFoundError) as e:
         raise CLIError(str(e), every_rank=getattr(e, "every_rank", False)) from None
     except TrainingDiverged as e:
         raise CLIError(str(e), status=DIVERGED, every_rank=getattr(e, "every_rank", False)) from None
     if trainer.stopped_by is not None:
-        return 128 + int(trainer.stopped_by)
+        return 128 + int(trainer.stopped_by), trainer
     if last is not None:
         loss = last["loss"]
         trainer.log(f"step {last['step']}: loss {loss['total']:.4f} (ce {loss['ce']:.4f}, z {loss['z']:.2e}, "
-              f"balance {loss['balance']:.2e}); checkpoints in {run_config.checkpoint_dir}; "
-              f"metrics in {run_config.metrics_path}")
-    return 0
+                    f"balance {loss['balance']:.2e}); checkpoints in {run_config.checkpoint_dir}; "
+                    f"metrics in {run_config.metrics_path}")
+    return 0, trainer

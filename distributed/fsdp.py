@@ -245,14 +245,18 @@ class ShardedParamSeams:
         L = self.config.num_hidden_layers
         tied = ["embed"] if self.config.tie_word_embeddings else []
         self._sequence = ["embed", *range(L), "head", *tied, "head", *tied, *reversed(range(L))]
+        self._forward_gathers = L + 2 + len(tied)
         self._position = 0
 
     def gather_params(self, params, bucket):
         if not isinstance(params, ShardedParams):
             return params
+        at = self._place(bucket)
+        if at is not None:  # for traces: the forward's gathers come first in the order, then the backward's
+            self.mesh.set_phase("forward" if at < self._forward_gathers else "backward", bucket)
         if bucket not in self._gathered:
             self._gathered[bucket] = self._finish_gather(params, bucket)
-        self._prefetch(params, bucket)
+        self._prefetch(params, at)
         return self._gathered[bucket]
 
     def release_params(self, bucket) -> None:
@@ -316,13 +320,17 @@ class ShardedParamSeams:
             ctx = (ctx[0], self._gathered[bucket][key])
         return self.base.linear_backward(ctx, dy)
 
-    def _prefetch(self, params, bucket):
+    def _place(self, bucket):
+        """Where this gather of `bucket` falls in a micro-batch's order (the next occurrence from the current
+        position; None for a bucket outside the order)."""
         seq = self._sequence
         at = next((i for i in range(self._position, len(seq)) if seq[i] == bucket), None)
-        if at is None:
-            at = seq.index(bucket) if bucket in seq else None
+        return seq.index(bucket) if at is None and bucket in seq else at
+
+    def _prefetch(self, params, at):
         if at is None:
             return
+        seq = self._sequence
         self._position = at + 1
         if self._position < len(seq):
             nxt = seq[self._position]
@@ -332,6 +340,7 @@ class ShardedParamSeams:
             self._position = 0  # the micro-batch is done: the next gather starts a new one
 
     def hand_back_grads(self, bucket, grads: dict) -> dict:
+        self.mesh.set_phase("backward", bucket)  # (for traces)
         if bucket == "embed":
             self._position = 0
         out = {}

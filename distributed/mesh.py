@@ -56,22 +56,23 @@ class Mesh:
         self.fsdp_index = self.shard * L.cp + self.chunk
         self.ep_rank = self.fsdp_index % L.ep
         self.sizes = {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "cp": L.cp, "ep": L.ep}
-        colors = {
-            "dp_replicate": self.fsdp_index,
-            "dp_shard": self.replica * L.cp + self.chunk,
-            "cp": self.replica * L.dp_shard + self.shard,
-            "fsdp": self.replica,
-            "dp": self.chunk,
-            "ep": self.replica * L.dp_shard * L.cp + self.fsdp_index // L.ep,
-            "efsdp": self.replica * L.ep + self.ep_rank,
-        }
+        colors = _colors(L, self.rank)
         self.groups = {"world": comm}
         for name in GROUPS[1:]:
             self.groups[name] = comm.Split(colors[name], self.rank)
+        # the world ranks of each group, in group-rank order (Split keeps world order): for traces
+        everyone = [_colors(L, r) for r in range(L.world_size)]
+        self.members = {name: [r for r in range(L.world_size) if everyone[r][name] == colors[name]]
+                        for name in GROUPS[1:]}
+        self.members["world"] = list(range(L.world_size))
         self.group_size = {name: g.Get_size() for name, g in self.groups.items()}
         self.group_rank = {name: g.Get_rank() for name, g in self.groups.items()}
         self.dp_rank = self.group_rank["dp"]
         self.traffic: dict = defaultdict(int)  # (kind, group) → bytes this rank sent this step
+        # Trace (trinity.simulate): with `record`, every collective is appended to `events` with the step, phase
+        # and layer it belongs to (set by the trainer, the step and the seams through begin_step / set_phase).
+        self.record, self.events = False, []
+        self.step, self.phase, self.layer = 0, "start", None
 
     # ---- what a rank holds of the global batch ------------------------------------------------------------------
     def local_sequences(self, num_sequences: int) -> slice:
@@ -116,6 +117,19 @@ class Mesh:
         from .sharded_optim import sharded_optimizer_step
         return sharded_optimizer_step(self, config, params, grads, state, muon_lr, adamw_lr, kernels, observe)
 
+    # ---- where in the step the collectives happen (traces) ----------------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """A training step begins: traces are tagged with it, and the counted traffic starts afresh (what the
+        trainer reports for a step is what its forward, backward, reductions and optimizer sent; checkpoints and the
+        stop agreement after its metrics line are traced, not counted)."""
+        self.step, self.phase, self.layer = step, "forward", None
+        self.traffic = defaultdict(int)
+
+    def set_phase(self, phase: str, layer=None) -> None:
+        """phase: forward, backward, reductions, optimizer, checkpoint; layer: the model bucket (embed, a layer
+        number, head) whose parameters or activations a collective moves, or None."""
+        self.phase, self.layer = phase, layer
+
     # ---- every collective, counted ------------------------------------------------------------------------------
     def collective(self, kind: str, group: str, *args, op=None, sent_bytes: int | None = None):
         """Call `kind` (an mpi4py Comm method name) on `group`'s communicator and count the bytes that leave this
@@ -130,6 +144,9 @@ class Mesh:
             sent_bytes = {"Allreduce": 2 * (n - 1) * s // n, "Reduce_scatter_block": (n - 1) * s // n,
                           "Alltoall": (n - 1) * s // n}.get(kind, (n - 1) * s)
         self.traffic[(kind, group)] += sent_bytes
+        if self.record:
+            self.events.append({"step": self.step, "phase": self.phase, "layer": self.layer, "kind": kind,
+                                "group": group, "ranks": self.members[group], "bytes": sent_bytes})
         method = getattr(comm, kind)
         if op == "max":
             return method(*args, op=_max_op(comm))
@@ -139,6 +156,16 @@ class Mesh:
         """The bytes counted since the last call, {(kind, group): bytes}, and start counting afresh."""
         out, self.traffic = dict(self.traffic), defaultdict(int)
         return out
+
+
+def _colors(layout: Layout, rank: int) -> dict:
+    """The Split color of each group for `rank` (the module docstring's numbering)."""
+    L = layout
+    chunk, shard, replica = rank % L.cp, rank // L.cp % L.dp_shard, rank // (L.cp * L.dp_shard)
+    f = shard * L.cp + chunk
+    return {"dp_replicate": f, "dp_shard": replica * L.cp + chunk, "cp": replica * L.dp_shard + shard,
+            "fsdp": replica, "dp": chunk, "ep": replica * L.dp_shard * L.cp + f // L.ep,
+            "efsdp": replica * L.ep + f % L.ep}
 
 
 def allgather_json(comm, value, call=None) -> list:

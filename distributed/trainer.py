@@ -423,6 +423,8 @@ class Trainer:
         returns a line with "skipped": true (the batch it read is consumed)."""
         c, run = self.config, self.run
         t0 = time.perf_counter()
+        if self.mesh is not LOCAL:
+            self.mesh.begin_step(self.step + 1)
         sequences = self.batches.sequences(self.tokens_seen)
         result = compute_gradients(c, self.params, self.next_batch(sequences), micro_batch_size=run.micro_batch_size,
                                    ops=self.ops, mesh=self.mesh, recompute=run.recompute, check=False)
@@ -485,6 +487,7 @@ class Trainer:
         """Write the checkpoint of the current step. A failed write (full disk) is a RunConfigError naming
         [checkpoint] dir; parameters that went non-finite in the last update are a TrainingDiverged."""
         previous = self.last_checkpoint
+        self.mesh.set_phase("checkpoint")
         common = dict(balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
                       data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
                       extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps,
@@ -586,5 +589,6 @@ class Trainer:
         under a layout."""
         if self.mesh is LOCAL:
             return signum
+        self.mesh.set_phase("control")
         agreed = int(self.mesh.max(float(signum or 0), "data"))
         return agreed or None

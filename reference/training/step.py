@@ -60,6 +60,9 @@ class LocalMesh:
     def max(self, value, group: str):
         return value
 
+    def set_phase(self, phase: str, layer=None) -> None:
+        """Where in the step the next collectives happen (a distributed mesh records it in its traces)."""
+
     @staticmethod
     def optimizer_step(config, params, grads, state, muon_lr, adamw_lr, kernels=None, observe=None):
         return optimizer_step(config, params, grads, state, muon_lr, adamw_lr, kernels, observe=observe)
@@ -160,6 +163,7 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
         logit_max = max(logit_max, stats["logits_max"])
         logit_mean_sum += stats["logits_mean"]
         all_stats.append(stats)
+    mesh.set_phase("reductions")
     for k, g in grads_sum.items():  # the replicas' sums, once per step (FSDP reduced within a replica already)
         if not k.endswith("expert_bias"):
             grads_sum[k] = mesh.sum(g, "replicas")
@@ -210,5 +214,6 @@ def apply_update(config: Config, params, optimizer_state: dict, balancing_state:
         balance.update(balance_step(c, params, balancing_state, {layer: gradients.counts[layer]}))
         if on_balance is not None:
             on_balance(layer, gradients.counts[layer], before, momentum, balance[layer])
+    mesh.set_phase("optimizer")
     info = mesh.optimizer_step(c, params, grads, optimizer_state, muon_lr, adamw_lr, kernels=ops, observe=observe)
     return {"clipped_grads": grads, "balance": balance, "optimizer": info}
