@@ -14,7 +14,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-__all__ = ["summarise", "link_tier"]
+__all__ = ["summarise", "link_tier", "UNCOUNTED"]
+
+# Phases after a step's metrics line: traced, but not in the trainer's per-step `comm_bytes`.
+UNCOUNTED = ("checkpoint", "control")
 
 
 def link_tier(ranks: list[int], ranks_per_node: int) -> str:
@@ -24,11 +27,13 @@ def link_tier(ranks: list[int], ranks_per_node: int) -> str:
 
 def summarise(events_per_rank: list[list[dict]], ranks_per_node: int) -> dict:
     """{"ranks", "ranks_per_node", "steps": [{"step", "bytes", "by_kind", "by_group", "by_phase", "by_tier",
-    "by_rank"}]} with bytes summed over every rank; a step 0 holds what happened before the first step (none under
-    the trainer: the agreement and the mesh's Splits are not counted)."""
+    "by_rank", "counted"}]}: bytes summed over every rank, and `counted` {rank: {"kind/group": bytes}} without the
+    UNCOUNTED phases, which is what each rank's cluster-mode accounting reports for the step (the metrics'
+    `comm_bytes` are rank 0's)."""
     steps: dict = defaultdict(lambda: {"bytes": 0, "by_kind": defaultdict(int), "by_group": defaultdict(int),
                                        "by_phase": defaultdict(int), "by_tier": defaultdict(int),
-                                       "by_rank": defaultdict(int)})
+                                       "by_rank": defaultdict(int),
+                                       "counted": defaultdict(lambda: defaultdict(int))})
     for rank, events in enumerate(events_per_rank):
         for e in events:
             s = steps[e["step"]]
@@ -39,6 +44,11 @@ def summarise(events_per_rank: list[list[dict]], ranks_per_node: int) -> dict:
             s["by_phase"][e["phase"]] += n
             s["by_tier"][link_tier(e["ranks"], ranks_per_node)] += n
             s["by_rank"][str(rank)] += n
+            if e["phase"] not in UNCOUNTED:
+                s["counted"][str(rank)][f"{e['kind']}/{e['group']}"] += n
     return {"ranks": len(events_per_rank), "ranks_per_node": ranks_per_node,
-            "steps": [{"step": step, **{k: (dict(v) if isinstance(v, defaultdict) else v) for k, v in body.items()}}
-                      for step, body in sorted(steps.items())]}
+            "steps": [{"step": step, **{k: _plain(v) for k, v in body.items()}} for step, body in sorted(steps.items())]}
+
+
+def _plain(value):
+    return {k: _plain(v) for k, v in value.items()} if isinstance(value, dict) else value
