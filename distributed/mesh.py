@@ -147,15 +147,53 @@ class Mesh:
         if self.record:
             self.events.append({"step": self.step, "phase": self.phase, "layer": self.layer, "kind": kind,
                                 "group": group, "ranks": self.members[group], "bytes": sent_bytes})
-        method = getattr(comm, kind)
         if op == "max":
-            return method(*args, op=_max_op(comm))
-        return method(*args)
+            return getattr(comm, kind)(*args, op=_max_op(comm))
+        if kind in ("Allreduce", "Reduce_scatter_block") and self.group_size[group] > 2:
+            return _ordered_sum(comm, kind, *args)
+        return getattr(comm, kind)(*args)
 
     def take_traffic(self) -> dict:
         """The bytes counted since the last call, {(kind, group): bytes}, and start counting afresh."""
         out, self.traffic = dict(self.traffic), defaultdict(int)
         return out
+
+
+def _ordered_sum(comm, kind: str, send, recv) -> None:
+    """Allreduce / Reduce_scatter_block (sum) over more than two ranks with the terms added in rank order,
+    x₀ + x₁ + x₂ + …, whatever the MPI library: the same bits under mpiexec as on virtual ranks, and on every run.
+
+        reduce-scatter   Alltoall of the n blocks of `send`, then each rank adds the n blocks it received, in order
+        all-reduce       that reduce-scatter (on `send` padded to n equal blocks), then an Allgather of the sums
+
+    The bytes are those of the ring algorithms the accounting assumes ((n−1)/n·s for the reduce-scatter, twice that
+    for the all-reduce). With two ranks the library's own call is used: a + b = b + a, so it is exact already."""
+    n = comm.Get_size()
+    flat = np.ascontiguousarray(send).reshape(-1)
+    if kind == "Reduce_scatter_block":
+        blocks = np.empty_like(flat)
+        comm.Alltoall(flat, blocks)
+        _sum_rows(blocks.reshape(n, -1), np.asarray(recv).reshape(-1))
+        return None
+    m = -(-flat.size // n)
+    padded = np.zeros(n * m, dtype=flat.dtype)
+    padded[:flat.size] = flat
+    blocks = np.empty_like(padded)
+    comm.Alltoall(padded, blocks)
+    mine = np.empty(m, dtype=flat.dtype)
+    _sum_rows(blocks.reshape(n, m), mine)
+    whole = np.empty(n * m, dtype=flat.dtype)
+    comm.Allgather(mine, whole)
+    np.asarray(recv).reshape(-1)[:] = whole[:flat.size]
+    return None
+
+
+def _sum_rows(rows: np.ndarray, out: np.ndarray) -> None:
+    """out = rows[0] + rows[1] + … in that order (not np.sum, which adds pairwise)."""
+    acc = rows[0].copy()
+    for row in rows[1:]:
+        acc += row
+    out[:] = acc
 
 
 def _colors(layout: Layout, rank: int) -> dict:

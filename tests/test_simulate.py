@@ -43,9 +43,9 @@ def _max_rel(a, b):
 
 @requires_mpi
 def test_simulate_is_the_mpiexec_run_and_its_trace_is_the_accounting(tmp_path):
-    """2 ranks: bitwise the mpiexec run (a sum of two terms has one order); 4 ranks: the same bytes per step and the
-    same state to 1e-10 (MPI's reductions of more than two terms may add in another order than rank order). The
-    trace's bytes per rank and step, without the checkpoint, are the trainer's own `comm_bytes`."""
+    """Bitwise the mpiexec run, at 2 and 4 ranks (the mesh adds more than two terms in rank order whatever the MPI
+    library), with the same bytes per step. The trace's bytes per rank and step, without the checkpoint, are the
+    trainer's own `comm_bytes`."""
     data = _data(tmp_path)
     for ranks, mesh in ((2, "dp_shard=2,ep=2"), (4, "dp_shard=2,cp=2,ep=2")):
         sim, mpi = _run_dir(tmp_path / f"sim{ranks}", data), _run_dir(tmp_path / f"mpi{ranks}", data)
@@ -56,11 +56,9 @@ def test_simulate_is_the_mpiexec_run_and_its_trace_is_the_accounting(tmp_path):
         a, b = _checkpoint(sim, 3), _checkpoint(mpi, 3)
         ma, mb = _metrics(sim), _metrics(mpi)
         assert [x["comm_bytes"] for x in ma] == [x["comm_bytes"] for x in mb]
-        if ranks == 2:
-            assert all(np.array_equal(a.params[k], b.params[k]) for k in b.params)
-            assert all(np.array_equal(a.optimizer_state[k], b.optimizer_state[k]) for k in b.optimizer_state)
-            assert [x["loss"] for x in ma] == [x["loss"] for x in mb]
-        assert _max_rel(a.params, b.params) <= 1e-10 and _max_rel(a.optimizer_state, b.optimizer_state) <= 1e-10
+        assert all(np.array_equal(a.params[k], b.params[k]) for k in b.params)
+        assert all(np.array_equal(a.optimizer_state[k], b.optimizer_state[k]) for k in b.optimizer_state)
+        assert [x["loss"] for x in ma] == [x["loss"] for x in mb]
         trace = json.loads((sim / "trace.json").read_text())
         assert trace["ranks"] == ranks and [s["step"] for s in trace["steps"]] == [1, 2, 3]
         for step, row in zip(trace["steps"], ma):
