@@ -10,6 +10,9 @@ and link tier; `--ranks-per-node K` says which groups stay within a node); they 
 counts itself (the metrics' `comm_bytes` are rank 0's). --timeout bounds any one wait of a rank in a collective, so
 a layout bug that would hang a cluster fails here, naming the ranks and the collectives they wait in.
 
+--fault SPEC injects a failure (trinity.simulate.faults): a rank killed at a step and phase, a checkpoint write
+included, or a straggler; the run then ends as a cluster job does, naming the rank.
+
 Exit status as for `trinity train`; a rank that fails is named ("rank 2: ...").
 """
 
@@ -33,6 +36,9 @@ def add_parser(subparsers):
     p.add_argument("--trace", metavar="FILE", help="write the per-step traffic of every rank as JSON")
     p.add_argument("--ranks-per-node", type=int, default=8, metavar="K",
                    help="ranks per node for the trace's link tiers (default 8)")
+    p.add_argument("--fault", action="append", default=[], metavar="SPEC",
+                   help="inject a fault (repeatable): kill:rank=R,step=S[,phase=P][,after=K] or "
+                        "slow:rank=R,seconds=T (trinity.simulate.faults)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="longest wait of a rank in one collective before the run fails as hung (default 600)")
     p.set_defaults(run=run)
@@ -40,14 +46,22 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
+    from trinity.simulate.faults import FaultPlan, RankKilled, parse_fault
     from trinity.simulate.traces import summarise
     from trinity.simulate.virtual_comm import RankFailed, VirtualCluster
 
     if args.ranks < 1 or args.ranks_per_node < 1:
         raise CLIError(f"--ranks {args.ranks} / --ranks-per-node {args.ranks_per_node}: must be positive")
+    try:
+        faults = [parse_fault(text) for text in args.fault]
+    except ValueError as e:
+        raise CLIError(f"--fault: {e}") from None
 
     def prepare(trainer):
-        trainer.mesh.record = args.trace is not None and hasattr(trainer.mesh, "events")
+        if not hasattr(trainer.mesh, "events"):  # one rank, no layout: the single process
+            return
+        trainer.mesh.record = args.trace is not None
+        trainer.mesh.faults = FaultPlan(faults, trainer.rank) if faults else None
 
     def rank(comm):
         status, trainer = train_on(args, comm, prepare)
@@ -57,6 +71,8 @@ def run(args) -> int:
         results = VirtualCluster(args.ranks, timeout=args.timeout).run(rank)
     except RankFailed as e:
         cause = e.__cause__
+        if isinstance(cause, RankKilled):
+            raise CLIError(f"{cause}; the newest complete checkpoint is the one to resume from", status=1) from None
         if isinstance(cause, CLIError):
             if getattr(cause, "every_rank", False):
                 raise cause from None

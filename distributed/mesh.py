@@ -72,6 +72,7 @@ class Mesh:
         # Trace (trinity.simulate): with `record`, every collective is appended to `events` with the step, phase
         # and layer it belongs to (set by the trainer, the step and the seams through begin_step / set_phase).
         self.record, self.events = False, []
+        self.faults = None  # trinity.simulate.faults.FaultPlan: injected failures (before each collective)
         self.step, self.phase, self.layer = 0, "start", None
 
     # ---- what a rank holds of the global batch ------------------------------------------------------------------
@@ -138,6 +139,8 @@ class Mesh:
         `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
         default). Returns what the method returns (a request for the non-blocking ones)."""
         comm = self.groups[group]
+        if self.faults is not None:
+            self.faults.before(self, kind, group)
         if sent_bytes is None:
             n = self.group_size[group]
             s = int(args[0].nbytes)

@@ -87,3 +87,33 @@ def test_a_layout_of_other_size_is_refused_in_one_line(tmp_path):
     r = trinity("simulate", str(d / "run.toml"), "--ranks", "3", "--mesh", "dp_shard=2")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "but the job has 3 ranks; no layout of 3 ranks fits" in r.stderr
+
+
+def test_faults_end_the_run_naming_the_rank_and_the_last_complete_checkpoint_loads(tmp_path):
+    """A rank killed in a step, or in the middle of a checkpoint write (after the rank files, before the manifest),
+    ends the run naming it; the newest complete checkpoint loads. A straggler changes nothing but the time."""
+    from trinity.distributed.sharded_checkpoint import ShardedCheckpointManager
+    data = _data(tmp_path)
+    mesh = "dp_shard=2,cp=2,ep=2"
+    for name, fault, newest in (("step", "kill:rank=1,step=3", 2),
+                                ("write", "kill:rank=2,step=2,phase=checkpoint,after=2", 1)):
+        d = _run_dir(tmp_path / name, data)
+        r = trinity("simulate", str(d / "run.toml"), "--ranks", "4", "--mesh", mesh, "--fault", fault, env=ONE_THREAD)
+        rank = fault.split("rank=")[1].split(",")[0]
+        assert r.returncode == 1 and f"rank {rank} killed by fault injection" in r.stderr, r.stderr
+        manager = ShardedCheckpointManager(d / "ckpt")
+        assert manager.latest().endswith(f"step_{newest:08d}.sharded") and manager.load(manager.latest()).step == newest
+        if name == "write":  # the interrupted save has every rank file but no manifest: not a checkpoint
+            partial = d / "ckpt" / "step_00000002.sharded"
+            assert len(list(partial.glob("rank_*.h5"))) == 4 and not (partial / "manifest.json").exists()
+    calm, slow = _run_dir(tmp_path / "calm", data), _run_dir(tmp_path / "slow", data)
+    _simulate(calm, 4, mesh)
+    _simulate(slow, 4, mesh, "--fault", "slow:rank=3,seconds=0.001")
+    a, b = _checkpoint(slow, 3), _checkpoint(calm, 3)
+    assert all(np.array_equal(a.params[k], b.params[k]) for k in b.params)
+
+
+def test_a_bad_fault_is_one_line(tmp_path):
+    d = _run_dir(tmp_path, _data(tmp_path))
+    r = trinity("simulate", str(d / "run.toml"), "--ranks", "2", "--mesh", "dp_shard=2", "--fault", "kill:rank=1")
+    assert r.returncode == 2 and "--fault: fault 'kill:rank=1': kill needs rank and step" in r.stderr
