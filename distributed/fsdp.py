@@ -106,6 +106,12 @@ class FlatBucket:
             flat[start:start + int(np.prod(shape))] = np.asarray(arrays[key]).reshape(-1)
         return flat
 
+    def take_shard(self, full: dict, experts: slice, dtype, prefix: str = "") -> np.ndarray:
+        """This rank's shard of the whole arrays `full[prefix + key]` (params, or an optimizer state's entries),
+        the routed experts first cut to this ep rank's `experts`."""
+        local = {k: (full[prefix + k][experts] if _is_routed_expert(k) else full[prefix + k]) for k in self.keys}
+        return self.flatten(local, dtype)[slice(*self.span())].copy()
+
     def views(self, flat: np.ndarray) -> dict:
         """{key: view of `flat` in its local shape}."""
         return {key: flat[start:start + int(np.prod(shape))].reshape(shape)
@@ -159,8 +165,7 @@ class ShardedParams:
         dtype = full["model.embed_tokens.weight"].dtype
         buckets = plan_buckets(config, mesh)
         experts = expert_slice(mesh, config.num_experts)
-        local = {k: (v[experts] if _is_routed_expert(k) else v) for k, v in full.items()}
-        shards = {b.shard_name: b.flatten(local, dtype)[slice(*b.span())].copy() for b in buckets}
+        shards = {b.shard_name: b.take_shard(full, experts, dtype) for b in buckets}
         return cls(config, mesh, buckets, shards, {k: v.copy() for k, v in full.items() if is_expert_bias(k)})
 
     # -- a dict's reading and writing, by key

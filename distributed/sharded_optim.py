@@ -52,8 +52,7 @@ def shard_optimizer_state(config, params: ShardedParams, full: dict) -> dict:
     for b in params.buckets:
         dtype = params.shards[b.shard_name].dtype
         for prefix in _STATE_PREFIXES[b.optimizer]:
-            local = {k: (full[prefix + k][experts] if ".mlp.experts." in k else full[prefix + k]) for k in b.keys}
-            state[prefix + b.shard_name] = b.flatten(local, dtype)[slice(*b.span())].copy()
+            state[prefix + b.shard_name] = b.take_shard(full, experts, dtype, prefix)
     return state
 
 
