@@ -11,9 +11,12 @@ counts itself (the metrics' `comm_bytes` are rank 0's). --timeout bounds any one
 a layout bug that would hang a cluster fails here, naming the ranks and the collectives they wait in.
 
 --fault SPEC injects a failure (trinity.simulate.faults): a rank killed at a step and phase, a checkpoint write
-included, or a straggler; the run then ends as a cluster job does, naming the rank.
+included; a message corrupted on its way to one receiver (caught, naming both ranks, when `--checksums` or
+`[parallel] checksums = true` puts a crc32 on every message; unnoticed otherwise); a rank that hangs (the others'
+waits exceed --timeout); or a straggler. The run then ends as a cluster job does, naming the rank.
 
-Exit status as for `trinity train`; a rank that fails is named ("rank 2: ...").
+Exit status as for `trinity train`; a run that fails prints one line: the rank that failed ("rank 2: ..."), or for a
+deadlock every rank and the collective it is blocked in.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ def add_parser(subparsers):
     p.add_argument("--ranks-per-node", type=int, default=8, metavar="K",
                    help="ranks per node for the trace's link tiers (default 8)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
-                   help="inject a fault (repeatable): kill:rank=R,step=S[,phase=P][,after=K] or "
-                        "slow:rank=R,seconds=T (trinity.simulate.faults)")
+                   help="inject a fault (repeatable): kill|corrupt|hang:rank=R,step=S[,phase=P][,after=K] (a rank "
+                        "dies, sends one corrupted message, stops calling collectives at its (K+1)-th collective of "
+                        "step S) or slow:rank=R,seconds=T (trinity.simulate.faults)")
     p.add_argument("--timeout", type=float, default=600.0, metavar="S",
                    help="longest wait of a rank in one collective before the run fails as hung (default 600)")
     p.set_defaults(run=run)
@@ -46,7 +50,7 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    from trinity.simulate.faults import FaultPlan, RankKilled, parse_fault
+    from trinity.simulate.faults import FaultPlan, parse_fault
     from trinity.simulate.traces import summarise
     from trinity.simulate.virtual_comm import RankFailed, VirtualCluster
 
@@ -70,17 +74,33 @@ def run(args) -> int:
     try:
         results = VirtualCluster(args.ranks, timeout=args.timeout).run(rank)
     except RankFailed as e:
-        cause = e.__cause__
-        if isinstance(cause, RankKilled):
-            raise CLIError(f"{cause}; the newest complete checkpoint is the one to resume from", status=1) from None
-        if isinstance(cause, CLIError):
-            if getattr(cause, "every_rank", False):
-                raise cause from None
-            raise CLIError(f"{str(e).split(':', 1)[0]}: {cause}", status=cause.status) from None
-        raise
+        error = _one_line(e)
+        if error is None:  # a bug: keep the traceback of the rank's exception
+            raise
+        raise error from None
     statuses = {status for status, _ in results}
     if args.trace is not None:
         from trinity.reference.files import atomic_path
         with atomic_path(args.trace) as tmp, open(tmp, "w") as f:
             json.dump(summarise([events for _, events in results], args.ranks_per_node), f, indent=1)
     return max(statuses)
+
+
+def _one_line(failed) -> CLIError | None:
+    """The CLIError (one line, no traceback) for a virtual rank's failure: a fault, a user error, a deadlock, ranks
+    calling different collectives, an Abort; None for anything else (a bug, which keeps its traceback)."""
+    from trinity.simulate.faults import RankKilled
+    from trinity.simulate.virtual_comm import Aborted, CollectiveMismatch, DeadlockError
+
+    cause, rank = failed.__cause__, str(failed).split(" failed", 1)[0]
+    if isinstance(cause, RankKilled):
+        return CLIError(f"{cause}; the newest complete checkpoint is the one to resume from", status=1)
+    if isinstance(cause, CLIError):
+        return cause if cause.every_rank else CLIError(f"{rank}: {cause}", status=cause.status)
+    if isinstance(cause, DeadlockError):
+        return CLIError(str(cause), status=1)
+    if isinstance(cause, CollectiveMismatch):
+        return CLIError(f"collective mismatch: {cause}", status=1)
+    if isinstance(cause, Aborted):
+        return CLIError(str(cause), status=cause.errorcode or 1)
+    return None

@@ -18,7 +18,8 @@ refused before any work with the layouts that would fit.
 
 Exit status: 0 done; 2 a problem with the run file, --mesh, the layout, data, paths or checkpoints (one line);
 3 the loss or gradient norm went non-finite (the run stopped before the update); 130 / 143 stopped by SIGINT /
-SIGTERM after writing a checkpoint.
+SIGTERM after writing a checkpoint; 1 a rank failed (under mpiexec `rank R: …`), e.g. a message whose checksum
+did not match (`--checksums` / `[parallel] checksums = true`: every message carries a crc32 checked on receipt).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def add_run_arguments(p) -> None:
                    help="parallel layout, overriding the run file's [parallel] section: name=size pairs of "
                         "dp_replicate, dp_shard, cp, ep (unnamed ones are 1), e.g. dp_shard=2,ep=2; the job needs "
                         "dp_replicate*dp_shard*cp ranks")
+    p.add_argument("--checksums", action="store_true",
+                   help="send a crc32 with every message and check it on receipt, as [parallel] checksums = true: a "
+                        "corrupted message stops the run naming both ranks (trinity.distributed.checksums)")
 
 
 def run(args) -> int:
@@ -72,6 +76,7 @@ def train_on(args, comm, prepare=None):
     `prepare(trainer)`, when given, is called before training (trinity simulate turns traces on there)."""
     import dataclasses
 
+    from trinity.distributed.checksums import ChecksumError
     from trinity.distributed.layout import Layout, LayoutError
     from trinity.distributed.run_config import RunConfigError, load_run_config
     from trinity.distributed.trainer import Trainer, TrainingDiverged
@@ -87,6 +92,8 @@ def train_on(args, comm, prepare=None):
         run_config = load_run_config(args.run_file)
         if layout is not None:
             run_config = dataclasses.replace(run_config, layout=layout)
+        if args.checksums:
+            run_config = dataclasses.replace(run_config, checksums=True)
         if args.backend:
             load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
             run_config = dataclasses.replace(run_config, backend=args.backend)
@@ -98,6 +105,8 @@ def train_on(args, comm, prepare=None):
         raise CLIError(str(e), every_rank=getattr(e, "every_rank", False)) from None
     except TrainingDiverged as e:
         raise CLIError(str(e), status=DIVERGED, every_rank=getattr(e, "every_rank", False)) from None
+    except ChecksumError as e:  # the receiving rank's: the job ends naming it, like any rank's failure
+        raise CLIError(f"{e}; the newest complete checkpoint is the one to resume from", status=1) from None
     if trainer.stopped_by is not None:
         return 128 + int(trainer.stopped_by), trainer
     if last is not None:

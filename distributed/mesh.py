@@ -21,7 +21,9 @@ rank costs nothing: no collective is called.
 
 The communicator is any object with mpi4py's buffer-based methods (mpi4py.MPI.COMM_WORLD, taken only by the
 launcher, or trinity.simulate's virtual communicator). Every collective goes through `Mesh.collective`, which counts
-its bytes per kind and group (`traffic`).
+its bytes per kind and group (`traffic`). With `checksums`, every block a rank receives is checked against its
+sender's crc32 (distributed/checksums.py), and sums and maxima take the rank-ordered Alltoall + Allgather path at
+every group size (the same bits).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from .checksums import Checked, crc_bytes
 from .layout import Layout
 
 __all__ = ["Mesh", "GROUPS", "allgather_json"]
@@ -43,11 +46,11 @@ class Mesh:
     """The named groups of `layout` over `comm` (whose size must be layout.world_size). Collective calls: every rank
     creates its Mesh at the same point (Split is collective)."""
 
-    def __init__(self, comm, layout: Layout):
+    def __init__(self, comm, layout: Layout, checksums: bool = False):
         if comm.Get_size() != layout.world_size:
             raise ValueError(f"layout {layout} needs {layout.world_size} ranks, the communicator has "
                              f"{comm.Get_size()}")
-        self.layout, self.comm = layout, comm
+        self.layout, self.comm, self.checksums = layout, comm, checksums
         self.rank = comm.Get_rank()
         L = layout
         self.chunk = self.rank % L.cp
@@ -60,6 +63,7 @@ class Mesh:
         self.groups = {"world": comm}
         for name in GROUPS[1:]:
             self.groups[name] = comm.Split(colors[name], self.rank)
+            self.groups[name].Set_name(name)  # MPI's name of a communicator: in error messages (trinity.simulate)
         # the world ranks of each group, in group-rank order (Split keeps world order): for traces
         everyone = [_colors(L, r) for r in range(L.world_size)]
         self.members = {name: [r for r in range(L.world_size) if everyone[r][name] == colors[name]]
@@ -137,24 +141,45 @@ class Mesh:
         rank, as the ring algorithms move them for a send buffer of s bytes over n ranks: Allreduce 2(n−1)/n·s,
         Reduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s; Alltoallv passes
         `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
-        default). Returns what the method returns (a request for the non-blocking ones)."""
-        comm = self.groups[group]
+        default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
+        the non-blocking ones)."""
+        comm, n = self.groups[group], self.group_size[group]
         if self.faults is not None:
             self.faults.before(self, kind, group)
         if sent_bytes is None:
-            n = self.group_size[group]
             s = int(args[0].nbytes)
             sent_bytes = {"Allreduce": 2 * (n - 1) * s // n, "Reduce_scatter_block": (n - 1) * s // n,
                           "Alltoall": (n - 1) * s // n}.get(kind, (n - 1) * s)
+        if self.checksums:
+            sent_bytes += crc_bytes(kind, n, self.group_rank[group], args)
         self.traffic[(kind, group)] += sent_bytes
         if self.record:
             self.events.append({"step": self.step, "phase": self.phase, "layer": self.layer, "kind": kind,
                                 "group": group, "ranks": self.members[group], "bytes": sent_bytes})
+        if self.checksums:
+            return self._checked(kind, group, args, op)
         if op == "max":
             return getattr(comm, kind)(*args, op=_max_op(comm))
-        if kind in ("Allreduce", "Reduce_scatter_block") and self.group_size[group] > 2:
-            return _ordered_sum(comm, kind, *args)
+        if kind in ("Allreduce", "Reduce_scatter_block") and n > 2:
+            return _ordered_reduce(comm, kind, *args)
         return getattr(comm, kind)(*args)
+
+    def _checked(self, kind: str, group: str, args, op):
+        """`kind` with a crc32 per block, checked on receipt (distributed/checksums.py); sums and maxima, at every
+        group size, from the checked Alltoall and Allgather in rank order. A bad block raises ChecksumError naming
+        the two ranks, the collective, the group and the step and phase of the call (an Iallgather is checked at
+        its Wait, perhaps in a later phase)."""
+        step, phase, members = self.step, self.phase, self.members[group]
+
+        def describe(sender: int, inner: str) -> str:
+            via = "" if inner == kind else f" (its {inner})"
+            return (f"corrupted message from rank {members[sender]} to rank {self.rank} in {kind}{via} on the "
+                    f"{group} group at step {step} ({phase}): its crc32 does not match")
+
+        moves = Checked(self.groups[group], describe)
+        if kind in ("Allreduce", "Reduce_scatter_block"):
+            return _ordered_reduce(moves, kind, *args, combine=np.maximum if op == "max" else np.add)
+        return getattr(moves, kind)(*args)
 
     def take_traffic(self) -> dict:
         """The bytes counted since the last call, {(kind, group): bytes}, and start counting afresh."""
@@ -162,21 +187,23 @@ class Mesh:
         return out
 
 
-def _ordered_sum(comm, kind: str, send, recv) -> None:
-    """Allreduce / Reduce_scatter_block (sum) over more than two ranks with the terms added in rank order,
-    x₀ + x₁ + x₂ + …, whatever the MPI library: the same bits under mpiexec as on virtual ranks, and on every run.
+def _ordered_reduce(comm, kind: str, send, recv, combine=np.add) -> None:
+    """Allreduce / Reduce_scatter_block (sum, or `combine` np.maximum) over more than two ranks with the terms added
+    in rank order, x₀ + x₁ + x₂ + …, whatever the MPI library: the same bits under mpiexec as on virtual ranks, and
+    on every run. `comm` needs only Get_size, Alltoall and Allgather (a communicator, or checksums.Checked).
 
         reduce-scatter   Alltoall of the n blocks of `send`, then each rank adds the n blocks it received, in order
         all-reduce       that reduce-scatter (on `send` padded to n equal blocks), then an Allgather of the sums
 
     The bytes are those of the ring algorithms the accounting assumes ((n−1)/n·s for the reduce-scatter, twice that
-    for the all-reduce). With two ranks the library's own call is used: a + b = b + a, so it is exact already."""
+    for the all-reduce). Without checksums, two ranks use the library's own call: a + b = b + a, so it is exact
+    already, and a maximum is exact at any size."""
     n = comm.Get_size()
     flat = np.ascontiguousarray(send).reshape(-1)
     if kind == "Reduce_scatter_block":
         blocks = np.empty_like(flat)
         comm.Alltoall(flat, blocks)
-        _sum_rows(blocks.reshape(n, -1), np.asarray(recv).reshape(-1))
+        _combine_rows(blocks.reshape(n, -1), np.asarray(recv).reshape(-1), combine)
         return None
     m = -(-flat.size // n)
     padded = np.zeros(n * m, dtype=flat.dtype)
@@ -184,18 +211,18 @@ def _ordered_sum(comm, kind: str, send, recv) -> None:
     blocks = np.empty_like(padded)
     comm.Alltoall(padded, blocks)
     mine = np.empty(m, dtype=flat.dtype)
-    _sum_rows(blocks.reshape(n, m), mine)
+    _combine_rows(blocks.reshape(n, m), mine, combine)
     whole = np.empty(n * m, dtype=flat.dtype)
     comm.Allgather(mine, whole)
     np.asarray(recv).reshape(-1)[:] = whole[:flat.size]
     return None
 
 
-def _sum_rows(rows: np.ndarray, out: np.ndarray) -> None:
-    """out = rows[0] + rows[1] + … in that order (not np.sum, which adds pairwise)."""
+def _combine_rows(rows: np.ndarray, out: np.ndarray, combine) -> None:
+    """out = rows[0] ⊕ rows[1] ⊕ … in that order (not np.sum, which adds pairwise)."""
     acc = rows[0].copy()
     for row in rows[1:]:
-        acc += row
+        combine(acc, row, out=acc)
     out[:] = acc
 
 
@@ -233,3 +260,12 @@ def _max_op(comm):
         return MPI.MAX
     import importlib
     return getattr(importlib.import_module(module), "MAX")
+
+
+def group_members(layout: Layout, name: str, rank: int = 0) -> list[int]:
+    """The world ranks of `rank`'s group `name`, in rank order (what Split makes of the module docstring's
+    numbering; the cost model reads link tiers from it)."""
+    if name == "world":
+        return list(range(layout.world_size))
+    mine = _colors(layout, rank)[name]
+    return [r for r in range(layout.world_size) if _colors(layout, r)[name] == mine]

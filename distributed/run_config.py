@@ -50,6 +50,7 @@ folder. Example (configs/tiny-synthetic.toml):
     dp_shard = 1                 # e.g. dp_shard = 2 and ep = 2 for `mpiexec -n 2 ...`
     cp = 1
     ep = 1                       # expert parallel: borrows its ranks from dp_shard·cp
+    checksums = false            # a crc32 with every message, checked on receipt (trinity.distributed.checksums)
 
 The layout's checks that need the job's world size or the built model (`Layout.check`) are the trainer's; the loader
 refuses only what needs neither (a size that is not a positive integer).
@@ -122,6 +123,7 @@ class RunConfig:
     layout: Layout = Layout()  # [parallel]; checked against the job and the model by the trainer (Layout.check)
     checkpoint_format: str = "sharded"  # under a layout: a file per rank + manifest | "single": one file by rank 0
     hf_export: str | None = None  # a folder: the final params as a Hugging Face checkpoint (save_pretrained)
+    checksums: bool = False  # [parallel] checksums: every message checked by crc32 (trinity.distributed.checksums)
     extra: dict = field(default_factory=dict)
     # Config field → (section, key, value as written) for every config_overrides entry, so that a value the Config
     # rejects is reported under the name the run file gave it ("[optimizer] muon_lr = -1").
@@ -399,8 +401,10 @@ def load_run_config(path) -> RunConfig:
 
     parallel = sections.get("parallel", {})
     sizes = {name: _take(parallel, "parallel", name, int, 1, positive, "a positive integer") for name in _LAYOUT_KEYS}
+    checksums = _take(parallel, "parallel", "checksums", bool, False, what="true or false")
     if parallel:
-        raise RunConfigError(f"[parallel] unknown key(s): {_keys(parallel)}; expected {', '.join(_LAYOUT_KEYS)}")
+        raise RunConfigError(f"[parallel] unknown key(s): {_keys(parallel)}; expected "
+                             f"{', '.join(_LAYOUT_KEYS)}, checksums")
 
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
@@ -410,7 +414,7 @@ def load_run_config(path) -> RunConfig:
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
                      max_skipped_steps=max_skipped, layout=Layout(**sizes), checkpoint_format=ckpt_format,
-                     hf_export=hf_export)
+                     hf_export=hf_export, checksums=checksums)
 
 
 def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:

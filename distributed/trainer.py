@@ -311,7 +311,7 @@ class Trainer:
         """The run's layout over `comm` (collective), and one line naming every rank's pid and host."""
         from .mesh import Mesh
         run = self.run
-        mesh = Mesh(comm, run.layout)
+        mesh = Mesh(comm, run.layout, checksums=run.checksums)
         ranks = allgather_json(comm, [os.getpid(), socket.gethostname()])
         shown = "; ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(ranks[:16]))
         self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))

@@ -1,14 +1,28 @@
-"""Faults for a run on virtual ranks: a rank killed at a chosen step and phase (a checkpoint write included), or a
-slow rank (a straggler). `trinity simulate … --fault SPEC` (repeatable):
+"""Faults for a run on virtual ranks. `trinity simulate … --fault SPEC` (repeatable):
 
     kill:rank=1,step=3                       rank 1 dies at its first collective of step 3
     kill:rank=2,step=2,phase=checkpoint,after=2   … at its third collective of step 2's checkpoint write
+    corrupt:rank=1,step=2[,phase=P][,after=K]     the data rank 1 sends in that collective reaches one other rank
+                                             with a bit flipped, as over a faulty link
+    hang:rank=1,step=2[,phase=P][,after=K]   rank 1 stops calling collectives there, as a hung process
     slow:rank=0,seconds=0.01                 rank 0 waits 10 ms before every collective
 
 A fault acts in Mesh.collective (the one door of every collective, which knows the step and phase), so it hits the
-real distributed code where a real failure would. A killed rank raises RankKilled; the virtual communicator releases
-every other rank and the run ends naming it, as a cluster job ends (the cluster mode's promise: a clear error
-naming the rank, and the last complete checkpoint loads). Not done yet: corrupted messages with checksums.
+real distributed code where a real failure would; kill, corrupt and hang act once, at the (K+1)-th collective of
+step S (of phase P, when given: forward, backward, reductions, optimizer, checkpoint, control).
+
+- kill: the rank raises RankKilled; the virtual communicator releases every other rank and the run ends naming it,
+  as a cluster job ends (the cluster mode's promise: a clear error naming the rank, and the last complete
+  checkpoint loads).
+- corrupt: the virtual communicator flips one bit in the copy of the rank's data that one receiver gets (the first
+  rank after it, in group order, that reads any; the sender's buffers stay intact). With checksums on
+  (`[parallel] checksums = true` or `--checksums`, trinity.distributed.checksums) the receiver's check names the
+  sender, the receiver, the collective, the group, the step and the phase, and the run ends; without them the
+  corruption goes through silently and changes the result. A bit flipped in a count rather than in floats may
+  make the unchecked run fail in its own way.
+- hang: the rank blocks until another rank fails; the ranks waiting for it exceed `--timeout` and the run ends
+  with DeadlockError naming every rank and the collective it is blocked in.
+- slow: a straggler; nothing changes but the time.
 """
 
 from __future__ import annotations
@@ -18,7 +32,8 @@ from dataclasses import dataclass
 
 __all__ = ["Fault", "FaultPlan", "RankKilled", "parse_fault"]
 
-_KINDS = {"kill": ("rank", "step", "phase", "after"), "slow": ("rank", "seconds")}
+_AT = ("rank", "step", "phase", "after")  # the fields of a fault that acts once, at a chosen collective
+_KINDS = {"kill": _AT, "corrupt": _AT, "hang": _AT, "slow": ("rank", "seconds")}
 
 
 class RankKilled(RuntimeError):
@@ -36,8 +51,8 @@ class Fault:
 
 
 def parse_fault(text: str) -> Fault:
-    """'kill:rank=1,step=3[,phase=checkpoint][,after=2]' or 'slow:rank=0,seconds=0.01' → Fault (ValueError, one
-    line, naming the bad part)."""
+    """'kill:rank=1,step=3[,phase=checkpoint][,after=2]' (corrupt and hang alike) or 'slow:rank=0,seconds=0.01' →
+    Fault (ValueError, one line, naming the bad part)."""
     kind, _, rest = text.partition(":")
     if kind not in _KINDS:
         raise ValueError(f"fault {text!r}: the kind must be one of {', '.join(_KINDS)}")
@@ -51,26 +66,42 @@ def parse_fault(text: str) -> Fault:
             values[name] = value if name == "phase" else (float(value) if name == "seconds" else int(value))
         except ValueError:
             raise ValueError(f"fault {text!r}: {part!r} is not a number") from None
-    needs = ("rank", "step") if kind == "kill" else ("rank", "seconds")
+    needs = ("rank", "seconds") if kind == "slow" else ("rank", "step")
     if any(name not in values for name in needs):
         raise ValueError(f"fault {text!r}: {kind} needs {' and '.join(needs)}")
     return Fault(kind, **values)
 
 
 class FaultPlan:
-    """The faults of one rank; `before(mesh, kind, group)` is called by Mesh.collective before each collective."""
+    """The faults of one rank; `before(mesh, kind, group)` is called by Mesh.collective before each collective.
+    Corrupt and hang need the virtual communicator's fault methods (VirtualComm.corrupt_next_send, .hang)."""
 
     def __init__(self, faults, rank: int):
         self.rank = rank
         self.faults = [f for f in faults if f.rank == rank]
         self.matched: dict = {}
+        self.done: set = set()  # the faults that acted (each acts once)
 
     def before(self, mesh, kind: str, group: str) -> None:
         for i, f in enumerate(self.faults):
             if f.kind == "slow":
                 time.sleep(f.seconds)
-            elif mesh.step == f.step and (f.phase is None or mesh.phase == f.phase):
-                self.matched[i] = self.matched.get(i, 0) + 1
-                if self.matched[i] > f.after:
-                    raise RankKilled(f"rank {self.rank} killed by fault injection at step {mesh.step} "
-                                     f"({mesh.phase}, in {kind} on {group})")
+            elif i not in self.done and self._due(i, f, mesh):
+                self.done.add(i)
+                self._act(f, mesh, kind, group)
+
+    def _due(self, i: int, f: Fault, mesh) -> bool:
+        """Whether this collective is the (after+1)-th of the fault's step (and phase)."""
+        if mesh.step != f.step or (f.phase is not None and mesh.phase != f.phase):
+            return False
+        self.matched[i] = self.matched.get(i, 0) + 1
+        return self.matched[i] > f.after
+
+    def _act(self, f: Fault, mesh, kind: str, group: str) -> None:
+        where = f"at step {mesh.step} ({mesh.phase}, in {kind} on {group})"
+        if f.kind == "kill":
+            raise RankKilled(f"rank {self.rank} killed by fault injection {where}")
+        if f.kind == "corrupt":
+            mesh.groups[group].corrupt_next_send()
+        else:
+            mesh.groups[group].hang(f"hung by fault injection {where}")

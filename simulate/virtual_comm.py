@@ -19,13 +19,20 @@ Semantics
   and displacements are in elements. `IN_PLACE` is accepted by Allreduce and Allgather only.
 - If a rank raises, every rank blocked in (or later entering) a collective gets `PeerFailed`, and `run` raises
   `RankFailed("rank r failed: Type: message")` chained to the original exception once every thread has ended.
+- The lower-case object collectives hand every rank its own `copy.deepcopy` of the objects (mpi4py pickles them;
+  the project never unpickles), so ranks never share a mutable object.
+
+Faults (trinity.simulate.faults calls these; MPI has no such methods): `corrupt_next_send()` makes the next data
+this rank sends on a communicator reach one other rank with a bit flipped, as a faulty link would (the sender's
+buffers and what the other ranks get stay intact); `hang(reason)` makes this rank stop calling collectives until
+another rank fails (the others' waits then time out as `DeadlockError`), as a hung process would.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import operator
-import pickle
 import sys
 import threading
 import time
@@ -55,7 +62,11 @@ class DeadlockError(RuntimeError):
 
 
 class Aborted(RuntimeError):
-    """`Comm.Abort(errorcode)` was called (the message gives the code)."""
+    """`Comm.Abort(errorcode)` was called (the message gives the code, `errorcode` too)."""
+
+    def __init__(self, message: str, errorcode: int = 1):
+        super().__init__(message)
+        self.errorcode = errorcode
 
 
 @dataclass(frozen=True)
@@ -148,6 +159,37 @@ def _vspec(spec, size: int, what: str):
     return flat, counts, displs
 
 
+def _ranges(ranks: list) -> str:
+    """[0, 1, 2, 3, 6] → "0-3,6"."""
+    runs: list = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _whole(contribution: np.ndarray, receiver: int) -> np.ndarray:
+    """What a rank reads of an Allreduce / Allgather contribution: all of it."""
+    return contribution
+
+
+def _block(n: int) -> Callable:
+    """What rank r reads of an Alltoall / Reduce_scatter_block contribution: block r of n equal blocks."""
+    def reads(contribution: np.ndarray, receiver: int) -> np.ndarray:
+        b = contribution.size // n
+        return contribution[receiver * b:(receiver + 1) * b]
+    return reads
+
+
+def _flip_bit(part: np.ndarray) -> None:
+    """Flip, in place, bit 3 of the second most significant byte of part's first element (little-endian): a high
+    mantissa bit of a float64 or float32, so the value changes but stays finite; a fixed stand-in for a bad link."""
+    raw = part[:1].view(np.uint8)
+    raw[max(raw.size - 2, 0)] ^= 0x08
+
+
 @dataclass(eq=False)
 class _Slot:
     """One call of a collective: the copies every rank deposited, filled in rank by rank."""
@@ -156,6 +198,7 @@ class _Slot:
     arrived: list
     finished: int = 0
     shared: Any = None  # computed once by the last rank to arrive (Split's new groups)
+    altered: dict = field(default_factory=dict)  # (sender, receiver) -> what receiver gets instead (a fault)
 
     @property
     def complete(self) -> bool:
@@ -212,6 +255,7 @@ class VirtualComm:
         self._state, self._group, self._rank = state, group, rank
         self._world_rank = group.world_ranks[rank]
         self._seq = 0  # the number of this rank's next call on this communicator
+        self._corrupt = False  # a fault pending: the next data sent on this communicator arrives corrupted
 
     # ---- identity -----------------------------------------------------------------------------------------------
     def Get_rank(self) -> int:
@@ -229,8 +273,16 @@ class VirtualComm:
     def Free(self) -> None:
         pass
 
+    def Set_name(self, name: str) -> None:
+        """Name the communicator (as MPI's, for every rank of it): errors then say "on fsdp, ranks 0-3"."""
+        with self._state.cond:
+            self._group.name = name
+
+    def Get_name(self) -> str:
+        return self._group.name
+
     def Abort(self, errorcode: int = 1):
-        raise Aborted(f"Abort(errorcode={errorcode}) called by rank {self._rank} of {self._group.name}")
+        raise Aborted(f"Abort(errorcode={errorcode}) called by rank {self._rank} of {self._group.name}", errorcode)
 
     # ---- the engine: deposit a copy, wait until every rank has, then each rank builds its own output ----------
     def _check_failure(self, what: str) -> None:
@@ -238,11 +290,14 @@ class VirtualComm:
             r, exc = self._state.failure
             raise PeerFailed(f"{what} abandoned: rank {r} failed ({type(exc).__name__})")
 
-    def _post(self, name: str, contribution, combine: Callable | None = None):
-        """Deposit this rank's contribution to its next call; returns (slot, call number, description)."""
+    def _post(self, name: str, contribution, combine: Callable | None = None, reads: Callable | None = None):
+        """Deposit this rank's contribution to its next call; returns (slot, call number, description).
+        `reads(contribution, r)`: the flat part of it that rank r reads (where a pending corruption goes)."""
         with self._state.cond:
             seq, self._seq = self._seq, self._seq + 1
-            what = f"{name} (call #{seq} on {self._group.name})"
+            ranks = self._group.world_ranks
+            what = f"{name} (call #{seq} on {self._group.name}" + (
+                f", ranks {_ranges(ranks)})" if len(ranks) < len(self._state.where) else ")")
             self._check_failure(what)
             slot = self._group.slots.setdefault(seq, _Slot(name, [None] * self.size, [False] * self.size))
             if slot.name != name:
@@ -250,6 +305,8 @@ class VirtualComm:
                 raise CollectiveMismatch(f"rank {self._world_rank} called {name} as call #{seq} on "
                                          f"{self._group.name}, but rank(s) {others} called {slot.name} there")
             slot.contribs[self._rank], slot.arrived[self._rank] = contribution, True
+            if self._corrupt and reads is not None:
+                self._corrupt_for_one(slot, contribution, reads)
             if slot.complete:
                 if combine is not None:
                     slot.shared = combine(slot.contribs)
@@ -273,17 +330,54 @@ class VirtualComm:
                     state.cond.wait(left)
             finally:
                 state.where[self._world_rank] = "running"
+        contribs = slot.contribs  # complete, and never changing: no lock needed
+        if slot.altered:
+            contribs = [slot.altered.get((j, self._rank), c) for j, c in enumerate(contribs)]
         try:
-            return finish(slot.contribs, slot.shared)  # contribs are complete and never change: no lock needed
+            return finish(contribs, slot.shared)
         finally:
             with state.cond:
                 slot.finished += 1
                 if slot.finished == self.size:
                     del self._group.slots[seq]
 
-    def _collective(self, name: str, contribution, finish: Callable, combine: Callable | None = None):
-        slot, seq, what = self._post(name, contribution, combine)
+    def _collective(self, name: str, contribution, finish: Callable, combine: Callable | None = None,
+                    reads: Callable | None = None):
+        slot, seq, what = self._post(name, contribution, combine, reads)
         return self._complete(slot, seq, what, finish)
+
+    # ---- faults (trinity.simulate.faults) -------------------------------------------------------------------------
+    def corrupt_next_send(self) -> None:
+        """The next data this rank sends on this communicator reaches one other rank with a bit flipped (a faulty
+        link): the first rank after this one, in rank order, that reads any of it. Calls that carry nothing to
+        another rank (Barrier, Split, empty blocks) leave the fault pending."""
+        self._corrupt = True
+
+    def _corrupt_for_one(self, slot: _Slot, contribution, reads: Callable) -> None:
+        for step in range(1, self.size):
+            receiver = (self._rank + step) % self.size
+            if reads(contribution, receiver).size:
+                bad = copy.deepcopy(contribution)
+                _flip_bit(reads(bad, receiver))
+                slot.altered[(self._rank, receiver)] = bad
+                self._corrupt = False
+                return
+
+    def hang(self, reason: str) -> None:
+        """Stop calling collectives, as a hung process does, until another rank fails (then raise PeerFailed): the
+        ranks waiting for this one time out with DeadlockError, which shows `reason` as where this rank is. If no
+        rank fails within twice the timeout (every rank hung), raise DeadlockError here: the cluster always ends."""
+        state = self._state
+        with state.cond:
+            state.where[self._world_rank] = reason
+            deadline = time.monotonic() + 2 * state.timeout
+            while state.failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlockError(f"deadlock: rank {self._world_rank} {reason}, and no rank failed in "
+                                        f"{2 * state.timeout:g} s. Where every rank is: {state.report()}")
+                state.cond.wait(left)
+            self._check_failure(reason)
 
     # ---- buffer collectives (upper case) ------------------------------------------------------------------------
     def Barrier(self) -> None:
@@ -300,7 +394,7 @@ class VirtualComm:
             _check("Allreduce", contribs, out.dtype, out.size)
             op.reduce_into(out, contribs)
 
-        self._collective(f"Allreduce({op})", send.copy(), finish)
+        self._collective(f"Allreduce({op})", send.copy(), finish, reads=_whole)
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=SUM) -> None:
         """Rank r gets block r (recvbuf.size elements) of x_0 ⊕ … ⊕ x_{n-1}, summed in rank order."""
@@ -314,7 +408,7 @@ class VirtualComm:
             _check("Reduce_scatter_block", contribs, out.dtype, send.size)
             op.reduce_into(out, [c[r * m:(r + 1) * m] for c in contribs])
 
-        self._collective(f"Reduce_scatter_block({op})", send.copy(), finish)
+        self._collective(f"Reduce_scatter_block({op})", send.copy(), finish, reads=_block(self.size))
 
     def _gather_finish(self, name: str, send: np.ndarray, out: np.ndarray) -> Callable:
         m = send.size
@@ -335,13 +429,13 @@ class VirtualComm:
             send = out[self._rank * m:(self._rank + 1) * m]
         else:
             send = _flat(sendbuf, "Allgather sendbuf")
-        self._collective("Allgather", send.copy(), self._gather_finish("Allgather", send, out))
+        self._collective("Allgather", send.copy(), self._gather_finish("Allgather", send, out), reads=_whole)
 
     def Iallgather(self, sendbuf, recvbuf) -> _Request:
         """Non-blocking Allgather: sendbuf is copied now, recvbuf is filled at `Wait()`."""
         send, out = _flat(sendbuf, "Iallgather sendbuf"), _flat(recvbuf, "Iallgather recvbuf", writable=True)
         finish = self._gather_finish("Iallgather", send, out)
-        slot, seq, what = self._post("Iallgather", send.copy())
+        slot, seq, what = self._post("Iallgather", send.copy(), reads=_whole)
         return _Request(self, slot, seq, what, finish)
 
     def Alltoall(self, sendbuf, recvbuf) -> None:
@@ -357,7 +451,7 @@ class VirtualComm:
             for j, c in enumerate(contribs):
                 out[j * b:(j + 1) * b] = c[r * b:(r + 1) * b]
 
-        self._collective("Alltoall", send.copy(), finish)
+        self._collective("Alltoall", send.copy(), finish, reads=_block(self.size))
 
     def Alltoallv(self, sendspec, recvspec) -> None:
         """Rank j's send block r (sendcounts_j[r] elements at senddispls_j[r]) lands in rank r's recvbuf at
@@ -376,7 +470,8 @@ class VirtualComm:
                                      f"expects {rc[j]}")
                 out[rd[j]:rd[j] + rc[j]] = blocks[r]
 
-        self._collective("Alltoallv", [send[d:d + c].copy() for c, d in zip(sc, sd)], finish)
+        self._collective("Alltoallv", [send[d:d + c].copy() for c, d in zip(sc, sd)], finish,
+                         reads=lambda blocks, receiver: blocks[receiver])
 
     def Split(self, color: int = 0, key: int = 0) -> "VirtualComm | None":
         """A communicator over the ranks with the same color, ranked by (key, old rank). Collective."""
@@ -396,19 +491,18 @@ class VirtualComm:
 
         return self._collective("Split", (color, key), finish, combine)
 
-    # ---- object collectives (lower case; pickled, like mpi4py) --------------------------------------------------
+    # ---- object collectives (lower case; each rank gets its own deep copies: mpi4py pickles, we never unpickle) --
     def bcast(self, obj=None, root: int = 0):
-        data = pickle.dumps(obj) if self._rank == root else None
-        return self._collective(f"bcast(root={root})", data, lambda contribs, shared: pickle.loads(contribs[root]))
+        data = copy.deepcopy(obj) if self._rank == root else None
+        return self._collective(f"bcast(root={root})", data, lambda contribs, shared: copy.deepcopy(contribs[root]))
 
     def allgather(self, obj) -> list:
-        return self._collective("allgather", pickle.dumps(obj),
-                                lambda contribs, shared: [pickle.loads(c) for c in contribs])
+        return self._collective("allgather", copy.deepcopy(obj), lambda contribs, shared: copy.deepcopy(contribs))
 
     def allreduce(self, obj, op=SUM):
         op = _op(op)  # ((v_0 ⊕ v_1) ⊕ v_2) ⊕ …, in rank order
-        return self._collective(f"allreduce({op})", pickle.dumps(obj), lambda contribs, shared: functools.reduce(
-            op.scalar, [pickle.loads(c) for c in contribs]))
+        return self._collective(f"allreduce({op})", copy.deepcopy(obj), lambda contribs, shared: functools.reduce(
+            op.scalar, copy.deepcopy(contribs)))
 
 
 class VirtualCluster:

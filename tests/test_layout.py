@@ -203,7 +203,10 @@ def test_parallel_section(tmp_path):
     assert load(tmp_path, drop_parallel=True).layout == Layout()  # the section is optional
     assert load(tmp_path).layout == Layout()
     run = load(tmp_path, {("parallel", "dp_shard"): "4", ("parallel", "ep"): "2", ("parallel", "cp"): None})
-    assert run.layout == Layout(dp_shard=4, ep=2)
+    assert run.layout == Layout(dp_shard=4, ep=2) and not run.checksums  # checksums are off by default
+    assert load(tmp_path, extra={"parallel": ["checksums = true"]}).checksums
+    with pytest.raises(RunConfigError, match=r"^\[parallel\] checksums = 1: must be true or false$"):
+        load(tmp_path, extra={"parallel": ["checksums = 1"]})
     assert run.batch_sizes == [2]
     run = load(tmp_path, {("train", "sequences_per_step"): "4"}, extra={"train": ["batch_schedule = [[100, 8]]"]})
     assert run.batch_sizes == [4, 8]
@@ -225,7 +228,7 @@ def test_parallel_section_bad_values(tmp_path, key, value, message):
 def test_parallel_section_unknown_key(tmp_path):
     with pytest.raises(RunConfigError) as e:
         load(tmp_path, extra={"parallel": ["tp = 2"]})
-    assert str(e.value) == "[parallel] unknown key(s): tp; expected dp_replicate, dp_shard, cp, ep"
+    assert str(e.value) == "[parallel] unknown key(s): tp; expected dp_replicate, dp_shard, cp, ep, checksums"
     (tmp_path / "run.toml").write_text("parallel = 2\n" + render().split("[parallel]")[0])
     with pytest.raises(RunConfigError, match=r"^\[parallel\] must be a table$"):
         load_run_config(tmp_path / "run.toml")

@@ -58,6 +58,9 @@ progress = false
 LAYOUTS = [(4, "dp_shard=4"), (4, "dp_replicate=2,dp_shard=2"), (2, "dp_shard=2,ep=2"), (4, "dp_shard=4,ep=4"),
            (2, "cp=2"), (4, "dp_replicate=2,cp=2,ep=2"), (8, "dp_replicate=2,dp_shard=2,cp=2,ep=2")]
 RTOL = 1e-10
+# the threads of an mpiexec job's ranks (tests/mpi_jobs.py), for `trinity simulate` of the same job: BLAS may round
+# differently with other thread counts
+ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")

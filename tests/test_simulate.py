@@ -1,12 +1,16 @@
 """`trinity simulate`: the cluster-mode trainer on virtual ranks, unchanged, against `mpiexec` and the single process;
-its traces agree with the cluster mode's own accounting."""
+its traces agree with the cluster mode's own accounting; message checksums change no result; every injected fault
+(kill, corrupt, hang, slow) ends the run as promised: one line naming the rank, the newest complete checkpoint loads.
+(tests/test_mpi_train.py compares simulate with mpiexec at every layout of the cluster-mode tests.)"""
 
 import json
+import re
+import time
 
 import numpy as np
 
 from mpi_jobs import requires_mpi, run_mpi
-from test_mpi_train import RUN, _checkpoint, _metrics
+from test_mpi_train import ONE_THREAD, RUN, _checkpoint, _metrics
 from test_trainer import trinity
 
 
@@ -24,10 +28,6 @@ def _data(tmp_path):
     write_token_file(path, MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(20000),
                      eos_id=0)
     return path
-
-
-# the threads of an mpiexec job's ranks (tests/mpi_jobs.py): BLAS may round differently with other thread counts
-ONE_THREAD = {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def _simulate(d, ranks, mesh, *extra):
@@ -117,3 +117,86 @@ def test_a_bad_fault_is_one_line(tmp_path):
     d = _run_dir(tmp_path, _data(tmp_path))
     r = trinity("simulate", str(d / "run.toml"), "--ranks", "2", "--mesh", "dp_shard=2", "--fault", "kill:rank=1")
     assert r.returncode == 2 and "--fault: fault 'kill:rank=1': kill needs rank and step" in r.stderr
+
+
+def _same_bits(a, b):
+    return all(np.array_equal(a[k], b[k]) for k in b) and set(a) == set(b)
+
+
+def _newest_checkpoint_is(d, step):
+    from trinity.distributed.sharded_checkpoint import ShardedCheckpointManager
+    manager = ShardedCheckpointManager(d / "ckpt")
+    return manager.latest().endswith(f"step_{step:08d}.sharded") and manager.load(manager.latest()).step == step
+
+
+def test_checksums_change_nothing_but_the_bytes(tmp_path):
+    """With checksums ([parallel] checksums = true) the run is the run without, bit for bit, though its sums and
+    maxima over two ranks take the Alltoall + Allgather path; every kind of collective sends crc32s (4 bytes each)
+    on top of the same data."""
+    data = _data(tmp_path)
+    plain, checked = _run_dir(tmp_path / "plain", data), _run_dir(tmp_path / "checked", data)
+    (checked / "run.toml").write_text((checked / "run.toml").read_text() + "[parallel]\nchecksums = true\n")
+    for d in (plain, checked):
+        _simulate(d, 4, "dp_shard=2,cp=2,ep=2")
+    a, b = _checkpoint(checked, 3), _checkpoint(plain, 3)
+    assert _same_bits(a.params, b.params) and _same_bits(a.optimizer_state, b.optimizer_state)
+    ma, mb = _metrics(checked), _metrics(plain)
+    assert [x["loss"] for x in ma] == [x["loss"] for x in mb]
+    for x, y in zip(ma, mb):
+        assert set(x["comm_bytes"]) == set(y["comm_bytes"])
+        extra = [x["comm_bytes"][k] - y["comm_bytes"][k] for k in y["comm_bytes"]]
+        assert all(e > 0 and e % 4 == 0 for e in extra), extra
+
+
+def test_a_corrupted_message_is_caught_by_its_checksum_and_unnoticed_without(tmp_path):
+    """A bit flipped in what rank 1 sends one receiver in step 2's backward: with --checksums the receiver stops the
+    run, one line naming both ranks, the collective, the group, the step and the phase; the newest complete
+    checkpoint (step 1) loads. Without checksums the run ends as usual, with other weights than the clean run's."""
+    data = _data(tmp_path)
+    mesh, fault = "dp_shard=2,cp=2,ep=2", "corrupt:rank=1,step=2,phase=backward"
+    caught, unnoticed, clean = (_run_dir(tmp_path / n, data) for n in ("caught", "unnoticed", "clean"))
+    r = trinity("simulate", str(caught / "run.toml"), "--ranks", "4", "--mesh", mesh, "--checksums", "--fault", fault,
+                env=ONE_THREAD)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    named = re.search(r"error: rank ([023]): corrupted message from rank 1 to rank \1 in [A-Z]\w+.* on the \w+ "
+                      r"group at step 2 \(backward\)", r.stderr)
+    assert named is not None, r.stderr
+    assert _newest_checkpoint_is(caught, 1)
+    _simulate(unnoticed, 4, mesh, "--fault", fault)
+    _simulate(clean, 4, mesh)
+    assert not _same_bits(_checkpoint(unnoticed, 3).params, _checkpoint(clean, 3).params)
+    assert _same_bits(_checkpoint(unnoticed, 1).params, _checkpoint(clean, 1).params)
+
+
+def test_a_hung_rank_ends_the_run_in_one_line_naming_where_every_rank_waits(tmp_path):
+    """Rank 2 stops calling collectives in step 2's backward; the others' waits exceed --timeout 2: exit 1 and one
+    line naming each rank and the collective it is blocked in (no traceback, no thread left running)."""
+    d = _run_dir(tmp_path, _data(tmp_path))
+    start = time.monotonic()
+    r = trinity("simulate", str(d / "run.toml"), "--ranks", "4", "--mesh", "dp_shard=2,cp=2,ep=2", "--timeout", "2",
+                "--fault", "hang:rank=2,step=2,phase=backward", env=ONE_THREAD)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert re.search(r"error: deadlock: rank [013] waited 2 s in [A-Z]\w+.* for rank\(s\) \[2\]", r.stderr), r.stderr
+    assert "rank 2: hung by fault injection at step 2 (backward, in " in r.stderr
+    assert all(re.search(rf"rank {q}: in [A-Z]\w+", r.stderr) for q in (0, 1, 3)), r.stderr
+    assert time.monotonic() - start < 60
+    assert _newest_checkpoint_is(d, 1)
+
+
+def test_every_way_a_virtual_rank_fails_is_one_line_and_a_bug_keeps_its_traceback():
+    from trinity.cli.common import CLIError
+    from trinity.cli.simulate import _one_line
+    from trinity.simulate.virtual_comm import Aborted, CollectiveMismatch, DeadlockError, RankFailed
+
+    def failed(cause):
+        e = RankFailed(f"rank 1 failed: {type(cause).__name__}: {cause}")
+        e.__cause__ = cause
+        return _one_line(e)
+
+    for cause, status, text in ((DeadlockError("deadlock: rank 0 waited"), 1, "deadlock: rank 0 waited"),
+                                (CollectiveMismatch("rank 1 called X"), 1, "collective mismatch: rank 1 called X"),
+                                (Aborted("Abort(errorcode=3) called by rank 1 of world", 3), 3, "Abort(errorcode=3)"),
+                                (CLIError("bad path", status=2), 2, "rank 1: bad path")):
+        got = failed(cause)
+        assert isinstance(got, CLIError) and got.status == status and str(got).startswith(text), got
+    assert failed(ValueError("a bug")) is None
