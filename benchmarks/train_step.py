@@ -33,45 +33,18 @@ IMPLEMENTATIONS = ("reference", "numba", "numba-muon", "pytorch")
 
 
 def flops(config, batch: int, seq: int) -> float:
-    """Matrix-product FLOPs of one training step: 3× the forward (backward = 2× forward).
-
-    Forward per token: 2·(every weight a token multiplies: attention projections, dense or shared + K routed
-    experts, router, head) plus attention 2·2·h_q·d_h per visible key (QKᵀ and PV), keys = min(t+1, w) for sliding
-    layers and t+1 for global ones, averaged over t < seq."""
-    c = config
-    d, hq, dh = c.hidden_size, c.num_attention_heads, c.head_dim
-    per_token = 2 * c.vocab_size * d  # head
-    for layer in range(c.num_hidden_layers):
-        per_token += 2 * (2 * c.q_width * d + 2 * c.kv_width * d + c.q_width * d)  # q, gate, k, v, o
-        if c.is_moe_layer(layer):
-            width = c.num_experts_per_tok * c.moe_intermediate_size + c.shared_intermediate_size
-            per_token += 2 * 3 * width * d + 2 * c.num_experts * d
-        else:
-            per_token += 2 * 3 * c.intermediate_size * d
-        window = c.window_of(layer)
-        keys = sum(min(t + 1, window) if window else t + 1 for t in range(seq)) / seq
-        per_token += 2 * 2 * hq * dh * keys
-    return 3.0 * per_token * batch * seq
+    """Matrix-product FLOPs of one training step: 3× the forward (trinity.simulate.workload.training_flops: every
+    weight a token multiplies, attention 2·2·h_q·d_h per visible key under the causal mask and window)."""
+    from trinity.simulate.workload import training_flops
+    return training_flops(config, batch, seq)
 
 
 def muon_flops(config) -> float:
-    """Matrix-product FLOPs of Muon's Newton–Schulz in one optimizer step: per iteration on a matrix [m, n], m ≤ n,
-    X Xᵀ (2m²n), A Aᵀ (2m³) and (…) X (2m²n), for every matrix Muon updates (routed experts one per expert). The
-    textbook count: BLAS may form a product with its own transpose (syrk) in about half of that."""
-    from trinity.reference import param_shapes
-    from trinity.reference.training.optim import param_group
-
-    total = 0.0
-    for key, shape in param_shapes(config).items():
-        if param_group(config, key, shape) != "muon":
-            continue
-        *batch, rows, cols = shape
-        m, n = min(rows, cols), max(rows, cols)
-        count = 1
-        for b in batch:
-            count *= b
-        total += count * config.muon_ns_steps * (4 * m * m * n + 2 * m ** 3)
-    return total
+    """Newton–Schulz FLOPs of one optimizer step on one process (trinity.simulate.workload.muon_flops: per
+    iteration on a matrix [m, n], m ≤ n, 4m²n + 2m³; routed experts one matrix per expert). The textbook count: BLAS
+    may form a product with its own transpose (syrk) in about half of that."""
+    from trinity.simulate.workload import muon_flops as count
+    return count(config)
 
 
 def matmul_peak(threads: int, n: int = 2048, repeats: int = 5) -> float:

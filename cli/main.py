@@ -35,7 +35,7 @@ from trinity.reference.model.config import ConfigError
 
 from .common import CLIError
 
-COMMANDS = ("info", "train", "simulate", "data", "generate", "inspect", "plot")
+COMMANDS = ("info", "train", "simulate", "plan", "data", "generate", "inspect", "plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

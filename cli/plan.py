@@ -1,0 +1,161 @@
+"""`trinity plan --model M --gpus N --gpu G --tokens T`: every layout of a training job on N GPUs, predicted by the
+cost model (trinity.simulate.cost_model) and ranked by throughput among those that fit in memory.
+
+Lists the top layouts (dp_replicate, dp_shard, ep, cp, micro-batch, recompute) with their step time, tokens/s per
+GPU, MFU, memory per GPU, the phase that bounds the step and the days the token budget takes, then explains why the
+best one wins. --png draws the ranked layouts' step time by phase. The batch schedule is --batch: sequences per
+step, a later size after a token count (default "12288,16384@4.9e12": Trinity Large's published schedule, 12,288
+sequences raised to 16,384 after 4.9T tokens). --max-vio sets the busiest expert-parallel rank's load over the
+mean minus one (a what-if for the router's imbalance; default 0: balanced). Figures are predictions: docs/simulation.md
+states the sources, assumptions and how far the model was validated.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .common import CLIError, load_config
+
+NAME = "plan"
+HELP = "rank the layouts of a training job on N GPUs by predicted throughput (the cost model)"
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
+                              epilog="example: trinity plan --model trinity-large --gpus 2048 --gpu b300 "
+                                     "--tokens 17e12 --png plan.png")
+    p.add_argument("--model", required=True, metavar="PRESET_OR_PATH", help="a preset name or a config.json")
+    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("--gpu", required=True, help="GPU kind: h100, h200, b200 or b300")
+    p.add_argument("--tokens", type=float, required=True, help="the token budget (e.g. 17e12)")
+    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (default 8192)")
+    p.add_argument("--batch", default="12288,16384@4.9e12", metavar="SCHEDULE",
+                   help="sequences per step, then SIZE@TOKENS for a change (default %(default)s)")
+    p.add_argument("--max-vio", type=float, default=0.0, metavar="V",
+                   help="the busiest ep rank's routed rows over the mean, minus 1 (default 0)")
+    p.add_argument("--fix", default="", metavar="DIMS",
+                   help="only layouts with these sizes, e.g. ep=8 or dp_shard=64,ep=8 (the --mesh syntax)")
+    p.add_argument("--ranks-per-node", type=int, default=8, metavar="K", help="GPUs per node (default 8)")
+    p.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    p.add_argument("--png", metavar="FILE", help="draw the ranked layouts' step time by phase")
+    p.add_argument("--json", metavar="FILE", help="write every candidate's prediction as JSON")
+    p.set_defaults(run=run)
+    return p
+
+
+def parse_schedule(text: str) -> list[tuple[float, int]]:
+    """"12288,16384@4.9e12" → [(0, 12288), (4.9e12, 16384)] (CLIError in one line)."""
+    out = []
+    for i, part in enumerate(filter(None, (p.strip() for p in text.split(",")))):
+        size, _, start = part.partition("@")
+        try:
+            entry = (float(start) if start else 0.0, int(size))
+        except ValueError:
+            raise CLIError(f"--batch {text!r}: {part!r} is not SIZE or SIZE@TOKENS") from None
+        if entry[1] < 1 or (i == 0) != (entry[0] == 0) or (out and entry[0] <= out[-1][0]):
+            raise CLIError(f"--batch {text!r}: sizes must be positive, the first without @, later ones at "
+                           f"increasing token counts")
+        out.append(entry)
+    if not out:
+        raise CLIError(f"--batch {text!r}: no batch size")
+    return out
+
+
+def parse_fixed(text: str) -> dict:
+    """"ep=8,dp_shard=64" → {"ep": 8, "dp_shard": 64} (CLIError in one line)."""
+    from trinity.distributed.layout import DIMS
+
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, value = part.partition("=")
+        if name not in DIMS or not value.isdigit() or int(value) < 1:
+            raise CLIError(f"--fix {text!r}: {part!r} is not DIM=SIZE with DIM among {', '.join(DIMS)}")
+        out[name] = int(value)
+    return out
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from trinity.simulate.hardware import get_hardware
+    from trinity.simulate.planner import explain, search
+
+    config, _ = load_config(args.model)
+    try:
+        hw = get_hardware(args.gpu)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if args.gpus < 1 or args.tokens <= 0 or args.seq_len < 1 or args.ranks_per_node < 1 or args.max_vio < 0:
+        raise CLIError("--gpus, --tokens, --seq-len and --ranks-per-node must be positive, --max-vio not negative")
+    hw = dataclasses.replace(hw, ranks_per_node=args.ranks_per_node)
+    batches = parse_schedule(args.batch)
+    fixed = parse_fixed(args.fix)
+    plan = search(config, gpus=args.gpus, hardware=hw, seq_len=args.seq_len, batches=batches, tokens=args.tokens,
+                  micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=1.0 + args.max_vio, fixed=fixed)
+    schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {t / 1e12:g}T" if t else "")
+                              for t, s in batches)
+    print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {args.tokens / 1e12:g}T tokens, "
+          f"batch {schedule}; {plan.considered} choices, {len(plan.ranked)} fit in memory")
+    print(table(plan, args.gpus, args.top))
+    for line in explain(plan, hw):
+        print("- " + line)
+    if args.png:
+        draw(plan, args.png, args.top, title=f"{args.model}, {args.gpus} x {hw.name}")
+        print(f"wrote {args.png}")
+    if args.json:
+        from trinity.reference.files import atomic_path
+        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+            json.dump([row(c, args.gpus) for c in plan.ranked + plan.rejected], f, indent=1)
+    return 0 if plan.best else 1
+
+
+def row(cand, gpus: int) -> dict:
+    p = cand.first
+    L = p.layout
+    return {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "ep": L.ep, "cp": L.cp,
+            "micro_batch": p.micro_batch_size, "recompute": p.recompute, "fits": cand.fits,
+            "step_s": [q.step_seconds for q in cand.predictions], "tokens_per_s_per_gpu": p.tokens_per_s / gpus,
+            "mfu": p.mfu, "memory_gb": cand.peak_memory / 1e9, "days": cand.days, "bound": p.bound,
+            "phases_s": p.phases, "memory_bytes": p.memory}
+
+
+def table(plan, gpus: int, top: int) -> str:
+    head = (f"{'#':>3} {'dp_rep':>6} {'dp_shard':>8} {'ep':>4} {'cp':>3} {'micro':>5} {'recomp':>6} {'step s':>7} "
+            f"{'tok/s/GPU':>9} {'MFU':>5} {'mem GB':>7} {'days':>6}  bound by")
+    lines = [head]
+    for i, cand in enumerate(plan.ranked[:top], 1):
+        r = row(cand, gpus)
+        lines.append(f"{i:>3} {r['dp_replicate']:>6} {r['dp_shard']:>8} {r['ep']:>4} {r['cp']:>3} "
+                     f"{r['micro_batch']:>5} {'yes' if r['recompute'] else 'no':>6} {r['step_s'][0]:>7.2f} "
+                     f"{r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.1%} {r['memory_gb']:>7.1f} "
+                     f"{r['days']:>6.1f}  {r['bound']}")
+    return "\n".join(lines)
+
+
+def draw(plan, path: str, top: int, title: str) -> None:
+    """Stacked bars: the top layouts' step time by phase, memory per GPU above each bar."""
+    from trinity.reference.files import atomic_path
+    from trinity.simulate.cost_model import PHASES
+
+    from .plotting import _pyplot
+
+    plt = _pyplot()
+    cands = plan.ranked[:top]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cands) + 2), 4.5))
+    bottoms = [0.0] * len(cands)
+    for phase in PHASES:
+        values = [c.first.phases[phase] for c in cands]
+        ax.bar(range(len(cands)), values, bottom=bottoms, label=phase)
+        bottoms = [b + v for b, v in zip(bottoms, values)]
+    for i, c in enumerate(cands):
+        ax.text(i, bottoms[i], f"{c.peak_memory / 1e9:.0f} GB", ha="center", va="bottom", fontsize=7)
+    labels = [f"r{c.first.layout.dp_replicate} s{c.first.layout.dp_shard}\nep{c.first.layout.ep} cp{c.first.layout.cp}"
+              f"\nmb{c.first.micro_batch_size}{' rc' if c.first.recompute else ''}" for c in cands]
+    ax.set_xticks(range(len(cands)), labels, fontsize=7)
+    ax.set_ylabel("predicted step time (s), first batch")
+    ax.set_title(f"{title}: fastest layouts that fit, memory per GPU on top", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
