@@ -1,5 +1,6 @@
 """Cluster mode under real `mpiexec`: every layout trains the single process's model, resumes on another layout, and
-a killed rank ends the job with the last checkpoint intact.
+a killed rank ends the job with the last checkpoint intact; `trinity simulate` of each layout's job is that job, bit
+for bit (the numba jobs also check every message: --checksums, under real MPI).
 
 Each job is `mpiexec -n N python -m mpi4py -m trinity.cli train run.toml --mesh …` (2–4 ranks, one thread each;
 8 for the layout with every dimension above 1), compared in float64 with `trinity train` in one process: the losses
@@ -124,12 +125,46 @@ def _assert_same_losses(got_lines, want_lines):
             assert abs(got["loss"][part] - value) <= RTOL * abs(value), (got["step"], part)
 
 
+def _assert_bits(got, want, what):
+    assert set(got) == set(want), what
+    for k in want:
+        assert np.array_equal(got[k], want[k]), f"{what} {k}"
+
+
+def _assert_simulate_is_the_job(job, data, ranks, options):
+    """`trinity simulate` of the job's run file with the same options, in a folder beside it: every step's
+    checkpoint (params, optimizer and balancing state), the losses and the comm_bytes are the job's, bit for bit;
+    its trace's counted bytes of rank 0 are the comm_bytes of each step, and every rank's add up."""
+    from trinity.simulate.traces import UNCOUNTED
+    sim = _run_dir(job / "simulated", data)
+    r = trinity("simulate", str(sim / "run.toml"), "--ranks", str(ranks), *options, "--trace",
+                str(sim / "trace.json"), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    for step in (1, 2, 3, 4):
+        got, want = _checkpoint(sim, step), _checkpoint(job, step)
+        assert (got.step, got.tokens_seen, got.data_state) == (want.step, want.tokens_seen, want.data_state)
+        for name in ("params", "optimizer_state", "balancing_state"):
+            _assert_bits(getattr(got, name), getattr(want, name), f"step {step} {name}")
+    simulated, lines = _metrics(sim), _metrics(job)
+    assert [(x["loss"], x["comm_bytes"]) for x in simulated] == [(x["loss"], x["comm_bytes"]) for x in lines]
+    trace = json.loads((sim / "trace.json").read_text())
+    assert trace["ranks"] == ranks and [s["step"] for s in trace["steps"]] == [1, 2, 3, 4]
+    for step, line in zip(trace["steps"], lines):
+        assert step["counted"]["0"] == line["comm_bytes"]
+        counted = {rank: sum(by_kind.values()) for rank, by_kind in step["counted"].items()}
+        assert sorted(counted, key=int) == [str(q) for q in range(ranks)]
+        assert all(0 < counted[q] <= step["by_rank"][q] for q in counted)
+        assert sum(counted.values()) + sum(step["by_phase"].get(p, 0) for p in UNCOUNTED) == step["bytes"] \
+            == sum(step["by_kind"].values()) == sum(step["by_rank"].values()) == sum(step["by_tier"].values())
+
+
 @pytest.mark.parametrize("backend", ["reference", "numba"])
 @pytest.mark.parametrize("ranks,layout", LAYOUTS)
 def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, layout, backend):
     d = _run_dir(tmp_path, data)
-    code, out, err, seconds = run_mpi(ranks, ["-m", "trinity.cli", "train", "run.toml", "--mesh", layout,
-                                              "--backend", backend], cwd=d, timeout=120)
+    options = ["--mesh", layout, "--backend", backend] + (["--checksums"] if backend == "numba" else [])
+    code, out, err, seconds = run_mpi(ranks, ["-m", "trinity.cli", "train", "run.toml", *options], cwd=d,
+                                      timeout=120)
     assert code == 0, err
     assert f"layout {layout} over {ranks} ranks" in out
     lines = _metrics(d)
@@ -152,6 +187,7 @@ def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, l
         assert r.returncode == 0, r.stderr
         r = trinity("inspect", f"{_checkpoint(d, 4).path}/rank_00000.h5", "--tokens", "1,2,3")
         assert r.returncode == 2 and "one rank's part of the sharded checkpoint" in r.stderr, r.stderr
+    _assert_simulate_is_the_job(d, data, ranks, options)
 
 
 def test_resharding_resumes_continue_the_uninterrupted_run(tmp_path, data, single):
