@@ -6,7 +6,8 @@ GPU, MFU, memory per GPU, the phase that bounds the step and the days the token 
 best one wins. --png draws the ranked layouts' step time by phase. The batch schedule is --batch: sequences per
 step, a later size after a token count (default "12288,16384@4.9e12": Trinity Large's published schedule, 12,288
 sequences raised to 16,384 after 4.9T tokens). --max-vio sets the busiest expert-parallel rank's load over the
-mean minus one (a what-if for the router's imbalance; default 0: balanced). Figures are predictions: docs/simulation.md
+mean minus one (a what-if for the router's imbalance; default 0: balanced); --routing takes it, per ep, from the
+expert loads a run of the model recorded. Figures are predictions: docs/simulation.md
 states the sources, assumptions and how far the model was validated.
 """
 
@@ -35,6 +36,9 @@ def add_parser(subparsers):
                    help="the busiest ep rank's routed rows over the mean, minus 1 (default 0)")
     p.add_argument("--fix", default="", metavar="DIMS",
                    help="only layouts with these sizes, e.g. ep=8 or dp_shard=64,ep=8 (the --mesh syntax)")
+    p.add_argument("--routing", metavar="METRICS",
+                   help="a metrics.jsonl of a run of this model: its recorded expert loads give each ep's busiest "
+                        "rank (instead of --max-vio)")
     p.add_argument("--ranks-per-node", type=int, default=8, metavar="K", help="GPUs per node (default 8)")
     p.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
     p.add_argument("--png", metavar="FILE", help="draw the ranked layouts' step time by phase")
@@ -90,8 +94,18 @@ def run(args) -> int:
     hw = dataclasses.replace(hw, ranks_per_node=args.ranks_per_node)
     batches = parse_schedule(args.batch)
     fixed = parse_fixed(args.fix)
+    imbalance = 1.0 + args.max_vio
+    if args.routing:
+        from trinity.simulate.routing import busiest_rank_factor, read_expert_loads
+        try:
+            loads = read_expert_loads(args.routing)
+            if any(len(c) != config.num_experts for row in loads for c in row.values()):
+                raise ValueError(f"{args.routing}: its expert counts are not of {config.num_experts} experts")
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--routing: {e}") from None
+        imbalance = lambda ep: busiest_rank_factor(loads, ep)  # noqa: E731
     plan = search(config, gpus=args.gpus, hardware=hw, seq_len=args.seq_len, batches=batches, tokens=args.tokens,
-                  micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=1.0 + args.max_vio, fixed=fixed)
+                  micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed)
     schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {t / 1e12:g}T" if t else "")
                               for t, s in batches)
     print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {args.tokens / 1e12:g}T tokens, "
@@ -141,7 +155,7 @@ def draw(plan, path: str, top: int, title: str) -> None:
 
     plt = _pyplot()
     cands = plan.ranked[:top]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cands) + 2), 4.5))
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(cands) + 3.5), 4.5))
     bottoms = [0.0] * len(cands)
     for phase in PHASES:
         values = [c.first.phases[phase] for c in cands]
@@ -154,7 +168,7 @@ def draw(plan, path: str, top: int, title: str) -> None:
     ax.set_xticks(range(len(cands)), labels, fontsize=7)
     ax.set_ylabel("predicted step time (s), first batch")
     ax.set_title(f"{title}: fastest layouts that fit, memory per GPU on top", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

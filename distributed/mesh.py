@@ -65,10 +65,7 @@ class Mesh:
             self.groups[name] = comm.Split(colors[name], self.rank)
             self.groups[name].Set_name(name)  # MPI's name of a communicator: in error messages (trinity.simulate)
         # the world ranks of each group, in group-rank order (Split keeps world order): for traces
-        everyone = [_colors(L, r) for r in range(L.world_size)]
-        self.members = {name: [r for r in range(L.world_size) if everyone[r][name] == colors[name]]
-                        for name in GROUPS[1:]}
-        self.members["world"] = list(range(L.world_size))
+        self.members = {name: group_members(L, name, self.rank) for name in GROUPS}
         self.group_size = {name: g.Get_size() for name, g in self.groups.items()}
         self.group_rank = {name: g.Get_rank() for name, g in self.groups.items()}
         self.dp_rank = self.group_rank["dp"]
@@ -267,5 +264,5 @@ def group_members(layout: Layout, name: str, rank: int = 0) -> list[int]:
     numbering; the cost model reads link tiers from it)."""
     if name == "world":
         return list(range(layout.world_size))
-    mine = _colors(layout, rank)[name]
-    return [r for r in range(layout.world_size) if _colors(layout, r)[name] == mine]
+    colors = _colors(layout, np.arange(layout.world_size))[name]  # the color arithmetic works on arrays too
+    return np.flatnonzero(colors == colors[rank]).tolist()

@@ -6,7 +6,8 @@ Inputs are the two analytic accounts of a step: the compute of the busiest rank,
 (trinity.simulate.traffic_model, whose byte counts equal what the simulator's traces record). Each is timed:
 
   operator      on a GPU max(FLOPs / (peak · efficiency of its kind), bytes / (HBM bandwidth · memory efficiency));
-                on the host (a calibrated Hardware) the measured seconds per FLOP or per byte of that operator.
+                on the host (a calibrated Hardware) the measured seconds per call plus per FLOP or byte of that
+                operator.
   collective    bytes / (link bandwidth · link efficiency) + calls · ring steps · latency, the link being NVLink
                 when the group's ranks are on one node (`ranks_per_node` consecutive ranks) and the network else.
 
@@ -77,8 +78,9 @@ class Prediction:
 
 def _op_seconds(work, hw: Hardware) -> float:
     rate = hw.op_rates.get(work.op)
-    if rate is not None:  # calibrated: seconds per unit of the operator's own measure
-        return rate * (work.flops if work.kind != "memory" else work.bytes)
+    if rate is not None:  # calibrated: seconds per call and per unit of the operator's own measure
+        per_call, per_unit = rate
+        return per_call * work.calls + per_unit * (work.flops if work.kind != "memory" else work.bytes)
     efficiency = {"gemm": hw.gemm_efficiency, "attention": hw.attention_efficiency}.get(work.kind)
     compute = work.flops / (hw.peak_flops * efficiency) if efficiency else 0.0
     return max(compute, work.bytes / (hw.hbm_bandwidth * hw.memory_efficiency))

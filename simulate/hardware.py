@@ -47,7 +47,8 @@ class Hardware:
     inter_node_latency: float = 15e-6
     # Ranks that share one compute unit (the host: ranks over cores); 1 on GPUs, one rank per GPU.
     ranks_per_compute: float = 1.0
-    # Measured seconds per unit of work for named operators (the host's calibration), overriding the peak figures.
+    # Measured [seconds per call, seconds per unit of work] of named operators (the host's calibration), overriding
+    # the peak figures.
     op_rates: dict = field(default_factory=dict)
     sources: dict = field(default_factory=dict)
 
@@ -93,7 +94,7 @@ def get_hardware(name: str) -> Hardware:
 
 def host_hardware(calibration: dict, ranks: int) -> Hardware:
     """This machine as the cost model's hardware, from a calibration (benchmarks/validate_cost_model.py): seconds
-    per unit of work of each operator measured in one process on one core, memory copy and MPI link speeds measured
+    per call and per unit of work of each operator measured in one process on one core, memory copy and MPI link speeds measured
     between two ranks, and the core count; `ranks` ranks share the cores (a rank gets cores/ranks of one when there
     are more ranks than cores, as every rank of an MPI job busy-waits while it waits)."""
     c = calibration
@@ -103,7 +104,7 @@ def host_hardware(calibration: dict, ranks: int) -> Hardware:
                    inter_node_bandwidth=rate, ranks_per_node=max(ranks, 1), gemm_efficiency=1.0,
                    attention_efficiency=1.0, memory_efficiency=1.0, link_efficiency=1.0,
                    intra_node_latency=c["link_latency_s"], inter_node_latency=c["link_latency_s"],
-                   ranks_per_compute=max(1.0, ranks / c["cores"]), op_rates=dict(c["op_seconds_per_work"]),
+                   ranks_per_compute=max(1.0, ranks / c["cores"]), op_rates=dict(c["op_rates"]),
                    sources={"calibration": "measured on this machine (benchmarks/validate_cost_model.py)"})
 
 

@@ -67,10 +67,11 @@ def _segments(batches, tokens):
 
 
 def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float, micro_batches=(1, 2, 4, 8),
-           recompute=(False, True), imbalance: float = 1.0, fixed: dict | None = None) -> Plan:
+           recompute=(False, True), imbalance=1.0, fixed: dict | None = None) -> Plan:
     """Every (layout, micro-batch, recompute) of the job predicted and ranked (module docstring). `batches`: the
     batch schedule [(from token, sequences per step)], sorted, the first from 0; `fixed`: {dimension: size} that
-    every layout must have (e.g. {"ep": 8})."""
+    every layout must have (e.g. {"ep": 8}); `imbalance`: the busiest ep rank's load over the mean, a number or a
+    function of ep (trinity.simulate.routing.busiest_rank_factor over recorded counts)."""
     fixed = fixed or {}
     sizes = [s for _, s in batches]
     segments = _segments(batches, tokens)
@@ -82,7 +83,8 @@ def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float,
                 continue
             for rc in recompute:
                 preds = [predict(config, layout, hardware, seq_len=seq_len, sequences=s, micro_batch_size=mbs,
-                                 recompute=rc, imbalance=imbalance) for s in sizes]
+                                 recompute=rc, imbalance=imbalance(layout.ep) if callable(imbalance) else imbalance)
+                         for s in sizes]
                 by_size = dict(zip(sizes, preds))
                 days = sum(by_size[s].days(n) for s, n in segments)
                 cand = Candidate(preds, days)

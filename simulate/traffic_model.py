@@ -169,7 +169,7 @@ def _moved(shapes: tuple, n: int) -> int:
 
 def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, recompute=False, doc_ids=True,
                      imbalance=1.0) -> list[Collective]:
-    """Every collective of one step (module docstring). counts[rank][mb][layer] = the rank's routing counts [E]
+    """Every collective of one step (module docstring), summed per (kind, group, phase). counts[rank][mb][layer] = the rank's routing counts [E]
     (under ep > 1); without them the rows are spread evenly and the busiest rank gets `imbalance` × the mean."""
     c, L = config, layout
     W, F, cp, ep = L.world_size, L.dp_shard * L.cp, L.cp, L.ep
@@ -177,13 +177,19 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
     m, B, E, d = S // (L.dp * mbs), mbs, c.num_experts, c.hidden_size
     fwd = 2 if recompute else 1  # forward exchanges of a layer (again in the backward under recompute)
     moe = [l for l in range(c.num_hidden_layers) if c.is_moe_layer(l)]
-    out: list[Collective] = []
+    acc: dict = {}  # (kind, group, phase) → [calls, busiest rank's bytes, every rank's bytes]
+
+    def add(kind, group, phase, calls, rank_bytes, total_bytes):
+        a = acc.setdefault((kind, group, phase), [0, 0, 0])
+        a[0] += calls
+        a[1] += rank_bytes
+        a[2] += total_bytes
 
     def symmetric(kind, group, s, phase, calls=1):  # every rank of every group sends the same s-byte buffer
         n = size[group]
         if n > 1 and calls:
             b = calls * ring(kind, n, s)
-            out.append(Collective(kind, group, n, phase, calls, b, W * b))
+            add(kind, group, phase, calls, b, W * b)
 
     # FSDP: gathers, reduce-scatters, dp_replicate all-reduces; distributed Muon
     gathers = {"embed": 1 + 2 * bool(c.tie_word_embeddings), "head": 2, **{l: 2 for l in range(c.num_hidden_layers)}}
@@ -196,7 +202,7 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
             symmetric("Allreduce", "dp_replicate", shard * items.reduce, "step")
             if opt == "muon" and n > 1:
                 moved = 2 * items.reduce * muon_moved(shapes, n)
-                out.append(Collective("Alltoallv", group, n, "step", 2, moved / n, moved * (W // n)))
+                add("Alltoallv", group, "step", 2, moved / n, moved * (W // n))
     # EP: counts and four row exchanges per MoE layer per micro-batch, per ep group
     if ep > 1:
         El = E // ep
@@ -215,7 +221,7 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
                                        for mb in range(m)))
                 busiest, total = max(leaving), sum(leaving)
             b = exchanges * d * items.act
-            out.append(Collective("Alltoallv", "ep", ep, "exchange", exchanges * m, busiest * b, total * b))
+            add("Alltoallv", "ep", "exchange", exchanges * m, busiest * b, total * b)
     # CP: k,v gathering / halos, their gradients, the balance loss's per-sequence counts, the micro-batch losses
     if cp > 1:
         Tl, kv = T // cp, 2 * B * c.num_key_value_heads * c.head_dim * items.act
@@ -230,8 +236,7 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
                 per_group = 2 * (cp - 1) * (w - 1) * (fwd * (kv + (B * 8 if doc_ids else 0)) + kv)
                 # a middle rank sends halos to both neighbours, 2 of the group's 2(cp−1); with cp = 2 one each
                 busiest = per_group * (1 if cp == 2 else 2) / (2 * (cp - 1))
-                out.append(Collective("Alltoallv", "cp", cp, "exchange", m * (fwd + 1), m * busiest,
-                                      m * per_group * (W // cp)))
+                add("Alltoallv", "cp", "exchange", m * (fwd + 1), m * busiest, m * per_group * (W // cp))
         if c.balance_loss_coeff > 0:
             symmetric("Allreduce", "cp", B * E * items.reduce, "exchange", m * len(moe))
         symmetric("Allreduce", "cp", m * 8, "step")
@@ -242,7 +247,7 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
         symmetric("Allreduce", "dp", 8, "step", 2)
     symmetric("Allreduce", "fsdp", 8, "step")
     symmetric("Allreduce", "fsdp", 2 * 8, "step")
-    return out
+    return [Collective(kind, group, size[group], phase, *a) for (kind, group, phase), a in acc.items()]
 
 
 def analytic(config, layout, S, T, mbs, itemsize, counts, recompute=False, doc_ids=True):

@@ -29,7 +29,6 @@ flat buffer and read into the model's views, the gradients flattened for the red
 from __future__ import annotations
 
 import functools
-from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,9 +84,13 @@ def training_flops(config, sequences: int, seq_len: int) -> float:
     return 3.0 * forward_flops_per_token(config, seq_len) * sequences * seq_len
 
 
-def _ns_flops(rows: int, cols: int, steps: int) -> float:
-    m, n = min(rows, cols), max(rows, cols)
-    return steps * (4.0 * m * m * n + 2.0 * m ** 3)
+@functools.lru_cache(maxsize=4096)
+def _owner_loads(shapes: tuple, n: int, steps: int) -> np.ndarray:
+    """Newton–Schulz FLOPs per owner rank [n] of a Muon bucket: steps·(4m²n' + 2m³) per matrix [m ≤ n']."""
+    owned = np.array([(rows, cols, owner) for _, _, rows, cols, owner in muon_owners(shapes, n)], dtype=np.float64)
+    small, large = owned[:, :2].min(axis=1), owned[:, :2].max(axis=1)
+    flops = steps * (4.0 * small * small * large + 2.0 * small ** 3)
+    return np.bincount(owned[:, 2].astype(np.int64), weights=flops, minlength=n)
 
 
 def muon_flops(config, layout=None) -> float:
@@ -104,7 +107,7 @@ def _optimizer_work(config, ep: int, fsdp: int) -> dict:
     """{newton_schulz: FLOPs on the busiest rank, adamw: elements, elements: all shard elements, gathered: bytes-free
     element count of every bucket} for this layout (None: one process)."""
     size = {"fsdp": fsdp, "efsdp": fsdp // ep}
-    load: dict = defaultdict(float)
+    load = {"fsdp": np.zeros(fsdp), "efsdp": np.zeros(fsdp // ep)}
     adamw = elements = whole = 0
     for parts in flat_buckets(config, ep).values():
         for group, opt, shapes in parts:
@@ -115,9 +118,11 @@ def _optimizer_work(config, ep: int, fsdp: int) -> dict:
             if opt == "adamw":
                 adamw += -(-count // n)
             else:
-                for _, _, rows, cols, owner in muon_owners(shapes, n):
-                    load[owner] += _ns_flops(rows, cols, config.muon_ns_steps)
-    return {"newton_schulz": max(load.values(), default=0.0), "adamw": adamw, "elements": elements, "whole": whole}
+                load[group] += _owner_loads(tuple(tuple(int(x) for x in s) for s in shapes), n, config.muon_ns_steps)
+    # a rank is owner index f in its fsdp group and f // ep... in its efsdp group: the busiest fsdp index's sum
+    f = np.arange(fsdp)
+    busiest = float((load["fsdp"] + load["efsdp"][f // ep]).max())
+    return {"newton_schulz": busiest, "adamw": adamw, "elements": elements, "whole": whole}
 
 
 def step_work(config, layout, seq_len: int, sequences: int, micro_batch_size: int, *, q: int = 4,
@@ -134,11 +139,13 @@ def step_work(config, layout, seq_len: int, sequences: int, micro_batch_size: in
     rows = N * K * (imbalance if ep > 1 else 1.0)
     work: dict = {}
 
+    times = 1  # layers of one kind share their work: added once, times their count
+
     def add(op, phase, flops=0.0, nbytes=0.0, calls=1):
         w = work.setdefault((op, phase), Work(op, phase))
-        w.flops += flops
-        w.bytes += nbytes
-        w.calls += calls
+        w.flops += times * flops
+        w.bytes += times * nbytes
+        w.calls += times * calls
 
     def layer_forward(layer, phase):
         add("rmsnorm_forward", phase, nbytes=2 * q * N * (4 * d + qw + kvw), calls=6)
@@ -164,10 +171,15 @@ def step_work(config, layout, seq_len: int, sequences: int, micro_batch_size: in
 
     # one micro-batch, then m of them
     add("embedding_forward", "forward", nbytes=q * N * d)
+    kinds: dict = {}  # (MoE?, window) → [a layer of that kind, count]
     for layer in range(c.num_hidden_layers):
+        kinds.setdefault((c.is_moe_layer(layer), c.window_of(layer)), [layer, 0])[1] += 1
+    for layer, count in kinds.values():
+        times = count
         layer_forward(layer, "forward")
         if recompute:
             layer_forward(layer, "backward")
+    times = 1
     add("rmsnorm_forward", "forward", nbytes=2 * q * N * d)
     add("linear_forward", "forward", 2 * N * d * V, q * (N * d + N * V))
     add("cross_entropy_forward", "forward", nbytes=2 * q * N * V)

@@ -91,7 +91,7 @@ def test_faster_hardware_is_never_slower(layout):
 
 
 def test_the_host_shares_its_cores_among_ranks():
-    cal = {"cores": 2, "memory_bytes": 1e10, "op_seconds_per_work": {"linear_forward": 1e-10},
+    cal = {"cores": 2, "memory_bytes": 1e10, "op_rates": {"linear_forward": [0.0, 1e-10]},
            "copy_bytes_per_s": 1e10, "link_bytes_per_s": 1e9, "link_latency_s": 1e-6, "gemm_flops_per_s": 1e10}
     config = Config.preset("tiny")
     kw = dict(seq_len=64, sequences=8, micro_batch_size=1, items=Itemsizes.of(4), q=4, overlap=False)
@@ -139,3 +139,14 @@ def test_every_fitting_layout_of_a_job_gets_a_prediction():
     for layout in fitting_layouts(world_size=8, config=config, seq_len=512, micro_batch_size=1, batch_sizes=[16]):
         p = predict(config, layout, get_hardware("b200"), seq_len=512, sequences=16, micro_batch_size=1)
         assert p.step_seconds > 0 and 0 < p.mfu < 1 and p.bound in p.phases
+
+
+@given(st.sampled_from([1, 2, 4, 8]), st.lists(st.integers(0, 1000), min_size=8, max_size=8))
+def test_the_busiest_rank_factor_lies_between_balance_and_one_rank_taking_all(ep, counts):
+    from trinity.simulate.routing import busiest_rank_factor
+    f = busiest_rank_factor([{"1": counts}], ep)
+    assert 1.0 - 1e-12 <= f <= ep + 1e-12
+    if sum(counts):
+        blocks = [sum(counts[i:i + 8 // ep]) for i in range(0, 8, 8 // ep)]
+        assert f == pytest.approx(max(blocks) / (sum(blocks) / ep))
+    assert busiest_rank_factor([{"1": [5] * 8}], ep) == pytest.approx(1.0)

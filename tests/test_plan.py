@@ -69,3 +69,23 @@ def test_nothing_fits_says_so():
     r = trinity("plan", "--model", "trinity-large", "--gpus", "8", "--gpu", "h100", "--tokens", "1e9",
                 "--batch", "64")
     assert r.returncode == 1 and "0 fit in memory" in r.stdout and "- no layout fits in memory" in r.stdout
+
+
+def test_recorded_routing_slows_the_expert_parallel_layouts(tmp_path):
+    """A run whose router sent every token to expert 0 makes each ep > 1 layout's busiest rank take all the rows."""
+    metrics = tmp_path / "metrics.jsonl"
+    skewed = [1000] + [0] * 15
+    metrics.write_text("".join(json.dumps({"step": s, "expert_load": {str(l): skewed for l in range(1, 8)}}) + "\n"
+                               for s in (1, 2)))
+    common = ["plan", "--model", "bench-medium", "--gpus", "8", "--gpu", "h100", "--tokens", "1e9", "--seq-len",
+              "1024", "--batch", "64", "--fix", "dp_shard=8,ep=4", "--top", "1"]
+    out = {}
+    for name, extra in (("balanced", []), ("recorded", ["--routing", str(metrics)])):
+        r = trinity(*common, *extra, "--json", str(tmp_path / f"{name}.json"))
+        assert r.returncode == 0, r.stderr
+        out[name] = json.loads((tmp_path / f"{name}.json").read_text())[0]
+    assert out["recorded"]["step_s"][0] > out["balanced"]["step_s"][0]
+    bad = tmp_path / "empty.jsonl"
+    bad.write_text(json.dumps({"step": 1}) + "\n")
+    r = trinity(*common, "--routing", str(bad))
+    assert r.returncode == 2 and "--routing: " in r.stderr and "no step with expert_load" in r.stderr
