@@ -30,5 +30,5 @@ def embedding_backward(ctx, dx):
     d = dx.shape[-1]
     dtable = segment_sum(xp.reshape(tokens, (-1,)), xp.reshape(dx, (-1, d)), vocab)
     if multiplier != 1.0:
-        dtable = dtable * float(multiplier)
+        dtable *= float(multiplier)
     return dtable

@@ -75,7 +75,8 @@ def cross_entropy_backward(ctx, scale=1.0):
     z = logits[:, :P, ...]
     coef = xp.astype(xp.where(valid, (1.0 + 2.0 * lam * lse) * (scale / denom), 0.0), logits.dtype)
     dz = xp.exp(z - lse[..., None]) * coef[..., None]
-    hit = valid[..., None] & (target[..., None] == xp.arange(V, dtype=target.dtype))  # onehot(y_t), as booleans
+    counted_target = xp.where(valid, xp.astype(target, xp.int64), -1)  # −1 matches no vocabulary id
+    hit = counted_target[..., None] == xp.arange(V, dtype=xp.int64)  # onehot(y_t) on counted positions
     dz[hit] = dz[hit] - float(scale / denom)  # 1/N rounded to the logits' dtype
     if P == T:
         return dz
