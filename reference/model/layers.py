@@ -7,8 +7,7 @@ what the matching backward consumes. Shapes: B sequences of T tokens, hidden d, 
 
 from __future__ import annotations
 
-import numpy as np
-
+from ..operators.array_module import array_namespace
 from .config import Config
 from .params import layer_prefix
 
@@ -80,7 +79,8 @@ def moe_backward(ops, ctx, dy, p, prefix, dscores=None):
     dx = ops.scatter_to_tokens(ops.expert_dispatch_backward(ctx["exchange"], dx_rows), plan, N, K)
     dx_router, grads[prefix + "router.gate.weight"] = ops.router_backward(ctx["router"], dweights, dscores)
     dx += dx_router
-    grads[prefix + "expert_bias"] = np.zeros_like(p[prefix + "expert_bias"])  # selection only: no gradient
+    bias = p[prefix + "expert_bias"]
+    grads[prefix + "expert_bias"] = array_namespace(bias).zeros_like(bias)  # selection only: no gradient
     if ctx["shared"] is not None:
         dx_shared, shared_grads = swiglu_mlp_backward(ops, ctx["shared"], dy)
         grads.update(zip(_swiglu_keys(prefix + "shared_experts."), shared_grads))
@@ -106,6 +106,7 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
     values (after QK-norm and RoPE) are stored in it, the queries attending to the cached keys plus the new ones.
     """
     c = config
+    xp = array_namespace(a)
     B, T, _ = a.shape
     hq, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     ctx = {}
@@ -113,9 +114,9 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
     k, ctx["k_proj"] = ops.linear_forward(a, p[prefix + "k_proj.weight"])
     v, ctx["v_proj"] = ops.linear_forward(a, p[prefix + "v_proj.weight"])
     g, ctx["gate_proj"] = ops.linear_forward(a, p[prefix + "gate_proj.weight"])
-    q, ctx["q_norm"] = ops.rmsnorm_forward(q.reshape(B, T, hq, dh), p[prefix + "q_norm.weight"], c.rms_norm_eps)
-    k, ctx["k_norm"] = ops.rmsnorm_forward(k.reshape(B, T, hkv, dh), p[prefix + "k_norm.weight"], c.rms_norm_eps)
-    v = v.reshape(B, T, hkv, dh)
+    q, ctx["q_norm"] = ops.rmsnorm_forward(xp.reshape(q, (B, T, hq, dh)), p[prefix + "q_norm.weight"], c.rms_norm_eps)
+    k, ctx["k_norm"] = ops.rmsnorm_forward(xp.reshape(k, (B, T, hkv, dh)), p[prefix + "k_norm.weight"], c.rms_norm_eps)
+    v = xp.reshape(v, (B, T, hkv, dh))
     window = c.window_of(layer)
     if window is not None:
         cos, sin = rope
@@ -125,7 +126,7 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
     k, v, k_pos, k_doc, ctx["kv"] = gather.gather_kv(k, v, positions, doc_ids, window)
     docs = doc_ids if k_doc is doc_ids else (doc_ids, k_doc)  # a pair when the keys are not the queries' own
     o, ctx["sdpa"] = ops.attention_forward(q, k, v, window=window, doc_ids=docs, q_pos=positions, k_pos=k_pos)
-    o, ctx["gate"] = ops.output_gate_forward(o.reshape(B, T, hq * dh), g)
+    o, ctx["gate"] = ops.output_gate_forward(xp.reshape(o, (B, T, hq * dh)), g)
     out, ctx["o_proj"] = ops.linear_forward(o, p[prefix + "o_proj.weight"])
     return out, ctx
 
@@ -133,19 +134,20 @@ def attention_block_forward(ops, config: Config, p: dict, prefix: str, a, layer:
 def attention_block_backward(ops, config: Config, p: dict, prefix: str, ctx, dout):
     """The operators' backwards in reverse order. Returns (da, grads)."""
     c = config
+    xp = array_namespace(dout)
     B, T, _ = dout.shape
     hq, hkv, dh = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     grads = {}
     do, grads[prefix + "o_proj.weight"] = ops.linear_backward(ctx["o_proj"], dout)
     do, dg = ops.output_gate_backward(ctx["gate"], do)
-    dq, dk, dv = ops.attention_backward(ctx["sdpa"], do.reshape(B, T, hq, dh))
+    dq, dk, dv = ops.attention_backward(ctx["sdpa"], xp.reshape(do, (B, T, hq, dh)))
     dk, dv = ops.gather_kv_backward(ctx["kv"], dk, dv)
     if "q_rope" in ctx:
         dq, dk = ops.rope_backward(ctx["q_rope"], dq), ops.rope_backward(ctx["k_rope"], dk)
     dq, grads[prefix + "q_norm.weight"] = ops.rmsnorm_backward(ctx["q_norm"], dq)
     dk, grads[prefix + "k_norm.weight"] = ops.rmsnorm_backward(ctx["k_norm"], dk)
-    da, grads[prefix + "q_proj.weight"] = ops.linear_backward(ctx["q_proj"], dq.reshape(B, T, hq * dh))
-    for name, dy in (("k_proj", dk.reshape(B, T, hkv * dh)), ("v_proj", dv.reshape(B, T, hkv * dh)),
+    da, grads[prefix + "q_proj.weight"] = ops.linear_backward(ctx["q_proj"], xp.reshape(dq, (B, T, hq * dh)))
+    for name, dy in (("k_proj", xp.reshape(dk, (B, T, hkv * dh))), ("v_proj", xp.reshape(dv, (B, T, hkv * dh))),
                      ("gate_proj", dg)):
         dx, grads[prefix + name + ".weight"] = ops.linear_backward(ctx[name], dy)
         da += dx
@@ -163,6 +165,7 @@ def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, pos
     """
     c = config
     pre = layer_prefix(layer)
+    xp = array_namespace(x)
     B, T, d = x.shape
     ctx = {}
     with ops.scope(pre[:-1]):
@@ -177,11 +180,11 @@ def decoder_layer_forward(ops, config: Config, p: dict, layer: int, x, rope, pos
         m = pre + "mlp."
         with ops.scope("mlp"):
             if c.is_moe_layer(layer):
-                f, ctx["mlp"] = moe_forward(ops, b.reshape(B * T, d), p, m, c.num_experts_per_tok, c.route_scale)
+                f, ctx["mlp"] = moe_forward(ops, xp.reshape(b, (B * T, d)), p, m, c.num_experts_per_tok, c.route_scale)
             else:
-                f, ctx["mlp"] = swiglu_mlp_forward(ops, b.reshape(B * T, d), *(p[k] for k in _swiglu_keys(m)))
-        f, ctx["post_mlp_layernorm"] = ops.rmsnorm_forward(f.reshape(B, T, d), p[pre + "post_mlp_layernorm.weight"],
-                                                           c.post_eps)
+                f, ctx["mlp"] = swiglu_mlp_forward(ops, xp.reshape(b, (B * T, d)), *(p[k] for k in _swiglu_keys(m)))
+        f, ctx["post_mlp_layernorm"] = ops.rmsnorm_forward(xp.reshape(f, (B, T, d)),
+                                                           p[pre + "post_mlp_layernorm.weight"], c.post_eps)
     return x + f, ctx
 
 
@@ -190,6 +193,7 @@ def decoder_layer_backward(ops, config: Config, p: dict, layer: int, ctx, dx, ds
     router scores [N, E] (MoE layers only)."""
     c = config
     pre = layer_prefix(layer)
+    xp = array_namespace(dx)
     B, T, d = dx.shape
     grads = {}
     with ops.scope(pre[:-1]):
@@ -197,13 +201,13 @@ def decoder_layer_backward(ops, config: Config, p: dict, layer: int, ctx, dx, ds
         m = pre + "mlp."
         with ops.scope("mlp"):
             if c.is_moe_layer(layer):
-                db, mlp_grads = moe_backward(ops, ctx["mlp"], df.reshape(B * T, d), p, m, dscores)
+                db, mlp_grads = moe_backward(ops, ctx["mlp"], xp.reshape(df, (B * T, d)), p, m, dscores)
                 grads.update(mlp_grads)
             else:
-                db, mlp_grads = swiglu_mlp_backward(ops, ctx["mlp"], df.reshape(B * T, d))
+                db, mlp_grads = swiglu_mlp_backward(ops, ctx["mlp"], xp.reshape(df, (B * T, d)))
                 grads.update(zip(_swiglu_keys(m), mlp_grads))
         dres, grads[pre + "pre_mlp_layernorm.weight"] = ops.rmsnorm_backward(ctx["pre_mlp_layernorm"],
-                                                                             db.reshape(B, T, d))
+                                                                             xp.reshape(db, (B, T, d)))
         dx = dx + dres
         dattn, grads[pre + "post_attention_layernorm.weight"] = ops.rmsnorm_backward(
             ctx["post_attention_layernorm"], dx)

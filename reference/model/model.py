@@ -7,8 +7,9 @@ code. The forward returns (logits, ctx); ctx holds what the backward consumes. `
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
+from ..operators.array_module import array_namespace
 from .config import Config
 from .layers import decoder_layer_backward, decoder_layer_forward
 from .ops import REFERENCE
@@ -48,23 +49,25 @@ def model_forward(config: Config, params: dict, tokens, doc_ids=None, keep_ctx=T
         tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
     ops = ops or REFERENCE
     c = config
+    xp = array_namespace(tokens)
     T = tokens.shape[1]
     if kv_cache is not None:
         if doc_ids is not None:
             raise ValueError("model_forward: doc_ids cannot be combined with kv_cache")
         if len(kv_cache.layers) != c.num_hidden_layers:
             raise ValueError(f"kv_cache has {len(kv_cache.layers)} layers, the model {c.num_hidden_layers}")
-        positions = kv_cache.length + np.arange(T)
+        positions = kv_cache.length + xp.arange(T)
     elif positions is None:
-        positions = np.arange(T)
-    elif len(positions) != T:
-        raise ValueError(f"positions has {len(positions)} entries for {T} tokens per row")
+        positions = xp.arange(T)
+    elif xp.asarray(positions).shape[0] != T:
+        raise ValueError(f"positions has {xp.asarray(positions).shape[0]} entries for {T} tokens per row")
     emb = ops.gather_params(params, "embed")["model.embed_tokens.weight"]
     dtype = emb.dtype
     if embeds is None:
         x, embed_ctx = ops.embedding_forward(tokens, emb, c.embedding_multiplier)
     else:
-        x, embed_ctx = embeds * np.asarray(c.embedding_multiplier, dtype=dtype), None
+        m = array_namespace(embeds).asarray(float(c.embedding_multiplier), dtype=dtype)  # m rounded to E_emb's dtype
+        x, embed_ctx = embeds * m, None
     ops.release_params("embed")
     rope = ops.rope_tables(positions, c.head_dim, c.rope_theta, dtype)
     layer_ctxs, routing = [], []
@@ -105,11 +108,12 @@ def logits(config: Config, params: dict, tokens, doc_ids=None, ops=None, kv_cach
     """Public entry: logits [B, T, V] for int tokens [B, T] (a 1-D sequence is treated as B = 1 and returns
     [T, V]). Computed in the params' float dtype; nothing is kept for a backward. With kv_cache (kv_cache.KVCache)
     the tokens continue the cached sequence (see model_forward)."""
-    tokens = np.asarray(tokens)
+    xp = array_namespace(tokens)
+    tokens = xp.asarray(tokens)
     squeeze = tokens.ndim == 1
     if squeeze:
-        tokens = tokens[None]
-        doc_ids = None if doc_ids is None else np.asarray(doc_ids)[None]
+        tokens = tokens[None, :]
+        doc_ids = None if doc_ids is None else xp.asarray(doc_ids)[None, :]
     out, _ = model_forward(config, params, tokens, doc_ids, keep_ctx=False, ops=ops, kv_cache=kv_cache)
     return out[0] if squeeze else out
 
@@ -117,14 +121,16 @@ def logits(config: Config, params: dict, tokens, doc_ids=None, ops=None, kv_cach
 def check_inputs(config: Config, params: dict, tokens, doc_ids):
     """Validate params against the config and tokens / doc_ids against each other; clear errors, no asserts."""
     check_params(config, params)
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2 or tokens.dtype.kind not in "iu":
+    xp = array_namespace(tokens)
+    tokens = xp.asarray(tokens)
+    if tokens.ndim != 2 or not xp.isdtype(tokens.dtype, "integral"):
         raise ValueError(f"tokens must be an integer array [B, T], got dtype {tokens.dtype} shape {tokens.shape}")
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= config.vocab_size):
-        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), found [{tokens.min()}, {tokens.max()}]")
+    if math.prod(tokens.shape) and (int(xp.min(tokens)) < 0 or int(xp.max(tokens)) >= config.vocab_size):
+        raise ValueError(f"token ids must lie in [0, {config.vocab_size}), "
+                         f"found [{int(xp.min(tokens))}, {int(xp.max(tokens))}]")
     if doc_ids is not None:
-        doc_ids = np.asarray(doc_ids)
-        if doc_ids.shape != tokens.shape or doc_ids.dtype.kind not in "iu":
+        doc_ids = array_namespace(doc_ids, tokens).asarray(doc_ids)
+        if doc_ids.shape != tokens.shape or not xp.isdtype(doc_ids.dtype, "integral"):
             raise ValueError(f"doc_ids must be an integer array shaped like tokens {tokens.shape}, "
                              f"got dtype {doc_ids.dtype} shape {doc_ids.shape}")
     return tokens, doc_ids
@@ -166,7 +172,7 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
         grads.update(ops.hand_back_grads(layer, layer_grads))
     if ctx["embed"] is None:  # the forward took embeds: the table gets no gradient
         emb = ops.gather_params(params, "embed")["model.embed_tokens.weight"]
-        dembed = np.zeros_like(emb)
+        dembed = array_namespace(emb).zeros_like(emb)
         ops.release_params("embed")
     else:
         dembed = ops.embedding_backward(ctx["embed"], dx)

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
-import numpy as np
-
+from ..operators.array_module import array_namespace
 from .config import Config
 from .model import model_backward, model_forward
 from .ops import REFERENCE
@@ -37,22 +37,26 @@ def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_
                              positions=positions, check=check)
     ce, zl, ce_ctx = ops.cross_entropy_forward(out, labels, c.z_loss_coeff, shift=shift,
                                                denom=None if scale is None else max(scale.tokens, 1))
+    xp = array_namespace(out)
     B, T = out.shape[:2]
+    some = math.prod(out.shape) > 0
     per_sequence = {} if scale is None else dict(seq_len=scale.seq_len, num_sequences=scale.sequences,
                                                  sequence_sum=ops.sequence_sum)
     balance = 0.0
     balance_ctxs = [None] * c.num_hidden_layers
-    stats = {"layers": {}, "logits_max": float(out.max()) if out.size else -np.inf,
-             "logits_mean": float(out.mean()) if out.size else 0.0, "tokens": int(ce_ctx.valid.sum())}
+    stats = {"layers": {}, "logits_max": float(xp.max(out)) if some else -math.inf,
+             "logits_mean": float(xp.mean(out)) if some else 0.0, "tokens": int(xp.count_nonzero(ce_ctx.valid))}
     for layer, routing in enumerate(ctx["routing"]):
         if routing is None:
             continue
         scores, chosen, counts = routing
-        stats["layers"][layer] = {"expert_counts": counts.copy(), "router_score_mean": float(scores.mean()),
-                                  "chosen_experts": chosen.reshape(B, T, -1)}
+        stats["layers"][layer] = {"expert_counts": xp.asarray(counts, copy=True),
+                                  "router_score_mean": float(xp.mean(scores)),
+                                  "chosen_experts": xp.reshape(chosen, (B, T, -1))}
         if c.balance_loss_coeff > 0:
             E, K = scores.shape[-1], chosen.shape[-1]
-            lb, balance_ctxs[layer] = ops.balance_loss_forward(scores.reshape(B, T, E), chosen.reshape(B, T, K), K,
+            lb, balance_ctxs[layer] = ops.balance_loss_forward(xp.reshape(scores, (B, T, E)),
+                                                               xp.reshape(chosen, (B, T, K)), K,
                                                                c.balance_loss_coeff, **per_sequence)
             balance += lb
     losses = {"total": ce + zl + balance, "ce": ce, "z": zl, "balance": balance}
@@ -96,7 +100,7 @@ def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, r
     dscores = []
     for lb_ctx in balance_ctxs:
         ds = None if lb_ctx is None else ops.balance_loss_backward(lb_ctx)
-        dscores.append(None if ds is None else ds.reshape(-1, ds.shape[-1]))
+        dscores.append(None if ds is None else array_namespace(ds).reshape(ds, (-1, ds.shape[-1])))
     grads, stats["embedding_output_grad"] = model_backward(config, params, ctx, ops.cross_entropy_backward(ce_ctx),
                                                            dscores)
     return losses, grads, stats

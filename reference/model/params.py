@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..operators.array_module import array_namespace
 from .config import Config
 
 __all__ = ["param_shapes", "init_params", "param_count", "ParamCount", "layer_prefix", "EXPERT_KEYS", "check_params",
@@ -196,20 +197,22 @@ def check_params(config: Config, params: dict) -> np.dtype:
     extra = [k for k in params if k not in shapes]
     if extra:
         raise KeyError(f"params hold key(s) the config does not have, e.g. {extra[0]!r} "
-                       f"(shape {np.shape(params[extra[0]])})")
+                       f"(shape {tuple(array_namespace(params[extra[0]]).asarray(params[extra[0]]).shape)})")
     dtypes, biases = set(), {}
     for k, shape in shapes.items():
-        found = np.shape(params[k])
+        xp = array_namespace(params[k])
+        value = xp.asarray(params[k])
+        found = tuple(value.shape)
         if found != shape:
             raise ValueError(f"{k}: expected shape {shape}, found {found}")
         if is_expert_bias(k):
-            biases[k] = np.asarray(params[k]).dtype
+            biases[k] = value.dtype
         else:
-            dtypes.add(np.asarray(params[k]).dtype)
-    if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
+            dtypes.add(value.dtype)
+    if len(dtypes) != 1 or not xp.isdtype(next(iter(dtypes)), "real floating"):
         raise ValueError(f"params must share one float dtype (expert_bias aside), found {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
     for k, found in biases.items():
-        if found not in (EXPERT_BIAS_DTYPE, dtype):
+        if found not in (getattr(xp, EXPERT_BIAS_DTYPE.name), dtype):
             raise ValueError(f"{k}: expert_bias must be float32 (or the model's {dtype}), found {found}")
     return dtype

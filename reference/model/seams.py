@@ -23,6 +23,8 @@ SPEC §6.3): the identity here, an all-reduce over `cp` under context parallel.
 
 from __future__ import annotations
 
+from ..operators.array_module import array_namespace
+
 __all__ = ["SingleProcessSeams"]
 
 
@@ -45,7 +47,7 @@ class SingleProcessSeams:
     def expert_dispatch(self, x, plan):
         """Rows x[plan.token] grouped by expert [N·K, d], the offsets of this rank's experts' blocks, and the ctx of
         the backward and the combine."""
-        return x[plan.token], plan.offsets, (plan, x.shape[0])
+        return array_namespace(x).take(x, plan.token, axis=0), plan.offsets, (plan, x.shape[0])
 
     def expert_dispatch_backward(self, ctx, dx_rows):
         """The gradients of the dispatched rows back in the plan's row order [N·K, d] (the model then sums each

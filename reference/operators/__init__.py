@@ -4,5 +4,8 @@
 combine), losses (cross-entropy with z-loss, balance loss); and optimizer_kernels, the array kernels of the
 optimizer (Newton–Schulz, the AdamW update, clipping's sum of squares and rescale).
 
-Model code never calls these directly: model/ops.py collects them in the op table. Imports: numpy and each other only.
+Model code never calls these directly: model/ops.py collects them in the op table. Each takes its array namespace
+from its inputs (array_module.array_namespace) and calls only functions of the Array API standard through it, so it
+runs on NumPy, CuPy and array-api-strict arrays alike; scatter.py forms the counts and scatter-adds the standard
+lacks. Imports: numpy (the fallback namespace) and each other only.
 """

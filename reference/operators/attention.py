@@ -9,9 +9,10 @@ each block's probabilities P = exp(S − lse) instead of storing them (the flash
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 from .activations import sigmoid
+from .array_module import array_namespace
 
 __all__ = ["allowed", "attention_forward", "attention_backward", "query_blocks", "positions_and_docs",
            "output_gate_forward", "output_gate_backward"]
@@ -27,14 +28,35 @@ def allowed(q_pos, k_pos, window=None, q_doc=None, k_doc=None):
     where t, s are positions. With a window w each query sees exactly w keys including itself: s ∈ [t−w+1, t].
     q_doc / k_doc, when given, are [..., Tq] / [..., Tk] document ids; the result then has their leading axes.
     """
-    t = np.asarray(q_pos)[:, None]
-    s = np.asarray(k_pos)[None, :]
+    xp = array_namespace(q_pos, k_pos)
+    t = xp.asarray(q_pos)[:, None]
+    s = xp.asarray(k_pos)[None, :]
     ok = s <= t
     if window is not None:
         ok = ok & (t - s < window)
     if q_doc is not None:
         ok = ok & (q_doc[..., :, None] == k_doc[..., None, :])
     return ok
+
+
+def _by_kv_head(x, t0, t1, hkv):
+    """Rows [t0, t1) of x [B, T, h_q, d_h] as [B, h_kv, r, T_b, d_h]: query head i = g·r + j is group g, member j."""
+    xp = array_namespace(x)
+    B, _, hq, dh = x.shape
+    return xp.permute_dims(xp.reshape(x[:, t0:t1, ...], (B, t1 - t0, hkv, hq // hkv, dh)), (0, 2, 3, 1, 4))
+
+
+def _kv_block(x, s0, s1):
+    """Key rows [s0, s1) of x [B, S, h_kv, d_h] as [B, h_kv, 1, S_b, d_h] (broadcast over the r query heads)."""
+    xp = array_namespace(x)
+    return xp.permute_dims(x[:, s0:s1, ...], (0, 2, 1, 3))[:, :, None, ...]
+
+
+def _by_query_head(x):
+    """The inverse of _by_kv_head: [B, h_kv, r, T_b, d_h] → [B, T_b, h_q, d_h]."""
+    xp = array_namespace(x)
+    B, hkv, r, Tb, dh = x.shape
+    return xp.reshape(xp.permute_dims(x, (0, 3, 1, 2, 4)), (B, Tb, hkv * r, dh))
 
 
 def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None, block_budget=_BLOCK_ELEMENTS):
@@ -50,40 +72,40 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
     each row. A query with no allowed key (only possible with unusual position inputs) gets O = 0.
     block_budget bounds the scores held at once (elements); it changes memory and speed, never the result.
     """
+    xp = array_namespace(q)
     B, Tq, hq, dh = q.shape
-    Tk, hkv = k.shape[1], k.shape[2]
-    r = hq // hkv
-    q_pos, k_pos, q_doc, k_doc = positions_and_docs(Tq, Tk, q_pos, k_pos, doc_ids)
-    scale = np.asarray(dh ** -0.5, dtype=q.dtype)
+    hkv = k.shape[2]
+    q_pos, k_pos, q_doc, k_doc = positions_and_docs(Tq, k.shape[1], q_pos, k_pos, doc_ids, xp)
+    scale = dh ** -0.5  # rounded to q's dtype where it multiplies
 
-    o = np.empty_like(q)
-    lse = np.empty((B, hq, Tq), dtype=q.dtype)
+    o = xp.empty_like(q)
+    lse = xp.empty((B, hq, Tq), dtype=q.dtype)
     for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq, block_budget):
         # Scores for this block, grouped by KV head: [B, h_kv, r, Tb, Sb].
-        qb = q[:, t0:t1].reshape(B, t1 - t0, hkv, r, dh).transpose(0, 2, 3, 1, 4)
-        kb = k[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]  # [B, h_kv, 1, Sb, d_h]
-        vb = v[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]
-        scores = (qb @ kb.swapaxes(-1, -2)) * scale
+        qb, kb, vb = _by_kv_head(q, t0, t1, hkv), _kv_block(k, s0, s1), _kv_block(v, s0, s1)
+        scores = (qb @ xp.matrix_transpose(kb)) * scale
         mask = _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1)
-        scores = np.where(mask, scores, -np.inf)
-        # Softmax along keys with the row maximum subtracted; rows with no allowed key get m = 0, l = 0.
-        m = scores.max(axis=-1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0)
-        p = np.exp(scores - m)
-        l = p.sum(axis=-1, keepdims=True)
-        with np.errstate(divide="ignore"):
-            ob = (p @ vb) / np.where(l > 0, l, 1.0)
-            lse_b = (m + np.log(l))[..., 0]
-        o[:, t0:t1] = ob.transpose(0, 3, 1, 2, 4).reshape(B, t1 - t0, hq, dh)
-        lse[:, :, t0:t1] = lse_b.reshape(B, hq, t1 - t0)
+        scores = xp.where(mask, scores, -math.inf)
+        # Softmax along keys with the row maximum subtracted; rows with no allowed key get m = 0, l = 0 and
+        # lse = −∞ (log 0), without evaluating log 0.
+        m = xp.max(scores, axis=-1, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, 0.0)
+        p = xp.exp(scores - m)
+        l = xp.sum(p, axis=-1, keepdims=True)
+        some = l > 0
+        ob = (p @ vb) / xp.where(some, l, 1.0)
+        lse_b = xp.where(some, m + xp.log(xp.where(some, l, 1.0)), -math.inf)[..., 0]
+        o[:, t0:t1, ...] = _by_query_head(ob)
+        lse[:, :, t0:t1] = xp.reshape(lse_b, (B, hq, t1 - t0))
     return o, (q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos)
 
 
-def positions_and_docs(Tq, Tk, q_pos=None, k_pos=None, doc_ids=None):
-    """The defaults of attention_forward's optional inputs: positions 0…T−1, and doc ids shared by queries and keys
-    unless given as a (q_doc, k_doc) pair. Returns (q_pos, k_pos, q_doc, k_doc)."""
-    q_pos = np.arange(Tq) if q_pos is None else np.asarray(q_pos)
-    k_pos = np.arange(Tk) if k_pos is None else np.asarray(k_pos)
+def positions_and_docs(Tq, Tk, q_pos=None, k_pos=None, doc_ids=None, xp=None):
+    """The defaults of attention_forward's optional inputs: positions 0…T−1 (in namespace xp, default NumPy), and
+    doc ids shared by queries and keys unless given as a (q_doc, k_doc) pair. Returns (q_pos, k_pos, q_doc, k_doc)."""
+    xp = xp or array_namespace(q_pos, k_pos)
+    q_pos = xp.arange(Tq) if q_pos is None else xp.asarray(q_pos)
+    k_pos = xp.arange(Tk) if k_pos is None else xp.asarray(k_pos)
     q_doc, k_doc = doc_ids if isinstance(doc_ids, tuple) else (doc_ids, doc_ids)
     return q_pos, k_pos, q_doc, k_doc
 
@@ -98,28 +120,26 @@ def attention_backward(ctx, do, block_budget=_BLOCK_ELEMENTS):
     Returns (dq, dk, dv) shaped like q, k, v.
     """
     q, k, v, o, lse, window, q_doc, k_doc, q_pos, k_pos = ctx
+    xp = array_namespace(do, q)
     B, Tq, hq, dh = q.shape
     hkv = k.shape[2]
-    r = hq // hkv
-    scale = np.asarray(dh ** -0.5, dtype=q.dtype)
-    dq = np.empty_like(q)
-    dk = np.zeros_like(k)
-    dv = np.zeros_like(v)
-    lse = lse.reshape(B, hkv, r, Tq)
+    scale = dh ** -0.5
+    dq = xp.empty_like(q)
+    dk = xp.zeros_like(k)
+    dv = xp.zeros_like(v)
+    lse = xp.reshape(lse, (B, hkv, hq // hkv, Tq))
     for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq, block_budget):
-        Tb = t1 - t0
-        split = lambda x: x[:, t0:t1].reshape(B, Tb, hkv, r, dh).transpose(0, 2, 3, 1, 4)  # noqa: E731
-        qb, ob, dob = split(q), split(o), split(do)
-        kb = k[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]  # [B, h_kv, 1, Sb, d_h]
-        vb = v[:, s0:s1].transpose(0, 2, 1, 3)[:, :, None]
-        scores = (qb @ kb.swapaxes(-1, -2)) * scale
+        qb, ob, dob = _by_kv_head(q, t0, t1, hkv), _by_kv_head(o, t0, t1, hkv), _by_kv_head(do, t0, t1, hkv)
+        kb, vb = _kv_block(k, s0, s1), _kv_block(v, s0, s1)
+        scores = (qb @ xp.matrix_transpose(kb)) * scale
         mask = _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1)
-        p = np.exp(np.where(mask, scores - lse[..., t0:t1, None], -np.inf))
-        dp = dob @ vb.swapaxes(-1, -2)
-        ds = p * (dp - (dob * ob).sum(axis=-1, keepdims=True))
-        dq[:, t0:t1] = ((ds @ kb) * scale).transpose(0, 3, 1, 2, 4).reshape(B, Tb, hq, dh)
-        dk[:, s0:s1] += ((ds.swapaxes(-1, -2) @ qb).sum(axis=2) * scale).transpose(0, 2, 1, 3)
-        dv[:, s0:s1] += (p.swapaxes(-1, -2) @ dob).sum(axis=2).transpose(0, 2, 1, 3)
+        p = xp.exp(xp.where(mask, scores - lse[..., t0:t1, None], -math.inf))
+        dp = dob @ xp.matrix_transpose(vb)
+        ds = p * (dp - xp.sum(dob * ob, axis=-1, keepdims=True))
+        dq[:, t0:t1, ...] = _by_query_head((ds @ kb) * scale)
+        dk_b = xp.sum(xp.matrix_transpose(ds) @ qb, axis=2) * scale  # [B, h_kv, S_b, d_h]
+        dk[:, s0:s1, ...] += xp.permute_dims(dk_b, (0, 2, 1, 3))
+        dv[:, s0:s1, ...] += xp.permute_dims(xp.sum(xp.matrix_transpose(p) @ dob, axis=2), (0, 2, 1, 3))
     return dq, dk, dv
 
 
@@ -132,18 +152,22 @@ def query_blocks(q_pos, k_pos, window, rows_per_query, budget=_BLOCK_ELEMENTS):
     of 16 keys (the mask excludes the extra ones), which keeps the BLAS calls on aligned sizes: odd spans ran up to
     10× slower in OpenBLAS here.
     """
-    Tq, Tk = len(q_pos), len(k_pos)
+    xp = array_namespace(q_pos, k_pos)
+    Tq, Tk = q_pos.shape[0], k_pos.shape[0]
     if Tq == 0:
         return
     span = Tk if window is None else min(Tk, window + 64)
     block = int(max(16, min(Tq, budget // max(1, rows_per_query * span))))
     if window is not None:
         block = min(block, max(16, window))  # keep the banded span ≈ 2w, i.e. O(w) keys per query
+
+    def keys_before(position, side):  # how many keys lie before `position` (side="left") or at it too ("right")
+        return int(xp.searchsorted(k_pos, xp.asarray([position], dtype=k_pos.dtype), side=side)[0])
+
     for t0 in range(0, Tq, block):
         t1 = min(Tq, t0 + block)
-        lo = -np.inf if window is None else q_pos[t0:t1].min() - window + 1
-        s0 = 0 if window is None else int(np.searchsorted(k_pos, lo, side="left")) // 16 * 16
-        s1 = int(np.searchsorted(k_pos, q_pos[t0:t1].max(), side="right"))
+        s0 = 0 if window is None else keys_before(int(xp.min(q_pos[t0:t1])) - window + 1, "left") // 16 * 16
+        s1 = keys_before(int(xp.max(q_pos[t0:t1])), "right")
         yield t0, t1, s0, max(s0, s1)
 
 
@@ -152,7 +176,7 @@ def _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1):
     qd = None if q_doc is None else q_doc[:, t0:t1]
     kd = None if k_doc is None else k_doc[:, s0:s1]
     mask = allowed(q_pos[t0:t1], k_pos[s0:s1], window, qd, kd)
-    return mask[:, None, None] if mask.ndim == 3 else mask
+    return mask[:, None, None, ...] if mask.ndim == 3 else mask
 
 
 def output_gate_forward(o, g):

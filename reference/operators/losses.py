@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numpy as np
+from .array_module import array_namespace
+from .scatter import bincount
 
 __all__ = ["IGNORE_INDEX", "cross_entropy_forward", "cross_entropy_backward", "balance_loss_forward",
            "balance_loss_backward", "CrossEntropyCtx"]
@@ -24,8 +25,9 @@ IGNORE_INDEX = -100
 
 
 def _logsumexp(z):
-    m = z.max(axis=-1, keepdims=True)
-    return (m + np.log(np.exp(z - m).sum(axis=-1, keepdims=True)))[..., 0]
+    xp = array_namespace(z)
+    m = xp.max(z, axis=-1, keepdims=True)
+    return (m + xp.log(xp.sum(xp.exp(z - m), axis=-1, keepdims=True)))[..., 0]
 
 
 def cross_entropy_forward(logits, labels, z_loss_coeff=0.0, *, shift=True, denom=None):
@@ -40,40 +42,45 @@ def cross_entropy_forward(logits, labels, z_loss_coeff=0.0, *, shift=True, denom
     holds chunks of sequences gets its targets from the whole sequence. denom, when given, replaces N: the training
     step divides every rank's and micro-batch's sums by the token count of the whole step.
     """
-    labels = np.asarray(labels)
-    if labels.shape != logits.shape[:-1] or labels.dtype.kind not in "iu":
+    xp = array_namespace(logits)
+    labels = xp.asarray(labels)
+    if labels.shape != logits.shape[:-1] or not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be an integer array shaped like tokens {logits.shape[:-1]}, "
                          f"got dtype {labels.dtype} shape {labels.shape}")
     V = logits.shape[-1]
     target = labels[:, 1:] if shift else labels
     valid = target != IGNORE_INDEX
-    if np.any(valid & ((target < 0) | (target >= V))):
+    if bool(xp.any(valid & ((target < 0) | (target >= V)))):
         raise ValueError(f"labels must be token ids in [0, {V}) or {IGNORE_INDEX}")
-    z = logits[:, :target.shape[1]]
-    n = int(valid.sum())
+    z = logits[:, :target.shape[1], ...]
+    n = int(xp.count_nonzero(valid))
     lse = _logsumexp(z)
-    safe_target = np.where(valid, target, 0)
-    picked = np.take_along_axis(z, safe_target[..., None], axis=-1)[..., 0]
+    safe_target = xp.where(valid, target, 0)
+    picked = xp.take_along_axis(z, safe_target[..., None], axis=-1)[..., 0]
     denom = max(n, 1) if denom is None else denom
-    ce = float(np.where(valid, lse - picked, 0.0).sum() / denom)
-    zl = float(z_loss_coeff * np.where(valid, lse * lse, 0.0).sum() / denom)
+    ce = float(xp.sum(xp.where(valid, lse - picked, 0.0)) / denom)
+    zl = float(z_loss_coeff * xp.sum(xp.where(valid, lse * lse, 0.0)) / denom)
     return ce, zl, CrossEntropyCtx(logits, safe_target, valid, lse, denom, z_loss_coeff)
 
 
 def cross_entropy_backward(ctx, scale=1.0):
     """d(ce + z)/dlogit_t = (softmax(logit_t)·(1 + 2λ_z lse_t) − onehot(y_t)) / N on counted positions, 0 elsewhere
     (with shift, the last position predicts nothing) (SPEC §5 "Cross-entropy + z-loss"). `scale` multiplies the
-    result."""
+    result. The one-hot term is a boolean mask (a comparison with the vocabulary ids), not an integer scatter, which
+    the Array API does not have."""
     logits, target, valid, lse, denom, lam = ctx
+    xp = array_namespace(logits)
+    B, T, V = logits.shape
     P = valid.shape[1]
-    z = logits[:, :P]
-    coef = np.where(valid, (1.0 + 2.0 * lam * lse) * (scale / denom), 0.0).astype(logits.dtype)
-    dz = np.exp(z - lse[..., None]) * coef[..., None]
-    rows = np.nonzero(valid)
-    dz[rows + (target[rows],)] -= np.asarray(scale / denom, dtype=logits.dtype)
-    dlogits = np.zeros_like(logits)
-    dlogits[:, :P] = dz
-    return dlogits
+    z = logits[:, :P, ...]
+    coef = xp.astype(xp.where(valid, (1.0 + 2.0 * lam * lse) * (scale / denom), 0.0), logits.dtype)
+    dz = xp.exp(z - lse[..., None]) * coef[..., None]
+    counted_target = xp.where(valid, xp.astype(target, xp.int64), -1)  # −1 matches no vocabulary id
+    hit = counted_target[..., None] == xp.arange(V, dtype=xp.int64)  # onehot(y_t) on counted positions
+    dz[hit] = dz[hit] - float(scale / denom)  # 1/N rounded to the logits' dtype
+    if P == T:
+        return dz
+    return xp.concat([dz, xp.zeros((B, T - P, V), dtype=logits.dtype)], axis=1)
 
 
 def balance_loss_forward(scores, experts, top_k, coeff, *, seq_len=None, num_sequences=None, sequence_sum=None):
@@ -93,17 +100,18 @@ def balance_loss_forward(scores, experts, top_k, coeff, *, seq_len=None, num_seq
     B, T, E = scores.shape
     seq_len = T if seq_len is None else seq_len
     num_sequences = B if num_sequences is None else num_sequences
-    counts = np.zeros((B, E), dtype=scores.dtype)
-    for b in range(B):
-        counts[b] = np.bincount(experts[b].reshape(-1), minlength=E)
-    total = scores.sum(axis=-1, keepdims=True)
+    xp = array_namespace(scores)
+    # counts[b, i] = #{(t, k) : 𝒦_{t,k} = i} in sequence b: one count over the ids b·E + i
+    sequence_of = xp.reshape(xp.arange(B, dtype=experts.dtype), (B, 1, 1))
+    counts = xp.astype(xp.reshape(bincount(sequence_of * E + experts, B * E), (B, E)), scores.dtype)
+    total = xp.sum(scores, axis=-1, keepdims=True)
     s_norm = scores / total
-    s_sum = s_norm.sum(axis=1)
+    s_sum = xp.sum(s_norm, axis=1)
     if sequence_sum is not None:  # f needs the whole sequence's counts; P splits: Σ_t over this rank's tokens
         counts = sequence_sum(counts)
     f = counts * (E / (top_k * seq_len))
     P = s_sum / seq_len
-    loss = float(coeff * (f * P).sum(axis=-1).sum() / num_sequences)
+    loss = float(coeff * xp.sum(xp.sum(f * P, axis=-1)) / num_sequences)
     return loss, (scores, total, s_norm, f, coeff, seq_len, num_sequences)
 
 
@@ -112,5 +120,6 @@ def balance_loss_backward(ctx, scale=1.0):
     experts, not just the chosen K (SPEC §5 "Sequence-wise balance loss"). Returns ds [B, T, E] (of this rank's
     tokens; T and B those of balance_loss_forward's seq_len and num_sequences)."""
     scores, total, s_norm, f, coeff, seq_len, num_sequences = ctx
-    g = np.broadcast_to((scale * coeff / (seq_len * num_sequences)) * f[:, None, :], scores.shape)
-    return (g - (g * s_norm).sum(axis=-1, keepdims=True)) / total
+    xp = array_namespace(scores)
+    g = xp.broadcast_to((scale * coeff / (seq_len * num_sequences)) * f[:, None, :], scores.shape)
+    return (g - xp.sum(g * s_norm, axis=-1, keepdims=True)) / total

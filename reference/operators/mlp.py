@@ -1,4 +1,5 @@
-"""The SwiGLU activation h = silu(a) ⊙ c of every feed-forward (SPEC §4.7; backward §5)."""
+"""The SwiGLU activation h = silu(a) ⊙ c of every feed-forward (SPEC §4.7; backward §5). Elementwise arithmetic
+only, so it runs on any array namespace as it is."""
 
 from .activations import sigmoid
 

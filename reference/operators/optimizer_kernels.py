@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
+from .array_module import array_namespace
 
 __all__ = ["NS_COEFFICIENTS", "newton_schulz", "ns_input", "adamw_update", "sum_of_squares", "scaled"]
 
@@ -32,16 +32,24 @@ def _coefficient_schedule(coefficients, steps: int) -> list[tuple[float, float, 
 
 def ns_input(G, dtype=None):
     """(G as an array, the compute dtype, tall) for Newton–Schulz: the checks and dtype rule every implementation
-    shares (see newton_schulz). tall: rows > cols, so the iteration runs on Gᵀ."""
-    G = np.asarray(G)
+    shares (see newton_schulz). tall: rows > cols, so the iteration runs on Gᵀ. The dtype is one of G's namespace
+    (a NumPy dtype for NumPy arrays)."""
+    xp = array_namespace(G)
+    G = xp.asarray(G)
     if G.ndim < 2:
         raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
     if dtype is None:
-        dtype = G.dtype if G.dtype in (np.float32, np.float64) else np.float32
-    return G, np.dtype(dtype), G.shape[-2] > G.shape[-1]
+        dtype = G.dtype if G.dtype in (xp.float32, xp.float64) else xp.float32
+    return G, _dtype_of(xp, dtype), G.shape[-2] > G.shape[-1]
 
 
-def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None) -> np.ndarray:
+def _dtype_of(xp, dtype):
+    """dtype as the namespace's own dtype object: NumPy's np.dtype(...) for NumPy (whatever was given, e.g. the
+    type np.float32), the object itself for another namespace."""
+    return xp.dtype(dtype) if hasattr(xp, "dtype") else dtype
+
+
+def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None):
     """Approximate the polar factor U Vᵀ of G = U Σ Vᵀ ("zeropower", SPEC §9.2).
 
         X = Gᵀ if rows > cols else G                 (so A = X Xᵀ is the smaller Gram matrix)
@@ -58,21 +66,24 @@ def newton_schulz(G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dty
 
     Dion computes in bf16. NumPy has no bf16, so this computes in `dtype` when given, else in G's dtype when it is
     float32 or float64, else float32 — a deliberate difference (SPEC §9.2). The Frobenius norm is accumulated in
-    float64. The result has the compute dtype.
+    float64. The result has the compute dtype and is row-major (C order) on NumPy. (a, b, c) are Python floats,
+    rounded to the compute dtype where they multiply.
     """
     G, dtype, tall = ns_input(G, dtype)
-    X = G.astype(dtype, copy=False)
+    xp = array_namespace(G)
+    X = xp.astype(G, dtype, copy=False)
     if tall:
-        X = np.swapaxes(X, -1, -2)
-    norm = np.sqrt(np.sum(np.square(X, dtype=np.float64), axis=(-2, -1), keepdims=True))
-    X = X / (norm + eps).astype(dtype)
+        X = xp.matrix_transpose(X)
+    X64 = xp.astype(X, xp.float64)
+    norm = xp.sqrt(xp.sum(X64 * X64, axis=(-2, -1), keepdims=True))
+    X = X / xp.astype(norm + eps, dtype)
     for a, b, c in _coefficient_schedule(coefficients, steps):
-        A = X @ np.swapaxes(X, -1, -2)
-        B = dtype.type(b) * A + dtype.type(c) * (A @ A)
-        X = dtype.type(a) * X + B @ X
-    if tall:
-        X = np.swapaxes(X, -1, -2)
-    return np.ascontiguousarray(X)
+        A = X @ xp.matrix_transpose(X)
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if tall:  # a row-major copy, as a transposed view would not be
+        X = xp.reshape(xp.matrix_transpose(X), G.shape, copy=True)
+    return X
 
 
 # ---- AdamW -------------------------------------------------------------------------------------------------------
@@ -81,26 +92,30 @@ def adamw_update(X, G, m, v, *, lr: float, wd: float, beta1: float, beta2: float
     the lr-scaled update η·m̂/(√v̂ + ε) (before weight decay), accumulated in float64. Arithmetic in m's dtype with
     the scalars rounded to it (NumPy's rules for Python floats), in the order of the lines below; a backend's kernel
     that keeps this order and these roundings gives the same bits."""
-    G = np.asarray(G).astype(m.dtype, copy=False)
+    xp = array_namespace(m)
+    G = xp.astype(xp.asarray(G), m.dtype, copy=False)
     m *= beta1                                    # m ← lerp(m, g, 1 − β₁)
     m += (1.0 - beta1) * G
     v *= beta2                                    # v ← β₂v + (1 − β₂)g²
-    v += (1.0 - beta2) * np.square(G)
-    denom = np.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps   # √v̂ + ε
+    v += (1.0 - beta2) * (G * G)
+    denom = xp.sqrt(v) / math.sqrt(1.0 - beta2 ** step) + eps   # √v̂ + ε
     delta = (lr / (1.0 - beta1 ** step)) * (m / denom)          # η·m̂/(√v̂ + ε)
     X *= 1.0 - lr * wd
     X -= delta
-    return float(np.linalg.norm(delta.astype(np.float64)))
+    return math.sqrt(sum_of_squares(delta))
 
 
 # ---- gradient clipping -------------------------------------------------------------------------------------------
 def sum_of_squares(x) -> float:
-    """Σ x² over every element, accumulated in float64 (the norm kernel of clipping)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return float(np.vdot(x64, x64))
+    """Σ x² over every element, accumulated in float64 (the norm kernel of clipping): one dot product x·x of the
+    flattened array."""
+    xp = array_namespace(x)
+    x64 = xp.reshape(xp.astype(xp.asarray(x), xp.float64), (-1,))
+    return float(xp.vecdot(x64, x64))
 
 
 def scaled(x, scale: float):
     """A new array x·scale, the product formed in float64 and rounded once to x's dtype (clipping's rescale)."""
-    x = np.asarray(x)
-    return (x.astype(np.float64) * scale).astype(x.dtype)
+    xp = array_namespace(x)
+    x = xp.asarray(x)
+    return xp.astype(xp.astype(x, xp.float64) * float(scale), x.dtype)

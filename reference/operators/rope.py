@@ -1,6 +1,6 @@
 """Rotary position embedding, half-split (NeoX) layout; local (sliding-window) layers only (SPEC §4.5)."""
 
-import numpy as np
+from .array_module import array_namespace
 
 __all__ = ["rope_tables", "rotate_half", "rope_forward", "rope_backward"]
 
@@ -10,17 +10,21 @@ def rope_tables(positions, head_dim, theta, dtype):
 
     inv_freq_k = θ^{−2k/d_h} for k = 0 … d_h/2 − 1; φ = p · inv_freq; emb = concat(φ, φ).
     Computed in float64 and cast, so float64 runs carry no float32 rounding (HF computes these in float32).
+    The tables live in the namespace of `positions` (a list or tuple: NumPy); dtype is one of its dtypes.
     """
-    inv_freq = 1.0 / (float(theta) ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    phi = np.asarray(positions, dtype=np.float64)[:, None] * inv_freq[None, :]
-    emb = np.concatenate([phi, phi], axis=-1)
-    return np.cos(emb).astype(dtype), np.sin(emb).astype(dtype)
+    xp = array_namespace(positions)
+    positions = xp.asarray(positions)
+    inv_freq = 1.0 / (float(theta) ** (xp.arange(0, head_dim, 2, dtype=xp.float64) / head_dim))
+    phi = xp.astype(positions, xp.float64)[:, None] * inv_freq[None, :]
+    emb = xp.concat([phi, phi], axis=-1)
+    return xp.astype(xp.cos(emb), dtype), xp.astype(xp.sin(emb), dtype)
 
 
 def rotate_half(x):
     """rotate_half([x₁; x₂]) = [−x₂; x₁], halves taken over the last axis."""
+    xp = array_namespace(x)
     half = x.shape[-1] // 2
-    return np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return xp.concat([-x[..., half:], x[..., :half]], axis=-1)
 
 
 def rope_forward(x, cos, sin):

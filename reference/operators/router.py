@@ -2,9 +2,8 @@
 
 from typing import NamedTuple
 
-import numpy as np
-
 from .activations import sigmoid
+from .array_module import array_namespace
 
 __all__ = ["router_forward", "router_backward", "select_top_k", "RouterCtx"]
 
@@ -24,7 +23,8 @@ def select_top_k(biased_scores, k):
     """Indices of the K largest entries per row, in descending order, lowest index first on ties (SPEC §14 #14).
 
     A stable sort of the negated values keeps equal values in index order."""
-    return np.argsort(-biased_scores, axis=-1, kind="stable")[..., :k]
+    xp = array_namespace(biased_scores)
+    return xp.argsort(-biased_scores, axis=-1, stable=True)[..., :k]
 
 
 def router_forward(x, w_router, expert_bias, top_k, route_scale):
@@ -42,12 +42,13 @@ def router_forward(x, w_router, expert_bias, top_k, route_scale):
     Returns (weights g [N, K], experts 𝒦 [N, K] int64, ctx); ctx = RouterCtx(x, W_r, s, 𝒦, S = Σ_{𝒦} s, ρ, z) is
     what the backward (through the normalised unbiased scores only) and the load-balancing statistics need.
     """
+    xp = array_namespace(x)
     z = x @ w_router.T
     s = sigmoid(z)
     experts = select_top_k(s + expert_bias, top_k)
-    chosen = np.take_along_axis(s, experts, axis=-1)
-    total = chosen.sum(axis=-1, keepdims=True)
-    weights = chosen / (total + 1e-20) * np.asarray(route_scale, dtype=s.dtype)
+    chosen = xp.take_along_axis(s, experts, axis=-1)
+    total = xp.sum(chosen, axis=-1, keepdims=True)
+    weights = chosen / (total + 1e-20) * float(route_scale)  # ρ rounded to s's dtype
     return weights, experts, RouterCtx(x, w_router, s, experts, total, route_scale, z)
 
 
@@ -60,10 +61,23 @@ def router_backward(ctx, dweights, dscores=None):
     Then dz = ds ⊙ s(1 − s), dW_r = Σ_t dz_t x_tᵀ, dx = dz W_r. Returns (dx, dW_r).
     """
     x, w_router, s, experts, total, route_scale, _ = ctx
-    rho = np.asarray(route_scale, dtype=s.dtype)
-    weights = np.take_along_axis(s, experts, axis=-1) / (total + 1e-20) * rho
-    ds_chosen = (rho / total) * (dweights - (dweights * weights).sum(axis=-1, keepdims=True) / rho)
-    ds = np.zeros_like(s) if dscores is None else dscores.astype(s.dtype, copy=True)
-    np.put_along_axis(ds, experts, np.take_along_axis(ds, experts, axis=-1) + ds_chosen, axis=-1)
+    xp = array_namespace(dweights, s)
+    rho = float(route_scale)
+    weights = xp.take_along_axis(s, experts, axis=-1) / (total + 1e-20) * rho
+    ds_chosen = (rho / total) * (dweights - xp.sum(dweights * weights, axis=-1, keepdims=True) / rho)
+    ds = xp.zeros_like(s) if dscores is None else xp.astype(dscores, s.dtype, copy=True)
+    ds = _add_to_chosen(ds, experts, ds_chosen)
     dz = ds * s * (1.0 - s)
     return dz @ w_router, dz.T @ x
+
+
+def _add_to_chosen(ds, experts, ds_chosen):
+    """ds[t, 𝒦_t[k]] += ds_chosen[t, k]. The Array API has no put_along_axis: slot by slot, each row's chosen expert
+    is picked out of the E columns by comparison (K passes over [N, E]; a row's K experts are distinct, so each
+    entry gets at most one addition, the one the scatter makes)."""
+    xp = array_namespace(ds)
+    columns = xp.arange(ds.shape[-1], dtype=experts.dtype)
+    for k in range(experts.shape[-1]):
+        hit = experts[:, k:k + 1] == columns
+        ds = xp.where(hit, ds + ds_chosen[:, k:k + 1], ds)
+    return ds

@@ -12,15 +12,17 @@ Centring Δb (torchtitan) rather than b keeps b zero-mean when it starts at zero
 
 Dtypes (docs/decisions.md #18): the bias is float32 whatever the model's dtype, and so is the SMEBU momentum. Each
 update is computed in float64 and rounded once to the stored dtype; `sign_update` and `smebu_update` keep the dtypes
-of the arrays they are given, `init_balancing_state` and `balance_step` store float32.
+of the arrays they are given, `init_balancing_state` and `balance_step` store float32. The arrays stay in the bias's
+array namespace (counts given as a list or a NumPy array are moved there).
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
 
 from ..model.config import Config
 from ..model.params import EXPERT_BIAS_DTYPE, is_expert_bias
+from ..operators.array_module import array_namespace
 
 __all__ = ["sign_update", "smebu_update", "max_violation", "init_balancing_state", "balance_step",
            "momentum_key"]
@@ -29,12 +31,18 @@ __all__ = ["sign_update", "smebu_update", "max_violation", "init_balancing_state
 def sign_update(bias, counts, gamma=1e-3):
     """Δb_i = γ·sign(n̄ − n_i), then Δb ← Δb − mean(Δb); returns b + Δb (SPEC §6.1), computed in float64 and
     rounded to `bias`'s dtype. No tokens: no change."""
-    counts = np.asarray(counts, dtype=np.float64)
-    if counts.sum() == 0:
-        return bias.copy()
-    delta = gamma * np.sign(counts.mean() - counts)
-    delta -= delta.mean()
-    return (bias + delta).astype(bias.dtype)
+    xp = array_namespace(bias)
+    counts = _float64(xp, counts)
+    if float(xp.sum(counts)) == 0:
+        return xp.asarray(bias, copy=True)
+    delta = gamma * xp.sign(xp.mean(counts) - counts)
+    delta -= xp.mean(delta)
+    return xp.astype(bias + delta, bias.dtype)
+
+
+def _float64(xp, counts):
+    """The counts n as float64 in namespace xp."""
+    return xp.astype(xp.asarray(counts), xp.float64)
 
 
 def smebu_update(bias, momentum, counts, lam=5e-4, beta=0.5, kappa=2.0):
@@ -49,22 +57,24 @@ def smebu_update(bias, momentum, counts, lam=5e-4, beta=0.5, kappa=2.0):
     by exactly the momentum that is kept (then rounded to `bias`'s dtype). A step with no tokens (n̄ = 0) leaves both
     unchanged.
     """
-    counts = np.asarray(counts, dtype=np.float64)
-    mean = counts.mean()
+    xp = array_namespace(bias)
+    counts = _float64(xp, counts)
+    mean = float(xp.mean(counts))
+    momentum = xp.asarray(momentum)
     if mean == 0:
-        return bias.copy(), momentum.copy()
-    delta = lam * np.tanh(kappa * (mean - counts) / mean)
-    delta -= delta.mean()
-    momentum = np.asarray(momentum)
-    new_momentum = (beta * momentum.astype(np.float64) + (1.0 - beta) * delta).astype(momentum.dtype)
-    return (bias.astype(np.float64) + new_momentum).astype(bias.dtype), new_momentum
+        return xp.asarray(bias, copy=True), xp.asarray(momentum, copy=True)
+    delta = lam * xp.tanh(kappa * (mean - counts) / mean)
+    delta -= xp.mean(delta)
+    new_momentum = xp.astype(beta * xp.astype(momentum, xp.float64) + (1.0 - beta) * delta, momentum.dtype)
+    return xp.astype(xp.astype(bias, xp.float64) + new_momentum, bias.dtype), new_momentum
 
 
 def max_violation(counts) -> float:
     """MaxVio = (max_i n_i − n̄) / n̄ (SPEC §6.4); 0 when there are no tokens."""
-    counts = np.asarray(counts, dtype=np.float64)
-    mean = counts.mean()
-    return 0.0 if mean == 0 else float((counts.max() - mean) / mean)
+    counts = _float64(array_namespace(counts), counts)
+    xp = array_namespace(counts)
+    mean = float(xp.mean(counts))
+    return 0.0 if mean == 0 else (float(xp.max(counts)) - mean) / mean
 
 
 def momentum_key(bias_key: str) -> str:
@@ -76,8 +86,17 @@ def init_balancing_state(config: Config, params: dict) -> dict:
     "sign" and "none"."""
     if config.load_balancing != "smebu":
         return {}
-    return {momentum_key(k): np.zeros(np.shape(v), dtype=EXPERT_BIAS_DTYPE) for k, v in params.items()
-            if is_expert_bias(k)}
+    return {momentum_key(k): _bias_dtype_zeros(v) for k, v in params.items() if is_expert_bias(k)}
+
+
+def _bias_dtype(xp):
+    """EXPERT_BIAS_DTYPE (float32) in namespace xp."""
+    return getattr(xp, EXPERT_BIAS_DTYPE.name)
+
+
+def _bias_dtype_zeros(bias):
+    xp = array_namespace(bias)
+    return xp.zeros(bias.shape, dtype=_bias_dtype(xp))
 
 
 def balance_step(config: Config, params: dict, state: dict, counts: dict) -> dict:
@@ -88,15 +107,16 @@ def balance_step(config: Config, params: dict, state: dict, counts: dict) -> dic
     for layer, n in counts.items():
         key = f"model.layers.{layer}.mlp.expert_bias"
         old = params[key]
+        xp = array_namespace(old)
+        old32 = xp.astype(old, _bias_dtype(xp), copy=False)
         if config.load_balancing == "smebu":
-            new, state[momentum_key(key)] = smebu_update(old.astype(EXPERT_BIAS_DTYPE, copy=False),
-                                                         state[momentum_key(key)], n, config.smebu_lambda,
+            new, state[momentum_key(key)] = smebu_update(old32, state[momentum_key(key)], n, config.smebu_lambda,
                                                          config.smebu_beta, config.smebu_kappa)
         elif config.load_balancing == "sign":
-            new = sign_update(old.astype(EXPERT_BIAS_DTYPE, copy=False), n, config.sign_update_rate)
+            new = sign_update(old32, n, config.sign_update_rate)
         else:
             new = old
-        metrics[layer] = {"max_vio": max_violation(n),
-                          "bias_step_rms": float(np.sqrt(np.mean(np.square(new - old, dtype=np.float64))))}
+        step = xp.astype(new - old, xp.float64)
+        metrics[layer] = {"max_vio": max_violation(n), "bias_step_rms": math.sqrt(float(xp.mean(step * step)))}
         params[key] = new
     return metrics

@@ -36,6 +36,8 @@ import numpy as np
 from ..model.config import Config
 from ..model.ops import REFERENCE
 from ..model.params import is_norm_gain
+from ..operators.array_module import array_namespace
+from ..operators.optimizer_kernels import sum_of_squares
 
 __all__ = ["param_group", "weight_decay_for", "muon_lr_scale", "init_optimizer_state", "grad_norm", "clip_grad_norm",
            "optimizer_step", "MUON_MOMENTUM", "ADAMW_M", "ADAMW_V"]
@@ -91,16 +93,17 @@ def muon_lr_scale(config: Config, shape) -> float:
 # ---- state ------------------------------------------------------------------------------------------------------
 def init_optimizer_state(config: Config, params: dict) -> dict[str, np.ndarray]:
     """A flat dict of zero arrays: "step" (int64 scalar, the number of steps taken), "muon.momentum/<key>" for Muon
-    parameters, "adamw.m/<key>" and "adamw.v/<key>" for AdamW parameters, each shaped and typed like its parameter.
-    Nothing for expert_bias."""
+    parameters, "adamw.m/<key>" and "adamw.v/<key>" for AdamW parameters, each shaped and typed like its parameter
+    and in its array namespace (the step counter is a NumPy scalar: host state). Nothing for expert_bias."""
     state: dict[str, np.ndarray] = {"step": np.zeros((), dtype=np.int64)}
     for key, p in params.items():
         group = param_group(config, key, p.shape)
+        zeros = array_namespace(p).zeros_like
         if group == "muon":
-            state[MUON_MOMENTUM + key] = np.zeros_like(p)
+            state[MUON_MOMENTUM + key] = zeros(p)
         elif group == "adamw":
-            state[ADAMW_M + key] = np.zeros_like(p)
-            state[ADAMW_V + key] = np.zeros_like(p)
+            state[ADAMW_M + key] = zeros(p)
+            state[ADAMW_V + key] = zeros(p)
     return state
 
 
@@ -133,9 +136,10 @@ def clip_grad_norm(grads: dict, max_norm: float, kernels=None, norm: float | Non
     scale = max_norm / norm if (max_norm > 0 and norm > max_norm) else 1.0
     out = {}
     for key, g in grads.items():
-        g = np.asarray(g)
+        xp = array_namespace(g)
+        g = xp.asarray(g)
         if scale == 1.0 or key.endswith("expert_bias"):
-            out[key] = g.copy()
+            out[key] = xp.asarray(g, copy=True)
         else:
             out[key] = k.scaled(g, scale)
     return out, norm
@@ -145,7 +149,8 @@ def clip_grad_norm(grads: dict, max_norm: float, kernels=None, norm: float | Non
 def _muon_update(config: Config, X, G, M, lr: float, wd: float, kernels) -> float:
     """One Muon step on X in place (SPEC §9.2, §14 #2, #5); returns ‖η·s·O‖_F for logging."""
     mu = config.muon_momentum
-    G = np.asarray(G).astype(M.dtype, copy=False)
+    xp = array_namespace(M)
+    G = xp.astype(xp.asarray(G), M.dtype, copy=False)
     M *= mu                                       # M ← μM + G
     M += G
     U = mu * M + G if config.muon_nesterov else M
@@ -154,7 +159,7 @@ def _muon_update(config: Config, X, G, M, lr: float, wd: float, kernels) -> floa
     step = lr * muon_lr_scale(config, X.shape)
     X *= 1.0 - lr * wd                            # decay with the unadjusted lr
     X -= step * O
-    return step * float(np.linalg.norm(O.astype(np.float64)))
+    return step * math.sqrt(sum_of_squares(O))  # ‖O‖_F, accumulated in float64
 
 
 def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float,
@@ -189,8 +194,8 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
         if key not in grads:
             raise KeyError(f"no gradient for parameter {key!r}")
         G = grads[key]
-        if np.shape(G) != X.shape:
-            raise ValueError(f"gradient of {key!r} has shape {np.shape(G)}, parameter has {X.shape}")
+        if tuple(G.shape) != tuple(X.shape):
+            raise ValueError(f"gradient of {key!r} has shape {tuple(G.shape)}, parameter has {X.shape}")
         wd = weight_decay_for(config, key)
         lr = muon_lr if group == "muon" else adamw_lr
         after = None if observe is None else observe(key, group, X, G, lr, {

@@ -30,6 +30,7 @@ import numpy as np
 from ..model.config import Config
 from ..model.model import check_inputs
 from ..model.objective import LossScale, loss_and_grads
+from ..operators.array_module import array_namespace
 from ..operators.losses import IGNORE_INDEX
 from .balancing import balance_step, momentum_key
 from .optim import clip_grad_norm, grad_norm, optimizer_step
@@ -110,9 +111,17 @@ class Gradients:
 
 def _aligned_targets(labels):
     """targets [S, T]: targets[:, t] = labels[:, t+1], −100 at the last position (which predicts nothing)."""
-    out = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
-    out[:, :-1] = labels[:, 1:]
-    return out
+    xp = array_namespace(labels)
+    last = xp.full((labels.shape[0], 1), IGNORE_INDEX, dtype=xp.int64)
+    return xp.concat([xp.astype(labels[:, 1:], xp.int64), last], axis=1)
+
+
+def _columns(x, positions, whole: bool):
+    """x[:, positions] for a [S, T] array (x itself when this rank holds every position)."""
+    if whole:
+        return x
+    xp = array_namespace(x)
+    return xp.take(x, xp.asarray(positions), axis=1)
 
 
 def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch_size: int | None = None, ops=None,
@@ -126,12 +135,14 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     whole = len(positions) == T  # this rank holds whole sequences: the labels keep HF's shift
     if check:
         check_inputs(c, params, batch.tokens, batch.doc_ids)
-    targets = batch.labels if whole else _aligned_targets(np.asarray(batch.labels))
-    counted = np.asarray(batch.labels)[:, 1:] != IGNORE_INDEX
-    scale = LossScale(tokens=int(counted.sum()), sequences=S, seq_len=T)
-    tokens = batch.tokens[rows][:, positions]
-    targets = np.asarray(targets)[rows][:, positions]
-    docs = None if batch.doc_ids is None else batch.doc_ids[rows][:, positions]
+    xp = array_namespace(batch.tokens)
+    labels = xp.asarray(batch.labels)
+    targets = labels if whole else _aligned_targets(labels)
+    counted = labels[:, 1:] != IGNORE_INDEX
+    scale = LossScale(tokens=int(xp.count_nonzero(counted)), sequences=S, seq_len=T)
+    tokens = _columns(batch.tokens[rows, :], positions, whole)
+    targets = _columns(targets[rows, :], positions, whole)
+    docs = None if batch.doc_ids is None else _columns(batch.doc_ids[rows, :], positions, whole)
     local = tokens.shape[0]
     mbs = local if micro_batch_size is None else micro_batch_size
     if local % max(mbs, 1):
@@ -139,12 +150,12 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     grads_sum, counts, parts = None, {}, dict.fromkeys(LOSS_PARTS, 0.0)
     micro_losses, all_stats = [], []
     logit_max, logit_mean_sum = -np.inf, 0.0
-    counted_rows = counted[rows]
+    counted_rows = counted[rows, :]
     for m0 in range(0, local, max(mbs, 1)):
         mb = slice(m0, m0 + mbs)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by the caller, by name
-            losses, grads, stats = loss_and_grads(c, params, tokens[mb], targets[mb],
-                                                  None if docs is None else docs[mb], recompute=recompute, ops=ops,
+            losses, grads, stats = loss_and_grads(c, params, tokens[mb, :], targets[mb, :],
+                                                  None if docs is None else docs[mb, :], recompute=recompute, ops=ops,
                                                   positions=None if whole else positions, shift=whole, scale=scale,
                                                   check=False)
         if grads_sum is None:
@@ -157,7 +168,7 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
         for k in LOSS_PARTS:
             parts[k] += losses[k]
         # this micro-batch's own mean loss (its share rescaled by its own denominators), for BatchHet
-        own_tokens = max(int(counted_rows[mb].sum()), 1)
+        own_tokens = max(int(xp.count_nonzero(counted_rows[mb, :])), 1)
         micro_losses.append((losses["ce"] + losses["z"]) * scale.tokens / own_tokens
                             + losses["balance"] * S / (mb.stop - mb.start))
         logit_max = max(logit_max, stats["logits_max"])
@@ -210,7 +221,7 @@ def apply_update(config: Config, params, optimizer_state: dict, balancing_state:
         key = f"model.layers.{layer}.mlp.expert_bias"
         before = params[key]
         momentum = balancing_state.get(momentum_key(key))
-        momentum = None if momentum is None else momentum.copy()
+        momentum = None if momentum is None else array_namespace(momentum).asarray(momentum, copy=True)
         balance.update(balance_step(c, params, balancing_state, {layer: gradients.counts[layer]}))
         if on_balance is not None:
             on_balance(layer, gradients.counts[layer], before, momentum, balance[layer])
