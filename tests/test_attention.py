@@ -155,3 +155,28 @@ def test_intra_document_mask_blocks_other_documents():
     o2, _ = attention_forward(q, k, v2, doc_ids=docs)
     assert np.abs(o2[0, :3] - o[0, :3]).max() > 1e-3
     np.testing.assert_array_equal(o2[0, 3:], o[0, 3:])
+
+
+@settings(deadline=None, max_examples=20)
+@given(st.integers(1, 40), st.integers(1, 8), st.integers(0, 60), st.integers(0, 2 ** 31 - 1))
+def test_queries_out_of_every_key_s_reach_get_zero_output_and_no_gradient(Tq, window, gap, seed):
+    """Queries at positions before (or beyond the window of) every key: their blocks have no key span at all. O = 0,
+    lse = −∞ and zero gradients for them, the other queries as the dense masked softmax says."""
+    rng = np.random.default_rng(seed)
+    Tk = 12
+    q, k, v = (rng.standard_normal((1, n, 2, 4)) for n in (Tq, Tk, Tk))
+    q_pos = np.arange(Tq) + gap
+    k_pos = np.arange(Tk) + 30
+    o, ctx = attention_forward(q, k, v, window=window, q_pos=q_pos, k_pos=k_pos, block_budget=64)
+    ok = allowed(q_pos, k_pos, window)  # [Tq, Tk]
+    scores = np.einsum("bthd,bshd->bhts", q, k) / 2.0
+    scores = np.where(ok, scores, -np.inf)
+    m = np.max(np.where(ok, scores, -1e300), axis=-1, keepdims=True)
+    p = np.where(ok, np.exp(scores - m), 0.0)
+    l = p.sum(-1, keepdims=True)
+    want = np.einsum("bhts,bshd->bthd", p / np.where(l > 0, l, 1.0), v)
+    np.testing.assert_allclose(o, want, rtol=1e-12, atol=1e-14)
+    none = ~ok.any(axis=1)
+    assert np.all(np.isneginf(ctx[4][0][:, none])) and np.all(o[:, none] == 0)
+    dq, _, _ = attn.attention_backward(ctx, np.ones_like(o))
+    assert np.all(dq[:, none] == 0)

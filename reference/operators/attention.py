@@ -81,6 +81,10 @@ def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None
     o = xp.empty_like(q)
     lse = xp.empty((B, hq, Tq), dtype=q.dtype)
     for t0, t1, s0, s1 in query_blocks(q_pos, k_pos, window, B * hq, block_budget):
+        if s1 == s0:  # no key within any of the block's queries' reach: O = 0 and lse = −∞, as for a masked row
+            o[:, t0:t1, ...] = 0.0
+            lse[:, :, t0:t1] = -math.inf
+            continue
         # Scores for this block, grouped by KV head: [B, h_kv, r, Tb, Sb].
         qb, kb, vb = _by_kv_head(q, t0, t1, hkv), _kv_block(k, s0, s1), _kv_block(v, s0, s1)
         scores = (qb @ xp.matrix_transpose(kb)) * scale
