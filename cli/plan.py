@@ -106,9 +106,9 @@ def run(args) -> int:
         imbalance = lambda ep: busiest_rank_factor(loads, ep)  # noqa: E731
     plan = search(config, gpus=args.gpus, hardware=hw, seq_len=args.seq_len, batches=batches, tokens=args.tokens,
                   micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed)
-    schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {t / 1e12:g}T" if t else "")
+    schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {_tokens(t)}" if t else "")
                               for t, s in batches)
-    print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {args.tokens / 1e12:g}T tokens, "
+    print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {_tokens(args.tokens)} tokens, "
           f"batch {schedule}; {plan.considered} choices, {len(plan.ranked)} fit in memory")
     print(table(plan, args.gpus, args.top))
     for line in explain(plan, hw):
@@ -123,6 +123,14 @@ def run(args) -> int:
     return 0 if plan.best else 1
 
 
+def _tokens(n: float) -> str:
+    """17e12 → "17T", 4.9e12 → "4.9T", 2e9 → "2B", 5e5 → "500K"."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:g}{unit}"
+    return f"{n:g}"
+
+
 def row(cand, gpus: int) -> dict:
     p = cand.first
     L = p.layout
@@ -134,15 +142,15 @@ def row(cand, gpus: int) -> dict:
 
 
 def table(plan, gpus: int, top: int) -> str:
-    head = (f"{'#':>3} {'dp_rep':>6} {'dp_shard':>8} {'ep':>4} {'cp':>3} {'micro':>5} {'recomp':>6} {'step s':>7} "
-            f"{'tok/s/GPU':>9} {'MFU':>5} {'mem GB':>7} {'days':>6}  bound by")
+    head = (f"{'#':>3} {'dp_rep':>6} {'dp_shard':>8} {'ep':>4} {'cp':>3} {'micro':>5} {'recomp':>6} {'step s':>8} "
+            f"{'tok/s/GPU':>9} {'MFU':>5} {'mem GB':>8} {'days':>8}  bound by")
     lines = [head]
     for i, cand in enumerate(plan.ranked[:top], 1):
         r = row(cand, gpus)
         lines.append(f"{i:>3} {r['dp_replicate']:>6} {r['dp_shard']:>8} {r['ep']:>4} {r['cp']:>3} "
-                     f"{r['micro_batch']:>5} {'yes' if r['recompute'] else 'no':>6} {r['step_s'][0]:>7.2f} "
-                     f"{r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.1%} {r['memory_gb']:>7.1f} "
-                     f"{r['days']:>6.1f}  {r['bound']}")
+                     f"{r['micro_batch']:>5} {'yes' if r['recompute'] else 'no':>6} {r['step_s'][0]:>8.3g} "
+                     f"{r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.1%} {r['memory_gb']:>8.4g} "
+                     f"{r['days']:>8.3g}  {r['bound']}")
     return "\n".join(lines)
 
 

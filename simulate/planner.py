@@ -104,7 +104,7 @@ def explain(plan: Plan, hardware) -> list[str]:
     share = {k: v / p.step_seconds for k, v in p.phases.items()}
     lines = [f"the best step ({p.layout}, micro-batch {p.micro_batch_size}, recompute "
              f"{'on' if p.recompute else 'off'}) is bound by {p.bound}: {share[p.bound]:.0%} of its "
-             f"{p.step_seconds:.2f} s (" + ", ".join(f"{k} {v:.0%}" for k, v in share.items() if v >= 0.005) + ")"]
+             f"{p.step_seconds:.3g} s (" + ", ".join(f"{k} {v:.0%}" for k, v in share.items() if v >= 0.005) + ")"]
     seen = set()
     for other in plan.ranked[1:]:
         q = other.first
@@ -114,8 +114,8 @@ def explain(plan: Plan, hardware) -> list[str]:
         seen.add(key)
         worse = max(q.phases, key=lambda k: q.phases[k] - p.phases.get(k, 0.0))
         lines.append(f"{q.layout} (micro-batch {q.micro_batch_size}, recompute {'on' if q.recompute else 'off'}) is "
-                     f"{other.days / best.days:.2f}x the days: {worse} {q.phases[worse]:.2f} s against "
-                     f"{p.phases.get(worse, 0.0):.2f} s")
+                     f"{other.days / best.days:.2f}x the days: {worse} {q.phases[worse]:.3g} s against "
+                     f"{p.phases.get(worse, 0.0):.3g} s")
     if plan.rejected:
         r = plan.rejected[0]
         lines.append(f"{len(plan.rejected)} choices do not fit in {hardware.hbm_bytes / 1e9:.0f} GB; the leanest of "
