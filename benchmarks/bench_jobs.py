@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 
-__all__ = ["make_run_folder", "job_env", "mpiexec_command", "single_command", "train"]
+__all__ = ["make_run_folder", "job_env", "mpiexec", "mpiexec_command", "single_command", "train"]
 
 RUN = """
 [model]
@@ -59,13 +59,18 @@ def job_env(threads: int) -> dict:
     return env
 
 
-def mpiexec_command(ranks: int) -> list[str]:
-    """`mpiexec -n ranks python -m mpi4py -m trinity.cli train run.toml` (the mpiexec next to this interpreter)."""
-    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
-    mpiexec = mpiexec if os.path.exists(mpiexec) else shutil.which("mpiexec")
-    if mpiexec is None:
+def mpiexec() -> str:
+    """The mpiexec next to this interpreter (the `mpi` extra's), else the first on PATH; exits when there is none."""
+    path = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    path = path if os.path.exists(path) else shutil.which("mpiexec")
+    if path is None:
         sys.exit("no mpiexec: pip install -e '.[mpi]'")
-    return [mpiexec, "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "trinity.cli", "train", "run.toml"]
+    return path
+
+
+def mpiexec_command(ranks: int) -> list[str]:
+    """`mpiexec -n ranks python -m mpi4py -m trinity.cli train run.toml`."""
+    return [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "trinity.cli", "train", "run.toml"]
 
 
 def single_command() -> list[str]:

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from bench_jobs import job_env, make_run_folder, mpiexec_command, single_command, train
+from bench_jobs import job_env, make_run_folder, mpiexec, mpiexec_command, single_command, train
 
 # the layouts of tests/test_mpi_train.py (LAYOUTS), and the single process
 LAYOUTS = [(1, "single"), (4, "dp_shard=4"), (4, "dp_replicate=2,dp_shard=2"), (2, "dp_shard=2,ep=2"),
@@ -136,14 +136,16 @@ def calibrate(seq_len: int, sequences: int) -> dict:
         b = a.copy()
         copies.append(time.perf_counter() - t)
     del b
-    link = subprocess.run([*mpiexec_command(2)[:3], sys.executable, "-c", _LINK], env=job_env(1), capture_output=True,
+    link = subprocess.run([mpiexec(), "-n", "2", sys.executable, "-c", _LINK], env=job_env(1), capture_output=True,
                           text=True, check=True)
     bw, lat = map(float, link.stdout.split())
     gemm = np.random.default_rng(0).standard_normal((1024, 1024)).astype(np.float32)
     t = time.perf_counter()
     gemm @ gemm
     gemm_rate = 2 * 1024 ** 3 / (time.perf_counter() - t)
-    return {"cores": len(os.sched_getaffinity(0)), "memory_bytes": 24e9, "op_rates": rates,
+    from trinity.reference.training.memory import available_memory_bytes
+
+    return {"cores": len(os.sched_getaffinity(0)), "memory_bytes": available_memory_bytes() or 0, "op_rates": rates,
             "step_wall_s": long["wall"], "profiles": {"long": long, "short": short},
             "copy_bytes_per_s": 2 * a.nbytes / min(copies), "link_bytes_per_s": bw, "link_latency_s": lat,
             "gemm_flops_per_s": gemm_rate}

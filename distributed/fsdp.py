@@ -33,7 +33,8 @@ import numpy as np
 from trinity.reference.model.params import EXPERT_KEYS, bucket_of, is_expert_bias, param_buckets, param_shapes
 from trinity.reference.training.optim import param_group
 
-__all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX"]
+__all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "bucket_parts", "part_group",
+           "plan_buckets"]
 
 SHARD_PREFIX = "shard:"
 
@@ -118,11 +119,12 @@ class FlatBucket:
                 for key, shape, start in zip(self.keys, self.shapes, self.offsets)}
 
 
-def plan_buckets(config, mesh) -> list[FlatBucket]:
-    """The flat buckets of `config` on this rank of `mesh`, in the model's order (embed, layers, head)."""
+def bucket_parts(config, ep: int) -> dict:
+    """{model bucket: {(part, optimizer): [(key, local shape)]}} in the model's order (embed, layers, head): the keys
+    of each flat bucket, routed experts ("experts" part, cut to E/ep) apart from each optimizer group's ("muon" |
+    "adamw" part); expert_bias in none. Shapes only: the cost model reads it too."""
     shapes = param_shapes(config)
-    ep = mesh.sizes["ep"]
-    buckets = []
+    out = {}
     for model_bucket, keys in param_buckets(config).items():
         parts: dict = {}
         for key in keys:
@@ -133,10 +135,22 @@ def plan_buckets(config, mesh) -> list[FlatBucket]:
             if routed:
                 shape = (shape[0] // ep,) + shape[1:]
             optimizer = param_group(config, key, shape)
-            part = "experts" if routed else optimizer
-            parts.setdefault((part, optimizer), []).append((key, shape))
+            parts.setdefault(("experts" if routed else optimizer, optimizer), []).append((key, shape))
+        out[model_bucket] = parts
+    return out
+
+
+def part_group(part: str) -> str:
+    """The mesh group a bucket part is sharded over: routed experts over efsdp, the rest over fsdp."""
+    return "efsdp" if part == "experts" else "fsdp"
+
+
+def plan_buckets(config, mesh) -> list[FlatBucket]:
+    """The flat buckets of `config` on this rank of `mesh`, in the model's order (embed, layers, head)."""
+    buckets = []
+    for model_bucket, parts in bucket_parts(config, mesh.sizes["ep"]).items():
         for (part, optimizer), members in parts.items():
-            group = "efsdp" if part == "experts" else "fsdp"
+            group = part_group(part)
             offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in members]).tolist()
             buckets.append(FlatBucket(f"{model_bucket}.{part}", model_bucket, optimizer, group,
                                       [k for k, _ in members], [s for _, s in members], offsets[:-1], offsets[-1],

@@ -21,6 +21,8 @@ so the update equals single-process Muon (the same kernel on the same whole U).
 
 from __future__ import annotations
 
+import functools
+import heapq
 import math
 
 import numpy as np
@@ -31,7 +33,7 @@ from trinity.reference.training.optim import ADAMW_M, ADAMW_V, MUON_MOMENTUM, mu
 from .fsdp import ShardedParams, expert_slice
 
 __all__ = ["init_sharded_optimizer_state", "shard_optimizer_state", "gather_optimizer_state",
-           "sharded_optimizer_step", "matrix_owners"]
+           "sharded_optimizer_step", "matrix_owners", "owners_of"]
 
 _STATE_PREFIXES = {"muon": (MUON_MOMENTUM,), "adamw": (ADAMW_M, ADAMW_V)}
 
@@ -68,23 +70,31 @@ def gather_optimizer_state(config, params: ShardedParams, state: dict) -> dict:
     return full
 
 
-def matrix_owners(bucket, group_size: int) -> list[tuple[int, int, int, tuple]]:
-    """(flat start, flat end, owner rank, 2-D shape) of every matrix of a Muon bucket: a stacked tensor [E, out, in]
-    is E matrices. Owners: the largest matrices first, each to the rank with the least Newton–Schulz work so far
-    (ties: the lowest rank), deterministic on every rank."""
-    matrices = []
-    for key, shape, start in zip(bucket.keys, bucket.shapes, bucket.offsets):
+@functools.lru_cache(maxsize=4096)
+def owners_of(shapes: tuple, group_size: int) -> tuple:
+    """((flat start, flat end, owner rank, 2-D shape), …) of every matrix of a Muon bucket whose tensors of `shapes`
+    (a tuple of tuples) lie end to end from 0, in flat order; a stacked tensor [E, out, in] is E matrices. Owners:
+    the largest matrices first (out·in·min(out, in), ties by position), each to the rank with the least
+    Newton–Schulz work so far (ties: the lowest rank), deterministic on every rank. Shapes only: the cost model
+    reads it too."""
+    matrices, at = [], 0
+    for shape in shapes:
         rows, cols = shape[-2], shape[-1]
-        for i in range(int(np.prod(shape[:-2], dtype=np.int64))):
-            lo = start + i * rows * cols
-            matrices.append((lo, lo + rows * cols, (rows, cols)))
-    load = [0] * group_size
+        for _ in range(math.prod(shape[:-2])):
+            matrices.append((at, at + rows * cols, (rows, cols)))
+            at += rows * cols
+    ranks = [(0, q) for q in range(group_size)]  # a heap of (work so far, rank)
     owner = {}
-    for lo, hi, (rows, cols) in sorted(matrices, key=lambda m: (-m[2][0] * m[2][1] * min(m[2]), m[0])):
-        r = min(range(group_size), key=lambda q: (load[q], q))
+    for lo, _, (rows, cols) in sorted(matrices, key=lambda m: (-m[2][0] * m[2][1] * min(m[2]), m[0])):
+        load, r = heapq.heappop(ranks)
         owner[lo] = r
-        load[r] += rows * cols * min(rows, cols)
-    return [(lo, hi, owner[lo], shape) for lo, hi, shape in matrices]
+        heapq.heappush(ranks, (load + rows * cols * min(rows, cols), r))
+    return tuple((lo, hi, owner[lo], shape) for lo, hi, shape in matrices)
+
+
+def matrix_owners(bucket, group_size: int) -> list[tuple[int, int, int, tuple]]:
+    """owners_of the bucket's shapes (plan_buckets lays its keys end to end from offset 0)."""
+    return list(owners_of(tuple(tuple(int(x) for x in s) for s in bucket.shapes), group_size))
 
 
 def _overlaps(matrices, span, owner=None):

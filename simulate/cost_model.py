@@ -40,7 +40,7 @@ from trinity.distributed.mesh import group_members
 from trinity.reference.training.memory import estimate_step_bytes
 
 from .hardware import Hardware
-from .traffic_model import Itemsizes, flat_buckets, group_sizes, ring_steps, step_collectives
+from .traffic_model import Itemsizes, flat_buckets, ring_steps, step_collectives
 from .workload import optimizer_work, step_work, training_flops
 
 __all__ = ["Prediction", "predict", "USABLE_MEMORY", "PHASES"]
@@ -93,9 +93,8 @@ def link_tier(layout, group: str, ranks_per_node: int) -> str:
     return "intra-node" if len({r // ranks_per_node for r in members}) <= 1 else "inter-node"
 
 
-def _collective_seconds(col, layout, hw: Hardware, tiers: dict) -> float:
-    tiers[col.group] = link_tier(layout, col.group, hw.ranks_per_node)
-    bandwidth, latency = hw.link(tiers[col.group])
+def _collective_seconds(col, layout, hw: Hardware) -> float:
+    bandwidth, latency = hw.link(link_tier(layout, col.group, hw.ranks_per_node))
     return col.rank_bytes / bandwidth + col.calls * ring_steps(col.kind, col.n) * latency
 
 
@@ -107,14 +106,13 @@ def memory_per_rank(config, layout, seq_len: int, micro_batch_size: int, recompu
     opt = optimizer_work(config, layout)
     elements, adamw = opt["elements"], opt["adamw"]
     bias = 4 * config.num_experts * sum(config.is_moe_layer(l) for l in range(config.num_hidden_layers))
-    size = group_sizes(layout)
     buckets = [sum(math.prod(s) for _, _, shapes in parts for s in shapes)
                for parts in flat_buckets(config, layout.ep).values()]
     largest = sorted(buckets)[-2:]
     act_dtype = {2: np.float16, 4: np.float32, 8: np.float64}[q]
     activation = _activation_bytes(config, micro_batch_size, seq_len // layout.cp, act_dtype, recompute)
     out = {"params": 4 * elements + bias, "grads": 4 * elements, "optimizer": 4 * (elements - adamw) + 8 * adamw,
-           "gathered": (q * sum(largest) + 4 * largest[-1]) if size["fsdp"] > 1 else 0,
+           "gathered": (q * sum(largest) + 4 * largest[-1]) if layout.dp_shard * layout.cp > 1 else 0,
            "activations": activation["activations"] + activation["logits"] + activation["workspace"]}
     out["total"] = sum(out.values())
     return out
@@ -131,16 +129,12 @@ def predict(config, layout, hw: Hardware, *, seq_len: int, sequences: int, micro
     works = step_work(config, layout, seq_len, sequences, micro_batch_size, q=q, recompute=recompute,
                       imbalance=imbalance)
     compute = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    by_op: dict = {}
     for w in works:
-        t = _op_seconds(w, hw) * hw.ranks_per_compute
-        compute[w.phase] += t
-        by_op[w.op] = by_op.get(w.op, 0.0) + t
+        compute[w.phase] += _op_seconds(w, hw) * hw.ranks_per_compute
     comm = {"gather": 0.0, "scatter": 0.0, "exchange": 0.0, "step": 0.0}
-    tiers: dict = {}
     for col in step_collectives(config, layout, sequences, seq_len, micro_batch_size, items, counts, recompute,
                                 imbalance=imbalance):
-        comm[col.phase] += _collective_seconds(col, layout, hw, tiers) * hw.ranks_per_compute
+        comm[col.phase] += _collective_seconds(col, layout, hw) * hw.ranks_per_compute
     fsdp = comm["gather"] + comm["scatter"]
     if overlap:
         fsdp = max(0.0, fsdp - compute["forward"] - compute["backward"])
@@ -152,4 +146,4 @@ def predict(config, layout, hw: Hardware, *, seq_len: int, sequences: int, micro
     return Prediction(layout, micro_batch_size, recompute, phases, step, sequences * seq_len,
                       flops / (step * layout.world_size * hw.peak_flops), memory,
                       memory["total"] <= USABLE_MEMORY * hw.hbm_bytes,
-                      {"comm": comm, "by_op": by_op, "tiers": tiers})
+                      {"comm": comm})

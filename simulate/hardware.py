@@ -22,8 +22,7 @@ node.
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 __all__ = ["Hardware", "CATALOGUE", "get_hardware", "host_hardware"]
 
@@ -94,9 +93,9 @@ def get_hardware(name: str) -> Hardware:
 
 def host_hardware(calibration: dict, ranks: int) -> Hardware:
     """This machine as the cost model's hardware, from a calibration (benchmarks/validate_cost_model.py): seconds
-    per call and per unit of work of each operator measured in one process on one core, memory copy and MPI link speeds measured
-    between two ranks, and the core count; `ranks` ranks share the cores (a rank gets cores/ranks of one when there
-    are more ranks than cores, as every rank of an MPI job busy-waits while it waits)."""
+    per call and per unit of work of each operator measured in one process on one core, memory copy and MPI link
+    speeds measured between two ranks, and the core count; `ranks` ranks share the cores (a rank gets cores/ranks
+    of one when there are more ranks than cores, as every rank of an MPI job busy-waits while it waits)."""
     c = calibration
     rate = c["link_bytes_per_s"]
     return replace(CATALOGUE["h100"], name=f"host ({c['cores']} cores)", peak_flops=c["gemm_flops_per_s"],
@@ -107,7 +106,3 @@ def host_hardware(calibration: dict, ranks: int) -> Hardware:
                    ranks_per_compute=max(1.0, ranks / c["cores"]), op_rates=dict(c["op_rates"]),
                    sources={"calibration": "measured on this machine (benchmarks/validate_cost_model.py)"})
 
-
-def describe(hw: Hardware) -> str:
-    """The entry as JSON (for reports)."""
-    return json.dumps(asdict(hw), indent=1)

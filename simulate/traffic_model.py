@@ -10,7 +10,7 @@ s bytes over n ranks: Allreduce ⌊2(n−1)s/n⌋, Reduce_scatter_block and Allt
 (n−1)s; Alltoallv: the bytes sent to other ranks. Every group of a given name has the same size and every rank is
 in one of them, so for the symmetric collectives the total is W × the per-rank bytes.
 
-FSDP (fsdp.py). Flat buckets: per model bucket (embed, each layer, head) one per optimizer group ("muon" |
+FSDP (fsdp.py, bucket_parts). Flat buckets: per model bucket (embed, each layer, head) one per optimizer group ("muon" |
 "adamw", sharded over fsdp, n = F) plus the routed experts of a MoE layer (E_l experts' w1, w3, w2, over
 efsdp, n = F/ep); expert_bias is not in any. Size z = Σ elements, padded to P = ⌈z/n⌉·n, shard P/n.
   Iallgather  [group]          per gather of a model bucket, per flat bucket: (n−1)·(P/n)·q per rank. Gathers per
@@ -19,7 +19,8 @@ efsdp, n = F/ep); expert_bias is not in any. Size z = Σ elements, padded to P =
   Reduce_scatter_block [group] per micro-batch, per flat bucket: (n−1)·(P/n)·q per rank.
   Allreduce dp_replicate       once per step (after the micro-batches), per flat bucket: ⌊2(R−1)·(P/n)·q/R⌋ per rank.
 Distributed Muon (sharded_optim.py), per Muon flat bucket with n > 1: each matrix (a stacked [E_l, o, i] is E_l)
-has an owner, largest o·i·min(o, i) first, each to the least-loaded rank (ties: lowest); every element held by a
+has an owner (sharded_optim.owners_of: largest o·i·min(o, i) first, each to the least-loaded rank, ties to the
+lowest); every element held by a
 rank other than its matrix's owner goes to the owner (Alltoallv #1) and comes back orthogonalised (#2):
   Alltoallv [group]            2·q·Σ_matrices |matrix outside the owner's shard|, per group (R groups of fsdp,
                                R·ep of efsdp).
@@ -47,18 +48,17 @@ Step reductions (reference/training/step.py, sharded_optim.py), once per step, e
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
 
-from trinity.reference.model.params import is_expert_bias, param_buckets, param_shapes
-from trinity.reference.training.optim import param_group
+from trinity.distributed.fsdp import bucket_parts, part_group
+from trinity.distributed.sharded_optim import owners_of
 
-__all__ = ["Collective", "Itemsizes", "ring", "ring_steps", "flat_buckets", "muon_moved", "step_collectives",
-           "analytic", "group_sizes"]
+__all__ = ["Collective", "Itemsizes", "ring", "ring_steps", "flat_buckets", "muon_moved", "shapes_key",
+           "step_collectives", "analytic", "group_sizes"]
 
 
 @dataclass(frozen=True)
@@ -110,67 +110,37 @@ def group_sizes(layout) -> dict:
 
 @functools.lru_cache(maxsize=256)
 def flat_buckets(config, ep):
-    """{model bucket: [(group, optimizer, [local shapes])]}: the FSDP flat buckets, from the parameter shapes (cached:
-    do not modify)."""
-    shapes, out = param_shapes(config), {}
-    for model_bucket, keys in param_buckets(config).items():
-        parts = {}
-        for key in keys:
-            if is_expert_bias(key):
-                continue
-            shape, routed = tuple(shapes[key]), ".mlp.experts." in key
-            if routed:
-                shape = (shape[0] // ep,) + shape[1:]
-            opt = param_group(config, key, shape)
-            parts.setdefault("experts" if routed else opt, ("efsdp" if routed else "fsdp", opt, []))[2].append(shape)
-        out[model_bucket] = list(parts.values())
-    return out
+    """{model bucket: [(group, optimizer, [local shapes])]}: the FSDP flat buckets (distributed.fsdp.bucket_parts,
+    which plan_buckets lays out; cached: do not modify)."""
+    return {model_bucket: [(part_group(part), optimizer, [shape for _, shape in members])
+                           for (part, optimizer), members in parts.items()]
+            for model_bucket, parts in bucket_parts(config, ep).items()}
 
 
-def _matrices(shapes):
-    """(flat start, flat end, rows, cols) of every matrix of a bucket's shapes (a stacked [E, o, i] is E)."""
-    matrices, at = [], 0
-    for shape in shapes:
-        rows, cols = shape[-2:]
-        for _ in range(int(np.prod(shape[:-2], dtype=np.int64))):
-            matrices.append((at, at + rows * cols, rows, cols))
-            at += rows * cols
-    return matrices, at
-
-
-@functools.lru_cache(maxsize=4096)
-def _owners(shapes: tuple, n: int) -> tuple:
-    matrices, _ = _matrices(shapes)
-    ranks = [(0, q) for q in range(n)]  # a heap of (load, rank): the least-loaded, ties to the lowest rank
-    out = []
-    for lo, hi, rows, cols in sorted(matrices, key=lambda m: (-m[2] * m[3] * min(m[2], m[3]), m[0])):
-        load, owner = heapq.heappop(ranks)
-        heapq.heappush(ranks, (load + rows * cols * min(rows, cols), owner))
-        out.append((lo, hi, rows, cols, owner))
-    return tuple(out)
-
-
-def muon_owners(shapes, n):
-    """[(lo, hi, rows, cols, owner)] of a Muon bucket over n ranks (the documented owner rule)."""
-    return _owners(tuple(tuple(int(x) for x in s) for s in shapes), n)
+def shapes_key(shapes) -> tuple:
+    """A bucket's shapes as a tuple of tuples of ints (the cache key of owners_of)."""
+    return tuple(tuple(int(x) for x in s) for s in shapes)
 
 
 def muon_moved(shapes, n):
-    """Elements of a Muon bucket over n ranks that are not on their matrix's owner (documented owner rule)."""
-    return _moved(tuple(tuple(int(x) for x in s) for s in shapes), n)
+    """Elements of a Muon bucket over n ranks that are not on their matrix's owner (distributed Muon's owner rule,
+    distributed.sharded_optim.owners_of)."""
+    return _moved(shapes_key(shapes), n)
 
 
 @functools.lru_cache(maxsize=4096)
 def _moved(shapes: tuple, n: int) -> int:
-    shard = -(-_matrices(shapes)[1] // n)
+    matrices = owners_of(shapes, n)
+    shard = -(-matrices[-1][1] // n)
     return sum((hi - lo) - max(0, min(hi, (owner + 1) * shard) - max(lo, owner * shard))
-               for lo, hi, _, _, owner in _owners(shapes, n))
+               for lo, hi, owner, _ in matrices)
 
 
 def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, recompute=False, doc_ids=True,
                      imbalance=1.0) -> list[Collective]:
-    """Every collective of one step (module docstring), summed per (kind, group, phase). counts[rank][mb][layer] = the rank's routing counts [E]
-    (under ep > 1); without them the rows are spread evenly and the busiest rank gets `imbalance` × the mean."""
+    """Every collective of one step (module docstring), summed per (kind, group, phase). counts[rank][mb][layer] = the
+    rank's routing counts [E] (under ep > 1); without them the rows are spread evenly and the busiest rank gets
+    `imbalance` × the mean."""
     c, L = config, layout
     W, F, cp, ep = L.world_size, L.dp_shard * L.cp, L.cp, L.ep
     size = group_sizes(L)

@@ -20,22 +20,27 @@ Per micro-batch a rank holds N = B·T/cp tokens (B sequences of T tokens, its 1/
                         each layer's forward again.
 
 Per step (the optimizer on this rank's shards): newton_schulz ns_steps·(4m²n + 2m³) per matrix [m ≤ n] the rank
-owns (distributed Muon's owner rule, trinity.simulate.traffic_model.muon_owners; all of them in one process);
+owns (distributed Muon's owner rule, trinity.distributed.sharded_optim.owners_of; all of them in one process);
 adamw_update 28 bytes per AdamW element (p, g, m, v read; p, m, v written, float32); the clip's sum_of_squares 4 and
-scaled 8 bytes per element of every shard; under FSDP, bucket_copies: each gathered bucket written once into its
-flat buffer and read into the model's views, the gradients flattened for the reduce-scatter.
+scaled 8 bytes per element of every shard (one call each per tensor, as a profiled step counts them); under FSDP,
+bucket_copies: each gathered bucket written once into its flat buffer and read into the model's views, the
+gradients flattened for the reduce-scatter.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from .traffic_model import flat_buckets, muon_owners
+from trinity.distributed.sharded_optim import owners_of
 
-__all__ = ["Work", "step_work", "optimizer_work", "mean_keys", "forward_flops_per_token", "training_flops", "muon_flops"]
+from .traffic_model import flat_buckets, shapes_key
+
+__all__ = ["Work", "step_work", "optimizer_work", "mean_keys", "forward_flops_per_token", "training_flops",
+           "muon_flops"]
 
 # Which op names count FLOPs (timed against a compute rate) and which count bytes (timed against memory bandwidth).
 GEMM_OPS = ("linear_forward", "linear_backward", "router_forward", "router_backward", "experts_forward",
@@ -87,7 +92,7 @@ def training_flops(config, sequences: int, seq_len: int) -> float:
 @functools.lru_cache(maxsize=4096)
 def _owner_loads(shapes: tuple, n: int, steps: int) -> np.ndarray:
     """Newton–Schulz FLOPs per owner rank [n] of a Muon bucket: steps·(4m²n' + 2m³) per matrix [m ≤ n']."""
-    owned = np.array([(rows, cols, owner) for _, _, rows, cols, owner in muon_owners(shapes, n)], dtype=np.float64)
+    owned = np.array([(rows, cols, owner) for _, _, owner, (rows, cols) in owners_of(shapes, n)], dtype=np.float64)
     small, large = owned[:, :2].min(axis=1), owned[:, :2].max(axis=1)
     flops = steps * (4.0 * small * small * large + 2.0 * small ** 3)
     return np.bincount(owned[:, 2].astype(np.int64), weights=flops, minlength=n)
@@ -99,26 +104,27 @@ def muon_flops(config, layout=None) -> float:
 
 
 def optimizer_work(config, layout) -> dict:
+    """The optimizer's work on the busiest rank of `layout` (None: one process): _optimizer_work."""
     return _optimizer_work(config, layout.ep if layout else 1, layout.dp_shard * layout.cp if layout else 1)
 
 
 @functools.lru_cache(maxsize=1024)
 def _optimizer_work(config, ep: int, fsdp: int) -> dict:
-    """{newton_schulz: FLOPs on the busiest rank, adamw: elements, elements: all shard elements, gathered: bytes-free
-    element count of every bucket} for this layout (None: one process)."""
+    """{newton_schulz: FLOPs on the busiest rank, adamw: its AdamW shard elements, elements: all its shard elements,
+    whole: the elements of every bucket} under expert parallel `ep` and an fsdp group of `fsdp` ranks."""
     size = {"fsdp": fsdp, "efsdp": fsdp // ep}
     load = {"fsdp": np.zeros(fsdp), "efsdp": np.zeros(fsdp // ep)}
     adamw = elements = whole = 0
     for parts in flat_buckets(config, ep).values():
         for group, opt, shapes in parts:
             n = size[group]
-            count = sum(int(np.prod(s)) for s in shapes)
+            count = sum(math.prod(s) for s in shapes)
             whole += count
             elements += -(-count // n)
             if opt == "adamw":
                 adamw += -(-count // n)
             else:
-                load[group] += _owner_loads(tuple(tuple(int(x) for x in s) for s in shapes), n, config.muon_ns_steps)
+                load[group] += _owner_loads(shapes_key(shapes), n, config.muon_ns_steps)
     # a rank is owner index f in its fsdp group and f // ep... in its efsdp group: the busiest fsdp index's sum
     f = np.arange(fsdp)
     busiest = float((load["fsdp"] + load["efsdp"][f // ep]).max())
@@ -204,8 +210,8 @@ def step_work(config, layout, seq_len: int, sequences: int, micro_batch_size: in
     opt = optimizer_work(c, layout)
     add("newton_schulz", "optimizer", opt["newton_schulz"], 0, 0)
     add("adamw_update", "optimizer", nbytes=28 * opt["adamw"])
-    add("sum_of_squares", "optimizer", nbytes=4 * opt["elements"] * 2)
-    add("scaled", "optimizer", nbytes=8 * opt["elements"] * 2)
+    add("sum_of_squares", "optimizer", nbytes=4 * opt["elements"])
+    add("scaled", "optimizer", nbytes=8 * opt["elements"])
     if layout is not None and layout.dp_shard * layout.cp > 1:
         # per micro-batch: gathers (2 per bucket: forward, backward) write and read the whole bucket, gradients
         # are flattened once
