@@ -81,10 +81,10 @@ def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float,
                                       batch_sizes=sizes):
             if any(getattr(layout, dim) != size for dim, size in fixed.items()):
                 continue
+            imb = imbalance(layout.ep) if callable(imbalance) else imbalance
             for rc in recompute:
                 preds = [predict(config, layout, hardware, seq_len=seq_len, sequences=s, micro_batch_size=mbs,
-                                 recompute=rc, imbalance=imbalance(layout.ep) if callable(imbalance) else imbalance)
-                         for s in sizes]
+                                 recompute=rc, imbalance=imb) for s in sizes]
                 by_size = dict(zip(sizes, preds))
                 days = sum(by_size[s].days(n) for s, n in segments)
                 cand = Candidate(preds, days)
