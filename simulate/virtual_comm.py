@@ -10,7 +10,7 @@ Semantics
 - Every collective must be called by every rank of the communicator, in the same order (MPI's rule). Each call takes
   the next sequence number of that communicator; a rank that calls a different collective at the same number gets
   `CollectiveMismatch` at once, and a wait longer than the cluster's timeout raises `DeadlockError` naming every
-  rank and the collective it is blocked in.
+  rank and the collective it is blocked in (once no rank is still running, or after a second timeout).
 - Each rank deposits a *copy* of its input; outputs are written from those copies, so a rank changing its buffers
   after a call returns never affects another rank.
 - Reductions are deterministic: for ranks 0..n-1, out = ((x_0 ⊕ x_1) ⊕ x_2) ⊕ … ⊕ x_{n-1} in the buffers' dtype,
@@ -222,6 +222,12 @@ class _State:
         self.failure: tuple[int, BaseException] | None = None
         self.where = ["running"] * n
 
+    def place(self, rank: int, where: str) -> None:
+        """Record where `rank` is (the caller holds the lock) and wake the waiters: a deadlock report waits until
+        no rank is running."""
+        self.where[rank] = where
+        self.cond.notify_all()
+
     def report(self) -> str:
         return "; ".join(f"rank {r}: {w}" for r, w in enumerate(self.where))
 
@@ -314,22 +320,27 @@ class VirtualComm:
         return slot, seq, what
 
     def _complete(self, slot: _Slot, seq: int, what: str, finish: Callable):
-        """Wait (at most `timeout` seconds) until every rank deposited, then return finish(contribs, shared)."""
+        """Wait until every rank deposited, then return finish(contribs, shared). Past `timeout` seconds this is a
+        deadlock, reported once no other rank is still running (each is blocked, hung, returned or failed, so the
+        report shows where each is stuck rather than a rank that was about to block) or a second timeout passed."""
         state = self._state
         with state.cond:
             deadline = time.monotonic() + state.timeout
-            state.where[self._world_rank] = f"in {what}"
+            state.place(self._world_rank, f"in {what}")
             try:
                 while not slot.complete:
                     self._check_failure(what)
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        missing = [self._group.world_ranks[i] for i, a in enumerate(slot.arrived) if not a]
-                        raise DeadlockError(f"deadlock: rank {self._world_rank} waited {state.timeout:g} s in "
-                                            f"{what} for rank(s) {missing}. Where every rank is: {state.report()}")
-                    state.cond.wait(left)
+                    now = time.monotonic()
+                    if now >= deadline:
+                        settled = all(w != "running" for w in state.where)
+                        if settled or now >= deadline + state.timeout:
+                            missing = [self._group.world_ranks[i] for i, a in enumerate(slot.arrived) if not a]
+                            raise DeadlockError(f"deadlock: rank {self._world_rank} waited {state.timeout:g} s in "
+                                                f"{what} for rank(s) {missing}. Where every rank is: "
+                                                f"{state.report()}")
+                    state.cond.wait((deadline if now < deadline else deadline + state.timeout) - now)
             finally:
-                state.where[self._world_rank] = "running"
+                state.place(self._world_rank, "running")
         contribs = slot.contribs  # complete, and never changing: no lock needed
         if slot.altered:
             contribs = [slot.altered.get((j, self._rank), c) for j, c in enumerate(contribs)]
@@ -369,7 +380,7 @@ class VirtualComm:
         rank fails within twice the timeout (every rank hung), raise DeadlockError here: the cluster always ends."""
         state = self._state
         with state.cond:
-            state.where[self._world_rank] = reason
+            state.place(self._world_rank, reason)
             deadline = time.monotonic() + 2 * state.timeout
             while state.failure is None:
                 left = deadline - time.monotonic()
@@ -523,10 +534,10 @@ class VirtualCluster:
             try:
                 results[rank] = fn(VirtualComm(state, world, rank), *args, **kwargs)
                 with state.cond:
-                    state.where[rank] = "returned"
+                    state.place(rank, "returned")
             except BaseException as exc:  # noqa: BLE001 - reported by run()
                 with state.cond:
-                    state.where[rank] = f"raised {type(exc).__name__}"
+                    state.place(rank, f"raised {type(exc).__name__}")
                     if state.failure is None and not isinstance(exc, PeerFailed):
                         state.failure = (rank, exc)
                     state.cond.notify_all()
