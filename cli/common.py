@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import warnings
 
@@ -104,12 +105,11 @@ class LoadedModel:
     """A model loaded by `load_model`: config and params (in the asked dtype), and where it came from.
 
     `kind` is "checkpoint" (ours), "hf" or "preset". For our checkpoints `optimizer_state` and `balancing_state`
-    (None when empty), `step`, `tokens_seen` and `extra` (the run file in `extra["run_file"]`) are set; otherwise
-    they are None / {}. `description` is one line for the user. `tokenizer_source` is the tokenizer when the model
-    itself tells: the copy our checkpoint carries (a Tokenizer), the HF directory's tokenizer.json, or, for our
-    checkpoints without a copy, the prepared dataset named by the run file it records; else None and
-    `why_no_tokenizer` says why. `eos_id` is the tokenizer's or the run file's [data] eos_id, else the config's
-    eos_token_id.
+    (None when empty), `step`, `tokens_seen` and `extra` are set; otherwise they are None / {}. `description` is
+    one line for the user. `tokenizer_source` is the tokenizer when the model itself holds it: the copy our
+    checkpoint carries (a Tokenizer) or the HF directory's tokenizer.json; else None and `why_no_tokenizer` says
+    why. A path a checkpoint names (its run file in `extra`) is never opened: a checkpoint may come from anyone.
+    `eos_id` is the tokenizer's, else the config's eos_token_id.
     """
 
     def __init__(self, kind: str, spec: str, config, params, description: str, optimizer_state=None,
@@ -151,6 +151,7 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
     folder = os.path.dirname(os.path.abspath(spec))
     if os.path.isfile(spec) and os.path.isfile(os.path.join(folder, "manifest.json")):
         raise CLIError(f"{spec} is one rank's part of the sharded checkpoint {folder}: pass that directory")
+    _refuse_unfinished_save(spec, sharded)
     if os.path.isdir(spec) and not sharded:
         from trinity.reference.interop.hf import CheckpointError, load_pretrained
 
@@ -190,8 +191,10 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
         except TokenizerError as e:
             raise CLIError(str(e)) from None
         eos_id, why = source.eos_id, ""
-    else:  # older checkpoints, and runs on raw token files: look for it through the recorded run file
-        source, eos_id, why = _data_of_run(spec, ck.extra.get("run_file"))
+    else:  # older checkpoints, and runs on raw token ids: no path the checkpoint names is opened
+        source, eos_id = None, None
+        why = (f"checkpoint {spec} carries no tokenizer (its run trained on raw token ids, or it predates "
+               f"checkpoints carrying one)")
     return LoadedModel("checkpoint", spec, ck.config, params,
                        f"{spec} (checkpoint at step {ck.step}, {ck.tokens_seen:,} tokens seen)",
                        optimizer_state=opt if state else None, balancing_state=bal or None, step=ck.step,
@@ -199,37 +202,23 @@ def load_model(spec: str, dtype=None, *, presets: bool = False, seed: int = 0, s
                        eos_id=eos_id if eos_id is not None else ck.config.eos_token_id, why_no_tokenizer=why)
 
 
-def _data_of_run(checkpoint: str, run_file) -> tuple[str | None, int | None, str]:
-    """(tokenizer source or None, the run's [data] eos_id or None, why there is no tokenizer) for our checkpoint,
-    from the run file it records: [data] path or the paths of [[data.sources]] (relative to the run file), the
-    first that is (or sits in) a prepared dataset directory with meta.json."""
-    import tomllib
+_SHARDED_DIR = re.compile(r"^step_\d+\.sharded$")
+_UNFINISHED_FILE = re.compile(r"\.tmp-\d+$")
 
-    if not isinstance(run_file, str):
-        return None, None, f"checkpoint {checkpoint} records no run file"
-    try:
-        with open(run_file, "rb") as f:
-            doc = tomllib.load(f)
-    except OSError:
-        return None, None, f"the run file {run_file} recorded in checkpoint {checkpoint} cannot be read"
-    except tomllib.TOMLDecodeError as e:
-        return None, None, f"the run file {run_file} is not valid TOML ({e})"
-    data = doc.get("data") if isinstance(doc.get("data"), dict) else {}
-    eos = data.get("eos_id")
-    eos = eos if isinstance(eos, int) and not isinstance(eos, bool) and eos >= 0 else None
-    sources = data.get("sources") if isinstance(data.get("sources"), list) else []
-    paths = [data.get("path")] + [s.get("path") for s in sources if isinstance(s, dict)]
-    paths = [p for p in paths if isinstance(p, str)]
-    if not paths:
-        return None, eos, f"the run file {run_file} has no [data] path"
-    here = os.path.dirname(os.path.abspath(run_file))
-    paths = [p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p)) for p in paths]
-    for path in paths:  # a prepared dataset is a directory with meta.json; a flat token file may sit in one
-        for candidate in (path, os.path.dirname(path)):
-            if os.path.isdir(candidate) and os.path.isfile(os.path.join(candidate, "meta.json")):
-                return candidate, eos, ""
-    return None, eos, (f"the training data {paths[0]} (from {run_file}) has no tokenizer (no meta.json: "
-                       f"synthetic or raw token ids)")
+
+def _refuse_unfinished_save(spec: str, sharded: bool) -> None:
+    """A CLIError naming what `spec` is when it is the leftover of an interrupted save: a `step_N.sharded` directory
+    (or one holding rank files) without its manifest, or a `*.tmp-<pid>` file, so that it is not reported as a
+    broken HF checkpoint or a corrupt file."""
+    name = os.path.basename(os.path.normpath(spec))
+    if os.path.isdir(spec) and not sharded:
+        ranks = [n for n in os.listdir(spec) if re.fullmatch(r"rank_\d+\.h5(\.tmp-\d+)?|manifest\.json\.tmp-\d+", n)]
+        if _SHARDED_DIR.match(name) or ranks:
+            raise CLIError(f"{spec} is an incomplete sharded checkpoint (an interrupted save: {len(ranks)} rank "
+                           f"file(s), no manifest.json): not a checkpoint; use an earlier step")
+    elif os.path.isfile(spec) and _UNFINISHED_FILE.search(name):
+        raise CLIError(f"{spec} is an unfinished checkpoint write (a temporary file of an interrupted save): not a "
+                       f"checkpoint; use the checkpoint without the .tmp-<pid> suffix, or an earlier step")
 
 
 def load_model_tokenizer(explicit: str | None, model: LoadedModel):
@@ -248,8 +237,8 @@ def load_model_tokenizer(explicit: str | None, model: LoadedModel):
 
 
 def resolve_eos_id(explicit: int | None, tokenizer, model: LoadedModel) -> int | None:
-    """The EOS id: `explicit` (--eos-id), else the tokenizer's, else the model's (run file's [data] eos_id, else
-    the config's eos_token_id), else None."""
+    """The EOS id: `explicit` (--eos-id), else the tokenizer's, else the model's (the config's eos_token_id),
+    else None."""
     if explicit is not None:
         return explicit
     if tokenizer is not None:

@@ -6,12 +6,12 @@ softmax(z/T), `--top-p P` keeps only the nucleus of mass P; the same --seed give
 
 The tokenizer is --tokenizer SOURCE (a prepared dataset dir with meta.json, an HF dir with tokenizer.json, a
 tokenizer.json file, or "bytes"); else the HF directory's own tokenizer.json; else, for one of our checkpoints, the
-dataset named by [data] path (or [[data.sources]]) in the run file recorded in the checkpoint (cli/common.py
-resolves it, as for `trinity inspect`). `--prompt-tokens 1,2,3` gives the prompt as token ids and needs no
+copy of the training tokenizer it carries (cli/common.py resolves it, as for `trinity inspect`; no path a checkpoint
+names is opened). `--prompt-tokens 1,2,3` gives the prompt as token ids and needs no
 tokenizer (e.g. synthetic data). Output is the prompt and the continuation as text, or, when no tokenizer is known
 (or with --output ids), the new token ids only, space-separated.
-Generation stops after N tokens or at EOS (--eos-id, else the tokenizer's, else the run file's [data] eos_id,
-else config.json's eos_token_id; --ignore-eos never stops early). `--backend numba` runs the numba kernels.
+Generation stops after N tokens or at EOS (--eos-id, else the tokenizer's, else the config's eos_token_id;
+--ignore-eos never stops early). `--backend numba` runs the numba kernels.
 """
 
 from __future__ import annotations

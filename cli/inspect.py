@@ -9,8 +9,8 @@ the backward, the load-balancing update and one optimizer step (the model's reci
 by module (model/layers/3/self_attn/q_proj/forward/outputs/y); --plot draws the router's choices.
 
 The tokenizer (for --text, and to label tokens) is found as by `trinity generate`: --tokenizer SOURCE, else the HF
-directory's tokenizer.json, else, for one of our checkpoints, the prepared dataset named by [data] in the run file
-recorded in the checkpoint.
+directory's tokenizer.json, else, for one of our checkpoints, the copy of the training tokenizer it carries (no path a
+checkpoint names is opened).
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ def add_parser(subparsers):
     p.add_argument("model", metavar="MODEL",
                    help="our checkpoint (.h5 or .sharded), an HF checkpoint directory, or a preset name (random init)")
     p.add_argument("--text", help="text to inspect (needs a tokenizer: --tokenizer, the HF directory's, or the "
-                                   "dataset of the run file recorded in our checkpoint)")
+                                   "tokenizer our checkpoint carries)")
     p.add_argument("--tokens", help="token ids to inspect, comma-separated: 1,2,3")
     p.add_argument("--tokenizer", metavar="SOURCE",
                    help="tokenizer: 'bytes', a prepared dataset dir, an HF checkpoint dir or a tokenizer.json "
-                        "(default: the HF directory's tokenizer.json; for our checkpoint, the prepared dataset "
-                        "named by [data] in the run file it records)")
+                        "(default: the HF directory's tokenizer.json; for our checkpoint, the copy of the "
+                        "training tokenizer it carries)")
     p.add_argument("--step", action="store_true",
                    help="also the losses (labels = the tokens), backward, balancing update and one optimizer step")
     p.add_argument("--dump", metavar="TRACE.h5", help="write every shown tensor and gradient to this HDF5 file")

@@ -15,32 +15,44 @@ from __future__ import annotations
 
 import json
 
+import math
+
+from trinity.simulate.limits import MAX_GPUS, MAX_SEQ_LEN
+
 from .common import CLIError, load_config
+from .inputs import check_output_file, number, one_line_errors, whole
 
 NAME = "plan"
 HELP = "rank the layouts of a training job on N GPUs by predicted throughput (the cost model)"
+MAX_TOKENS = 1e18  # a token budget (and a schedule's change point): a million times Trinity Large's 17T
+MAX_VIO = 1e6  # the busiest ep rank's load over the mean, minus 1
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
-                              epilog="example: trinity plan --model trinity-large --gpus 2048 --gpu b300 "
-                                     "--tokens 17e12 --png plan.png")
+    p = one_line_errors(subparsers.add_parser(
+        NAME, help=HELP, description=__doc__.split("\n\n")[0],
+        epilog="example: trinity plan --model trinity-large --gpus 2048 --gpu b300 --tokens 17e12 --png plan.png"))
     p.add_argument("--model", required=True, metavar="PRESET_OR_PATH", help="a preset name or a config.json")
-    p.add_argument("--gpus", type=int, required=True, help="number of GPUs (ranks)")
+    p.add_argument("--gpus", type=whole(1, MAX_GPUS), required=True,
+                   help=f"number of GPUs (ranks), at most {MAX_GPUS:,}")
     p.add_argument("--gpu", required=True, help="GPU kind: h100, h200, b200 or b300")
-    p.add_argument("--tokens", type=float, required=True, help="the token budget (e.g. 17e12)")
-    p.add_argument("--seq-len", type=int, default=8192, help="tokens per sequence (default 8192)")
+    p.add_argument("--tokens", type=number(0, MAX_TOKENS, above=True), required=True,
+                   help="the token budget (e.g. 17e12)")
+    p.add_argument("--seq-len", type=whole(1, MAX_SEQ_LEN), default=8192,
+                   help=f"tokens per sequence (default 8192, at most {MAX_SEQ_LEN:,} and the model's "
+                        f"max_position_embeddings)")
     p.add_argument("--batch", default="12288,16384@4.9e12", metavar="SCHEDULE",
                    help="sequences per step, then SIZE@TOKENS for a change (default %(default)s)")
-    p.add_argument("--max-vio", type=float, default=0.0, metavar="V",
+    p.add_argument("--max-vio", type=number(0, MAX_VIO), default=0.0, metavar="V",
                    help="the busiest ep rank's routed rows over the mean, minus 1 (default 0)")
     p.add_argument("--fix", default="", metavar="DIMS",
                    help="only layouts with these sizes, e.g. ep=8 or dp_shard=64,ep=8 (the --mesh syntax)")
     p.add_argument("--routing", metavar="METRICS",
                    help="a metrics.jsonl of a run of this model: its recorded expert loads give each ep's busiest "
                         "rank (instead of --max-vio)")
-    p.add_argument("--ranks-per-node", type=int, default=8, metavar="K", help="GPUs per node (default 8)")
-    p.add_argument("--top", type=int, default=10, help="rows of the table (default 10)")
+    p.add_argument("--ranks-per-node", type=whole(1, MAX_GPUS), default=8, metavar="K",
+                   help="GPUs per node (default 8)")
+    p.add_argument("--top", type=whole(1), default=10, help="rows of the table (default 10)")
     p.add_argument("--png", metavar="FILE", help="draw the ranked layouts' step time by phase")
     p.add_argument("--json", metavar="FILE", help="write every candidate's prediction as JSON")
     p.set_defaults(run=run)
@@ -56,6 +68,9 @@ def parse_schedule(text: str) -> list[tuple[float, int]]:
             entry = (float(start) if start else 0.0, int(size))
         except ValueError:
             raise CLIError(f"--batch {text!r}: {part!r} is not SIZE or SIZE@TOKENS") from None
+        if not (math.isfinite(entry[0]) and 0 <= entry[0] <= MAX_TOKENS):
+            raise CLIError(f"--batch {text!r}: {part!r}: the token count must be a finite number from 0 to "
+                           f"{MAX_TOKENS:g}")
         if entry[1] < 1 or (i == 0) != (entry[0] == 0) or (out and entry[0] <= out[-1][0]):
             raise CLIError(f"--batch {text!r}: sizes must be positive, the first without @, later ones at "
                            f"increasing token counts")
@@ -82,18 +97,26 @@ def run(args) -> int:
     import dataclasses
 
     from trinity.simulate.hardware import get_hardware
-    from trinity.simulate.planner import explain, search
+    from trinity.simulate.planner import SearchTooLarge, check_size, explain, search
 
+    for path, option in ((args.png, "--png"), (args.json, "--json")):
+        if path is not None:
+            check_output_file(path, option)
     config, _ = load_config(args.model)
     try:
         hw = get_hardware(args.gpu)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    if args.gpus < 1 or args.tokens <= 0 or args.seq_len < 1 or args.ranks_per_node < 1 or args.max_vio < 0:
-        raise CLIError("--gpus, --tokens, --seq-len and --ranks-per-node must be positive, --max-vio not negative")
+    if args.seq_len > config.max_position_embeddings:
+        raise CLIError(f"--seq-len {args.seq_len:,}: exceeds max_position_embeddings "
+                       f"{config.max_position_embeddings:,} of {args.model}")
     hw = dataclasses.replace(hw, ranks_per_node=args.ranks_per_node)
     batches = parse_schedule(args.batch)
     fixed = parse_fixed(args.fix)
+    try:
+        check_size(gpus=args.gpus, seq_len=args.seq_len, batches=batches)
+    except SearchTooLarge as e:
+        raise CLIError(str(e)) from None
     imbalance = 1.0 + args.max_vio
     if args.routing:
         from trinity.simulate.routing import busiest_rank_factor, read_expert_loads
@@ -104,8 +127,11 @@ def run(args) -> int:
         except (OSError, ValueError) as e:
             raise CLIError(f"--routing: {e}") from None
         imbalance = lambda ep: busiest_rank_factor(loads, ep)  # noqa: E731
-    plan = search(config, gpus=args.gpus, hardware=hw, seq_len=args.seq_len, batches=batches, tokens=args.tokens,
-                  micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed)
+    try:
+        plan = search(config, gpus=args.gpus, hardware=hw, seq_len=args.seq_len, batches=batches,
+                      tokens=args.tokens, micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed)
+    except SearchTooLarge as e:
+        raise CLIError(str(e)) from None
     schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {_tokens(t)}" if t else "")
                               for t, s in batches)
     print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {_tokens(args.tokens)} tokens, "
@@ -114,12 +140,18 @@ def run(args) -> int:
     for line in explain(plan, hw):
         print("- " + line)
     if args.png:
-        draw(plan, args.png, args.top, title=f"{args.model}, {args.gpus} x {hw.name}")
+        try:
+            draw(plan, args.png, args.top, title=f"{args.model}, {args.gpus} x {hw.name}")
+        except OSError as e:
+            raise CLIError(f"--png {args.png}: cannot write ({e.strerror or e})") from None
         print(f"wrote {args.png}")
     if args.json:
         from trinity.reference.files import atomic_path
-        with atomic_path(args.json) as tmp, open(tmp, "w") as f:
-            json.dump([row(c, args.gpus) for c in plan.ranked + plan.rejected], f, indent=1)
+        try:
+            with atomic_path(args.json) as tmp, open(tmp, "w") as f:
+                json.dump([row(c, args.gpus) for c in plan.ranked + plan.rejected], f, indent=1)
+        except OSError as e:
+            raise CLIError(f"--json {args.json}: cannot write ({e.strerror or e})") from None
     return 0 if plan.best else 1
 
 

@@ -15,6 +15,13 @@ included; a message corrupted on its way to one receiver (caught, naming both ra
 `[parallel] checksums = true` puts a crc32 on every message; unnoticed otherwise); a rank that hangs (the others'
 waits exceed --timeout); or a straggler. The run then ends as a cluster job does, naming the rank.
 
+Before any virtual rank starts, the input is checked and refused in one line (exit status 2): the run file, the
+layout against --ranks and the model (with the layouts that fit; at most MAX_RANKS = 1024 virtual ranks), faults
+that could never act (a rank or step beyond the run's, an unknown phase), --trace's folder, and numbers that are not
+finite and positive. SIGINT/SIGTERM end the run as they end `trinity train`: the signal reaches the main thread,
+every rank stops after the same step (the trainer's stop agreement), writes the checkpoint, and the exit status is
+130/143; a second signal exits at once.
+
 Exit status as for `trinity train`; a run that fails prints one line: the rank that failed ("rank 2: ..."), or for a
 deadlock every rank and the collective it is blocked in.
 """
@@ -24,44 +31,46 @@ from __future__ import annotations
 import json
 
 from .common import CLIError
+from .inputs import check_output_file, number, one_line_errors, whole
 from .train import add_run_arguments, train_on
 
 NAME = "simulate"
 HELP = "train on N virtual ranks in this process (the cluster mode without MPI), with traffic traces"
+MAX_RANKS = 1024  # virtual ranks are threads of one process, each holding its own state: more is a job for `plan`
+MAX_TIMEOUT = 1e6  # seconds (11.6 days): longer waits are no bound
 
 
 def add_parser(subparsers):
-    p = subparsers.add_parser(NAME, help=HELP, description=__doc__.split("\n\n")[0],
-                              epilog="example: trinity simulate run.toml --ranks 4 --mesh dp_shard=2,ep=2,cp=2 "
-                                     "--trace trace.json")
+    p = one_line_errors(subparsers.add_parser(
+        NAME, help=HELP, description=__doc__.split("\n\n")[0],
+        epilog="example: trinity simulate run.toml --ranks 4 --mesh dp_shard=2,ep=2,cp=2 --trace trace.json"))
     add_run_arguments(p)
-    p.add_argument("--ranks", type=int, required=True, help="number of virtual ranks (the layout's world size)")
+    p.add_argument("--ranks", type=whole(1, MAX_RANKS), required=True,
+                   help=f"number of virtual ranks (the layout's world size; at most {MAX_RANKS})")
     p.add_argument("--trace", metavar="FILE", help="write the per-step traffic of every rank as JSON")
-    p.add_argument("--ranks-per-node", type=int, default=8, metavar="K",
+    p.add_argument("--ranks-per-node", type=whole(1), default=8, metavar="K",
                    help="ranks per node for the trace's link tiers (default 8)")
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault (repeatable): kill|corrupt|hang:rank=R,step=S[,phase=P][,after=K] (a rank "
                         "dies, sends one corrupted message, stops calling collectives at its (K+1)-th collective of "
                         "step S) or slow:rank=R,seconds=T (trinity.simulate.faults)")
-    p.add_argument("--timeout", type=float, default=600.0, metavar="S",
+    p.add_argument("--timeout", type=number(0, MAX_TIMEOUT, above=True), default=600.0, metavar="S",
                    help="longest wait of a rank in one collective before the run fails as hung (default 600)")
     p.set_defaults(run=run)
     return p
 
 
 def run(args) -> int:
-    from trinity.simulate.faults import FaultPlan, parse_fault
+    from trinity.distributed.preemption import PreemptionGuard
+    from trinity.simulate.faults import FaultPlan
     from trinity.simulate.traces import summarise
     from trinity.simulate.virtual_comm import RankFailed, VirtualCluster
 
-    if args.ranks < 1 or args.ranks_per_node < 1:
-        raise CLIError(f"--ranks {args.ranks} / --ranks-per-node {args.ranks_per_node}: must be positive")
-    try:
-        faults = [parse_fault(text) for text in args.fault]
-    except ValueError as e:
-        raise CLIError(f"--fault: {e}") from None
+    faults = check_job(args)
+    guard = PreemptionGuard()  # the signal reaches this (main) thread; every rank reads it after each step
 
     def prepare(trainer):
+        stop_after_step(trainer, guard)
         if not hasattr(trainer.mesh, "events"):  # one rank, no layout: the single process
             return
         trainer.mesh.record = args.trace is not None
@@ -72,7 +81,8 @@ def run(args) -> int:
         return status, list(getattr(trainer.mesh, "events", []))
 
     try:
-        results = VirtualCluster(args.ranks, timeout=args.timeout).run(rank)
+        with guard:
+            results = VirtualCluster(args.ranks, timeout=args.timeout).run(rank)
     except RankFailed as e:
         error = _one_line(e)
         if error is None:  # a bug: keep the traceback of the rank's exception
@@ -80,10 +90,91 @@ def run(args) -> int:
         raise error from None
     statuses = {status for status, _ in results}
     if args.trace is not None:
-        from trinity.reference.files import atomic_path
-        with atomic_path(args.trace) as tmp, open(tmp, "w") as f:
-            json.dump(summarise([events for _, events in results], args.ranks_per_node), f, indent=1)
+        write_trace(args.trace, summarise([events for _, events in results], args.ranks_per_node))
     return max(statuses)
+
+
+def check_job(args) -> list:
+    """Everything `simulate` can refuse before a virtual rank starts (CLIError, one line): the faults, the trace's
+    path, the run file, the layout against --ranks and the model, faults that could never act in this run. Returns
+    the parsed faults."""
+    from trinity.distributed.layout import Layout, LayoutError
+    from trinity.distributed.run_config import RunConfigError, load_run_config
+    from trinity.simulate.faults import check_faults, parse_fault
+
+    try:
+        faults = [parse_fault(text) for text in args.fault]
+    except ValueError as e:
+        raise CLIError(f"--fault: {e}") from None
+    if args.trace is not None:
+        check_output_file(args.trace, "--trace")
+    try:
+        run_config = load_run_config(args.run_file)
+    except RunConfigError as e:
+        raise CLIError(str(e)) from None
+    layout = run_config.layout
+    if args.mesh is not None:
+        try:
+            layout = Layout.parse(args.mesh)
+        except LayoutError as e:
+            raise CLIError(f"--mesh: {e}") from None
+    _check_layout(run_config, layout, args.ranks, given=args.mesh is not None or layout != Layout())
+    try:
+        check_faults(faults, args.ranks, run_config.steps)
+    except ValueError as e:
+        raise CLIError(f"--fault: {e}") from None
+    return faults
+
+
+def _check_layout(run_config, layout, ranks: int, given: bool) -> None:
+    """Refuse a layout that cannot run on `ranks` virtual ranks (Layout.check: the rules of `trinity train`, with
+    the layouts that fit), before any thread starts. Without the model's config at hand (a config.json that does
+    not load: the trainer names that problem itself) only the world size is checked."""
+    from trinity.distributed.layout import LayoutError
+
+    config = _model_config(run_config)
+    hint = "" if given else " (no layout was given: choose one with --mesh or the run file's [parallel])"
+    try:
+        if config is None:
+            if layout.world_size != ranks:
+                raise LayoutError(f"layout {layout}: dp_replicate·dp_shard·cp = {layout.world_size}, but --ranks "
+                                  f"is {ranks}")
+        else:
+            layout.check(world_size=ranks, config=config, seq_len=run_config.seq_len,
+                         micro_batch_size=run_config.micro_batch_size, batch_sizes=run_config.batch_sizes)
+    except LayoutError as e:
+        raise CLIError(f"{e}{hint}") from None
+
+
+def _model_config(run_config):
+    """The Config the run trains, or None when it cannot be built here: the trainer then reports why, naming the run
+    file's key."""
+    from trinity.distributed.run_config import RunConfigError
+    from trinity.distributed.startup import model_config
+
+    try:
+        return model_config(run_config)
+    except RunConfigError:
+        return None
+
+
+def stop_after_step(trainer, guard) -> None:
+    """Make a virtual rank's trainer stop as `trinity train` does on SIGINT/SIGTERM. The signal reaches the main
+    thread (`guard`), never a rank's thread, so each rank reads it at its step boundary; the trainer's stop agreement
+    (a maximum over every rank, once per step) then has every rank stop after the same step, write the checkpoint
+    and return 128 + the signal."""
+    trainer.stop_requested = lambda: guard.signum
+
+
+def write_trace(path: str, summary: dict) -> None:
+    """Write the trace atomically (its folder was checked before the run; a full disk is still one line)."""
+    from trinity.reference.files import atomic_path
+
+    try:
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+    except OSError as e:
+        raise CLIError(f"--trace {path}: cannot write ({e.strerror or e}); the run itself completed") from None
 
 
 def _one_line(failed) -> CLIError | None:

@@ -14,7 +14,9 @@ from dp_shard·cp; it does not add ranks):
     mpiexec -n 4 python -m mpi4py -m trinity.cli train run.toml --mesh dp_shard=4,ep=2
 
 The job needs dp_replicate·dp_shard·cp ranks; a layout that does not fit the job, the model or the batch sizes is
-refused before any work with the layouts that would fit.
+refused before any work with the layouts that would fit. A refusal is one line, printed once for the whole job.
+`--watchdog SECONDS` ([parallel] watchdog_seconds, default 600 under mpiexec, 0: off) ends a job one of whose ranks
+stopped answering: a rank that waits that long in one collective names it and aborts the job.
 
 Exit status: 0 done; 2 a problem with the run file, --mesh, the layout, data, paths or checkpoints (one line);
 3 the loss or gradient norm went non-finite (the run stopped before the update); 130 / 143 stopped by SIGINT /
@@ -39,6 +41,9 @@ def add_parser(subparsers):
                                      "mpiexec -n 4 python -m mpi4py -m trinity.cli train run.toml "
                                      "--mesh dp_shard=4,ep=2")
     add_run_arguments(p)
+    p.add_argument("--watchdog", type=float, metavar="SECONDS",
+                   help="under mpiexec, end the job when a rank waits longer than this in one collective (a hung "
+                        "rank), as [parallel] watchdog_seconds; 0 turns it off (default 600 under mpiexec)")
     p.set_defaults(run=run)
     return p
 
@@ -71,16 +76,13 @@ def run(args) -> int:
     return train_on(args, comm)[0]
 
 
-def train_on(args, comm, prepare=None):
-    """Train the run of `args` as one rank of `comm` (None: one process): (exit status, the Trainer or None).
-    `prepare(trainer)`, when given, is called before training (trinity simulate turns traces on there)."""
+def _run_config(args):
+    """The run file with the command line's overrides (--mesh, --checksums, --backend, --watchdog); a problem is a
+    CLIError (one line)."""
     import dataclasses
 
-    from trinity.distributed.checksums import ChecksumError
     from trinity.distributed.layout import Layout, LayoutError
-    from trinity.distributed.run_config import RunConfigError, load_run_config
-    from trinity.distributed.trainer import Trainer, TrainingDiverged
-    from trinity.reference.training.checkpoint import CheckpointError
+    from trinity.distributed.run_config import RunConfigError, load_run_config, valid_watchdog_seconds
 
     layout = None
     if args.mesh is not None:
@@ -88,20 +90,60 @@ def train_on(args, comm, prepare=None):
             layout = Layout.parse(args.mesh)
         except LayoutError as e:
             raise CLIError(f"--mesh: {e}") from None
+    watchdog = getattr(args, "watchdog", None)  # `trinity simulate` has none: virtual ranks detect deadlocks
+    if watchdog is not None and not valid_watchdog_seconds(watchdog):
+        raise CLIError(f"--watchdog {watchdog}: must be a number of seconds >= 0 (0: off)")
     try:
         run_config = load_run_config(args.run_file)
-        if layout is not None:
-            run_config = dataclasses.replace(run_config, layout=layout)
-        if args.checksums:
-            run_config = dataclasses.replace(run_config, checksums=True)
-        if args.backend:
-            load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
-            run_config = dataclasses.replace(run_config, backend=args.backend)
+    except (RunConfigError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    if layout is not None:
+        run_config = dataclasses.replace(run_config, layout=layout)
+    if args.checksums:
+        run_config = dataclasses.replace(run_config, checksums=True)
+    if watchdog is not None:
+        run_config = dataclasses.replace(run_config, watchdog_seconds=watchdog)
+    if args.backend:
+        load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
+        run_config = dataclasses.replace(run_config, backend=args.backend)
+    return run_config
+
+
+def _refuse_together(comm, error) -> None:
+    """Under a job of several ranks, a rank whose run file or options failed joins the agreement the other ranks'
+    Trainers run (startup.refuse_together), so that the job prints one line, once, and ends cleanly."""
+    if comm is None or comm.Get_size() == 1:
+        return
+    from trinity.distributed.run_config import RunConfigError
+    from trinity.distributed.startup import refuse_together
+    try:
+        refuse_together(comm, error)
+    except RunConfigError as agreed:
+        raise CLIError(str(agreed), status=getattr(error, "status", 2), every_rank=True) from None
+
+
+def train_on(args, comm, prepare=None):
+    """Train the run of `args` as one rank of `comm` (None: one process): (exit status, the Trainer or None).
+    `prepare(trainer)`, when given, is called before training (trinity simulate turns traces on there)."""
+    from trinity.distributed.checksums import ChecksumError
+    from trinity.distributed.layout import LayoutError
+    from trinity.distributed.run_config import RunConfigError
+    from trinity.distributed.trainer import Trainer, TrainingDiverged
+    from trinity.reference.data.store import DataError
+    from trinity.reference.model.config import ConfigError
+    from trinity.reference.training.checkpoint import CheckpointError
+
+    try:
+        run_config = _run_config(args)
+    except (CLIError, ConfigError) as e:
+        _refuse_together(comm, e)
+        raise
+    try:
         trainer = Trainer(run_config, resume=args.resume, restart=args.restart, comm=comm)
         if prepare is not None:
             prepare(trainer)
         last = trainer.train()
-    except (RunConfigError, LayoutError, CheckpointError, FileNotFoundError) as e:
+    except (RunConfigError, LayoutError, CheckpointError, DataError, FileNotFoundError) as e:
         raise CLIError(str(e), every_rank=getattr(e, "every_rank", False)) from None
     except TrainingDiverged as e:
         raise CLIError(str(e), status=DIVERGED, every_rank=getattr(e, "every_rank", False)) from None

@@ -22,14 +22,17 @@ above; "single" when all are 1): `Layout.parse(str(layout)) == layout`. It is ru
    2·cp−1−r, which balances the causal work), and every sliding window w of the model shorter than the sequence
    has w−1 <= seq_len/(2·cp) (the w−1 preceding tokens a chunk needs come from the one neighbouring chunk; a window
    of at least seq_len is causal attention over the whole sequence, gathered like a global layer's).
+   `gathers_whole_sequence` and `window_problem` state the window part once; context parallel
+   (context_parallel.gather_kv) runs exactly the windows they allow (tests/test_layout.py runs it to check).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, fields
 
-__all__ = ["DIMS", "Layout", "LayoutError", "fitting_layouts"]
+__all__ = ["DIMS", "Layout", "LayoutError", "fitting_layouts", "gathers_whole_sequence", "window_problem"]
 
 SINGLE = "single"  # the text of the layout whose dimensions are all 1
 MAX_LISTED = 8  # layouts named by a refusal
@@ -114,12 +117,10 @@ class Layout:
         if self.cp > 1:
             if seq_len % (2 * self.cp):
                 why.append(f"seq_len = {seq_len} not divisible by 2·cp = {2 * self.cp}")
-            chunk = seq_len // (2 * self.cp)
             windows = {config.window_of(layer) for layer in range(config.num_hidden_layers)} - {None}
-            wide = sorted(w for w in windows if chunk < w - 1 and w < seq_len)  # w >= seq_len: global attention
-            if wide:
-                why.append(f"sliding window {wide[-1]} needs {wide[-1] - 1} preceding tokens but a cp chunk holds "
-                           f"seq_len/(2·cp) = {chunk}")
+            too_wide = [problem for w in sorted(windows) if (problem := window_problem(w, seq_len, self.cp))]
+            if too_wide:
+                why.append(too_wide[-1])  # the widest window that does not fit
         return why
 
     def check(self, *, world_size: int, config, seq_len: int, micro_batch_size: int, batch_sizes) -> None:
@@ -146,8 +147,28 @@ class Layout:
 DIMS = tuple(f.name for f in fields(Layout))  # ("dp_replicate", "dp_shard", "cp", "ep")
 
 
+def gathers_whole_sequence(window: int | None, seq_len: int) -> bool:
+    """Whether context parallel gives a layer with this attention window every chunk of the sequence: a global
+    layer (None) and a window of at least seq_len, which covers every earlier token (causal attention over the whole
+    sequence). A shorter window takes only its halo, the w−1 keys before each chunk, from the neighbouring chunk."""
+    return window is None or window >= seq_len
+
+
+def window_problem(window: int | None, seq_len: int, cp: int) -> str | None:
+    """Why context parallel over `cp` ranks cannot run a layer with this window on sequences of seq_len (rule 4's
+    window part), or None when it can: a halo of w−1 keys must fit in one chunk of seq_len/(2·cp) tokens."""
+    if cp == 1 or gathers_whole_sequence(window, seq_len):
+        return None
+    chunk = seq_len // (2 * cp)
+    if window - 1 <= chunk:
+        return None
+    return f"sliding window {window} needs {window - 1} preceding tokens but a cp chunk holds seq_len/(2·cp) = {chunk}"
+
+
 def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """The divisors of n, ascending (in O(√n) steps: the planner asks for worlds of a million ranks)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small) | {n // d for d in small})
 
 
 def fitting_layouts(*, world_size: int, config, seq_len: int, micro_batch_size: int, batch_sizes) -> list[Layout]:

@@ -23,7 +23,8 @@ The communicator is any object with mpi4py's buffer-based methods (mpi4py.MPI.CO
 launcher, or trinity.simulate's virtual communicator). Every collective goes through `Mesh.collective`, which counts
 its bytes per kind and group (`traffic`). With `checksums`, every block a rank receives is checked against its
 sender's crc32 (distributed/checksums.py), and sums and maxima take the rank-ordered Alltoall + Allgather path at
-every group size (the same bits).
+every group size (the same bits). Under mpiexec a watchdog (distributed/watchdog.py) puts a deadline on every wait
+in a collective, so a hung rank ends the job.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class Mesh:
         # and layer it belongs to (set by the trainer, the step and the seams through begin_step / set_phase).
         self.record, self.events = False, []
         self.faults = None  # trinity.simulate.faults.FaultPlan: injected failures (before each collective)
+        self.watchdog = None  # distributed.watchdog.Watchdog: a deadline on every wait in a collective (mpiexec)
         self.step, self.phase, self.layer = 0, "start", None
 
     # ---- what a rank holds of the global batch ------------------------------------------------------------------
@@ -140,7 +142,7 @@ class Mesh:
         `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
         default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
         the non-blocking ones)."""
-        comm, n = self.groups[group], self.group_size[group]
+        n = self.group_size[group]
         if self.faults is not None:
             self.faults.before(self, kind, group)
         if sent_bytes is None:
@@ -153,6 +155,16 @@ class Mesh:
         if self.record:
             self.events.append({"step": self.step, "phase": self.phase, "layer": self.layer, "kind": kind,
                                 "group": group, "ranks": self.members[group], "bytes": sent_bytes})
+        if self.watchdog is None:
+            return self._call(kind, group, args, op)
+        where = self._describe_wait(kind, group)
+        with self.watchdog.watch(where):
+            result = self._call(kind, group, args, op)
+        return result if result is None else _WatchedRequest(result, self.watchdog, where)
+
+    def _call(self, kind: str, group: str, args, op):
+        """The collective itself: checked (checksums), a maximum, a rank-ordered sum, or the library's call."""
+        comm, n = self.groups[group], self.group_size[group]
         if self.checksums:
             return self._checked(kind, group, args, op)
         if op == "max":
@@ -160,6 +172,12 @@ class Mesh:
         if kind in ("Allreduce", "Reduce_scatter_block") and n > 2:
             return _ordered_reduce(comm, kind, *args)
         return getattr(comm, kind)(*args)
+
+    def _describe_wait(self, kind: str, group: str) -> str:
+        """Where this rank waits, for the watchdog's line: the collective, the group and its world ranks, the step."""
+        members = self.members[group]
+        ranks = ",".join(map(str, members)) if len(members) <= 8 else f"{members[0]}…{members[-1]}"
+        return f"{kind} on group {group} (ranks {ranks}) at step {self.step} ({self.phase})"
 
     def _checked(self, kind: str, group: str, args, op):
         """`kind` with a crc32 per block, checked on receipt (distributed/checksums.py); sums and maxima, at every
@@ -182,6 +200,20 @@ class Mesh:
         """The bytes counted since the last call, {(kind, group): bytes}, and start counting afresh."""
         out, self.traffic = dict(self.traffic), defaultdict(int)
         return out
+
+
+class _WatchedRequest:
+    """A non-blocking collective's request whose Wait runs under the watchdog (the wait is where a rank hangs)."""
+
+    def __init__(self, request, watchdog, what: str):
+        self._request, self._watchdog, self._what = request, watchdog, what
+
+    def Wait(self, *args, **kwargs):
+        with self._watchdog.watch(self._what + ", waiting for its completion"):
+            return self._request.Wait(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._request, name)
 
 
 def _ordered_reduce(comm, kind: str, send, recv, combine=np.add) -> None:

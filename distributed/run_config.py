@@ -51,6 +51,8 @@ folder. Example (configs/tiny-synthetic.toml):
     cp = 1
     ep = 1                       # expert parallel: borrows its ranks from dp_shard·cp
     checksums = false            # a crc32 with every message, checked on receipt (trinity.distributed.checksums)
+    watchdog_seconds = 600       # under mpiexec: a rank waiting this long in one collective ends the job
+                                 # (trinity.distributed.watchdog; 0: off; default 600, off in a single process)
 
 The layout's checks that need the job's world size or the built model (`Layout.check`) are the trainer's; the loader
 refuses only what needs neither (a size that is not a positive integer).
@@ -58,6 +60,7 @@ refuses only what needs neither (a size that is not a positive integer).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -124,6 +127,9 @@ class RunConfig:
     checkpoint_format: str = "sharded"  # under a layout: a file per rank + manifest | "single": one file by rank 0
     hf_export: str | None = None  # a folder: the final params as a Hugging Face checkpoint (save_pretrained)
     checksums: bool = False  # [parallel] checksums: every message checked by crc32 (trinity.distributed.checksums)
+    # [parallel] watchdog_seconds: the longest wait in one collective under mpiexec before the job ends (0: off);
+    # None: the default (WATCHDOG_DEFAULT under a launcher; never in a single process or on virtual ranks)
+    watchdog_seconds: float | None = None
     extra: dict = field(default_factory=dict)
     # Config field → (section, key, value as written) for every config_overrides entry, so that a value the Config
     # rejects is reported under the name the run file gave it ("[optimizer] muon_lr = -1").
@@ -402,9 +408,11 @@ def load_run_config(path) -> RunConfig:
     parallel = sections.get("parallel", {})
     sizes = {name: _take(parallel, "parallel", name, int, 1, positive, "a positive integer") for name in _LAYOUT_KEYS}
     checksums = _take(parallel, "parallel", "checksums", bool, False, what="true or false")
+    watchdog = _take(parallel, "parallel", "watchdog_seconds", float, None, valid_watchdog_seconds,
+                     "a number of seconds >= 0 (0: off)")
     if parallel:
         raise RunConfigError(f"[parallel] unknown key(s): {_keys(parallel)}; expected "
-                             f"{', '.join(_LAYOUT_KEYS)}, checksums")
+                             f"{', '.join(_LAYOUT_KEYS)}, checksums, watchdog_seconds")
 
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
@@ -414,7 +422,12 @@ def load_run_config(path) -> RunConfig:
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
                      max_skipped_steps=max_skipped, layout=Layout(**sizes), checkpoint_format=ckpt_format,
-                     hf_export=hf_export, checksums=checksums)
+                     hf_export=hf_export, checksums=checksums, watchdog_seconds=watchdog)
+
+
+def valid_watchdog_seconds(value: float) -> bool:
+    """A watchdog deadline a job can use: a finite number of seconds >= 0 (0 turns it off), at most a year."""
+    return math.isfinite(value) and 0 <= value <= 365 * 86400
 
 
 def _parse_sources(raw_sources, raw_phases, resolve) -> tuple[tuple, tuple]:

@@ -32,8 +32,11 @@ bucket) is its pieces joined, tiling [0, padded); key k is vector[offset:offset 
 at experts [lo, hi) of the whole [E, ...] array for an expert bucket.
 
 Loading verifies everything before using it: the manifest must re-serialise to its exact bytes (so any flipped byte
-is found); each listed rank file must exist, hash to the manifest's SHA-256, pass its seal and hold exactly its sealed
-datasets; the pieces must tile every vector and the experts. Each failure is a CheckpointCorrupt naming the file.
+is found); each listed rank file must be a regular file (no symlink is followed, checkpoint_files.py), hash to the
+manifest's SHA-256, pass its seal and hold exactly its sealed datasets, each stored in the file at its sealed range;
+the manifest's fields must agree with each other, the stored config, the directory name and every rank file's sealed
+rank, step and run (_check_manifest, _check_rank_seal); the pieces must tile every vector and the experts. Each
+failure is a CheckpointCorrupt naming the file (docs/distributed.md, "What a checkpoint is trusted with").
 
 Every rank reads every file and rebuilds whole arrays, which any layout then shards again (resharding:
 ShardedParams.from_full, shard_optimizer_state). A reader at scale would instead read the manifest, intersect each
@@ -58,10 +61,13 @@ from trinity.reference.model.config import Config, ConfigError
 from trinity.reference.model.params import check_params, param_shapes
 from trinity.reference.training import checkpoint as _ck
 from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt, CheckpointError, CheckpointManager,
-                                                   CheckpointWriteError, load_checkpoint, read_run_id, restore_rng,
-                                                   save_checkpoint, write_sealed_hdf5)
+                                                   CheckpointWriteError, load_checkpoint, read_run_id,
+                                                   refuse_foreign_entry, restore_rng, save_checkpoint,
+                                                   write_sealed_hdf5)
+from trinity.reference.training.checkpoint_files import is_plain_dir, is_plain_file, open_plain
 
 from .fsdp import SHARD_PREFIX, expert_slice
+from .layout import Layout, LayoutError
 from .mesh import allgather_json
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save_sharded", "load_sharded", "read_manifest", "sharded_path",
@@ -72,6 +78,8 @@ _DIR = re.compile(r"^step_(\d+)\.sharded$")
 _OURS = re.compile(r"^(?:rank_(\d+)\.h5|manifest\.json)(\.tmp-\d+)?$")
 _REQUIRED = {"balancing_state", "tokens_seen", "data_state", "rng_state"}
 _COMMON = _REQUIRED | {"extra", "run_id", "tokenizer", "data_fingerprint"}
+_FIELDS = {"format", "format_version", "step", "run_id", "layout", "world_size", "num_experts", "config", "buckets",
+           "ranks", "replicated", "manifest_sha256"}  # every field of a manifest (module docstring)
 
 
 def sharded_path(directory, step: int) -> str:
@@ -108,6 +116,7 @@ def _prepare(path: str, world_size: int, run_id) -> None:
     files and rank files beyond the world size."""
     if run_id is not None and not isinstance(run_id, str):
         raise CheckpointError(f"run_id must be a string or None, got {type(run_id).__name__}")
+    refuse_foreign_entry(path, directory=True)  # never write through a symlink to another folder
     try:
         os.makedirs(path, exist_ok=True)
         for name in os.listdir(path):
@@ -215,7 +224,7 @@ def read_manifest(path) -> dict:
     missing or any byte differs from what was written; CheckpointError for an unknown format version)."""
     where = os.path.join(os.fspath(path), MANIFEST)
     try:
-        with open(where, "rb") as f:
+        with open_plain(where) as f:  # a symlink is not followed
             raw = f.read()
     except OSError as e:
         raise CheckpointCorrupt(f"{where}: no readable manifest ({e.strerror or e}): an interrupted save is not a "
@@ -231,26 +240,48 @@ def read_manifest(path) -> dict:
     if body.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{where}: sharded format_version {body.get('format_version')!r} is not supported "
                               f"(this trinity reads {FORMAT_VERSION})")
+    missing = sorted(_FIELDS - set(body))
+    if missing:
+        raise CheckpointCorrupt(f"{where}: no {', '.join(missing)}: the checkpoint is corrupt")
     return body
 
 
-def _read_rank(path: str, rank: int, described: dict) -> dict:
+def _check_rank_seal(file: str, rank: int, manifest: dict, header: dict | None) -> None:
+    """A rank file's sealed meta must be the manifest's: this rank, the step, the run, the format."""
+    if header is None:
+        raise CheckpointCorrupt(f"{file}: not sealed: the checkpoint is corrupt")
+    want = {"rank": rank, "step": manifest["step"], "run_id": manifest["run_id"],
+            "sharded_format_version": FORMAT_VERSION}
+    for field, value in want.items():
+        found = header["meta"].get(field)
+        if found != value or type(found) is not type(value):
+            raise CheckpointCorrupt(f"{file}: its sealed {field} {found!r} is not the manifest's {value!r}: the "
+                                    f"checkpoint is corrupt")
+
+
+def _read_rank(path: str, rank: int, described: dict, manifest: dict) -> dict:
     file = os.path.join(path, _rank_file(rank))
-    if described["file"] != _rank_file(rank) or not os.path.isfile(file):
-        raise CheckpointCorrupt(f"{file}: missing (the manifest lists {described['file']!r} for rank {rank})")
+    if described["file"] != _rank_file(rank) or not is_plain_file(file):  # a symlink is never followed
+        raise CheckpointCorrupt(f"{file}: missing or not a regular file (the manifest lists {described['file']!r} "
+                                f"for rank {rank})")
     try:
-        with open(file, "rb") as f:
+        with open_plain(file) as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
     except OSError as e:
         raise CheckpointCorrupt(f"{file}: cannot read ({e.strerror or e})") from None
     if digest != described["sha256"]:
         raise CheckpointCorrupt(f"{file}: its sha256 is not the manifest's: the file is corrupt or from another save")
-    sealed = _ck._verified_datasets(file)  # CheckpointCorrupt naming the file and the damaged dataset
+    header = _ck._verified_header(file)  # CheckpointCorrupt naming the file and the damaged dataset
+    _check_rank_seal(file, rank, manifest, header)
+    sealed = header["ranges"]
     try:
         with h5py.File(file, "r") as f:
-            if sealed is None or _ck._dataset_names(f) != sealed:
-                raise CheckpointCorrupt(f"{file}: its datasets are not the ones it was sealed with")
-            out = {"path": file, "groups": {g: _ck._read_group(f, g, file) for g in f}}
+            _ck._check_datasets(f, file, sealed)
+            for field in ("rank", "step"):
+                if _ck._read_int(f, field, file) != (rank if field == "rank" else manifest["step"]):
+                    raise CheckpointCorrupt(f"{file}: attribute {field} is not the manifest's: the checkpoint is "
+                                            f"corrupt")
+            out = {"path": file, "groups": {g: _ck._read_group(f, g, file, sealed) for g in f}}
             if rank == 0:
                 out["tokens_seen"] = _ck._read_int(f, "tokens_seen", file)
                 out.update({k: _ck._read_json(f, k, file) for k in ("data_state", "rng_state", "extra",
@@ -281,10 +312,24 @@ def _tile(spans, end: int, what: str) -> list:
     return spans
 
 
-def _assemble(manifest: dict, files: list, where: str) -> tuple[dict, dict]:
-    """Whole params and optimizer state from the rank files' pieces (module docstring)."""
+def _check_bucket_shapes(name: str, b: dict, shapes: dict, num_experts: int, ep: int, where: str) -> None:
+    """Each key of bucket `name` is a parameter of the stored config, of its shape (an expert bucket: the local
+    [E/ep, ...] of it), so that no array is made bigger than the model the config describes."""
+    for key, shape in zip(b["keys"], b["shapes"]):
+        whole = shapes.get(key)
+        local = None if whole is None or not b["expert"] else [num_experts // ep] + list(whole[1:])
+        if whole is None or list(shape) != (local or list(whole)):
+            raise CheckpointCorrupt(f"{where}: bucket {name}: {key!r} of shape {shape!r} is not a parameter of the "
+                                    f"stored config: the checkpoint is corrupt")
+
+
+def _assemble(manifest: dict, files: list, where: str, shapes: dict) -> tuple[dict, dict]:
+    """Whole params and optimizer state from the rank files' pieces (module docstring); `shapes`: the stored
+    config's param_shapes."""
     E, ranks, params, state = manifest["num_experts"], manifest["ranks"], {}, {}
+    ep = Layout.parse(manifest["layout"]).ep
     for name, b in manifest["buckets"].items():
+        _check_bucket_shapes(name, b, shapes, E, ep, where)
         holders = [(r, tuple(d["shards"][name]), tuple(d["experts"])) for r, d in enumerate(ranks)
                    if name in d["shards"]]
         ranges = _tile({e for *_, e in holders}, E, f"{where}: experts of {name}") if b["expert"] else [None]
@@ -311,6 +356,52 @@ def _assemble(manifest: dict, files: list, where: str) -> tuple[dict, dict]:
     return params, state
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest(manifest: dict, path: str, stored: Config) -> None:
+    """The manifest's fields a reader uses, checked for type and against each other, the stored config and the
+    directory name `step_N.sharded`; CheckpointCorrupt naming the field otherwise. (Each rank file's sealed rank,
+    step and run are checked against them as it is read, _check_rank_seal.)"""
+    where = os.path.join(path, MANIFEST)
+
+    def bad(field, why):
+        return CheckpointCorrupt(f"{where}: {field} {why}: the checkpoint is corrupt")
+
+    step, ranks, world = manifest.get("step"), manifest.get("ranks"), manifest.get("world_size")
+    if not _is_count(step):
+        raise bad("step", f"{step!r} is not a non-negative integer")
+    named = _DIR.match(os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != step:
+        raise bad("step", f"{step} is not the step {int(named.group(1))} of the directory name")
+    if not isinstance(manifest.get("run_id"), (str, type(None))):
+        raise bad("run_id", "is not a string")
+    if not isinstance(ranks, list) or not ranks or not all(isinstance(d, dict) for d in ranks):
+        raise bad("ranks", "is not a list of rank descriptions")
+    if not _is_count(world) or world != len(ranks):
+        raise bad("world_size", f"{world!r} is not the {len(ranks)} ranks it lists")
+    try:
+        layout = Layout.parse(manifest.get("layout"))
+    except LayoutError as e:
+        raise bad("layout", f"is not a layout ({e})") from None
+    if layout.world_size != world:
+        raise bad("layout", f"{layout} has {layout.world_size} ranks, not the world size {world}")
+    experts = manifest.get("num_experts")
+    if not _is_count(experts) or experts != stored.num_experts:
+        raise bad("num_experts", f"{experts!r} is not the stored config's {stored.num_experts}")
+    if experts % layout.ep:
+        raise bad("layout", f"ep = {layout.ep} does not divide the {experts} experts")
+    width = experts // layout.ep
+    for r, d in enumerate(ranks):
+        ep_rank = d.get("ep_rank")
+        if not _is_count(ep_rank) or ep_rank >= layout.ep or d.get("experts") != [ep_rank * width,
+                                                                                  (ep_rank + 1) * width]:
+            raise bad(f"ranks[{r}]", f"ep_rank {ep_rank!r} and experts {d.get('experts')!r} do not fit {layout}")
+    if not isinstance(manifest.get("buckets"), dict) or not isinstance(manifest.get("replicated"), dict):
+        raise bad("buckets", "or replicated is not a JSON object")
+
+
 def load_sharded(path, config: Config | None = None) -> Checkpoint:
     """A sharded checkpoint as a Checkpoint of whole arrays keyed as in one process (the fields load_checkpoint
     fills; `path` is the directory). `config` as in load_checkpoint: the stored model must be the same."""
@@ -324,14 +415,13 @@ def load_sharded(path, config: Config | None = None) -> Checkpoint:
     diff = [] if config is None else _ck.config_changes(stored, config, recipe=False)
     if diff:
         raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} (checkpoint != expected)")
+    _check_manifest(manifest, path, stored)
     try:
-        files = [_read_rank(path, r, d) for r, d in enumerate(manifest["ranks"])]
-        if len(files) != manifest["world_size"]:
-            raise CheckpointCorrupt(f"{where}: lists {len(files)} ranks for world size {manifest['world_size']}")
-        params, state = _assemble(manifest, files, where)
+        files = [_read_rank(path, r, d, manifest) for r, d in enumerate(manifest["ranks"])]
+        params, state = _assemble(manifest, files, where, param_shapes(stored))
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise CheckpointCorrupt(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
     order = param_shapes(stored)
     params = {**{k: params[k] for k in order if k in params}, **{k: v for k, v in params.items() if k not in order}}
@@ -352,11 +442,12 @@ def load_sharded(path, config: Config | None = None) -> Checkpoint:
 # ---- a directory of checkpoints ----------------------------------------------------------------------------------
 def sharded_steps(directory, complete: bool = True) -> list[tuple[int, str]]:
     """(step, path) of the sharded checkpoint directories holding a manifest (complete=False: those without one,
-    interrupted saves), oldest step first."""
+    interrupted saves), oldest step first. Only real directories count, and only a regular manifest.json: a
+    symlink (to another folder or file) is never followed, listed or removed."""
     directory, found = os.fspath(directory), []
     for name in os.listdir(directory):
         m, p = _DIR.match(name), os.path.join(directory, name)
-        if m and os.path.isdir(p) and os.path.isfile(os.path.join(p, MANIFEST)) == complete:
+        if m and is_plain_dir(p) and is_plain_file(os.path.join(p, MANIFEST)) == complete:
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -388,8 +479,13 @@ class ShardedCheckpointManager(CheckpointManager):
 
     @staticmethod
     def _remove(path) -> None:
+        """Remove a listed checkpoint: a real directory with what it holds (rmtree removes a symlink inside it, not
+        its target), or a regular file; anything else is left alone."""
         with contextlib.suppress(FileNotFoundError):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            if is_plain_dir(path):
+                shutil.rmtree(path)
+            elif is_plain_file(path):
+                os.remove(path)
 
     @staticmethod
     def _run_id(path):
@@ -422,6 +518,7 @@ class ShardedCheckpointManager(CheckpointManager):
         """The single-file save (the state keywords of save_checkpoint), with this manager's retention."""
         self.clean_tmp()
         state.setdefault("run_id", self.run_id)
+        refuse_foreign_entry(self.path_for(step), directory=False)
         path = save_checkpoint(self.path_for(step), step=step, **state)
         self._retain(path, state["run_id"])
         return path

@@ -29,39 +29,25 @@ What a run survives (docs/architecture.md, "Run safety"):
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import signal
-import socket
 import sys
 import time
-import uuid
 
 import numpy as np
 
-from trinity.accel import BackendUnavailable, get_backend
-from trinity.reference import Config, ConfigError, init_params
-from trinity.reference.data.mixture import MixtureLoader
-from trinity.reference.data.packing import PackedTokenLoader
-from trinity.reference.data.rsdb import RSDBLoader
-from trinity.reference.data.store import DataError, DocumentStore
-from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
-from trinity.reference.training.balancing import init_balancing_state
-from trinity.reference.training.checkpoint import CheckpointError, CheckpointWriteError, config_changes
-from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
-from trinity.reference.training.optim import init_optimizer_state
-from trinity.reference.training.schedules import BatchSchedule, learning_rate
+from trinity.reference.training.checkpoint import CheckpointError, CheckpointWriteError
+from trinity.reference.training.schedules import learning_rate
 from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, compute_gradients
 
-from .layout import Layout, LayoutError
-from .mesh import allgather_json
-from .metrics_log import MetricsFileError, MetricsLog, is_metrics_file
+from .layout import Layout
+from .metrics_log import MetricsFileError
 from .preemption import PreemptionGuard
-from .run_config import RunConfig, RunConfigError, check_output_paths
-from .sharded_checkpoint import ShardedCheckpointManager
+from .run_config import RunConfig, RunConfigError
+from .startup import STARTUP_ERRORS, Startup, _every_rank, build_loader, data_fingerprint
 
-__all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "FAULT_MID_STEP_ENV", "build_loader",
+__all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "FAULT_MID_STEP_ENV",
+           "FAULT_HANG_MID_STEP_ENV", "build_loader",
            "data_fingerprint"]
 
 # Fault injection for tests: SIGKILL this process right after the checkpoint of this step is written
@@ -71,6 +57,8 @@ FAULT_METRICS_ENV = "TRINITY_FAULT_KILL_AFTER_METRICS"
 # "R:S": rank R SIGKILLs itself in the middle of step S (after its gradients, before the update): the other ranks are
 # then inside a collective.
 FAULT_MID_STEP_ENV = "TRINITY_FAULT_KILL_MID_STEP"
+# "R:S": rank R stops itself (SIGSTOP) in the middle of step S: a hung rank, which the others' watchdog ends.
+FAULT_HANG_MID_STEP_ENV = "TRINITY_FAULT_STOP_MID_STEP"
 
 
 class TrainingDiverged(RuntimeError):
@@ -78,110 +66,11 @@ class TrainingDiverged(RuntimeError):
     update, and the message names the step and the checkpoint to resume from."""
 
 
-def _every_rank(error):
-    """Mark an error that every rank of the job raises at the same point (the command can then end the job once and
-    cleanly instead of aborting it from each rank)."""
-    error.every_rank = True
-    return error
-
-
-def _ranges(ranks: list[int]) -> str:
-    return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}…{ranks[-1]} ({len(ranks)})"
-
-
-def _base_config(run: RunConfig):
-    """(Config, params or None) from the run's model source: a preset, a config.json, or an HF checkpoint. Errors
-    name the [model] key."""
-    kind, value = run.model_source
-    if kind == "preset":
-        return Config.preset(value), None
-    from trinity.reference.interop.hf import CheckpointError as HFError, load_pretrained
-    try:
-        if kind == "config":
-            return Config.from_hf(value), None
-        config, params = load_pretrained(value, dtype=np.dtype(run.dtype))
-    except (ConfigError, HFError, OSError, ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
-        raise RunConfigError(f"[model] {kind} = {value!r}: {e}") from None
-    for key, array in params.items():
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            raise RunConfigError(f"[model] init_from = {value!r}: the weights hold NaN or infinity ({key})")
-    return config, params
-
-
-def data_fingerprint(stores) -> list[dict]:
-    """Per data source: documents, tokens and the SHA-256 of its document index (where each document starts)."""
-    return [{"documents": int(s.num_documents), "tokens": int(s.num_tokens),
-             "index_sha256": hashlib.sha256(np.ascontiguousarray(s.starts, dtype="<i8").tobytes()).hexdigest()}
-            for s in stores]
-
-
-def _data_changes(saved, now, stores) -> list[str]:
-    """What differs between a checkpoint's data fingerprint and the current data's, one phrase per change."""
-    if not isinstance(saved, list) or len(saved) != len(now):
-        return [f"{len(now)} data source(s) now, {len(saved) if isinstance(saved, list) else '?'} in the checkpoint"]
-    changes = []
-    for store, old, new in zip(stores, saved, now):
-        what = [f"{k} {old.get(k)} -> {new[k]}" for k in ("documents", "tokens") if old.get(k) != new[k]]
-        if not what and old.get("index_sha256") != new["index_sha256"]:
-            what = ["the document boundaries differ"]
-        if what:
-            changes.append(f"{store.path}: " + ", ".join(what))
-    return changes
-
-
-def _dataset_tokenizer(stores):
-    """(info, tokenizer.json bytes) of the prepared datasets' tokenizer, or None when no source names one (raw
-    token files). Sources with different tokenizers are refused: their ids would mean different things."""
-    records = []
-    for store in stores:
-        if getattr(store, "meta", None) is None:
-            continue
-        try:
-            records.append((store.path, tokenizer_record(load_tokenizer(store.path))))
-        except (TokenizerError, OSError) as e:
-            raise RunConfigError(f"[data] {store.path}: its tokenizer cannot be read ({e})") from None
-    if len({r[1][0].get("sha256") or r[1][0]["kind"] for r in records}) > 1:
-        raise RunConfigError(f"[data] sources use different tokenizers: {', '.join(p for p, _ in records)}")
-    return records[0][1] if records else None
-
-
-def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
-    """(loader, [DocumentStore per data source]) for the run's [data] section: a PackedTokenLoader or RSDBLoader
-    over `path` (a token file or prepared directory), or a MixtureLoader of one such loader per [[data.sources]]
-    with the run's phases. Ranks read disjoint documents (data/packing.py). Errors name the [data] key."""
-    paths = list(run.data_sources) if run.data_sources else [run.data_path]
-    stores = []
-    for path in paths:
-        if not os.path.exists(path):
-            raise RunConfigError(f"[data] path: no such file or directory {path}")
-        try:
-            stores.append(DocumentStore(path, run.eos_id))
-        except DataError as e:
-            raise RunConfigError(f"[data] {e}") from None
-    if len({s.eos_id for s in stores}) > 1:
-        raise RunConfigError(f"[data] sources disagree on eos_id: {[s.eos_id for s in stores]}")
-
-    def one(store):
-        if run.data_loader == "rsdb":
-            return RSDBLoader(store, run.seq_len, run.micro_batch_size, buffer_size=run.rsdb_buffer,
-                              seed=run.data_seed, rank=rank, world_size=world_size)
-        return PackedTokenLoader(store, run.seq_len, run.micro_batch_size, seed=run.data_seed, rank=rank,
-                                 world_size=world_size)
-
-    try:
-        if not run.data_sources:
-            return one(stores[0]), stores
-        phases = [(start, list(w)) for start, w in run.data_phases]
-        return MixtureLoader([one(s) for s in stores], phases, seed=run.data_seed, rank=rank,
-                             world_size=world_size), stores
-    except DataError as e:
-        raise RunConfigError(f"[data] {e}") from None
-
-
-class Trainer:
+class Trainer(Startup):
     """Trains the run's model. `comm` (launch.world(): mpi4py's COMM_WORLD, or a virtual communicator) makes it one
     rank of a job laid out by the run's [parallel] section (docs/distributed.md): every rank runs this same code on
-    its part of each step; rank 0 alone logs, draws the progress bar and writes metrics and checkpoints."""
+    its part of each step; rank 0 alone logs, draws the progress bar and writes metrics and checkpoints. Its start
+    (startup.py) takes the run folder's lock, held until `train` ends or `close()`."""
 
     def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print, comm=None):
         self.run = run
@@ -189,143 +78,32 @@ class Trainer:
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
         self.stopped_by: int | None = None  # the signal that ended `train` early (preemption), if any
+        # A signal received elsewhere than this rank's thread (virtual ranks: the simulator's main thread), read at
+        # every step boundary beside the rank's own; None: none.
+        self.stop_requested = lambda: None
         distributed = comm is not None and not (comm.Get_size() == 1 and run.layout == Layout())
+        try:
+            self._start(resume, restart, comm, distributed)
+        except BaseException:
+            self.close()  # a refused start gives the run folder back as it found it
+            raise
+
+    def _start(self, resume: bool, restart: bool, comm, distributed: bool) -> None:
+        """Prepare, agree (under a layout), then change the run folder (--restart) and build the mesh (startup.py)."""
         failed = None
         try:
-            self._prepare(resume, restart, comm)
-        except RunConfigError as e:  # under a layout every rank first learns whether any failed (_agree)
+            self._prepare(resume, restart, comm, distributed)
+        except STARTUP_ERRORS as e:  # under a layout every rank first learns whether any failed (_agree)
             if not distributed:
                 raise
             failed = e
         self.mesh = LOCAL
         if distributed:
             self._agree(comm, failed, resume)
+        self._restart_folder()
+        if distributed:
             self.mesh = self._build_mesh(comm)
             self._shard_state()
-
-    def _prepare(self, resume: bool, restart: bool, comm) -> None:
-        """Everything before the first collective: the run file, model, backend, layout check, data, memory, run
-        folder and resume point, and the whole state (built or loaded the same way on every rank)."""
-        run = self.run
-        check_output_paths(run)
-        base, pretrained = _base_config(run)
-        self.config = config = run.build_config(base)
-        try:
-            backend = get_backend(run.backend)
-        except BackendUnavailable as e:
-            raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
-        self.ops = backend
-        self._check_layout(comm)
-        self.loader, self.stores = build_loader(run)
-        for store in self.stores:
-            largest = store.max_token()
-            if largest >= config.vocab_size:
-                raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
-                                     f"{config.vocab_size}")
-        memory = self._check_memory(loaded=pretrained)
-        self.fingerprint = data_fingerprint(self.stores)
-        self.tokenizer = _dataset_tokenizer(self.stores)
-        self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
-        try:
-            self.checkpoints = ShardedCheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
-        except CheckpointError as e:
-            raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {e}") from None
-        self.metrics = MetricsLog(run.metrics_path) if self.is_main else None
-        if not is_metrics_file(run.metrics_path):
-            raise RunConfigError(f"[logging] metrics = {run.metrics_path!r}: holds a file that is not a trinity "
-                                 f"metrics file; it is left alone: choose another path")
-        if not resume and self.is_main:  # rank 0 decides for the job (an error there ends every rank)
-            self._claim_folder(restart)
-        ckpt = self._load_resume_point(config) if resume else None
-        self.resumed_from = None if ckpt is None else (ckpt.path, ckpt.step)
-        self.log(memory)
-        self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
-        self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
-        if ckpt is not None:
-            self.params, self.opt_state, self.balance_state = ckpt.params, ckpt.optimizer_state, \
-                ckpt.balancing_state
-            self.step, self.tokens_seen = ckpt.step, ckpt.tokens_seen
-            self.skipped_steps = int(ckpt.extra.get("skipped_steps", 0))
-            self.run_id = ckpt.run_id or uuid.uuid4().hex
-            self.loader.load_state_dict(ckpt.data_state)
-            self.rng = np.random.default_rng()
-            self.rng.bit_generator.state = ckpt.rng_state
-            self.log(f"resumed from {ckpt.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
-            changed = config_changes(ckpt.config, config, recipe=True)
-            if changed:
-                self.log(f"the recipe changed since that checkpoint (checkpoint != now): {'; '.join(changed)}")
-        else:
-            if resume:
-                self.log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
-            if pretrained is not None:
-                self.params = pretrained
-            else:
-                self.params = init_params(config, seed=run.init_seed, dtype=np.dtype(run.dtype))
-            self.opt_state = init_optimizer_state(config, self.params)
-            self.balance_state = init_balancing_state(config, self.params)
-            self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
-            self.run_id = uuid.uuid4().hex
-            self.rng = np.random.default_rng(run.init_seed)
-        self.checkpoints.run_id = self.run_id
-
-    # ---- the layout ---------------------------------------------------------------------------------------------
-    def _check_layout(self, comm) -> None:
-        """Refuse, before any work, a layout the job cannot run, listing those that fit (Layout.check)."""
-        run = self.run
-        if run.layout == Layout():
-            return
-        if comm is None:
-            raise RunConfigError(f"[parallel] layout {run.layout} needs {run.layout.world_size} ranks, but no MPI "
-                                 f"launcher started this process: mpiexec -n {run.layout.world_size} python -m mpi4py "
-                                 f"-m trinity.cli train {run.path} --mesh {run.layout}")
-        try:
-            run.layout.check(world_size=comm.Get_size(), config=self.config, seq_len=run.seq_len,
-                             micro_batch_size=run.micro_batch_size, batch_sizes=run.batch_sizes)
-        except LayoutError as e:
-            raise RunConfigError(f"[parallel] {e}") from None
-
-    def _agree(self, comm, failed: RunConfigError | None, resume: bool) -> None:
-        """The ranks' first exchange: each one's error (if any) and a digest of the job it is about to run (the run
-        configuration, the model, the resume point). An error on any rank, or ranks that disagree, is raised on every
-        rank alike (`every_rank`: the command ends the job once, cleanly)."""
-        job = None if failed else hashlib.sha256(json.dumps(
-            [repr(self.run), self.config.to_dict(), self.resumed_from, self.step, self.tokens_seen],
-            sort_keys=True, default=str).encode()).hexdigest()
-        everyone = allgather_json(comm, {"error": None if failed is None else str(failed), "job": job})
-        errors = [(r, e["error"]) for r, e in enumerate(everyone) if e["error"]]
-        if errors:
-            first, message = errors[0]
-            where = ("every rank" if len(errors) == len(everyone) else
-                     f"rank {first}" + (f" and {len(errors) - 1} more" if len(errors) > 1 else ""))
-            raise _every_rank(RunConfigError(f"{message} ({where})"))
-        jobs = {}
-        for r, e in enumerate(everyone):
-            jobs.setdefault(e["job"], []).append(r)
-        if len(jobs) > 1:
-            groups = " vs ".join(_ranges(rs) for rs in jobs.values())
-            raise _every_rank(RunConfigError(f"the ranks are not running the same job (run file, model or resume "
-                                             f"point differ): ranks {groups}; start every rank with the same run file"
-                                             + (" and checkpoint folder" if resume else "")))
-
-    def _build_mesh(self, comm):
-        """The run's layout over `comm` (collective), and one line naming every rank's pid and host."""
-        from .mesh import Mesh
-        run = self.run
-        mesh = Mesh(comm, run.layout, checksums=run.checksums)
-        ranks = allgather_json(comm, [os.getpid(), socket.gethostname()])
-        shown = "; ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(ranks[:16]))
-        self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))
-        return mesh
-
-    def _shard_state(self) -> None:
-        """Under a layout, keep only this rank's shards of the params and optimizer state (every rank built or
-        loaded the whole state the same way), and train with the layout's op table."""
-        if self.mesh is LOCAL:
-            return
-        from .parallel_ops import parallelize
-        self.run_id = self.checkpoints.run_id = allgather_json(self.mesh.comm, self.run_id)[0]  # rank 0's names it
-        self.ops, self.params, self.opt_state = parallelize(self.ops, self.mesh, self.config, self.params,
-                                                            self.opt_state)
 
     def whole_state(self) -> tuple[dict, dict]:
         """(params, optimizer state) as whole arrays keyed as in one process (collective under a layout)."""
@@ -340,75 +118,6 @@ class Trainer:
         state = sum(int(np.asarray(v).nbytes) for k, v in self.opt_state.items() if k != "step")
         return {"params": params, "grads": params, "optimizer": state}
 
-    def _check_memory(self, loaded=None) -> str:
-        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the larger
-        of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy of the
-        file). `loaded`: params already in memory (init_from), not counted twice. Returns the estimate, to log."""
-        run = self.run
-        micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size
-        estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
-                                       micro_steps=micro_steps)
-        state = estimate["params"] + estimate["optimizer"]
-        save = 2 * state + (state >> 4)
-        total, peak = (save, "a checkpoint save") if save > estimate["total"] else (estimate["total"],
-                                                                                   f"the step's {estimate['phase']}")
-        available = available_memory_bytes()
-        if available is not None and loaded is not None:
-            available += sum(v.nbytes for v in loaded.values())
-        gib = 2.0 ** 30
-        said = (f"estimated peak memory {total / gib:.2f} GiB, in {peak} (params {estimate['params'] / gib:.2f}, "
-                f"optimizer {estimate['optimizer'] / gib:.2f}, activations {estimate['activations'] / gib:.2f}, "
-                f"logits {estimate['logits'] / gib:.2f} GiB)")
-        if available is not None and total > available:
-            raise RunConfigError(f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said} "
-                                 f"exceeds the {available / gib:.2f} GiB available; "
-                                 + ("this model's state does not fit this machine" if peak == "a checkpoint save" else
-                                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true")))
-        return said + (f" of {available / gib:.2f} GiB available" if available is not None else "")
-
-    def _claim_folder(self, restart: bool) -> None:
-        """A new run needs a folder of its own: existing checkpoints (or a non-empty metrics file) are refused,
-        unless `restart` removes them."""
-        run = self.run
-        found = self.checkpoints.list()
-        metrics = os.path.isfile(run.metrics_path) and os.path.getsize(run.metrics_path) > 0
-        if not found and not metrics:
-            return
-        if restart:
-            removed = self.checkpoints.remove_all()
-            self.log(f"--restart: removed {len(removed)} checkpoint(s) from {run.checkpoint_dir}"
-                     + (f" and the metrics in {run.metrics_path}" if metrics else ""))
-            return  # the metrics file is started empty by `train`
-        where = (f"[checkpoint] dir = {run.checkpoint_dir!r}: holds checkpoints of an earlier run ("
-                 f"{', '.join(os.path.basename(p) for p in found[-3:])}{', ...' if len(found) > 3 else ''})"
-                 if found else f"[logging] metrics = {run.metrics_path!r}: holds the metrics of an earlier run")
-        raise RunConfigError(f"{where}; continue it with --resume, give this run another [checkpoint] dir and "
-                             f"[logging] metrics, or start over with --restart (removes the old checkpoints and "
-                             f"metrics)")
-
-    def _load_resume_point(self, config):
-        """The newest checkpoint that verifies (None: none at all); skipped corrupt ones are logged; one whose
-        data fingerprint differs from the current data is refused."""
-        try:
-            ckpt, skipped = self.checkpoints.load_newest_valid(config)
-        except CheckpointError as e:
-            raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}") from None
-        for path, why in skipped:
-            self.log(f"skipped checkpoint {path}: {why}")
-        if ckpt is None and skipped:
-            raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: none of its {len(skipped)} "
-                                 f"checkpoint(s) verifies (corrupt); start over with --restart")
-        if ckpt is not None and ckpt.data_fingerprint is not None:
-            changes = _data_changes(ckpt.data_fingerprint, self.fingerprint, self.stores)
-            was, now = ckpt.tokenizer or {}, self.tokenizer[0] if self.tokenizer else {}
-            if (was.get("kind"), was.get("sha256")) != (now.get("kind"), now.get("sha256")):
-                changes.append(f"the tokenizer changed ({was.get('kind')} -> {now.get('kind')})")
-            if changes:
-                raise RunConfigError(f"[data] the training data changed since checkpoint {ckpt.path}: "
-                                     f"{'; '.join(changes)}; resume on the same data, or start a new run")
-        return ckpt
-
-    # ---- one optimizer step -------------------------------------------------------------------------------------
     def next_batch(self, sequences: int) -> GlobalBatch:
         """The step's global batch: `sequences` sequences read from the loader in micro_batch_size pieces, the same
         on every rank and under every layout (each rank then trains on its part, training/step.py)."""
@@ -430,6 +139,8 @@ class Trainer:
                                    ops=self.ops, mesh=self.mesh, recompute=run.recompute, check=False)
         if os.environ.get(FAULT_MID_STEP_ENV) == f"{self.rank}:{self.step + 1}":
             os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(FAULT_HANG_MID_STEP_ENV) == f"{self.rank}:{self.step + 1}":
+            os.kill(os.getpid(), signal.SIGSTOP)
         if not result.finite:
             return self._non_finite_step(result.losses, result.grad_norm, sequences, time.perf_counter() - t0)
         lr = {group: learning_rate(self.step, run.steps, peak, c.warmup_steps, c.lr_schedule,
@@ -529,7 +240,14 @@ class Trainer:
 
     def train(self) -> dict | None:
         """Run to `[train] steps`; the last step's metrics (None when there was nothing to do). A SIGINT/SIGTERM
-        ends it early after a checkpoint, with `stopped_by` set to the signal."""
+        ends it early after a checkpoint, with `stopped_by` set to the signal. The run folder's lock is given back at
+        the end, however it ends."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict | None:
         run = self.run
         if self.step >= run.steps:
             self.log(f"already at step {self.step} of {run.steps}: nothing to do")
@@ -562,7 +280,7 @@ class Trainer:
                     if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                         self.save()
                         saved = True
-                signum = self._agreed_signal(guard.signum)
+                signum = self._agreed_signal(guard.signum or self.stop_requested())
                 if signum is not None and self.step < run.steps:  # (at the end the run is simply done)
                     path = self.last_checkpoint if saved else self.save()
                     self.stopped_by = signum

@@ -10,6 +10,8 @@
 A fault acts in Mesh.collective (the one door of every collective, which knows the step and phase), so it hits the
 real distributed code where a real failure would; kill, corrupt and hang act once, at the (K+1)-th collective of
 step S (of phase P, when given: forward, backward, reductions, optimizer, checkpoint, control).
+A fault that could never act is refused before the run, in one line: a negative rank or `after`, step 0, an
+unknown phase (parse_fault), a rank or step beyond the run's (check_faults).
 
 - kill: the rank raises RankKilled; the virtual communicator releases every other rank and the run ends naming it,
   as a cluster job ends (the cluster mode's promise: a clear error naming the rank, and the last complete
@@ -27,10 +29,16 @@ step S (of phase P, when given: forward, backward, reductions, optimizer, checkp
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
-__all__ = ["Fault", "FaultPlan", "RankKilled", "parse_fault"]
+__all__ = ["Fault", "FaultPlan", "RankKilled", "parse_fault", "check_faults", "PHASES"]
+
+# The phases of a step a fault can name: Mesh.set_phase's values (the step's seams, the trainer's checkpoint write and
+# its stop agreement, "control").
+PHASES = ("forward", "backward", "reductions", "optimizer", "checkpoint", "control")
+MAX_SLOW_SECONDS = 60.0  # a straggler's wait before every collective: more would only make a run take hours
 
 _AT = ("rank", "step", "phase", "after")  # the fields of a fault that acts once, at a chosen collective
 _KINDS = {"kill": _AT, "corrupt": _AT, "hang": _AT, "slow": ("rank", "seconds")}
@@ -62,6 +70,8 @@ def parse_fault(text: str) -> Fault:
         if name not in _KINDS[kind] or not value:
             raise ValueError(f"fault {text!r}: {part!r}: expected name=value with a name among "
                              f"{', '.join(_KINDS[kind])}")
+        if name in values:
+            raise ValueError(f"fault {text!r}: {name} given twice")
         try:
             values[name] = value if name == "phase" else (float(value) if name == "seconds" else int(value))
         except ValueError:
@@ -69,7 +79,36 @@ def parse_fault(text: str) -> Fault:
     needs = ("rank", "seconds") if kind == "slow" else ("rank", "step")
     if any(name not in values for name in needs):
         raise ValueError(f"fault {text!r}: {kind} needs {' and '.join(needs)}")
+    why = _never_valid(values)
+    if why:
+        raise ValueError(f"fault {text!r}: {why}")
     return Fault(kind, **values)
+
+
+def _never_valid(values: dict) -> str | None:
+    """Why a fault's values could not act in any run (a negative rank, step 0, an unknown phase, …), or None."""
+    if values["rank"] < 0:
+        return "rank must be 0 or more"
+    if "step" in values and values["step"] < 1:
+        return "step must be 1 or more (steps count from 1)"
+    if values.get("after", 0) < 0:
+        return "after must be 0 or more"
+    if values.get("phase", PHASES[0]) not in PHASES:
+        return f"phase {values['phase']!r} is none of {', '.join(PHASES)}"
+    seconds = values.get("seconds", 0.0)
+    if not (math.isfinite(seconds) and 0 <= seconds <= MAX_SLOW_SECONDS):
+        return f"seconds must be from 0 to {MAX_SLOW_SECONDS:g}"
+    return None
+
+
+def check_faults(faults, ranks: int, steps: int) -> None:
+    """Refuse (ValueError, one line) a fault that cannot act in a run of `ranks` ranks and `steps` steps: a rank
+    beyond the ranks, a step beyond the run's last."""
+    for f in faults:
+        if f.rank >= ranks:
+            raise ValueError(f"{f.kind} fault at rank {f.rank}: the run has ranks 0 to {ranks - 1}")
+        if f.step is not None and f.step > steps:
+            raise ValueError(f"{f.kind} fault at step {f.step}: the run ends at step {steps} ([train] steps)")
 
 
 class FaultPlan:

@@ -5,22 +5,37 @@ without activation recompute, predicted by the cost model; those that fit in mem
                   batches=[(0, 12288), (4.9e12, 16384)], tokens=17e12)
     plan.best, plan.ranked[:10], plan.days
 
-Layouts come from trinity.distributed.layout.fitting_layouts (the same rules `trinity train` checks: the world
+Layouts are those of trinity.distributed.layout.fitting_layouts (the same rules `trinity train` checks: the world
 size, ep dividing dp_shard·cp and the experts, the batch dividing into dp·micro-batch, cp chunks holding a sliding
 window's halo), for every batch of the schedule. A layout is timed at each batch of the schedule (a batch raised
 mid-run changes the micro-batches per rank) and its days are the sum over the schedule's segments; it is ranked by
 mean tokens/s over the whole budget, memory checked at the largest batch.
+
+The search is bounded, and refuses at once (SearchTooLarge, before any prediction) what would take minutes: more
+than MAX_GPUS ranks, sequences longer than MAX_SEQ_LEN (the memory model walks a sequence's attention blocks), batch
+sizes over MAX_SEQUENCES, more than MAX_EXAMINED layouts to test against the rules, or more than MAX_PREDICTIONS
+predictions (choices × batch sizes; --fix narrows them). Layouts are enumerated from the batch rule (dp·micro-batch
+divides every batch size, so dp divides their gcd and the world), then decided by Layout.problems: the same list as
+fitting_layouts, without visiting the layouts of a million-rank world that the batch rule excludes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-from trinity.distributed.layout import fitting_layouts
+from trinity.distributed.layout import DIMS, Layout
 
 from .cost_model import Prediction, predict
+from .limits import MAX_EXAMINED, MAX_GPUS, MAX_PREDICTIONS, MAX_SEQ_LEN, MAX_SEQUENCES
 
-__all__ = ["Candidate", "Plan", "search", "explain"]
+__all__ = ["Candidate", "Plan", "search", "explain", "layouts_to_plan", "SearchTooLarge", "MAX_GPUS", "MAX_SEQ_LEN",
+           "MAX_SEQUENCES", "MAX_EXAMINED", "MAX_PREDICTIONS"]
+
+
+
+class SearchTooLarge(ValueError):
+    """A search that would take minutes, refused before any prediction; the message (one line) names the limit."""
 
 
 @dataclass
@@ -66,21 +81,73 @@ def _segments(batches, tokens):
     return out
 
 
+def _divisors(n: int) -> list[int]:
+    """The divisors of n, ascending, in O(√n) steps."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small) | {n // d for d in small})
+
+
+def layouts_to_plan(*, gpus: int, config, seq_len: int, micro_batch_size: int, batch_sizes, fixed=None,
+                    budget: list | None = None) -> list[Layout]:
+    """fitting_layouts' list (every layout of `gpus` ranks that Layout.problems accepts, in its order), restricted
+    to the sizes in `fixed`, visiting only layouts that the batch rule (dp·micro-batch divides every batch size) and
+    the expert rule (ep divides dp_shard·cp and the experts) allow. `budget` = [layouts still to examine], shared by
+    the calls of one search: SearchTooLarge when it runs out."""
+    fixed, budget = fixed or {}, budget if budget is not None else [MAX_EXAMINED]
+    common = math.gcd(*(int(b) for b in batch_sizes))
+    if common % micro_batch_size:
+        return []
+    job = dict(world_size=gpus, config=config, seq_len=seq_len, micro_batch_size=micro_batch_size,
+               batch_sizes=list(batch_sizes))
+    found = []
+    for dp in _divisors(math.gcd(gpus, common // micro_batch_size)):
+        cp = gpus // dp
+        for dp_shard in _divisors(dp):
+            for ep in _divisors(math.gcd(dp_shard * cp, config.num_experts)):
+                layout = Layout(dp // dp_shard, dp_shard, cp, ep)
+                if any(getattr(layout, dim) != size for dim, size in fixed.items()):
+                    continue
+                budget[0] -= 1
+                if budget[0] < 0:
+                    raise SearchTooLarge(f"more than {MAX_EXAMINED:,} layouts to examine; narrow the search with "
+                                         f"--fix (e.g. --fix ep=8) or a batch size with fewer divisors")
+                if not layout.problems(**job):
+                    found.append(layout)
+    return sorted(found, key=lambda x: (sum(getattr(x, n) != 1 for n in DIMS), -x.dp_shard, x.cp, x.ep))
+
+
+def check_size(*, gpus: int, seq_len: int, batches) -> None:
+    """Refuse (SearchTooLarge) a job beyond the planner's limits (module docstring) before any work."""
+    if not 1 <= gpus <= MAX_GPUS:
+        raise SearchTooLarge(f"{gpus:,} GPUs: the planner takes 1 to {MAX_GPUS:,}")
+    if not 1 <= seq_len <= MAX_SEQ_LEN:
+        raise SearchTooLarge(f"seq_len {seq_len:,}: the planner takes 1 to {MAX_SEQ_LEN:,} tokens")
+    big = [s for _, s in batches if not 1 <= s <= MAX_SEQUENCES]
+    if big:
+        raise SearchTooLarge(f"batch size {big[0]:,}: the planner takes 1 to {MAX_SEQUENCES:,} sequences per step")
+
+
 def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float, micro_batches=(1, 2, 4, 8),
            recompute=(False, True), imbalance=1.0, fixed: dict | None = None) -> Plan:
     """Every (layout, micro-batch, recompute) of the job predicted and ranked (module docstring). `batches`: the
     batch schedule [(from token, sequences per step)], sorted, the first from 0; `fixed`: {dimension: size} that
     every layout must have (e.g. {"ep": 8}); `imbalance`: the busiest ep rank's load over the mean, a number or a
-    function of ep (trinity.simulate.routing.busiest_rank_factor over recorded counts)."""
-    fixed = fixed or {}
+    function of ep (trinity.simulate.routing.busiest_rank_factor over recorded counts). SearchTooLarge, before any
+    prediction, for a search beyond the limits."""
+    check_size(gpus=gpus, seq_len=seq_len, batches=batches)
     sizes = [s for _, s in batches]
     segments = _segments(batches, tokens)
+    budget = [MAX_EXAMINED]
+    layouts = {mbs: layouts_to_plan(gpus=gpus, config=config, seq_len=seq_len, micro_batch_size=mbs,
+                                    batch_sizes=sizes, fixed=fixed, budget=budget) for mbs in micro_batches}
+    predictions = sum(map(len, layouts.values())) * len(recompute) * len(sizes)
+    if predictions > MAX_PREDICTIONS:
+        raise SearchTooLarge(f"{predictions:,} predictions (layouts × micro-batch sizes × recompute × batch sizes), "
+                             f"more than the limit of {MAX_PREDICTIONS:,}; narrow the search with --fix (e.g. "
+                             f"--fix ep=8)")
     ranked, rejected, considered = [], [], 0
     for mbs in micro_batches:
-        for layout in fitting_layouts(world_size=gpus, config=config, seq_len=seq_len, micro_batch_size=mbs,
-                                      batch_sizes=sizes):
-            if any(getattr(layout, dim) != size for dim, size in fixed.items()):
-                continue
+        for layout in layouts[mbs]:
             imb = imbalance(layout.ep) if callable(imbalance) else imbalance
             for rc in recompute:
                 preds = [predict(config, layout, hardware, seq_len=seq_len, sequences=s, micro_batch_size=mbs,

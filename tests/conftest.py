@@ -2,13 +2,17 @@
 
 Hypothesis profiles
 -------------------
-- `dev` (default): quick local runs.
-- `ci`: more examples, derandomized (the same examples on every run, so CI is reproducible), no example database,
-  no deadline (NumPy reference ops on random shapes have no stable timing), `too_slow` health check off.
+- `ci` (the default): derandomized, so the README's test command runs the same examples on every run and every
+  machine; 50 examples, no example database, no deadline (NumPy reference ops on random shapes have no stable
+  timing), `too_slow` health check off, and no shrinking (a failure is reported as found, with its reproduce blob).
+- `explore`: new random examples on every run, 200 of them, with shrinking and the reproduce blob: the command to
+  look for failures before submitting (`HYPOTHESIS_PROFILE=explore python -m pytest ...`); a failure it finds is
+  fixed, or pinned by an `@example`, so that the default run covers it from then on.
+- `dev`: new random examples, 20 of them: a quick look while editing.
 
-The profile is `$HYPOTHESIS_PROFILE` when set, else `ci` when `$CI` is set (to anything but 0/false/no), else
-`dev`. `pytest --hypothesis-profile=NAME` still overrides both. A test's own `@settings(max_examples=...)` always
-wins over the profile: the profile only supplies the values a test leaves unset.
+The profile is `$HYPOTHESIS_PROFILE` when set, else `ci`; no other environment variable plays a part (not `CI`).
+`pytest --hypothesis-profile=NAME` overrides both. A test's own `@settings(max_examples=...)` always wins over the
+profile: the profile only supplies the values a test leaves unset.
 
 Oracle tests
 ------------
@@ -25,9 +29,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, settings
 
 # ---- hypothesis -------------------------------------------------------------------------------------------------
-# Both profiles start from hypothesis' plain "default" profile, not from whatever hypothesis picks by itself when it
+# Every profile starts from hypothesis' plain "default" profile, not from whatever hypothesis picks by itself when it
 # detects CI (its own built-in "ci" profile), so a profile means the same thing on every machine.
 _BASE = settings.get_profile("default")
+DEFAULT_PROFILE = "ci"
 settings.register_profile(
     "ci",
     _BASE,
@@ -37,9 +42,18 @@ settings.register_profile(
     database=None,
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
-    # No shrinking in CI: a failure is reported as found (with its reproduce blob) instead of spending minutes
-    # of the 30-minute budget on minimising it; shrink locally with the dev profile.
+    # No shrinking: a failure is reported as found (with its reproduce blob) instead of spending minutes of the run
+    # on minimising it; the explore profile shrinks.
     phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
+settings.register_profile(
+    "explore",
+    _BASE,
+    max_examples=200,
+    deadline=None,
+    derandomize=False,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
     "dev",
@@ -49,17 +63,21 @@ settings.register_profile(
     deadline=None,
     print_blob=True,
 )
+PROFILES = ("ci", "explore", "dev")
 
 
 def _profile_name() -> str:
-    explicit = os.environ.get("HYPOTHESIS_PROFILE", "").strip()
-    if explicit:
-        return explicit
-    ci = os.environ.get("CI", "").strip().lower()
-    return "ci" if ci and ci not in ("0", "false", "no") else "dev"
+    """$HYPOTHESIS_PROFILE, else the default profile; an unknown name stops the run in one line."""
+    name = os.environ.get("HYPOTHESIS_PROFILE", "").strip() or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise pytest.UsageError(f"HYPOTHESIS_PROFILE={name!r}: unknown profile; choose one of {', '.join(PROFILES)}")
+    return name
 
 
-settings.load_profile(_profile_name())
+def pytest_configure(config):
+    # here rather than at import, so that an unknown name is pytest's one-line usage error; this conftest's hook runs
+    # before hypothesis' plugin's, which then loads the profile of --hypothesis-profile when one is given
+    settings.load_profile(_profile_name())
 
 
 def pytest_addoption(parser):

@@ -65,6 +65,17 @@ def test_blocked_attention_equals_dense_softmax(case, budget):
         assert all(s0 % 16 == 0 and s0 > t0 - window - 16 for t0, _, s0, _ in blocks)
 
 
+@given(st.integers(1, 3000), st.one_of(st.none(), st.integers(1, 600)), st.integers(1, 64),
+       st.sampled_from([16, 1000, 1 << 14, 1 << 22]))
+def test_largest_query_block_is_the_largest_of_query_blocks(T, window, rows, budget):
+    """The memory model's closed form (a few candidate blocks) equals the largest block `query_blocks` yields for the
+    contiguous positions 0..T−1, and the block count."""
+    pos = np.arange(T)
+    blocks = list(attn.query_blocks(pos, pos, window, rows, budget))
+    want = max((t1 - t0) * (s1 - s0) for t0, t1, s0, s1 in blocks), len(blocks)
+    assert attn.largest_query_block(T, window, rows, budget) == want
+
+
 @settings(max_examples=40, deadline=None)
 @given(st.integers(1, 30), st.one_of(st.none(), st.integers(1, 35)), st.integers(0, 10_000))
 def test_each_query_sees_exactly_the_allowed_keys(T, window, seed):

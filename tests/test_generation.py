@@ -340,11 +340,12 @@ def test_generate_errors(small_model, kwargs, match):
 # ---- the CLI ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cli_setup(tmp_path_factory):
-    """Our checkpoint (float32) whose run file names a bytes-tokenizer dataset, one whose run file names synthetic
-    data (no tokenizer), and an HF directory of the same params with a trained BPE tokenizer.json."""
+    """Our checkpoint (float32) that carries the bytes tokenizer (as a run on a prepared dataset saves it), one that
+    carries none (a run on synthetic data), and an HF directory of the same params with a trained BPE
+    tokenizer.json."""
     from trinity.reference.training.checkpoint import save_checkpoint
     from trinity.reference.interop.hf import save_pretrained
-    from trinity.reference.data.tokenizer import train_bpe
+    from trinity.reference.data.tokenizer import ByteTokenizer, tokenizer_record, train_bpe
 
     root = tmp_path_factory.mktemp("gen")
     config = _feature_config(**FEATURES["gqa_dense_mup_wraps"]).replace(vocab_size=300)
@@ -357,12 +358,10 @@ def cli_setup(tmp_path_factory):
     synth.mkdir()
     (synth / "tokens.bin").write_bytes(b"")
     paths = {}
-    for name, data_path in (("bytes", "data/tokens.bin"), ("synth", str(synth / "tokens.bin"))):
-        run = root / f"{name}.toml"
-        run.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{data_path}"\neos_id = 3\n')
+    for name, tokenizer in (("bytes", tokenizer_record(ByteTokenizer())), ("synth", None)):
         paths[name] = save_checkpoint(root / f"{name}.h5", config=config, params=params, optimizer_state={},
                                       balancing_state={}, step=1, tokens_seen=0, data_state={}, rng_state=None,
-                                      extra={"run_file": str(run)})
+                                      tokenizer=tokenizer)
     hf = root / "hf"
     save_pretrained(hf, config, params)
     text = ["the quick brown fox jumps over the lazy dog", "a stitch in time saves nine"] * 20
@@ -388,7 +387,7 @@ def test_cli_checkpoint_prompt_tokens(cli_setup, capsys):
     code, out, _ = _run(capsys, paths["synth"], "--prompt-tokens", "5, 6, 7", "--max-new-tokens", 8,
                         "--temperature", 0.9, "--top-p", 0.8, "--seed", 3, "--ignore-eos")
     assert out.split() == [str(t) for t in want]
-    # the run file's [data] eos_id (3) stops generation
+    # --eos-id stops generation
     greedy = generate(config, params, [5, 6, 7], 8)
     code, out, _ = _run(capsys, paths["synth"], "--prompt-tokens", "5,6,7", "--max-new-tokens", 8,
                         "--eos-id", greedy[2])
@@ -396,11 +395,11 @@ def test_cli_checkpoint_prompt_tokens(cli_setup, capsys):
 
 
 def _checkpoint_trained_on_bytes(root):
-    """A checkpoint whose run file trained on a prepared dataset with the bytes tokenizer, and whose vocabulary is
+    """A checkpoint that carries the bytes tokenizer (a run on a prepared dataset saves it), and whose vocabulary is
     that tokenizer's (257: bytes 0..255 and EOS 256), so that every id the model can generate decodes, whatever the
-    numbers; and a checkpoint of the same model whose run file names a flat token file (no tokenizer)."""
+    numbers; and a checkpoint of the same model that carries none (a run on a flat token file)."""
     from trinity.reference.training.checkpoint import save_checkpoint
-    from trinity.reference.data.tokenizer import ByteTokenizer
+    from trinity.reference.data.tokenizer import ByteTokenizer, tokenizer_record
 
     config = _feature_config(**FEATURES["gqa_dense_mup_wraps"]).replace(vocab_size=ByteTokenizer.vocab_size)
     params = {k: v.astype(np.float32) for k, v in random_params(config, 4).items()}
@@ -410,17 +409,15 @@ def _checkpoint_trained_on_bytes(root):
     (data / "tokens.bin").write_bytes(b"")
     (root / "flat.bin").write_bytes(b"")
     paths = {}
-    for name, data_path in (("bytes", "data/tokens.bin"), ("flat", "flat.bin")):
-        run = root / f"{name}.toml"
-        run.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{data_path}"\neos_id = 3\n')
+    for name, tokenizer in (("bytes", tokenizer_record(ByteTokenizer())), ("flat", None)):
         paths[name] = save_checkpoint(root / f"{name}.h5", config=config, params=params, optimizer_state={},
                                       balancing_state={}, step=1, tokens_seen=0, data_state={}, rng_state=None,
-                                      extra={"run_file": str(run)})
+                                      tokenizer=tokenizer)
     return config, params, paths
 
 
 def test_cli_checkpoint_text_with_dataset_tokenizer(tmp_path, capsys):
-    """`--prompt TEXT` on a checkpoint encodes the text with the tokenizer of the dataset its run trained on (here
+    """`--prompt TEXT` on a checkpoint encodes the text with the tokenizer it carries from its run's dataset (here
     bytes: the non-ASCII prompt is its UTF-8 bytes) and decodes the continuation with it. Exact whatever ids greedy
     decoding picks: the model's vocabulary is the tokenizer's, so every id decodes."""
     from trinity.reference.data.tokenizer import ByteTokenizer

@@ -270,13 +270,13 @@ def test_attention_entropy():
 
 
 # ---- trinity inspect ----------------------------------------------------------------------------------------------
-def _checkpoint(tmp_path, dtype=np.float32, extra=None):
+def _checkpoint(tmp_path, dtype=np.float32, extra=None, tokenizer=None):
     config, params = _model(dtype)
     path = tmp_path / "model.h5"
     opt = init_optimizer_state(config, params)
     bal = init_balancing_state(config, params)
     save_checkpoint(path, config=config, params=params, optimizer_state=opt, balancing_state=bal, step=0,
-                    tokens_seen=0, data_state={}, rng_state=None, extra=extra)
+                    tokens_seen=0, data_state={}, rng_state=None, extra=extra, tokenizer=tokenizer)
     return path, config, params
 
 
@@ -392,19 +392,12 @@ def test_inspect_hf_directory_text_and_plot(tmp_path, capsys):
     assert _equal(y, logits(config, params, np.asarray([[72, 101, 108]])))
 
 
-@pytest.mark.parametrize("data", ['[data]\npath = "data/tokens.bin"\n',
-                                  '[[data.sources]]\npath = "data"\nweight = 1.0\n'])
-def test_inspect_text_finds_the_tokenizer_through_the_run_file(tmp_path, capsys, data):
-    """As `trinity generate` does: our checkpoint records its run file, whose [data] path (or [[data.sources]], both
-    relative to the run file) is a prepared dataset with meta.json, whose tokenizer encodes --text."""
-    from trinity.reference.data.tokenizer import ByteTokenizer
+def test_inspect_text_uses_the_tokenizer_the_checkpoint_carries(tmp_path, capsys):
+    """As `trinity generate` does: `--text` is encoded by the tokenizer our checkpoint carries (the training data's,
+    saved with it), never by a file a path in the checkpoint names; without one the error says so in one line."""
+    from trinity.reference.data.tokenizer import ByteTokenizer, tokenizer_record
 
-    (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "meta.json").write_text(json.dumps({"tokenizer": {"kind": "bytes"}}))
-    (tmp_path / "data" / "tokens.bin").write_bytes(b"")
-    run = tmp_path / "run.toml"
-    run.write_text('[model]\npreset = "tiny"\n' + data)
-    path, _, _ = _checkpoint(tmp_path, extra={"run_file": str(run)})
+    path, _, _ = _checkpoint(tmp_path, tokenizer=tokenizer_record(ByteTokenizer()))
     assert main(["inspect", str(path), "--text", "def main():", "--op", "lm_head"]) == 0
     by_text = capsys.readouterr().out
     ids = ByteTokenizer().encode("def main():")
@@ -412,11 +405,13 @@ def test_inspect_text_finds_the_tokenizer_through_the_run_file(tmp_path, capsys,
     # the same forward as the ids themselves (labelled with the same tokenizer)
     assert main(["inspect", str(path), "--tokens", ",".join(map(str, ids)), "--op", "lm_head"]) == 0
     assert capsys.readouterr().out == by_text
-    # without a tokenizer in the run's data, the error says why
-    (tmp_path / "data" / "meta.json").unlink()
+    # a checkpoint that carries no tokenizer: the error says why
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    path, _, _ = _checkpoint(bare)
     assert main(["inspect", str(path), "--text", "def main():"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--text needs a tokenizer: the training data" in err[0] and "no meta.json" in err[0]
+    assert len(err) == 1 and "carries no tokenizer" in err[0]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,21 +1,32 @@
 """The parallel layout (trinity.distributed.layout): its text form, the rules `Layout.check` enforces (each refusal
-names why and lists only layouts that really pass), `fitting_layouts` against a brute force written from the rules,
-the run file's [parallel] section and `trinity train --mesh`."""
+names why and lists only layouts that really pass), `fitting_layouts` against a brute force over every layout, the
+run file's [parallel] section and `trinity train --mesh`.
+
+The rules are stated once, in `Layout.problems`; the brute force asks it too, so it checks that `fitting_layouts`
+finds every fitting layout, in order, and nothing else. What pins each rule: the examples of
+test_each_rule_is_refused_with_the_layouts_that_fit (one per rule) and, for the window rule, what context parallel
+really runs (test_the_window_rule_is_what_context_parallel_runs: a layout that passes gives the single-process
+losses on a virtual cluster, one refused is refused by context parallel too)."""
 
 from __future__ import annotations
 
 import itertools
 import re
 
+import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, event, given
 from hypothesis import strategies as st
+from strategies import min_topk_gap, random_params
+from test_context_parallel import cp_loss_and_grads
 from test_user_errors import render
 
 from trinity.cli.main import build_parser, main
 from trinity.distributed.layout import DIMS, Layout, LayoutError, fitting_layouts
 from trinity.distributed.run_config import RunConfigError, load_run_config
-from trinity.reference.model.config import Config
+from trinity.reference import loss_and_grads, model_forward
+from trinity.reference.model.config import SLIDING, Config
+from trinity.simulate.virtual_comm import RankFailed
 
 TINY = Config.preset("tiny")  # 8 experts, sliding window 32 on its sliding layers
 FULL_ONLY = TINY.replace(layer_types=("full_attention",) * TINY.num_hidden_layers)
@@ -34,17 +45,13 @@ def passes(layout: Layout, **job) -> bool:
         return False
 
 
-def rules_hold(layout: Layout, world_size, config, seq_len, micro_batch_size, batch_sizes) -> bool:
-    """The rules of the module docstring, written out again independently of the module."""
-    r, s, c, e = layout.dp_replicate, layout.dp_shard, layout.cp, layout.ep
-    windows = [config.window_of(i) for i in range(config.num_hidden_layers)]
-    return (r * s * c == world_size and (s * c) % e == 0 and config.num_experts % e == 0
-            and all(b % (r * s * micro_batch_size) == 0 for b in batch_sizes)
-            and (c == 1 or (seq_len % (2 * c) == 0 and all(w is None or w - 1 <= seq_len // (2 * c)
-                                                             for w in windows))))
+def rules_hold(layout: Layout, **job) -> bool:
+    """The rules, from their one statement (`Layout.problems`; see the module docstring for what pins each rule)."""
+    return not layout.problems(**job)
 
 
 def brute_force(**job) -> set[Layout]:
+    """Every layout of at most world_size in each dimension that the rules allow."""
     n = job["world_size"]
     return {Layout(*dims) for dims in itertools.product(range(1, n + 1), repeat=4) if rules_hold(Layout(*dims), **job)}
 
@@ -138,6 +145,55 @@ def test_the_halo_rule_is_about_sliding_windows_only():
     assert passes(Layout(cp=4), **job(config=FULL_ONLY))  # no sliding layer: any chunk length works
     assert passes(Layout(cp=2), **job(world_size=2, seq_len=124))  # chunk 31 = w - 1: the halo just fits
     assert not passes(Layout(cp=2), **job(world_size=2, seq_len=120))  # chunk 30 < 31
+    # a window of at least seq_len is causal attention over the whole sequence, gathered like a global layer's
+    # (issue 18: seq_len 8, window 8, cp 2 has chunks of 2 and fits)
+    window_8 = job(world_size=2, config=TINY.replace(num_experts=2, sliding_window=8), seq_len=8,
+                   micro_batch_size=1, batch_sizes=[1])
+    assert [str(x) for x in fitting_layouts(**window_8)] == ["cp=2", "cp=2,ep=2"]
+    assert not passes(Layout(cp=2), **dict(window_8, config=window_8["config"].replace(sliding_window=7)))
+    assert passes(Layout(cp=2), **dict(window_8, config=window_8["config"].replace(sliding_window=3)))  # 2 = w - 1
+
+
+def sliding_config(window: int, seq_len: int) -> Config:
+    """A small model whose every attention layer slides with `window` (a dense layer, then a MoE layer)."""
+    return Config(vocab_size=16, hidden_size=8, intermediate_size=8, moe_intermediate_size=4, num_hidden_layers=2,
+                  num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=2,
+                  num_experts_per_tok=1, sliding_window=window, layer_types=(SLIDING, SLIDING),
+                  max_position_embeddings=max(seq_len, window, 8))
+
+
+@st.composite
+def cp_window_cases(draw):
+    """(cp, seq_len, window): windows around the halo limit (chunk + 1) and around seq_len, or anywhere up to it."""
+    cp, chunk = draw(st.integers(2, 4)), draw(st.integers(1, 4))
+    seq_len = 2 * cp * chunk
+    near = [chunk, chunk + 1, chunk + 2, seq_len - 1, seq_len, seq_len + 1]
+    window = draw(st.one_of(st.sampled_from([w for w in near if w >= 1]), st.integers(1, seq_len + 2)))
+    return cp, seq_len, window
+
+
+@given(cp_window_cases(), st.integers(0, 2**32 - 1))
+def test_the_window_rule_is_what_context_parallel_runs(case, seed):
+    """The window rule against its ground truth, context parallel itself on a virtual cluster of cp ranks: where
+    `check` passes Layout(cp=cp), the ranks' loss shares add up to the single-process loss (so every query saw
+    exactly the keys of its window); where it refuses, context parallel refuses the window too."""
+    cp, seq_len, window = case
+    config = sliding_config(window, seq_len)
+    fits = passes(Layout(cp=cp), **job(world_size=cp, config=config, seq_len=seq_len, micro_batch_size=1,
+                                       batch_sizes=[1]))
+    event("fits" if fits else "refused")
+    event("window >= seq_len" if window >= seq_len else "window < seq_len")
+    params = random_params(config, seed)
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (1, seq_len))
+    _, ctx = model_forward(config, params, tokens, None)
+    assume(min_topk_gap(config, params, ctx) > 1e-9)  # rounding must not flip a top-k choice
+    if not fits:
+        with pytest.raises(RankFailed, match=r"ValueError: .*sliding window"):
+            cp_loss_and_grads(cp, config, params, tokens, tokens, None)
+        return
+    want, _, _ = loss_and_grads(config, params, tokens, tokens)
+    ranks = cp_loss_and_grads(cp, config, params, tokens, tokens, None)
+    np.testing.assert_allclose(sum(losses["total"] for losses, *_ in ranks), want["total"], rtol=1e-12, atol=1e-15)
 
 
 def test_nothing_fits():
@@ -228,7 +284,8 @@ def test_parallel_section_bad_values(tmp_path, key, value, message):
 def test_parallel_section_unknown_key(tmp_path):
     with pytest.raises(RunConfigError) as e:
         load(tmp_path, extra={"parallel": ["tp = 2"]})
-    assert str(e.value) == "[parallel] unknown key(s): tp; expected dp_replicate, dp_shard, cp, ep, checksums"
+    assert str(e.value) == ("[parallel] unknown key(s): tp; expected dp_replicate, dp_shard, cp, ep, checksums, "
+                            "watchdog_seconds")
     (tmp_path / "run.toml").write_text("parallel = 2\n" + render().split("[parallel]")[0])
     with pytest.raises(RunConfigError, match=r"^\[parallel\] must be a table$"):
         load_run_config(tmp_path / "run.toml")

@@ -212,9 +212,11 @@ def test_resharding_resumes_continue_the_uninterrupted_run(tmp_path, data, singl
 
 def test_a_rank_killed_mid_step_ends_the_job_and_the_last_checkpoint_loads(tmp_path, data):
     d = _run_dir(tmp_path, data)
-    code, out, err, seconds = run_mpi(4, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4"], cwd=d,
-                                      timeout=60, env={"TRINITY_FAULT_KILL_MID_STEP": "1:3"})
-    assert code != 0 and seconds < 10, (code, seconds)
+    code, out, err, _ = run_mpi(4, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4"], cwd=d,
+                                timeout=60, env={"TRINITY_FAULT_KILL_MID_STEP": "1:3"})
+    # the job ended by itself: the launcher's watchdog (MPIEXEC_TIMEOUT = run_mpi's timeout, reached only by a hang)
+    # did not end it; Hydra exits 0 when it does, saying APPLICATION TIMED OUT
+    assert code != 0 and "APPLICATION TIMED OUT" not in err, (code, err)
     pids = dict(re.findall(r"rank (\d+) pid (\d+)", out))  # the job's first line: which pid is which rank
     named = re.search(r"rank (\d+) \(pid (\d+) on \S+\): killed by SIGKILL during the job", err)
     assert named is not None, err
@@ -243,9 +245,10 @@ def test_a_sharded_run_writes_the_single_file_checkpoint_and_a_hugging_face_expo
 
 def test_a_layout_that_cannot_work_fails_before_any_work_listing_those_that_fit(tmp_path, data):
     d = _run_dir(tmp_path, data)
-    code, out, err, seconds = run_mpi(2, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4,ep=4"],
-                                      cwd=d, timeout=60)
-    assert code == 2 and seconds < 10, (code, seconds, err)
+    code, out, err, _ = run_mpi(2, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4,ep=4"],
+                                cwd=d, timeout=60)
+    assert code == 2, (code, err)
+    assert not (d / "metrics.jsonl").exists(), out  # refused before any step
     # every rank refuses alike: one line, printed once, and the job ends without an MPI abort
     assert re.fullmatch(r"trinity train: error: \[parallel\] layout dp_shard=4,ep=4: .*4.* but the job has 2 ranks; "
                         r"layouts that fit: dp_shard=2.* \(every rank\)\n", err), err

@@ -323,12 +323,11 @@ def test_a_second_signal_exits_at_once():
             os.kill(os.getpid(), signal.SIGTERM)
             assert guard.signum == signal.SIGTERM
             os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(30)
+            time.sleep(600)  # a second signal that did not end the process would end the test in a timeout
         print("not reached")
     """)
-    t0 = time.time()
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 143 and "not reached" not in out.stdout and time.time() - t0 < 20
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 143 and "not reached" not in out.stdout
     assert "second SIGTERM: exiting now" in out.stderr
 
 
@@ -366,13 +365,12 @@ def test_a_step_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path):
         pytest.skip("this machine does not tell its available memory")
     run = write_run(tmp_path, overrides="[model.overrides]\nmax_position_embeddings = 4194304")
     edit_run(run, "seq_len = 32", "seq_len = 2097152")
-    t0 = time.time()
     out = trinity("train", run)
     assert out.returncode == 2
     line = error_line(out)
     assert "[data] seq_len = 2097152, micro_batch_size = 4: estimated peak memory" in line
     assert "GiB available" in line and "recompute = true" in line
-    assert time.time() - t0 < 60 and not os.path.exists(tmp_path / "metrics.jsonl")
+    assert not os.path.exists(tmp_path / "metrics.jsonl")
 
 
 def test_a_signal_right_after_a_skipped_step_keeps_the_metrics_of_one_run(tmp_path):

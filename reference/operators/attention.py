@@ -14,7 +14,8 @@ import math
 from .activations import sigmoid
 from .array_module import array_namespace
 
-__all__ = ["allowed", "attention_forward", "attention_backward", "query_blocks", "positions_and_docs",
+__all__ = ["allowed", "attention_forward", "attention_backward", "query_blocks", "largest_query_block",
+           "positions_and_docs",
            "output_gate_forward", "output_gate_backward"]
 
 # Scores held per block: B · h_q · block · keys elements. 2^22 float64 values is 32 MiB.
@@ -147,6 +148,20 @@ def attention_backward(ctx, do, block_budget=_BLOCK_ELEMENTS):
     return dq, dk, dv
 
 
+def _block_size(Tq: int, Tk: int, window, rows_per_query: int, budget: int) -> int:
+    """Queries per block: rows_per_query · block · span ≤ budget (but ≥ 16 queries); a window caps it at w."""
+    span = Tk if window is None else min(Tk, window + 64)
+    block = int(max(16, min(Tq, budget // max(1, rows_per_query * span))))
+    return block if window is None else min(block, max(16, window))  # banded span ≈ 2w: O(w) keys per query
+
+
+def _key_span(first_query: int, last_query: int, window, keys_before) -> tuple[int, int]:
+    """[s0, s1): the keys the queries at positions first..last may attend to. `keys_before(p, side)` counts the keys
+    before position p ("left") or at it too ("right"); s0 is rounded down to a multiple of 16 keys."""
+    s0 = 0 if window is None else keys_before(first_query - window + 1, "left") // 16 * 16
+    return s0, max(s0, keys_before(last_query, "right"))
+
+
 def query_blocks(q_pos, k_pos, window, rows_per_query, budget=_BLOCK_ELEMENTS):
     """Yield (t0, t1, s0, s1): query rows [t0, t1) and the key rows [s0, s1) that any of them may attend to.
 
@@ -160,19 +175,40 @@ def query_blocks(q_pos, k_pos, window, rows_per_query, budget=_BLOCK_ELEMENTS):
     Tq, Tk = q_pos.shape[0], k_pos.shape[0]
     if Tq == 0:
         return
-    span = Tk if window is None else min(Tk, window + 64)
-    block = int(max(16, min(Tq, budget // max(1, rows_per_query * span))))
-    if window is not None:
-        block = min(block, max(16, window))  # keep the banded span ≈ 2w, i.e. O(w) keys per query
+    block = _block_size(Tq, Tk, window, rows_per_query, budget)
 
-    def keys_before(position, side):  # how many keys lie before `position` (side="left") or at it too ("right")
+    def keys_before(position, side):
         return int(xp.searchsorted(k_pos, xp.asarray([position], dtype=k_pos.dtype), side=side)[0])
 
     for t0 in range(0, Tq, block):
         t1 = min(Tq, t0 + block)
-        s0 = 0 if window is None else keys_before(int(xp.min(q_pos[t0:t1])) - window + 1, "left") // 16 * 16
-        s1 = keys_before(int(xp.max(q_pos[t0:t1])), "right")
-        yield t0, t1, s0, max(s0, s1)
+        yield (t0, t1, *_key_span(int(xp.min(q_pos[t0:t1])), int(xp.max(q_pos[t0:t1])), window, keys_before))
+
+
+def largest_query_block(T: int, window, rows_per_query: int, budget=_BLOCK_ELEMENTS) -> tuple[int, int]:
+    """(max over blocks of (t1 − t0)·(s1 − s0), number of blocks) for `query_blocks` of the positions 0..T−1 as
+    queries and keys, in O(w/block) instead of O(T) (the memory model asks this for contexts of 10⁵–10⁶ tokens).
+
+    Only some blocks can be the largest. Causal: (t1 − t0)·t1 grows with the block, so one of the last two (the last
+    may be short). Sliding: while t0 < w − 1 the span starts at 0 and grows; after that a full block's span is
+    block + w − 1 + ((t0 − w + 1) mod 16), periodic in the block index with a period dividing 16. So the blocks with
+    t0 < w − 1 + 16·block and the last two hold the largest."""
+    if T <= 0:
+        return 0, 0
+    block = _block_size(T, T, window, rows_per_query, budget)
+    count = -(-T // block)
+
+    def keys_before(position, side):  # contiguous keys 0..T−1
+        return min(T, max(0, position + (side == "right")))
+
+    head = 0 if window is None else min(count, -(-(window - 1) // block) + 17)
+    candidates = set(range(head)) | {max(0, count - 2), count - 1}
+    largest = 0
+    for i in candidates:
+        t0, t1 = i * block, min(T, (i + 1) * block)
+        s0, s1 = _key_span(t0, t1 - 1, window, keys_before)
+        largest = max(largest, (t1 - t0) * (s1 - s0))
+    return largest, count
 
 
 def _block_mask(q_pos, k_pos, window, q_doc, k_doc, t0, t1, s0, s1):

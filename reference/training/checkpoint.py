@@ -17,10 +17,12 @@ File layout (format_version 2)
 Verification. A version 2 file is sealed (sealed_file.py): its HDF5 user block holds the SHA-256 of every byte after
 it and of each dataset's raw bytes, plus the run_id. `load_checkpoint` checks the seal from the bytes alone before
 HDF5 parses anything (a damaged HDF5 structure can make the parser hang or crash), then that the file holds exactly
-the sealed datasets; any mismatch is a CheckpointCorrupt naming the file and the damaged dataset (or the structure),
-as is a truncated or unreadable file. Version 1 files (no seal) still load, unverified. `save_checkpoint` refuses
-params, optimizer or balancing state holding NaN or infinity (`require_finite`), so a diverged run can never rotate
-its good checkpoints away.
+the sealed datasets, each keeping its bytes in the file at its sealed range (no external storage, no virtual
+dataset: checkpoint_files.py), and that a `step_N.h5` holds step N; any mismatch is a CheckpointCorrupt naming the
+file and the damaged dataset (or the structure), as is a truncated or unreadable file. Version 1 files (no seal)
+still load, unverified (but their datasets must hold their own bytes too). `save_checkpoint` refuses params,
+optimizer or balancing state holding NaN or infinity (`require_finite`), so a diverged run can never rotate its good
+checkpoints away.
 
 Dataset names are the dict keys with "%" written as "%25", "/" as "%2F" and a leading "." as "%2E" (HDF5 reads
 "/" as a path separator and "." as the group itself), so "muon.momentum/model.layers.0.self_attn.q_proj.weight" is
@@ -50,6 +52,7 @@ import numpy as np
 from ..files import CheckpointError, atomic_path, fsync_dir  # one CheckpointError for the whole package
 from ..model.config import RESUMABLE_FIELDS, Config, ConfigError
 from ..model.params import check_params
+from .checkpoint_files import StorageError, check_storage, dataset_names, is_plain_dir, is_plain_file
 from .sealed_file import SealError, header_size, is_sealed, read_header, seal, verify
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
@@ -166,7 +169,12 @@ def _flat_arrays(name: str, tree, require_finite: bool = False) -> dict:
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as out:
+    """Write a new file at `path` (a temporary name): whatever was there (a leftover, a planted symlink) is removed,
+    never written through."""
+    if os.path.lexists(path):
+        os.remove(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as out:
         out.write(data)
 
 
@@ -236,7 +244,9 @@ def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
     return hashlib.sha256(image).hexdigest()
 
 
-def _read_group(f, name: str, path: str) -> dict:
+def _read_group(f, name: str, path: str, sealed: dict | None = None) -> dict:
+    """{key: array} of group `name`. Each dataset must keep its bytes in the file at its range in `sealed`
+    ({"group/name": (offset, nbytes)}, None for an unsealed file): see checkpoint_files.check_storage."""
     group = f.get(name, getlink=True)
     if not isinstance(group, h5py.HardLink) or not isinstance(f[name], h5py.Group):
         raise CheckpointError(f"{path}: no {name}/ group")
@@ -248,6 +258,10 @@ def _read_group(f, name: str, path: str) -> dict:
         ds = f[name][key]
         if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in _NUMERIC_KINDS or ds.dtype.fields:
             raise CheckpointError(f"{where} is not a plain numeric dataset")
+        try:
+            check_storage(ds, None if sealed is None else sealed[f"{name}/{key}"])
+        except StorageError as e:
+            raise CheckpointCorrupt(f"{where} {e}: the file is corrupt") from None
         out[_unescape(key)] = np.asarray(ds[()])
     return out
 
@@ -290,21 +304,40 @@ def read_run_id(path) -> str | None:
     return run_id if isinstance(run_id, str) else None
 
 
-def _verified_datasets(path: str) -> set | None:
-    """Check a sealed file's bytes against its seal (CheckpointCorrupt naming the damaged dataset) and return the
-    names of the datasets it must hold; None for an unsealed (version 1) file."""
+def _verified_header(path: str) -> dict | None:
+    """Check a sealed file's bytes against its seal (CheckpointCorrupt naming the damaged dataset) and return its
+    header, with "ranges" as {dataset name: (offset, nbytes)} (the datasets it must hold); None for an unsealed
+    (version 1) file."""
     try:
         if not is_sealed(path):
             return None
-        return set(verify(path)["ranges"])
+        header = verify(path)
+        header["ranges"] = {name: (off, n) for name, (off, n, _) in header["ranges"].items()}
+        return header
     except SealError as e:
         raise CheckpointCorrupt(f"{path}: {_unescape(str(e))}: the file is corrupt") from None
     except OSError as e:
         raise CheckpointCorrupt(f"{path}: cannot read checkpoint ({e.strerror or e})") from None
 
 
-def _dataset_names(f) -> set:
-    return {f"{group}/{name}" for group in f if isinstance(f[group], h5py.Group) for name in f[group]}
+def _check_datasets(f, path: str, sealed: dict | None) -> None:
+    """The file holds groups of datasets only, no links (checkpoint_files.dataset_names), and, when sealed, exactly
+    the datasets of its seal; CheckpointCorrupt otherwise."""
+    try:
+        names = dataset_names(f)
+    except StorageError as e:
+        raise CheckpointCorrupt(f"{path}: {e}: the file is corrupt") from None
+    if sealed is not None and names != set(sealed):
+        raise CheckpointCorrupt(f"{path}: its datasets are not the ones it was sealed with: "
+                                f"{sorted(set(sealed) ^ names)[:3]}")
+
+
+def _check_step_name(path: str, step: int) -> None:
+    """A `step_N.h5` file must hold step N (a renamed file would resume at the wrong step)."""
+    m = _STEP_FILE.match(os.path.basename(path))
+    if m and int(m.group(1)) != step:
+        raise CheckpointCorrupt(f"{path}: holds step {step}, not the step {int(m.group(1))} of its name: the "
+                                f"checkpoint is corrupt")
 
 
 def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
@@ -316,7 +349,8 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointCorrupt(f"no checkpoint file at {path}")
-    sealed = _verified_datasets(path)
+    header = _verified_header(path)
+    sealed = None if header is None else header["ranges"]
     try:
         with h5py.File(path, "r") as f:
             version = _read_int(f, "format_version", path) if "format_version" in f.attrs else None
@@ -328,9 +362,7 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
             if (version >= 2) != (sealed is not None):
                 raise CheckpointCorrupt(f"{path}: format_version {version} does not match its seal: the file is "
                                         f"corrupt")
-            if sealed is not None and _dataset_names(f) != sealed:
-                raise CheckpointCorrupt(f"{path}: its datasets are not the ones it was sealed with: "
-                                        f"{sorted(sealed ^ _dataset_names(f))[:3]}")
+            _check_datasets(f, path, sealed)
             try:
                 stored = Config.from_dict(_read_json(f, "config", path))
             except (ConfigError, TypeError) as e:
@@ -340,9 +372,9 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
                 if diff:
                     raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} "
                                           f"(checkpoint != expected)")
-            ck = Checkpoint(config=stored, params=_read_group(f, "params", path),
-                            optimizer_state=_read_group(f, "optimizer", path),
-                            balancing_state=_read_group(f, "balancing", path),
+            ck = Checkpoint(config=stored, params=_read_group(f, "params", path, sealed),
+                            optimizer_state=_read_group(f, "optimizer", path, sealed),
+                            balancing_state=_read_group(f, "balancing", path, sealed),
                             step=_read_int(f, "step", path), tokens_seen=_read_int(f, "tokens_seen", path),
                             data_state=_read_json(f, "data_state", path), rng_state=_read_json(f, "rng_state", path),
                             extra=_read_json(f, "extra", path), path=path, format_version=version)
@@ -350,7 +382,7 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
                 ck.run_id = _read_json(f, "run_id", path)
                 ck.tokenizer = _read_json(f, "tokenizer", path)
                 ck.data_fingerprint = _read_json(f, "data_fingerprint", path)
-                assets = _read_group(f, "assets", path)
+                assets = _read_group(f, "assets", path, sealed)
                 if "tokenizer.json" in assets:
                     ck.tokenizer_json = assets["tokenizer.json"].tobytes()
     except CheckpointError:
@@ -358,6 +390,7 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
     except Exception as e:  # h5py on a truncated or damaged file: OSError, KeyError, TypeError, RuntimeError, ...
         raise CheckpointCorrupt(f"{path}: cannot read checkpoint (truncated or corrupt file?): "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    _check_step_name(path, ck.step)
     for name in ("data_state", "extra"):
         if not isinstance(getattr(ck, name), dict):
             raise CheckpointError(f"{path}: {name} is not a JSON object")
@@ -395,6 +428,15 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def refuse_foreign_entry(path: str, directory: bool) -> None:
+    """CheckpointWriteError when `path` exists as something a save must not replace or write through: a symbolic
+    link, a special file, or a directory where a file belongs (`directory` False) or a file where a directory does."""
+    if os.path.lexists(path) and not (is_plain_dir(path) if directory else is_plain_file(path)):
+        what = "a symbolic link" if os.path.islink(path) else f"not a plain {'directory' if directory else 'file'}"
+        raise CheckpointWriteError(f"{path} is {what}: refusing to save a checkpoint onto it (remove it, or give "
+                                   f"the run another [checkpoint] dir)")
+
+
 class CheckpointManager:
     """`directory/step_{step:08d}.h5`, one file per saved step, keeping the newest `keep_last` (None: all) of the
     run `run_id`.
@@ -404,7 +446,9 @@ class CheckpointManager:
     `*.tmp-<pid>` files from crashed writers are ignored, and removed by `save`/`clean_tmp` once that pid is no
     longer running on this host. Retention deletes only checkpoints that record this manager's `run_id`, never the
     one just written, and every checkpoint is finite (`save_checkpoint` refuses NaN), so the newest finite
-    checkpoint always survives. One manager (one writer) per directory is assumed."""
+    checkpoint always survives. One manager (one writer) per directory is assumed. Only regular files are
+    checkpoints (checkpoint_files.py): a symlink or special file under a checkpoint's name is skipped by every
+    listing, never removed, and a save onto one is refused (CheckpointWriteError)."""
 
     def __init__(self, directory, keep_last: int | None = 3, run_id: str | None = None):
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
@@ -427,7 +471,7 @@ class CheckpointManager:
         found = []
         for name in os.listdir(self.directory):
             m = _STEP_FILE.match(name)
-            if m and os.path.isfile(os.path.join(self.directory, name)):
+            if m and is_plain_file(os.path.join(self.directory, name)):  # a symlink is never followed
                 found.append((int(m.group(1)), os.path.join(self.directory, name)))
         return sorted(found)
 
@@ -482,6 +526,7 @@ class CheckpointManager:
         just written. Returns its path."""
         self.clean_tmp()
         state.setdefault("run_id", self.run_id)
+        refuse_foreign_entry(self.path_for(step), directory=False)
         path = save_checkpoint(self.path_for(step), step=step, **state)
         if self.keep_last is not None:
             ours = [p for _, p in self._steps()

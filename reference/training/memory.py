@@ -61,10 +61,12 @@ import numpy as np
 
 from ..model.config import Config
 from ..model.params import EXPERT_BIAS_DTYPE, param_shapes
-from ..operators.attention import _BLOCK_ELEMENTS, query_blocks
+from ..operators.attention import _BLOCK_ELEMENTS, largest_query_block
 from .optim import param_group
 
-__all__ = ["estimate_step_bytes", "available_memory_bytes"]
+__all__ = ["estimate_step_bytes", "available_memory_bytes", "AVAILABLE_MEMORY_ENV"]
+
+AVAILABLE_MEMORY_ENV = "TRINITY_AVAILABLE_MEMORY"  # bytes: replaces the measured available memory
 
 _INT = 8  # int64: token ids, expert choices, dispatch indexes
 # On the step's working set (not params and optimizer state, which are exact): NumPy temporaries and small arrays
@@ -135,11 +137,10 @@ def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dty
     # ---- workspace: the largest transient ----
     # Score arrays of the attention backward: five of a query block at once (S, P, dP, dP − D, dS), six when the
     # next block's scores are formed while the last block's arrays are still bound; sliding and global layers.
-    scores, pos = 0, np.arange(T)
+    scores = 0
     for window in {c.window_of(layer) for layer in range(c.num_hidden_layers)}:
-        spans = [B * hq * (t1 - t0) * (s1 - s0) for t0, t1, s0, s1 in query_blocks(pos, pos, window, B * hq,
-                                                                                     _BLOCK_ELEMENTS)]
-        scores = max(scores, max(spans) * (6 if len(spans) > 1 else 5))
+        largest, blocks = largest_query_block(T, window, B * hq, _BLOCK_ELEMENTS)
+        scores = max(scores, B * hq * largest * (6 if blocks > 1 else 5))
     # A layer's backward keeps the gradients of its residual stream alive until it returns (dx in and out, the
     # post-norm, MLP and pre-norm gradients, the head's dh): about six [N, d] arrays when the attention backward runs.
     # The attention backward adds dÕ, dG, dQ, dK, dV and the score arrays.
@@ -230,10 +231,20 @@ def _cgroup_headroom(proc: str, cgroup_root: str) -> int | None:
     return best
 
 
-def available_memory_bytes(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup") -> int | None:
+def available_memory_bytes(proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup", environ=None) -> int | None:
     """Bytes this process can still allocate without swapping, or None when unknown (not Linux): the kernel's
     MemAvailable (/proc/meminfo), lowered to the headroom under a cgroup memory limit (v2 memory.max, v1
     memory.limit_in_bytes; usage minus the reclaimable inactive file cache) when one is set on this process's
-    cgroup or an ancestor. `proc` and `cgroup_root` are the mount points (tests point them at fake trees)."""
+    cgroup or an ancestor. `proc` and `cgroup_root` are the mount points (tests point them at fake trees).
+
+    $TRINITY_AVAILABLE_MEMORY (AVAILABLE_MEMORY_ENV: a number of bytes) replaces the measurement: a test shows a
+    refusal without a huge model, and a site can reserve memory for something the check cannot see. A value that is
+    not a non-negative integer raises ValueError naming the variable."""
+    env = os.environ if environ is None else environ
+    given = env.get(AVAILABLE_MEMORY_ENV)
+    if given is not None:
+        if not given.strip().isdigit():
+            raise ValueError(f"${AVAILABLE_MEMORY_ENV} = {given!r}: must be a number of bytes")
+        return int(given)
     values = [v for v in (_meminfo_available(proc), _cgroup_headroom(proc, cgroup_root)) if v is not None]
     return min(values) if values else None

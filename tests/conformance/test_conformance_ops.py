@@ -8,7 +8,7 @@ the same upstream gradient as the reference's. Arrays cross into the backend thr
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tolerances import check_close, rtol
@@ -309,6 +309,7 @@ def test_experts_and_combine(backend, dtype, record, N, E, data, d, I, seed):
 @SETTINGS
 @given(st.integers(1, 3), st.integers(1, 20), st.integers(2, 300), st.sampled_from([0.0, 0.2, 1.0]),
        st.sampled_from([0.0, 1e-4, 0.3]), st.floats(0.5, 2.0), seeds)
+@example(B=1, T=2, V=2, ignored=0.0, lam=0.0, scale=1.0, seed=286622479)  # target probability 0.999 (softmax_term)
 def test_cross_entropy(backend, dtype, record, B, T, V, ignored, lam, scale, seed):
     rng = np.random.default_rng(seed)
     logits = randn(rng, (B, T, V), dtype, 4.0)
@@ -321,8 +322,18 @@ def test_cross_entropy(backend, dtype, record, B, T, V, ignored, lam, scale, see
     d_r, d_b = REFERENCE.cross_entropy_backward(c_r, scale), run(backend, "cross_entropy_backward", c_b, scale)
     # softmax = exp(z − lse): an absolute error δ in z − lse (δ ≈ eps·|z − lse|) is a relative error δ in exp.
     cond = 1.0 + amax(logits[:, :-1] - c_r[3][..., None]) if T > 1 else 1.0
-    check_close(to_numpy(d_b), d_r, dtype, V, scale=amax(d_r) * cond, what="cross_entropy_backward",
-                recorder=record)
+    # dz = softmax·coef − onehot/N: where the target's probability is near 1 the two nearly cancel, and the rounding
+    # left is eps of the softmax term, not of the small difference (the explore profile found p = 0.999, V = 2)
+    check_close(to_numpy(d_b), d_r, dtype, V, scale=max(amax(d_r), softmax_term(c_r, scale)) * cond,
+                what="cross_entropy_backward", recorder=record)
+
+
+def softmax_term(ctx, scale) -> float:
+    """The largest |softmax·coef| of cross_entropy_backward (before the one-hot is subtracted), in float64."""
+    logits, _, valid, lse, denom, lam = ctx
+    coef = np.where(valid, (1.0 + 2.0 * lam * lse) * (scale / denom), 0.0)
+    z = logits[:, :valid.shape[1]].astype(np.float64)
+    return amax(np.exp(z - np.asarray(lse, dtype=np.float64)[..., None]) * coef[..., None])
 
 
 @SETTINGS
