@@ -1,7 +1,10 @@
-"""Checks of command-line input shared by `trinity simulate` and `trinity plan`, run before any work.
+"""Checks of command-line input, run before any work (every subcommand's usage errors; `trinity simulate`'s and
+`trinity plan`'s numbers and output files).
 
 - `one_line_errors(parser)`: argparse's own errors (a missing option, a value its `type=` refuses) become one line,
-  `trinity <cmd>: error: …`, exit status 2, without the usage text (the project's rule for every user error).
+  `trinity <cmd>: error: …`, exit status 2, without the usage text (the project's rule for every user error); under
+  an MPI launcher only rank 0 prints it (every rank parses the same command line, so every rank refuses alike).
+  `build_parser` (cli/main.py) applies it to every parser.
 - `whole(low, high)` and `number(low, high)`: argparse `type=` functions for an integer in [low, high] and a finite
   float in its range; NaN, infinity and out-of-range values are refused naming the range.
 - `check_output_file(path, option)`: an output file (`--trace`, `--json`, `--png`) can be written where it is to go:
@@ -24,11 +27,22 @@ __all__ = ["one_line_errors", "whole", "number", "check_output_file"]
 def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Make `parser`'s usage errors one line on stderr, `<prog>: error: <message>`, and exit status 2."""
     def error(message: str):
-        print(f"{parser.prog}: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
+        if _launched_rank() in (None, 0):
+            print(f"{parser.prog}: error: {' '.join(str(message).splitlines())}", file=sys.stderr)
         sys.exit(2)
 
     parser.error = error
     return parser
+
+
+def _launched_rank(environ=None) -> int | None:
+    """This process's rank as an MPI launcher declares it in the environment (before MPI is started), or None."""
+    env = os.environ if environ is None else environ
+    for name in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        value = env.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 def _count(n: float) -> str:

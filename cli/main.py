@@ -34,6 +34,7 @@ from trinity.distributed.launch import LaunchError, end_together, fail_job, supe
 from trinity.reference.model.config import ConfigError
 
 from .common import CLIError
+from .inputs import one_line_errors
 
 COMMANDS = ("info", "train", "simulate", "plan", "data", "generate", "inspect", "plot")
 
@@ -46,12 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"{__package__}.{name}")
         module.add_parser(sub)
+    _every_parser(parser, one_line_errors)
     return parser
+
+
+def _every_parser(parser: argparse.ArgumentParser, apply) -> None:
+    """`apply` to `parser` and to every subcommand's parser below it (`trinity data prepare` is two levels down)."""
+    apply(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _every_parser(child, apply)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors: argparse prints them and exits 2 (on every rank alike)
+    args = parser.parse_args(argv)  # usage errors: one line, exit 2 (printed by rank 0 only: cli/inputs.py)
     try:
         comm = world()  # None in a plain single process: mpi4py is not imported
     except LaunchError as e:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from trinity.reference.model.seams import SingleProcessSeams
+from .layout import gathers_whole_sequence, window_problem
 
 __all__ = ["ContextParallelSeams"]
 
@@ -55,12 +56,12 @@ class ContextParallelSeams:
         if Tl % 2 or not np.array_equal(positions, self.mesh.local_positions(2 * n * c)):
             raise ValueError(f"gather_kv: positions must be this cp rank's two chunks (mesh.local_positions), got "
                              f"{len(positions)} positions")
-        if window is None or window >= 2 * n * c:  # a window covering the sequence is causal attention
+        if gathers_whole_sequence(window, 2 * n * c):  # a window covering the sequence is causal attention
             return self._gather_all(k, v, doc_ids, n, c)
+        problem = window_problem(window, 2 * n * c, n)
+        if problem:
+            raise ValueError(f"gather_kv: {problem} (layout rule 4)")
         h = window - 1
-        if h > c:
-            raise ValueError(f"sliding window {window} needs {h} preceding tokens but a cp chunk holds {c} "
-                             f"(layout rule: w−1 ≤ seq_len/(2·cp))")
         if h == 0:
             return k, v, positions, doc_ids, ("local",)
         first, second = r > 0, r < n - 1  # which halos this rank receives

@@ -89,3 +89,9 @@ def run_mpi(n: int, args: list[str], timeout: float = 60, env: dict | None = Non
         pytest.fail(f"MPI job {' '.join(cmd)} still running after {timeout + 10:.0f} s (hung)\n"
                     f"stdout:\n{out}\nstderr:\n{err}")
     return r.returncode, r.stdout, r.stderr, time.monotonic() - start
+
+
+def ended_by_itself(err: str) -> bool:
+    """Whether a job ended by itself, not by the launcher's MPIEXEC_TIMEOUT (MPICH's mpiexec then prints "APPLICATION
+    TIMED OUT" and may even exit 0). A hang-only check: no wall-clock bound, which a loaded machine would break."""
+    return "APPLICATION TIMED OUT" not in err

