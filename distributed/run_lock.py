@@ -7,9 +7,11 @@ and `<metrics file>.lock`. A lock is an flock(2) on that file, which the kernel 
 however it ends (a SIGKILL, the OOM killer), and the file names the holder: pid, host and when it took the lock.
 
 - A second job is refused in one line naming the holder: "held by pid P on HOST since T".
-- A lock file left by a job that was killed holds no flock any more: the next job takes it over and says whose it
-  was. On a shared file system where flock does not reach across hosts, a lock file whose holder runs on another host
-  cannot be checked from here: the refusal says so and how to remove it.
+- A lock file left by a job that was killed on this host holds no flock any more: the next job takes it over and
+  says whose it was. A lock file naming another host (a shared file system) is refused whether or not its flock is
+  held, since a file system's flock may not reach across hosts: the refusal names that host and says to remove the
+  file once that job is known to be gone (a job that ends normally removes its lock file). On a file system without
+  flock (some parallel file systems unless mounted with it) taking the lock fails in one line.
 - The lock belongs to a process: two Trainers in one process (the simulator's virtual ranks, a test) share it; two
   processes (two `trinity train` commands, two mpiexec jobs) exclude each other.
 
@@ -129,6 +131,9 @@ def _acquire(path: str, what: str) -> str | None:
                 continue
             break
         previous = _read_record(fd)
+        if previous.get("host") not in (None, socket.gethostname()):  # its flock may not reach here (docstring)
+            os.close(fd)
+            raise RunLockError(_refusal(what, path, previous))
         record = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
         try:
             os.ftruncate(fd, 0)

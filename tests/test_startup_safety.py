@@ -84,14 +84,21 @@ def test_a_lock_left_by_a_killed_job_is_taken_over(tmp_path):
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["step_00000001.h5"]
 
 
-def test_a_lock_held_on_another_host_says_how_to_remove_it(tmp_path):
+@pytest.mark.parametrize("killed", [False, True])
+def test_a_lock_held_on_another_host_says_how_to_remove_it(tmp_path, killed):
+    """Held (its flock taken) or left behind by a killed job (no flock, which on a shared file system may simply not
+    reach this host): a lock file naming another host is refused either way, and left in place."""
     run = load_run_config(write_run(tmp_path, steps=1, every=1))
     holder = _holder(tmp_path, "node-17")
     try:
+        if killed:
+            holder.kill()
+            holder.wait()
         with pytest.raises(RunConfigError, match=r"another job holds this run folder \(pid 4242 on node-17 since "
                                                  r".*\), which cannot be checked from .*; if that job is no longer "
                                                  r"running, remove .*\.trinity\.lock and start again"):
             Trainer(run, log=_quiet)
+        assert (tmp_path / "ckpt" / LOCK_NAME).exists()
     finally:
         holder.kill()
         holder.wait()
