@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -85,12 +86,17 @@ def number(low: float, high: float = math.inf, *, above: bool = False):
     return parse
 
 
-def check_output_file(path: str, option: str) -> None:
+def check_output_file(path: str, option: str, inputs=()) -> None:
     """Refuse (CLIError, one line) an output path that cannot be written: a folder, something that is not a regular
-    file, a folder that does not exist or takes no new file (the file is written next to itself, then renamed)."""
+    file, a folder that does not exist or takes no new file (the file is written next to itself, then renamed); or
+    one of the command's `inputs` (files, or folders whose every file is an input: a run file, its data, its metrics
+    and checkpoint folder, the checkpoint or config being read), which the output would replace."""
     where = f"{option} {path}"
     if not path:
         raise CLIError(f"{option}: an empty path")
+    clash = _input_at(path, inputs)
+    if clash is not None:
+        raise CLIError(f"{where}: would overwrite {clash}, an input of this command; write it elsewhere")
     if os.path.isdir(path):
         raise CLIError(f"{where}: is a folder")
     if os.path.lexists(path) and not os.path.exists(path):
@@ -105,3 +111,18 @@ def check_output_file(path: str, option: str) -> None:
             pass
     except OSError as e:
         raise CLIError(f"{where}: the folder {folder} is not writable ({e.strerror or e})") from None
+
+
+def _input_at(path: str, inputs) -> str | None:
+    """The input (as given) that writing `path` would replace: the same file, or a file inside an input folder."""
+    target = os.path.realpath(path)
+    for given in inputs:
+        if not given:
+            continue
+        where = os.path.realpath(os.fspath(given))
+        if target == where or target.startswith(where.rstrip(os.sep) + os.sep):
+            return os.fspath(given)
+        with contextlib.suppress(OSError):
+            if os.path.exists(path) and os.path.samefile(path, given):  # a hard link to an input
+                return os.fspath(given)
+    return None

@@ -20,6 +20,7 @@ import os
 from trinity.accel import BACKENDS
 
 from .common import CLIError, load_backend, load_model, load_model_tokenizer
+from .inputs import check_output_file
 
 NAME = "inspect"
 HELP = "step through one forward (--step: + backward, balancing, optimizer step), operator by operator"
@@ -256,12 +257,12 @@ def run(args) -> int:
     if args.text is not None and not args.text:
         raise CLIError("--text is empty")
     for flag, path in (("--dump", args.dump), ("--plot", args.plot)):
-        if path is not None:
-            folder = os.path.dirname(os.path.abspath(path))
-            if not os.path.isdir(folder):
-                raise CLIError(f"{flag} {path}: no such directory {folder}")
-            if os.path.isdir(path):
-                raise CLIError(f"{flag} {path} is a directory; give a file name")
+        if path is not None:  # before any work: writable, and not the checkpoint or tokenizer being read
+            check_output_file(path, flag, inputs=[args.model if os.path.exists(args.model) else None,
+                                                  args.tokenizer if args.tokenizer and os.path.exists(args.tokenizer)
+                                                  else None])
+    if args.dump is not None and args.plot is not None and os.path.realpath(args.dump) == os.path.realpath(args.plot):
+        raise CLIError(f"--dump and --plot name the same file {args.dump}")
 
     model = load_model(args.model, args.dtype, presets=True, seed=args.seed)
     config, params, described = model.config, model.params, model.description

@@ -51,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subcommand_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of `trinity <command>` (for `trinity data`, the parser of `data` itself)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    return parser
+
+
 def _every_parser(parser: argparse.ArgumentParser, apply) -> None:
     """`apply` to `parser` and to every subcommand's parser below it (`trinity data prepare` is two levels down)."""
     apply(parser)
@@ -62,7 +70,9 @@ def _every_parser(parser: argparse.ArgumentParser, apply) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # usage errors: one line, exit 2 (printed by rank 0 only: cli/inputs.py)
+    args, extra = parser.parse_known_args(argv)  # usage errors: one line, exit 2 (rank 0 prints: cli/inputs.py)
+    if extra:  # named by the subcommand that was given them, as its other usage errors are
+        _subcommand_parser(parser, args.command).error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         comm = world()  # None in a plain single process: mpi4py is not imported
     except LaunchError as e:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 
 import math
+import os
 
 from trinity.simulate.limits import MAX_GPUS, MAX_SEQ_LEN
 
@@ -99,9 +100,15 @@ def run(args) -> int:
     from trinity.simulate.hardware import get_hardware
     from trinity.simulate.planner import SearchTooLarge, check_size, explain, search
 
+    if args.routing and not os.path.isfile(args.routing):  # a FIFO or a device would block the read
+        raise CLIError(f"--routing {args.routing}: " + ("is not a regular file" if os.path.exists(args.routing)
+                                                        else "no such file"))
     for path, option in ((args.png, "--png"), (args.json, "--json")):
         if path is not None:
-            check_output_file(path, option)
+            check_output_file(path, option, inputs=[args.model if os.path.exists(args.model) else None,
+                                                    args.routing])
+    if args.png is not None and args.json is not None and os.path.realpath(args.png) == os.path.realpath(args.json):
+        raise CLIError(f"--png and --json name the same file {args.json}")
     config, _ = load_config(args.model)
     try:
         hw = get_hardware(args.gpu)
@@ -132,6 +139,9 @@ def run(args) -> int:
                       tokens=args.tokens, micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed)
     except SearchTooLarge as e:
         raise CLIError(str(e)) from None
+    if plan.considered == 0:
+        raise CLIError(f"no layout of {args.gpus:,} GPUs runs this job" + (f" with --fix {args.fix}" if fixed else "")
+                       + " (the layout rules: docs/distributed.md)")
     schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {_tokens(t)}" if t else "")
                               for t, s in batches)
     print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {_tokens(args.tokens)} tokens, "

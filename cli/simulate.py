@@ -17,10 +17,12 @@ waits exceed --timeout); or a straggler. The run then ends as a cluster job does
 
 Before any virtual rank starts, the input is checked and refused in one line (exit status 2): the run file, the
 layout against --ranks and the model (with the layouts that fit; at most MAX_RANKS = 1024 virtual ranks), faults
-that could never act (a rank or step beyond the run's, an unknown phase), --trace's folder, and numbers that are not
-finite and positive. SIGINT/SIGTERM end the run as they end `trinity train`: the signal reaches the main thread,
-every rank stops after the same step (the trainer's stop agreement), writes the checkpoint, and the exit status is
-130/143; a second signal exits at once.
+that could never act (a rank or step beyond the run's, an unknown phase, phase=checkpoint at a step that saves
+nothing; with --resume, a step at or before the checkpoint's, once the trainer loaded it), --trace's folder, and
+numbers that are not finite and positive. A fault that never acted is named in one line at the end (exit status 2).
+SIGINT/SIGTERM end the run as they end `trinity train`: the signal reaches the main thread, every rank stops after
+the same step (the trainer's stop agreement), writes the checkpoint, and the exit status is 130/143; a second signal
+exits at once; ranks that cannot reach the step's end (a hung rank) are abandoned after GRACE seconds, one line.
 
 Exit status as for `trinity train`; a run that fails prints one line: the rank that failed ("rank 2: ..."), or for a
 deadlock every rank and the collective it is blocked in.
@@ -29,6 +31,7 @@ deadlock every rank and the collective it is blocked in.
 from __future__ import annotations
 
 import json
+import signal
 
 from .common import CLIError
 from .inputs import check_output_file, number, one_line_errors, whole
@@ -60,38 +63,68 @@ def add_parser(subparsers):
     return p
 
 
+GRACE = 5.0  # seconds after a signal for ranks that cannot reach a step boundary (a hung rank) before the run ends
+NEVER_ACTED = 2  # the exit status of a run in which a fault never acted
+
+
 def run(args) -> int:
     from trinity.distributed.preemption import PreemptionGuard
-    from trinity.simulate.faults import FaultPlan
+    from trinity.simulate.faults import FaultPlan, never_acted, spec
     from trinity.simulate.traces import summarise
-    from trinity.simulate.virtual_comm import RankFailed, VirtualCluster
+    from trinity.simulate.virtual_comm import Abandoned, RankFailed, VirtualCluster
 
     faults = check_job(args)
     guard = PreemptionGuard()  # the signal reaches this (main) thread; every rank reads it after each step
+    plans: list = []
 
     def prepare(trainer):
         stop_after_step(trainer, guard)
+        refuse_faults_before_resume_point(trainer, faults)
         if not hasattr(trainer.mesh, "events"):  # one rank, no layout: the single process
             return
         trainer.mesh.record = args.trace is not None
-        trainer.mesh.faults = FaultPlan(faults, trainer.rank) if faults else None
+        if faults:
+            trainer.mesh.faults = FaultPlan(faults, trainer.rank)
+            plans.append(trainer.mesh.faults)
 
     def rank(comm):
         status, trainer = train_on(args, comm, prepare)
         return status, list(getattr(trainer.mesh, "events", []))
 
+    def give_up():
+        return None if guard.signum is None else f"stopped by {signal.Signals(guard.signum).name}"
+
     try:
         with guard:
-            results = VirtualCluster(args.ranks, timeout=args.timeout).run(rank)
+            results = VirtualCluster(args.ranks, timeout=args.timeout, give_up=give_up, grace=GRACE).run(rank)
+    except Abandoned as e:
+        raise CLIError(str(e), status=128 + int(guard.signum)) from None
     except RankFailed as e:
-        error = _one_line(e)
+        error = _one_line(e, corrupted=any(f.kind == "corrupt" for plan in plans for f in plan.acted))
         if error is None:  # a bug: keep the traceback of the rank's exception
             raise
         raise error from None
-    statuses = {status for status, _ in results}
+    status = max(status for status, _ in results)
     if args.trace is not None:
         write_trace(args.trace, summarise([events for _, events in results], args.ranks_per_node))
-    return max(statuses)
+    unused = never_acted(faults, plans)
+    if status == 0 and unused:
+        raise CLIError(f"--fault: {', '.join(map(spec, unused))}: never acted (the run ended without reaching "
+                       f"it); the run itself completed", status=NEVER_ACTED)
+    return status
+
+
+def refuse_faults_before_resume_point(trainer, faults) -> None:
+    """A resumed run starts after the checkpoint's step, known once the trainer loaded it (before any step): a
+    fault at or before that step is refused on every rank alike, one line, exit 2; the run folder is left as it
+    was (the trainer gives its lock back)."""
+    from trinity.simulate.faults import check_resumed
+
+    try:
+        check_resumed(faults, trainer.step)
+    except ValueError as e:
+        trainer.close()
+        raise CLIError(str(e), every_rank=True) from None
 
 
 def check_job(args) -> list:
@@ -112,6 +145,8 @@ def check_job(args) -> list:
         run_config = load_run_config(args.run_file)
     except RunConfigError as e:
         raise CLIError(str(e)) from None
+    if args.trace is not None:
+        check_output_file(args.trace, "--trace", run_inputs(args.run_file, run_config))
     layout = run_config.layout
     if args.mesh is not None:
         try:
@@ -120,7 +155,7 @@ def check_job(args) -> list:
             raise CLIError(f"--mesh: {e}") from None
     _check_layout(run_config, layout, args.ranks, given=args.mesh is not None or layout != Layout())
     try:
-        check_faults(faults, args.ranks, run_config.steps)
+        check_faults(faults, args.ranks, run_config.steps, run_config.checkpoint_every)
     except ValueError as e:
         raise CLIError(f"--fault: {e}") from None
     return faults
@@ -144,6 +179,13 @@ def _check_layout(run_config, layout, ranks: int, given: bool) -> None:
                          micro_batch_size=run_config.micro_batch_size, batch_sizes=run_config.batch_sizes)
     except LayoutError as e:
         raise CLIError(f"{e}{hint}") from None
+
+
+def run_inputs(run_file: str, run) -> list:
+    """What a run reads or keeps, which no output of `simulate` may replace: the run file, its model source, data,
+    metrics file, checkpoint folder and export folder."""
+    model = run.model_source[1] if run.model_source[0] != "preset" else None
+    return [run_file, model, run.data_path, *run.data_sources, run.metrics_path, run.checkpoint_dir, run.hf_export]
 
 
 def _model_config(run_config):
@@ -177,9 +219,11 @@ def write_trace(path: str, summary: dict) -> None:
         raise CLIError(f"--trace {path}: cannot write ({e.strerror or e}); the run itself completed") from None
 
 
-def _one_line(failed) -> CLIError | None:
+def _one_line(failed, corrupted: bool = False) -> CLIError | None:
     """The CLIError (one line, no traceback) for a virtual rank's failure: a fault, a user error, a deadlock, ranks
-    calling different collectives, an Abort; None for anything else (a bug, which keeps its traceback)."""
+    calling different collectives, an Abort, any failure after an injected corruption went out (the unchecked run
+    failing in its own way: bytes that no longer parse, say); None for anything else (a bug, which keeps its
+    traceback)."""
     from trinity.simulate.faults import RankKilled
     from trinity.simulate.virtual_comm import Aborted, CollectiveMismatch, DeadlockError
 
@@ -194,4 +238,7 @@ def _one_line(failed) -> CLIError | None:
         return CLIError(f"collective mismatch: {cause}", status=1)
     if isinstance(cause, Aborted):
         return CLIError(str(cause), status=cause.errorcode or 1)
+    if corrupted:
+        return CLIError(f"{rank}: {type(cause).__name__}: {cause} (after the injected corruption; --checksums "
+                        f"would have named the message)", status=1)
     return None

@@ -16,8 +16,8 @@ however it ends (a SIGKILL, the OOM killer), and the file names the holder: pid,
   processes (two `trinity train` commands, two mpiexec jobs) exclude each other.
 
 Lock files are opened with O_NOFOLLOW (a planted symbolic link is refused, never followed) and removed on release;
-a folder the lock had to create is removed again if the job leaves it empty (a refused start changes
-nothing).
+every folder the lock had to create (the checkpoint folder and any missing parent of it) is removed again, deepest
+first, if the job leaves it empty (a refused start changes nothing).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = ["RunLock", "RunLockError", "LOCK_NAME"]
 
 LOCK_NAME = ".trinity.lock"  # inside the checkpoint folder; the metrics file's is `<metrics>.lock`
 
-# Per process: lock file path → [fd, holders, folder created by the lock or None]. The lock is a process's, so
+# Per process: lock file path → [fd, holders, folders created by the lock, deepest first]. The lock is a process's, so
 # Trainers in one process share its hold (module docstring); the kernel's flock excludes other processes.
 _HELD: dict[str, list] = {}
 _HELD_GUARD = threading.Lock()
@@ -89,17 +89,33 @@ def _read_record(fd: int) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def _open_lock_file(path: str, what: str) -> tuple[int, str | None]:
-    """(fd of the lock file, the folder created for it or None); refuses a symbolic link or a non-file."""
-    folder, created = os.path.dirname(path), None
-    if not os.path.isdir(folder):
-        os.makedirs(folder, exist_ok=True)
-        created = folder
+def _make_folders(folder: str, what: str) -> list[str]:
+    """Create `folder` (absolute) and each missing parent; returns those this call created, deepest first (a folder
+    someone else creates meanwhile is not ours). On failure nothing created stays and the error is one line."""
+    missing = []
+    while not os.path.lexists(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    created: list[str] = []
+    for path in reversed(missing):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            continue
+        except OSError as e:
+            _remove_if_empty(created[::-1])
+            raise RunLockError(f"{what}: cannot create the folder {path} ({e.strerror or e})") from None
+        created.append(path)
+    return created[::-1]
+
+
+def _open_lock_file(path: str, what: str) -> tuple[int, list[str]]:
+    """(fd of the lock file, the folders created for it, deepest first); refuses a symbolic link or a non-file."""
+    created = _make_folders(os.path.dirname(path), what)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
-        if created:
-            _remove_if_empty(created)
+        _remove_if_empty(created)
         if e.errno == errno.ELOOP:
             raise RunLockError(f"{what}: its lock file {path} is a symbolic link; remove it") from None
         raise RunLockError(f"{what}: cannot create its lock file {path} ({e.strerror or e})") from None
@@ -112,8 +128,10 @@ def _acquire(path: str, what: str) -> str | None:
         if path in _HELD:  # this process holds it already (module docstring)
             _HELD[path][1] += 1
             return None
+        created: list[str] = []  # folders this job created, deepest first
         while True:
-            fd, created = _open_lock_file(path, what)
+            fd, made = _open_lock_file(path, what)
+            created = made + created
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -171,12 +189,13 @@ def _release(path: str) -> None:
     except OSError:
         pass
     os.close(fd)
-    if created:
-        _remove_if_empty(created)
+    _remove_if_empty(created)
 
 
-def _remove_if_empty(folder: str) -> None:
-    try:
-        os.rmdir(folder)
-    except OSError:
-        pass
+def _remove_if_empty(folders: list[str]) -> None:
+    """Remove each of `folders` (deepest first) that is empty; one that is not stays, and so do its parents."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return

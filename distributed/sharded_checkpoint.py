@@ -381,12 +381,19 @@ def _check_manifest(manifest: dict, path: str, stored: Config) -> None:
         raise bad("ranks", "is not a list of rank descriptions")
     if not _is_count(world) or world != len(ranks):
         raise bad("world_size", f"{world!r} is not the {len(ranks)} ranks it lists")
+    unknown = sorted(set(manifest) - _FIELDS)
+    if unknown:
+        raise bad(unknown[0], "is not a field of a manifest")
     try:
         layout = Layout.parse(manifest.get("layout"))
-    except LayoutError as e:
+    except (LayoutError, AttributeError, TypeError) as e:
         raise bad("layout", f"is not a layout ({e})") from None
+    if str(layout) != manifest.get("layout"):
+        raise bad("layout", f"{manifest.get('layout')!r} is not as a save writes it ({str(layout)!r})")
     if layout.world_size != world:
         raise bad("layout", f"{layout} has {layout.world_size} ranks, not the world size {world}")
+    if (layout.dp_shard * layout.cp) % layout.ep:
+        raise bad("layout", f"{layout}: ep does not divide dp_shard·cp")
     experts = manifest.get("num_experts")
     if not _is_count(experts) or experts != stored.num_experts:
         raise bad("num_experts", f"{experts!r} is not the stored config's {stored.num_experts}")
@@ -394,9 +401,10 @@ def _check_manifest(manifest: dict, path: str, stored: Config) -> None:
         raise bad("layout", f"ep = {layout.ep} does not divide the {experts} experts")
     width = experts // layout.ep
     for r, d in enumerate(ranks):
-        ep_rank = d.get("ep_rank")
-        if not _is_count(ep_rank) or ep_rank >= layout.ep or d.get("experts") != [ep_rank * width,
-                                                                                  (ep_rank + 1) * width]:
+        ep_rank = d.get("ep_rank")  # the layout's rule: rank r's fsdp index f = r mod dp_shard·cp, ep rank f mod ep
+        expected = r % (layout.dp_shard * layout.cp) % layout.ep
+        if not _is_count(ep_rank) or ep_rank != expected or d.get("experts") != [expected * width,
+                                                                                 (expected + 1) * width]:
             raise bad(f"ranks[{r}]", f"ep_rank {ep_rank!r} and experts {d.get('experts')!r} do not fit {layout}")
     if not isinstance(manifest.get("buckets"), dict) or not isinstance(manifest.get("replicated"), dict):
         raise bad("buckets", "or replicated is not a JSON object")

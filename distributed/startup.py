@@ -5,10 +5,13 @@ the resume point, checks the layout against the job and the memory against the m
 takes its lock (run_lock.py), and under a layout runs the ranks' agreement (`agree`), builds the mesh and keeps each
 rank's shards. The order is the contract:
 
-  1. every rank prepares on its own (`_prepare`): nothing collective, nothing removed; rank 0 takes the lock;
+  1. every rank prepares on its own (`_prepare`): nothing collective, nothing removed, no state built or loaded
+     (the model's config only, never its weights); rank 0 takes the lock;
   2. under a layout, the ranks agree (`agree`, two Allgathers of JSON): any rank's error, ranks running different
      jobs, or a host whose ranks together need more memory than it has, ends every rank alike, printed once;
-  3. only then `--restart` removes the earlier run (`_restart_folder`), and the mesh is built.
+  3. only then each rank builds or loads the whole state (`_build_state`: init_params, init_from's weights or the
+     resume point), and under a layout the ranks agree again on what they loaded (`_agree_state`);
+  4. only then `--restart` removes the earlier run (`_restart_folder`), and the mesh is built.
 
 Errors a user can cause before the agreement are routed through it (`STARTUP_ERRORS`), also those raised before the
 Trainer exists (`refuse_together`, from `trinity train`), so that a job of N ranks prints one line, once.
@@ -76,23 +79,42 @@ def model_config(run: RunConfig) -> Config:
     return run.build_config(base)
 
 
-def _base_config(run: RunConfig):
-    """(Config, params or None) from the run's model source: a preset, a config.json, or an HF checkpoint. Errors
-    name the [model] key."""
+def _base_config(run: RunConfig) -> Config:
+    """The Config of the run's model source, reading no weights: a preset, a config.json, or an HF checkpoint's
+    config.json (its weights are read once the job agreed to start: `_load_weights`). Errors name the [model]
+    key."""
     kind, value = run.model_source
     if kind == "preset":
-        return Config.preset(value), None
-    from trinity.reference.interop.hf import CheckpointError as HFError, load_pretrained
+        return Config.preset(value)
+    from trinity.reference.interop.hf import CONFIG_NAME, CheckpointError as HFError
     try:
-        if kind == "config":
-            return Config.from_hf(value), None
-        config, params = load_pretrained(value, dtype=np.dtype(run.dtype))
+        path = value
+        if kind == "init_from":  # the checks load_pretrained makes first, with its words
+            if not os.path.isdir(value):
+                raise HFError(f"missing file: checkpoint directory {value} does not exist")
+            path = os.path.join(value, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise HFError(f"missing file: {path}")
+        return Config.from_hf(path)
     except (ConfigError, HFError, OSError, ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
         raise RunConfigError(f"[model] {kind} = {value!r}: {e}") from None
+
+
+def _load_weights(run: RunConfig, base: Config) -> dict:
+    """The params of the run's `init_from` HF checkpoint, whose config must still be `base` (the one the job agreed
+    on), holding no NaN or infinity. Errors name the [model] key."""
+    from trinity.reference.interop.hf import CheckpointError as HFError, load_pretrained
+    value = run.model_source[1]
+    try:
+        config, params = load_pretrained(value, dtype=np.dtype(run.dtype))
+    except (ConfigError, HFError, OSError, ValueError, TypeError) as e:  # UnicodeDecodeError is a ValueError
+        raise RunConfigError(f"[model] init_from = {value!r}: {e}") from None
+    if config != base:
+        raise RunConfigError(f"[model] init_from = {value!r}: its config.json changed while the job started")
     for key, array in params.items():
         if array.dtype.kind in "fc" and not np.isfinite(array).all():
             raise RunConfigError(f"[model] init_from = {value!r}: the weights hold NaN or infinity ({key})")
-    return config, params
+    return params
 
 
 def data_fingerprint(stores) -> list[dict]:
@@ -208,6 +230,11 @@ def _check_hosts(everyone: list[dict]) -> None:
                 f"run fewer ranks per host"))
 
 
+def _digest(what) -> str:
+    """The SHA-256 of `what` as JSON: what the ranks compare to know they run the same job."""
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def refuse_together(comm, error: Exception) -> None:
     """A rank that failed before its Trainer existed (the run file, --mesh, --backend) joins the agreement the
     other ranks' Trainers run, so that the job ends once, cleanly: raises the agreed error on this rank."""
@@ -223,15 +250,27 @@ class Startup:
     _restart_removes = None  # --restart: whether the metrics are removed too (None: nothing to remove)
     _memory_need = None  # this rank's memory need, for the agreement's per-host check
 
+    def _attempt(self, stage, distributed: bool, *args) -> Exception | None:
+        """Run one stage of the start; under a layout a user's error (STARTUP_ERRORS) is returned, for the next
+        agreement to carry to every rank, instead of raised."""
+        try:
+            stage(*args)
+        except STARTUP_ERRORS as e:
+            if not distributed:
+                raise
+            return e
+        return None
+
     def _prepare(self, resume: bool, restart: bool, comm, distributed: bool) -> None:
-        """Everything before the first collective: the run file, model, backend, layout check, data, memory, run
-        folder and resume point, and the whole state (built or loaded the same way on every rank). Nothing in the
-        run folder is removed here: `--restart` removes the old run once the job agreed to start (_restart_folder)."""
+        """Everything before the first collective: the run file, model config, backend, layout check, data, memory
+        need, run folder. No state is built or loaded here (that waits for the agreement, which checks every host's
+        memory first: `_build_state`), and nothing in the run folder is removed: `--restart` removes the old run
+        once the job agreed to start (_restart_folder)."""
         run = self.run
         check_output_paths(run)
         if self.is_main:  # the job's lock on its run folder, before anything changes (run_lock.py)
             self._take_lock()
-        base, pretrained = _base_config(run)
+        self._base = base = _base_config(run)
         self.config = config = run.build_config(base)
         try:
             backend = get_backend(run.backend)
@@ -245,7 +284,7 @@ class Startup:
             if largest >= config.vocab_size:
                 raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
                                      f"{config.vocab_size}")
-        memory = self._check_memory(loaded=pretrained, distributed=distributed)
+        memory = self._check_memory(distributed=distributed)
         self.fingerprint = data_fingerprint(self.stores)
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
@@ -259,9 +298,15 @@ class Startup:
                                  f"metrics file; it is left alone: choose another path")
         if not resume and self.is_main:  # rank 0 decides for the job (an error there ends every rank)
             self._claim_folder(restart)
+        self.log(memory)
+
+    def _build_state(self, resume: bool) -> None:
+        """The whole state, built or loaded the same way on every rank once the job agreed to start (so that no
+        rank allocates it before every host's memory was checked): the resume point, else init_from's weights or
+        init_params, with the optimizer and balancing state."""
+        run, config = self.run, self.config
         ckpt = self._load_resume_point(config) if resume else None
         self.resumed_from = None if ckpt is None else (ckpt.path, ckpt.step)
-        self.log(memory)
         self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
         self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
         if ckpt is not None:
@@ -280,8 +325,8 @@ class Startup:
         else:
             if resume:
                 self.log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
-            if pretrained is not None:
-                self.params = pretrained
+            if run.model_source[0] == "init_from":
+                self.params = _load_weights(run, self._base)
             else:
                 self.params = init_params(config, seed=run.init_seed, dtype=np.dtype(run.dtype))
             self.opt_state = init_optimizer_state(config, self.params)
@@ -310,15 +355,19 @@ class Startup:
             raise RunConfigError(f"[parallel] {e}{hint}") from None
 
     def _agree(self, comm, failed: Exception | None, resume: bool) -> None:
-        """The ranks' first exchange (`agree`): each one's error (if any), a digest of the job it is about to run
-        (the run configuration, the model, the resume point), its host and its memory need. An error on any rank,
-        ranks that disagree, or a host whose ranks together need more memory than it has, is raised on every rank
-        alike (`every_rank`: the command ends the job once, cleanly)."""
-        job = None if failed else hashlib.sha256(json.dumps(
-            [repr(self.run), self.config.to_dict(), self.resumed_from, self.step, self.tokens_seen],
-            sort_keys=True, default=str).encode()).hexdigest()
+        """The ranks' first exchange (`agree`), before any state exists: each one's error (if any), a digest of the
+        job it is about to run (the run configuration, the model), its host and its memory need. An error on any
+        rank, ranks that disagree, or a host whose ranks together need more memory than it has, is raised on every
+        rank alike (`every_rank`: the command ends the job once, cleanly)."""
+        job = None if failed else _digest([repr(self.run), self.config.to_dict()])
         agree(comm, None if failed is None else str(failed), job, self._memory_need,
               "and checkpoint folder" if resume else "")
+
+    def _agree_state(self, comm, failed: Exception | None, resume: bool) -> None:
+        """The ranks' second exchange, once each built or loaded its state (`_build_state`): each one's error
+        (init_from's weights or the resume point), and the resume point it loaded; raised on every rank alike."""
+        job = None if failed else _digest([self.resumed_from, self.step, self.tokens_seen])
+        agree(comm, None if failed is None else str(failed), job, None, "and checkpoint folder" if resume else "")
 
     def _build_mesh(self, comm):
         """The run's layout over `comm` (collective), and one line naming every rank's pid and host."""
@@ -343,12 +392,12 @@ class Startup:
         self.ops, self.params, self.opt_state = parallelize(self.ops, self.mesh, self.config, self.params,
                                                             self.opt_state)
 
-    def _check_memory(self, loaded=None, distributed: bool = False) -> str:
+    def _check_memory(self, distributed: bool = False) -> str:
         """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the
         larger of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy
-        of the file). `loaded`: params already in memory (init_from), not counted twice. Under a layout the ranks of
-        a host are counted together in the agreement (`agree`): here each rank only records its need. Returns the
-        estimate, to log."""
+        of the file). It runs before any state is allocated (init_from's weights included). Under a layout the ranks
+        of a host are counted together in the agreement (`agree`), before any of them builds its state: here each
+        rank only records its need. Returns the estimate, to log."""
         run = self.run
         micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size
         estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
@@ -361,18 +410,17 @@ class Startup:
             available = available_memory_bytes()
         except ValueError as e:
             raise RunConfigError(str(e)) from None
-        held = sum(v.nbytes for v in loaded.values()) if loaded is not None else 0
         said = (f"estimated peak memory {total / GIB:.2f} GiB, in {peak} (params {estimate['params'] / GIB:.2f}, "
                 f"optimizer {estimate['optimizer'] / GIB:.2f}, activations {estimate['activations'] / GIB:.2f}, "
                 f"logits {estimate['logits'] / GIB:.2f} GiB)")
+        state_alone_too_big = peak == "a checkpoint save" or (available is not None and save > available)
         refusal = (f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said}",
-                   "this model's state does not fit this machine" if peak == "a checkpoint save" else
+                   "this model's state does not fit this machine" if state_alone_too_big else
                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true"))
-        self._memory_need = {"need": total - held, "total": total, "available": available, "refusal": refusal}
-        if available is not None and not distributed and total - held > available:
-            raise RunConfigError(f"{refusal[0]} exceeds the {(available + held) / GIB:.2f} GiB available; "
-                                 f"{refusal[1]}")
-        return said + (f" of {(available + held) / GIB:.2f} GiB available" if available is not None else "")
+        self._memory_need = {"need": total, "total": total, "available": available, "refusal": refusal}
+        if available is not None and not distributed and total > available:
+            raise RunConfigError(f"{refusal[0]} exceeds the {available / GIB:.2f} GiB available; {refusal[1]}")
+        return said + (f" of {available / GIB:.2f} GiB available" if available is not None else "")
 
     def _claim_folder(self, restart: bool) -> None:
         """A new run needs a folder of its own: existing checkpoints (or a non-empty metrics file) are refused,

@@ -44,7 +44,7 @@ from .layout import Layout
 from .metrics_log import MetricsFileError
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError
-from .startup import STARTUP_ERRORS, Startup, _every_rank, build_loader, data_fingerprint
+from .startup import Startup, _every_rank, build_loader, data_fingerprint
 
 __all__ = ["Trainer", "TrainingDiverged", "FAULT_ENV", "FAULT_METRICS_ENV", "FAULT_MID_STEP_ENV",
            "FAULT_HANG_MID_STEP_ENV", "build_loader",
@@ -89,17 +89,16 @@ class Trainer(Startup):
             raise
 
     def _start(self, resume: bool, restart: bool, comm, distributed: bool) -> None:
-        """Prepare, agree (under a layout), then change the run folder (--restart) and build the mesh (startup.py)."""
-        failed = None
-        try:
-            self._prepare(resume, restart, comm, distributed)
-        except STARTUP_ERRORS as e:  # under a layout every rank first learns whether any failed (_agree)
-            if not distributed:
-                raise
-            failed = e
+        """Prepare and agree (under a layout: every host's memory is checked there), then build or load the state
+        and agree on it, then change the run folder (--restart) and build the mesh (startup.py). Under a layout a
+        rank's error is carried by the next agreement to every rank."""
+        failed = self._attempt(self._prepare, distributed, resume, restart, comm, distributed)
         self.mesh = LOCAL
         if distributed:
             self._agree(comm, failed, resume)
+        failed = self._attempt(self._build_state, distributed, resume)
+        if distributed:
+            self._agree_state(comm, failed, resume)
         self._restart_folder()
         if distributed:
             self.mesh = self._build_mesh(comm)

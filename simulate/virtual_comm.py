@@ -41,8 +41,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .message_parts import block as _block, corruptible as _corruptible, flip_bits as _flip_bits, whole as _whole
+
 __all__ = ["VirtualCluster", "VirtualComm", "SUM", "MAX", "MIN", "IN_PLACE", "UNDEFINED", "RankFailed",
-           "PeerFailed", "CollectiveMismatch", "DeadlockError", "Aborted"]
+           "PeerFailed", "CollectiveMismatch", "DeadlockError", "Aborted", "Abandoned"]
 
 
 class RankFailed(RuntimeError):
@@ -59,6 +61,11 @@ class CollectiveMismatch(RuntimeError):
 
 class DeadlockError(RuntimeError):
     """A rank waited longer than the cluster's timeout for the other ranks of a collective."""
+
+
+class Abandoned(RuntimeError):
+    """`VirtualCluster.run` gave up on ranks that were stuck when its `give_up()` asked it to stop (the message
+    names them and where every rank is)."""
 
 
 class Aborted(RuntimeError):
@@ -170,26 +177,6 @@ def _ranges(ranks: list) -> str:
     return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
-def _whole(contribution: np.ndarray, receiver: int) -> np.ndarray:
-    """What a rank reads of an Allreduce / Allgather contribution: all of it."""
-    return contribution
-
-
-def _block(n: int) -> Callable:
-    """What rank r reads of an Alltoall / Reduce_scatter_block contribution: block r of n equal blocks."""
-    def reads(contribution: np.ndarray, receiver: int) -> np.ndarray:
-        b = contribution.size // n
-        return contribution[receiver * b:(receiver + 1) * b]
-    return reads
-
-
-def _flip_bit(part: np.ndarray) -> None:
-    """Flip, in place, bit 3 of the second most significant byte of part's first element (little-endian): a high
-    mantissa bit of a float64 or float32, so the value changes but stays finite; a fixed stand-in for a bad link."""
-    raw = part[:1].view(np.uint8)
-    raw[max(raw.size - 2, 0)] ^= 0x08
-
-
 @dataclass(eq=False)
 class _Slot:
     """One call of a collective: the copies every rank deposited, filled in rank by rank."""
@@ -221,11 +208,13 @@ class _State:
         self.timeout = timeout
         self.failure: tuple[int, BaseException] | None = None
         self.where = ["running"] * n
+        self.changes = 0  # how many times a rank changed place: progress, for VirtualCluster's give_up
 
     def place(self, rank: int, where: str) -> None:
         """Record where `rank` is (the caller holds the lock) and wake the waiters: a deadlock report waits until
         no rank is running."""
         self.where[rank] = where
+        self.changes += 1
         self.cond.notify_all()
 
     def report(self) -> str:
@@ -262,6 +251,7 @@ class VirtualComm:
         self._world_rank = group.world_ranks[rank]
         self._seq = 0  # the number of this rank's next call on this communicator
         self._corrupt = False  # a fault pending: the next data sent on this communicator arrives corrupted
+        self._on_corrupted: Callable | None = None  # called when it went out
 
     # ---- identity -----------------------------------------------------------------------------------------------
     def Get_rank(self) -> int:
@@ -358,20 +348,23 @@ class VirtualComm:
         return self._complete(slot, seq, what, finish)
 
     # ---- faults (trinity.simulate.faults) -------------------------------------------------------------------------
-    def corrupt_next_send(self) -> None:
-        """The next data this rank sends on this communicator reaches one other rank with a bit flipped (a faulty
-        link): the first rank after this one, in rank order, that reads any of it. Calls that carry nothing to
-        another rank (Barrier, Split, empty blocks) leave the fault pending."""
-        self._corrupt = True
+    def corrupt_next_send(self, on_sent: Callable | None = None) -> None:
+        """The next data of floats (or bytes) this rank sends on this communicator reaches one other rank with a bit
+        flipped in every element (a faulty link): the first rank after this one, in rank order, that reads any of
+        it. Calls that carry none to another rank (Barrier, Split, integers, empty blocks) leave the fault pending;
+        `on_sent()` is called once it went out (a fault still pending at the end never acted)."""
+        self._corrupt, self._on_corrupted = True, on_sent
 
     def _corrupt_for_one(self, slot: _Slot, contribution, reads: Callable) -> None:
         for step in range(1, self.size):
             receiver = (self._rank + step) % self.size
-            if reads(contribution, receiver).size:
+            if _corruptible(reads(contribution, receiver)):
                 bad = copy.deepcopy(contribution)
-                _flip_bit(reads(bad, receiver))
+                _flip_bits(reads(bad, receiver))
                 slot.altered[(self._rank, receiver)] = bad
                 self._corrupt = False
+                if self._on_corrupted is not None:
+                    self._on_corrupted()
                 return
 
     def hang(self, reason: str) -> None:
@@ -518,12 +511,17 @@ class VirtualComm:
 
 class VirtualCluster:
     """n virtual ranks in this process. `run(fn, *args)` calls fn(comm, *args) on one thread per rank and returns
-    the results in rank order; `timeout` bounds any single wait in a collective (seconds)."""
+    the results in rank order; `timeout` bounds any single wait in a collective (seconds).
 
-    def __init__(self, n: int, timeout: float = 120.0):
+    `give_up()`, when given, is asked while the ranks run (a few times a second); once it returns a reason (a
+    signal arrived, say) and no rank has moved for `grace` seconds with none of them running (each blocked in a
+    collective, hung, returned or failed: they cannot reach the end by themselves), `run` raises Abandoned naming
+    the stuck ranks instead of waiting out `timeout`. Ranks still making progress are left to finish."""
+
+    def __init__(self, n: int, timeout: float = 120.0, give_up: Callable | None = None, grace: float = 5.0):
         if n < 1:
             raise ValueError(f"a cluster needs at least one rank, got {n}")
-        self.n, self.timeout = n, timeout
+        self.n, self.timeout, self.give_up, self.grace = n, timeout, give_up, grace
 
     def run(self, fn: Callable, *args, **kwargs) -> list:
         state = _State(self.n, self.timeout)  # fresh per run: nothing shared between runs or clusters
@@ -545,9 +543,36 @@ class VirtualCluster:
         threads = [threading.Thread(target=body, args=(r,), name=f"vrank-{r}", daemon=True) for r in range(self.n)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        self._join(threads, state)
         if state.failure is not None:
             rank, exc = state.failure
             raise RankFailed(f"rank {rank} failed: {type(exc).__name__}: {exc}") from exc
         return results
+
+    def _join(self, threads: list, state: _State) -> None:
+        """Wait for every rank's thread; with `give_up`, raise Abandoned once it gives a reason and the ranks are
+        stuck (nothing moved for `grace` seconds, no rank running). The stuck threads are released (PeerFailed
+        wherever they wait) and left behind: they are daemons."""
+        if self.give_up is None:
+            for t in threads:
+                t.join()
+            return
+        last_change, since, asked = -1, time.monotonic(), None
+        while any(t.is_alive() for t in threads):
+            threads[next(i for i, t in enumerate(threads) if t.is_alive())].join(0.2)
+            reason = self.give_up()
+            if reason is not None and asked is None:  # the grace counts from the request
+                asked = since = time.monotonic()
+            with state.cond:
+                if state.changes != last_change or any(w == "running" for w in state.where):
+                    last_change, since = state.changes, time.monotonic()
+                    continue
+                if reason is None or time.monotonic() - since < self.grace:
+                    continue
+                stuck = [r for r, w in enumerate(state.where) if w != "returned" and not w.startswith("raised")]
+                error = Abandoned(f"{reason}: rank(s) {_ranges(stuck)} could not reach the end of a step in "
+                                  f"{self.grace:g} s. Where every rank is: {state.report()}")
+                if state.failure is None:
+                    state.failure = (stuck[0], error)
+                state.cond.notify_all()
+            raise error

@@ -203,7 +203,7 @@ def test_invalid_json_and_non_object(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [[], ["info"], ["nosuchcommand"], ["train"], ["train", "run.toml", "--watchdog", "x"],
                                   ["data", "prepare"], ["generate", "tiny", "--max-new-tokens", "many"],
-                                  ["plot"], ["inspect", "tiny", "--nosuchflag"]])
+                                  ["plot"], ["inspect", "tiny", "--nosuchflag"], ["train", "a.toml", "b.toml"]])
 def test_usage_errors_are_one_line_exit_2_and_printed_by_rank_zero_only(capsys, monkeypatch, argv):
     """Every subcommand's argparse errors are one line without the usage text, exit 2; under an MPI launcher every
     rank parses the same command line, so only rank 0 prints the refusal."""
@@ -211,6 +211,8 @@ def test_usage_errors_are_one_line_exit_2_and_printed_by_rank_zero_only(capsys, 
         main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and ": error: " in err and "usage:" not in err
+    if len(argv) > 1:  # named by the subcommand
+        assert err.startswith(f"trinity {argv[0]}"), err
     monkeypatch.setenv("PMI_RANK", "1")
     with pytest.raises(SystemExit) as e:
         main(argv)

@@ -191,6 +191,9 @@ MANIFEST_EDITS = {
     "another run": (_set("run_id", "run-b"), "run_id"),
     "experts": (lambda body: body["ranks"][1].__setitem__("experts", [0, 10**12]), "ranks[1]"),
     "ranks swapped": (lambda body: body["ranks"].reverse(), "rank"),
+    "a layout ep cannot split": (_set("layout", "dp_replicate=2,ep=2"), "layout"),
+    "a layout not as saved": (_set("layout", "dp_shard=2, ep=2"), "layout"),
+    "an unknown field": (_set("extra", 1), "extra"),
 }
 
 

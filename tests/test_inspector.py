@@ -423,7 +423,7 @@ def test_inspect_text_uses_the_tokenizer_the_checkpoint_carries(tmp_path, capsys
     (["tiny", "--tokens", "1,2", "--op", "nosuch"], "match no operator; operator names: .*q_proj"),
     (["tiny", "--text", "hi"], "--text needs a tokenizer"),
     (["no/such/model.h5", "--tokens", "1"], "no such checkpoint file or directory"),
-    (["tiny", "--tokens", "1,2", "--dump", "no/such/dir/t.h5"], "--dump no/such/dir/t.h5: no such directory"),
+    (["tiny", "--tokens", "1,2", "--dump", "no/such/dir/t.h5"], "--dump no/such/dir/t.h5: the folder .* does not exist"),
     (["tiny", "--tokens", "1,2", "--layer", "0", "--plot", "PLOT"], "--plot: no MoE layer among --layer 0"),
 ])
 def test_inspect_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch):

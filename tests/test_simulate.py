@@ -169,6 +169,32 @@ def test_a_corrupted_message_is_caught_by_its_checksum_and_unnoticed_without(tmp
     assert _same_bits(_checkpoint(unnoticed, 1).params, _checkpoint(clean, 1).params)
 
 
+def test_an_unchecked_corruption_at_the_first_collective_of_a_step_changes_the_run(tmp_path):
+    """corrupt:rank=1,step=2 on dp_shard=2 hits step 2's first collective, the gather of rank 1's half of the
+    embedding, which rank 0 reads only at its batch's tokens: one bit in one row left the run bit-identical to the
+    clean one. Every value of the message is hit now, so the losses from step 2 on differ; with --checksums it is
+    caught."""
+    data = _data(tmp_path)
+    corrupted, clean, caught = (_run_dir(tmp_path / n, data) for n in ("corrupted", "clean", "caught"))
+    _simulate(corrupted, 2, "dp_shard=2", "--fault", "corrupt:rank=1,step=2")
+    _simulate(clean, 2, "dp_shard=2")
+    a, b = [x["loss"]["total"] for x in _metrics(corrupted)], [x["loss"]["total"] for x in _metrics(clean)]
+    assert a[0] == b[0] and a[1] != b[1], (a, b)
+    r = trinity("simulate", str(caught / "run.toml"), "--ranks", "2", "--mesh", "dp_shard=2", "--checksums",
+                "--fault", "corrupt:rank=1,step=2", env=ONE_THREAD)
+    assert r.returncode == 1 and "corrupted message from rank 1 to rank 0" in r.stderr, r.stderr
+
+
+def test_a_corruption_that_breaks_the_unchecked_run_is_one_line(tmp_path):
+    """A corruption in the checkpoint's agreement (JSON bytes) breaks the unchecked run in its own way: one line
+    naming the rank and the error, exit 1, no traceback (a JSONDecodeError traceback before)."""
+    d = _run_dir(tmp_path, _data(tmp_path))
+    r = trinity("simulate", str(d / "run.toml"), "--ranks", "2", "--mesh", "dp_shard=2", "--fault",
+                "corrupt:rank=1,step=2,phase=checkpoint", env=ONE_THREAD)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "after the injected corruption" in r.stderr, r.stderr
+
+
 def test_a_hung_rank_ends_the_run_in_one_line_naming_where_every_rank_waits(tmp_path):
     """Rank 2 stops calling collectives in step 2's backward; the others' waits exceed --timeout 2: exit 1 and one
     line naming each rank and the collective it is blocked in (no traceback, no thread left running)."""

@@ -73,6 +73,9 @@ BAD = [  # (arguments after RUN.toml, what the one line says)
     (["--ranks", "2", "--fault", "corrupt:rank=1,step=1,after=-2"] + MESH, "after must be 0 or more"),
     (["--ranks", "2", "--fault", "slow:rank=1,seconds=nan"] + MESH, "seconds must be from 0 to 60"),
     (["--ranks", "2", "--fault", "kill:rank=1,rank=0,step=1"] + MESH, "rank given twice"),
+    (["--ranks", "2", "--fault", "kill:rank=1,step=1,phase=checkpoint"] + MESH,  # every = 2 in these tests
+     "kill:rank=1,step=1,phase=checkpoint: step 1 writes no checkpoint"),
+    (["--ranks", "2", "--fault", "corrupt:rank=1,step=2,phase=control"] + MESH, "could change nothing"),
     (["--ranks", "2", "--trace", "{d}/no/such/folder/trace.json"] + MESH, "does not exist"),  # 6: checked first
     (["--ranks", "2", "--trace", "{d}"] + MESH, "is a folder"),
 ]
@@ -81,10 +84,70 @@ BAD = [  # (arguments after RUN.toml, what the one line says)
 @pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_is_refused_in_one_line_before_any_rank_starts(tmp_path, data, capsys, no_threads, args,
                                                                  message):
-    d = _run_dir(tmp_path / "run", data)
+    d = _every_two(_run_dir(tmp_path / "run", data))
     before = sorted(os.listdir(d))
     _refused(capsys, ["simulate", str(d / "run.toml"), *[a.format(d=d) for a in args]], message)
     assert sorted(os.listdir(d)) == before  # no checkpoint folder, no metrics: nothing started
+
+
+def _every_two(d):
+    """The run folder with a checkpoint every 2 steps (steps 2 and 3 of 3 save, step 1 does not)."""
+    (d / "run.toml").write_text((d / "run.toml").read_text().replace("every = 1", "every = 2"))
+    return d
+
+
+def _simulate_status(capsys, argv):
+    capsys.readouterr()
+    status = main(argv)
+    return status, capsys.readouterr().err.strip().splitlines()
+
+
+def test_a_fault_that_never_acted_is_named_and_the_exit_status_is_2(tmp_path, data, capsys):
+    """A kill at the millionth collective of step 2 cannot be refused before the run (the count of collectives is
+    the trainer's): the run trains to its end, then one line names the fault, exit status 2 (0 before)."""
+    d = _run_dir(tmp_path / "run", data)
+    status, err = _simulate_status(capsys, ["simulate", str(d / "run.toml"), "--ranks", "2", *MESH, "--fault",
+                                            "kill:rank=1,step=2,after=999999", "--fault", "slow:rank=0,seconds=0"])
+    assert status == 2 and len(err) == 1, (status, err)
+    assert "kill:rank=1,step=2,after=999999: never acted" in err[0] and "slow" not in err[0], err
+    assert _metrics_lines(d) == 3  # the run itself completed
+
+
+def test_a_fault_before_the_resume_point_is_refused_before_any_step(tmp_path, data, capsys):
+    """--resume from step 3's checkpoint of a 4-step run: a fault at step 2 could never act; refused in one line,
+    exit 2, before any step (it resumed at step 4 and exited 0 before); the metrics stay as they were."""
+    d = _run_dir(tmp_path / "run", data)
+    assert main(["simulate", str(d / "run.toml"), "--ranks", "2", *MESH]) == 0
+    (d / "run.toml").write_text((d / "run.toml").read_text().replace("steps = 3", "steps = 4"))
+    before = (d / "metrics.jsonl").read_text()
+    status, err = _simulate_status(capsys, ["simulate", str(d / "run.toml"), "--ranks", "2", *MESH, "--resume",
+                                            "--fault", "kill:rank=1,step=2"])
+    assert status == 2, (status, err)
+    assert [line for line in err if "error" in line] == [
+        "trinity simulate: error: --fault: kill:rank=1,step=2: the run resumes after step 3, so step 2 never runs"]
+    assert (d / "metrics.jsonl").read_text() == before
+
+
+def test_a_signal_ends_a_run_whose_rank_hangs_without_waiting_out_the_timeout(tmp_path, data):
+    """Rank 1 hangs in step 1's stop agreement under the default --timeout (600 s): a SIGTERM cannot be agreed on,
+    so after a short grace the run ends in one line naming the stuck ranks, exit 143 (before, it waited out the
+    timeout). The watchdog below (300 s) only guards against that hang."""
+    d = _run_dir(tmp_path / "run", data)
+    proc = subprocess.Popen([sys.executable, "-m", "trinity.cli", "simulate", str(d / "run.toml"), "--ranks", "2",
+                             *MESH, "--fault", "hang:rank=1,step=1,phase=control"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **ONE_THREAD})
+    try:
+        _wait_for(lambda: _metrics_lines(d) >= 1 or proc.poll() is not None)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert proc.returncode == 143 and len(lines) == 1 and "Traceback" not in err, (proc.returncode, err)
+    assert "stopped by SIGTERM: rank(s) 0-1 could not reach the end of a step" in lines[0], lines
+    assert "rank 1: hung by fault injection at step 1 (control" in lines[0], lines
 
 
 def test_a_bad_run_file_is_one_line(tmp_path, data, capsys, no_threads):

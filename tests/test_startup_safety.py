@@ -205,3 +205,69 @@ def test_a_bad_available_memory_variable_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "trinity.cli", "train", run], capture_output=True, text=True,
                        timeout=600, env={**os.environ, AVAILABLE_MEMORY_ENV: "lots"})
     assert r.returncode == 2 and f"${AVAILABLE_MEMORY_ENV} = 'lots': must be a number of bytes" in _one_line(r.stderr)
+
+
+
+# ---- the memory check comes before any state ----------------------------------------------------------------------
+LARGE = 'preset = "trinity-large"'  # terabytes of state: building it on any rank is a MemoryError or minutes of swap
+SIXTEEN_GIB = str(16 << 30)
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("a state was built or loaded before every host's memory was checked")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_simulate_of_a_model_too_large_is_refused_before_any_rank_builds_its_state(tmp_path, monkeypatch, capsys,
+                                                                                   resume):
+    """Two virtual ranks of trinity-large: the agreement refuses the job in one line, once, exit 2, and no rank has
+    built or loaded params, optimizer or balancing state, init_from weights or a resume point by then (each of
+    them fails the test if called)."""
+    import trinity.distributed.startup as startup
+    import trinity.reference.interop.hf as hf
+    from trinity.cli.main import main
+
+    run = write_run(tmp_path, steps=1, every=1, model=LARGE)
+    monkeypatch.setenv(AVAILABLE_MEMORY_ENV, SIXTEEN_GIB)
+    for name in ("init_params", "init_optimizer_state", "init_balancing_state"):
+        monkeypatch.setattr(startup, name, _never)
+    monkeypatch.setattr(hf, "load_pretrained", _never)
+    monkeypatch.setattr(startup.ShardedCheckpointManager, "load_newest_valid", _never)
+    status = main(["simulate", run, "--ranks", "2", "--mesh", "dp_shard=2", *(["--resume"] if resume else [])])
+    line = _one_line(capsys.readouterr().err)
+    assert status == 2 and line.startswith("trinity simulate: error: "), line
+    assert "per rank; the 2 ranks on " in line and "more than the 16.00 GiB available there" in line, line
+
+
+def test_a_model_too_large_for_its_ranks_is_one_line_under_simulate_and_mpiexec(tmp_path):
+    """The same refusal as a user meets it, without any stand-in: `simulate --ranks 2` and `mpiexec -n 2` of a
+    trinity-large run print one line, once, exit 2, with no traceback (before, a MemoryError on every rank)."""
+    run = write_run(tmp_path, steps=1, every=1, model=LARGE)
+    sim = subprocess.run([sys.executable, "-m", "trinity.cli", "simulate", run, "--ranks", "2", "--mesh",
+                          "dp_shard=2"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, AVAILABLE_MEMORY_ENV: SIXTEEN_GIB})
+    assert sim.returncode == 2 and "per rank; the 2 ranks on " in _one_line(sim.stderr), sim.stderr
+    code, out, err, _ = run_mpi(2, ["-m", "trinity.cli", "train", run, "--mesh", "dp_shard=2"], cwd=tmp_path,
+                                timeout=300, env={AVAILABLE_MEMORY_ENV: SIXTEEN_GIB})
+    assert code == 2 and "per rank; the 2 ranks on " in _one_line(err) and "Traceback" not in err, err
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "metrics.jsonl.lock").exists()
+
+
+# ---- a refused start leaves no folder behind -------------------------------------------------------------------
+def test_a_refused_start_removes_every_folder_the_lock_created(tmp_path):
+    """A checkpoint folder two levels below a missing folder: the lock creates all three; a refused start (an empty
+    token file) removes all three again, deepest first, and a folder that was there before stays."""
+    from test_run_safety import edit_run
+
+    run = write_run(tmp_path, steps=1, every=1)
+    edit_run(run, 'dir = "ckpt"', 'dir = "newrun/sub/ckpt"')
+    edit_run(run, 'metrics = "metrics.jsonl"', 'metrics = "newrun/logs/metrics.jsonl"')
+    (tmp_path / "tokens.bin").write_bytes(b"")  # refused after the lock was taken
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(RunConfigError):
+        Trainer(load_run_config(run), log=_quiet)
+    assert sorted(os.listdir(tmp_path)) == before
+    lock = RunLock(str(tmp_path / "newrun" / "sub" / "ckpt"), str(tmp_path / "newrun" / "metrics.jsonl"))
+    (tmp_path / "newrun" / "keep.txt").write_text("a file of the user's")
+    lock.release()
+    assert sorted(os.listdir(tmp_path / "newrun")) == ["keep.txt"]  # sub/ckpt went; newrun holds a file: it stays

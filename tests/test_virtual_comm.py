@@ -419,10 +419,10 @@ def test_object_collectives_never_unpickle(monkeypatch):
     assert mine == [{"n": 0}, {"n": 1}, {"n": 2}]
 
 
-def test_a_corrupted_send_reaches_one_receiver_with_one_bit_flipped():
+def test_a_corrupted_send_reaches_one_receiver_with_a_bit_flipped_in_every_value():
     """Rank 1's next send after corrupt_next_send(): a Barrier carries nothing, so the fault waits; in the Alltoallv
-    rank 1 sends nothing to rank 2, so rank 3, the next that reads data from it, gets its block with one bit
-    flipped; every other block, the sender's own buffers and the next collective arrive intact."""
+    rank 1 sends nothing to rank 2, so rank 3, the next that reads data from it, gets its block with one bit flipped
+    in each of its values; every other block, the sender's own buffers and the next collective arrive intact."""
     n = 4
 
     def counts(j, r):  # elements rank j sends to rank r
@@ -446,7 +446,7 @@ def test_a_corrupted_send_reaches_one_receiver_with_one_bit_flipped():
         assert np.array_equal(send, sent(r)) and np.array_equal(whole, np.repeat(np.arange(n), 2) + [0, 0.5] * n)
         want = np.concatenate([sent(j)[sum(counts(j, q) for q in range(r)):][:counts(j, r)] for j in range(n)])
         flipped = np.unpackbits(out.view(np.uint8) ^ want.view(np.uint8)).sum()
-        assert flipped == (1 if r == 3 else 0), (r, out, want)
+        assert flipped == (counts(1, 3) if r == 3 else 0), (r, out, want)
 
 
 def test_a_hung_rank_ends_in_a_deadlock_naming_it_and_its_thread_ends():
