@@ -64,7 +64,7 @@ from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt
                                                    CheckpointWriteError, load_checkpoint, read_run_id,
                                                    refuse_foreign_entry, restore_rng, save_checkpoint,
                                                    write_sealed_hdf5)
-from trinity.reference.training.checkpoint_files import is_plain_dir, is_plain_file, open_plain
+from trinity.reference.training.checkpoint_files import is_plain_dir, is_plain_file, listed, open_plain
 
 from .fsdp import SHARD_PREFIX, expert_slice
 from .layout import Layout, LayoutError
@@ -453,7 +453,7 @@ def sharded_steps(directory, complete: bool = True) -> list[tuple[int, str]]:
     interrupted saves), oldest step first. Only real directories count, and only a regular manifest.json: a
     symlink (to another folder or file) is never followed, listed or removed."""
     directory, found = os.fspath(directory), []
-    for name in os.listdir(directory):
+    for name in listed(directory):
         m, p = _DIR.match(name), os.path.join(directory, name)
         if m and is_plain_dir(p) and is_plain_file(os.path.join(p, MANIFEST)) == complete:
             found.append((int(m.group(1)), p))

@@ -289,7 +289,9 @@ class Startup:
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
         try:
-            self.checkpoints = ShardedCheckpointManager(run.checkpoint_dir, keep_last=run.keep_last)
+            # only rank 0, which holds the run folder's lock, creates the folder (a refused start removes it)
+            self.checkpoints = ShardedCheckpointManager(run.checkpoint_dir, keep_last=run.keep_last,
+                                                        create=self.is_main)
         except CheckpointError as e:
             raise RunConfigError(f"[checkpoint] dir = {run.checkpoint_dir!r}: {e}") from None
         self.metrics = MetricsLog(run.metrics_path) if self.is_main else None

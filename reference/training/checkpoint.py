@@ -52,7 +52,7 @@ import numpy as np
 from ..files import CheckpointError, atomic_path, fsync_dir  # one CheckpointError for the whole package
 from ..model.config import RESUMABLE_FIELDS, Config, ConfigError
 from ..model.params import check_params
-from .checkpoint_files import StorageError, check_storage, dataset_names, is_plain_dir, is_plain_file
+from .checkpoint_files import StorageError, check_storage, dataset_names, is_plain_dir, is_plain_file, listed
 from .sealed_file import SealError, header_size, is_sealed, read_header, seal, verify
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
@@ -450,7 +450,9 @@ class CheckpointManager:
     checkpoints (checkpoint_files.py): a symlink or special file under a checkpoint's name is skipped by every
     listing, never removed, and a save onto one is refused (CheckpointWriteError)."""
 
-    def __init__(self, directory, keep_last: int | None = 3, run_id: str | None = None):
+    def __init__(self, directory, keep_last: int | None = 3, run_id: str | None = None, create: bool = True):
+        """`create`: make the directory now (False: a job's other ranks, which leave it to the rank that holds the
+        run folder's lock, so that a refused start can remove what it made; a missing directory lists empty)."""
         if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
             raise ValueError(f"keep_last must be a positive integer or None, got {keep_last!r}")
         self.directory = os.fspath(directory)
@@ -458,6 +460,8 @@ class CheckpointManager:
         self.run_id = run_id
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise CheckpointError(f"checkpoint directory {self.directory} is a file")
+        if not create:
+            return
         try:
             os.makedirs(self.directory, exist_ok=True)
         except OSError as e:
@@ -469,7 +473,7 @@ class CheckpointManager:
 
     def _steps(self) -> list[tuple[int, str]]:
         found = []
-        for name in os.listdir(self.directory):
+        for name in listed(self.directory):
             m = _STEP_FILE.match(name)
             if m and is_plain_file(os.path.join(self.directory, name)):  # a symlink is never followed
                 found.append((int(m.group(1)), os.path.join(self.directory, name)))
@@ -512,7 +516,7 @@ class CheckpointManager:
     def clean_tmp(self) -> list[str]:
         """Remove `*.tmp-<pid>` leftovers whose writer is gone (not this process, not alive here); return them."""
         removed = []
-        for name in os.listdir(self.directory):
+        for name in listed(self.directory):
             m = _TMP_FILE.match(name)
             if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
                 with contextlib.suppress(OSError):

@@ -22,7 +22,7 @@ import stat
 
 import h5py
 
-__all__ = ["is_plain_file", "is_plain_dir", "open_plain", "dataset_names", "check_storage", "StorageError"]
+__all__ = ["is_plain_file", "is_plain_dir", "listed", "open_plain", "dataset_names", "check_storage", "StorageError"]
 
 
 class StorageError(ValueError):
@@ -46,6 +46,15 @@ def is_plain_dir(path) -> bool:
     """True for a directory that is not a symbolic link."""
     mode = _mode(path)
     return mode is not None and stat.S_ISDIR(mode)
+
+
+def listed(directory) -> list[str]:
+    """The names in a checkpoint directory; [] when it does not exist yet (a rank that leaves its creation to the
+    rank holding the run folder's lock lists it empty)."""
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
 
 
 def open_plain(path):
