@@ -139,8 +139,6 @@ def check_job(args) -> list:
         faults = [parse_fault(text) for text in args.fault]
     except ValueError as e:
         raise CLIError(f"--fault: {e}") from None
-    if args.trace is not None:
-        check_output_file(args.trace, "--trace")
     try:
         run_config = load_run_config(args.run_file)
     except RunConfigError as e:
@@ -166,9 +164,10 @@ def _check_layout(run_config, layout, ranks: int, given: bool) -> None:
     the layouts that fit), before any thread starts. Without the model's config at hand (a config.json that does
     not load: the trainer names that problem itself) only the world size is checked."""
     from trinity.distributed.layout import LayoutError
+    from trinity.distributed.startup import NO_LAYOUT_HINT
 
     config = _model_config(run_config)
-    hint = "" if given else " (no layout was given: choose one with --mesh or the run file's [parallel])"
+    hint = "" if given else NO_LAYOUT_HINT
     try:
         if config is None:
             if layout.world_size != ranks:

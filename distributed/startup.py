@@ -53,6 +53,8 @@ from .watchdog import Watchdog, watchdog_seconds
 __all__ = ["Startup", "STARTUP_ERRORS", "agree", "refuse_together", "build_loader", "data_fingerprint"]
 
 GIB = 2.0 ** 30
+# Added to a layout refusal when the job named no layout (several ranks, no --mesh and no [parallel]).
+NO_LAYOUT_HINT = " (no layout was given: choose one with --mesh or the run file's [parallel])"
 # What a user can get wrong before a job starts: under a layout each is carried to every rank by the agreement.
 STARTUP_ERRORS = (RunConfigError, LayoutError, CheckpointError, ConfigError, DataError, FileNotFoundError)
 
@@ -71,12 +73,7 @@ def _ranges(ranks: list[int]) -> str:
 def model_config(run: RunConfig) -> Config:
     """The Config the run trains (its model source with the run's overrides), reading no weights: what a check
     before any rank starts needs (`trinity simulate`). Errors are RunConfigError naming the [model] key."""
-    kind, value = run.model_source
-    try:
-        base = Config.preset(value) if kind == "preset" else Config.from_hf(value)
-    except (ConfigError, OSError, ValueError, TypeError) as e:
-        raise RunConfigError(f"[model] {kind} = {value!r}: {e}") from None
-    return run.build_config(base)
+    return run.build_config(_base_config(run))
 
 
 def _base_config(run: RunConfig) -> Config:
@@ -185,7 +182,6 @@ def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
                              world_size=world_size), stores
     except DataError as e:
         raise RunConfigError(f"[data] {e}") from None
-
 
 
 def agree(comm, error: str | None, job: str | None, memory: dict | None = None, same_what: str = "") -> None:
@@ -353,7 +349,7 @@ class Startup:
             run.layout.check(world_size=comm.Get_size(), config=self.config, seq_len=run.seq_len,
                              micro_batch_size=run.micro_batch_size, batch_sizes=run.batch_sizes)
         except LayoutError as e:
-            hint = " (no layout was given: choose one with --mesh or the run file's [parallel])" if single else ""
+            hint = NO_LAYOUT_HINT if single else ""
             raise RunConfigError(f"[parallel] {e}{hint}") from None
 
     def _agree(self, comm, failed: Exception | None, resume: bool) -> None:
@@ -419,7 +415,7 @@ class Startup:
         refusal = (f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said}",
                    "this model's state does not fit this machine" if state_alone_too_big else
                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true"))
-        self._memory_need = {"need": total, "total": total, "available": available, "refusal": refusal}
+        self._memory_need = {"need": total, "available": available, "refusal": refusal}
         if available is not None and not distributed and total > available:
             raise RunConfigError(f"{refusal[0]} exceeds the {available / GIB:.2f} GiB available; {refusal[1]}")
         return said + (f" of {available / GIB:.2f} GiB available" if available is not None else "")
