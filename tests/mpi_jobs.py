@@ -95,3 +95,11 @@ def ended_by_itself(err: str) -> bool:
     """Whether a job ended by itself, not by the launcher's MPIEXEC_TIMEOUT (MPICH's mpiexec then prints "APPLICATION
     TIMED OUT" and may even exit 0). A hang-only check: no wall-clock bound, which a loaded machine would break."""
     return "APPLICATION TIMED OUT" not in err
+
+
+def refused_by_every_rank(code: int, out: str, err: str) -> bool:
+    """Whether a job ended as one that every rank refused to start (launch.end_together: every rank exits 2 after
+    MPI_Finalize). MPICH's mpiexec (Hydra) kills with SIGKILL any rank still finishing once the first has exited
+    non-zero, and then reports 9 with its "BAD TERMINATION" banner (docs/distributed.md, "Starting a job"): a race
+    between ranks that all exit 2, seen on a loaded machine. Either is the job refusing; anything else is not."""
+    return code == 2 or (code == 9 and "BAD TERMINATION" in out + err)

@@ -18,7 +18,7 @@ import pytest
 from trinity.distributed.sharded_checkpoint import ShardedCheckpointManager
 from trinity.reference.training.checkpoint import CheckpointManager
 
-from mpi_jobs import requires_mpi, run_mpi
+from mpi_jobs import refused_by_every_rank, requires_mpi, run_mpi
 from test_trainer import trinity
 
 pytestmark = requires_mpi
@@ -247,7 +247,7 @@ def test_a_layout_that_cannot_work_fails_before_any_work_listing_those_that_fit(
     d = _run_dir(tmp_path, data)
     code, out, err, _ = run_mpi(2, ["-m", "trinity.cli", "train", "run.toml", "--mesh", "dp_shard=4,ep=4"],
                                 cwd=d, timeout=60)
-    assert code == 2, (code, err)
+    assert refused_by_every_rank(code, out, err), (code, err)
     assert not (d / "metrics.jsonl").exists(), out  # refused before any step
     # every rank refuses alike: one line, printed once, and the job ends without an MPI abort
     assert re.fullmatch(r"trinity train: error: \[parallel\] layout dp_shard=4,ep=4: .*4.* but the job has 2 ranks; "
@@ -293,4 +293,5 @@ def test_ranks_running_different_jobs_are_refused(tmp_path, data):
            "--mesh", "dp_shard=2", ":", "-n", "1", sys.executable, "-m", "mpi4py", "-m", "trinity.cli", "train",
            "other.toml", "--mesh", "dp_shard=2"]
     r = subprocess.run(cmd, cwd=d, env=job_env(), capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2 and "the ranks are not running the same job" in r.stderr and "ranks 0 vs 1" in r.stderr
+    assert refused_by_every_rank(r.returncode, r.stdout, r.stderr), (r.returncode, r.stderr)
+    assert "the ranks are not running the same job" in r.stderr and "ranks 0 vs 1" in r.stderr
