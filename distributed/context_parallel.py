@@ -33,6 +33,7 @@ import numpy as np
 
 from trinity.reference.model.seams import SingleProcessSeams
 from .layout import gathers_whole_sequence, window_problem
+from .plan import chunk_positions
 
 __all__ = ["ContextParallelSeams"]
 
@@ -112,7 +113,7 @@ class ContextParallelSeams:
         kv = np.ascontiguousarray(np.stack([k, v]))  # [2, B, Tl, h_kv, d_h]
         recv = np.empty((n,) + kv.shape, dtype=kv.dtype)
         self.mesh.collective("Allgather", "cp", kv, recv)
-        local_rows = np.stack([_positions(j, n, c) for j in range(n)])  # [n, Tl]
+        local_rows = np.stack([chunk_positions(j, n, 2 * n * c) for j in range(n)])  # [n, Tl]
         order = np.argsort(local_rows.reshape(-1))  # row of the gathered ranks' rows holding position p
         kv_all = recv.transpose(1, 2, 0, 3, 4, 5).reshape(kv.shape[:2] + (n * 2 * c,) + kv.shape[3:])[:, :, order]
         k_doc = None
@@ -143,8 +144,3 @@ class ContextParallelSeams:
         if self._cp()[0] == 1:
             return x
         return np.asarray(self.mesh.sum(x, "cp"), dtype=np.asarray(x).dtype)
-
-
-def _positions(rank, n, c):
-    """The positions cp rank `rank` of n holds: chunks rank and 2n−1−rank of length c (mesh.local_positions)."""
-    return np.concatenate([np.arange(rank * c, (rank + 1) * c), np.arange((2 * n - 1 - rank) * c, (2 * n - rank) * c)])

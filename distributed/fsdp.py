@@ -18,7 +18,7 @@ The seams (reference/model/seams.py), for the model code:
     hand_back_grads(b, grads)  Reduce_scatter_block of b's flat gradient within the bucket's group (the sum over
                                every rank holding different tokens or experts' rows); returns {shard name: this
                                rank's summed shard}. The sum over dp_replicate follows once per step, after the
-                               micro-batches (training/step.py: mesh.sum(…, "replicas"), an Allreduce per shard)
+                               micro-batches (training/step.py: mesh.sum(…, "dp_replicate"), an Allreduce per shard)
 A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole bucket and only dp_replicate reduces.
 """
 
@@ -30,18 +30,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from trinity.reference.model.params import EXPERT_KEYS, bucket_of, is_expert_bias, param_buckets, param_shapes
-from trinity.reference.training.optim import param_group
+from trinity.reference.model.params import bucket_of, is_expert_bias, param_shapes
+
+from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, bucket_parts, expert_range, is_routed_expert, part_group
 
 __all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "bucket_parts", "part_group",
-           "plan_buckets"]
-
-SHARD_PREFIX = "shard:"
-
-
-def _is_routed_expert(key: str) -> bool:
-    return ".mlp.experts." in key and key.rsplit(".", 1)[-1] in EXPERT_KEYS
-
+           "plan_buckets", "expert_slice", "shards_from_spans"]
 
 _LINEAR_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                    "up_proj.weight", "down_proj.weight")
@@ -59,109 +53,41 @@ class GatheredWeight(NamedTuple):
     key: str
 
 
-@dataclass
-class FlatBucket:
-    """One flat bucket: `keys` of local `shapes` at `offsets` in a vector of `padded` elements, sharded over the
-    mesh group `group` (n ranks; this rank is `index`)."""
-    name: str
-    model_bucket: object
-    optimizer: str  # "muon" | "adamw": the optimizer group of every key
-    group: str  # "fsdp" | "efsdp"
-    keys: list
-    shapes: list
-    offsets: list
-    size: int
-    n: int
-    index: int
-
-    @property
-    def padded(self) -> int:
-        return -(-self.size // self.n) * self.n
-
-    @property
-    def shard_size(self) -> int:
-        return self.padded // self.n
-
-    @property
-    def shard_name(self) -> str:
-        return SHARD_PREFIX + self.name
-
-    def span(self, rank: int | None = None) -> tuple[int, int]:
-        """The flat range [lo, hi) held by `rank` of the group (default this rank)."""
-        r = self.index if rank is None else rank
-        return r * self.shard_size, (r + 1) * self.shard_size
-
-    def segments(self, rank: int | None = None):
-        """(key, slice of the shard, slice of the key's flat array) for every key overlapping `rank`'s shard."""
-        lo, hi = self.span(rank)
-        for key, shape, start in zip(self.keys, self.shapes, self.offsets):
-            end = start + int(np.prod(shape))
-            a, b = max(lo, start), min(hi, end)
-            if a < b:
-                yield key, slice(a - lo, b - lo), slice(a - start, b - start)
-
-    def flatten(self, arrays: dict, dtype) -> np.ndarray:
-        """The whole padded vector of `arrays` (keyed like `keys`, local shapes)."""
-        flat = np.zeros(self.padded, dtype=dtype)
-        for key, shape, start in zip(self.keys, self.shapes, self.offsets):
-            flat[start:start + int(np.prod(shape))] = np.asarray(arrays[key]).reshape(-1)
-        return flat
-
-    def take_shard(self, full: dict, experts: slice, dtype, prefix: str = "") -> np.ndarray:
-        """This rank's shard of the whole arrays `full[prefix + key]` (params, or an optimizer state's entries),
-        the routed experts first cut to this ep rank's `experts`."""
-        local = {k: (full[prefix + k][experts] if _is_routed_expert(k) else full[prefix + k]) for k in self.keys}
-        return self.flatten(local, dtype)[slice(*self.span())].copy()
-
-    def views(self, flat: np.ndarray) -> dict:
-        """{key: view of `flat` in its local shape}."""
-        return {key: flat[start:start + int(np.prod(shape))].reshape(shape)
-                for key, shape, start in zip(self.keys, self.shapes, self.offsets)}
-
-
-def bucket_parts(config, ep: int) -> dict:
-    """{model bucket: {(part, optimizer): [(key, local shape)]}} in the model's order (embed, layers, head): the keys
-    of each flat bucket, routed experts ("experts" part, cut to E/ep) apart from each optimizer group's ("muon" |
-    "adamw" part); expert_bias in none. Shapes only: the cost model reads it too."""
-    shapes = param_shapes(config)
-    out = {}
-    for model_bucket, keys in param_buckets(config).items():
-        parts: dict = {}
-        for key in keys:
-            if is_expert_bias(key):
-                continue
-            shape = tuple(shapes[key])
-            routed = _is_routed_expert(key)
-            if routed:
-                shape = (shape[0] // ep,) + shape[1:]
-            optimizer = param_group(config, key, shape)
-            parts.setdefault(("experts" if routed else optimizer, optimizer), []).append((key, shape))
-        out[model_bucket] = parts
-    return out
-
-
-def part_group(part: str) -> str:
-    """The mesh group a bucket part is sharded over: routed experts over efsdp, the rest over fsdp."""
-    return "efsdp" if part == "experts" else "fsdp"
-
-
 def plan_buckets(config, mesh) -> list[FlatBucket]:
-    """The flat buckets of `config` on this rank of `mesh`, in the model's order (embed, layers, head)."""
-    buckets = []
-    for model_bucket, parts in bucket_parts(config, mesh.sizes["ep"]).items():
-        for (part, optimizer), members in parts.items():
-            group = part_group(part)
-            offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in members]).tolist()
-            buckets.append(FlatBucket(f"{model_bucket}.{part}", model_bucket, optimizer, group,
-                                      [k for k, _ in members], [s for _, s in members], offsets[:-1], offsets[-1],
-                                      mesh.group_size[group], mesh.group_rank[group]))
-    return buckets
+    """The flat buckets of `config` on this rank of `mesh` (the plan's)."""
+    return ParallelPlan(config, mesh.layout).buckets(mesh.rank)
 
 
 def expert_slice(mesh, num_experts: int) -> slice:
-    """The experts this ep rank holds: [r·E/ep, (r+1)·E/ep)."""
-    per = num_experts // mesh.sizes["ep"]
-    return slice(mesh.ep_rank * per, (mesh.ep_rank + 1) * per)
+    """The experts this ep rank holds (the plan's expert_range)."""
+    return expert_range(mesh.ep_rank, mesh.sizes["ep"], num_experts)
+
+
+def shards_from_spans(buckets: list[FlatBucket], values: dict, dtype, prefix: str = "") -> dict:
+    """{shard name: this rank's flat shard} from `values[prefix + key]` = [1-D array per span of the key, in the
+    order the buckets list them] (what the plan's spans ask a reader for); padding is zero."""
+    shards, taken = {}, {}
+    for b in buckets:
+        shard = np.zeros(b.shard_size, dtype=dtype)
+        for span in b.spans():
+            at = taken.get(span.key, 0)
+            taken[span.key] = at + 1
+            piece = values[prefix + span.key][at]
+            if piece.shape != (span.hi - span.lo,):
+                raise ValueError(f"{span.key}: span [{span.lo}, {span.hi}) needs {span.hi - span.lo} values, got "
+                                 f"shape {piece.shape}")
+            shard[span.shard_lo:span.shard_hi] = piece
+        shards[b.shard_name] = shard
+    return shards
+
+
+def spans_of_full(buckets: list[FlatBucket], full: dict, prefix: str = "") -> dict:
+    """{prefix + key: [its values in each span]} cut from whole arrays (the same on every rank)."""
+    out: dict = {}
+    for b in buckets:
+        for span in b.spans():
+            out.setdefault(prefix + span.key, []).append(np.asarray(full[prefix + span.key]).reshape(-1)[span.lo:span.hi])
+    return out
 
 
 class ShardedParams:
@@ -176,11 +102,19 @@ class ShardedParams:
     @classmethod
     def from_full(cls, config, mesh, full: dict) -> "ShardedParams":
         """Shard a whole parameter dict (the same on every rank); no communication."""
-        dtype = full["model.embed_tokens.weight"].dtype
         buckets = plan_buckets(config, mesh)
-        experts = expert_slice(mesh, config.num_experts)
-        shards = {b.shard_name: b.take_shard(full, experts, dtype) for b in buckets}
+        dtype = full["model.embed_tokens.weight"].dtype
+        shards = shards_from_spans(buckets, spans_of_full(buckets, full), dtype)
         return cls(config, mesh, buckets, shards, {k: v.copy() for k, v in full.items() if is_expert_bias(k)})
+
+    @classmethod
+    def from_spans(cls, config, mesh, values: dict, dtype) -> "ShardedParams":
+        """This rank's params from `values` = {key: [1-D array per span]} (the plan's wanted(rank): every expert_bias
+        whole, as one span); no communication."""
+        buckets = plan_buckets(config, mesh)
+        shapes = param_shapes(config)
+        biases = {k: values[k][0].reshape(shapes[k]).copy() for k in shapes if is_expert_bias(k)}
+        return cls(config, mesh, buckets, shards_from_spans(buckets, values, dtype), biases)
 
     # -- a dict's reading and writing, by key
     def __iter__(self):
@@ -230,7 +164,7 @@ class ShardedParams:
             shard = None if sharded is None else sharded[prefix + b.shard_name]
             local = b.views(self.gather_bucket(b, shard))
             for key, value in local.items():
-                out[key] = self._gather_experts(value) if _is_routed_expert(key) else value.copy()
+                out[key] = self._gather_experts(value) if is_routed_expert(key) else value.copy()
         if sharded is None:
             out.update({k: v.copy() for k, v in self.replicated.items()})
         order = param_shapes(self.config)
@@ -315,7 +249,7 @@ class ShardedParamSeams:
                     arrays[key] = view
                     self._weight_key[id(view)] = (bucket, key)
                 else:
-                    arrays[key] = view if _is_routed_expert(key) else view.copy()
+                    arrays[key] = view if is_routed_expert(key) else view.copy()
         arrays.update({k: v for k, v in params.replicated.items() if bucket_of(k) == bucket})
         return arrays
 

@@ -1,22 +1,9 @@
 """The device mesh: a Layout's named dimensions as groups of ranks over any communicator (docs/distributed.md).
 
-Ranks are numbered row-major over (dp_replicate, dp_shard, cp), cp fastest:
-
-    rank = (replica · dp_shard + shard) · cp + chunk,        fsdp index f = shard · cp + chunk  ∈ [0, dp_shard·cp)
-
-Parameters are sharded over the fsdp group (dp_shard·cp ranks of one replica, as torchtitan shards over
-dp_shard·cp). Expert parallel borrows its ranks from that group: ep rank = f mod ep, the ep group being the ep
-consecutive fsdp indices f // ep; the experts an ep rank holds are sharded further over the ranks with the same
-f mod ep (the "efsdp" group, dp_shard·cp/ep ranks). Groups, each a communicator made by `Split`:
-
-    world         every rank                               dp_replicate   same (shard, chunk)
-    dp_shard      same (replica, chunk)                    cp             same (replica, shard)
-    fsdp          same replica (dp_shard·cp ranks)         dp             same chunk (dp_replicate·dp_shard ranks)
-    ep            same replica, same f // ep               efsdp          same replica, same f mod ep
-
-The training step (reference/training/step.py) names groups by what they share; `sum`/`max` map them here:
-"data" → world (every rank holds different tokens), "dp" → dp, "cp" → cp, "shards" → fsdp (the ranks holding
-different parts of the gradients), "replicas" → dp_replicate (the ranks holding the same part). A group of one
+Every rule of the layout (rank coordinates, the groups and their members, the rows and positions a rank holds, the
+flat buckets and their spans, the Muon owners) is the parallel plan's (distributed/plan.py); the mesh makes one
+communicator per group of the plan's vocabulary (`Split` by the plan's colors) and executes collectives on them.
+The training step names the group of each reduction ("world", "dp", "cp", "fsdp", "dp_replicate"); a group of one
 rank costs nothing: no collective is called.
 
 The communicator is any object with mpi4py's buffer-based methods (mpi4py.MPI.COMM_WORLD, taken only by the
@@ -36,39 +23,39 @@ import numpy as np
 
 from .checksums import Checked, crc_bytes
 from .layout import Layout
+from .plan import GROUPS, ParallelPlan, check_group
 
-__all__ = ["Mesh", "GROUPS", "allgather_json"]
-
-GROUPS = ("world", "dp_replicate", "dp_shard", "cp", "fsdp", "dp", "ep", "efsdp")
-_STEP_GROUPS = {"data": "world", "dp": "dp", "cp": "cp", "shards": "fsdp", "replicas": "dp_replicate"}
+__all__ = ["Mesh", "GROUPS", "allgather_json", "group_members"]
 
 
 class Mesh:
-    """The named groups of `layout` over `comm` (whose size must be layout.world_size). Collective calls: every rank
-    creates its Mesh at the same point (Split is collective)."""
+    """The named groups of `layout` over `comm` (whose size must be layout.world_size); `config` (the model) makes
+    the mesh's plan complete (its buckets and spans). Collective calls: every rank creates its Mesh at the same point
+    (Split is collective)."""
 
-    def __init__(self, comm, layout: Layout, checksums: bool = False):
+    def __init__(self, comm, layout: Layout, checksums: bool = False, config=None):
         if comm.Get_size() != layout.world_size:
             raise ValueError(f"layout {layout} needs {layout.world_size} ranks, the communicator has "
                              f"{comm.Get_size()}")
         self.layout, self.comm, self.checksums = layout, comm, checksums
+        self.plan = plan = ParallelPlan(config, layout)
         self.rank = comm.Get_rank()
-        L = layout
-        self.chunk = self.rank % L.cp
-        self.shard = self.rank // L.cp % L.dp_shard
-        self.replica = self.rank // (L.cp * L.dp_shard)
-        self.fsdp_index = self.shard * L.cp + self.chunk
-        self.ep_rank = self.fsdp_index % L.ep
-        self.sizes = {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "cp": L.cp, "ep": L.ep}
-        colors = _colors(L, self.rank)
+        coords = plan.coords(self.rank)
+        self.chunk, self.shard, self.replica = coords.chunk, coords.shard, coords.replica
+        self.fsdp_index, self.ep_rank = coords.fsdp, coords.ep_rank
+        self.sizes = plan.sizes
+        colors = plan.colors(self.rank)
         self.groups = {"world": comm}
         for name in GROUPS[1:]:
-            self.groups[name] = comm.Split(colors[name], self.rank)
+            self.groups[name] = comm.Split(int(colors[name]), self.rank)
             self.groups[name].Set_name(name)  # MPI's name of a communicator: in error messages (trinity.simulate)
         # the world ranks of each group, in group-rank order (Split keeps world order): for traces
-        self.members = {name: group_members(L, name, self.rank) for name in GROUPS}
+        self.members = {name: plan.members(name, self.rank) for name in GROUPS}
         self.group_size = {name: g.Get_size() for name, g in self.groups.items()}
         self.group_rank = {name: g.Get_rank() for name, g in self.groups.items()}
+        if self.group_size != plan.group_size or self.group_rank != {g: plan.group_rank(g, self.rank)
+                                                                     for g in GROUPS}:
+            raise RuntimeError(f"rank {self.rank}: the communicator's groups differ from layout {layout}'s plan")
         self.dp_rank = self.group_rank["dp"]
         self.traffic: dict = defaultdict(int)  # (kind, group) → bytes this rank sent this step
         # Trace (trinity.simulate): with `record`, every collective is appended to `events` with the step, phase
@@ -80,32 +67,20 @@ class Mesh:
 
     # ---- what a rank holds of the global batch ------------------------------------------------------------------
     def local_sequences(self, num_sequences: int) -> slice:
-        """This data-parallel rank's contiguous slice of the global batch's sequences."""
-        dp = self.group_size["dp"]
-        if num_sequences % dp:
-            raise ValueError(f"{num_sequences} sequences per step do not split over {dp} data-parallel ranks")
-        n = num_sequences // dp
-        return slice(self.dp_rank * n, (self.dp_rank + 1) * n)
+        """This data-parallel rank's contiguous slice of the global batch's sequences (the plan's rows)."""
+        return self.plan.rows(self.rank, num_sequences)
 
     def local_positions(self, seq_len: int) -> np.ndarray:
-        """The positions of each sequence this cp rank holds: chunks r and 2·cp−1−r of 2·cp equal chunks (causal
-        work balances: an early chunk pairs with a late one)."""
-        cp = self.sizes["cp"]
-        if cp == 1:
-            return np.arange(seq_len)
-        if seq_len % (2 * cp):
-            raise ValueError(f"seq_len {seq_len} does not split into 2·cp = {2 * cp} chunks")
-        c = seq_len // (2 * cp)
-        r = self.chunk
-        return np.concatenate([np.arange(r * c, (r + 1) * c), np.arange((2 * cp - 1 - r) * c, (2 * cp - r) * c)])
+        """The positions of each sequence this cp rank holds (the plan's chunks)."""
+        return self.plan.positions(self.rank, seq_len)
 
     # ---- reductions the step names by group ---------------------------------------------------------------------
     def sum(self, value, group: str):
-        """Σ of a number or array over the ranks of a step group ("data", "dp", "cp", "shards")."""
-        return self._reduce(value, _STEP_GROUPS[group], None)
+        """Σ of a number or array over the ranks of `group` (one of GROUPS)."""
+        return self._reduce(value, check_group(group), None)
 
     def max(self, value, group: str):
-        return self._reduce(value, _STEP_GROUPS[group], "max")
+        return self._reduce(value, check_group(group), "max")
 
     def _reduce(self, value, group: str, op):
         if self.group_size[group] == 1:
@@ -255,16 +230,6 @@ def _combine_rows(rows: np.ndarray, out: np.ndarray, combine) -> None:
     out[:] = acc
 
 
-def _colors(layout: Layout, rank: int) -> dict:
-    """The Split color of each group for `rank` (the module docstring's numbering)."""
-    L = layout
-    chunk, shard, replica = rank % L.cp, rank // L.cp % L.dp_shard, rank // (L.cp * L.dp_shard)
-    f = shard * L.cp + chunk
-    return {"dp_replicate": f, "dp_shard": replica * L.cp + chunk, "cp": replica * L.dp_shard + shard,
-            "fsdp": replica, "dp": chunk, "ep": replica * L.dp_shard * L.cp + f // L.ep,
-            "efsdp": replica * L.ep + f % L.ep}
-
-
 def allgather_json(comm, value, call=None) -> list:
     """Every rank's `value` (anything JSON can write), in rank order: two buffer Allgathers of the encoded bytes
     (their lengths, then the bytes padded to the longest), never pickle. `call(kind, send, recv)` runs a collective
@@ -292,9 +257,6 @@ def _max_op(comm):
 
 
 def group_members(layout: Layout, name: str, rank: int = 0) -> list[int]:
-    """The world ranks of `rank`'s group `name`, in rank order (what Split makes of the module docstring's
-    numbering; the cost model reads link tiers from it)."""
-    if name == "world":
-        return list(range(layout.world_size))
-    colors = _colors(layout, np.arange(layout.world_size))[name]  # the color arithmetic works on arrays too
-    return np.flatnonzero(colors == colors[rank]).tolist()
+    """The world ranks of `rank`'s group `name`, in rank order (the plan's; the cost model reads link tiers
+    from it)."""
+    return ParallelPlan(None, layout).members(name, rank)

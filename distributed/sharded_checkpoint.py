@@ -67,6 +67,7 @@ from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt
 from trinity.reference.training.checkpoint_files import is_plain_dir, is_plain_file, listed, open_plain
 
 from .fsdp import SHARD_PREFIX, expert_slice
+from .plan import ParallelPlan
 from .layout import Layout, LayoutError
 from .mesh import allgather_json
 
@@ -399,12 +400,11 @@ def _check_manifest(manifest: dict, path: str, stored: Config) -> None:
         raise bad("num_experts", f"{experts!r} is not the stored config's {stored.num_experts}")
     if experts % layout.ep:
         raise bad("layout", f"ep = {layout.ep} does not divide the {experts} experts")
-    width = experts // layout.ep
+    plan = ParallelPlan(stored, layout)
     for r, d in enumerate(ranks):
-        ep_rank = d.get("ep_rank")  # the layout's rule: rank r's fsdp index f = r mod dp_shard·cp, ep rank f mod ep
-        expected = r % (layout.dp_shard * layout.cp) % layout.ep
-        if not _is_count(ep_rank) or ep_rank != expected or d.get("experts") != [expected * width,
-                                                                                 (expected + 1) * width]:
+        ep_rank = d.get("ep_rank")  # the plan's rule
+        expected, range_ = plan.coords(r).ep_rank, plan.experts(r)
+        if not _is_count(ep_rank) or ep_rank != expected or d.get("experts") != [range_.start, range_.stop]:
             raise bad(f"ranks[{r}]", f"ep_rank {ep_rank!r} and experts {d.get('experts')!r} do not fit {layout}")
     if not isinstance(manifest.get("buckets"), dict) or not isinstance(manifest.get("replicated"), dict):
         raise bad("buckets", "or replicated is not a JSON object")

@@ -21,8 +21,6 @@ so the update equals single-process Muon (the same kernel on the same whole U).
 
 from __future__ import annotations
 
-import functools
-import heapq
 import math
 
 import numpy as np
@@ -30,19 +28,20 @@ import numpy as np
 from trinity.reference.model.ops import REFERENCE
 from trinity.reference.training.optim import ADAMW_M, ADAMW_V, MUON_MOMENTUM, muon_lr_scale, weight_decay_for
 
-from .fsdp import ShardedParams, expert_slice
+from .fsdp import ShardedParams, shards_from_spans, spans_of_full
+from .plan import owners_of
 
 __all__ = ["init_sharded_optimizer_state", "shard_optimizer_state", "gather_optimizer_state",
-           "sharded_optimizer_step", "matrix_owners", "owners_of"]
+           "sharded_optimizer_step", "matrix_owners", "owners_of", "STATE_PREFIXES"]
 
-_STATE_PREFIXES = {"muon": (MUON_MOMENTUM,), "adamw": (ADAMW_M, ADAMW_V)}
+STATE_PREFIXES = {"muon": (MUON_MOMENTUM,), "adamw": (ADAMW_M, ADAMW_V)}
 
 
 def init_sharded_optimizer_state(config, params: ShardedParams) -> dict:
     """Zero state for every bucket (Muon momentum, or AdamW m and v), and the step count."""
     state = {"step": np.zeros((), dtype=np.int64)}
     for b in params.buckets:
-        for prefix in _STATE_PREFIXES[b.optimizer]:
+        for prefix in STATE_PREFIXES[b.optimizer]:
             state[prefix + b.shard_name] = np.zeros_like(params.shards[b.shard_name])
     return state
 
@@ -50,46 +49,24 @@ def init_sharded_optimizer_state(config, params: ShardedParams) -> dict:
 def shard_optimizer_state(config, params: ShardedParams, full: dict) -> dict:
     """This rank's state from a whole state dict (init_optimizer_state's keys; the same on every rank)."""
     state = {"step": np.array(full["step"], dtype=np.int64)}
-    experts = expert_slice(params.mesh, config.num_experts)
     for b in params.buckets:
         dtype = params.shards[b.shard_name].dtype
-        for prefix in _STATE_PREFIXES[b.optimizer]:
-            state[prefix + b.shard_name] = b.take_shard(full, experts, dtype, prefix)
+        for prefix in STATE_PREFIXES[b.optimizer]:
+            state[prefix + b.shard_name] = shards_from_spans([b], spans_of_full([b], full, prefix), dtype,
+                                                             prefix)[b.shard_name]
     return state
 
 
 def gather_optimizer_state(config, params: ShardedParams, state: dict) -> dict:
     """The whole state dict on every rank (collective), keyed as init_optimizer_state keys it."""
     full = {"step": np.array(state["step"], dtype=np.int64)}
-    for group, prefixes in _STATE_PREFIXES.items():
+    for group, prefixes in STATE_PREFIXES.items():
         if not any(b.optimizer == group for b in params.buckets):
             continue
         for prefix in prefixes:
             whole = params.full(state, prefix=prefix, only=group)
             full.update({prefix + k: v for k, v in whole.items()})
     return full
-
-
-@functools.lru_cache(maxsize=4096)
-def owners_of(shapes: tuple, group_size: int) -> tuple:
-    """((flat start, flat end, owner rank, 2-D shape), …) of every matrix of a Muon bucket whose tensors of `shapes`
-    (a tuple of tuples) lie end to end from 0, in flat order; a stacked tensor [E, out, in] is E matrices. Owners:
-    the largest matrices first (out·in·min(out, in), ties by position), each to the rank with the least
-    Newton–Schulz work so far (ties: the lowest rank), deterministic on every rank. Shapes only: the cost model
-    reads it too."""
-    matrices, at = [], 0
-    for shape in shapes:
-        rows, cols = shape[-2], shape[-1]
-        for _ in range(math.prod(shape[:-2])):
-            matrices.append((at, at + rows * cols, (rows, cols)))
-            at += rows * cols
-    ranks = [(0, q) for q in range(group_size)]  # a heap of (work so far, rank)
-    owner = {}
-    for lo, _, (rows, cols) in sorted(matrices, key=lambda m: (-m[2][0] * m[2][1] * min(m[2]), m[0])):
-        load, r = heapq.heappop(ranks)
-        owner[lo] = r
-        heapq.heappush(ranks, (load + rows * cols * min(rows, cols), r))
-    return tuple((lo, hi, owner[lo], shape) for lo, hi, shape in matrices)
 
 
 def matrix_owners(bucket, group_size: int) -> list[tuple[int, int, int, tuple]]:
@@ -203,7 +180,7 @@ def sharded_optimizer_step(mesh, config, params: ShardedParams, grads: dict, sta
             X[sh] *= 1.0 - muon_lr * weight_decay_for(c, key)   # decay with the unadjusted lr
             X[sh] -= (muon_lr * muon_lr_scale(c, shape)) * O[sh]
     state["step"] = np.array(t, dtype=np.int64)
-    summed = mesh.sum(np.array([norms["muon"], norms["adamw"]]), "shards")
+    summed = mesh.sum(np.array([norms["muon"], norms["adamw"]]), "fsdp")
     return {"step": t, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr), "muon_tensors": tensors["muon"],
             "adamw_tensors": tensors["adamw"], "muon_update_norm": math.sqrt(summed[0]),
             "adamw_update_norm": math.sqrt(summed[1])}

@@ -307,5 +307,5 @@ class Trainer(Startup):
         if self.mesh is LOCAL:
             return signum
         self.mesh.set_phase("control")
-        agreed = int(self.mesh.max(float(signum or 0), "data"))
+        agreed = int(self.mesh.max(float(signum or 0), "world"))
         return agreed or None

@@ -10,7 +10,7 @@ s bytes over n ranks: Allreduce ⌊2(n−1)s/n⌋, Reduce_scatter_block and Allt
 (n−1)s; Alltoallv: the bytes sent to other ranks. Every group of a given name has the same size and every rank is
 in one of them, so for the symmetric collectives the total is W × the per-rank bytes.
 
-FSDP (fsdp.py, bucket_parts). Flat buckets: per model bucket (embed, each layer, head) one per optimizer group ("muon" |
+FSDP (fsdp.py, plan.bucket_parts). Flat buckets: per model bucket (embed, each layer, head) one per optimizer group ("muon" |
 "adamw", sharded over fsdp, n = F) plus the routed experts of a MoE layer (E_l experts' w1, w3, w2, over
 efsdp, n = F/ep); expert_bias is not in any. Size z = Σ elements, padded to P = ⌈z/n⌉·n, shard P/n.
   Iallgather  [group]          per gather of a model bucket, per flat bucket: (n−1)·(P/n)·q per rank. Gathers per
@@ -19,7 +19,7 @@ efsdp, n = F/ep); expert_bias is not in any. Size z = Σ elements, padded to P =
   Reduce_scatter_block [group] per micro-batch, per flat bucket: (n−1)·(P/n)·q per rank.
   Allreduce dp_replicate       once per step (after the micro-batches), per flat bucket: ⌊2(R−1)·(P/n)·q/R⌋ per rank.
 Distributed Muon (sharded_optim.py), per Muon flat bucket with n > 1: each matrix (a stacked [E_l, o, i] is E_l)
-has an owner (sharded_optim.owners_of: largest o·i·min(o, i) first, each to the least-loaded rank, ties to the
+has an owner (plan.owners_of: largest o·i·min(o, i) first, each to the least-loaded rank, ties to the
 lowest); every element held by a
 rank other than its matrix's owner goes to the owner (Alltoallv #1) and comes back orthogonalised (#2):
   Alltoallv [group]            2·q·Σ_matrices |matrix outside the owner's shard|, per group (R groups of fsdp,
@@ -42,7 +42,7 @@ CP (context_parallel.py), per micro-batch, T_l = T/cp tokens per rank, kv = 2·B
 Step reductions (reference/training/step.py, sharded_optim.py), once per step, each a separate Allreduce:
   world                        expert counts per MoE layer E·8; the four loss parts 4·8; logits max 8; logits mean 8.
   dp                           BatchHet max 8 and sum 8 (when m·dp ≥ 2).
-  fsdp ("shards")              gradient norm² 8; the optimizer's update norms² 2·8.
+  fsdp                        gradient norm² 8; the optimizer's update norms² 2·8.
 """
 
 from __future__ import annotations
@@ -54,8 +54,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trinity.distributed.fsdp import bucket_parts, part_group
-from trinity.distributed.sharded_optim import owners_of
+from trinity.distributed.plan import bucket_parts, owners_of, part_group
 
 __all__ = ["Collective", "Itemsizes", "ring", "ring_steps", "flat_buckets", "muon_moved", "shapes_key",
            "step_collectives", "analytic", "group_sizes"]
@@ -110,7 +109,7 @@ def group_sizes(layout) -> dict:
 
 @functools.lru_cache(maxsize=256)
 def flat_buckets(config, ep):
-    """{model bucket: [(group, optimizer, [local shapes])]}: the FSDP flat buckets (distributed.fsdp.bucket_parts,
+    """{model bucket: [(group, optimizer, [local shapes])]}: the FSDP flat buckets (distributed.plan.bucket_parts,
     which plan_buckets lays out; cached: do not modify)."""
     return {model_bucket: [(part_group(part), optimizer, [shape for _, shape in members])
                            for (part, optimizer), members in parts.items()]
@@ -124,7 +123,7 @@ def shapes_key(shapes) -> tuple:
 
 def muon_moved(shapes, n):
     """Elements of a Muon bucket over n ranks that are not on their matrix's owner (distributed Muon's owner rule,
-    distributed.sharded_optim.owners_of)."""
+    distributed.plan.owners_of)."""
     return _moved(shapes_key(shapes), n)
 
 

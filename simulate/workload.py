@@ -20,7 +20,7 @@ Per micro-batch a rank holds N = B·T/cp tokens (B sequences of T tokens, its 1/
                         each layer's forward again.
 
 Per step (the optimizer on this rank's shards): newton_schulz ns_steps·(4m²n + 2m³) per matrix [m ≤ n] the rank
-owns (distributed Muon's owner rule, trinity.distributed.sharded_optim.owners_of; all of them in one process);
+owns (distributed Muon's owner rule, trinity.distributed.plan.owners_of; all of them in one process);
 adamw_update 28 bytes per AdamW element (p, g, m, v read; p, m, v written, float32); the clip's sum_of_squares 4 and
 scaled 8 bytes per element of every shard (one call each per tensor, as a profiled step counts them); under FSDP,
 bucket_copies: each gathered bucket written once into its flat buffer and read into the model's views, the
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trinity.distributed.sharded_optim import owners_of
+from trinity.distributed.plan import owners_of
 
 from .traffic_model import flat_buckets, shapes_key
 

@@ -13,11 +13,11 @@ under every parallel layout (docs/distributed.md; SPEC §6, §7, §9, §14 #8).
     4. Global-norm clipping, the load-balancing update of every expert_bias (SPEC §6.1), then the optimizer
        (SPEC §9) — the caller applies them (`apply_update`) only when the loss and norm are finite.
 
-Every reduction goes through the mesh; `LOCAL` is the mesh of one process, where each is the identity. A mesh
-names its groups of ranks by what they share: "data" (every rank holding different tokens), "dp" (the data-parallel
-ranks, each its own sequences), "cp" (the ranks holding chunks of the same sequences), "shards" (the ranks holding
-different parts of the gradients, for the clip norm), "replicas" (the ranks holding the same part of the gradients
-but different tokens: their gradients are summed once per step).
+Every reduction goes through the mesh; `LOCAL` is the mesh of one process, where each is the identity. A reduction
+names its group from one vocabulary (training/groups.py): "world" (every rank holding different tokens), "dp" (the
+data-parallel ranks, each its own sequences), "cp" (the ranks holding chunks of the same sequences), "fsdp" (the
+ranks holding different parts of the gradients, for the clip norm), "dp_replicate" (the ranks holding the same part
+of the gradients but different tokens: their gradients are summed once per step).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from ..model.objective import LossScale, loss_and_grads
 from ..operators.array_module import array_namespace
 from ..operators.losses import IGNORE_INDEX
 from .balancing import balance_step, momentum_key
+from .groups import check_group
 from .optim import clip_grad_norm, grad_norm, optimizer_step
 
 __all__ = ["LocalMesh", "LOCAL", "GlobalBatch", "Gradients", "compute_gradients", "apply_update", "LOSS_PARTS"]
@@ -55,10 +56,12 @@ class LocalMesh:
         return np.arange(seq_len)
 
     def sum(self, value, group: str):
-        """Σ of `value` (a number or an array) over the ranks of `group`."""
+        """Σ of `value` (a number or an array) over the ranks of `group` (one of groups.GROUPS)."""
+        check_group(group)
         return value
 
     def max(self, value, group: str):
+        check_group(group)
         return value
 
     def set_phase(self, phase: str, layer=None) -> None:
@@ -177,16 +180,16 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     mesh.set_phase("reductions")
     for k, g in grads_sum.items():  # the replicas' sums, once per step (FSDP reduced within a replica already)
         if not k.endswith("expert_bias"):
-            grads_sum[k] = mesh.sum(g, "replicas")
+            grads_sum[k] = mesh.sum(g, "dp_replicate")
     micro_losses = mesh.sum(np.asarray(micro_losses, dtype=np.float64), "cp")
-    counts = {layer: mesh.sum(n, "data") for layer, n in counts.items()}
-    summed = mesh.sum(np.array([parts[k] for k in LOSS_PARTS], dtype=np.float64), "data")
+    counts = {layer: mesh.sum(n, "world") for layer, n in counts.items()}
+    summed = mesh.sum(np.array([parts[k] for k in LOSS_PARTS], dtype=np.float64), "world")
     micro_total = len(all_stats) * mesh.sizes["dp_replicate"] * mesh.sizes["dp_shard"] * mesh.sizes["cp"]
     return Gradients(
         grads=grads_sum, losses=dict(zip(LOSS_PARTS, map(float, summed))),
-        grad_norm=grad_norm(grads_sum, ops, lambda total: mesh.sum(total, "shards")),
-        counts=counts, tokens=scale.tokens, sequences=S, logits_max=float(mesh.max(logit_max, "data")),
-        logits_mean=float(mesh.sum(logit_mean_sum, "data")) / max(micro_total, 1),
+        grad_norm=grad_norm(grads_sum, ops, lambda total: mesh.sum(total, "fsdp")),
+        counts=counts, tokens=scale.tokens, sequences=S, logits_max=float(mesh.max(logit_max, "world")),
+        logits_mean=float(mesh.sum(logit_mean_sum, "world")) / max(micro_total, 1),
         batch_het=_batch_het(micro_losses, mesh), stats=all_stats)
 
 

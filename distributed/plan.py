@@ -1,0 +1,319 @@
+"""The parallel plan: everything a layout decides, computed once from (model config, layout), with no communicator.
+
+The mesh executes collectives, the seams move activations and parameters, the sharded optimizer and the checkpoint
+code lay out state, the cost model prices a step: all of them read their rules here, so each rule is written once.
+
+Ranks are numbered row-major over (dp_replicate, dp_shard, cp), cp fastest:
+
+    rank = (replica · dp_shard + shard) · cp + chunk,        fsdp index f = shard · cp + chunk  ∈ [0, dp_shard·cp)
+
+Parameters are sharded over the fsdp group (the dp_shard·cp ranks of one replica, as torchtitan shards over
+dp_shard·cp). Expert parallel borrows its ranks from that group: ep rank = f mod ep, the ep group being the ep
+consecutive fsdp indices f // ep; the experts of ep rank e are [e·E/ep, (e+1)·E/ep), sharded further over the ranks
+with the same f mod ep (the efsdp group, dp_shard·cp/ep ranks). The groups, one vocabulary for the step, the mesh,
+traces and the cost model:
+
+    world         every rank (each holds different tokens)  dp_replicate   same (shard, chunk): the same shards
+    dp_shard      same (replica, chunk)                     cp             same (replica, shard): the same sequences
+    fsdp          same replica (dp_shard·cp ranks)          dp             same chunk: different sequences
+    ep            same replica, same f // ep                efsdp          same replica, same f mod ep
+
+Data: the global batch of S sequences is the loader's, the same for every layout; data-parallel rank q (its rank in
+dp) trains rows [q·S/dp, (q+1)·S/dp), and cp rank r of each sequence of T tokens the positions of chunks r and
+2·cp−1−r of 2·cp equal chunks (an early chunk pairs with a late one, so causal work balances).
+
+Parameters: every key but expert_bias lives in a flat bucket (fsdp.py): the keys of one model bucket ("embed", each
+layer, "head") that share an optimizer group, routed experts apart (cut to the ep rank's experts), laid end to end
+and padded to a multiple of the group's size n; group rank i holds [i·P/n, (i+1)·P/n). A rank's **span** of a key is
+where its shard meets the key, as a flat range [lo, hi) of the key's whole (single-process) array in C order:
+fresh init, Hugging Face reads, checkpoint reads and exports all work span by span. expert_bias is replicated.
+
+Muon: every matrix of a Muon bucket (each routed expert's too) has one owner in the bucket's group, which
+orthogonalises it (`muon_owners`).
+"""
+
+from __future__ import annotations
+
+import functools
+import heapq
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from trinity.reference.model.params import EXPERT_KEYS, is_expert_bias, param_buckets, param_shapes
+from trinity.reference.training.groups import GROUPS, check_group
+from trinity.reference.training.optim import param_group
+
+from .layout import Layout
+
+__all__ = ["GROUPS", "Coords", "FlatBucket", "Span", "ParallelPlan", "bucket_parts", "part_group", "chunk_positions",
+           "owners_of", "is_routed_expert", "SHARD_PREFIX", "expert_range", "GROUPS"]
+
+SHARD_PREFIX = "shard:"
+
+
+def is_routed_expert(key: str) -> bool:
+    """The stacked routed-expert tensors `model.layers.{l}.mlp.experts.{gate_proj,up_proj,down_proj}` [E, …]."""
+    return ".mlp.experts." in key and key.rsplit(".", 1)[-1] in EXPERT_KEYS
+
+
+class Coords(NamedTuple):
+    """Where a rank sits in the layout (module docstring)."""
+    rank: int
+    replica: int
+    shard: int
+    chunk: int
+    fsdp: int  # shard·cp + chunk
+    ep_rank: int  # fsdp mod ep
+
+
+class Span(NamedTuple):
+    """Part of a key a rank holds: flat [lo, hi) of the key's whole array, at [shard_lo, shard_hi) of the flat
+    bucket shard `bucket` (its shard name)."""
+    key: str
+    bucket: str
+    shard_lo: int
+    shard_hi: int
+    lo: int
+    hi: int
+
+
+@dataclass
+class FlatBucket:
+    """One flat bucket: `keys` of local `shapes` (routed experts cut to E/ep) at `offsets` in a vector of `padded`
+    elements, sharded over the mesh group `group` of n ranks, of which this rank is `index`; `experts` is the ep
+    rank's expert range (routed-expert buckets) or None."""
+    name: str
+    model_bucket: object
+    optimizer: str  # "muon" | "adamw": the optimizer group of every key
+    group: str  # "fsdp" | "efsdp"
+    keys: list
+    shapes: list
+    offsets: list
+    size: int
+    n: int
+    index: int
+    experts: slice | None = None
+
+    @property
+    def padded(self) -> int:
+        return -(-self.size // self.n) * self.n
+
+    @property
+    def shard_size(self) -> int:
+        return self.padded // self.n
+
+    @property
+    def shard_name(self) -> str:
+        return SHARD_PREFIX + self.name
+
+    def span(self, rank: int | None = None) -> tuple[int, int]:
+        """The flat range [lo, hi) held by group rank `rank` (default this rank)."""
+        r = self.index if rank is None else rank
+        return r * self.shard_size, (r + 1) * self.shard_size
+
+    def segments(self, rank: int | None = None):
+        """(key, slice of the shard, slice of the key's local flat array) for every key overlapping `rank`'s shard."""
+        lo, hi = self.span(rank)
+        for key, shape, start in zip(self.keys, self.shapes, self.offsets):
+            end = start + math.prod(shape)
+            a, b = max(lo, start), min(hi, end)
+            if a < b:
+                yield key, slice(a - lo, b - lo), slice(a - start, b - start)
+
+    def whole_offset(self, key: str) -> int:
+        """Where the key's local array starts in its whole array's flat order (routed experts: the first expert
+        this ep rank holds; every other key is whole)."""
+        if self.experts is None or not is_routed_expert(key):
+            return 0
+        shape = self.shapes[self.keys.index(key)]
+        return self.experts.start * math.prod(shape[1:])
+
+    def spans(self) -> list[Span]:
+        """This rank's spans of the bucket's keys (whole-array coordinates)."""
+        out = []
+        for key, shard, local in self.segments():
+            at = self.whole_offset(key)
+            out.append(Span(key, self.shard_name, shard.start, shard.stop, at + local.start, at + local.stop))
+        return out
+
+    def views(self, flat: np.ndarray) -> dict:
+        """{key: view of `flat` (the whole padded vector) in its local shape}."""
+        return {key: flat[start:start + math.prod(shape)].reshape(shape)
+                for key, shape, start in zip(self.keys, self.shapes, self.offsets)}
+
+    def flatten(self, arrays: dict, dtype) -> np.ndarray:
+        """The whole padded vector of `arrays` (keyed like `keys`, local shapes)."""
+        flat = np.zeros(self.padded, dtype=dtype)
+        for key, shape, start in zip(self.keys, self.shapes, self.offsets):
+            flat[start:start + math.prod(shape)] = np.asarray(arrays[key]).reshape(-1)
+        return flat
+
+
+@functools.lru_cache(maxsize=64)
+def bucket_parts(config, ep: int) -> dict:
+    """{model bucket: {(part, optimizer): [(key, local shape)]}} in the model's order (embed, layers, head): the keys
+    of each flat bucket, routed experts ("experts" part, cut to E/ep) apart from each optimizer group's ("muon" |
+    "adamw" part); expert_bias in none. Shapes only (cached: do not modify)."""
+    shapes = param_shapes(config)
+    out = {}
+    for model_bucket, keys in param_buckets(config).items():
+        parts: dict = {}
+        for key in keys:
+            if is_expert_bias(key):
+                continue
+            shape = tuple(shapes[key])
+            routed = is_routed_expert(key)
+            if routed:
+                shape = (shape[0] // ep,) + shape[1:]
+            optimizer = param_group(config, key, shape)
+            parts.setdefault(("experts" if routed else optimizer, optimizer), []).append((key, shape))
+        out[model_bucket] = parts
+    return out
+
+
+def part_group(part: str) -> str:
+    """The group a bucket part is sharded over: routed experts over efsdp, the rest over fsdp."""
+    return "efsdp" if part == "experts" else "fsdp"
+
+
+def expert_range(ep_rank: int, ep: int, num_experts: int) -> slice:
+    """The routed experts of ep rank e: [e·E/ep, (e+1)·E/ep)."""
+    per = num_experts // ep
+    return slice(ep_rank * per, (ep_rank + 1) * per)
+
+
+def chunk_positions(chunk: int, cp: int, seq_len: int) -> np.ndarray:
+    """The positions of each sequence cp rank `chunk` holds: chunks `chunk` and 2·cp−1−chunk of 2·cp equal chunks."""
+    if cp == 1:
+        return np.arange(seq_len)
+    if seq_len % (2 * cp):
+        raise ValueError(f"seq_len {seq_len} does not split into 2·cp = {2 * cp} chunks")
+    c, r = seq_len // (2 * cp), chunk
+    return np.concatenate([np.arange(r * c, (r + 1) * c), np.arange((2 * cp - 1 - r) * c, (2 * cp - r) * c)])
+
+
+@functools.lru_cache(maxsize=4096)
+def owners_of(shapes: tuple, group_size: int) -> tuple:
+    """((flat start, flat end, owner rank, 2-D shape), …) of every matrix of a Muon bucket whose tensors of `shapes`
+    (a tuple of tuples) lie end to end from 0, in flat order; a stacked tensor [E, out, in] is E matrices. Owners:
+    the largest matrices first (out·in·min(out, in), ties by position), each to the rank with the least
+    Newton–Schulz work so far (ties: the lowest rank), deterministic on every rank."""
+    matrices, at = [], 0
+    for shape in shapes:
+        rows, cols = shape[-2], shape[-1]
+        for _ in range(math.prod(shape[:-2])):
+            matrices.append((at, at + rows * cols, (rows, cols)))
+            at += rows * cols
+    ranks = [(0, q) for q in range(group_size)]  # a heap of (work so far, rank)
+    owner = {}
+    for lo, _, (rows, cols) in sorted(matrices, key=lambda m: (-m[2][0] * m[2][1] * min(m[2]), m[0])):
+        load, r = heapq.heappop(ranks)
+        owner[lo] = r
+        heapq.heappush(ranks, (load + rows * cols * min(rows, cols), r))
+    return tuple((lo, hi, owner[lo], shape) for lo, hi, shape in matrices)
+
+
+class ParallelPlan:
+    """The rules of `layout` for the model `config` (module docstring). Pure: no communicator, the same answer on
+    every rank and in the cost model."""
+
+    def __init__(self, config, layout: Layout):
+        self.config, self.layout = config, layout
+        L = layout
+        self.sizes = {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "cp": L.cp, "ep": L.ep}
+        self.group_size = {"world": L.world_size, "dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard,
+                           "cp": L.cp, "fsdp": L.dp_shard * L.cp, "dp": L.dp, "ep": L.ep,
+                           "efsdp": L.dp_shard * L.cp // L.ep}
+
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    # ---- coordinates and groups ---------------------------------------------------------------------------------
+    def coords(self, rank: int) -> Coords:
+        L = self.layout
+        if not 0 <= rank < L.world_size:
+            raise ValueError(f"rank {rank} is not one of the {L.world_size} ranks of layout {L}")
+        chunk, shard, replica = rank % L.cp, rank // L.cp % L.dp_shard, rank // (L.cp * L.dp_shard)
+        f = shard * L.cp + chunk
+        return Coords(rank, replica, shard, chunk, f, f % L.ep)
+
+    def colors(self, rank):
+        """{group: the Split color of `rank`} (rank may be an integer array: the arithmetic works elementwise)."""
+        L = self.layout
+        chunk, shard, replica = rank % L.cp, rank // L.cp % L.dp_shard, rank // (L.cp * L.dp_shard)
+        f = shard * L.cp + chunk
+        return {"world": 0 * rank, "dp_replicate": f, "dp_shard": replica * L.cp + chunk,
+                "cp": replica * L.dp_shard + shard, "fsdp": replica, "dp": chunk,
+                "ep": replica * L.dp_shard * L.cp + f // L.ep, "efsdp": replica * L.ep + f % L.ep}
+
+    def members(self, group: str, rank: int) -> list[int]:
+        """The world ranks of `rank`'s group `group`, in rank order (what Split makes of the colors)."""
+        self.check_group(group)
+        colors = self.colors(np.arange(self.world_size))[group]
+        return np.flatnonzero(colors == colors[rank]).tolist()
+
+    def group_rank(self, group: str, rank: int) -> int:
+        """`rank`'s rank within its group `group`: its place among the group's members in world order (as Split
+        numbers them), in closed form."""
+        self.check_group(group)
+        c, dp_shard = self.coords(rank), self.layout.dp_shard
+        return {"world": rank, "dp_replicate": c.replica, "dp_shard": c.shard, "cp": c.chunk, "fsdp": c.fsdp,
+                "dp": c.replica * dp_shard + c.shard, "ep": c.ep_rank, "efsdp": c.fsdp // self.layout.ep}[group]
+
+    check_group = staticmethod(check_group)
+
+    # ---- data ---------------------------------------------------------------------------------------------------
+    def rows(self, rank: int, sequences: int) -> slice:
+        """The rows of a global batch of `sequences` sequences that `rank` trains (its dp rank's contiguous share)."""
+        dp = self.layout.dp
+        if sequences % dp:
+            raise ValueError(f"{sequences} sequences per step do not split over {dp} data-parallel ranks")
+        n, q = sequences // dp, self.group_rank("dp", rank)
+        return slice(q * n, (q + 1) * n)
+
+    def positions(self, rank: int, seq_len: int) -> np.ndarray:
+        """The positions of each sequence `rank` holds (its cp chunks, increasing)."""
+        return chunk_positions(self.coords(rank).chunk, self.layout.cp, seq_len)
+
+    # ---- parameters ---------------------------------------------------------------------------------------------
+    def experts(self, rank: int) -> slice:
+        """The routed experts `rank` holds (expert_range of its ep rank)."""
+        return expert_range(self.coords(rank).ep_rank, self.layout.ep, self.config.num_experts)
+
+    def buckets(self, rank: int) -> list[FlatBucket]:
+        """The flat buckets on `rank`, in the model's order (embed, layers, head)."""
+        out = []
+        experts = self.experts(rank)
+        for model_bucket, parts in bucket_parts(self.config, self.layout.ep).items():
+            for (part, optimizer), members in parts.items():
+                group = part_group(part)
+                offsets = np.cumsum([0] + [math.prod(s) for _, s in members]).tolist()
+                out.append(FlatBucket(f"{model_bucket}.{part}", model_bucket, optimizer, group,
+                                      [k for k, _ in members], [s for _, s in members], offsets[:-1], offsets[-1],
+                                      self.group_size[group], self.group_rank(group, rank),
+                                      experts if part == "experts" else None))
+        return out
+
+    def spans(self, rank: int) -> dict[str, list[Span]]:
+        """{key: [Span]} of every key `rank` holds a part of (expert_bias aside: replicated), whole coordinates."""
+        out: dict = {}
+        for b in self.buckets(rank):
+            for s in b.spans():
+                out.setdefault(s.key, []).append(s)
+        return out
+
+    def wanted(self, rank: int) -> dict[str, list[tuple[int, int]]]:
+        """{key: [(lo, hi)]}: what `rank` must create or read of each key (its spans; every expert_bias whole)."""
+        out = {k: [(s.lo, s.hi) for s in spans] for k, spans in self.spans(rank).items()}
+        for key, shape in param_shapes(self.config).items():
+            if is_expert_bias(key):
+                out[key] = [(0, math.prod(shape))]
+        return out
+
+    def muon_owners(self, bucket: FlatBucket) -> list[tuple[int, int, int, tuple]]:
+        """(flat start, flat end, owner, 2-D shape) of every matrix of a Muon bucket (owners_of its shapes)."""
+        return list(owners_of(tuple(tuple(int(x) for x in s) for s in bucket.shapes), bucket.n))
