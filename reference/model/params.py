@@ -13,6 +13,8 @@ Gradients and optimizer moments use the same keys. Conversion to the per-expert 
 from __future__ import annotations
 
 import hashlib
+import math
+import operator
 from typing import NamedTuple
 
 import numpy as np
@@ -20,8 +22,9 @@ import numpy as np
 from ..operators.array_module import array_namespace
 from .config import Config
 
-__all__ = ["param_shapes", "init_params", "param_count", "ParamCount", "layer_prefix", "EXPERT_KEYS", "check_params",
-           "is_norm_gain", "is_expert_bias", "EXPERT_BIAS_DTYPE", "param_dtype", "param_buckets", "bucket_of"]
+__all__ = ["param_shapes", "init_params", "init_param_span", "init_param_spans", "INIT_BLOCK", "param_count",
+           "ParamCount", "layer_prefix", "EXPERT_KEYS", "check_params", "is_norm_gain", "is_expert_bias",
+           "EXPERT_BIAS_DTYPE", "param_dtype", "param_buckets", "bucket_of"]
 
 EXPERT_KEYS = ("gate_proj", "up_proj", "down_proj")
 
@@ -115,20 +118,93 @@ def _is_output_side(key: str) -> bool:
     return key.endswith("o_proj.weight") or "down_proj" in key or key.endswith("router.gate.weight")
 
 
-def _key_seed(seed: int, key: str) -> list[int]:
-    """An independent, stable random stream per (seed, key): adding a key never shifts another key's values."""
-    digest = hashlib.sha256(key.encode()).digest()
-    return [int(seed), int.from_bytes(digest[:8], "little")]
+# Fresh init is drawn in fixed blocks (docs/decisions.md #26): a key's whole array, flattened in C order, is cut
+# into blocks of INIT_BLOCK elements (the last one shorter), and block b draws from its own stream. A span [lo, hi)
+# therefore needs only the blocks it overlaps, and every layout (and the single process) gets the same values.
+INIT_BLOCK = 1 << 16
+
+
+def _key_hash(key: str) -> int:
+    """The first 8 bytes of sha256(key), little-endian: a stable 64-bit name for the key's streams."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def _block_seed(seed: int, key_hash: int, block: int) -> list[int]:
+    """The entropy of block `block` of a key: an independent, stable stream per (seed, key, block), so adding a key
+    never shifts another key's values and a block never depends on which other blocks are drawn."""
+    return [int(seed), key_hash, int(block)]
 
 
 def _truncated_normal(rng: np.random.Generator, shape, std: float, bound: float) -> np.ndarray:
-    """θ ~ N(0, σ²) truncated to [−bound·σ, bound·σ] by redrawing the samples outside (SPEC §8)."""
+    """θ ~ N(0, σ²) truncated to [−bound·σ, bound·σ] by redrawing the samples outside (SPEC §8); float64."""
     x = rng.standard_normal(shape)
     out = np.abs(x) > bound
     while out.any():
         x[out] = rng.standard_normal(int(out.sum()))
         out = np.abs(x) > bound
     return x * std
+
+
+def _init_std(config: Config, key: str) -> float:
+    """σ of a weight matrix: `config.base_std`, divided by √(2(l+1)) for output-side matrices under `depth_init`."""
+    if config.depth_init and _is_output_side(key):
+        return config.base_std / np.sqrt(2.0 * (int(key.split(".")[2]) + 1))
+    return config.base_std
+
+
+def _key_shape(shapes: dict, key: str) -> tuple[int, ...]:
+    if key not in shapes:
+        raise KeyError(f"{key!r} is not a parameter of this config")
+    return shapes[key]
+
+
+def _init_span(config: Config, key: str, size: int, lo: int, hi: int, seed: int, dtype) -> np.ndarray:
+    """Elements [lo, hi) of key's whole flat init (see init_param_span), drawing only the blocks they overlap."""
+    lo, hi = operator.index(lo), operator.index(hi)
+    if not 0 <= lo <= hi <= size:
+        raise ValueError(f"{key}: span [{lo}, {hi}) is not within [0, {size}] with lo <= hi")
+    out_dtype = param_dtype(key, dtype)
+    if is_expert_bias(key):
+        return np.zeros(hi - lo, dtype=out_dtype)
+    if is_norm_gain(key):
+        return np.full(hi - lo, config.post_norm_init if _is_post_norm(key) else 1.0, dtype=out_dtype)
+    std, bound, key_hash = _init_std(config, key), config.init_truncation, _key_hash(key)
+    out = np.empty(hi - lo, dtype=out_dtype)
+    if lo == hi:
+        return out
+    for block in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1):
+        start = block * INIT_BLOCK
+        stop = min(start + INIT_BLOCK, size)
+        rng = np.random.default_rng(_block_seed(seed, key_hash, block))
+        values = _truncated_normal(rng, stop - start, std, bound)  # float64, then cast once on assignment
+        first, last = max(lo, start), min(hi, stop)
+        out[first - lo:last - lo] = values[first - start:last - start]
+    return out
+
+
+def init_param_span(config: Config, key: str, lo: int, hi: int, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    """Elements [lo, hi) of parameter `key`'s fresh init, its whole array flattened in C order: a 1-D array of
+    hi − lo values, bitwise `init_params(config, seed, dtype)[key].reshape(-1)[lo:hi]`.
+
+    Weight matrices are drawn in blocks: block b covers flat elements [b·INIT_BLOCK, (b+1)·INIT_BLOCK) and draws
+    from `np.random.default_rng([seed, h, b])`, h the first 8 bytes of sha256(key) little-endian: standard normals
+    for the whole block, those outside [−bound, bound] redrawn from the same stream (in order, until none is left),
+    times σ, in float64, then cast. Only the blocks that overlap [lo, hi) are drawn; constant keys (gains, expert
+    bias) are filled. Raises KeyError for a key the config does not have, ValueError unless 0 <= lo <= hi <= size.
+    """
+    shape = _key_shape(param_shapes(config), key)
+    return _init_span(config, key, math.prod(shape), lo, hi, seed, dtype)
+
+
+def init_param_spans(config: Config, wanted: dict, seed: int = 0, dtype=np.float32) -> dict[str, list[np.ndarray]]:
+    """`wanted` = {key: [(lo, hi), …]} → {key: [init_param_span(config, key, lo, hi, seed, dtype), …]}, one 1-D
+    array per span, in the order given: what a rank that holds these spans creates of a fresh model."""
+    shapes = param_shapes(config)
+    spans = {}
+    for key, ranges in wanted.items():
+        size = math.prod(_key_shape(shapes, key))
+        spans[key] = [_init_span(config, key, size, lo, hi, seed, dtype) for lo, hi in ranges]
+    return spans
 
 
 def init_params(config: Config, seed: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -139,24 +215,13 @@ def init_params(config: Config, seed: int = 0, dtype=np.float32) -> dict[str, np
     - output-side matrices (o_proj, every down_proj, router gate): σ, or σ/√(2(l+1)) when `depth_init`;
     - pre-norm, q_norm, k_norm and final-norm gains 1; post-norm gains 1/√L (§14 #9);
     - expert_bias 0, in float32 whatever `dtype` (EXPERT_BIAS_DTYPE, docs/decisions.md #18).
-    Values depend only on (seed, key), and are drawn in float64 then cast, so float32 and float64 params agree.
+    Each key is its whole span (init_param_span): values depend only on (seed, key, block), so any sharding of the
+    keys into spans gives these values bitwise (docs/decisions.md #26), and they are drawn in float64 then cast, so
+    float32 and float64 params agree.
     """
-    dtype = np.dtype(dtype)
     params = {}
-    std = config.base_std
     for key, shape in param_shapes(config).items():
-        if is_expert_bias(key):
-            params[key] = np.zeros(shape, dtype=EXPERT_BIAS_DTYPE)
-        elif is_norm_gain(key):
-            gain = config.post_norm_init if _is_post_norm(key) else 1.0
-            params[key] = np.full(shape, gain, dtype=dtype)
-        else:
-            sigma = std
-            if config.depth_init and _is_output_side(key):
-                layer = int(key.split(".")[2])
-                sigma = std / np.sqrt(2.0 * (layer + 1))
-            rng = np.random.default_rng(_key_seed(seed, key))
-            params[key] = _truncated_normal(rng, shape, sigma, config.init_truncation).astype(dtype)
+        params[key] = _init_span(config, key, math.prod(shape), 0, math.prod(shape), seed, dtype).reshape(shape)
     return params
 
 
