@@ -108,13 +108,14 @@ class ShardedParams:
         return cls(config, mesh, buckets, shards, {k: v.copy() for k, v in full.items() if is_expert_bias(k)})
 
     @classmethod
-    def from_spans(cls, config, mesh, values: dict, dtype) -> "ShardedParams":
-        """This rank's params from `values` = {key: [1-D array per span]} (the plan's wanted(rank): every expert_bias
-        whole, as one span); no communication."""
-        buckets = plan_buckets(config, mesh)
-        shapes = param_shapes(config)
-        biases = {k: values[k][0].reshape(shapes[k]).copy() for k in shapes if is_expert_bias(k)}
-        return cls(config, mesh, buckets, shards_from_spans(buckets, values, dtype), biases)
+    def from_spans(cls, plan, rank: int, values: dict, dtype) -> "ShardedParams":
+        """Rank `rank`'s params from `values` = {key: [1-D array per span]}, what plan.wanted(rank) names (every
+        expert_bias whole, as one span); no communication. The mesh that gathers them is attached later
+        (`mesh = …`): a rank builds its state before the job builds its mesh."""
+        buckets = plan.buckets(rank)
+        shapes = param_shapes(plan.config)
+        biases = {k: np.asarray(values[k][0]).reshape(shapes[k]).copy() for k in shapes if is_expert_bias(k)}
+        return cls(plan.config, None, buckets, shards_from_spans(buckets, values, dtype), biases)
 
     # -- a dict's reading and writing, by key
     def __iter__(self):

@@ -65,6 +65,16 @@ class Mesh:
         self.watchdog = None  # distributed.watchdog.Watchdog: a deadline on every wait in a collective (mpiexec)
         self.step, self.phase, self.layer = 0, "start", None
 
+    @property
+    def world_size(self) -> int:
+        return self.layout.world_size
+
+    def whole_state(self, config, params, optimizer_state) -> tuple[dict, dict]:
+        """(params, optimizer state) as whole arrays keyed as in one process, on every rank (collective: all-gathered
+        key by key; every rank then holds the whole model, for tests and small models only)."""
+        from .sharded_optim import gather_optimizer_state
+        return params.full(), gather_optimizer_state(config, params, optimizer_state)
+
     # ---- what a rank holds of the global batch ------------------------------------------------------------------
     def local_sequences(self, num_sequences: int) -> slice:
         """This data-parallel rank's contiguous slice of the global batch's sequences (the plan's rows)."""

@@ -40,10 +40,11 @@ from trinity.reference.training.checkpoint import CheckpointError, config_change
 from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule
-from trinity.reference.training.step import LOCAL
 
 from .layout import Layout, LayoutError
 from .mesh import allgather_json
+from .plan import ParallelPlan
+from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .metrics_log import MetricsLog, is_metrics_file
 from .run_config import RunConfig, RunConfigError, check_output_paths
 from .run_lock import RunLock, RunLockError
@@ -298,18 +299,24 @@ class Startup:
             self._claim_folder(restart)
         self.log(memory)
 
-    def _build_state(self, resume: bool) -> None:
-        """The whole state, built or loaded the same way on every rank once the job agreed to start (so that no
-        rank allocates it before every host's memory was checked): the resume point, else init_from's weights or
-        init_params, with the optimizer and balancing state."""
+    def _build_state(self, resume: bool, distributed: bool = False) -> None:
+        """The state, built or loaded once the job agreed to start (so that no rank allocates it before every host's
+        memory was checked): the resume point, else init_from's weights or a fresh init, with the optimizer and
+        balancing state. Under a layout each rank builds only its own spans (rank_state.py): no rank creates or
+        reads a whole sharded key."""
         run, config = self.run, self.config
-        ckpt = self._load_resume_point(config) if resume else None
+        plan = ParallelPlan(config, run.layout) if distributed else None
+        ckpt = self._load_resume_point(config, plan) if resume else None
         self.resumed_from = None if ckpt is None else (ckpt.path, ckpt.step)
         self.last_checkpoint = None if ckpt is None else ckpt.path  # the newest one this run knows to be good
         self.metrics_lines = None if ckpt is None else ckpt.extra.get("metrics_lines")
+        self.bytes_read = 0  # of checkpoint and weight files, by this rank
         if ckpt is not None:
-            self.params, self.opt_state, self.balance_state = ckpt.params, ckpt.optimizer_state, \
-                ckpt.balancing_state
+            if plan is None:
+                self.params, self.opt_state, self.balance_state = ckpt.params, ckpt.optimizer_state, \
+                    ckpt.balancing_state
+            else:
+                self._take(resumed_rank_state(ckpt, plan, self.rank))
             self.step, self.tokens_seen = ckpt.step, ckpt.tokens_seen
             self.skipped_steps = int(ckpt.extra.get("skipped_steps", 0))
             self.run_id = ckpt.run_id or uuid.uuid4().hex
@@ -323,16 +330,24 @@ class Startup:
         else:
             if resume:
                 self.log(f"no checkpoint in {run.checkpoint_dir}: starting from step 0")
-            if run.model_source[0] == "init_from":
-                self.params = _load_weights(run, self._base)
+            init_from = run.model_source[0] == "init_from"
+            if plan is not None:
+                self._take(pretrained_rank_state(run, self._base, plan, self.rank) if init_from else
+                           fresh_rank_state(run, config, plan, self.rank))
             else:
-                self.params = init_params(config, seed=run.init_seed, dtype=np.dtype(run.dtype))
-            self.opt_state = init_optimizer_state(config, self.params)
-            self.balance_state = init_balancing_state(config, self.params)
+                self.params = _load_weights(run, self._base) if init_from else \
+                    init_params(config, seed=run.init_seed, dtype=np.dtype(run.dtype))
+                self.opt_state = init_optimizer_state(config, self.params)
+                self.balance_state = init_balancing_state(config, self.params)
             self.step, self.tokens_seen, self.skipped_steps = 0, 0, 0
             self.run_id = uuid.uuid4().hex
             self.rng = np.random.default_rng(run.init_seed)
         self.checkpoints.run_id = self.run_id
+
+    def _take(self, state) -> None:
+        """This rank's state under a layout (rank_state.RankState)."""
+        self.params, self.opt_state, self.balance_state = state.params, state.optimizer_state, state.balancing_state
+        self.bytes_read += state.bytes_read
 
     # ---- the layout ---------------------------------------------------------------------------------------------
     def _check_layout(self, comm) -> None:
@@ -371,7 +386,7 @@ class Startup:
         """The run's layout over `comm` (collective), and one line naming every rank's pid and host."""
         from .mesh import Mesh
         run = self.run
-        mesh = Mesh(comm, run.layout, checksums=run.checksums)
+        mesh = Mesh(comm, run.layout, checksums=run.checksums, config=self.config)
         seconds = watchdog_seconds(run.watchdog_seconds, comm)
         if seconds > 0:
             mesh.watchdog = self._watchdog = Watchdog(seconds, self.rank, comm)
@@ -380,15 +395,13 @@ class Startup:
         self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))
         return mesh
 
-    def _shard_state(self) -> None:
-        """Under a layout, keep only this rank's shards of the params and optimizer state (every rank built or
-        loaded the whole state the same way), and train with the layout's op table."""
-        if self.mesh is LOCAL:
-            return
-        from .parallel_ops import parallelize
+    def _attach_mesh(self) -> None:
+        """Under a layout: the mesh gathers this rank's params (built from its spans before the mesh existed), the
+        layout's op table trains them, and rank 0's run id names the run."""
+        from .parallel_ops import ParallelOps
         self.run_id = self.checkpoints.run_id = allgather_json(self.mesh.comm, self.run_id)[0]  # rank 0's names it
-        self.ops, self.params, self.opt_state = parallelize(self.ops, self.mesh, self.config, self.params,
-                                                            self.opt_state)
+        self.params.mesh = self.mesh
+        self.ops = ParallelOps(self.ops, self.mesh, self.config)
 
     def _check_memory(self, distributed: bool = False) -> str:
         """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the
@@ -470,11 +483,13 @@ class Startup:
         if watchdog is not None:
             watchdog.close()
 
-    def _load_resume_point(self, config):
+    def _load_resume_point(self, config, plan=None):
         """The newest checkpoint that verifies (None: none at all); skipped corrupt ones are logged; one whose
-        data fingerprint differs from the current data is refused."""
+        data fingerprint differs from the current data is refused. Under a layout (`plan`) it is read by this rank's
+        spans (what a rank reads it verifies; ranks that chose different checkpoints disagree in `_agree_state`)."""
         try:
-            ckpt, skipped = self.checkpoints.load_newest_valid(config)
+            ckpt, skipped = self.checkpoints.load_newest_valid(config) if plan is None else \
+                self.checkpoints.load_newest_valid_spans(config, plan, self.rank)
         except CheckpointError as e:
             raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}") from None
         for path, why in skipped:

@@ -96,20 +96,18 @@ class Trainer(Startup):
         self.mesh = LOCAL
         if distributed:
             self._agree(comm, failed, resume)
-        failed = self._attempt(self._build_state, distributed, resume)
+        failed = self._attempt(self._build_state, distributed, resume, distributed)
         if distributed:
             self._agree_state(comm, failed, resume)
         self._restart_folder()
         if distributed:
             self.mesh = self._build_mesh(comm)
-            self._shard_state()
+            self._attach_mesh()
 
     def whole_state(self) -> tuple[dict, dict]:
-        """(params, optimizer state) as whole arrays keyed as in one process (collective under a layout)."""
-        if self.mesh is LOCAL:
-            return self.params, self.opt_state
-        from .sharded_optim import gather_optimizer_state
-        return self.params.full(), gather_optimizer_state(self.config, self.params, self.opt_state)
+        """(params, optimizer state) as whole arrays keyed as in one process (collective under a layout: every
+        rank then holds the whole model; for tests and small models, not for a run at scale)."""
+        return self.mesh.whole_state(self.config, self.params, self.opt_state)
 
     def memory(self) -> dict:
         """Bytes this rank holds for params, gradients (one copy, as the step keeps them) and optimizer state."""
@@ -131,8 +129,7 @@ class Trainer(Startup):
         returns a line with "skipped": true (the batch it read is consumed)."""
         c, run = self.config, self.run
         t0 = time.perf_counter()
-        if self.mesh is not LOCAL:
-            self.mesh.begin_step(self.step + 1)
+        self.mesh.begin_step(self.step + 1)
         sequences = self.batches.sequences(self.tokens_seen)
         result = compute_gradients(c, self.params, self.next_batch(sequences), micro_batch_size=run.micro_batch_size,
                                    ops=self.ops, mesh=self.mesh, recompute=run.recompute, check=False)
@@ -159,10 +156,10 @@ class Trainer(Startup):
             "expert_load": {str(l): np.asarray(n).astype(int).tolist() for l, n in result.counts.items()},
             "skipped_steps": self.skipped_steps, "tokens_per_s": tokens / seconds, "seconds": seconds,
         }
-        if self.mesh is not LOCAL:  # rank 0's bytes held (they shrink as 1/(dp_shard·cp)) and sent, by kind and group
-            metrics["layout"], metrics["memory"] = str(self.run.layout), self.memory()
-            traffic = sorted(self.mesh.take_traffic().items())
-            metrics["comm_bytes"] = {f"{kind}/{group}": n for (kind, group), n in traffic}
+        # rank 0's bytes held (they shrink as 1/(dp_shard·cp)) and sent, by kind and group (none in one process)
+        metrics["layout"], metrics["memory"] = str(self.run.layout), self.memory()
+        traffic = sorted(self.mesh.take_traffic().items())
+        metrics["comm_bytes"] = {f"{kind}/{group}": n for (kind, group), n in traffic}
         if result.batch_het is not None:  # SPEC §6.4
             metrics["batch_het"] = result.batch_het
         return metrics
@@ -189,8 +186,7 @@ class Trainer(Startup):
 
     def _diverged(self, message: str) -> TrainingDiverged:
         """Divergence is decided from the step's global loss and norm: under a layout every rank stops alike."""
-        error = TrainingDiverged(message)
-        return error if self.mesh is LOCAL else _every_rank(error)
+        return _every_rank(TrainingDiverged(message))
 
     # ---- the loop -----------------------------------------------------------------------------------------------
     def save(self) -> str:
@@ -205,7 +201,7 @@ class Trainer(Startup):
                              "layout": str(self.run.layout)},
                       tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
         try:
-            if self.mesh is not LOCAL and self.run.checkpoint_format == "sharded":
+            if self.mesh.world_size > 1 and self.run.checkpoint_format == "sharded":
                 # collective: a file per rank, then rank 0's manifest (sharded_checkpoint.py)
                 path = self.checkpoints.save_sharded(self.step, self.mesh, self.params, self.opt_state, **common)
             else:  # one file; under a layout gathered from every rank and written by rank 0
@@ -304,8 +300,6 @@ class Trainer(Startup):
     def _agreed_signal(self, signum):
         """The stop signal any rank received (ranks stop together, after the same step); one all-reduce per step
         under a layout."""
-        if self.mesh is LOCAL:
-            return signum
         self.mesh.set_phase("control")
         agreed = int(self.mesh.max(float(signum or 0), "world"))
         return agreed or None

@@ -43,9 +43,23 @@ LOSS_PARTS = ("total", "ce", "z", "balance")
 
 class LocalMesh:
     """The mesh of one process: one rank holds every sequence, every position and every parameter whole, so each
-    reduction is the identity and the optimizer is training/optim.py's."""
+    reduction is the identity and the optimizer is training/optim.py's. It has the whole interface of
+    trinity.distributed's Mesh that the trainer, the step and the seams use, so no caller asks which mesh it has."""
 
     sizes = {"dp_replicate": 1, "dp_shard": 1, "cp": 1, "ep": 1}
+    rank, world_size = 0, 1
+
+    def begin_step(self, step: int) -> None:
+        """A training step begins (a distributed mesh tags its traces and restarts its byte counts)."""
+
+    def take_traffic(self) -> dict:
+        """The bytes sent since the last call, {(kind, group): bytes}: none in one process."""
+        return {}
+
+    @staticmethod
+    def whole_state(config, params, optimizer_state) -> tuple[dict, dict]:
+        """(params, optimizer state) as whole arrays: they are whole here."""
+        return params, optimizer_state
 
     def local_sequences(self, num_sequences: int) -> slice:
         """The rows of the global batch this rank trains on."""
