@@ -25,8 +25,8 @@ import math
 
 import numpy as np
 
-from trinity.reference.model.ops import REFERENCE
-from trinity.reference.training.optim import ADAMW_M, ADAMW_V, MUON_MOMENTUM, muon_lr_scale, weight_decay_for
+from trinity.reference.training.optim import (ADAMW_M, ADAMW_V, MUON_MOMENTUM, muon_update, optimizer_kernels,
+                                              weight_decay_for)
 
 from .fsdp import ShardedParams, shards_from_spans, spans_of_full
 from .plan import owners_of
@@ -152,7 +152,7 @@ def sharded_optimizer_step(mesh, config, params: ShardedParams, grads: dict, sta
     summed over the ranks)."""
     if observe is not None:
         raise ValueError("the step inspector observes single-process updates only")
-    k = kernels if kernels is not None and hasattr(kernels, "adamw_update") else REFERENCE
+    k = optimizer_kernels(kernels)
     c = config
     t = int(state["step"]) + 1
     norms = {"muon": 0.0, "adamw": 0.0}
@@ -167,18 +167,9 @@ def sharded_optimizer_step(mesh, config, params: ShardedParams, grads: dict, sta
                                    beta1=c.adamw_beta1, beta2=c.adamw_beta2, eps=c.adamw_eps, step=t)
                 norms["adamw"] += u * u
             continue
-        M = state[MUON_MOMENTUM + b.shard_name]
-        G = np.asarray(G).astype(M.dtype, copy=False)
-        M *= c.muon_momentum                            # M ← μM + G
-        M += G
-        U = c.muon_momentum * M + G if c.muon_nesterov else M
-        O, owned = _orthogonalise(mesh, b, np.ascontiguousarray(U), c, k)
-        for shape, o_sq in owned:
-            norms["muon"] += (muon_lr * muon_lr_scale(c, shape)) ** 2 * o_sq
-        for key, sh, _ in b.segments():
-            shape = b.shapes[b.keys.index(key)]
-            X[sh] *= 1.0 - muon_lr * weight_decay_for(c, key)   # decay with the unadjusted lr
-            X[sh] -= (muon_lr * muon_lr_scale(c, shape)) * O[sh]
+        segments = [(sh, key, b.shapes[b.keys.index(key)]) for key, sh, _ in b.segments()]
+        norms["muon"] += muon_update(c, X, G, state[MUON_MOMENTUM + b.shard_name], muon_lr, segments,
+                                     lambda U, b=b: _orthogonalise(mesh, b, np.ascontiguousarray(U), c, k))
     state["step"] = np.array(t, dtype=np.int64)
     summed = mesh.sum(np.array([norms["muon"], norms["adamw"]]), "fsdp")
     return {"step": t, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr), "muon_tensors": tensors["muon"],

@@ -146,20 +146,49 @@ def clip_grad_norm(grads: dict, max_norm: float, kernels=None, norm: float | Non
 
 
 # ---- the step ---------------------------------------------------------------------------------------------------
-def _muon_update(config: Config, X, G, M, lr: float, wd: float, kernels) -> float:
-    """One Muon step on X in place (SPEC §9.2, §14 #2, #5); returns ‖η·s·O‖_F for logging."""
+def muon_update(config: Config, X, G, M, lr: float, segments, orthogonalise) -> float:
+    """One Muon step on X in place (SPEC §9.2, §14 #2, #5), for a whole matrix and for a rank's flat shard alike;
+    returns Σ ‖η·s·O‖²_F over the matrices `orthogonalise` reports (for logging):
+
+        M ← μM + G ;  U = M  (or μM + G, nesterov)          elementwise
+        O = NS(U)                                            `orthogonalise(U)` → (O, [(matrix shape, ‖O‖²)]):
+                                                             Newton–Schulz of each whole matrix (sharded_optim.py
+                                                             runs it on each matrix's owner)
+        X ← X(1 − ηλ) − η·s·O                                per segment (key, its λ and s)
+
+    `segments`: [(slice of X, key, the key's shape)]: one (everything) for a whole parameter, one per key a shard
+    holds part of."""
     mu = config.muon_momentum
     xp = array_namespace(M)
     G = xp.astype(xp.asarray(G), M.dtype, copy=False)
     M *= mu                                       # M ← μM + G
     M += G
     U = mu * M + G if config.muon_nesterov else M
-    O = kernels.newton_schulz(U, steps=config.muon_ns_steps, coefficients=config.muon_ns_coefficients,
-                              eps=config.muon_eps, dtype=M.dtype)  # per matrix of a [..., out, in] batch
-    step = lr * muon_lr_scale(config, X.shape)
-    X *= 1.0 - lr * wd                            # decay with the unadjusted lr
-    X -= step * O
-    return step * math.sqrt(sum_of_squares(O))  # ‖O‖_F, accumulated in float64
+    O, owned = orthogonalise(U)
+    for where, key, shape in segments:
+        X[where] *= 1.0 - lr * weight_decay_for(config, key)   # decay with the unadjusted lr
+        X[where] -= (lr * muon_lr_scale(config, shape)) * O[where]
+    return sum((lr * muon_lr_scale(config, shape)) ** 2 * o_sq for shape, o_sq in owned)
+
+
+def newton_schulz_whole(config: Config, kernels):
+    """`orthogonalise` for a whole parameter: the kernel's Newton–Schulz of every matrix of a [..., out, in] batch,
+    and ‖O‖²_F (in float64) under the parameter's shape."""
+    def orthogonalise(U):
+        O = kernels.newton_schulz(U, steps=config.muon_ns_steps, coefficients=config.muon_ns_coefficients,
+                                  eps=config.muon_eps, dtype=U.dtype)
+        return O, [(tuple(U.shape), sum_of_squares(O))]
+    return orthogonalise
+
+
+def optimizer_kernels(kernels):
+    """The op table whose newton_schulz and adamw_update the optimizer runs, whole or sharded: `kernels`, by
+    default the reference's; an object without them is a TypeError (never a silent fallback)."""
+    k = kernels or REFERENCE
+    if not hasattr(k, "adamw_update") or not hasattr(k, "newton_schulz"):
+        raise TypeError("kernels must be an op table with newton_schulz and adamw_update (trinity.accel.get_backend), "
+                        f"got {type(k).__name__}")
+    return k
 
 
 def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_lr: float, adamw_lr: float,
@@ -180,10 +209,7 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
     parameters each group updated) and muon_update_norm/adamw_update_norm (global L2 norm of the lr-scaled update
     before weight decay).
     """
-    k = kernels or REFERENCE
-    if not hasattr(k, "adamw_update"):
-        raise TypeError("kernels must be an op table with newton_schulz and adamw_update (trinity.accel.get_backend), "
-                        f"got {type(k).__name__}")
+    k = optimizer_kernels(kernels)
     t = int(state["step"]) + 1
     norms = {"muon": 0.0, "adamw": 0.0}
     counts = {"muon": 0, "adamw": 0}
@@ -202,7 +228,8 @@ def optimizer_step(config: Config, params: dict, grads: dict, state: dict, muon_
             k: v for k, v in state.items() if k.endswith("/" + key) and k.split("/", 1)[1] == key})
         try:
             if group == "muon":
-                u = _muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr, wd, k)
+                u = math.sqrt(muon_update(config, X, G, state[MUON_MOMENTUM + key], muon_lr,
+                                          [(Ellipsis, key, tuple(X.shape))], newton_schulz_whole(config, k)))
             else:
                 u = k.adamw_update(X, G, state[ADAMW_M + key], state[ADAMW_V + key], lr=adamw_lr, wd=wd,
                                    beta1=config.adamw_beta1, beta2=config.adamw_beta2, eps=config.adamw_eps, step=t)
