@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trinity.reference.model.params import bucket_of, is_expert_bias, param_shapes
+from trinity.reference.model.seams import LINEAR_CTX, linear_ctx_weight
 
 from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, bucket_parts, expert_range, is_routed_expert, part_group
 
@@ -258,13 +259,15 @@ class ShardedParamSeams:
     def linear_forward(self, x, w):
         """The backend's linear; when w is a gathered weight, its ctx names the weight (bucket, key) instead of
         holding it, and the backward takes it from that bucket's gather in the backward (seams.py: the model gathers
-        each bucket again before its backward)."""
+        each bucket again before its backward; the linear ctx contract LINEAR_CTX)."""
         y, ctx = self.base.linear_forward(x, w)
         ref = self._weight_key.get(id(w))
-        if ref is not None and self._gathered.get(ref[0], {}).get(ref[1]) is w and isinstance(ctx, tuple) \
-                and len(ctx) == 2 and ctx[1] is w:
-            ctx = (ctx[0], GatheredWeight(*ref))
-        return y, ctx
+        if ref is None or self._gathered.get(ref[0], {}).get(ref[1]) is not w:
+            return y, ctx
+        if not linear_ctx_weight(ctx, w):
+            raise TypeError(f"op table {getattr(self.base, 'name', type(self.base).__name__)}: linear_forward's ctx "
+                            f"is not {LINEAR_CTX} (reference/model/seams.py), which FSDP relies on")
+        return y, (ctx[0], GatheredWeight(*ref))
 
     def linear_backward(self, ctx, dy):
         if isinstance(ctx, tuple) and len(ctx) == 2 and isinstance(ctx[1], GatheredWeight):

@@ -17,6 +17,12 @@ these single-process versions; trinity.distributed replaces them with collective
                                 hands the keys' gradients back to the ranks that own them. kv_cache.LayerCache is
                                 another implementation of gather_kv (incremental decoding).
 
+The linear layer's ctx is a contract of every op table, not a seam it overrides: `linear_forward(x, w)` returns
+`(y, (x, w))`, the weight itself as the ctx's second item (LINEAR_CTX). FSDP relies on it: it swaps a gathered
+weight in a ctx for the name of its bucket and key, so that a ctx kept until the backward does not keep the gathered
+bucket alive, and swaps it back before `linear_backward` (distributed/fsdp.py). An op table whose linear ctx is
+another shape is refused there by name (tests/test_seam_contracts.py holds every backend to it).
+
 sequence_sum(x) sums per-sequence statistics over the ranks holding parts of each sequence (the balance loss,
 SPEC §6.3): the identity here, an all-reduce over `cp` under context parallel.
 """
@@ -25,7 +31,14 @@ from __future__ import annotations
 
 from ..operators.array_module import array_namespace
 
-__all__ = ["SingleProcessSeams"]
+__all__ = ["SingleProcessSeams", "LINEAR_CTX", "linear_ctx_weight"]
+
+LINEAR_CTX = "(x, w)"  # what every op table's linear_forward returns as its ctx (module docstring)
+
+
+def linear_ctx_weight(ctx, w) -> bool:
+    """Whether `ctx` (of linear_forward(x, w)) meets the contract: a pair whose second item is `w` itself."""
+    return isinstance(ctx, tuple) and len(ctx) == 2 and ctx[1] is w
 
 
 class SingleProcessSeams:
