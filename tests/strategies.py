@@ -103,12 +103,11 @@ def token_batches(draw, config: Config, max_batch=2, max_len=24):
 # reference/data/packing.py publishes, recomputed here from its formula.
 
 @st.composite
-def loader_corpora(draw, max_documents=12, max_length=40, max_world_size=3):
-    """(document lengths, world_size): lengths >= 0 (0 = a lone EOS), at least one document per rank."""
-    world_size = draw(st.integers(1, max_world_size))
-    lengths = draw(st.lists(st.one_of(st.integers(0, 3), st.integers(0, max_length)), min_size=world_size,
+def loader_corpora(draw, max_documents=12, max_length=40):
+    """Document lengths >= 0 (0 = a lone EOS), at least one document."""
+    lengths = draw(st.lists(st.one_of(st.integers(0, 3), st.integers(0, max_length)), min_size=1,
                             max_size=max_documents))
-    return lengths, world_size
+    return lengths
 
 
 def tagged_documents(lengths, source=0):
@@ -117,9 +116,9 @@ def tagged_documents(lengths, source=0):
     return [np.arange(n, dtype=np.int64) + 1 + source * 100_000 + i * 1000 for i, n in enumerate(lengths)]
 
 
-def documented_order(num_documents, seed, epoch, rank=0, world_size=1):
-    """The document order of `rank` in `epoch` as reference/data/packing.py's module docstring states it."""
-    return np.random.default_rng([seed, epoch]).permutation(num_documents)[rank::world_size]
+def documented_order(num_documents, seed, epoch):
+    """The document order of `epoch` as reference/data/packing.py's module docstring states it."""
+    return np.random.default_rng([seed, epoch]).permutation(num_documents)
 
 
 def with_eos(document, eos):
@@ -144,32 +143,24 @@ def _diff_message(want, got, whole):
             f"extra {[name(d) for d in sorted(extra.elements())][:8]}")
 
 
-def check_packed_epochs(streams, documents, seed, epochs, eos):
-    """The sequential loader's promise (reference/data/packing.py), over `epochs` epochs of every rank.
+def check_packed_epochs(stream, documents, seed, epochs, eos):
+    """The sequential loader's promise (reference/data/packing.py), over `epochs` epochs.
 
-    streams[r] is rank r's rows, flattened in order (rank r of len(streams)); nothing but documents may be in it (no
-    padding, no gaps: a row's tail continues in the next row, an epoch's last document runs on into the next epoch).
-    Split at EOS, rank r's documents come `n_r = len(range(r, N, world_size))` per epoch: epoch e of rank r must be
-    exactly the documents `documented_order(N, seed, e, r, world_size)`, each whole and in order, and the union over
-    ranks of each epoch must be every document exactly once."""
-    world_size, N = len(streams), len(documents)
+    `stream` is the loader's rows, flattened in order; nothing but documents may be in it (no padding, no gaps: a
+    row's tail continues in the next row, an epoch's last document runs on into the next epoch). Split at EOS, the
+    documents come N per epoch: epoch e must be exactly the documents `documented_order(N, seed, e)`, each whole and
+    in order, so every document exactly once."""
+    N = len(documents)
     whole = [tuple(d.tolist()) for d in documents]
-    per_rank = []
-    for rank, stream in enumerate(streams):
-        n_r = len(range(rank, N, world_size))
-        ends = np.flatnonzero(stream == eos)
-        found = [tuple(d[:-1].tolist()) for d in np.split(stream[:ends[-1] + 1], ends + 1)[:-1]] if ends.size else []
-        assert len(found) >= epochs * n_r, f"rank {rank}: {len(found)} documents, fewer than {epochs} epochs"
-        per_rank.append([found[e * n_r:(e + 1) * n_r] for e in range(epochs)])
+    ends = np.flatnonzero(stream == eos)
+    found = [tuple(d[:-1].tolist()) for d in np.split(stream[:ends[-1] + 1], ends + 1)[:-1]] if ends.size else []
+    assert len(found) >= epochs * N, f"{len(found)} documents, fewer than {epochs} epochs"
     for e in range(epochs):
-        union = [d for rank in range(world_size) for d in per_rank[rank][e]]
-        assert sorted(union) == sorted(whole), \
-            f"epoch {e}: not every document exactly once over {world_size} rank(s): " \
-            f"{_diff_message(whole, union, whole)}"
-        for rank in range(world_size):
-            want = [whole[i] for i in documented_order(N, seed, e, rank, world_size)]
-            assert per_rank[rank][e] == want, \
-                f"epoch {e} rank {rank}: not the documented order: {_diff_message(want, per_rank[rank][e], whole)}"
+        got = found[e * N:(e + 1) * N]
+        assert sorted(got) == sorted(whole), f"epoch {e}: not every document exactly once: " \
+                                             f"{_diff_message(whole, got, whole)}"
+        want = [whole[i] for i in documented_order(N, seed, e)]
+        assert got == want, f"epoch {e}: not the documented order: {_diff_message(want, got, whole)}"
 
 
 def check_each_pass_in_order(words, documents):
@@ -193,10 +184,8 @@ def check_each_pass_in_order(words, documents):
 def rsdb_consumed_documents(state, num_documents):
     """The documents an RSDB loader's source has handed to its buffer so far, from the documented order and the
     source position (src_epoch, src_cursor) in its state_dict()."""
-    docs = [documented_order(num_documents, state["seed"], e, state["rank"], state["world_size"])
-            for e in range(state["src_epoch"])]
-    docs.append(documented_order(num_documents, state["seed"], state["src_epoch"], state["rank"],
-                                 state["world_size"])[:state["src_cursor"]])
+    docs = [documented_order(num_documents, state["seed"], e) for e in range(state["src_epoch"])]
+    docs.append(documented_order(num_documents, state["seed"], state["src_epoch"])[:state["src_cursor"]])
     return np.concatenate(docs).astype(np.int64)
 
 
@@ -213,6 +202,6 @@ def check_rsdb_accounts(state, emitted_counts, documents, eos):
     have = emitted_counts + token_counts(np.concatenate(unread + [np.zeros(0, np.int64)]), size)
     if not np.array_equal(have, want):
         bad = np.flatnonzero(have != want)[:8]
-        raise AssertionError(f"after source epoch {state['src_epoch']} cursor {state['src_cursor']} (rank "
-                             f"{state['rank']}): tokens {bad.tolist()} handed out {want[bad].tolist()} times but "
-                             f"emitted + unread {have[bad].tolist()} times")
+        raise AssertionError(f"after source epoch {state['src_epoch']} cursor {state['src_cursor']}: tokens "
+                             f"{bad.tolist()} handed out {want[bad].tolist()} times but emitted + unread "
+                             f"{have[bad].tolist()} times")

@@ -68,31 +68,25 @@ def test_every_token_once_per_epoch_in_document_order(lengths, seq_len, batch_si
 
 
 @settings(max_examples=40, deadline=None)
-@given(corpus=loader_corpora(), seq_len=st.integers(1, 17), batch_size=st.integers(1, 4),
+@given(lengths=loader_corpora(), seq_len=st.integers(1, 17), batch_size=st.integers(1, 4),
        seed=st.integers(0, 2**32 - 1), epochs=st.integers(2, 4))
-def test_every_rank_every_epoch_exactly_once(corpus, seq_len, batch_size, seed, epochs):
-    """Over several epochs and 1-3 ranks: each rank's packed rows, flattened, are its documents whole and back to
-    back (no padding, no gap: tails carried into the next row and the next epoch); split at EOS they come
-    len(range(rank, N, world_size)) per epoch in the documented order, and each epoch's union over the ranks is
+def test_every_epoch_exactly_once(lengths, seq_len, batch_size, seed, epochs):
+    """Over several epochs: the packed rows, flattened, are the documents whole and back to back (no padding, no gap:
+    tails carried into the next row and the next epoch); split at EOS they come N per epoch in the documented order,
     every document exactly once (`strategies.check_packed_epochs`). Epochs after the first are checked as strictly
     as the first: a loader that skipped or repeated a document when it starts a new epoch fails here."""
-    lengths, world_size = corpus
     documents = tagged_documents(lengths)
-    streams = []
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "tokens.bin")
         write_token_file(path, documents, EOS)
-        for rank in range(world_size):
-            loader = PackedTokenLoader(path, seq_len, batch_size, EOS, seed=seed, rank=rank, world_size=world_size)
-            want_eos = epochs * len(range(rank, len(documents), world_size))
-            parts, eos_seen = [], 0
-            while eos_seen < want_eos:  # until `epochs` epochs of this rank are out (their documents, at least)
-                tokens, doc_ids = loader.next_batch()
-                assert np.array_equal(doc_ids, document_ids(tokens, EOS))
-                parts.append(tokens.reshape(-1))
-                eos_seen += int(np.count_nonzero(parts[-1] == EOS))
-            streams.append(np.concatenate(parts))
-    check_packed_epochs(streams, documents, seed, epochs, EOS)
+        loader = PackedTokenLoader(path, seq_len, batch_size, EOS, seed=seed)
+        parts, eos_seen = [], 0
+        while eos_seen < epochs * len(documents):  # until `epochs` epochs are out (their documents, at least)
+            tokens, doc_ids = loader.next_batch()
+            assert np.array_equal(doc_ids, document_ids(tokens, EOS))
+            parts.append(tokens.reshape(-1))
+            eos_seen += int(np.count_nonzero(parts[-1] == EOS))
+    check_packed_epochs(np.concatenate(parts), documents, seed, epochs, EOS)
 
 
 def test_deterministic_from_seed_and_seed_changes_order(tmp_path):
@@ -208,32 +202,29 @@ def test_write_token_file(tmp_path):
     assert np.fromfile(path, "<u4").tolist() == [5, 6, 7, 7, 2**32 - 1, 7] and os.listdir(tmp_path) == ["t.bin"]
 
 
-def test_ranks_read_disjoint_documents_that_cover_each_epoch(tmp_path):
-    """rank r of w reads documents permutation[r::w] of each epoch: disjoint across ranks, together all of them."""
-    documents = make_documents([3, 8, 1, 0, 12, 5, 7, 2, 9, 4, 6])
-    path = tmp_path / "tokens.bin"
-    write_token_file(path, documents, EOS)
-    total = sum(len(d) + 1 for d in documents)
-    streams = []
-    for rank in range(3):
-        loader = PackedTokenLoader(path, 1, 1, EOS, seed=9, rank=rank, world_size=3)
-        n = sum(len(documents[d]) + 1 for d in loader.epoch_order(0))
-        streams.append(np.concatenate([loader.next_batch()[0].reshape(-1) for _ in range(n)]))
-        assert loader.epoch == 1 and loader.doc_cursor == 0
-    assert sum(s.size for s in streams) == total
-    found = [tuple(d[:-1]) for s in streams for d in np.split(s, np.flatnonzero(s == EOS) + 1)[:-1]]
-    assert sorted(found) == sorted(tuple(d) for d in documents)
-    with pytest.raises(DataError, match="rank 11 of 12 gets no documents"):
-        PackedTokenLoader(path, 4, 1, EOS, rank=11, world_size=12)
-    state = PackedTokenLoader(path, 4, 1, EOS, rank=1, world_size=3).state_dict()
-    with pytest.raises(DataError, match="another stream: rank 1 != 0"):
-        PackedTokenLoader(path, 4, 1, EOS, rank=0, world_size=3).load_state_dict(state)
+def test_per_rank_streams_are_retired(tmp_path):
+    """Loaders no longer stride documents by rank (every rank reads the one stream, packing.py): a loader for another
+    rank, or a state one wrote, is refused in one line; a state of rank 0 of 1 (the same stream) continues."""
+    loader = loader_for(tmp_path, make_documents([4, 6, 3]), 4, 1, seed=2)
+    with pytest.raises(DataError, match=r"^loader is for rank 1 of world_size 3: per-rank loader streams are retired"):
+        PackedTokenLoader(loader.path, 4, 1, EOS, rank=1, world_size=3)
+    loader.next_batch()
+    state = loader.state_dict()
+    assert "rank" not in state and "world_size" not in state
+    fresh = PackedTokenLoader(loader.path, 4, 1, EOS, seed=2)
+    for old in ({**state, "rank": 1, "world_size": 2}, {**state, "rank": 0, "world_size": 2}):
+        with pytest.raises(DataError, match=r"^loader state is for rank \d of world_size 2: [^\n]*only rank 0 of 1 "
+                                            r"continues$"):
+            fresh.load_state_dict(old)
+    fresh.load_state_dict({**state, "rank": 0, "world_size": 1})
+    assert fresh.state_dict() == state
+    assert np.array_equal(fresh.next_batch()[0], loader.next_batch()[0])
 
 
 def test_state_written_before_ranks_existed_still_loads(tmp_path):
     loader = loader_for(tmp_path, make_documents([4, 6, 3]), 4, 1, seed=2)
     loader.next_batch()
-    old = {k: v for k, v in loader.state_dict().items() if k not in ("rank", "world_size", "kind")}
+    old = {k: v for k, v in loader.state_dict().items() if k != "kind"}
     fresh = PackedTokenLoader(loader.path, 4, 1, EOS, seed=2)
     fresh.load_state_dict(old)
     assert np.array_equal(fresh.next_batch()[0], loader.next_batch()[0])
@@ -301,8 +292,8 @@ def test_run_file_data_section_builds_each_loader(tmp_path):
     assert "batch_het" in metrics and trainer.loader.batches_served == 2
     r = run(f'phases = [[0, [1, 0]], [64, [0.5, 0.5]]]\n[[data.sources]]\npath = "{web}"\n'
             f'[[data.sources]]\npath = "{code}"')
-    loader, stores = build_loader(r, rank=1, world_size=2)
-    assert isinstance(loader, MixtureLoader) and len(stores) == 2 and loader.sources[1].rank == 1
+    loader, stores = build_loader(r)
+    assert isinstance(loader, MixtureLoader) and len(stores) == 2
     assert r.data_phases == ((0, (1.0, 0.0)), (64, (0.5, 0.5)))
     r = run(f'[[data.sources]]\npath = "{web}"\nweight = 3\n[[data.sources]]\npath = "{code}"')
     assert r.data_phases == ((0, (3.0, 1.0)),)

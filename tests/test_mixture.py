@@ -68,12 +68,23 @@ def test_phase_switches_at_the_token_count_and_sources_keep_their_streams(tmp_pa
     assert np.array_equal(tokens[5:], alone[1].next_rows(7)[0])
 
 
-def test_world_size_scales_tokens_served(tmp_path):
+def test_per_rank_streams_are_retired_and_phases_follow_the_global_rows(tmp_path):
+    """One stream for every rank: the phase switches at the stream's tokens (rows × T), a mixture or a state for
+    another rank is refused in one line, and a state of rank 0 of 1 (the stream as it was) continues."""
     paths = source_files(tmp_path, 2)
-    srcs = [PackedTokenLoader(p, T, 2, EOS, rank=1, world_size=4) for p in paths]
-    mix = MixtureLoader(srcs, [(0, [1, 0]), (8 * T, [0, 1])], seed=0, rank=1, world_size=4)
+    mix = MixtureLoader(loaders(paths), [(0, [1, 0]), (4 * T, [0, 1])], seed=0, batch_size=2)
     picks = [row_source(r) for _ in range(3) for r in mix.next_batch()[0]]
-    assert picks == [0, 0, 1, 1, 1, 1] and mix.tokens_served == 6 * T * 4  # phase 2 from global token 8*T
+    assert picks == [0, 0, 0, 0, 1, 1] and mix.tokens_served == 6 * T
+    with pytest.raises(DataError, match=r"^a mixture is for rank 1 of world_size 4: per-rank loader streams"):
+        MixtureLoader(loaders(paths), [(0, [1, 1])], rank=1, world_size=4)
+    state = mix.state_dict()
+    assert "rank" not in state and "world_size" not in state
+    with pytest.raises(DataError, match=r"^loader state is for rank 1 of world_size 4: .*only rank 0 of 1 continues$"):
+        MixtureLoader(loaders(paths), [(0, [1, 0]), (4 * T, [0, 1])]).load_state_dict({**state, "rank": 1,
+                                                                                          "world_size": 4})
+    fresh = MixtureLoader(loaders(paths), [(0, [1, 0]), (4 * T, [0, 1])], batch_size=2)
+    fresh.load_state_dict({**state, "rank": 0, "world_size": 1})
+    assert np.array_equal(fresh.next_batch()[0], mix.next_batch()[0])
 
 
 @settings(max_examples=25, deadline=None)
@@ -99,70 +110,57 @@ def test_resume_continues_exactly(seed, stops, kinds, switch, batch):
 
 
 @settings(max_examples=30, deadline=None)
-@given(corpora=st.lists(loader_corpora(max_documents=8, max_length=20, max_world_size=1), min_size=2, max_size=3),
+@given(corpora=st.lists(loader_corpora(max_documents=8, max_length=20), min_size=2, max_size=3),
        kinds=st.lists(st.sampled_from(["sequential", "rsdb"]), min_size=3, max_size=3),
        weights=st.lists(st.floats(0.2, 1.0), min_size=6, max_size=6), switch=st.integers(0, 30),
-       world_size=st.integers(1, 3), batch_size=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
+       batch_size=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
 def test_each_source_gives_every_token_once_per_epoch_over_several_epochs(corpora, kinds, weights, switch,
-                                                                            world_size, batch_size, seed):
-    """Within a mixture each source keeps its own promise, over several of that source's epochs and 1-3 ranks
-    (each rank its own mixture of its own rank's sources). A row's source shows in its tokens (source s holds ids
-    s*100_000 + ...) and must be `choose(row)`. The rows a sequential source gave, flattened, are its documents
-    whole, back to back, per epoch in the documented order, each epoch's union over the ranks every document once
-    (check_packed_epochs); for an RSDB source, after every batch the tokens it gave plus those unread in its buffer
-    are exactly the documents its source handed out (check_rsdb_accounts). Run until every source has passed its
-    third epoch on every rank."""
+                                                                            batch_size, seed):
+    """Within a mixture each source keeps its own promise, over several of that source's epochs. A row's source
+    shows in its tokens (source s holds ids s*100_000 + ...) and must be `choose(row)`. The rows a sequential source
+    gave, flattened, are its documents whole, back to back, per epoch in the documented order (check_packed_epochs);
+    for an RSDB source, after every batch the tokens it gave plus those unread in its buffer are exactly the
+    documents its source handed out (check_rsdb_accounts). Run until every source has passed its third epoch."""
     epochs, n = 3, len(corpora)
-    documents = [tagged_documents(lengths, s) for s, (lengths, _) in enumerate(corpora)]
-    world_size = min([world_size] + [len(d) for d in documents])  # every rank needs a document of every source
-    phases = [(0, weights[:n]), ((switch + 1) * T * world_size, weights[3:3 + n])]
+    documents = [tagged_documents(lengths, s) for s, lengths in enumerate(corpora)]
+    phases = [(0, weights[:n]), ((switch + 1) * T, weights[3:3 + n])]
     size = 1 + max((int(d.max()) for docs in documents for d in docs if d.size), default=EOS)
-    streams = [[None] * world_size for _ in range(n)]
     with tempfile.TemporaryDirectory() as directory:
         paths = []
         for s, docs in enumerate(documents):
             paths.append(os.path.join(directory, f"s{s}.bin"))
             write_token_file(paths[-1], docs, EOS)
-        for rank in range(world_size):
-            sources = [PackedTokenLoader(p, T, 2, EOS, seed=seed + s, rank=rank, world_size=world_size)
-                       if kinds[s] == "sequential" else
-                       RSDBLoader(p, T, 2, EOS, buffer_size=1 + s, seed=seed + s, rank=rank, world_size=world_size)
-                       for s, p in enumerate(paths)]
-            mix = MixtureLoader(sources, phases, seed=seed, batch_size=batch_size, rank=rank, world_size=world_size)
-            given_rows = [[] for _ in range(n)]
-            emitted = [np.zeros(size, np.int64) for _ in range(n)]
+        sources = [PackedTokenLoader(p, T, 2, EOS, seed=seed + s) if kinds[s] == "sequential" else
+                   RSDBLoader(p, T, 2, EOS, buffer_size=1 + s, seed=seed + s) for s, p in enumerate(paths)]
+        mix = MixtureLoader(sources, phases, seed=seed, batch_size=batch_size)
+        given_rows = [[] for _ in range(n)]
+        emitted = [np.zeros(size, np.int64) for _ in range(n)]
+        per_pass = [sum(len(d) + 1 for d in docs) for docs in documents]
 
-            # an RSDB source has given `epochs` passes' worth of tokens when it has given that many times the
-            # tokens of its rank's n_r longest documents
-            per_pass = [sum(sorted(len(d) + 1 for d in docs)[-len(range(rank, len(docs), world_size)):])
-                        for docs in documents]
+        def passed(s):
+            state = sources[s].state_dict()
+            if sources[s].kind == "sequential":
+                return state["epoch"] >= epochs
+            return state["src_epoch"] >= epochs and emitted[s].sum() >= epochs * per_pass[s]
 
-            def passed(s):
-                state = sources[s].state_dict()
-                if sources[s].kind == "sequential":
-                    return state["epoch"] >= epochs
-                return state["src_epoch"] >= epochs and emitted[s].sum() >= epochs * per_pass[s]
-
-            for _ in range(3000):  # far more than needed (a few hundred rows)
-                if all(passed(s) for s in range(n)):
-                    break
-                first = mix.rows_served
-                tokens, _ = mix.next_batch()
-                for r, row in enumerate(tokens):
-                    s = mix.choose(first + r)
-                    words = row[row != EOS]
-                    assert words.size == 0 or np.all(words // 100_000 == s), (first + r, s, row)
-                    given_rows[s].append(row)
-                    emitted[s] += token_counts(row, size)
-                for s, src in enumerate(sources):
-                    if src.kind == "rsdb":
-                        check_rsdb_accounts(src.state_dict(), emitted[s], documents[s], EOS)
-            assert all(passed(s) for s in range(n))
-            for s in range(n):
-                streams[s][rank] = np.concatenate(given_rows[s]).reshape(-1)
+        for _ in range(3000):  # far more than needed (a few hundred rows)
+            if all(passed(s) for s in range(n)):
+                break
+            first = mix.rows_served
+            tokens, _ = mix.next_batch()
+            for r, row in enumerate(tokens):
+                s = mix.choose(first + r)
+                words = row[row != EOS]
+                assert words.size == 0 or np.all(words // 100_000 == s), (first + r, s, row)
+                given_rows[s].append(row)
+                emitted[s] += token_counts(row, size)
+            for s, src in enumerate(sources):
+                if src.kind == "rsdb":
+                    check_rsdb_accounts(src.state_dict(), emitted[s], documents[s], EOS)
+        assert all(passed(s) for s in range(n))
     for s in range(n):
         if kinds[s] == "sequential":
-            check_packed_epochs(streams[s], documents[s], seed + s, epochs, EOS)
+            check_packed_epochs(np.concatenate(given_rows[s]).reshape(-1), documents[s], seed + s, epochs, EOS)
 
 
 def test_errors(tmp_path):

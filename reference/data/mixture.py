@@ -3,13 +3,19 @@
 `MixtureLoader(sources, phases, seed)`: `sources` are loaders (PackedTokenLoader, RSDBLoader, ...) with the same
 seq_len and eos_id; `phases` is [(start_tokens, weights), ...] with the first start 0, starts increasing, one
 non-negative weight per source (not all zero; they are normalised). The phase in force for a row is the last one
-whose start is <= the tokens served before that row, counted over all ranks: rows_served × seq_len × world_size
-(every rank serves the same number of rows, so this is the trainer's global tokens_seen).
+whose start is <= the tokens served before that row: rows_served × seq_len (the rows of the one global stream, so
+this is the trainer's tokens_seen).
 
 Row r (counted over the whole run) comes from source i where i is drawn with the phase's probabilities from
-`default_rng([seed, rank, r])`: the stream is a function of (seed, rank, row) and the position. Each source keeps its
-own stream (its rows are the next rows of that loader), so its own guarantees (every token once per epoch, exact
-resume) hold within the mixture. For the trainer's intra-document mask each row carries its source's doc_ids.
+`default_rng([seed, 0, r])`: the stream is a function of (seed, row) and the position, the same on every rank. (The 0
+was the rank of the retired per-rank streams; it stays so that a stream begun before continues unchanged.) Each
+source keeps its own stream (its rows are the next rows of that loader), so its own guarantees (every token once per
+epoch, exact resume) hold within the mixture. For the trainer's intra-document mask each row carries its source's
+doc_ids.
+
+Reading only rows a..b-1 of n (`next_rows(n, keep)`, packing.py): the n picks come from (seed, row) alone; source i's
+rows among the n are its next m_i rows, and those among [a, b) are a contiguous run lo_i..hi_i-1 of them (picks keep
+row order), so source i is asked for `next_rows(m_i, keep=slice(lo_i, hi_i))` and reads only those.
 
 `state_dict()` holds rows/batches served and every source's state_dict; `load_state_dict` continues exactly.
 Sources should be endless (the default for both loaders).
@@ -19,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .packing import BatchedRows
-from .store import DataError, _check_rank, _positive_int
+from .packing import BatchedRows, kept_range
+from .store import DataError, _nonneg_int, _positive_int, retired_ranks
 
 __all__ = ["MixtureLoader", "check_phases"]
 
@@ -51,12 +57,14 @@ def check_phases(phases, num_sources: int) -> list[tuple[int, tuple[float, ...]]
 
 class MixtureLoader(BatchedRows):
     """`next_batch()` -> (tokens int64 [batch_size, seq_len], doc_ids int64 [batch_size, seq_len]) mixing `sources`
-    by the weights of the phase in force (module docstring)."""
+    by the weights of the phase in force (module docstring). `rank`/`world_size` are retired (packing.py): only rank 0
+    of 1 is accepted."""
 
     kind = "mixture"
 
     def __init__(self, sources, phases, seed: int = 0, batch_size: int | None = None, rank: int = 0,
                  world_size: int = 1):
+        retired_ranks(rank, world_size, "a mixture")
         if not sources:
             raise DataError("a mixture needs at least one source")
         self.sources = list(sources)
@@ -72,7 +80,6 @@ class MixtureLoader(BatchedRows):
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise DataError(f"seed must be a non-negative integer, got {seed!r}")
         self.seed = int(seed)
-        self.rank, self.world_size = _check_rank(rank, world_size)
         self.batch_size = _positive_int("batch_size", self.sources[0].batch_size if batch_size is None
                                         else batch_size)
         self.rows_served = self.batches_served = 0
@@ -80,39 +87,42 @@ class MixtureLoader(BatchedRows):
 
     @property
     def tokens_served(self) -> int:
-        """Tokens served over all ranks (rows_served × seq_len × world_size)."""
-        return self.rows_served * self.seq_len * self.world_size
+        """Tokens of the global stream served so far (rows_served × seq_len)."""
+        return self.rows_served * self.seq_len
 
     def phase_at(self, tokens: int) -> int:
         return int(np.searchsorted(self._starts, tokens, side="right") - 1)
 
     def choose(self, row: int) -> int:
-        """The source of row `row` (a function of seed, rank, row and the phase in force)."""
-        cdf = self._cdfs[self.phase_at(row * self.seq_len * self.world_size)]
-        u = np.random.default_rng([self.seed, self.rank, row]).random()
+        """The source of row `row` (a function of seed, row and the phase in force)."""
+        cdf = self._cdfs[self.phase_at(row * self.seq_len)]
+        u = np.random.default_rng([self.seed, 0, row]).random()
         return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
 
-    def next_rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+    def next_rows(self, n: int, keep=None) -> tuple[np.ndarray, np.ndarray]:
+        """Past the next n rows, returning rows keep = slice(a, b) of them (tokens, doc_ids) [b - a, seq_len]; each
+        source reads only its kept rows (module docstring). Without counting a batch."""
+        a, b = kept_range(keep, _nonneg_int("n", n))
         picks = np.array([self.choose(self.rows_served + r) for r in range(n)], np.int64)
-        tokens = np.empty((n, self.seq_len), np.int64)
-        doc_ids = np.empty((n, self.seq_len), np.int64)
+        tokens = np.empty((b - a, self.seq_len), np.int64)
+        doc_ids = np.empty((b - a, self.seq_len), np.int64)
         for i in np.unique(picks):
             rows = np.flatnonzero(picks == i)
-            t, d = self.sources[i].next_rows(rows.size)
-            tokens[rows], doc_ids[rows] = t, d
+            lo, hi = np.searchsorted(rows, a), np.searchsorted(rows, b)
+            t, d = self.sources[i].next_rows(rows.size, keep=slice(int(lo), int(hi)))
+            tokens[rows[lo:hi] - a], doc_ids[rows[lo:hi] - a] = t, d
         self.rows_served += n
         self.source_rows = np.bincount(picks, minlength=len(self.sources))
         return tokens, doc_ids
 
-
     def state_dict(self) -> dict:
         return {"kind": self.kind, "rows_served": self.rows_served, "batches_served": self.batches_served,
-                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "phases": [[s, list(w)] for s, w in self.phases],
+                "seed": self.seed, "phases": [[s, list(w)] for s, w in self.phases],
                 "sources": [s.state_dict() for s in self.sources]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state_dict()` of a mixture of the same sources, phases, seed, rank and world_size."""
+        """Continue from `state_dict()` of a mixture of the same sources, phases and seed (a state of the retired
+        per-rank streams only as rank 0 of 1)."""
         kind = state.get("kind") if isinstance(state, dict) else None
         if kind != self.kind:
             raise DataError(f"loader state is from a {kind!r} loader, not {self.kind!r}")
@@ -120,10 +130,9 @@ class MixtureLoader(BatchedRows):
             v = state.get(key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise DataError(f"loader state {key} must be a non-negative integer, got {v!r}")
-        for key in ("seed", "rank", "world_size"):
-            if state.get(key) != getattr(self, key):
-                raise DataError(f"loader state is from another stream: {key} {state.get(key)!r} != "
-                                f"{getattr(self, key)}")
+        retired_ranks(state.get("rank", 0), state.get("world_size", 1), "loader state")
+        if state.get("seed") != self.seed:
+            raise DataError(f"loader state is from another stream: seed {state.get('seed')!r} != {self.seed}")
         if state.get("phases") != [[s, list(w)] for s, w in self.phases]:
             raise DataError(f"loader state is from another mixture: phases {state.get('phases')!r} != "
                             f"{[[s, list(w)] for s, w in self.phases]}")

@@ -52,12 +52,14 @@ def _check_eos(eos_id) -> int:
     return int(eos_id)
 
 
-def _check_rank(rank, world_size) -> tuple[int, int]:
-    world_size = _positive_int("world_size", world_size)
-    rank = _nonneg_int("rank", rank)
-    if rank >= world_size:
-        raise DataError(f"rank {rank} must be < world_size {world_size}")
-    return rank, world_size
+def retired_ranks(rank, world_size, what: str = "loader") -> None:
+    """Loaders once gave each rank its own stream (documents strided by rank); now every rank reads the one global
+    stream and keeps its rows (packing.py). Rank 0 of 1 is that stream; anything else is refused in one line."""
+    if (isinstance(rank, bool) or isinstance(world_size, bool) or not isinstance(rank, (int, np.integer))
+            or not isinstance(world_size, (int, np.integer)) or (int(rank), int(world_size)) != (0, 1)):
+        raise DataError(f"{what} is for rank {rank!r} of world_size {world_size!r}: per-rank loader streams are "
+                        f"retired; every rank reads the one global stream and keeps its rows "
+                        f"(next_rows(n, keep=slice(a, b))), so only rank 0 of 1 continues")
 
 
 def write_token_file(path, documents, eos_id: int) -> int:
