@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
-from trinity.reference.interop import hf as hf_interop
+from trinity.reference.interop import hf_files
 from trinity.reference.interop.hf import (CheckpointError, from_hf_state_dict, hf_disk_shapes, load_pretrained,
                                           save_pretrained, to_hf_state_dict)
 from trinity.reference.model.config import Config
@@ -263,12 +263,11 @@ def test_save_overwrites_atomically(tmp_path, monkeypatch):
     path, params = saved(tmp_path, seed=1)
     before = (path / "model.safetensors").read_bytes()
 
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
+    def failing_write(self, name, array):  # the file is partly written, then the disk fills
+        self._file.write(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(hf_interop, "save_file", failing_save)
+    monkeypatch.setattr(hf_files.SafetensorsWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_pretrained(path, TINY, random_params(TINY, seed=2, dtype=np.float32))
     assert (path / "model.safetensors").read_bytes() == before  # the old checkpoint survives

@@ -16,7 +16,11 @@ Hugging Face uses two other layouts for the same numbers:
 
 Everything else is keyed identically. `to_hf_state_dict` / `from_hf_state_dict` convert any tree keyed like params
 (params, gradients, optimizer moments). `load_pretrained` / `save_pretrained` read and write a checkpoint directory
-(config.json + safetensors) with strict validation against `param_shapes(config)`.
+(config.json + safetensors) with strict validation against `param_shapes(config)`. `read_pretrained_spans` reads only
+flat ranges of our keys (a rank's spans, issue 19), by exact byte ranges, through the same checks (`_locate`: where
+each of our keys lives); `HFCheckpointWriter` / `save_pretrained_streaming` write a checkpoint one of our keys at a
+time, and save_pretrained is written by it. The file-level work (headers, byte-range reads, the header-first writer)
+is in hf_files.py.
 
 `model.layers.{l}.mlp.expert_bias` is float32 whatever the model's dtype (docs/decisions.md #18), as transformers keeps
 it (`_keep_in_fp32_modules_strict`, 5.24 on) and the released checkpoints store it: every function here writes and
@@ -28,37 +32,32 @@ config.json is ignored by `Config.from_hf`.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
+import operator
 import os
 import re
-import struct
 from typing import NamedTuple
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ..files import CheckpointError, atomic_path
 from ..model.config import Config
 from ..model.params import EXPERT_BIAS_DTYPE, is_expert_bias, layer_prefix, param_dtype, param_shapes
+from .hf_files import DTYPES, INDEX_NAME, WEIGHTS_NAME, WRITE_TAGS, Entry, SafetensorsWriter, read_elements, \
+    read_header, weight_files
 
 __all__ = ["CheckpointError", "to_hf_state_dict", "from_hf_state_dict", "hf_disk_shapes", "load_pretrained",
-           "save_pretrained"]
+           "read_pretrained_spans", "save_pretrained", "save_pretrained_streaming", "HFCheckpointWriter"]
 
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
 
 _STACKED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$")
 _PER_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.gate_up_proj$")
 _SHARED = re.compile(r"^model\.layers\.\d+\.mlp\.shared_experts\.")
-
-# safetensors dtype tag -> (numpy dtype used to read it, bytes per element). BF16 has no numpy dtype: it is read as
-# raw little-endian uint16 and widened to float32 exactly (a bf16 number is the high half of a float32).
-_DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2)}
-_MAX_HEADER = 100 * 1024 * 1024
 _MAX_LISTED = 20  # problems listed in one CheckpointError message
 
 
@@ -176,136 +175,44 @@ def hf_disk_shapes(config: Config) -> dict[str, tuple[int, ...]]:
     return out
 
 
-# ---- reading safetensors ----------------------------------------------------------------------------------------------
-class _Entry(NamedTuple):
-    """One tensor of a safetensors file, from its header."""
-    key: str
-    file: str
-    dtype: str  # safetensors tag: F32, BF16, ...
-    shape: tuple[int, ...]
-    offset: int  # absolute byte offset of the data in the file
+# ---- where each of our keys lives in a checkpoint ----------------------------------------------------------------
+class Piece(NamedTuple):
+    """Our key's flat (C-order) elements [start, start + count) are `entry`'s flat elements [first, first + count).
+    Every layout hf.py reads maps our keys to such contiguous runs: a whole tensor (one piece), one expert's matrix of
+    the per-expert layout (one piece per expert), or one expert's gate or up rows of a fused gate_up_proj [E, 2·I, d]
+    (expert e's gate rows are its elements [2e·I·d, (2e+1)·I·d), its up rows the next I·d)."""
+    start: int
+    count: int
+    entry: Entry
+    first: int
 
 
-def _read_header(filename: str) -> dict[str, _Entry]:
-    """Parse a safetensors header: 8-byte little-endian length N, then N bytes of JSON mapping each key to
-    {dtype, shape, data_offsets}, offsets relative to the end of the header. Checked against the file size."""
-    size = os.path.getsize(filename)
-    with open(filename, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{filename}: too short to be a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(size - 8, _MAX_HEADER):
-            raise CheckpointError(f"{filename}: header length {n} does not fit a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{filename}: header is not valid JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{filename}: header is not a JSON object")
-    entries = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(int(s) for s in info["shape"]), info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{filename}: malformed header entry for {key}: {info!r}") from None
-        if dtype in _DTYPES and end - begin != math.prod(shape) * _DTYPES[dtype][1]:
-            raise CheckpointError(f"{filename}: {key} has shape {shape} and dtype {dtype} but {end - begin} bytes")
-        if not 0 <= begin <= end or 8 + n + end > size:
-            raise CheckpointError(f"{filename}: {key} data_offsets {[begin, end]} lie outside the file")
-        entries[key] = _Entry(key, filename, dtype, shape, 8 + n + begin)
-    return entries
-
-
-def _read(entry: _Entry, handle, raw, dtype, expert: int | None = None, rows: tuple[int, int] | None = None):
-    """Read `tensor[expert][rows[0]:rows[1]]` (or the whole tensor) and cast it to `dtype`.
-
-    F64/F32/F16 go through the safetensors numpy API (`handle`, a `safe_open(..., framework="np")`); BF16 is read
-    from the raw file object `raw`: the slice is one contiguous byte range, widened by putting each uint16 in the high
-    half of a uint32 and viewing it as float32 (exact)."""
-    if entry.dtype != "BF16":
-        if expert is None:
-            arr = handle.get_tensor(entry.key)
-        elif rows is None:
-            arr = handle.get_slice(entry.key)[expert]
-        else:
-            arr = handle.get_slice(entry.key)[expert, rows[0]:rows[1]]
-        return np.asarray(arr).astype(dtype, copy=False)
-    shape = entry.shape
-    start, count, out_shape = 0, math.prod(shape), shape
-    if expert is not None:
-        inner = shape[1:]
-        start, count, out_shape = expert * math.prod(inner), math.prod(inner), inner
-        if rows is not None:
-            row = math.prod(inner[1:])
-            start += rows[0] * row
-            count = (rows[1] - rows[0]) * row
-            out_shape = (rows[1] - rows[0], *inner[1:])
-    raw.seek(entry.offset + 2 * start)
-    buf = raw.read(2 * count)
-    if len(buf) != 2 * count:
-        raise CheckpointError(f"{entry.file}: {entry.key} is truncated")
-    wide = np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16
-    return wide.view(np.float32).reshape(out_shape).astype(dtype, copy=False)
-
-
-def _weight_files(path: str) -> tuple[list[str], dict | None]:
-    """The safetensors files of a checkpoint directory: `model.safetensors`, else the shards named by
-    `model.safetensors.index.json` (with its weight_map). Pickle-based files are never read."""
-    single, index = os.path.join(path, WEIGHTS_NAME), os.path.join(path, INDEX_NAME)
-    if os.path.isfile(single):
-        return [single], None
-    if not os.path.isfile(index):
-        pickles = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json") if
-                   os.path.exists(os.path.join(path, f))]
-        why = f"; found {pickles[0]}, but pickle-based weights are never loaded" if pickles else ""
-        raise CheckpointError(f"missing file: {path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}{why}")
-    try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from None
-    if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index}: 'weight_map' must map keys to shard file names")
-    files = []
-    for key, name in weight_map.items():
-        if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
-            raise CheckpointError(f"{index}: key {key} maps to {name!r}, which is not a file name in {path}")
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"missing file: shard {name} (listed in {INDEX_NAME} for key {key}) "
-                                  f"is not in {path}")
-        if full not in files:
-            files.append(full)
-    return files, weight_map
-
-
-def _plan(config: Config, found: dict[str, _Entry]) -> list[tuple]:
-    """Check the keys, shapes and dtypes of a checkpoint against `config` and list the reads that build params.
-
-    A read is (entry, param_key, expert, rows, dest_expert): params[param_key][dest_expert] (or the whole array when
-    dest_expert is None) = entry's tensor[expert][rows]. Raises one CheckpointError listing every problem."""
-    reads: list[tuple] = []
+def _locate(config: Config, found: dict[str, Entry]) -> tuple[dict[str, list[Piece]], Entry | None]:
+    """Check the keys, shapes and dtypes of a checkpoint's tensors `found` against `config` and say where each of our
+    keys lives: {our key: its pieces, by start, covering [0, size)}, and the tied `lm_head.weight` entry when a tied
+    model's checkpoint has one (it must then equal the embedding). Raises one CheckpointError listing every problem.
+    load_pretrained and read_pretrained_spans both read through this one plan."""
     E, I, d = config.num_experts, config.moe_intermediate_size, config.hidden_size
     shapes = param_shapes(config)
-    expected: dict[str, tuple] = {}  # disk key -> (shape, reads that consume it)
+    expected: dict[str, tuple] = {}  # disk key -> (shape, [(our key, start, count, first)] it supplies)
     optional: dict[str, tuple] = {}  # keys that may be absent
     for key, shape in shapes.items():
+        size = math.prod(shape)
         m = _STACKED.match(key)
         if m is None:
-            expected[key] = (shape, [(key, None, None, None)])
+            expected[key] = (shape, [(key, 0, size, 0)])
         elif m[1] + ".gate_up_proj" in found:  # v5 fused layout (SPEC §3.2)
+            block = I * d  # one expert's gate (or up) rows
             if m[2] == "gate_proj":
                 expected[m[1] + ".gate_up_proj"] = ((E, 2 * I, d), [
-                    (m[1] + ".gate_proj", e, (0, I), e) for e in range(E)] + [
-                    (m[1] + ".up_proj", e, (I, 2 * I), e) for e in range(E)])
+                    (m[1] + ".gate_proj", e * block, block, 2 * e * block) for e in range(E)] + [
+                    (m[1] + ".up_proj", e * block, block, (2 * e + 1) * block) for e in range(E)])
             elif m[2] == "down_proj":  # v5 keeps our key and shape [E, d, I_m]
-                expected[key] = (shape, [(key, None, None, None)])
+                expected[key] = (shape, [(key, 0, size, 0)])
         else:
+            block = math.prod(shape[1:])
             for e in range(E):
-                expected[f"{m[1]}.{e}.{m[2]}.weight"] = (shape[1:], [(key, None, None, e)])
+                expected[f"{m[1]}.{e}.{m[2]}.weight"] = (shape[1:], [(key, e * block, block, 0)])
     if config.num_shared_experts == 0:  # HF keeps 0-width shared-expert Linears (written by its save_pretrained)
         for l in range(config.num_dense_layers, config.num_hidden_layers):
             s = layer_prefix(l) + "mlp.shared_experts."
@@ -314,6 +221,7 @@ def _plan(config: Config, found: dict[str, _Entry]) -> list[tuple]:
     if config.tie_word_embeddings:  # may be present; must then equal the embedding (checked after reading)
         optional["lm_head.weight"] = ((config.vocab_size, d), [])
 
+    pieces: dict[str, list[Piece]] = {key: [] for key in shapes}
     wrong, missing, unexpected = [], [], []  # listed in this order: the most telling problems first
     for key, (shape, _) in expected.items():
         if key not in found:
@@ -326,11 +234,12 @@ def _plan(config: Config, found: dict[str, _Entry]) -> list[tuple]:
             unexpected.append(f"unexpected key {key}: expected none (not in this config), found shape {entry.shape}")
         elif entry.shape != want[0]:
             wrong.append(f"{key}: expected shape {want[0]}, found {entry.shape}")
-        elif entry.dtype not in _DTYPES:
-            wrong.append(f"{key}: unsupported dtype {entry.dtype} (supported: {', '.join(_DTYPES)}), "
+        elif entry.dtype not in DTYPES:
+            wrong.append(f"{key}: unsupported dtype {entry.dtype} (supported: {', '.join(DTYPES)}), "
                          f"shape {entry.shape}")
         else:
-            reads += [(entry, *r) for r in want[1]]
+            for ours, start, count, first in want[1]:
+                pieces[ours].append(Piece(start, count, entry, first))
     problems = wrong + missing + unexpected
     if problems:
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -338,7 +247,124 @@ def _plan(config: Config, found: dict[str, _Entry]) -> list[tuple]:
                               f"{config.num_hidden_layers}, hidden_size={d}, num_experts={E}, "
                               f"moe_intermediate_size={I}, vocab_size={config.vocab_size}):\n  "
                               + "\n  ".join(problems[:_MAX_LISTED]) + more)
-    return reads
+    for runs in pieces.values():
+        runs.sort(key=lambda piece: piece.start)
+    return pieces, (found.get("lm_head.weight") if config.tie_word_embeddings else None)
+
+
+def _open_checkpoint(path, config: Config | None, wanted, caller: str):
+    """config.json and every safetensors header of checkpoint directory `path`, checked (`_locate`). `config`, when
+    given, must describe the same model as config.json (equal `to_hf()`; the training recipe is not in config.json)
+    and is the one returned. `wanted` ({our key: [(lo, hi)]}, or None for every key whole) is checked before
+    any weight file is opened. Returns (config, wanted, pieces, tied head entry)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"missing file: checkpoint directory {path} does not exist")
+    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        raise CheckpointError(f"missing file: {os.path.join(path, CONFIG_NAME)}")
+    on_disk = Config.from_hf(os.path.join(path, CONFIG_NAME))
+    if config is None:
+        config = on_disk
+    elif on_disk.to_hf() != config.to_hf():
+        raise CheckpointError(f"{os.path.join(path, CONFIG_NAME)}: differs from the config given to {caller}")
+    shapes = param_shapes(config)
+    wanted = {k: [(0, math.prod(s))] for k, s in shapes.items()} if wanted is None else _check_wanted(
+        shapes, wanted, caller)
+    files, weight_map = weight_files(path)
+    found: dict[str, Entry] = {}
+    for filename in files:
+        for key, entry in read_header(filename)[0].items():
+            if key in found:
+                raise CheckpointError(f"key {key} appears in both {found[key].file} and {filename}")
+            found[key] = entry
+    for key, name in (weight_map or {}).items():
+        if key not in found or os.path.basename(found[key].file) != name:
+            where = f"found in {os.path.basename(found[key].file)}" if key in found else "found in no shard"
+            raise CheckpointError(f"missing key {key}: {INDEX_NAME} puts it in {name}, {where}")
+    pieces, tied = _locate(config, found)
+    return config, wanted, pieces, tied
+
+
+def _check_wanted(shapes: dict, wanted: dict, caller: str) -> dict[str, list[tuple[int, int]]]:
+    """`wanted` as {key: [(lo, hi)] of Python ints}; an unknown key or a span outside its key is a one-line
+    ValueError."""
+    if not isinstance(wanted, dict):
+        raise ValueError(f"{caller}: wanted must be a dict {{key: [(lo, hi), ...]}}, got {type(wanted).__name__}")
+    out = {}
+    for key, spans in wanted.items():
+        if key not in shapes:
+            raise ValueError(f"{caller}: unknown key {key!r} (not a parameter of this config)")
+        size, out[key] = math.prod(shapes[key]), []
+        for span in spans:
+            try:
+                lo, hi = (operator.index(v) for v in span)
+            except (TypeError, ValueError):
+                raise ValueError(f"{caller}: {key}: a span is a pair of ints (lo, hi), got {span!r}") from None
+            if not 0 <= lo <= hi <= size:
+                raise ValueError(f"{caller}: {key}: span [{lo}, {hi}) lies outside its {size} elements "
+                                 f"(shape {shapes[key]})")
+            out[key].append((lo, hi))
+    return out
+
+
+def _read_spans(path, wanted, dtype, config, caller: str):
+    """The one reader behind load_pretrained and read_pretrained_spans: (config, {key: [1-D array per span]},
+    tensor bytes read). The reads are sorted by file and offset and done one file at a time."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"{caller}: dtype must be a float dtype, got {dtype}")
+    config, wanted, pieces, tied = _open_checkpoint(path, config, wanted, caller)
+    out = {key: [np.empty(hi - lo, dtype=param_dtype(key, dtype)) for lo, hi in spans] for key, spans in
+           wanted.items()}
+    reads: list[tuple[Entry, int, np.ndarray]] = []  # (entry, its first element, destination)
+    for key, spans in wanted.items():
+        runs = pieces[key]
+        starts = [piece.start for piece in runs]
+        for (lo, hi), dest in zip(spans, out[key]):
+            for piece in runs[max(0, bisect.bisect_right(starts, lo) - 1):]:
+                if piece.start >= hi:
+                    break
+                a, b = max(lo, piece.start), min(hi, piece.start + piece.count)
+                if a < b:
+                    reads.append((piece.entry, piece.first + a - piece.start, dest[a - lo:b - lo]))
+    heads = []  # a tied lm_head present in the file must equal the embedding: compared on the elements read
+    embed = "model.embed_tokens.weight"
+    if tied is not None and embed in wanted:
+        for (lo, hi), dest in zip(wanted[embed], out[embed]):
+            heads.append((np.empty(hi - lo, dtype=dtype), dest))
+            reads.append((tied, lo, heads[-1][0]))
+    reads.sort(key=lambda r: (r[0].file, r[0].offset + r[1] * DTYPES[r[0].dtype][1]))
+    bytes_read = 0
+    for filename, group in itertools.groupby(reads, key=lambda r: r[0].file):
+        with open(filename, "rb", buffering=0) as raw:
+            for entry, first, dest in group:
+                bytes_read += read_elements(raw, entry, first, dest)
+    for head_values, embed_values in heads:
+        if not np.array_equal(head_values, embed_values):
+            raise CheckpointError("lm_head.weight: tie_word_embeddings=True, but the checkpoint's lm_head.weight "
+                                  f"{tied.shape} differs from model.embed_tokens.weight")
+    return config, out, bytes_read
+
+
+# ---- reading -----------------------------------------------------------------------------------------------------
+def read_pretrained_spans(path, wanted: dict, dtype=np.float32, config: Config | None = None
+                          ) -> tuple[Config, dict[str, list[np.ndarray]], int]:
+    """Read only the spans `wanted` = {our key: [(lo, hi), ...]} of an HF checkpoint directory: (config,
+    {key: [1-D array per span, in order]}, bytes_read).
+
+    A span is a flat range [lo, hi) of our WHOLE array (`param_shapes`: stacked experts [E, I, d] / [E, d, I])
+    flattened in C order; array i of a key = whole.ravel()[lo_i:hi_i] of what load_pretrained gives, in the same
+    dtype (`dtype`, expert_bias float32). The checkpoint is checked exactly as load_pretrained checks it (config.json,
+    every header, every key and shape, the index) before any weight is read; `config`, when given (the config a job
+    already agreed on), must describe the same model as config.json (equal `to_hf()`) and is the config returned.
+    Then only the elements a span covers are read, each as one exact byte range of a file (seek + read): in every
+    layout read here (whole tensors, per-expert matrices, the fused gate_up_proj's per-expert gate and up rows) a run
+    of our flat elements is a contiguous run of the file's, so nothing outside the spans is read.
+    bytes_read = Σ over spans of (hi − lo) × the file's bytes per element (headers, config.json and the index not
+    counted), plus the same again for the embedding's spans when a tied model's file also holds lm_head.weight (read
+    to check it equals the embedding, on these elements). An unknown key or a span outside its key is a one-line
+    ValueError."""
+    return _read_spans(path, wanted, dtype, config, "read_pretrained_spans")
 
 
 def load_pretrained(path, dtype=np.float32) -> tuple[Config, dict[str, np.ndarray]]:
@@ -348,60 +374,119 @@ def load_pretrained(path, dtype=np.float32) -> tuple[Config, dict[str, np.ndarra
     Weights may be F64, F32, F16 or BF16 (widened exactly), in the per-expert on-disk layout (SPEC §3.1) or the v5
     fused layout (§3.2); each is cast to `dtype` as it is read, except `...mlp.expert_bias`, which is read as float32
     whatever `dtype` (docs/decisions.md #18; an F64 bias is rounded to float32). Each param array is allocated once
-    and filled tensor by tensor (stacked experts expert by expert), reading one file at a time, so the full weights
-    are never held twice. Validation is strict (CheckpointError names the key with expected and found shapes): every key of
-    `param_shapes(config)` must be present with its shape, no other key may be (rotary `inv_freq` buffers are
-    ignored; a tied `lm_head.weight` may be present if it equals the embedding).
+    and filled piece by piece (stacked experts expert by expert, in chunks of at most hf_files.CHUNK_BYTES), one file
+    at a time, so the full weights are never held twice. Validation is strict (CheckpointError names the key with
+    expected and found shapes): every key of `param_shapes(config)` must be present with its shape, no other key may
+    be (rotary `inv_freq` buffers are ignored; a tied `lm_head.weight` may be present if it equals the embedding).
+    This is read_pretrained_spans with every key's whole span.
     """
-    path = os.fspath(path)
-    dtype = np.dtype(dtype)
-    if dtype.kind != "f":
-        raise ValueError(f"load_pretrained: dtype must be a float dtype, got {dtype}")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"missing file: checkpoint directory {path} does not exist")
-    if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        raise CheckpointError(f"missing file: {os.path.join(path, CONFIG_NAME)}")
-    config = Config.from_hf(os.path.join(path, CONFIG_NAME))
-    files, weight_map = _weight_files(path)
-
-    found: dict[str, _Entry] = {}
-    for filename in files:
-        for key, entry in _read_header(filename).items():
-            if key in found:
-                raise CheckpointError(f"key {key} appears in both {found[key].file} and {filename}")
-            found[key] = entry
-    for key, name in (weight_map or {}).items():
-        if key not in found or os.path.basename(found[key].file) != name:
-            where = f"found in {os.path.basename(found[key].file)}" if key in found else "found in no shard"
-            raise CheckpointError(f"missing key {key}: {INDEX_NAME} puts it in {name}, {where}")
-    reads = _plan(config, found)
-
-    shapes = param_shapes(config)
-    params: dict[str, np.ndarray] = {}
-    head = None
-    for filename in files:
-        mine = [r for r in reads if r[0].file == filename]
-        tied_head = found.get("lm_head.weight") if config.tie_word_embeddings else None
-        if not mine and not (tied_head and tied_head.file == filename):
-            continue
-        with safe_open(filename, framework="np") as handle, open(filename, "rb") as raw:
-            for entry, key, expert, rows, dest in mine:
-                value = _read(entry, handle, raw, param_dtype(key, dtype), expert, rows)
-                if dest is None:
-                    params[key] = value
-                else:
-                    if key not in params:
-                        params[key] = np.empty(shapes[key], dtype=dtype)
-                    params[key][dest] = value
-            if tied_head is not None and tied_head.file == filename and tied_head.dtype in _DTYPES:
-                head = _read(tied_head, handle, raw, dtype)
-    if head is not None and not np.array_equal(head, params["model.embed_tokens.weight"]):
-        raise CheckpointError("lm_head.weight: tie_word_embeddings=True, but the checkpoint's lm_head.weight "
-                              f"{head.shape} differs from model.embed_tokens.weight")
-    return config, {key: params[key] for key in shapes}
+    config, spans, _ = _read_spans(path, None, dtype, None, "load_pretrained")
+    return config, {key: spans[key][0].reshape(shape) for key, shape in param_shapes(config).items()}
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
+class HFCheckpointWriter:
+    """Write an HF checkpoint directory one of our keys at a time: `write(key, whole array)` for every key of
+    `param_shapes(config)`, in any order, then `close()` (or use it as a context manager).
+
+    Every tensor's name, dtype and shape is known from (config, dtype) before any weight arrives, so model.safetensors
+    gets its header first (hf_files.SafetensorsWriter) and each key's bytes as it comes: the caller holds one whole key
+    at a time. A stacked expert key is written as its E per-expert matrices (SPEC §3.1). The files are what
+    save_pretrained writes, byte for byte: `dtype` is the model's dtype (float16/32/64; each array is cast to it as it
+    is written), or a dict giving each of our keys its own dtype; `...mlp.expert_bias` is F32 whatever the dtype
+    (docs/decisions.md #18); a tied model has no lm_head.weight; a model with num_shared_experts = 0 gets the 0-width
+    `shared_experts.{gate,up,down}_proj.weight` tensors HF's module tree holds. model.safetensors is written to a
+    temporary file, fsynced and renamed by `close()`, then config.json (`config.to_hf()` plus the embedding's dtype)
+    likewise; an exception in the `with` block, or `abort()`, leaves the directory's files as they were."""
+
+    def __init__(self, path, config: Config, dtype=np.float32):
+        self.path, self.config = os.fspath(path), config
+        self._shapes = param_shapes(config)
+        if isinstance(dtype, dict) and not set(self._shapes) <= set(dtype):
+            raise ValueError(f"HFCheckpointWriter: dtype gives no dtype for {min(set(self._shapes) - set(dtype))}")
+        self._dtypes = {k: param_dtype(k, dtype[k] if isinstance(dtype, dict) else dtype) for k in self._shapes}
+        for key, dt in self._dtypes.items():
+            if dt not in WRITE_TAGS:
+                raise ValueError(f"HFCheckpointWriter: {key}: dtype must be float16, float32 or float64, got {dt}")
+        self.model_dtype = self._dtypes["model.embed_tokens.weight"]
+        d, model_tag = config.hidden_size, WRITE_TAGS[self.model_dtype]
+        tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for key, shape in self._shapes.items():
+            tag = WRITE_TAGS[self._dtypes[key]]
+            m = _STACKED.match(key)
+            if m is None:
+                tensors[key] = (tag, shape)
+            else:
+                tensors.update({f"{m[1]}.{e}.{m[2]}.weight": (tag, shape[1:]) for e in range(shape[0])})
+            if config.num_shared_experts == 0 and is_expert_bias(key):
+                s = key[: -len("expert_bias")] + "shared_experts."
+                tensors.update({s + "gate_proj.weight": (model_tag, (0, d)), s + "up_proj.weight": (model_tag, (0, d)),
+                                s + "down_proj.weight": (model_tag, (d, 0))})
+        os.makedirs(self.path, exist_ok=True)
+        self._file = SafetensorsWriter(os.path.join(self.path, WEIGHTS_NAME), tensors, {"format": "pt"})
+        self._written: set[str] = set()
+
+    def write(self, key: str, value) -> None:
+        """Write our key `key` (its whole array, shape `param_shapes(config)[key]`), cast to its dtype."""
+        value = np.asarray(value)
+        if key not in self._shapes:
+            raise CheckpointError(f"unexpected key {key}: expected none (not in this config), found shape "
+                                  f"{value.shape}")
+        if value.shape != self._shapes[key]:
+            raise CheckpointError(f"{key}: expected shape {self._shapes[key]}, found {value.shape}")
+        if value.dtype.kind != "f":
+            raise CheckpointError(f"{key}: unsupported dtype {value.dtype} (float16/32/64 only)")
+        if key in self._written:
+            raise CheckpointError(f"{key}: written twice")
+        m = _STACKED.match(key)
+        if m is None:
+            self._file.write(key, value)
+        else:
+            for e in range(value.shape[0]):
+                self._file.write(f"{m[1]}.{e}.{m[2]}.weight", value[e])
+        self._written.add(key)
+
+    def close(self) -> None:
+        """Check every key was written, then put model.safetensors and config.json in place (each atomically)."""
+        missing = [k for k in self._shapes if k not in self._written]
+        if missing:
+            self.abort()
+            raise CheckpointError(f"missing key {missing[0]}: expected shape {self._shapes[missing[0]]}, never "
+                                  f"written ({len(missing)} of {len(self._shapes)} keys missing)")
+        self._file.close()
+        hf = self.config.to_hf()
+        hf["dtype"] = self.model_dtype.name  # float32, float64 or float16: what from_pretrained(dtype="auto") uses
+
+        def write_json(tmp):
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(hf, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+        _atomic_write(self.path, CONFIG_NAME, write_json)
+
+    def abort(self) -> None:
+        """Remove the temporary weights file; the directory's files are left as they were."""
+        self._file.abort()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def save_pretrained_streaming(path, config: Config, key_values, dtype=np.float32) -> None:
+    """Write an HF checkpoint directory from an iterator of (our key, whole array), one key held at a time
+    (HFCheckpointWriter: every key of `param_shapes(config)` exactly once, in any order; `dtype` as there)."""
+    with HFCheckpointWriter(path, config, dtype) as writer:
+        for key, value in key_values:
+            writer.write(key, value)
+
+
 def _check_params(config: Config, params: dict) -> None:
     shapes = param_shapes(config)
     problems = [f"missing key {k}: expected shape {s}, found none" for k, s in shapes.items() if k not in params]
@@ -429,36 +514,13 @@ def _atomic_write(directory: str, name: str, write) -> None:
 def save_pretrained(path, config: Config, params: dict) -> None:
     """Write a checkpoint directory that `AfmoeForCausalLM.from_pretrained` loads with no missing or unexpected key:
     config.json (`config.to_hf()` plus the weights' dtype) and model.safetensors in the per-expert on-disk layout of
-    SPEC §3.1 (the layout transformers' own save_pretrained writes), each written atomically.
+    SPEC §3.1 (the layout transformers' own save_pretrained writes), each written atomically. The params are checked
+    first (nothing is written when they do not match the config), then written by HFCheckpointWriter, the one writer.
 
     Like transformers: a tied model has no lm_head.weight in the file, and a model with num_shared_experts = 0 gets
     the 0-width `shared_experts.{gate,up,down}_proj.weight` tensors ([0, d], [0, d], [d, 0]) that HF's module tree
     still holds. Params are written in their own dtype (float16/32/64), except `...mlp.expert_bias`, which is written
-    as float32 whatever the model's dtype (docs/decisions.md #18; a float64 bias is rounded); expert matrices are
-    views, not copies.
+    as float32 whatever the model's dtype (docs/decisions.md #18; a float64 bias is rounded).
     """
-    path = os.fspath(path)
     _check_params(config, params)
-    os.makedirs(path, exist_ok=True)
-    embed = np.asarray(params["model.embed_tokens.weight"])
-    tensors = {}
-    for key, value in to_hf_state_dict(config, params).items():
-        tensors[key] = np.ascontiguousarray(value)
-        if config.num_shared_experts == 0 and key.endswith("mlp.expert_bias"):
-            s = key[: -len("expert_bias")] + "shared_experts."
-            d = config.hidden_size
-            tensors[s + "gate_proj.weight"] = np.zeros((0, d), embed.dtype)
-            tensors[s + "up_proj.weight"] = np.zeros((0, d), embed.dtype)
-            tensors[s + "down_proj.weight"] = np.zeros((d, 0), embed.dtype)
-    _atomic_write(path, WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-    hf = config.to_hf()
-    hf["dtype"] = embed.dtype.name  # "float32", "float64" or "float16": what from_pretrained(dtype="auto") uses
-
-    def write_json(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(path, CONFIG_NAME, write_json)
-
+    save_pretrained_streaming(path, config, params.items(), {k: np.asarray(v).dtype for k, v in params.items()})
