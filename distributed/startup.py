@@ -152,10 +152,11 @@ def _dataset_tokenizer(stores):
     return records[0][1] if records else None
 
 
-def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
+def build_loader(run: RunConfig):
     """(loader, [DocumentStore per data source]) for the run's [data] section: a PackedTokenLoader or RSDBLoader
     over `path` (a token file or prepared directory), or a MixtureLoader of one such loader per [[data.sources]]
-    with the run's phases. Ranks read disjoint documents (data/packing.py). Errors name the [data] key."""
+    with the run's phases: one stream of rows, the same on every rank (each rank reads its own rows of a step,
+    BatchedRows.next_batches). Errors name the [data] key."""
     paths = list(run.data_sources) if run.data_sources else [run.data_path]
     stores = []
     for path in paths:
@@ -171,16 +172,14 @@ def build_loader(run: RunConfig, rank: int = 0, world_size: int = 1):
     def one(store):
         if run.data_loader == "rsdb":
             return RSDBLoader(store, run.seq_len, run.micro_batch_size, buffer_size=run.rsdb_buffer,
-                              seed=run.data_seed, rank=rank, world_size=world_size)
-        return PackedTokenLoader(store, run.seq_len, run.micro_batch_size, seed=run.data_seed, rank=rank,
-                                 world_size=world_size)
+                              seed=run.data_seed)
+        return PackedTokenLoader(store, run.seq_len, run.micro_batch_size, seed=run.data_seed)
 
     try:
         if not run.data_sources:
             return one(stores[0]), stores
         phases = [(start, list(w)) for start, w in run.data_phases]
-        return MixtureLoader([one(s) for s in stores], phases, seed=run.data_seed, rank=rank,
-                             world_size=world_size), stores
+        return MixtureLoader([one(s) for s in stores], phases, seed=run.data_seed), stores
     except DataError as e:
         raise RunConfigError(f"[data] {e}") from None
 

@@ -116,12 +116,14 @@ class Trainer(Startup):
         return {"params": params, "grads": params, "optimizer": state}
 
     def next_batch(self, sequences: int) -> GlobalBatch:
-        """The step's global batch: `sequences` sequences read from the loader in micro_batch_size pieces, the same
-        on every rank and under every layout (each rank then trains on its part, training/step.py)."""
-        pieces = [self.loader.next_batch() for _ in range(sequences // self.run.micro_batch_size)]
-        tokens = np.concatenate([t for t, _ in pieces])
-        doc_ids = np.concatenate([d for _, d in pieces]) if self.config.intra_document_mask else None
-        return GlobalBatch(tokens, doc_ids=doc_ids)
+        """This rank's rows of the step's global batch: `sequences` sequences read from the loader in
+        micro_batch_size pieces, the same stream on every rank and under every layout; the loader reads only the
+        rows this rank trains (mesh.local_sequences) and skips the others, so its state stays the same on every
+        rank (training/step.py then cuts this rank's positions)."""
+        rows = self.mesh.local_sequences(sequences)
+        tokens, doc_ids = self.loader.next_batches(sequences // self.run.micro_batch_size, keep=rows)
+        return GlobalBatch(tokens, doc_ids=doc_ids if self.config.intra_document_mask else None, rows=rows,
+                           sequences=sequences)
 
     def train_step(self) -> dict:
         """One optimizer step (training/step.py); its metrics line. A step whose loss or gradient norm is not finite
@@ -289,13 +291,15 @@ class Trainer(Startup):
         return last
 
     def export_hf(self, folder: str) -> None:
-        """The current params as a Hugging Face checkpoint (save_pretrained; gathered from every rank, written by
-        rank 0)."""
-        from trinity.reference.interop.hf import save_pretrained
-        params, _ = self.whole_state()
-        if self.is_main:
-            save_pretrained(folder, self.config, params)
-            self.log(f"Hugging Face checkpoint of step {self.step} in {folder}")
+        """The current params as a Hugging Face checkpoint. Under a layout rank 0 writes it key by key as the ranks
+        send it their spans (sharded_export.py: no rank holds more than one whole key at a time)."""
+        if self.mesh.world_size > 1:
+            from .sharded_export import export_sharded_hf
+            export_sharded_hf(self.mesh, self.params, folder)
+        elif self.is_main:
+            from trinity.reference.interop.hf import save_pretrained
+            save_pretrained(folder, self.config, self.params)
+        self.log(f"Hugging Face checkpoint of step {self.step} in {folder}")
 
     def _agreed_signal(self, signum):
         """The stop signal any rank received (ranks stop together, after the same step); one all-reduce per step

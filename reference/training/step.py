@@ -92,18 +92,39 @@ LOCAL = LocalMesh()
 @dataclass
 class GlobalBatch:
     """The step's sequences: tokens [S, T]; labels [S, T] with Hugging Face semantics (position t predicts
-    labels[t+1], −100 ignored; default: the tokens); doc_ids [S, T] for the intra-document mask, or None."""
+    labels[t+1], −100 ignored; default: the tokens); doc_ids [S, T] for the intra-document mask, or None.
+
+    `rows` = slice(a, b) when the arrays hold only rows a … b−1 of a global batch of `sequences` rows (a rank reads
+    only its own rows, mesh.local_sequences); None: they are the whole batch."""
     tokens: np.ndarray
     labels: np.ndarray | None = None
     doc_ids: np.ndarray | None = None
+    rows: slice | None = None
+    sequences: int | None = None
 
     def __post_init__(self):
         if self.labels is None:
             self.labels = self.tokens
+        if self.rows is None:
+            self.sequences = self.tokens.shape[0]
+        elif self.sequences is None or self.rows.stop - self.rows.start != self.tokens.shape[0]:
+            raise ValueError(f"GlobalBatch: rows {self.rows} of {self.sequences} sequences do not match tokens of "
+                             f"shape {tuple(self.tokens.shape)}")
 
     @property
     def shape(self):
-        return self.tokens.shape
+        """(S, T) of the global batch."""
+        return (self.sequences, self.tokens.shape[1])
+
+    def counted_tokens(self, mesh) -> int:
+        """The global batch's counted target positions (labels[:, 1:] != −100): S·(T−1) when the labels are the
+        tokens; else counted here, summed over the data-parallel ranks when this batch is one rank's rows."""
+        S, T = self.shape
+        if self.labels is self.tokens:
+            return S * (T - 1)
+        xp = array_namespace(self.labels)
+        here = int(xp.count_nonzero(xp.asarray(self.labels)[:, 1:] != IGNORE_INDEX))
+        return here if self.rows is None else int(mesh.sum(here, "dp"))
 
 
 @dataclass
@@ -148,6 +169,11 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     c = config
     S, T = batch.shape
     rows = mesh.local_sequences(S)
+    if batch.rows is not None:  # the batch holds this rank's rows only
+        if (batch.rows.start, batch.rows.stop) != (rows.start, rows.stop):
+            raise ValueError(f"the batch holds rows {batch.rows.start}:{batch.rows.stop} of {S}, this rank trains "
+                             f"rows {rows.start}:{rows.stop}")
+        rows = slice(0, rows.stop - rows.start)
     positions = mesh.local_positions(T)
     whole = len(positions) == T  # this rank holds whole sequences: the labels keep HF's shift
     if check:
@@ -156,7 +182,7 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     labels = xp.asarray(batch.labels)
     targets = labels if whole else _aligned_targets(labels)
     counted = labels[:, 1:] != IGNORE_INDEX
-    scale = LossScale(tokens=int(xp.count_nonzero(counted)), sequences=S, seq_len=T)
+    scale = LossScale(tokens=batch.counted_tokens(mesh), sequences=S, seq_len=T)
     tokens = _columns(batch.tokens[rows, :], positions, whole)
     targets = _columns(targets[rows, :], positions, whole)
     docs = None if batch.doc_ids is None else _columns(batch.doc_ids[rows, :], positions, whole)
