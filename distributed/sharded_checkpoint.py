@@ -31,24 +31,25 @@ That is all a reader needs, without the saving layout's code: a bucket's vector 
 bucket) is its pieces joined, tiling [0, padded); key k is vector[offset:offset + prod(shape)].reshape(shape), placed
 at experts [lo, hi) of the whole [E, ...] array for an expert bucket.
 
-Loading verifies everything before using it: the manifest must re-serialise to its exact bytes (so any flipped byte
-is found); each listed rank file must be a regular file (no symlink is followed, checkpoint_files.py), hash to the
-manifest's SHA-256, pass its seal and hold exactly its sealed datasets, each stored in the file at its sealed range;
-the manifest's fields must agree with each other, the stored config, the directory name and every rank file's sealed
-rank, step and run (_check_manifest, _check_rank_seal); the pieces must tile every vector and the experts. Each
-failure is a CheckpointCorrupt naming the file (docs/distributed.md, "What a checkpoint is trusted with").
+A whole load (load_sharded: inspect, generate, export) verifies everything before using it: the manifest must
+re-serialise to its exact bytes (so any flipped byte is found); each listed rank file must be a regular file (no
+symlink is followed, checkpoint_files.py), hash to the manifest's SHA-256, pass its seal and hold exactly its sealed
+datasets, each stored in the file at its sealed range; the manifest's fields must agree with each other, the stored
+config, the directory name and every rank file's sealed rank, step and run (checkpoint_manifest.py); the pieces must
+tile every vector and the experts. Each failure is a CheckpointCorrupt naming the file (docs/distributed.md, "What a
+checkpoint is trusted with").
 
-Every rank reads every file and rebuilds whole arrays, which any layout then shards again (resharding:
-ShardedParams.from_full, shard_optimizer_state). A reader at scale would instead read the manifest, intersect each
-saved span with the spans of its new layout, and read only those hyperslabs (h5py partial reads), checking only the
-seal ranges of the datasets it reads. Ranks write into one directory: on several hosts, a shared file system.
+A resume reads by spans (load_spans, checkpoint_spans.py): each rank reads the manifest, intersects each saved shard
+with the spans of its own layout, and reads only those elements from the rank files that hold them (and rank 0's
+replicated state), verifying the seal's header, the file's structure and each block it reads, but not the rank
+files' whole-file SHA-256 (only a whole read can). Ranks write into one directory: on several hosts, a shared file
+system.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -57,7 +58,7 @@ import h5py
 import numpy as np
 
 from trinity.reference.files import atomic_path, fsync_dir
-from trinity.reference.model.config import Config, ConfigError
+from trinity.reference.model.config import Config
 from trinity.reference.model.params import check_params, param_shapes
 from trinity.reference.training import checkpoint as _ck
 from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt, CheckpointError, CheckpointManager,
@@ -66,29 +67,25 @@ from trinity.reference.training.checkpoint import (Checkpoint, CheckpointCorrupt
                                                    write_sealed_hdf5)
 from trinity.reference.training.checkpoint_files import is_plain_dir, is_plain_file, listed, open_plain
 
+from .checkpoint_spans import (CheckpointSpans, WholeFileOnly, read_sharded_spans, read_single_spans,
+                               spans_of_checkpoint, state_wanted)
+from .checkpoint_manifest import (FORMAT, FORMAT_VERSION, MANIFEST, STEP_DIR, check_bucket_shapes, check_rank_seal,
+                                  manifest_config, manifest_text, read_manifest, rank_file, tile)
 from .fsdp import SHARD_PREFIX, expert_slice
-from .plan import ParallelPlan
-from .layout import Layout, LayoutError
+from .layout import Layout
 from .mesh import allgather_json
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "MANIFEST", "save_sharded", "load_sharded", "read_manifest", "sharded_path",
-           "sharded_steps", "ShardedCheckpointManager"]
+           "sharded_steps", "ShardedCheckpointManager", "load_spans", "read_spans", "state_wanted", "CheckpointSpans"]
 
-FORMAT, FORMAT_VERSION, MANIFEST = "trinity-sharded-checkpoint", 1, "manifest.json"
-_DIR = re.compile(r"^step_(\d+)\.sharded$")
 _OURS = re.compile(r"^(?:rank_(\d+)\.h5|manifest\.json)(\.tmp-\d+)?$")
 _REQUIRED = {"balancing_state", "tokens_seen", "data_state", "rng_state"}
 _COMMON = _REQUIRED | {"extra", "run_id", "tokenizer", "data_fingerprint"}
-_FIELDS = {"format", "format_version", "step", "run_id", "layout", "world_size", "num_experts", "config", "buckets",
-           "ranks", "replicated", "manifest_sha256"}  # every field of a manifest (module docstring)
+_manifest_text = manifest_text  # (tests re-serialise crafted manifests with it)
 
 
 def sharded_path(directory, step: int) -> str:
     return os.path.join(os.fspath(directory), f"step_{_ck._check_int('step', step):08d}.sharded")
-
-
-def _rank_file(rank: int) -> str:
-    return f"rank_{rank:05d}.h5"
 
 
 # ---- saving (collective) -----------------------------------------------------------------------------------------
@@ -166,21 +163,16 @@ def _write_rank(path, step, mesh, params, state, common, run_id) -> dict:
         groups = {g: {**groups.get(g, {}), **arrays} for g, arrays in replicated.items()}
     flat = {g: _ck._flat_arrays(g, arrays, require_finite=g != "assets") for g, arrays in groups.items()}
     meta = {"run_id": run_id, "sharded_format_version": FORMAT_VERSION, "rank": rank, "step": attrs["step"]}
-    sha = write_sealed_hdf5(os.path.join(path, _rank_file(rank)), attrs, flat, meta)
+    sha = write_sealed_hdf5(os.path.join(path, rank_file(rank)), attrs, flat, meta)
     experts = expert_slice(mesh, params.config.num_experts)
     buckets = {b.name: {"optimizer": b.optimizer, "group": b.group, "expert": b.group == "efsdp", "keys": b.keys,
                         "shapes": [list(s) for s in b.shapes], "offsets": [int(o) for o in b.offsets],
                         "size": int(b.size), "padded": b.padded,
                         "state": sorted(p for p, s in map(_split, sharded) if s == b.shard_name)}
                for b in params.buckets}
-    return {"file": _rank_file(rank), "sha256": sha, "ep_rank": mesh.ep_rank, "experts": [experts.start, experts.stop],
+    return {"file": rank_file(rank), "sha256": sha, "ep_rank": mesh.ep_rank, "experts": [experts.start, experts.stop],
             "shards": {b.name: list(b.span()) for b in params.buckets}, "buckets": buckets,
             "replicated": {g: list(arrays) for g, arrays in replicated.items()}}
-
-
-def _manifest_text(body: dict) -> str:
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")).hexdigest()
-    return json.dumps({**body, "manifest_sha256": digest}, sort_keys=True, indent=1) + "\n"
 
 
 def _write_manifest(path, step, run_id, mesh, config, ranks) -> None:
@@ -195,7 +187,7 @@ def _write_manifest(path, step, run_id, mesh, config, ranks) -> None:
             "config": config.to_dict(), "buckets": buckets, "ranks": ranks, "replicated": replicated}
     try:
         with atomic_path(os.path.join(path, MANIFEST)) as tmp:
-            _ck._write_bytes(tmp, _manifest_text(body).encode("ascii"))
+            _ck._write_bytes(tmp, manifest_text(body).encode("ascii"))
     except OSError as e:
         raise CheckpointWriteError(f"{path}: cannot write {MANIFEST} ({e.strerror or e})") from None
 
@@ -219,50 +211,9 @@ def save_sharded(directory, step: int, mesh, params, optimizer_state: dict, comm
     return path
 
 
-# ---- loading (any process, any layout) ---------------------------------------------------------------------------
-def read_manifest(path) -> dict:
-    """The verified manifest of a sharded checkpoint directory (CheckpointCorrupt naming manifest.json if it is
-    missing or any byte differs from what was written; CheckpointError for an unknown format version)."""
-    where = os.path.join(os.fspath(path), MANIFEST)
-    try:
-        with open_plain(where) as f:  # a symlink is not followed
-            raw = f.read()
-    except OSError as e:
-        raise CheckpointCorrupt(f"{where}: no readable manifest ({e.strerror or e}): an interrupted save is not a "
-                                f"checkpoint") from None
-    try:
-        body = json.loads(raw.decode("ascii"))
-        ok = isinstance(body, dict) and _manifest_text({k: v for k, v in body.items() if k != "manifest_sha256"}) \
-            .encode("ascii") == raw and body.get("format") == FORMAT
-    except (ValueError, TypeError):
-        ok = False
-    if not ok:
-        raise CheckpointCorrupt(f"{where}: fails its sha256 checksum (or is not a manifest): the checkpoint is corrupt")
-    if body.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: sharded format_version {body.get('format_version')!r} is not supported "
-                              f"(this trinity reads {FORMAT_VERSION})")
-    missing = sorted(_FIELDS - set(body))
-    if missing:
-        raise CheckpointCorrupt(f"{where}: no {', '.join(missing)}: the checkpoint is corrupt")
-    return body
-
-
-def _check_rank_seal(file: str, rank: int, manifest: dict, header: dict | None) -> None:
-    """A rank file's sealed meta must be the manifest's: this rank, the step, the run, the format."""
-    if header is None:
-        raise CheckpointCorrupt(f"{file}: not sealed: the checkpoint is corrupt")
-    want = {"rank": rank, "step": manifest["step"], "run_id": manifest["run_id"],
-            "sharded_format_version": FORMAT_VERSION}
-    for field, value in want.items():
-        found = header["meta"].get(field)
-        if found != value or type(found) is not type(value):
-            raise CheckpointCorrupt(f"{file}: its sealed {field} {found!r} is not the manifest's {value!r}: the "
-                                    f"checkpoint is corrupt")
-
-
 def _read_rank(path: str, rank: int, described: dict, manifest: dict) -> dict:
-    file = os.path.join(path, _rank_file(rank))
-    if described["file"] != _rank_file(rank) or not is_plain_file(file):  # a symlink is never followed
+    file = os.path.join(path, rank_file(rank))
+    if described["file"] != rank_file(rank) or not is_plain_file(file):  # a symlink is never followed
         raise CheckpointCorrupt(f"{file}: missing or not a regular file (the manifest lists {described['file']!r} "
                                 f"for rank {rank})")
     try:
@@ -273,7 +224,7 @@ def _read_rank(path: str, rank: int, described: dict, manifest: dict) -> dict:
     if digest != described["sha256"]:
         raise CheckpointCorrupt(f"{file}: its sha256 is not the manifest's: the file is corrupt or from another save")
     header = _ck._verified_header(file)  # CheckpointCorrupt naming the file and the damaged dataset
-    _check_rank_seal(file, rank, manifest, header)
+    check_rank_seal(file, rank, manifest, header)
     sealed = header["ranges"]
     try:
         with h5py.File(file, "r") as f:
@@ -287,6 +238,7 @@ def _read_rank(path: str, rank: int, described: dict, manifest: dict) -> dict:
                 out["tokens_seen"] = _ck._read_int(f, "tokens_seen", file)
                 out.update({k: _ck._read_json(f, k, file) for k in ("data_state", "rng_state", "extra",
                                                                      "tokenizer", "data_fingerprint")})
+                _ck.check_fields(file, out)
     except CheckpointError:
         raise
     except Exception as e:  # h5py on a damaged file
@@ -302,45 +254,23 @@ def _piece(files, rank, group, key):
     return found
 
 
-def _tile(spans, end: int, what: str) -> list:
-    spans, at = sorted(spans), 0
-    for lo, hi in spans:
-        if lo != at or hi <= lo:
-            break
-        at = hi
-    if at != end or not spans:
-        raise CheckpointCorrupt(f"{what}: the pieces {spans} do not tile [0, {end})")
-    return spans
-
-
-def _check_bucket_shapes(name: str, b: dict, shapes: dict, num_experts: int, ep: int, where: str) -> None:
-    """Each key of bucket `name` is a parameter of the stored config, of its shape (an expert bucket: the local
-    [E/ep, ...] of it), so that no array is made bigger than the model the config describes."""
-    for key, shape in zip(b["keys"], b["shapes"]):
-        whole = shapes.get(key)
-        local = None if whole is None or not b["expert"] else [num_experts // ep] + list(whole[1:])
-        if whole is None or list(shape) != (local or list(whole)):
-            raise CheckpointCorrupt(f"{where}: bucket {name}: {key!r} of shape {shape!r} is not a parameter of the "
-                                    f"stored config: the checkpoint is corrupt")
-
-
 def _assemble(manifest: dict, files: list, where: str, shapes: dict) -> tuple[dict, dict]:
     """Whole params and optimizer state from the rank files' pieces (module docstring); `shapes`: the stored
     config's param_shapes."""
     E, ranks, params, state = manifest["num_experts"], manifest["ranks"], {}, {}
     ep = Layout.parse(manifest["layout"]).ep
     for name, b in manifest["buckets"].items():
-        _check_bucket_shapes(name, b, shapes, E, ep, where)
+        check_bucket_shapes(name, b, shapes, E, ep, where)
         holders = [(r, tuple(d["shards"][name]), tuple(d["experts"])) for r, d in enumerate(ranks)
                    if name in d["shards"]]
-        ranges = _tile({e for *_, e in holders}, E, f"{where}: experts of {name}") if b["expert"] else [None]
+        ranges = tile({e for *_, e in holders}, E, f"{where}: experts of {name}") if b["expert"] else [None]
         for experts in ranges:
             for prefix, group, out in [("", "params", params)] + [(p, "optimizer", state) for p in b["state"]]:
                 key, pieces = prefix + SHARD_PREFIX + name, {}
                 for r, span, e in holders:
                     if experts is None or e == experts:
                         pieces.setdefault(span, r)  # a replica's copy: the lowest rank's
-                spans = _tile(pieces, b["padded"], f"{where}: {group}/{key}")
+                spans = tile(pieces, b["padded"], f"{where}: {group}/{key}")
                 parts = [_piece(files, pieces[s], group, key) for s in spans]
                 if any(p.shape != (hi - lo,) or p.dtype != parts[0].dtype for p, (lo, hi) in zip(parts, spans)):
                     raise CheckpointCorrupt(f"{where}: the pieces of {group}/{key} do not match their spans")
@@ -357,73 +287,13 @@ def _assemble(manifest: dict, files: list, where: str, shapes: dict) -> tuple[di
     return params, state
 
 
-def _is_count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _check_manifest(manifest: dict, path: str, stored: Config) -> None:
-    """The manifest's fields a reader uses, checked for type and against each other, the stored config and the
-    directory name `step_N.sharded`; CheckpointCorrupt naming the field otherwise. (Each rank file's sealed rank,
-    step and run are checked against them as it is read, _check_rank_seal.)"""
-    where = os.path.join(path, MANIFEST)
-
-    def bad(field, why):
-        return CheckpointCorrupt(f"{where}: {field} {why}: the checkpoint is corrupt")
-
-    step, ranks, world = manifest.get("step"), manifest.get("ranks"), manifest.get("world_size")
-    if not _is_count(step):
-        raise bad("step", f"{step!r} is not a non-negative integer")
-    named = _DIR.match(os.path.basename(os.path.normpath(path)))
-    if named and int(named.group(1)) != step:
-        raise bad("step", f"{step} is not the step {int(named.group(1))} of the directory name")
-    if not isinstance(manifest.get("run_id"), (str, type(None))):
-        raise bad("run_id", "is not a string")
-    if not isinstance(ranks, list) or not ranks or not all(isinstance(d, dict) for d in ranks):
-        raise bad("ranks", "is not a list of rank descriptions")
-    if not _is_count(world) or world != len(ranks):
-        raise bad("world_size", f"{world!r} is not the {len(ranks)} ranks it lists")
-    unknown = sorted(set(manifest) - _FIELDS)
-    if unknown:
-        raise bad(unknown[0], "is not a field of a manifest")
-    try:
-        layout = Layout.parse(manifest.get("layout"))
-    except (LayoutError, AttributeError, TypeError) as e:
-        raise bad("layout", f"is not a layout ({e})") from None
-    if str(layout) != manifest.get("layout"):
-        raise bad("layout", f"{manifest.get('layout')!r} is not as a save writes it ({str(layout)!r})")
-    if layout.world_size != world:
-        raise bad("layout", f"{layout} has {layout.world_size} ranks, not the world size {world}")
-    if (layout.dp_shard * layout.cp) % layout.ep:
-        raise bad("layout", f"{layout}: ep does not divide dp_shard·cp")
-    experts = manifest.get("num_experts")
-    if not _is_count(experts) or experts != stored.num_experts:
-        raise bad("num_experts", f"{experts!r} is not the stored config's {stored.num_experts}")
-    if experts % layout.ep:
-        raise bad("layout", f"ep = {layout.ep} does not divide the {experts} experts")
-    plan = ParallelPlan(stored, layout)
-    for r, d in enumerate(ranks):
-        ep_rank = d.get("ep_rank")  # the plan's rule
-        expected, range_ = plan.coords(r).ep_rank, plan.experts(r)
-        if not _is_count(ep_rank) or ep_rank != expected or d.get("experts") != [range_.start, range_.stop]:
-            raise bad(f"ranks[{r}]", f"ep_rank {ep_rank!r} and experts {d.get('experts')!r} do not fit {layout}")
-    if not isinstance(manifest.get("buckets"), dict) or not isinstance(manifest.get("replicated"), dict):
-        raise bad("buckets", "or replicated is not a JSON object")
-
-
 def load_sharded(path, config: Config | None = None) -> Checkpoint:
     """A sharded checkpoint as a Checkpoint of whole arrays keyed as in one process (the fields load_checkpoint
     fills; `path` is the directory). `config` as in load_checkpoint: the stored model must be the same."""
     path = os.fspath(path)
     manifest = read_manifest(path)
     where = os.path.join(path, MANIFEST)
-    try:
-        stored = Config.from_dict(manifest["config"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{where}: stored config is not valid: {e}") from None
-    diff = [] if config is None else _ck.config_changes(stored, config, recipe=False)
-    if diff:
-        raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} (checkpoint != expected)")
-    _check_manifest(manifest, path, stored)
+    stored = manifest_config(manifest, path, config)
     try:
         files = [_read_rank(path, r, d, manifest) for r, d in enumerate(manifest["ranks"])]
         params, state = _assemble(manifest, files, where, param_shapes(stored))
@@ -447,6 +317,30 @@ def load_sharded(path, config: Config | None = None) -> Checkpoint:
                       data_fingerprint=r0["data_fingerprint"], path=path)
 
 
+def read_spans(path, config: Config | None, wanted: dict, state: dict) -> CheckpointSpans:
+    """The ranges `wanted` {key: [(lo, hi)]} of the params and `state` {prefix + key: [(lo, hi)]} of the optimizer
+    state (whole-array flat coordinates) from the checkpoint at `path`, a sharded directory or a single file, with
+    the replicated state whole (checkpoint_spans.py: what is read and verified). A checkpoint whose files were sealed
+    before block digests is read and verified whole (load_sharded, load_checkpoint), then cut."""
+    path = os.fspath(path)
+    directory = os.path.isdir(path)
+    try:
+        return (read_sharded_spans if directory else read_single_spans)(path, config, wanted, state)
+    except WholeFileOnly:
+        ck = load_sharded(path, config) if directory else load_checkpoint(path, config)
+        files = [os.path.join(path, name) for name in os.listdir(path)] if directory else [path]
+        return spans_of_checkpoint(ck, wanted, state, sum(os.path.getsize(p) for p in files if is_plain_file(p)))
+
+
+def load_spans(path, config: Config | None, plan, rank: int) -> CheckpointSpans:
+    """Rank `rank`'s part of the checkpoint at `path` under `plan` (a ParallelPlan of the model): params
+    {key: [1-D array per span of plan.wanted(rank)]} (every expert_bias whole, one span), optimizer_state
+    {prefix + key: [1-D array per span]} for the prefixes of each key's bucket optimizer (checkpoint_spans.
+    state_wanted) plus "step", and the rest whole (CheckpointSpans), whatever layout saved it. `config` as in
+    load_checkpoint. CheckpointCorrupt for damage in what this rank reads (a resume skips to an older checkpoint)."""
+    return read_spans(path, config, plan.wanted(rank), state_wanted(plan, rank))
+
+
 # ---- a directory of checkpoints ----------------------------------------------------------------------------------
 def sharded_steps(directory, complete: bool = True) -> list[tuple[int, str]]:
     """(step, path) of the sharded checkpoint directories holding a manifest (complete=False: those without one,
@@ -454,7 +348,7 @@ def sharded_steps(directory, complete: bool = True) -> list[tuple[int, str]]:
     symlink (to another folder or file) is never followed, listed or removed."""
     directory, found = os.fspath(directory), []
     for name in listed(directory):
-        m, p = _DIR.match(name), os.path.join(directory, name)
+        m, p = STEP_DIR.match(name), os.path.join(directory, name)
         if m and is_plain_dir(p) and is_plain_file(os.path.join(p, MANIFEST)) == complete:
             found.append((int(m.group(1)), p))
     return sorted(found)
@@ -481,6 +375,30 @@ class ShardedCheckpointManager(CheckpointManager):
         for path in reversed(self.list()):
             try:
                 return self.load(path, config), skipped
+            except CheckpointCorrupt as e:
+                skipped.append((path, str(e)))
+        return None, skipped
+
+    def resume_candidates(self) -> list[str]:
+        """The checkpoints a resume tries, newest first: the order load_newest_valid(_spans) tries them in, the same
+        on every rank that lists the same folder."""
+        return list(reversed(self.list()))
+
+    @staticmethod
+    def load_spans(path, config: Config | None, plan, rank: int) -> CheckpointSpans:
+        """load_spans of one checkpoint (a candidate)."""
+        return load_spans(path, config, plan, rank)
+
+    def load_newest_valid_spans(self, config: Config | None, plan, rank: int):
+        """(rank `rank`'s part of the newest checkpoint whose parts it reads verify, [(path, why)] of each newer one
+        skipped as corrupt), as load_newest_valid. A rank verifies only what it reads, so ranks can choose
+        different checkpoints (a damaged block that only some ranks read): the job must agree (for example, each
+        rank loads resume_candidates()[i] with load_spans, the ranks allgather whether it verified, and all move
+        to i + 1 unless every rank's did)."""
+        skipped = []
+        for path in self.resume_candidates():
+            try:
+                return load_spans(path, config, plan, rank), skipped
             except CheckpointCorrupt as e:
                 skipped.append((path, str(e)))
         return None, skipped

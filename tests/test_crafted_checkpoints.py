@@ -2,7 +2,8 @@
 folder's entries are never followed through a symlink, a checkpoint file holds its own data only, and a manifest's
 fields are checked against the rank files and the directory name. Every refusal is one line (a CheckpointError), and
 nothing outside the run folder is read, written or removed: a sentinel folder beside it is compared, byte for byte
-and mtime for mtime, before and after listing, loading, saving onto the crafted folder, retention and remove_all.
+and mtime for mtime, before and after listing, loading (whole, and by each rank's spans), saving onto the crafted
+folder, retention and remove_all.
 
 The crafted files start from a real checkpoint of a tiny model (tests/crafted_checkpoints.py), sealed again by the
 crafter with correct digests, so each case is refused for what it is, not for a checksum."""
@@ -22,7 +23,9 @@ from crafted_checkpoints import (CONFIG, RUN_ID, SECRET_BYTES, SHARDED_STEP, SIN
                                  craftable_datasets, rewrite_manifest, save_sharded_job, save_single, snapshot)
 from trinity.cli.main import main
 from trinity.distributed import sharded_checkpoint as sc
-from trinity.distributed.sharded_checkpoint import ShardedCheckpointManager, load_sharded
+from trinity.distributed.layout import Layout
+from trinity.distributed.plan import ParallelPlan
+from trinity.distributed.sharded_checkpoint import ShardedCheckpointManager, load_sharded, load_spans
 from trinity.reference.training.checkpoint import (CheckpointCorrupt, CheckpointError, CheckpointManager,
                                                    CheckpointWriteError, load_checkpoint)
 
@@ -157,6 +160,8 @@ def test_a_single_file_with_data_stored_elsewhere_is_corrupt_naming_the_dataset(
     craft_dataset(path, target, kind, outside)
     error = refused(load_checkpoint, path, kind=CheckpointCorrupt)
     assert path in str(error) and target in str(error)
+    spans = [attempt(load_spans, path, CONFIG, ParallelPlan(CONFIG, Layout.parse(LAYOUT)), r) for r in range(2)]
+    assert all(isinstance(e, CheckpointCorrupt) and path in str(e) and target in str(e) for e in spans)
     ck, skipped = ShardedCheckpointManager(ckpt, keep_last=None).load_newest_valid(CONFIG)
     assert ck.step == SHARDED_STEP and skipped == []  # the newest is fine; a direct load of step 2 is refused
 
@@ -170,6 +175,10 @@ def test_a_rank_file_with_data_stored_elsewhere_is_corrupt_naming_the_dataset(tm
     rewrite_manifest(sharded_dir(ckpt), lambda body: None)  # the manifest lists the crafted file's sha256
     error = refused(load_sharded, sharded_dir(ckpt), kind=CheckpointCorrupt)
     assert rank_file in str(error) and target.split("/")[1] in str(error)
+    spans = [attempt(load_spans, sharded_dir(ckpt), CONFIG, ParallelPlan(CONFIG, Layout.parse(LAYOUT)), r)
+             for r in range(2)]  # rank 1 reads its own shards: the crafted one among them
+    assert isinstance(spans[1], CheckpointCorrupt) and rank_file in str(spans[1]), spans[1]
+    assert target.split("/")[1] in str(spans[1])
     ck, skipped = ShardedCheckpointManager(ckpt, keep_last=None).load_newest_valid(CONFIG)
     assert ck.step == SINGLE_STEP and [p for p, _ in skipped] == [sharded_dir(ckpt)]
 
@@ -371,6 +380,17 @@ def test_any_crafted_checkpoint_is_a_one_line_error_or_a_skip_and_nothing_outsid
         if craft_case[0] == "dataset" or craft_case[:2] in (("link", "manifest"), ("link", "rank")):
             crafted = single_file(ckpt) if craft_case[1] == "single" else sharded_dir(ckpt)
             assert isinstance(attempt(manager.load, crafted, CONFIG), CheckpointCorrupt)
+        plan = ParallelPlan(CONFIG, Layout.parse(LAYOUT))  # span reads (a resume under a layout), rank by rank
+        for path in manager.list():
+            for rank in range(2):
+                loaded = attempt(manager.load_spans, path, CONFIG, plan, rank)
+                assert isinstance(loaded, CheckpointError) or loaded.step == step_of(path)
+        newest = [attempt(manager.load_newest_valid_spans, CONFIG, plan, rank) for rank in range(2)]
+        assert all(isinstance(n, CheckpointError) or n[0] is None or n[0].step in (SINGLE_STEP, SHARDED_STEP)
+                   for n in newest)
+        if craft_case[:2] == ("dataset", "single"):  # every dataset of a single file is read by some rank
+            assert any(isinstance(attempt(manager.load_spans, single_file(ckpt), CONFIG, plan, rank), CheckpointCorrupt)
+                       for rank in range(2))
         assert snapshot(outside) == before
         attempt(save_single, manager, single_step)  # a save onto the crafted entry, with retention
         for result in save_sharded_job(ckpt, sharded_step, "single", keep_last=1):

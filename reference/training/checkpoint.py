@@ -15,12 +15,16 @@ File layout (format_version 2)
                        documents, tokens, sha256 of the document index)
 
 Verification. A version 2 file is sealed (sealed_file.py): its HDF5 user block holds the SHA-256 of every byte after
-it and of each dataset's raw bytes, plus the run_id. `load_checkpoint` checks the seal from the bytes alone before
+it and of each dataset's raw bytes, block by block (1 MiB blocks, since block digests were added; older files have
+one digest per dataset and still load), plus the run_id. `load_checkpoint` checks the seal from the bytes alone before
 HDF5 parses anything (a damaged HDF5 structure can make the parser hang or crash), then that the file holds exactly
 the sealed datasets, each keeping its bytes in the file at its sealed range (no external storage, no virtual
 dataset: checkpoint_files.py), and that a `step_N.h5` holds step N; any mismatch is a CheckpointCorrupt naming the
 file and the damaged dataset (or the structure), as is a truncated or unreadable file. Version 1 files (no seal)
-still load, unverified (but their datasets must hold their own bytes too). `save_checkpoint` refuses params,
+still load, unverified (but their datasets must hold their own bytes too). A reader of part of a file (a rank's
+spans: distributed/checkpoint_spans.py) verifies the header, the structure and each block it reads, with the same
+checks of the datasets and attributes (checked_dataset, file_version, stored_config, read_fields, check_step_name).
+`save_checkpoint` refuses params,
 optimizer or balancing state holding NaN or infinity (`require_finite`), so a diverged run can never rotate its good
 checkpoints away.
 
@@ -221,8 +225,8 @@ def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
     returns the SHA-256 of its bytes. The file is built in memory and written with plain file I/O: HDF5 itself
     reacts to a failed write (a full disk) with pages of errors and, at exit, a crash; Python's write raises one
     OSError (CheckpointWriteError here). Memory: the arrays plus one copy of the file, held while saving."""
-    names = [f"{group}/{name}" for group, arrays in groups.items() for name in arrays]
-    userblock = header_size(names, meta)
+    userblock = header_size({f"{group}/{name}": np.asarray(array).nbytes for group, arrays in groups.items()
+                             for name, array in arrays.items()}, meta)
     ranges, memory = {}, io.BytesIO()
     with h5py.File(memory, "w", userblock_size=userblock, track_order=True) as f:
         for key, value in attrs.items():
@@ -244,26 +248,35 @@ def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
     return hashlib.sha256(image).hexdigest()
 
 
-def _read_group(f, name: str, path: str, sealed: dict | None = None) -> dict:
-    """{key: array} of group `name`. Each dataset must keep its bytes in the file at its range in `sealed`
-    ({"group/name": (offset, nbytes)}, None for an unsealed file): see checkpoint_files.check_storage."""
+def checked_dataset(f, group: str, name: str, path: str, sealed: dict | None = None):
+    """The dataset `group/name` (an escaped name) of the open file `f`, checked to be a hard link to a plain numeric
+    dataset keeping its bytes in the file at its range in `sealed` ({"group/name": (offset, nbytes)}, None for an
+    unsealed file: checkpoint_files.check_storage); CheckpointError/CheckpointCorrupt naming it otherwise."""
+    where = f"{path}: {group}/{name}"
+    if not isinstance(f[group].get(name, getlink=True), h5py.HardLink):
+        raise CheckpointError(f"{where} is a link, not a dataset")
+    ds = f[group][name]
+    if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in _NUMERIC_KINDS or ds.dtype.fields:
+        raise CheckpointError(f"{where} is not a plain numeric dataset")
+    try:
+        check_storage(ds, None if sealed is None else sealed[f"{group}/{name}"])
+    except StorageError as e:
+        raise CheckpointCorrupt(f"{where} {e}: the file is corrupt") from None
+    return ds
+
+
+def checked_group(f, name: str, path: str) -> list:
+    """The member names of group `name` (CheckpointError unless it is a hard-linked group)."""
     group = f.get(name, getlink=True)
     if not isinstance(group, h5py.HardLink) or not isinstance(f[name], h5py.Group):
         raise CheckpointError(f"{path}: no {name}/ group")
-    out = {}
-    for key in f[name].keys():
-        where = f"{path}: {name}/{key}"
-        if not isinstance(f[name].get(key, getlink=True), h5py.HardLink):
-            raise CheckpointError(f"{where} is a link, not a dataset")
-        ds = f[name][key]
-        if not isinstance(ds, h5py.Dataset) or ds.dtype.kind not in _NUMERIC_KINDS or ds.dtype.fields:
-            raise CheckpointError(f"{where} is not a plain numeric dataset")
-        try:
-            check_storage(ds, None if sealed is None else sealed[f"{name}/{key}"])
-        except StorageError as e:
-            raise CheckpointCorrupt(f"{where} {e}: the file is corrupt") from None
-        out[_unescape(key)] = np.asarray(ds[()])
-    return out
+    return list(f[name].keys())
+
+
+def _read_group(f, name: str, path: str, sealed: dict | None = None) -> dict:
+    """{key: array} of group `name`, each dataset checked (checked_dataset)."""
+    return {_unescape(key): np.asarray(checked_dataset(f, name, key, path, sealed)[()])
+            for key in checked_group(f, name, path)}
 
 
 def _read_json(f, name: str, path: str):
@@ -332,7 +345,7 @@ def _check_datasets(f, path: str, sealed: dict | None) -> None:
                                 f"{sorted(set(sealed) ^ names)[:3]}")
 
 
-def _check_step_name(path: str, step: int) -> None:
+def check_step_name(path: str, step: int) -> None:
     """A `step_N.h5` file must hold step N (a renamed file would resume at the wrong step)."""
     m = _STEP_FILE.match(os.path.basename(path))
     if m and int(m.group(1)) != step:
@@ -340,12 +353,69 @@ def _check_step_name(path: str, step: int) -> None:
                                 f"checkpoint is corrupt")
 
 
+def file_version(f, path: str, sealed: dict | None) -> int:
+    """The file's format_version: present, supported, and sealed exactly when it is 2 or more."""
+    version = _read_int(f, "format_version", path) if "format_version" in f.attrs else None
+    if version is None:
+        raise CheckpointError(f"{path}: not a trinity checkpoint (no format_version attribute)")
+    if not 1 <= version <= FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format_version {version} is not supported "
+                              f"(this trinity reads versions 1..{FORMAT_VERSION})")
+    if (version >= 2) != (sealed is not None):
+        raise CheckpointCorrupt(f"{path}: format_version {version} does not match its seal: the file is corrupt")
+    return version
+
+
+def stored_config(f, path: str, config: Config | None) -> Config:
+    """The file's stored config; with `config`, it must be the same model (config_changes, recipe=False)."""
+    try:
+        stored = Config.from_dict(_read_json(f, "config", path))
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: stored config is not valid: {e}") from None
+    diff = [] if config is None else config_changes(stored, config, recipe=False)
+    if diff:
+        raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} (checkpoint != expected)")
+    return stored
+
+
+def read_fields(f, path: str, version: int) -> dict:
+    """The scalar and JSON fields of a Checkpoint from the file's attributes (version 2 adds run_id, tokenizer,
+    data_fingerprint), checked (check_fields)."""
+    fields = dict(step=_read_int(f, "step", path), tokens_seen=_read_int(f, "tokens_seen", path),
+                  data_state=_read_json(f, "data_state", path), rng_state=_read_json(f, "rng_state", path),
+                  extra=_read_json(f, "extra", path))
+    if version >= 2:
+        fields.update({k: _read_json(f, k, path) for k in ("run_id", "tokenizer", "data_fingerprint")})
+    check_fields(path, fields)
+    return fields
+
+
+def check_fields(path: str, fields: dict) -> None:
+    """CheckpointError naming the field unless data_state and extra are JSON objects, tokenizer an object or null,
+    run_id a string or null, data_fingerprint a list or null, and rng_state null or restorable."""
+    for name in ("data_state", "extra"):
+        if not isinstance(fields[name], dict):
+            raise CheckpointError(f"{path}: {name} is not a JSON object")
+    if fields.get("tokenizer") is not None and not isinstance(fields["tokenizer"], dict):
+        raise CheckpointError(f"{path}: tokenizer is not a JSON object")
+    if fields.get("run_id") is not None and not isinstance(fields["run_id"], str):
+        raise CheckpointError(f"{path}: run_id is not a string")
+    if fields.get("data_fingerprint") is not None and not isinstance(fields["data_fingerprint"], list):
+        raise CheckpointError(f"{path}: data_fingerprint is not a JSON list")
+    if fields["rng_state"] is not None:
+        try:
+            restore_rng(fields["rng_state"])
+        except (CheckpointError, TypeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: rng_state cannot be restored: {e}") from None
+
+
 def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
     """Read and verify a checkpoint written by `save_checkpoint`. With `config`, the stored config must be the same
     model: equal in every field but the recipe fields a resume may change (config.RESUMABLE_FIELDS; the error lists
     each differing field as `name stored != expected`). Raises CheckpointCorrupt, naming the path
     (and the dataset), for a missing, truncated or damaged file, and CheckpointError for an unknown format_version
-    or params that do not match the stored config."""
+    or params that do not match the stored config. Every byte is read and verified (a rank's part of a checkpoint:
+    distributed/checkpoint_spans.py)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointCorrupt(f"no checkpoint file at {path}")
@@ -353,35 +423,14 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
     sealed = None if header is None else header["ranges"]
     try:
         with h5py.File(path, "r") as f:
-            version = _read_int(f, "format_version", path) if "format_version" in f.attrs else None
-            if version is None:
-                raise CheckpointError(f"{path}: not a trinity checkpoint (no format_version attribute)")
-            if not 1 <= version <= FORMAT_VERSION:
-                raise CheckpointError(f"{path}: checkpoint format_version {version} is not supported "
-                                      f"(this trinity reads versions 1..{FORMAT_VERSION})")
-            if (version >= 2) != (sealed is not None):
-                raise CheckpointCorrupt(f"{path}: format_version {version} does not match its seal: the file is "
-                                        f"corrupt")
+            version = file_version(f, path, sealed)
             _check_datasets(f, path, sealed)
-            try:
-                stored = Config.from_dict(_read_json(f, "config", path))
-            except (ConfigError, TypeError) as e:
-                raise CheckpointError(f"{path}: stored config is not valid: {e}") from None
-            if config is not None:
-                diff = config_changes(stored, config, recipe=False)
-                if diff:
-                    raise CheckpointError(f"{path}: checkpoint is from another model: {'; '.join(diff)} "
-                                          f"(checkpoint != expected)")
+            stored = stored_config(f, path, config)
             ck = Checkpoint(config=stored, params=_read_group(f, "params", path, sealed),
                             optimizer_state=_read_group(f, "optimizer", path, sealed),
                             balancing_state=_read_group(f, "balancing", path, sealed),
-                            step=_read_int(f, "step", path), tokens_seen=_read_int(f, "tokens_seen", path),
-                            data_state=_read_json(f, "data_state", path), rng_state=_read_json(f, "rng_state", path),
-                            extra=_read_json(f, "extra", path), path=path, format_version=version)
+                            path=path, format_version=version, **read_fields(f, path, version))
             if version >= 2:
-                ck.run_id = _read_json(f, "run_id", path)
-                ck.tokenizer = _read_json(f, "tokenizer", path)
-                ck.data_fingerprint = _read_json(f, "data_fingerprint", path)
                 assets = _read_group(f, "assets", path, sealed)
                 if "tokenizer.json" in assets:
                     ck.tokenizer_json = assets["tokenizer.json"].tobytes()
@@ -390,21 +439,7 @@ def load_checkpoint(path, config: Config | None = None) -> Checkpoint:
     except Exception as e:  # h5py on a truncated or damaged file: OSError, KeyError, TypeError, RuntimeError, ...
         raise CheckpointCorrupt(f"{path}: cannot read checkpoint (truncated or corrupt file?): "
                                 f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    _check_step_name(path, ck.step)
-    for name in ("data_state", "extra"):
-        if not isinstance(getattr(ck, name), dict):
-            raise CheckpointError(f"{path}: {name} is not a JSON object")
-    if ck.tokenizer is not None and not isinstance(ck.tokenizer, dict):
-        raise CheckpointError(f"{path}: tokenizer is not a JSON object")
-    if ck.run_id is not None and not isinstance(ck.run_id, str):
-        raise CheckpointError(f"{path}: run_id is not a string")
-    if ck.data_fingerprint is not None and not isinstance(ck.data_fingerprint, list):
-        raise CheckpointError(f"{path}: data_fingerprint is not a JSON list")
-    if ck.rng_state is not None:
-        try:
-            restore_rng(ck.rng_state)
-        except (CheckpointError, TypeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: rng_state cannot be restored: {e}") from None
+    check_step_name(path, ck.step)
     try:
         check_params(stored, ck.params)
     except (KeyError, ValueError) as e:
