@@ -317,3 +317,11 @@ class ParallelPlan:
     def muon_owners(self, bucket: FlatBucket) -> list[tuple[int, int, int, tuple]]:
         """(flat start, flat end, owner, 2-D shape) of every matrix of a Muon bucket (owners_of its shapes)."""
         return list(owners_of(tuple(tuple(int(x) for x in s) for s in bucket.shapes), bucket.n))
+
+    # ---- the step's collectives ---------------------------------------------------------------------------------
+    def schedule(self, rank: int, sequences: int, seq_len: int, micro_batch_size: int, items, recompute=False,
+                 doc_ids=True, counts=None, **options) -> list:
+        """Rank `rank`'s collectives of one training step, in call order (schedule.step_schedule: its rules)."""
+        from .schedule import step_schedule
+        return step_schedule(self, rank, sequences, seq_len, micro_batch_size, items, recompute, doc_ids, counts,
+                             **options)
