@@ -36,7 +36,7 @@ from trinity.reference.data.rsdb import RSDBLoader
 from trinity.reference.data.store import DataError, DocumentStore
 from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
 from trinity.reference.training.balancing import init_balancing_state
-from trinity.reference.training.checkpoint import CheckpointError, config_changes
+from trinity.reference.training.checkpoint import CheckpointCorrupt, CheckpointError, config_changes
 from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule
@@ -263,6 +263,7 @@ class Startup:
         memory first: `_build_state`), and nothing in the run folder is removed: `--restart` removes the old run
         once the job agreed to start (_restart_folder)."""
         run = self.run
+        self._comm = comm
         check_output_paths(run)
         if self.is_main:  # the job's lock on its run folder, before anything changes (run_lock.py)
             self._take_lock()
@@ -482,13 +483,41 @@ class Startup:
         if watchdog is not None:
             watchdog.close()
 
+    def _agreed_resume_point(self, config, plan):
+        """Under a layout: the newest checkpoint whose parts every rank reads verify, read by this rank's spans (a
+        rank verifies only what it reads, so a damaged block only some ranks read would otherwise split the job).
+        The ranks try rank 0's candidates in order, newest first, and after each they exchange what happened: any
+        error but corruption ends every rank alike; corruption seen by any rank skips the candidate on all."""
+        comm = self._comm
+        candidates = allgather_json(comm, self.checkpoints.resume_candidates())[0]
+        skipped = []
+        for path in candidates:
+            ckpt, status = None, None
+            try:
+                ckpt = self.checkpoints.load_spans(path, config, plan, self.rank)
+            except CheckpointCorrupt as e:
+                status = ["corrupt", str(e)]
+            except Exception as e:  # noqa: BLE001 - every rank must reach the exchange below, or the others wait
+                status = ["error", str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"]
+            said = allgather_json(comm, status)
+            for kind in ("error", "corrupt"):
+                found = [(r, s[1]) for r, s in enumerate(said) if s is not None and s[0] == kind]
+                if found and kind == "error":
+                    raise CheckpointError(found[0][1] + (f" (rank {found[0][0]})" if found[0][0] else ""))
+                if found:
+                    skipped.append((path, f"{found[0][1]} (seen by rank {found[0][0]})"))
+                    break
+            else:
+                return ckpt, skipped
+        return None, skipped
+
     def _load_resume_point(self, config, plan=None):
         """The newest checkpoint that verifies (None: none at all); skipped corrupt ones are logged; one whose
         data fingerprint differs from the current data is refused. Under a layout (`plan`) it is read by this rank's
         spans (what a rank reads it verifies; ranks that chose different checkpoints disagree in `_agree_state`)."""
         try:
             ckpt, skipped = self.checkpoints.load_newest_valid(config) if plan is None else \
-                self.checkpoints.load_newest_valid_spans(config, plan, self.rank)
+                self._agreed_resume_point(config, plan)
         except CheckpointError as e:
             raise RunConfigError(f"[checkpoint] dir = {self.run.checkpoint_dir!r}: {e}") from None
         for path, why in skipped:
