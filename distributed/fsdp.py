@@ -33,6 +33,7 @@ import numpy as np
 from trinity.reference.model.params import bucket_of, is_expert_bias, param_shapes
 from trinity.reference.model.seams import LINEAR_CTX, linear_ctx_weight
 
+from .schedule import gather_order
 from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, bucket_parts, expert_range, is_routed_expert, part_group
 
 __all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "bucket_parts", "part_group",
@@ -197,10 +198,7 @@ class ShardedParamSeams:
         self._by_model_bucket: dict = {}
         for b in self._buckets:
             self._by_model_bucket.setdefault(b.model_bucket, []).append(b)
-        L = self.config.num_hidden_layers
-        tied = ["embed"] if self.config.tie_word_embeddings else []
-        self._sequence = ["embed", *range(L), "head", *tied, "head", *tied, *reversed(range(L))]
-        self._forward_gathers = L + 2 + len(tied)
+        self._sequence, self._forward_gathers = gather_order(self.config)  # the plan's schedule's order
         self._position = 0
 
     def gather_params(self, params, bucket):

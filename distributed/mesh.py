@@ -24,6 +24,7 @@ import numpy as np
 from .checksums import Checked, crc_bytes
 from .layout import Layout
 from .plan import GROUPS, ParallelPlan, check_group
+from .schedule import sent_bytes as ring_bytes
 
 __all__ = ["Mesh", "GROUPS", "allgather_json", "group_members"]
 
@@ -131,9 +132,7 @@ class Mesh:
         if self.faults is not None:
             self.faults.before(self, kind, group)
         if sent_bytes is None:
-            s = int(args[0].nbytes)
-            sent_bytes = {"Allreduce": 2 * (n - 1) * s // n, "Reduce_scatter_block": (n - 1) * s // n,
-                          "Alltoall": (n - 1) * s // n}.get(kind, (n - 1) * s)
+            sent_bytes = ring_bytes(kind, n, int(args[0].nbytes))
         if self.checksums:
             sent_bytes += crc_bytes(kind, n, self.group_rank[group], args)
         self.traffic[(kind, group)] += sent_bytes
