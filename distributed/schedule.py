@@ -44,8 +44,9 @@ Once per step:
   optimizer     per Muon flat bucket, n > 1, two Alltoallv [its group]: #1 the rank's elements of matrices owned by
                 another rank, #2 the elements of its own matrices held by other ranks (plan.owners_of), × q_r; then
                 Allreduce fsdp 16 (update norms²)
-  control       the trainer's stop agreement after the metrics line: Allreduce world 8 (`control=False`: a step run
-                without the trainer)
+  control       the metrics line's peak memory of every rank: Allreduce world W·8 (each rank fills its slot); the
+                trainer's stop agreement after the line: Allreduce world 8 (`control=False`: a step run without the
+                trainer)
 A step that saves a checkpoint calls the checkpoint's collectives (phase "checkpoint") before the stop agreement; they
 are not in this schedule (their sizes are those of JSON payloads).
 
@@ -354,6 +355,7 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
     end.add("Allreduce", "fsdp", 2 * SCALAR_BYTES)
     if control:
         end.tag = ("control", None)
+        end.add("Allreduce", "world", L.world_size * SCALAR_BYTES)  # every rank's peak memory (peak_memory.py)
         end.add("Allreduce", "world", SCALAR_BYTES)
     return StepProgram(plan, blocks + [(end.calls, 1)], m)
 

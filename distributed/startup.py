@@ -244,6 +244,7 @@ class Startup:
     _lock = None  # the run folder's RunLock (rank 0), held until close()
     _watchdog = None  # the mesh's Watchdog under mpiexec
     _restart_removes = None  # --restart: whether the metrics are removed too (None: nothing to remove)
+    start_report = None  # under a layout, what every rank read to start (the first metrics line carries it)
     _memory_need = None  # this rank's memory need, for the agreement's per-host check
 
     def _attempt(self, stage, distributed: bool, *args) -> Exception | None:
@@ -400,6 +401,7 @@ class Startup:
         layout's op table trains them, and rank 0's run id names the run."""
         from .parallel_ops import ParallelOps
         self.run_id = self.checkpoints.run_id = allgather_json(self.mesh.comm, self.run_id)[0]  # rank 0's names it
+        self.start_report = {"bytes_read": allgather_json(self.mesh.comm, self.bytes_read)}
         self.params.mesh = self.mesh
         self.ops = ParallelOps(self.ops, self.mesh, self.config)
 

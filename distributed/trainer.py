@@ -42,6 +42,7 @@ from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, co
 
 from .layout import Layout
 from .metrics_log import MetricsFileError
+from .peak_memory import peak_summary, rank_peaks
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError
 from .startup import Startup, _every_rank, build_loader, data_fingerprint
@@ -162,6 +163,12 @@ class Trainer(Startup):
         metrics["layout"], metrics["memory"] = str(self.run.layout), self.memory()
         traffic = sorted(self.mesh.take_traffic().items())
         metrics["comm_bytes"] = {f"{kind}/{group}": n for (kind, group), n in traffic}
+        # every rank's peak resident memory so far (its largest, which rank; each rank's in a job of <= 64 ranks)
+        metrics["peak_rss"] = peak_summary(rank_peaks(self.mesh))
+        if len(metrics["peak_rss"]["ranks"]) > 64:
+            del metrics["peak_rss"]["ranks"]
+        if self.start_report is not None:  # the first line of this process: what each rank read to start
+            metrics["start"], self.start_report = self.start_report, None
         if result.batch_het is not None:  # SPEC §6.4
             metrics["batch_het"] = result.batch_het
         return metrics
