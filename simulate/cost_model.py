@@ -20,28 +20,31 @@ Overlap rules (stated, not measured):
                 for its tokens or keys), as do the once-per-step collectives (replica all-reduce, distributed Muon's
                 exchanges, scalar reductions) and the optimizer.
 
-Memory per rank (GPU, mixed precision: bf16 compute copies, fp32 master weights, gradients and optimizer state):
-fp32 shards of params and gradients, Muon momentum (4 B) or AdamW moments (8 B) per shard element, the gathered bf16
-buckets alive at once (the current and the prefetched one) and one bucket's full gradient, activations of one
-micro-batch from reference/training/memory.py's operator-by-operator count at T/cp tokens, with or without
-recompute. A layout fits when that total is at most `usable` (0.9) of the HBM: the rest is the allocator's and the
+Memory per rank (GPU, mixed precision: bf16 compute copies, fp32 master weights, gradients and optimizer state): the
+busiest rank's peak from distributed/rank_memory.py, the same function the trainer's pre-flight check calls: fp32
+shards of params and gradients (one set per micro-batch alive, up to three with accumulation), Muon momentum (4 B) or
+AdamW moments (8 B) per shard element, the gathered bf16 buckets alive at once (the current and the prefetched one)
+with one bucket's whole gradient and its reduce-scatter buffers, activations of one micro-batch from
+reference/training/memory.py's operator-by-operator count at T/cp tokens (with or without recompute), the keys and
+values context parallel gathers, and the optimizer step's transient; the peak of the backward, the loss and the
+update. A layout fits when that total is at most `usable` (0.9) of the HBM: the rest is the allocator's and the
 communication library's.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from trinity.distributed.mesh import group_members
+from trinity.distributed.rank_memory import busiest_rank, estimate_rank_bytes
 from trinity.reference.training.memory import estimate_step_bytes
 
 from .hardware import Hardware
-from .traffic_model import Itemsizes, flat_buckets, ring_steps, step_collectives
-from .workload import optimizer_work, step_work, training_flops
+from .traffic_model import Itemsizes, ring_steps, step_collectives
+from .workload import step_work, training_flops
 
 __all__ = ["Prediction", "predict", "USABLE_MEMORY", "PHASES"]
 
@@ -98,24 +101,33 @@ def _collective_seconds(col, layout, hw: Hardware) -> float:
     return col.rank_bytes / bandwidth + col.calls * ring_steps(col.kind, col.n) * latency
 
 
-_activation_bytes = functools.lru_cache(maxsize=1024)(estimate_step_bytes)
+_Q_DTYPES = {2: np.float16, 4: np.float32, 8: np.float64}  # bytes per activation element → a dtype of that size
 
 
-def memory_per_rank(config, layout, seq_len: int, micro_batch_size: int, recompute: bool, q: int = 2) -> dict:
-    """Bytes per rank (module docstring): params, grads, optimizer, gathered, activations, total."""
-    opt = optimizer_work(config, layout)
-    elements, adamw = opt["elements"], opt["adamw"]
-    bias = 4 * config.num_experts * sum(config.is_moe_layer(l) for l in range(config.num_hidden_layers))
-    buckets = [sum(math.prod(s) for _, _, shapes in parts for s in shapes)
-               for parts in flat_buckets(config, layout.ep).values()]
-    largest = sorted(buckets)[-2:]
-    act_dtype = {2: np.float16, 4: np.float32, 8: np.float64}[q]
-    activation = _activation_bytes(config, micro_batch_size, seq_len // layout.cp, act_dtype, recompute)
-    out = {"params": 4 * elements + bias, "grads": 4 * elements, "optimizer": 4 * (elements - adamw) + 8 * adamw,
-           "gathered": (q * sum(largest) + 4 * largest[-1]) if layout.dp_shard * layout.cp > 1 else 0,
-           "activations": activation["activations"] + activation["logits"] + activation["workspace"]}
-    out["total"] = sum(out.values())
+def memory_per_rank(config, layout, seq_len: int, micro_batch_size: int, recompute: bool, q: int = 2,
+                    micro_steps: int = 1) -> dict:
+    """Bytes on the busiest GPU of `layout` (module docstring): distributed/rank_memory.estimate_rank_bytes of
+    rank_memory.busiest_rank, fp32 state, `q`-byte activations and gathered weights, on a GPU (no host baseline,
+    save or startup). Its parts ("params", "grads", "optimizer", "gathered", "context", "update"), "activations" (one
+    micro-batch's activations, logits and workspace at T/cp tokens, as estimate_step_bytes counts them), "total" (the
+    peak, which counts them at its phase), "phase" and "rank"."""
+    kw = dict(compute_dtype=_Q_DTYPES[q], device="gpu")
+    rank = _busiest(config, layout, seq_len, micro_batch_size, recompute, micro_steps, q)
+    e = estimate_rank_bytes(config, layout, rank, seq_len, micro_batch_size, np.float32, recompute, micro_steps, **kw)
+    out = {k: e[k] for k in ("params", "grads", "optimizer", "gathered", "context", "update")}
+    one = _step_bytes(config, micro_batch_size, seq_len // layout.cp, _Q_DTYPES[q], recompute)
+    out["activations"] = one["activations"] + one["logits"] + one["workspace"]
+    out.update(total=e["total"], phase=e["phase"], rank=rank)
     return out
+
+
+_step_bytes = functools.lru_cache(maxsize=1024)(estimate_step_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _busiest(config, layout, seq_len, micro_batch_size, recompute, micro_steps, q) -> int:
+    return busiest_rank(config, layout, seq_len, micro_batch_size, np.float32, recompute, micro_steps,
+                        compute_dtype=_Q_DTYPES[q], device="gpu")
 
 
 def predict(config, layout, hw: Hardware, *, seq_len: int, sequences: int, micro_batch_size: int,
@@ -141,7 +153,8 @@ def predict(config, layout, hw: Hardware, *, seq_len: int, sequences: int, micro
     phases = {"forward": compute["forward"], "backward": compute["backward"], "fsdp exposed": fsdp,
               "ep/cp exchange": comm["exchange"], "optimizer": compute["optimizer"], "step collectives": comm["step"]}
     step = sum(phases.values())
-    memory = memory_per_rank(config, layout, seq_len, micro_batch_size, recompute, q)
+    memory = memory_per_rank(config, layout, seq_len, micro_batch_size, recompute, q,
+                             micro_steps=max(1, sequences // (layout.dp * micro_batch_size)))
     flops = training_flops(config, sequences, seq_len)
     return Prediction(layout, micro_batch_size, recompute, phases, step, sequences * seq_len,
                       flops / (step * layout.world_size * hw.peak_flops), memory,

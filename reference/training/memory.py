@@ -64,14 +64,15 @@ from ..model.params import EXPERT_BIAS_DTYPE, param_shapes
 from ..operators.attention import _BLOCK_ELEMENTS, largest_query_block
 from .optim import param_group
 
-__all__ = ["estimate_step_bytes", "available_memory_bytes", "AVAILABLE_MEMORY_ENV"]
+__all__ = ["estimate_step_bytes", "step_working_set", "gradient_sets", "available_memory_bytes", "AVAILABLE_MEMORY_ENV",
+           "MARGIN"]
 
 AVAILABLE_MEMORY_ENV = "TRINITY_AVAILABLE_MEMORY"  # bytes: replaces the measured available memory
 
 _INT = 8  # int64: token ids, expert choices, dispatch indexes
 # On the step's working set (not params and optimizer state, which are exact): NumPy temporaries and small arrays
 # not modelled one by one; without it the estimate measured 0.99-1.16× the tracemalloc peak.
-_MARGIN = 1.05
+MARGIN = 1.05
 
 
 def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dtype="float32", recompute=False,
@@ -81,11 +82,42 @@ def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dty
     "update": where the peak falls). `micro_steps` is the number of micro-batches per optimizer step
     (sequences_per_step / micro_batch_size); with more than one, the trainer keeps a running sum of the gradients
     next to each micro-batch's own. Pure: it reads nothing but its arguments."""
+    if micro_steps < 1:
+        raise ValueError(f"micro_steps must be >= 1, got {micro_steps}")
+    w = step_working_set(config, micro_batch_size, seq_len, dtype, recompute)
+    grads, activations, logits = w["grads"], w["activations"], w["logits"]
+    backward_ws, loss_ws, largest = w["backward_workspace"], w["loss_workspace"], w["largest"]
+    # Gradient sets alive in a micro-batch's backward: its own, plus with accumulation the running sum and, from
+    # the third micro-batch on, the previous micro-batch's (still bound in the trainer's loop).
+    sets = gradient_sets(micro_steps)
+    moments = [("backward", sets * grads + activations + logits + backward_ws, backward_ws),
+               ("loss", (sets - 1) * grads + activations + logits + loss_ws, loss_ws),
+               # the update: the running sum, the averaged and the clipped copies, and clipping's float64 temporaries
+               # (or the optimizer's) of the largest tensor
+               ("update", 3 * grads + 3 * largest, 3 * largest)]
+    phase, peak, workspace = max(moments, key=lambda m: m[1])
+    total = w["params"] + w["optimizer"] + int(peak * MARGIN)
+    return {"params": w["params"], "grads": grads, "optimizer": w["optimizer"], "activations": activations,
+            "logits": logits, "workspace": workspace, "total": total, "phase": phase}
+
+
+def gradient_sets(micro_steps: int) -> int:
+    """Gradient sets alive in a micro-batch's backward: its own, plus with accumulation the running sum and, from
+    the third micro-batch on, the previous micro-batch's (bound in the step's loop until the next one returns)."""
+    return min(int(micro_steps), 3)
+
+
+def step_working_set(config: Config, micro_batch_size: int, seq_len: int, dtype="float32", recompute=False) -> dict:
+    """The shapes-only counts behind estimate_step_bytes (module docstring), for micro-batches of B sequences of T
+    tokens: "params", "grads" and "optimizer" of the whole model; "activations" and "logits" kept for one
+    micro-batch's backward; "backward_workspace" (the largest transient of a layer's backward, with the gradient
+    flowing through), "loss_workspace" (the loss's third [B, T, V] array) and "largest" (the largest tensor, in
+    `dtype`). distributed/rank_memory.py counts a rank's activations with it at the rank's T/cp positions."""
     c = config
     s = np.dtype(dtype).itemsize
     B, T = int(micro_batch_size), int(seq_len)
-    if B < 1 or T < 1 or micro_steps < 1:
-        raise ValueError(f"micro_batch_size, seq_len and micro_steps must be >= 1, got {B}, {T}, {micro_steps}")
+    if B < 1 or T < 1:
+        raise ValueError(f"micro_batch_size and seq_len must be >= 1, got {B}, {T}")
     N = B * T
     d, V, E, K = c.hidden_size, c.vocab_size, c.num_experts, c.num_experts_per_tok
     hq, hkv = c.num_attention_heads, c.num_key_value_heads
@@ -139,8 +171,8 @@ def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dty
     # next block's scores are formed while the last block's arrays are still bound; sliding and global layers.
     scores = 0
     for window in {c.window_of(layer) for layer in range(c.num_hidden_layers)}:
-        largest, blocks = largest_query_block(T, window, B * hq, _BLOCK_ELEMENTS)
-        scores = max(scores, B * hq * largest * (6 if blocks > 1 else 5))
+        block, blocks = largest_query_block(T, window, B * hq, _BLOCK_ELEMENTS)
+        scores = max(scores, B * hq * block * (6 if blocks > 1 else 5))
     # A layer's backward keeps the gradients of its residual stream alive until it returns (dx in and out, the
     # post-norm, MLP and pre-norm gradients, the head's dh): about six [N, d] arrays when the attention backward runs.
     # The attention backward adds dÕ, dG, dQ, dK, dV and the score arrays.
@@ -150,18 +182,8 @@ def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dty
     mlp_ws = max(moe_ws if moe_layers else 0, dense_ws if dense_layers else 0)
     backward_ws = max(attention_ws, mlp_ws) + 2 * N * d * s  # + the residual gradient dx flowing through
     loss_ws = N * V * s  # the loss's third [B, T, V] array (softmax temporaries), before any gradient exists
-    # Gradient sets alive in a micro-batch's backward: its own, plus with accumulation the running sum and, from
-    # the third micro-batch on, the previous micro-batch's (still bound in the trainer's loop).
-    sets = min(micro_steps, 3)
-    moments = [("backward", sets * grads + activations + logits + backward_ws, backward_ws),
-               ("loss", (sets - 1) * grads + activations + logits + loss_ws, loss_ws),
-               # the update: the running sum, the averaged and the clipped copies, and clipping's float64 temporaries
-               # (or the optimizer's) of the largest tensor
-               ("update", 3 * grads + 3 * largest, 3 * largest)]
-    phase, peak, workspace = max(moments, key=lambda m: m[1])
-    total = params + optimizer + int(peak * _MARGIN)
-    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations,
-            "logits": logits, "workspace": workspace, "total": total, "phase": phase}
+    return {"params": params, "grads": grads, "optimizer": optimizer, "activations": activations, "logits": logits,
+            "backward_workspace": backward_ws, "loss_workspace": loss_ws, "largest": largest}
 
 
 # ---- free memory -------------------------------------------------------------------------------------------------
