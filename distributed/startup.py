@@ -37,13 +37,14 @@ from trinity.reference.data.store import DataError, DocumentStore
 from trinity.reference.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_record
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.checkpoint import CheckpointCorrupt, CheckpointError, config_changes
-from trinity.reference.training.memory import available_memory_bytes, estimate_step_bytes
+from trinity.reference.training.memory import available_memory_bytes
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule
 
 from .layout import Layout, LayoutError
 from .mesh import allgather_json
 from .plan import ParallelPlan
+from .rank_memory import estimate_rank_bytes
 from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .metrics_log import MetricsLog, is_metrics_file
 from .run_config import RunConfig, RunConfigError, check_output_paths
@@ -282,7 +283,7 @@ class Startup:
             if largest >= config.vocab_size:
                 raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
                                      f"{config.vocab_size}")
-        memory = self._check_memory(distributed=distributed)
+        memory = self._check_memory(distributed=distributed, resume=resume)
         self.fingerprint = data_fingerprint(self.stores)
         self.tokenizer = _dataset_tokenizer(self.stores)
         self.batches = BatchSchedule(run.sequences_per_step, run.batch_schedule)
@@ -405,32 +406,35 @@ class Startup:
         self.params.mesh = self.mesh
         self.ops = ParallelOps(self.ops, self.mesh, self.config)
 
-    def _check_memory(self, distributed: bool = False) -> str:
-        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available: the
-        larger of a step's (reference/training/memory.py) and a checkpoint save's (the state plus one in-memory copy
-        of the file). It runs before any state is allocated (init_from's weights included). Under a layout the ranks
-        of a host are counted together in the agreement (`agree`), before any of them builds its state: here each
-        rank only records its need. Returns the estimate, to log."""
+    def _check_memory(self, distributed: bool = False, resume: bool = False) -> str:
+        """Refuse, before any work, a run whose estimated peak memory exceeds what the machine has available. The
+        estimate is this rank's under the run's layout (distributed/rank_memory.py, the same function the cost model
+        prices a GPU with): its shards of the params, gradients and optimizer state, the buckets gathered in flight,
+        one micro-batch's activations on its positions, a checkpoint save, the startup's spans, the process itself;
+        the peak over those phases. It runs before any state is allocated. Under a layout the ranks of a host are
+        counted together in the agreement (`agree`), before any of them builds its state: here each rank only
+        records its need. Returns the estimate, to log."""
         run = self.run
         micro_steps = max(n for _, n in [(0, run.sequences_per_step), *run.batch_schedule]) // run.micro_batch_size
-        estimate = estimate_step_bytes(self.config, run.micro_batch_size, run.seq_len, run.dtype, run.recompute,
-                                       micro_steps=micro_steps)
-        state = estimate["params"] + estimate["optimizer"]
-        save = 2 * state + (state >> 4)
-        total, peak = (save, "a checkpoint save") if save > estimate["total"] else (estimate["total"],
-                                                                                   f"the step's {estimate['phase']}")
+        layout = run.layout if distributed else Layout()
+        start = "resume" if resume else ("init_from" if run.model_source[0] == "init_from" else "fresh")
+        estimate = estimate_rank_bytes(self.config, layout, self.rank if distributed else 0, run.seq_len,
+                                       run.micro_batch_size, run.dtype, run.recompute,
+                                       max(micro_steps // layout.dp, 1), backend=run.backend, start=start)
+        total, phase = estimate["total"], estimate["phase"]
         try:
             available = available_memory_bytes()
         except ValueError as e:
             raise RunConfigError(str(e)) from None
-        said = (f"estimated peak memory {total / GIB:.2f} GiB, in {peak} (params {estimate['params'] / GIB:.2f}, "
-                f"optimizer {estimate['optimizer'] / GIB:.2f}, activations {estimate['activations'] / GIB:.2f}, "
-                f"logits {estimate['logits'] / GIB:.2f} GiB)")
-        state_alone_too_big = peak == "a checkpoint save" or (available is not None and save > available)
+        parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in estimate["counted"].items() if v)
+        said = f"estimated peak memory {total / GIB:.2f} GiB per rank, in the {phase} ({parts} GiB)"
+        state = estimate["params"] + estimate["optimizer"] + estimate["grads"]
+        state_alone_too_big = phase in ("checkpoint", "startup") or (available is not None and state > available)
         refusal = (f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said}",
                    "this model's state does not fit this machine" if state_alone_too_big else
                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true"))
         self._memory_need = {"need": total, "available": available, "refusal": refusal}
+        self.memory_estimate = estimate
         if available is not None and not distributed and total > available:
             raise RunConfigError(f"{refusal[0]} exceeds the {available / GIB:.2f} GiB available; {refusal[1]}")
         return said + (f" of {available / GIB:.2f} GiB available" if available is not None else "")
