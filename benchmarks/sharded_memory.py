@@ -38,6 +38,7 @@ RUN = """
 dtype = "float32"
 [model.overrides]
 num_hidden_layers = {layers}
+{overrides}
 [data]
 path = "{tokens}"
 eos_id = 0
@@ -61,8 +62,8 @@ watchdog_seconds = 3600
 
 def _config(small: bool):
     from trinity.reference import Config
-    if small:
-        return Config.preset("bench-medium").replace(num_hidden_layers=4, num_dense_layers=2)
+    if small:  # (a window that fits a cp chunk of the default seq_len)
+        return Config.preset("bench-medium").replace(num_hidden_layers=4, num_dense_layers=2, sliding_window=32)
     return Config.preset("trinity-nano").replace(num_hidden_layers=4)
 
 
@@ -87,9 +88,10 @@ def _folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
-def _write_run(folder, source, layers, seq_len, steps, tokens):
+def _write_run(folder, source, layers, seq_len, steps, tokens, overrides=""):
     with open(os.path.join(folder, "run.toml"), "w") as f:
-        f.write(RUN.format(source=source, layers=layers, seq_len=seq_len, steps=steps, tokens=tokens))
+        f.write(RUN.format(source=source, layers=layers, seq_len=seq_len, steps=steps, tokens=tokens,
+                           overrides=overrides))
 
 
 def _job(folder: str, layout: str, resume: bool, timeout: int) -> tuple[list[dict], str]:
@@ -126,13 +128,14 @@ def main() -> None:
     config = _config(args.small)
     layers, seq_len = config.num_hidden_layers, args.seq_len
     preset = "bench-medium" if args.small else "trinity-nano"
+    overrides = "num_dense_layers = 2\nsliding_window = 32" if args.small else ""
     root = tempfile.mkdtemp(prefix="trinity-sharded-memory-")
     tokens = os.path.join(root, "tokens.bin")
     write_token_file(tokens, MarkovSource(32000, eos_id=0, branching=8, mean_doc_len=600, seed=0).documents(
         8 * 4 * seq_len * 2), eos_id=0)
     hf = os.path.join(root, "hf")
     print(f"writing the Hugging Face checkpoint of {preset} with {layers} layers (save_pretrained) ...", flush=True)
-    params = init_params(config.replace(num_dense_layers=config.num_dense_layers), seed=1, dtype=np.float32)
+    params = init_params(config, seed=1, dtype=np.float32)
     save_pretrained(hf, config, params)
     del params
     state = whole_state_bytes(config)
@@ -148,15 +151,16 @@ def main() -> None:
                 other = LAYOUTS[1 - LAYOUTS.index(layout)]
                 shutil.copytree(fresh_folder[other], folder)
                 ckpt_bytes = _folder_bytes(os.path.join(folder, "ckpt"))
-                _write_run(folder, sources["fresh"], layers, seq_len, 4, tokens)
+                _write_run(folder, sources["fresh"], layers, seq_len, 4, tokens, overrides)
                 read_from = f"the sharded checkpoint of {other} ({ckpt_bytes / GIB:.2f} GiB)"
             else:
                 os.makedirs(folder)
-                _write_run(folder, sources[start], layers, seq_len, 2, tokens)
+                _write_run(folder, sources[start], layers, seq_len, 2, tokens, overrides if start == "fresh" else "")
                 ckpt_bytes = _folder_bytes(hf) if start == "init_from" else 0
                 read_from = f"the HF checkpoint ({ckpt_bytes / GIB:.2f} GiB)" if start == "init_from" else "nothing"
             print(f"== {start}, {layout} (mpiexec -n 4) ...", flush=True)
             rows, _ = _job(folder, layout, start == "resume", timeout)
+            rows = rows[max(i for i, r in enumerate(rows) if "start" in r):]  # this job's lines
             if start == "fresh":
                 fresh_folder[layout] = folder
             peaks = [max(r["peak_rss"]["ranks"][k] for r in rows) for k in range(4)]

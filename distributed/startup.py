@@ -429,7 +429,7 @@ class Startup:
         parts = ", ".join(f"{k} {v / GIB:.2f}" for k, v in estimate["counted"].items() if v)
         said = f"estimated peak memory {total / GIB:.2f} GiB per rank, in the {phase} ({parts} GiB)"
         state = estimate["params"] + estimate["optimizer"] + estimate["grads"]
-        state_alone_too_big = phase in ("checkpoint", "startup") or (available is not None and state > available)
+        state_alone_too_big = phase in ("save", "startup") or (available is not None and state > available)
         refusal = (f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said}",
                    "this model's state does not fit this machine" if state_alone_too_big else
                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true"))
