@@ -57,18 +57,20 @@ largest, which sum to "total" exactly ("margin" is what MARGIN adds).
 Measured (`python tests/test_rank_memory.py [--seq-len T] [--set vocab_size=V] LAYOUT …`: 4 ranks under mpiexec,
 fresh init, 2 steps of 4 sequences of micro-batch 1 and a save, float32, numba unless said; VmHWM of every rank):
 
-    model                        T     layout                 measured MiB   estimated MiB   estimate/measured
-    bench-medium                 512   dp_shard=4             1247-1248      1138 (backward)  0.91
-    bench-medium                 512   dp_shard=4,ep=4        1182-1198      1112             0.93-0.94
-    bench-medium                 512   dp_shard=2,cp=2,ep=2   1125-1143      1049             0.92-0.93
-    bench-medium, reference      512   dp_shard=4             1099-1113      1031 (before a fix) 0.93-0.94
-    bench-medium, vocab 200,192  256   dp_shard=4             3487-3494      3342             0.96
-    bench-medium, vocab 200,192  512   dp_shard=4,ep=4        3980-3999      3873             0.97
-    bench-medium, vocab 200,192  512   dp_shard=2,cp=2,ep=2   3779-3823      3611             0.94-0.96
-    every layout above, the start (fresh init)                               1.01-1.02
+    model                        T    backend    layout                 measured MiB  estimated MiB  est./meas.
+    bench-medium                 512  numba      dp_shard=4             1248-1249     1138           0.91
+    bench-medium                 512  numba      dp_shard=4,ep=4        1185-1201     1138           0.95-0.96
+    bench-medium                 512  numba      dp_shard=2,cp=2,ep=2   1130-1157     1049           0.91-0.93
+    bench-medium                 512  reference  dp_shard=4             1081-1125     1026           0.91-0.95
+    bench-medium                 512  reference  dp_shard=2,cp=2,ep=2   1006-1019      937           0.92-0.93
+    bench-medium, vocab 200,192  512  numba      dp_shard=4             4042-4140     3873           0.94-0.96
+    bench-medium, vocab 200,192  512  numba      dp_shard=4,ep=4        3982-4035     3873           0.96-0.97
+    bench-medium, vocab 200,192  512  numba      dp_shard=2,cp=2,ep=2   3779-3820     3611           0.95-0.96
+    every run above, its start (fresh init, VmHWM before the first step)                              1.01-1.02
 
-The estimate errs low by 3-9 %: tracemalloc finds the step's arrays within 2 % of the count, and the rest is the
-allocator's: memory freed after the start (the spans' values) stays resident and is only partly reused by the step.
+The step's peak errs low by 3-9 %: tracemalloc finds the step's arrays within 2 % of the count (tests/
+test_rank_memory.py checks it on 4 ranks), and the rest is the allocator's: memory freed after the start (the spans'
+values) stays resident and the step reuses only part of it.
 """
 
 from __future__ import annotations

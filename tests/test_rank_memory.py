@@ -53,7 +53,7 @@ def test_shards_are_one_nth_of_the_whole_state_and_the_peak_falls_with_dp_shard(
         layout = Layout(dp_shard=n)
         est = estimate_rank_bytes(config, layout, n - 1, 64, 1, "float32")
         buckets = len(ParallelPlan(config, layout).buckets(0))
-        for part, factor in (("params", 1), ("grads", 1)):
+        for part in ("params", "grads"):
             shards = est[part] - bias
             assert (whole[part] - bias) / n <= shards <= (whole[part] - bias) / n + 4 * buckets * (n - 1), (part, n)
         assert whole["optimizer"] / n <= est["optimizer"] <= whole["optimizer"] / n + 8 * buckets * (n - 1)
@@ -177,7 +177,8 @@ def test_distributed_muon_loads_ranks_unevenly_and_busiest_rank_finds_the_heavie
 # ---- measured peaks ------------------------------------------------------------------------------------------------
 def test_peak_rss_reads_vmhwm_and_falls_back_to_getrusage(tmp_path):
     (tmp_path / "self").mkdir()
-    (tmp_path / "self" / "status").write_text("Name:\tpython\nVmPeak:\t 999 kB\nVmHWM:\t  123456 kB\nVmRSS:\t 1000 kB\n")
+    (tmp_path / "self" / "status").write_text("Name:\tpython\nVmPeak:\t 999 kB\nVmHWM:\t  123456 kB\n"
+                                              "VmRSS:\t 1000 kB\n")
     assert peak_rss_bytes(str(tmp_path)) == 123456 * 1024 and current_rss_bytes(str(tmp_path)) == 1000 * 1024
     nowhere = str(tmp_path / "nowhere")
     fallback = peak_rss_bytes(nowhere)  # ru_maxrss: this process's peak, KiB on Linux
