@@ -105,12 +105,13 @@ def _job(folder: str, layout: str, resume: bool, timeout: int) -> tuple[list[dic
     return rows, done.stdout + done.stderr
 
 
-def _estimates(config, layout_text: str, seq_len: int) -> list[int]:
+def _estimates(config, layout_text: str, seq_len: int, start: str) -> list[int]:
     from trinity.distributed.layout import Layout
     from trinity.distributed.rank_memory import estimate_rank_bytes
     layout = Layout.parse(layout_text)
     return [estimate_rank_bytes(config, layout, rank, seq_len=seq_len, micro_batch_size=1, dtype="float32",
-                                micro_steps=4 // layout.dp)["total"] for rank in range(layout.world_size)]
+                                micro_steps=4 // layout.dp, backend="numba", start=start)["total"]
+            for rank in range(layout.world_size)]
 
 
 def main() -> None:
@@ -165,7 +166,7 @@ def main() -> None:
                 fresh_folder[layout] = folder
             peaks = [max(r["peak_rss"]["ranks"][k] for r in rows) for k in range(4)]
             read = rows[0]["start"]["bytes_read"]
-            est = _estimates(config, layout, seq_len)
+            est = _estimates(config, layout, seq_len, start)
             print(f"   steps {rows[0]['step']}-{rows[-1]['step']}, loss {rows[-1]['loss']['total']:.4f}; read from "
                   f"{read_from}")
             print(f"   {'rank':>4} {'peak GiB':>9} {'/ state':>8} {'estimate GiB':>13} {'est/peak':>9} "

@@ -153,7 +153,9 @@ class Mesh:
             return self._checked(kind, group, args, op)
         if op == "max":
             return getattr(comm, kind)(*args, op=_max_op(comm))
-        if kind in ("Allreduce", "Reduce_scatter_block") and n > 2:
+        if kind == "Reduce_scatter_block" and n > 2:
+            return _ordered_reduce_scatter_chunked(comm, *args)
+        if kind == "Allreduce" and n > 2:
             return _ordered_reduce(comm, kind, *args)
         return getattr(comm, kind)(*args)
 
@@ -229,6 +231,27 @@ def _ordered_reduce(comm, kind: str, send, recv, combine=np.add) -> None:
     comm.Allgather(mine, whole)
     np.asarray(recv).reshape(-1)[:] = whole[:flat.size]
     return None
+
+
+REDUCE_CHUNK_BYTES = 16 << 20  # what a chunked reduce-scatter moves per Alltoall, at most (plus one row)
+
+
+def _ordered_reduce_scatter_chunked(comm, send, recv) -> None:
+    """_ordered_reduce's reduce-scatter, the same sums in the same order, in column chunks: with the send buffer as
+    [n, m] (rank r's block is row r), each chunk of columns [a, b) is one Alltoall of n·(b−a) elements and its
+    received rows are added in rank order into recv[a:b]. Only a chunk's buffers exist beside the send buffer
+    (REDUCE_CHUNK_BYTES), not a second buffer of its size: a bucket's flat gradient can be most of a rank's memory."""
+    n = comm.Get_size()
+    rows = np.ascontiguousarray(send).reshape(n, -1)
+    out = np.asarray(recv).reshape(-1)
+    m = rows.shape[1]
+    width = max(1, REDUCE_CHUNK_BYTES // max(n * rows.itemsize, 1))
+    for a in range(0, m, width):
+        b = min(m, a + width)
+        piece = np.ascontiguousarray(rows[:, a:b])
+        got = np.empty_like(piece)
+        comm.Alltoall(piece.reshape(-1), got.reshape(-1))
+        _combine_rows(got, out[a:b], np.add)
 
 
 def _combine_rows(rows: np.ndarray, out: np.ndarray, combine) -> None:

@@ -44,7 +44,9 @@ def fresh_rank_state(run, config, plan, rank: int) -> RankState:
     """The run's fresh init, this rank's spans only (the same values as init_params, sliced)."""
     dtype = np.dtype(run.dtype)
     values = init_param_spans(config, plan.wanted(rank), seed=run.init_seed, dtype=dtype)
-    return _with_new_optimizer(ShardedParams.from_spans(plan, rank, values, dtype), config)
+    params = ShardedParams.from_spans(plan, rank, values, dtype)
+    del values  # (the shards hold their copy: the spans go before the optimizer state is made)
+    return _with_new_optimizer(params, config)
 
 
 def pretrained_rank_state(run, base, plan, rank: int) -> RankState:
@@ -61,7 +63,9 @@ def pretrained_rank_state(run, base, plan, rank: int) -> RankState:
     for key, pieces in values.items():
         if not all(np.isfinite(p).all() for p in pieces):
             raise RunConfigError(f"[model] init_from = {value!r}: the weights hold NaN or infinity ({key})")
-    state = _with_new_optimizer(ShardedParams.from_spans(plan, rank, values, dtype), plan.config)
+    params = ShardedParams.from_spans(plan, rank, values, dtype)
+    del values
+    state = _with_new_optimizer(params, plan.config)
     state.bytes_read = nbytes
     return state
 
@@ -71,10 +75,12 @@ def resumed_rank_state(ckpt, plan, rank: int) -> RankState:
     saved it)."""
     dtype = ckpt.params["model.embed_tokens.weight"][0].dtype
     params = ShardedParams.from_spans(plan, rank, ckpt.params, dtype)
+    ckpt.params = None  # what was read goes as soon as the shards hold it
     state = {"step": np.array(ckpt.optimizer_state["step"], dtype=np.int64)}
     for b in params.buckets:
         for prefix in STATE_PREFIXES[b.optimizer]:
             state[prefix + b.shard_name] = shards_from_spans([b], ckpt.optimizer_state, dtype, prefix)[b.shard_name]
+    ckpt.optimizer_state = None
     return RankState(params, state, dict(ckpt.balancing_state), ckpt.bytes_read)
 
 

@@ -44,7 +44,7 @@ from trinity.reference.training.schedules import BatchSchedule
 from .layout import Layout, LayoutError
 from .mesh import allgather_json
 from .plan import ParallelPlan
-from .rank_memory import estimate_rank_bytes
+from .rank_memory import BASELINE_BYTES, estimate_rank_bytes
 from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .metrics_log import MetricsLog, is_metrics_file
 from .run_config import RunConfig, RunConfigError, check_output_paths
@@ -433,9 +433,11 @@ class Startup:
         refusal = (f"[data] seq_len = {run.seq_len}, micro_batch_size = {run.micro_batch_size}: {said}",
                    "this model's state does not fit this machine" if state_alone_too_big else
                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true"))
-        self._memory_need = {"need": total, "available": available, "refusal": refusal}
+        # what the rank still has to allocate: the process as it starts (rank_memory.BASELINE_BYTES) is resident
+        need = max(0, total - BASELINE_BYTES.get(run.backend, BASELINE_BYTES["numba"])[0])
+        self._memory_need = {"need": need, "available": available, "refusal": refusal}
         self.memory_estimate = estimate
-        if available is not None and not distributed and total > available:
+        if available is not None and not distributed and need > available:
             raise RunConfigError(f"{refusal[0]} exceeds the {available / GIB:.2f} GiB available; {refusal[1]}")
         return said + (f" of {available / GIB:.2f} GiB available" if available is not None else "")
 

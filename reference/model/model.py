@@ -160,6 +160,9 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
     if not c.tie_word_embeddings:
         head_grads["lm_head.weight"] = dhead
     grads.update(ops.hand_back_grads("head", head_grads))
+    del head_grads  # under FSDP the seam kept a shard: the whole head gradient goes now, not after the layers
+    if not c.tie_word_embeddings:
+        dhead = None
     for layer in reversed(range(c.num_hidden_layers)):
         layer_ctx = ctx["layers"][layer]
         p = ops.gather_params(params, layer)
