@@ -182,6 +182,16 @@ class ShardedParams:
         return whole.reshape((ep * local.shape[0],) + local.shape[1:])
 
 
+def _flat_gradient(b: FlatBucket, grads: dict) -> np.ndarray:
+    """The bucket's padded flat gradient: a view of the key's own array when the bucket is one unpadded key (the
+    embedding, the head: no copy of a [V, d] array), else the keys laid end to end (FlatBucket.flatten)."""
+    if len(b.keys) == 1 and b.padded == b.size:
+        g = np.ascontiguousarray(grads[b.keys[0]])
+        if g.size == b.size:
+            return g.reshape(-1)
+    return b.flatten(grads, grads[b.keys[0]].dtype)
+
+
 class ShardedParamSeams:
     """The parameter-gather seam over ShardedParams (a mixin of ParallelOps: needs self.mesh and self.config).
 
@@ -294,18 +304,29 @@ class ShardedParamSeams:
         else:
             self._position = 0  # the micro-batch is done: the next gather starts a new one
 
-    def hand_back_grads(self, bucket, grads: dict) -> dict:
+    def hand_back_grads(self, bucket, grads: dict, into: dict | None = None) -> dict:
+        """Each flat bucket's reduce-scattered shard of the bucket's gradients (seams.py); with `into`, each shard is
+        added into the earlier sum there (in place, the step's micro-batch order) and that array is returned."""
         self.mesh.set_phase("backward", bucket)  # (for traces)
         if bucket == "embed":
             self._position = 0
         out = {}
         for b in self._by_model_bucket.get(bucket, []):
-            flat = b.flatten(grads, grads[b.keys[0]].dtype)
+            flat = _flat_gradient(b, grads)
             if b.n == 1:
                 shard = flat
             else:
                 shard = np.empty(b.shard_size, dtype=flat.dtype)
                 self.mesh.collective("Reduce_scatter_block", b.group, flat, shard)
+            del flat
+            if into is not None:
+                into[b.shard_name] += shard
+                shard = into[b.shard_name]
             out[b.shard_name] = shard
-        out.update({k: v for k, v in grads.items() if is_expert_bias(k)})
+        for k, v in grads.items():
+            if is_expert_bias(k):
+                if into is not None:
+                    into[k] += v
+                    v = into[k]
+                out[k] = v
         return out

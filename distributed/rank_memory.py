@@ -19,8 +19,9 @@ rank `rank` holds at the peak of each phase of a run (the parallel plan, plan.py
                buffer for two ranks): at layer l's backward G(l) + G(l−1) (posted when l's gather arrived) + W(l) +
                W(l+1) (still bound until l's backward returns) + a layer's backward workspace; at its hand-back
                W(l) + F(l) + G(l−1); at the head G(head) or F(head), + G(L−1) + W(head); at the embedding W(0) +
-               W(embed) + F(embed); and at every one the head's gradient W(head), which model_backward keeps bound
-               to the end. Measured with tracemalloc on bench-medium at 4 ranks: 1-2 % below this count
+               W(embed) + F(embed); a tied head's gradient at every one (an untied head's goes after its hand-back).
+               F(b) is the flat gradient and, over more than two ranks, one column chunk's buffers of the ordered
+               reduce-scatter (mesh.REDUCE_CHUNK_BYTES). Measured with tracemalloc on bench-medium at 4 ranks: 1-2 % below this count
   activations, logits, workspace
                one micro-batch at this rank's positions: B sequences of T/cp tokens, counted by
                reference/training/memory.step_working_set (routed rows under EP: the mean, N·K, arrive at a rank)
@@ -40,12 +41,13 @@ rank `rank` holds at the peak of each phase of a run (the parallel plan, plan.py
 The phases and what each holds at its peak (W = the working set, counted × MARGIN like the step's estimate):
 
   backward   baseline + params + optimizer + W(sets · grads + activations + logits + workspace + context + gathered)
-  loss       … + W((sets − 1) · grads + activations + logits + the loss's [B, T/cp, V] temporary + context kept)
+  loss       … + W([m > 1] · grads + activations + logits + the loss's [B, T/cp, V] temporary + context kept)
   update     … + W(2 · grads + update): the step's gradients and their clipped copy, with the optimizer transient
   save       … + W(checkpoint)                                                              (host only)
   startup    … + W(startup)                                                                 (host only)
 
-where sets = min(micro_steps, 3) gradient sets alive in a micro-batch's backward (memory.gradient_sets). With one
+where sets = 1 gradient set alive in a micro-batch's backward (memory.gradient_sets: later micro-batches add into the
+running sums as each bucket is handed back), and from the second micro-batch on the sums during the loss too. With one
 rank (layout single) the step is the single-process trainer's and its three moments are estimate_step_bytes's
 exactly (no gathered, no flat gradients, the update as it counts it). On a GPU (device="gpu", the cost model)
 params, gradients and optimizer state are in `dtype` (fp32 master weights) and gathered weights, activations and
@@ -81,9 +83,10 @@ import math
 import numpy as np
 
 from trinity.reference.model.params import EXPERT_BIAS_DTYPE, param_shapes
-from trinity.reference.training.memory import MARGIN, gradient_sets, step_working_set
+from trinity.reference.training.memory import MARGIN, accumulation_bytes, gradient_sets, step_working_set
 
 from .layout import Layout, gathers_whole_sequence
+from .mesh import REDUCE_CHUNK_BYTES
 from .plan import ParallelPlan, owners_of
 
 __all__ = ["estimate_rank_bytes", "busiest_rank", "BASELINE_BYTES", "READ_BYTES", "STARTS", "DEVICES"]
@@ -131,7 +134,7 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
     work = _working_set(config, B, T // layout.cp, act_dtype, recompute)
     kept, exchange = _context_bytes(config, layout, B, T, cs, recompute)
     starting, running = BASELINE_BYTES.get(backend, BASELINE_BYTES["numba"]) if host else (0, 0)
-    gathered, workspace = (0, work["backward_workspace"]) if single else \
+    gathered, workspace = (accumulation_bytes(config, act_dtype, m), work["backward_workspace"]) if single else \
         _gathered(config, layout, rank, s, cs, work["backward_workspace"])
     parts = {"baseline": running, "params": params, "grads": grads, "optimizer": optimizer,
              "gathered": gathered, "activations": work["activations"], "logits": work["logits"],
@@ -144,7 +147,7 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
     moments = {
         "backward": {"grads": sets * grads, **step, "workspace": workspace, "context": kept + exchange,
                      "gathered": gathered},
-        "loss": {"grads": (sets - 1) * grads, **step, "workspace": work["loss_workspace"], "context": kept},
+        "loss": {"grads": (m > 1) * grads, **step, "workspace": work["loss_workspace"], "context": kept},
         "update": {"grads": (3 if single else 2) * grads, "update": parts["update"]},
     }
     if host:
@@ -162,6 +165,9 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
     total = sum(counted.values())
     return {**parts, "total": total, "phase": phase,
             "phases": {p: sum(c.values()) for p, c in phases.items()}, "counted": counted}
+
+
+EVERY_RANK_UP_TO = 64  # busiest_rank estimates every rank of a replica up to this many
 
 
 def busiest_rank(config, layout: Layout, seq_len: int, micro_batch_size: int, dtype="float32",
@@ -182,6 +188,8 @@ def busiest_rank(config, layout: Layout, seq_len: int, micro_batch_size: int, dt
         f = np.arange(fsdp)
         load = np.maximum(load, per_index[f if b.group == "fsdp" else f // layout.ep])
     candidates = sorted({0, int(plan.members("fsdp", 0)[int(np.argmax(load))])})
+    if fsdp <= EVERY_RANK_UP_TO:  # few enough to estimate each (the heuristic can miss a near tie of phases)
+        candidates = plan.members("fsdp", 0)
     totals = [estimate_rank_bytes(config, layout, r, seq_len, micro_batch_size, dtype, recompute, micro_steps,
                                   **kw)["total"] for r in candidates]
     return candidates[int(np.argmax(totals))]
@@ -232,16 +240,19 @@ def _in_flight(config, buckets, s: int, cs: int, layer_workspace: int) -> tuple[
     def W(mb):  # the bucket's whole local gradient arrays
         return sum(b.size * cs for b in by_model.get(mb, []))
 
-    def F(mb):  # the flat gradient built for the reduce-scatter, and the blocks it receives (mesh._ordered_reduce)
-        return sum(b.padded * s * (2 if b.n > 1 else 1) for b in by_model.get(mb, []))
+    def F(mb):  # the flat gradient built for the reduce-scatter, and one chunk's buffers (mesh's chunked ordered
+        # reduce-scatter over more than two ranks: a column chunk sent and the one received, REDUCE_CHUNK_BYTES each)
+        return sum((0 if len(b.keys) == 1 and b.padded == b.size else b.padded * s)  # one unpadded key: a view
+                   + (_chunk_buffers(b.padded * s) if b.n > 2 else 0) for b in by_model.get(mb, []))
 
     L = config.num_hidden_layers
-    # The head's gradient stays bound to model_backward's locals until the backward ends (a tied head's too, until
-    # it is added to the embedding's); a layer's gradients until the next layer's backward returns.
-    dhead = config.vocab_size * config.hidden_size * cs if config.tie_word_embeddings else W("head")
-    head_gathers = G("head") + (G("embed") if config.tie_word_embeddings else 0)
+    # The head's gradient goes once its hand-back returned (model_backward drops it), except a tied head's, which
+    # stays until it is added to the embedding's; a layer's gradients stay until the next layer's backward returns.
+    tied = config.tie_word_embeddings
+    dhead = config.vocab_size * config.hidden_size * cs if tied else 0
+    head_gathers = G("head") + (G("embed") if tied else 0)
     after_head = G(L - 1) if L else 0
-    moments = [(after_head + dhead + max(head_gathers, F("head")), 0)]
+    moments = [(after_head + (dhead if tied else W("head")) + max(head_gathers, F("head")), 0)]
     for layer in reversed(range(L)):
         previous = W(layer + 1) if layer + 1 < L else 0
         nxt = G(layer - 1) if layer else 0
@@ -251,6 +262,12 @@ def _in_flight(config, buckets, s: int, cs: int, layer_workspace: int) -> tuple[
     forward = ["embed", *range(L), "head"]
     moments += [(G(a) + G(b), 0) for a, b in zip(forward, forward[1:])]
     return max(moments, key=lambda m: (m[0] + m[1], m[1]))
+
+
+def _chunk_buffers(nbytes: int) -> int:
+    """The buffers of mesh's chunked ordered reduce-scatter of `nbytes`: one chunk covering it all sends the flat
+    gradient itself and receives a copy; several chunks each copy their columns out and receive as many."""
+    return nbytes if nbytes <= REDUCE_CHUNK_BYTES else 2 * REDUCE_CHUNK_BYTES
 
 
 def _context_bytes(config, layout: Layout, B: int, T: int, cs: int, recompute: bool) -> tuple[int, int]:

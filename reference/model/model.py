@@ -136,13 +136,14 @@ def check_inputs(config: Config, params: dict, tokens, doc_ids):
     return tokens, doc_ids
 
 
-def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
+def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None, into: dict | None = None):
     """Gradients of every parameter from dlogits [B, T, V] (and, per MoE layer, the balance loss's gradient on the
     router scores, `dscores[layer]` [N, E]). Returns (grads with exactly the keys of params, dx⁰): dx⁰ is the
     gradient w.r.t. the embedding output x⁰ = m·E_emb[tok] (or m·embeds). Layers kept by recompute run their
     forward again here, one at a time. Each bucket is gathered again for its backward (the head first, the layers in
     reverse), and its gradients pass through the op table's hand_back_grads seam as soon as they are complete (head
-    first, embedding last)."""
+    first, embedding last). `into`: earlier sums of what the seam returns, which each bucket's gradients are added
+    into in place (a step's micro-batches: one set of gradients at a time, not two)."""
     if ctx.get("kv_cache") is not None:
         raise ValueError("model_backward: a forward run with kv_cache has no backward (use a full forward)")
     c, ops = config, ctx["ops"]
@@ -159,7 +160,7 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
     head_grads = {"model.norm.weight": dnorm}
     if not c.tie_word_embeddings:
         head_grads["lm_head.weight"] = dhead
-    grads.update(ops.hand_back_grads("head", head_grads))
+    grads.update(ops.hand_back_grads("head", head_grads, into))
     del head_grads  # under FSDP the seam kept a shard: the whole head gradient goes now, not after the layers
     if not c.tie_word_embeddings:
         dhead = None
@@ -172,7 +173,7 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
         ds = None if dscores is None else dscores[layer]
         dx, layer_grads = decoder_layer_backward(ops, c, p, layer, layer_ctx, dx, ds)
         ops.release_params(layer)
-        grads.update(ops.hand_back_grads(layer, layer_grads))
+        grads.update(ops.hand_back_grads(layer, layer_grads, into))
     if ctx["embed"] is None:  # the forward took embeds: the table gets no gradient
         emb = ops.gather_params(params, "embed")["model.embed_tokens.weight"]
         dembed = array_namespace(emb).zeros_like(emb)
@@ -181,5 +182,5 @@ def model_backward(config: Config, params: dict, ctx, dlogits, dscores=None):
         dembed = ops.embedding_backward(ctx["embed"], dx)
     if c.tie_word_embeddings:
         dembed = dembed + dhead
-    grads.update(ops.hand_back_grads("embed", {"model.embed_tokens.weight": dembed}))
+    grads.update(ops.hand_back_grads("embed", {"model.embed_tokens.weight": dembed}, into))
     return {k: grads[k] for k in params}, dx

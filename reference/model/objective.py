@@ -71,7 +71,8 @@ def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, 
 
 
 def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, recompute=False, embeds=None,
-                   ops=None, *, positions=None, shift=True, scale: LossScale | None = None, check=True):
+                   ops=None, *, positions=None, shift=True, scale: LossScale | None = None, check=True,
+                   grads_into: dict | None = None):
     """Losses, gradients of `total` w.r.t. every parameter, and routing statistics.
 
     tokens, labels: int [B, T] with Hugging Face `labels` semantics (shifted inside, −100 ignored); doc_ids
@@ -82,7 +83,9 @@ def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, r
     For part of a training step (training/step.py): positions [T] the tokens' positions (a context-parallel rank's
     chunks), shift=False with labels already aligned to positions (labels[t] is what position t predicts), and
     scale (LossScale) the step's denominators, so that the losses and gradients are this part's share of the
-    step's. check=False skips the parameter and input checks (the step checks once).
+    step's. check=False skips the parameter and input checks (the step checks once). grads_into: the gradients
+    of earlier micro-batches (as the hand_back_grads seam returned them): this part's are added into those arrays in
+    place, bucket by bucket as the backward hands them back, and those arrays are returned (model_backward's `into`).
 
     Returns (losses, grads, stats):
       losses: dict total, ce, z, balance (floats; z uses config.z_loss_coeff, balance config.balance_loss_coeff);
@@ -102,5 +105,5 @@ def loss_and_grads(config: Config, params: dict, tokens, labels, doc_ids=None, r
         ds = None if lb_ctx is None else ops.balance_loss_backward(lb_ctx)
         dscores.append(None if ds is None else array_namespace(ds).reshape(ds, (-1, ds.shape[-1])))
     grads, stats["embedding_output_grad"] = model_backward(config, params, ctx, ops.cross_entropy_backward(ce_ctx),
-                                                           dscores)
+                                                           dscores, into=grads_into)
     return losses, grads, stats

@@ -64,7 +64,7 @@ from ..model.params import EXPERT_BIAS_DTYPE, param_shapes
 from ..operators.attention import _BLOCK_ELEMENTS, largest_query_block
 from .optim import param_group
 
-__all__ = ["estimate_step_bytes", "step_working_set", "gradient_sets", "available_memory_bytes", "AVAILABLE_MEMORY_ENV",
+__all__ = ["estimate_step_bytes", "step_working_set", "gradient_sets", "accumulation_bytes", "available_memory_bytes", "AVAILABLE_MEMORY_ENV",
            "MARGIN"]
 
 AVAILABLE_MEMORY_ENV = "TRINITY_AVAILABLE_MEMORY"  # bytes: replaces the measured available memory
@@ -87,11 +87,13 @@ def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dty
     w = step_working_set(config, micro_batch_size, seq_len, dtype, recompute)
     grads, activations, logits = w["grads"], w["activations"], w["logits"]
     backward_ws, loss_ws, largest = w["backward_workspace"], w["loss_workspace"], w["largest"]
-    # Gradient sets alive in a micro-batch's backward: its own, plus with accumulation the running sum and, from
-    # the third micro-batch on, the previous micro-batch's (still bound in the trainer's loop).
-    sets = gradient_sets(micro_steps)
-    moments = [("backward", sets * grads + activations + logits + backward_ws, backward_ws),
-               ("loss", (sets - 1) * grads + activations + logits + loss_ws, loss_ws),
+    # One gradient set in a micro-batch's backward (gradient_sets): the first micro-batch's own, or the running
+    # sums the later ones add into bucket by bucket; then beyond the sums, the bucket being handed back and the one
+    # still bound (two buckets' fresh gradients). From the second micro-batch on the sums exist during the loss too.
+    sets, later = gradient_sets(micro_steps), micro_steps > 1
+    fresh = accumulation_bytes(config, dtype, micro_steps)
+    moments = [("backward", sets * grads + fresh + activations + logits + backward_ws, backward_ws),
+               ("loss", later * grads + activations + logits + loss_ws, loss_ws),
                # the update: the running sum, the averaged and the clipped copies, and clipping's float64 temporaries
                # (or the optimizer's) of the largest tensor
                ("update", 3 * grads + 3 * largest, 3 * largest)]
@@ -101,10 +103,25 @@ def estimate_step_bytes(config: Config, micro_batch_size: int, seq_len: int, dty
             "logits": logits, "workspace": workspace, "total": total, "phase": phase}
 
 
+def accumulation_bytes(config: Config, dtype, micro_steps: int) -> int:
+    """Beyond the running sums, what a later micro-batch's backward holds of its own gradients in one process: the
+    bucket being handed back and the one still bound, at most twice the largest model bucket's gradients
+    (params.param_buckets: embed, a layer, head); 0 with one micro-batch per step."""
+    if micro_steps <= 1:
+        return 0
+    from ..model.params import param_buckets, param_shapes
+    shapes, s = param_shapes(config), np.dtype(dtype).itemsize
+    return 2 * max(sum(int(np.prod(shapes[k])) for k in keys) for keys in param_buckets(config).values()) * s
+
+
 def gradient_sets(micro_steps: int) -> int:
-    """Gradient sets alive in a micro-batch's backward: its own, plus with accumulation the running sum and, from
-    the third micro-batch on, the previous micro-batch's (bound in the step's loop until the next one returns)."""
-    return min(int(micro_steps), 3)
+    """Whole gradient sets alive in a micro-batch's backward: one, however many micro-batches a step has. Each
+    micro-batch's gradients are added into the running sums bucket by bucket as its backward hands them back
+    (training/step.py, model_backward's `into`), so beyond the sums only the bucket being handed back exists (the
+    backward's moments count it)."""
+    if int(micro_steps) < 1:
+        raise ValueError(f"micro_steps must be >= 1, got {micro_steps}")
+    return 1
 
 
 def step_working_set(config: Config, micro_batch_size: int, seq_len: int, dtype="float32", recompute=False) -> dict:

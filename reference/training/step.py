@@ -197,15 +197,13 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     for m0 in range(0, local, max(mbs, 1)):
         mb = slice(m0, m0 + mbs)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by the caller, by name
+            # each micro-batch's gradients are added into the running sums as its backward hands them back, so one
+            # set of gradients exists at a time (the same sums, in the same order, as adding whole sets after)
             losses, grads, stats = loss_and_grads(c, params, tokens[mb, :], targets[mb, :],
                                                   None if docs is None else docs[mb, :], recompute=recompute, ops=ops,
                                                   positions=None if whole else positions, shift=whole, scale=scale,
-                                                  check=False)
-        if grads_sum is None:
-            grads_sum = grads
-        else:
-            for k, g in grads.items():
-                grads_sum[k] += g
+                                                  check=False, grads_into=grads_sum)
+        grads_sum = grads
         for layer, s in stats["layers"].items():
             counts[layer] = counts.get(layer, 0) + s["expert_counts"]
         for k in LOSS_PARTS:
