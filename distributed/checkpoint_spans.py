@@ -35,7 +35,7 @@ import bisect
 import contextlib
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -43,7 +43,7 @@ import numpy as np
 from trinity.reference.model.config import Config
 from trinity.reference.model.params import check_params, is_expert_bias, param_shapes
 from trinity.reference.training import checkpoint as _ck
-from trinity.reference.training.checkpoint import CheckpointCorrupt, CheckpointError, restore_rng
+from trinity.reference.training.checkpoint import Checkpoint, CheckpointCorrupt, CheckpointError
 from trinity.reference.training.checkpoint_files import is_plain_file, open_plain
 from trinity.reference.training.sealed_file import MAGIC, PartialReader, SealError
 
@@ -66,28 +66,11 @@ class RangeError(ValueError):
 
 
 @dataclass
-class CheckpointSpans:
+class CheckpointSpans(Checkpoint):
     """A checkpoint as one rank reads it: `params` {key: [1-D array per wanted range]}, `optimizer_state`
     {prefix + key: [1-D array per range]} and "step" (a 0-d array), the rest as in Checkpoint (whole), and
     `bytes_read`: the bytes read from the checkpoint's files (manifest, seal headers, structures, blocks)."""
-    config: Config
-    params: dict
-    optimizer_state: dict
-    balancing_state: dict
-    step: int
-    tokens_seen: int
-    data_state: dict
-    rng_state: dict | None
-    extra: dict = field(default_factory=dict)
-    run_id: str | None = None
-    tokenizer: dict | None = None
-    tokenizer_json: bytes | None = None
-    data_fingerprint: list | None = None
-    path: str | None = None
     bytes_read: int = 0
-
-    def rng(self) -> np.random.Generator:
-        return restore_rng(self.rng_state)
 
 
 def state_wanted(plan, rank: int) -> dict:
