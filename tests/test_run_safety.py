@@ -47,7 +47,7 @@ keep_last = {keep_last}
 metrics = "metrics.jsonl"
 progress = false
 """
-TIMING = ("tokens_per_s", "seconds")  # the only fields allowed to differ between two runs of the same steps
+TIMING = ("tokens_per_s", "seconds", "peak_rss")  # the only fields allowed to differ between two runs of the same steps
 
 
 def write_run(folder, steps=6, every=3, keep_last=2, adamw_lr=0.01, train="", model='preset = "tiny"',

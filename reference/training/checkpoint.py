@@ -57,7 +57,7 @@ from ..files import CheckpointError, atomic_path, fsync_dir  # one CheckpointErr
 from ..model.config import RESUMABLE_FIELDS, Config, ConfigError
 from ..model.params import check_params
 from .checkpoint_files import StorageError, check_storage, dataset_names, is_plain_dir, is_plain_file, listed
-from .sealed_file import SealError, header_size, is_sealed, read_header, seal, verify
+from .sealed_file import SealError, header_size, is_sealed, read_header, seal, seal_file, verify
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
            "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "read_run_id",
@@ -222,30 +222,72 @@ def save_checkpoint(path, *, config: Config, params: dict, optimizer_state: dict
 
 def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
     """Write an HDF5 file of `attrs` and {group: {name: array}}, sealed with `meta` (sealed_file.py), atomically;
-    returns the SHA-256 of its bytes. The file is built in memory and written with plain file I/O: HDF5 itself
-    reacts to a failed write (a full disk) with pages of errors and, at exit, a crash; Python's write raises one
-    OSError (CheckpointWriteError here). Memory: the arrays plus one copy of the file, held while saving."""
-    userblock = header_size({f"{group}/{name}": np.asarray(array).nbytes for group, arrays in groups.items()
-                             for name, array in arrays.items()}, meta)
-    ranges, memory = {}, io.BytesIO()
-    with h5py.File(memory, "w", userblock_size=userblock, track_order=True) as f:
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        for group, arrays in groups.items():
-            g = f.create_group(group, track_order=True)
-            for name, array in arrays.items():
-                offset = g.create_dataset(name, data=array).id.get_offset()
-                ranges[f"{group}/{name}"] = (offset or 0, array.nbytes if offset is not None else 0)
-    image = memory.getbuffer()
-    seal(image, userblock, ranges, meta)
+    returns the SHA-256 of its bytes. HDF5 writes only the file's structure: each dataset's space is reserved at
+    creation (early allocation, never filled), then its bytes are written from the array with plain file I/O and
+    the seal is made from the arrays and the structure read back, so no copy of the file is held in memory (a
+    rank's shards can be most of its memory) and a failed data write (a full disk) is one OSError
+    (CheckpointWriteError here): HDF5 itself writes only the small structure. The temporary file is created new (never through a
+    planted link) and HDF5 writes through its descriptor."""
+    arrays = {f"{group}/{name}": np.asarray(array, order="C") for group, named in groups.items()
+              for name, array in named.items()}
+    userblock = header_size({key: a.nbytes for key, a in arrays.items()}, meta)
     try:
         with atomic_path(path) as tmp:
-            _write_bytes(tmp, image)
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "w+b") as out:
+                ranges = _write_structure(out, userblock, attrs, groups, arrays)
+                for key, (offset, nbytes) in ranges.items():
+                    if nbytes:
+                        _write_range(out, offset, memoryview(arrays[key]).cast("B"))
+                out.flush()
+                length = out.seek(0, os.SEEK_END)
+                seal_file(out, userblock, length, ranges,
+                          {key: [memoryview(arrays[key]).cast("B")] for key in ranges}, meta)
+                out.flush()
+                return _file_sha256(out)
     except OSError as e:  # a full disk, a read-only or vanished directory
         reason = e.strerror or str(e).split("\n")[0]
         raise CheckpointWriteError(f"{path}: cannot write checkpoint ({reason}); the file was not changed") \
             from None
-    return hashlib.sha256(image).hexdigest()
+
+
+def _write_structure(out, userblock: int, attrs: dict, groups: dict, arrays: dict) -> dict:
+    """HDF5's part of the file, through the open file `out`: the attributes, the groups and every dataset with its
+    space reserved and unfilled; returns {"group/name": (offset, nbytes)}."""
+    ranges = {}
+    with h5py.File(out, "w", userblock_size=userblock, track_order=True) as f:
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        for group, named in groups.items():
+            g = f.create_group(group, track_order=True)
+            for name in named:
+                array = arrays[f"{group}/{name}"]
+                offset = _reserve_dataset(g, name, array).get_offset()
+                ranges[f"{group}/{name}"] = (offset or 0, array.nbytes if offset is not None else 0)
+    return ranges
+
+
+def _reserve_dataset(group, name: str, array):
+    """A contiguous dataset of the array's shape and dtype in `group`, its space allocated now and never filled
+    (HDF5 writes none of its bytes): the low-level dataset id."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+    space = h5py.h5s.create_simple(array.shape) if array.ndim else h5py.h5s.create(h5py.h5s.SCALAR)
+    return h5py.h5d.create(group.id, name.encode(), h5py.h5t.py_create(array.dtype), space, dcpl=dcpl)
+
+
+def _write_range(out, offset: int, data) -> None:
+    """A dataset's bytes at its reserved place in the file."""
+    out.seek(offset)
+    out.write(data)
+
+
+def _file_sha256(f) -> str:
+    f.seek(0)
+    return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def checked_dataset(f, group: str, name: str, path: str, sealed: dict | None = None):

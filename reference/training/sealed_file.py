@@ -36,7 +36,7 @@ import io
 import json
 import os
 
-__all__ = ["SealError", "MAGIC", "BLOCK_SIZE", "header_size", "seal", "is_sealed", "read_header", "verify",
+__all__ = ["seal_file", "SealError", "MAGIC", "BLOCK_SIZE", "header_size", "seal", "is_sealed", "read_header", "verify",
            "PartialReader"]
 
 MAGIC = b"TRINITY-SEALED "
@@ -151,6 +151,39 @@ def seal(buf, size: int, ranges: dict, meta: dict | None = None, block_size: int
     if len(header) > size:
         raise ValueError(f"seal header of {len(header)} bytes does not fit in {size}")
     view[:size] = header.ljust(size, b" ")
+
+
+def seal_file(f, size: int, length: int, ranges: dict, range_chunks: dict, meta: dict | None = None,
+              block_size: int | None = None) -> None:
+    """`seal` for a file being written (the open binary file `f`, `length` bytes, header space [0, size) left for
+    the seal) whose ranges' bytes the caller still holds: range_chunks {name: iterable of its byte chunks, in
+    order} are hashed from memory; only the bytes outside the ranges (the HDF5 structure) are read back from `f`.
+    The same header as `seal` of the whole image."""
+    block_size = BLOCK_SIZE if block_size is None else int(block_size)
+    digests, blocks = {}, {}
+    for name, (_, n) in ranges.items():
+        digests[name], blocks[name] = _hash_range(range_chunks[name] if n else [], block_size)
+
+    def read(off, n):
+        f.seek(off)
+        while n > 0:
+            chunk = f.read(min(n, _CHUNK))
+            if not chunk:
+                raise ValueError("seal_file: the file is shorter than its length")
+            n -= len(chunk)
+            yield chunk
+
+    structure, _, _ = _digests(read, size, length, ranges, block_size, known=digests)
+    table = {name: [int(off), int(n), digests[name]] for name, (off, n) in ranges.items()}
+    body = {"sha256": structure, "length": length, "ranges": table, "meta": meta or {}}
+    if block_size:
+        body.update(block_size=block_size, blocks=blocks)
+    line = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
+    header = MAGIC + f"{size} {_sha(line)}\n".encode("ascii") + line + b"\n"
+    if len(header) > size:
+        raise ValueError(f"seal header of {len(header)} bytes does not fit in {size}")
+    f.seek(0)
+    f.write(header.ljust(size, b" "))
 
 
 def is_sealed(path) -> bool:
