@@ -6,7 +6,7 @@ For each layout, one step (compute_gradients + apply_update) of `tiny` with ever
 sliding, MoE global, MoE sliding, MoE global; doc ids; balance loss; several micro-batches per rank) runs on a
 VirtualCluster with the reference backend, every rank's mesh recording its collectives (the trace). Schedule: the
 parallel plan's (trinity.distributed.schedule.step_schedule, without the trainer's stop agreement: no trainer runs
-here), rank by rank; priced: what the cost model sums (trinity.simulate.traffic_model.analytic). Neither reads the
+here), rank by rank; priced: what the cost model sums (trinity.simulate.planning.traffic_model.analytic). Neither reads the
 mesh. The expert-parallel rows come from routing counts taken outside the step: a single-process forward of the
 step's global batch with the same params gives every token's chosen experts, cut into each rank's rows, positions and
 micro-batches (schedule.routing_counts).
@@ -37,8 +37,8 @@ from trinity.reference.model.ops import REFERENCE
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.step import GlobalBatch, apply_update, compute_gradients
-from trinity.simulate.traffic_model import analytic
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.planning.traffic_model import analytic
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 LAYOUTS = ["dp_shard=4", "dp_replicate=2,dp_shard=2", "dp_shard=2,ep=2", "dp_shard=4,ep=4", "cp=2", "cp=4",
            "dp_replicate=2,cp=2", "dp_shard=2,cp=2,ep=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"]

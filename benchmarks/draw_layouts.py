@@ -36,7 +36,7 @@ from trinity.reference.model.ops import REFERENCE
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.step import apply_update, compute_gradients
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from comm_volume import bench_config, make_batch  # noqa: E402  (the model and batch of the volume table)

@@ -7,7 +7,7 @@ expert parallel 8 ("2048 data-parallel ranks", so no context parallel); 17T toke
 raised to 16,384 after 4.9T tokens; pretraining finished in 33 days. The sequence length of 8,192 tokens is the
 issue's statement of the run. Not published, so this project's assumptions: the dp_shard / dp_replicate split, the
 micro-batch size and recompute (the planner's fastest choice with ep = 8 that fits in memory is taken), the
-efficiencies of trinity.simulate.hardware, a balanced router (MaxVio 0), 8 GPUs per node, and that the run had no
+efficiencies of trinity.simulate.planning.hardware, a balanced router (MaxVio 0), 8 GPUs per node, and that the run had no
 downtime (33 days of wall time is all training).
 
 Prints the prediction, its ratio to 33 days, the implied MFU of the published figure and the predicted one, and how
@@ -19,9 +19,9 @@ from __future__ import annotations
 import dataclasses
 
 from trinity.reference import Config
-from trinity.simulate.hardware import get_hardware
-from trinity.simulate.planner import search
-from trinity.simulate.workload import training_flops
+from trinity.simulate.planning.hardware import get_hardware
+from trinity.simulate.planning.planner import search
+from trinity.simulate.planning.workload import training_flops
 
 PUBLISHED_DAYS = 33.0
 GPUS, TOKENS, SEQ_LEN = 2048, 17e12, 8192

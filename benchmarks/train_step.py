@@ -33,17 +33,17 @@ IMPLEMENTATIONS = ("reference", "numba", "numba-muon", "pytorch")
 
 
 def flops(config, batch: int, seq: int) -> float:
-    """Matrix-product FLOPs of one training step: 3× the forward (trinity.simulate.workload.training_flops: every
+    """Matrix-product FLOPs of one training step: 3× the forward (trinity.simulate.planning.workload.training_flops: every
     weight a token multiplies, attention 2·2·h_q·d_h per visible key under the causal mask and window)."""
-    from trinity.simulate.workload import training_flops
+    from trinity.simulate.planning.workload import training_flops
     return training_flops(config, batch, seq)
 
 
 def muon_flops(config) -> float:
-    """Newton–Schulz FLOPs of one optimizer step on one process (trinity.simulate.workload.muon_flops: per
+    """Newton–Schulz FLOPs of one optimizer step on one process (trinity.simulate.planning.workload.muon_flops: per
     iteration on a matrix [m, n], m ≤ n, 4m²n + 2m³; routed experts one matrix per expert). The textbook count: BLAS
     may form a product with its own transpose (syrk) in about half of that."""
-    from trinity.simulate.workload import muon_flops as count
+    from trinity.simulate.planning.workload import muon_flops as count
     return count(config)
 
 

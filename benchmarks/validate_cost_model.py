@@ -6,15 +6,15 @@ tests, predicted beside measured, with their ratio (docs/simulation.md, predicti
 1. Calibrate (this machine, one process, one thread): bench-medium steps of the same run (numba backend,
    float32) with every operator timed (trinity.accel.timing.TimedOps), at the run's sequence length and at half of
    it (the fastest of three steps after two warm-ups each); each operator's time is fitted as a cost per call plus
-   a cost per unit of its work in the cost model's own account (trinity.simulate.workload: FLOPs for products and
+   a cost per unit of its work in the cost model's own account (trinity.simulate.planning.workload: FLOPs for products and
    attention, bytes for the rest), scaled by the step's wall time over the operators' sum (the model code's own
    time, in proportion); `fit_rates`. Two MPI ranks measure the link: an 8 MiB Allgather's bytes per second and a
    one-element Allreduce's latency. A NumPy copy measures memory bandwidth.
 2. Measure: `mpiexec -n N python -m mpi4py -m trinity.cli train run.toml --mesh LAYOUT` at each layout, one thread
    per rank; a step's time is the trainer's own `seconds` (metrics.jsonl), the median over the steps after the first.
    The routing counts the runs record (metrics' expert_load) give the busiest ep rank's share for the prediction
-   (trinity.simulate.routing).
-3. Predict: trinity.simulate.cost_model.predict with the host as hardware (trinity.simulate.hardware.host_hardware:
+   (trinity.simulate.planning.routing).
+3. Predict: trinity.simulate.planning.cost_model.predict with the host as hardware (trinity.simulate.planning.hardware.host_hardware:
    ranks share the cores; nothing overlaps) and print measured, predicted and their ratio; exit status 1 when a
    ratio leaves [0.8, 1.2].
 """
@@ -102,7 +102,7 @@ def fit_rates(config, seq_len: int, sequences: int, long: dict, short: dict) -> 
     equations t = a·calls + b·work; the others (the optimizer's, whose work does not depend on the tokens) a = 0 and
     b = t/work. Each profile's operators are scaled by its wall time over their sum (the model code's own time, in
     proportion)."""
-    from trinity.simulate.workload import step_work
+    from trinity.simulate.planning.workload import step_work
 
     def account(T):
         out = {}
@@ -126,7 +126,7 @@ def fit_rates(config, seq_len: int, sequences: int, long: dict, short: dict) -> 
 
 
 def calibrate(seq_len: int, sequences: int) -> dict:
-    """The host's calibration (module docstring, step 1): what trinity.simulate.hardware.host_hardware reads."""
+    """The host's calibration (module docstring, step 1): what trinity.simulate.planning.hardware.host_hardware reads."""
     long, short = _profile(seq_len, sequences), _profile(seq_len // 2, sequences)
     rates = fit_rates(_config(), seq_len, sequences, long, short)
     a = np.ones(1 << 23)
@@ -162,9 +162,9 @@ def measure(folder: str, ranks: int, layout: str) -> tuple[float, list]:
 # ---- 3. prediction -----------------------------------------------------------------------------------------------
 def predict_host(calibration, ranks, layout_text, seq_len, sequences, imb):
     from trinity.distributed.layout import Layout
-    from trinity.simulate.cost_model import predict
-    from trinity.simulate.hardware import host_hardware
-    from trinity.simulate.traffic_model import Itemsizes
+    from trinity.simulate.planning.cost_model import predict
+    from trinity.simulate.planning.hardware import host_hardware
+    from trinity.simulate.planning.traffic_model import Itemsizes
 
     layout = Layout.parse("dp_shard=1" if layout_text == "single" else layout_text)
     return predict(_config(), layout, host_hardware(calibration, ranks), seq_len=seq_len, sequences=sequences,
@@ -186,7 +186,7 @@ def main(argv=None):
         return 0
 
     from trinity.distributed.layout import Layout
-    from trinity.simulate.routing import busiest_rank_factor
+    from trinity.simulate.planning.routing import busiest_rank_factor
 
     earlier = None
     if args.reuse:

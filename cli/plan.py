@@ -1,5 +1,5 @@
 """`trinity plan --model M --gpus N --gpu G --tokens T`: every layout of a training job on N GPUs, predicted by the
-cost model (trinity.simulate.cost_model) and ranked by throughput among those that fit in memory.
+cost model (trinity.simulate.planning.cost_model) and ranked by throughput among those that fit in memory.
 
 Lists the top layouts (dp_replicate, dp_shard, ep, cp, micro-batch, recompute) with their step time, tokens/s per
 GPU, MFU, memory per GPU, the phase that bounds the step and the days the token budget takes, then explains why the
@@ -18,7 +18,7 @@ import json
 import math
 import os
 
-from trinity.simulate.limits import MAX_GPUS, MAX_SEQ_LEN
+from trinity.simulate.planning.limits import MAX_GPUS, MAX_SEQ_LEN
 
 from .common import CLIError, load_config
 from .inputs import check_output_file, number, one_line_errors, whole
@@ -97,8 +97,8 @@ def parse_fixed(text: str) -> dict:
 def run(args) -> int:
     import dataclasses
 
-    from trinity.simulate.hardware import get_hardware
-    from trinity.simulate.planner import SearchTooLarge, check_size, explain, search
+    from trinity.simulate.planning.hardware import get_hardware
+    from trinity.simulate.planning.planner import SearchTooLarge, check_size, explain, search
 
     if args.routing and not os.path.isfile(args.routing):  # a FIFO or a device would block the read
         raise CLIError(f"--routing {args.routing}: " + ("is not a regular file" if os.path.exists(args.routing)
@@ -126,7 +126,7 @@ def run(args) -> int:
         raise CLIError(str(e)) from None
     imbalance = 1.0 + args.max_vio
     if args.routing:
-        from trinity.simulate.routing import busiest_rank_factor, read_expert_loads
+        from trinity.simulate.planning.routing import busiest_rank_factor, read_expert_loads
         try:
             loads = read_expert_loads(args.routing)
             if any(len(c) != config.num_experts for row in loads for c in row.values()):
@@ -199,7 +199,7 @@ def table(plan, gpus: int, top: int) -> str:
 def draw(plan, path: str, top: int, title: str) -> None:
     """Stacked bars: the top layouts' step time by phase, memory per GPU above each bar."""
     from trinity.reference.files import atomic_path
-    from trinity.simulate.cost_model import PHASES
+    from trinity.simulate.planning.cost_model import PHASES
 
     from .plotting import _pyplot
 

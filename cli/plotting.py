@@ -1,7 +1,7 @@
 """Figures for `trinity plot` (training metrics) and `trinity inspect --plot` (router choices), drawn with matplotlib's
 Agg backend (no display needed). matplotlib is imported inside each function: `trinity -h` never loads it.
 
-Metrics JSONL (written by trinity.distributed.trainer, one line per optimizer step): step, tokens_seen,
+Metrics JSONL (written by trinity.run.trainer, one line per optimizer step): step, tokens_seen,
 loss{total, ce, z, balance}, grad_norm, lr{muon, adamw}, max_vio{layer: v}, expert_load{layer: [counts]},
 logits_max, logits_mean, tokens_per_s, seconds, optional batch_het.
 """

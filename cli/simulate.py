@@ -10,7 +10,7 @@ and link tier; `--ranks-per-node K` says which groups stay within a node); they 
 counts itself (the metrics' `comm_bytes` are rank 0's). --timeout bounds any one wait of a rank in a collective, so
 a layout bug that would hang a cluster fails here, naming the ranks and the collectives they wait in.
 
---fault SPEC injects a failure (trinity.simulate.faults): a rank killed at a step and phase, a checkpoint write
+--fault SPEC injects a failure (trinity.simulate.virtual.faults): a rank killed at a step and phase, a checkpoint write
 included; a message corrupted on its way to one receiver (caught, naming both ranks, when `--checksums` or
 `[parallel] checksums = true` puts a crc32 on every message; unnoticed otherwise); a rank that hangs (the others'
 waits exceed --timeout); or a straggler. The run then ends as a cluster job does, naming the rank.
@@ -56,7 +56,7 @@ def add_parser(subparsers):
     p.add_argument("--fault", action="append", default=[], metavar="SPEC",
                    help="inject a fault (repeatable): kill|corrupt|hang:rank=R,step=S[,phase=P][,after=K] (a rank "
                         "dies, sends one corrupted message, stops calling collectives at its (K+1)-th collective of "
-                        "step S) or slow:rank=R,seconds=T (trinity.simulate.faults)")
+                        "step S) or slow:rank=R,seconds=T (trinity.simulate.virtual.faults)")
     p.add_argument("--timeout", type=number(0, MAX_TIMEOUT, above=True), default=600.0, metavar="S",
                    help="longest wait of a rank in one collective before the run fails as hung (default 600)")
     p.set_defaults(run=run)
@@ -68,10 +68,10 @@ NEVER_ACTED = 2  # the exit status of a run in which a fault never acted
 
 
 def run(args) -> int:
-    from trinity.distributed.preemption import PreemptionGuard
-    from trinity.simulate.faults import FaultPlan, never_acted, spec
-    from trinity.simulate.traces import summarise
-    from trinity.simulate.virtual_comm import Abandoned, RankFailed, VirtualCluster
+    from trinity.run.preemption import PreemptionGuard
+    from trinity.simulate.virtual.faults import FaultPlan, never_acted, spec
+    from trinity.simulate.virtual.traces import summarise
+    from trinity.simulate.virtual.virtual_comm import Abandoned, RankFailed, VirtualCluster
 
     faults = check_job(args)
     guard = PreemptionGuard()  # the signal reaches this (main) thread; every rank reads it after each step
@@ -118,7 +118,7 @@ def refuse_faults_before_resume_point(trainer, faults) -> None:
     """A resumed run starts after the checkpoint's step, known once the trainer loaded it (before any step): a
     fault at or before that step is refused on every rank alike, one line, exit 2; the run folder is left as it
     was (the trainer gives its lock back)."""
-    from trinity.simulate.faults import check_resumed
+    from trinity.simulate.virtual.faults import check_resumed
 
     try:
         check_resumed(faults, trainer.step)
@@ -132,8 +132,8 @@ def check_job(args) -> list:
     path, the run file, the layout against --ranks and the model, faults that could never act in this run. Returns
     the parsed faults."""
     from trinity.distributed.layout import Layout, LayoutError
-    from trinity.distributed.run_config import RunConfigError, load_run_config
-    from trinity.simulate.faults import check_faults, parse_fault
+    from trinity.run.run_config import RunConfigError, load_run_config
+    from trinity.simulate.virtual.faults import check_faults, parse_fault
 
     try:
         faults = [parse_fault(text) for text in args.fault]
@@ -164,7 +164,7 @@ def _check_layout(run_config, layout, ranks: int, given: bool) -> None:
     the layouts that fit), before any thread starts. Without the model's config at hand (a config.json that does
     not load: the trainer names that problem itself) only the world size is checked."""
     from trinity.distributed.layout import LayoutError
-    from trinity.distributed.startup import NO_LAYOUT_HINT
+    from trinity.run.startup import NO_LAYOUT_HINT
 
     config = _model_config(run_config)
     hint = "" if given else NO_LAYOUT_HINT
@@ -190,8 +190,8 @@ def run_inputs(run_file: str, run) -> list:
 def _model_config(run_config):
     """The Config the run trains, or None when it cannot be built here: the trainer then reports why, naming the run
     file's key."""
-    from trinity.distributed.run_config import RunConfigError
-    from trinity.distributed.startup import model_config
+    from trinity.run.run_config import RunConfigError
+    from trinity.run.startup import model_config
 
     try:
         return model_config(run_config)
@@ -223,8 +223,8 @@ def _one_line(failed, corrupted: bool = False) -> CLIError | None:
     calling different collectives, an Abort, any failure after an injected corruption went out (the unchecked run
     failing in its own way: bytes that no longer parse, say); None for anything else (a bug, which keeps its
     traceback)."""
-    from trinity.simulate.faults import RankKilled
-    from trinity.simulate.virtual_comm import Aborted, CollectiveMismatch, DeadlockError
+    from trinity.simulate.virtual.faults import RankKilled
+    from trinity.simulate.virtual.virtual_comm import Aborted, CollectiveMismatch, DeadlockError
 
     cause, rank = failed.__cause__, str(failed).split(" failed", 1)[0]
     if isinstance(cause, RankKilled):

@@ -1,7 +1,7 @@
 """`trinity train RUN.toml [--resume | --restart] [--mesh SPEC]`: train with the Trinity recipe (SPEC §6, §7, §9).
 
 The run file names the model, data, optimizer, schedule, balancing, loss coefficients, checkpoints and logging
-(see trinity.distributed.run_config for every key). Bad run files fail before any work, naming the key. A progress
+(see trinity.run.run_config for every key). Bad run files fail before any work, naming the key. A progress
 bar shows step, loss, tokens/s and time left; every step appends one JSON line to the metrics file. `--resume`
 continues from the newest checkpoint of the run that verifies, bit for bit; a folder that already holds another
 run's checkpoints is refused unless `--restart` removes them.
@@ -82,7 +82,7 @@ def _run_config(args):
     import dataclasses
 
     from trinity.distributed.layout import Layout, LayoutError
-    from trinity.distributed.run_config import RunConfigError, load_run_config, valid_watchdog_seconds
+    from trinity.run.run_config import RunConfigError, load_run_config, valid_watchdog_seconds
 
     layout = None
     if args.mesh is not None:
@@ -114,8 +114,8 @@ def _refuse_together(comm, error) -> None:
     Trainers run (startup.refuse_together), so that the job prints one line, once, and ends cleanly."""
     if comm is None or comm.Get_size() == 1:
         return
-    from trinity.distributed.run_config import RunConfigError
-    from trinity.distributed.startup import refuse_together
+    from trinity.run.run_config import RunConfigError
+    from trinity.run.startup import refuse_together
     try:
         refuse_together(comm, error)
     except RunConfigError as agreed:
@@ -127,8 +127,8 @@ def train_on(args, comm, prepare=None):
     `prepare(trainer)`, when given, is called before training (trinity simulate turns traces on there)."""
     from trinity.distributed.checksums import ChecksumError
     from trinity.distributed.layout import LayoutError
-    from trinity.distributed.run_config import RunConfigError
-    from trinity.distributed.trainer import Trainer, TrainingDiverged
+    from trinity.run.run_config import RunConfigError
+    from trinity.run.trainer import Trainer, TrainingDiverged
     from trinity.reference.data.store import DataError
     from trinity.reference.model.config import ConfigError
     from trinity.reference.training.checkpoint import CheckpointError

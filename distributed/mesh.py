@@ -62,7 +62,7 @@ class Mesh:
         # Trace (trinity.simulate): with `record`, every collective is appended to `events` with the step, phase
         # and layer it belongs to (set by the trainer, the step and the seams through begin_step / set_phase).
         self.record, self.events = False, []
-        self.faults = None  # trinity.simulate.faults.FaultPlan: injected failures (before each collective)
+        self.faults = None  # trinity.simulate.virtual.faults.FaultPlan: injected failures (before each collective)
         self.watchdog = None  # distributed.watchdog.Watchdog: a deadline on every wait in a collective (mpiexec)
         self.step, self.phase, self.layer = 0, "start", None
 

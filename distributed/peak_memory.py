@@ -9,7 +9,7 @@
                          (the step, a save) alone; False where the OS does not allow it (then the peak keeps counting
                          from the start, and ru_maxrss is never reset)
     rank_peaks(mesh)     every rank's peak, in rank order, on every rank: one Allreduce of world_size float64
-                         (each rank fills its own slot; bytes below 2^53 are exact), under the mesh's "control" phase
+                         (each rank fills its own slot; bytes below 2^53 are exact), in the mesh's "metrics" phase
     peak_summary(peaks)  {"max": the largest peak, "rank": the first rank with it, "ranks": every rank's}: what a
                          metrics line carries (issue 19 item 6), bytes
 
@@ -81,7 +81,7 @@ def rank_peaks(mesh, peak: int | None = None) -> list[int]:
         peak = peak_rss_bytes() or 0
     mine = np.zeros(mesh.world_size, dtype=np.float64)
     mine[mesh.rank] = float(peak)
-    mesh.set_phase("control")
+    mesh.set_phase("metrics")
     return [int(x) for x in np.asarray(mesh.sum(mine, "world"))]
 
 

@@ -1,7 +1,7 @@
 """The collective schedule of one training step: every collective a rank calls, in order, with its phase, model
 bucket, kind, mesh group and the bytes that leave the rank. A function of the parallel plan (plan.py), the batch
 shape and, for the expert-parallel rows, the routing counts; the step executes it (a trace of virtual ranks equals it
-collective by collective, tests/test_plan_schedule.py) and the cost model prices it (simulate/traffic_model.py sums it
+collective by collective, tests/test_plan_schedule.py) and the cost model prices it (simulate/planning/traffic_model.py sums it
 over ranks).
 
 Bytes leaving a rank for a send buffer of s bytes over n ranks (`sent_bytes`, the ring algorithms' traffic, what the
@@ -44,9 +44,9 @@ Once per step:
   optimizer     per Muon flat bucket, n > 1, two Alltoallv [its group]: #1 the rank's elements of matrices owned by
                 another rank, #2 the elements of its own matrices held by other ranks (plan.owners_of), × q_r; then
                 Allreduce fsdp 16 (update norms²)
-  control       the metrics line's peak memory of every rank: Allreduce world W·8 (each rank fills its slot); the
-                trainer's stop agreement after the line: Allreduce world 8 (`control=False`: a step run without the
-                trainer)
+  metrics       the metrics line's peak memory of every rank: Allreduce world W·8 (each rank fills its slot)
+  control       the trainer's stop agreement after the line: Allreduce world 8 (`control=False`: neither, for a step
+                run without the trainer)
 A step that saves a checkpoint calls the checkpoint's collectives (phase "checkpoint") before the stop agreement; they
 are not in this schedule (their sizes are those of JSON payloads).
 
@@ -354,8 +354,9 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
                 end.add("Alltoallv", group, sent=PerRank(group, sent))
     end.add("Allreduce", "fsdp", 2 * SCALAR_BYTES)
     if control:
-        end.tag = ("control", None)
+        end.tag = ("metrics", None)
         end.add("Allreduce", "world", L.world_size * SCALAR_BYTES)  # every rank's peak memory (peak_memory.py)
+        end.tag = ("control", None)
         end.add("Allreduce", "world", SCALAR_BYTES)
     return StepProgram(plan, blocks + [(end.calls, 1)], m)
 

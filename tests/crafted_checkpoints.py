@@ -24,7 +24,7 @@ from trinity.reference import Config, init_params
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.sealed_file import read_header, seal
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 CONFIG = Config(vocab_size=32, hidden_size=8, intermediate_size=12, moe_intermediate_size=4, num_hidden_layers=2,
                 num_dense_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_experts=4,

@@ -32,7 +32,7 @@ from trinity.reference.training.checkpoint import (CheckpointCorrupt, Checkpoint
                                                    save_checkpoint)
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.sealed_file import read_header
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 FILE = "file"  # a saved "layout": the single-file checkpoint
 STEP = 5

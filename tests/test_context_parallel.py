@@ -26,7 +26,7 @@ from trinity.reference.model.config import FULL, SLIDING
 from trinity.reference.model.objective import LossScale
 from trinity.reference.model.ops import REFERENCE, ReferenceOps
 from trinity.reference.training.step import _aligned_targets
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 from strategies import min_topk_gap, random_params, small_configs
 
 cps = st.integers(1, 4)

@@ -1,4 +1,4 @@
-"""The cost model (trinity.simulate.cost_model, workload, traffic_model, hardware): its accounts agree with the code
+"""The cost model (trinity.simulate.planning.cost_model, workload, traffic_model, hardware): its accounts agree with the code
 they describe, and its predictions move the way the hardware and the layout say they must."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 from trinity.distributed.layout import Layout, fitting_layouts
 from trinity.reference import Config
-from trinity.simulate.cost_model import predict
-from trinity.simulate.hardware import CATALOGUE, get_hardware, host_hardware
-from trinity.simulate.traffic_model import Itemsizes, step_collectives
-from trinity.simulate.workload import forward_flops_per_token, mean_keys, muon_flops, step_work, training_flops
+from trinity.simulate.planning.cost_model import predict
+from trinity.simulate.planning.hardware import CATALOGUE, get_hardware, host_hardware
+from trinity.simulate.planning.traffic_model import Itemsizes, step_collectives
+from trinity.simulate.planning.workload import forward_flops_per_token, mean_keys, muon_flops, step_work, training_flops
 
 
 def small_config(draw_layers=4, window=8, experts=8, top_k=2, dense=1):
@@ -143,7 +143,7 @@ def test_every_fitting_layout_of_a_job_gets_a_prediction():
 
 @given(st.sampled_from([1, 2, 4, 8]), st.lists(st.integers(0, 1000), min_size=8, max_size=8))
 def test_the_busiest_rank_factor_lies_between_balance_and_one_rank_taking_all(ep, counts):
-    from trinity.simulate.routing import busiest_rank_factor
+    from trinity.simulate.planning.routing import busiest_rank_factor
     f = busiest_rank_factor([{"1": counts}], ep)
     assert 1.0 - 1e-12 <= f <= ep + 1e-12
     if sum(counts):

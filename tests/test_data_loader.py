@@ -266,8 +266,8 @@ def _prepared(tmp_path, name, texts):
 
 
 def test_run_file_data_section_builds_each_loader(tmp_path):
-    from trinity.distributed.run_config import RunConfigError, load_run_config
-    from trinity.distributed.trainer import Trainer, build_loader
+    from trinity.run.run_config import RunConfigError, load_run_config
+    from trinity.run.trainer import Trainer, build_loader
     from trinity.reference.data.mixture import MixtureLoader
     from trinity.reference.data.rsdb import RSDBLoader
 

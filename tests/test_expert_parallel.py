@@ -14,7 +14,7 @@ from trinity.distributed.layout import Layout
 from trinity.distributed.mesh import Mesh
 from trinity.reference.model.layers import moe_backward, moe_forward
 from trinity.reference.model.ops import REFERENCE, ReferenceOps
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 PRE = "model.layers.0.mlp."
 EXPERT_KEYS = [PRE + "experts.gate_proj", PRE + "experts.up_proj", PRE + "experts.down_proj"]

@@ -11,7 +11,7 @@ from trinity.reference import Config, init_params
 from trinity.reference.model.model import model_backward, model_forward
 from trinity.reference.model.ops import REFERENCE
 from trinity.reference.training.optim import init_optimizer_state
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 
 def _bucket_bytes(ops, bucket):

@@ -23,10 +23,10 @@ from test_user_errors import render
 
 from trinity.cli.main import build_parser, main
 from trinity.distributed.layout import DIMS, Layout, LayoutError, fitting_layouts
-from trinity.distributed.run_config import RunConfigError, load_run_config
+from trinity.run.run_config import RunConfigError, load_run_config
 from trinity.reference import loss_and_grads, model_forward
 from trinity.reference.model.config import SLIDING, Config
-from trinity.simulate.virtual_comm import RankFailed
+from trinity.simulate.virtual.virtual_comm import RankFailed
 
 TINY = Config.preset("tiny")  # 8 experts, sliding window 32 on its sliding layers
 FULL_ONLY = TINY.replace(layer_types=("full_attention",) * TINY.num_hidden_layers)
@@ -314,7 +314,7 @@ class FakeTrainer:
 
 @pytest.fixture
 def fake_trainer(monkeypatch):
-    import trinity.distributed.trainer as trainer
+    import trinity.run.trainer as trainer
 
     monkeypatch.setattr(trainer, "Trainer", FakeTrainer)
     FakeTrainer.seen, FakeTrainer.fail = [], None

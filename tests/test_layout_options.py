@@ -29,7 +29,7 @@ from trinity.reference.model.ops import REFERENCE
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.step import Gradients, apply_update, compute_gradients
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 # One layout where every dimension is > 1: fsdp groups of 4 (sharded Muon with owners), efsdp groups of 2 (the
 # experts' own sharded Muon), replicas (the dp_replicate all-reduce), cp (halos, per-sequence sums).
@@ -90,7 +90,7 @@ RTOL = 1e-12
 
 
 def _statistics(gradients: Gradients, update: dict) -> dict:
-    """Everything a metrics line reports of a step (distributed/trainer.py's train_step), and the update norms."""
+    """Everything a metrics line reports of a step (run/trainer.py's train_step), and the update norms."""
     opt = update["optimizer"]
     return {"loss": dict(gradients.losses), "grad_norm": gradients.grad_norm, "logits_max": gradients.logits_max,
             "logits_mean": gradients.logits_mean, "batch_het": gradients.batch_het, "tokens": gradients.tokens,

@@ -21,7 +21,7 @@ from trinity.reference.model.ops import REFERENCE
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.step import GlobalBatch, apply_update, compute_gradients
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 STEPS = 3
 RTOL = 1e-10

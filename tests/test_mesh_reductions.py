@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 from trinity.distributed import mesh as mesh_module
 from trinity.distributed.layout import Layout
 from trinity.distributed.mesh import Mesh
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 
 def _ordered(rows):

@@ -7,7 +7,7 @@ each pinned by a property a wrong implementation breaks:
 - the link tier of a traced collective: intra-node iff every rank of its group is on one node, the groups written
   out by hand from docs/distributed.md's numbering;
 - the cost model's MFU, its activation memory under cp and its halo traffic on the busiest cp rank, against hand
-  calculations from docs/simulation.md and simulate/traffic_model.py's notation;
+  calculations from docs/simulation.md and simulate/planning/traffic_model.py's notation;
 - distributed Muon's owners: every matrix owned once, within its group, by the stated greedy rule, with the greedy
   balance bound (the busiest owner's Newton–Schulz work is at most the idlest's plus the largest matrix's).
 """
@@ -27,7 +27,7 @@ from trinity.distributed.checksums import CRC_BYTES, ChecksumError
 from trinity.distributed.layout import Layout
 from trinity.distributed.mesh import GROUPS, Mesh, group_members
 from trinity.reference import Config
-from trinity.simulate.virtual_comm import RankFailed, VirtualCluster
+from trinity.simulate.virtual.virtual_comm import RankFailed, VirtualCluster
 
 
 # ---- retention of sharded checkpoints keeps to its run ---------------------------------------------------------
@@ -259,8 +259,8 @@ def test_a_trace_puts_each_collective_on_the_tier_of_its_groups_nodes(text):
     """Each rank calls one counted Allreduce per group on its Mesh (recording); summarise's by_tier, for several
     ranks per node, is the bytes of the calls whose hand-computed group lies on one node; each event names the
     hand-computed group's ranks; and the cost model's tier of a group (rank 0's) is the same rule."""
-    from trinity.simulate.cost_model import link_tier as model_tier
-    from trinity.simulate.traces import link_tier, summarise
+    from trinity.simulate.planning.cost_model import link_tier as model_tier
+    from trinity.simulate.virtual.traces import link_tier, summarise
     layout = Layout.parse(text)
     hand = _hand_members(layout)
 
@@ -290,7 +290,7 @@ def test_a_trace_puts_each_collective_on_the_tier_of_its_groups_nodes(text):
 
 def test_hand_tiers_of_named_groups():
     """Written out: 8 ranks of dp_replicate=2,dp_shard=2,cp=2,ep=2 on nodes of 2 and of 4."""
-    from trinity.simulate.traces import link_tier
+    from trinity.simulate.virtual.traces import link_tier
     layout = Layout.parse("dp_replicate=2,dp_shard=2,cp=2,ep=2")
     # (group, rank) -> its ranks, from docs/distributed.md's table for this layout
     table = {("cp", 2): [2, 3], ("ep", 5): [4, 5], ("fsdp", 6): [4, 5, 6, 7], ("dp", 1): [1, 3, 5, 7],
@@ -333,8 +333,8 @@ def _hand_forward_flops_per_token(c, T: int) -> float:
 @pytest.mark.parametrize("text", ["single", "dp_shard=4", "cp=2", "dp_shard=2,cp=2,ep=2",
                                   "dp_replicate=2,dp_shard=2,cp=2,ep=4"])
 def test_mfu_is_the_training_flops_over_step_time_gpus_and_peak(text):
-    from trinity.simulate.cost_model import predict
-    from trinity.simulate.hardware import get_hardware
+    from trinity.simulate.planning.cost_model import predict
+    from trinity.simulate.planning.hardware import get_hardware
     c, hw, layout = _cost_config(), get_hardware("h100"), Layout.parse(text)
     assert set(c.layer_types) == {"sliding_attention", "full_attention"}
     S, T = 16, 64
@@ -354,8 +354,8 @@ def _hand_activation_bytes(c, B, tokens, recompute):
 def test_activation_memory_under_cp_is_one_micro_batch_at_t_over_cp_tokens(text, recompute):
     """docs/simulation.md: one micro-batch's activations at T/cp tokens (reference/training/memory.py's count, bf16
     elements) whatever the other dimensions; so under cp they are less than one process's at T."""
-    from trinity.simulate.cost_model import predict
-    from trinity.simulate.hardware import get_hardware
+    from trinity.simulate.planning.cost_model import predict
+    from trinity.simulate.planning.hardware import get_hardware
     c, layout, T, B = _cost_config(), Layout.parse(text), 64, 2
     p = predict(c, layout, get_hardware("h100"), seq_len=T, sequences=8 * layout.dp, micro_batch_size=B,
                 recompute=recompute)
@@ -380,7 +380,7 @@ def test_halo_traffic_of_the_busiest_cp_rank(cp, recompute):
     """The sliding layers' Alltoallv over cp, bytes leaving the busiest rank: per micro-batch and sliding layer, its
     halos of h = w−1 positions each carry k and v (2·B·h_kv·d_h elements of 2 bytes per position) and the doc ids
     (B int64 per position) in every forward (twice under recompute), and their gradients (k and v) once."""
-    from trinity.simulate.traffic_model import Itemsizes, step_collectives
+    from trinity.simulate.planning.traffic_model import Itemsizes, step_collectives
     c = _cost_config()
     layout, T, B, S = Layout(cp=cp), 48, 2, 4
     m = S // (layout.dp * B)
@@ -454,7 +454,7 @@ def test_owners_of_drawn_buckets_balance_by_the_stated_rule(shapes, n):
 @pytest.mark.parametrize("preset", ["tiny", "bench-medium"])
 def test_owners_of_every_muon_bucket_of_a_layout(text, preset):
     """The real buckets: every Muon flat bucket of the layout (dense ones over fsdp, experts over efsdp)."""
-    from trinity.simulate.traffic_model import flat_buckets, group_sizes
+    from trinity.simulate.planning.traffic_model import flat_buckets, group_sizes
     config, layout = Config.preset(preset), Layout.parse(text)
     if config.num_experts % layout.ep:
         pytest.skip("ep does not divide the experts")

@@ -135,7 +135,7 @@ def _assert_simulate_is_the_job(job, data, ranks, options):
     """`trinity simulate` of the job's run file with the same options, in a folder beside it: every step's
     checkpoint (params, optimizer and balancing state), the losses and the comm_bytes are the job's, bit for bit;
     its trace's counted bytes of rank 0 are the comm_bytes of each step, and every rank's add up."""
-    from trinity.simulate.traces import UNCOUNTED
+    from trinity.simulate.virtual.traces import UNCOUNTED
     sim = _run_dir(job / "simulated", data)
     r = trinity("simulate", str(sim / "run.toml"), "--ranks", str(ranks), *options, "--trace",
                 str(sim / "trace.json"), env=ONE_THREAD)

@@ -11,8 +11,8 @@ import pytest
 from test_trainer import trinity
 from trinity.distributed.layout import Layout
 from trinity.reference import Config
-from trinity.simulate.hardware import get_hardware
-from trinity.simulate.planner import search
+from trinity.simulate.planning.hardware import get_hardware
+from trinity.simulate.planning.planner import search
 
 
 def test_trinity_large_on_2048_b300(tmp_path):

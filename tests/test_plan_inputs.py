@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from trinity.cli.main import main
 from trinity.distributed.layout import Layout, fitting_layouts
 from trinity.reference import Config
-from trinity.simulate import planner
-from trinity.simulate.hardware import get_hardware
+from trinity.simulate.planning import planner
+from trinity.simulate.planning.hardware import get_hardware
 
 BASE = {"--model": "tiny", "--gpus": "8", "--gpu": "h100", "--tokens": "1e9"}
 

@@ -24,12 +24,12 @@ import pytest
 
 from trinity.distributed.layout import Layout
 from trinity.distributed.plan import ParallelPlan
-from trinity.distributed.run_config import load_run_config
+from trinity.run.run_config import load_run_config
 from trinity.distributed.schedule import Itemsizes, muon_sends, routing_counts, step_program, step_schedule
-from trinity.distributed.trainer import Trainer
+from trinity.run.trainer import Trainer
 from trinity.reference.model.objective import evaluate_losses
-from trinity.simulate.traffic_model import step_collectives
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.planning.traffic_model import step_collectives
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 T, B = 24, 1  # cp ≤ 4: chunks of T/(2·cp) ≥ 3 tokens hold the sliding layers' halo of w − 1 = 3
 # the cluster tests' layouts, then more: a replica of one rank, cp = 3 and 4, a bucket padded over 3 and 6 ranks,

@@ -9,8 +9,8 @@ import pytest
 
 from trinity.cli.main import main
 from trinity.cli.plotting import MetricsError, read_metrics
-from trinity.distributed.run_config import load_run_config
-from trinity.distributed.trainer import Trainer
+from trinity.run.run_config import load_run_config
+from trinity.run.trainer import Trainer
 from trinity.reference.data.store import write_token_file
 from trinity.reference.data.synthetic import MarkovSource
 

@@ -150,8 +150,8 @@ def test_bad_arguments_are_one_line_errors():
 def test_the_cost_models_memory_is_the_busiest_ranks_estimate(layout):
     """Prediction.memory["total"] is estimate_rank_bytes on a GPU (fp32 state, q-byte activations and gathers) of
     the rank with the largest estimate, found by busiest_rank without estimating every rank."""
-    from trinity.simulate.cost_model import predict
-    from trinity.simulate.hardware import get_hardware
+    from trinity.simulate.planning.cost_model import predict
+    from trinity.simulate.planning.hardware import get_hardware
     L = Layout.parse(layout)
     T, B, S = 128, 1, 4 * L.dp
     p = predict(MEDIUM, L, get_hardware("h100"), seq_len=T, sequences=S, micro_batch_size=B)
@@ -249,8 +249,8 @@ print(json.dumps(peak_rss_bytes()))
 
 
 @pytest.mark.parametrize("backend, modules", [
-    ("reference", ["numpy", "h5py", "mpi4py.MPI", "trinity.distributed.trainer", "trinity.distributed.parallel_ops"]),
-    ("numba", ["numpy", "h5py", "mpi4py.MPI", "trinity.distributed.trainer", "trinity.distributed.parallel_ops",
+    ("reference", ["numpy", "h5py", "mpi4py.MPI", "trinity.run.trainer", "trinity.distributed.parallel_ops"]),
+    ("numba", ["numpy", "h5py", "mpi4py.MPI", "trinity.run.trainer", "trinity.distributed.parallel_ops",
                "trinity.accel.numba_backend"])])
 def test_the_baseline_holds_the_libraries_a_rank_imports(backend, modules):
     """The process baseline is at least what importing a rank's libraries makes resident (the rest of it, MPI's
@@ -300,8 +300,8 @@ def _job(folder: str, trace: bool) -> None:
 
     from mpi4py import MPI
 
-    from trinity.distributed.run_config import load_run_config
-    from trinity.distributed.trainer import Trainer
+    from trinity.run.run_config import load_run_config
+    from trinity.run.trainer import Trainer
     os.chdir(folder)
     comm = MPI.COMM_WORLD
     trainer = Trainer(load_run_config("run.toml"), restart=True, log=lambda *a: None, comm=comm)

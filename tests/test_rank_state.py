@@ -1,5 +1,5 @@
 """No rank ever creates or reads a whole sharded key (issue 19): under a layout every rank builds its state from its
-own spans (distributed/rank_state.py), resumes by the hyperslabs that overlap them and reads its own rows of each
+own spans (run/rank_state.py), resumes by the hyperslabs that overlap them and reads its own rows of each
 batch; whole keys exist only one at a time, on rank 0, in the Hugging Face export (sharded_export.py)."""
 
 import threading
@@ -7,17 +7,18 @@ import threading
 import numpy as np
 import pytest
 
-from trinity.distributed import rank_state, sharded_optim, startup
+from trinity.distributed import sharded_optim
+from trinity.run import rank_state, startup
 from trinity.distributed.fsdp import ShardedParams
 from trinity.distributed.layout import Layout
 from trinity.distributed.plan import ParallelPlan
-from trinity.distributed.run_config import load_run_config
-from trinity.distributed.trainer import Trainer
+from trinity.run.run_config import load_run_config
+from trinity.run.trainer import Trainer
 from trinity.reference import Config, init_params
 from trinity.reference.interop import hf
 from trinity.reference.interop.hf import load_pretrained, save_pretrained
 from trinity.reference.model.params import param_shapes
-from trinity.simulate.virtual_comm import VirtualCluster
+from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
 RUN = """
 [model]

@@ -1,5 +1,5 @@
 """What a training run survives: divergence, re-runs in the same folder, kills and resumes (metrics.jsonl), corrupt
-checkpoints, changed data and tokenizers, and preemption signals (distributed/trainer.py, metrics_log.py,
+checkpoints, changed data and tokenizers, and preemption signals (run/trainer.py, metrics_log.py,
 preemption.py, reference/training/checkpoint.py)."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import h5py
 import numpy as np
 import pytest
 
-from trinity.distributed.run_config import load_run_config
-from trinity.distributed.trainer import FAULT_METRICS_ENV, Trainer, TrainingDiverged
+from trinity.run.run_config import load_run_config
+from trinity.run.trainer import FAULT_METRICS_ENV, Trainer, TrainingDiverged
 from trinity.reference.data.store import write_token_file
 from trinity.reference.data.synthetic import MarkovSource
 from trinity.reference.training.checkpoint import CheckpointManager, load_checkpoint
@@ -318,7 +318,7 @@ def test_a_signal_finishes_the_step_checkpoints_and_resumes_exactly(tmp_path, si
 def test_a_second_signal_exits_at_once():
     script = textwrap.dedent("""
         import os, signal, time
-        from trinity.distributed.preemption import PreemptionGuard
+        from trinity.run.preemption import PreemptionGuard
         with PreemptionGuard() as guard:
             os.kill(os.getpid(), signal.SIGTERM)
             assert guard.signum == signal.SIGTERM

@@ -56,7 +56,7 @@ def _forward_with(comm, config):
 
 def test_fsdp_refuses_an_op_table_that_breaks_the_linear_ctx_contract():
     from trinity.reference.model.config import Config
-    from trinity.simulate.virtual_comm import VirtualCluster
+    from trinity.simulate.virtual.virtual_comm import VirtualCluster
     config = Config.preset("tiny").replace(num_hidden_layers=2)
     for message in VirtualCluster(2).run(_forward_with, config):
         assert message is not None and "other-ctx" in message and LINEAR_CTX in message

@@ -23,7 +23,7 @@ from trinity.reference import Config, init_params
 from trinity.reference.training.balancing import init_balancing_state
 from trinity.reference.training.checkpoint import CheckpointCorrupt, CheckpointError, load_checkpoint
 from trinity.reference.training.optim import init_optimizer_state
-from trinity.simulate.virtual_comm import RankFailed, VirtualCluster
+from trinity.simulate.virtual.virtual_comm import RankFailed, VirtualCluster
 
 CONFIG = Config.preset("tiny")
 # 4 ranks each (ep borrows its ranks from dp_shard·cp)

@@ -213,7 +213,7 @@ def test_a_hung_rank_ends_the_run_in_one_line_naming_where_every_rank_waits(tmp_
 def test_every_way_a_virtual_rank_fails_is_one_line_and_a_bug_keeps_its_traceback():
     from trinity.cli.common import CLIError
     from trinity.cli.simulate import _one_line
-    from trinity.simulate.virtual_comm import Aborted, CollectiveMismatch, DeadlockError, RankFailed
+    from trinity.simulate.virtual.virtual_comm import Aborted, CollectiveMismatch, DeadlockError, RankFailed
 
     def failed(cause):
         e = RankFailed(f"rank 1 failed: {type(cause).__name__}: {cause}")

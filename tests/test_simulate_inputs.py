@@ -30,7 +30,7 @@ def data(tmp_path_factory):
 @pytest.fixture
 def no_threads(monkeypatch):
     """Fail the test if `simulate` starts its virtual ranks (refusals must come before any thread)."""
-    from trinity.simulate.virtual_comm import VirtualCluster
+    from trinity.simulate.virtual.virtual_comm import VirtualCluster
 
     def started(self, fn, *args, **kwargs):
         raise AssertionError(f"{self.n} virtual ranks were started before the input was checked")

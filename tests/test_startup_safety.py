@@ -1,4 +1,4 @@
-"""Starting a job safely (distributed/startup.py, run_lock.py; docs/distributed.md, "Starting a job"):
+"""Starting a job safely (run/startup.py, run_lock.py; docs/distributed.md, "Starting a job"):
 
 - a second job on a run folder is refused in one line naming the holder; a lock left by a killed job is taken over;
   a lock held on another host is named with how to remove it; a planted symbolic link is never followed;
@@ -21,15 +21,15 @@ import pytest
 
 from mpi_jobs import refused_by_every_rank, run_mpi
 from test_run_safety import write_run
-from trinity.distributed.run_config import RunConfigError, load_run_config
-from trinity.distributed.run_lock import LOCK_NAME, RunLock
-from trinity.distributed.trainer import Trainer
+from trinity.run.run_config import RunConfigError, load_run_config
+from trinity.run.run_lock import LOCK_NAME, RunLock
+from trinity.run.trainer import Trainer
 
 AVAILABLE_MEMORY_ENV = "TRINITY_AVAILABLE_MEMORY"  # reference/training/memory.py: replaces the measured memory
 
 HOLD = """
     import json, os, sys, time
-    from trinity.distributed.run_lock import RunLock
+    from trinity.run.run_lock import RunLock
     lock = RunLock(sys.argv[1], sys.argv[2])
     if len(sys.argv) > 3:  # pretend to be a job on another host
         path = os.path.join(os.path.abspath(sys.argv[1]), {name!r})
@@ -224,7 +224,7 @@ def test_simulate_of_a_model_too_large_is_refused_before_any_rank_builds_its_sta
     """Two virtual ranks of trinity-large: the agreement refuses the job in one line, once, exit 2, and no rank has
     built or loaded params, optimizer or balancing state, init_from weights or a resume point by then (each of
     them fails the test if called)."""
-    import trinity.distributed.startup as startup
+    import trinity.run.startup as startup
     import trinity.reference.interop.hf as hf
     from trinity.cli.main import main
 

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from trinity.distributed.run_config import RunConfigError, load_run_config
-from trinity.distributed.trainer import FAULT_ENV, Trainer
+from trinity.run.run_config import RunConfigError, load_run_config
+from trinity.run.trainer import FAULT_ENV, Trainer
 from trinity.reference import Config, save_pretrained
 from trinity.reference.data.store import write_token_file
 from trinity.reference.data.synthetic import MarkovSource

@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from trinity.cli.main import main
-from trinity.distributed import run_config
-from trinity.distributed.run_config import RunConfigError, check_output_paths, load_run_config
+from trinity.run import run_config
+from trinity.run.run_config import RunConfigError, check_output_paths, load_run_config
 from trinity.reference.data.prepare import prepare
 from trinity.reference.data.store import write_token_file
 from trinity.reference.data.synthetic import MarkovSource
@@ -475,7 +475,7 @@ def test_malformed_token_folders_fail_in_one_line(folder, capsys, how, data):
 
 def test_the_undamaged_token_folder_is_usable(folder):
     """The damage above is what fails: the same folder undamaged builds a trainer."""
-    from trinity.distributed.trainer import build_loader
+    from trinity.run.trainer import build_loader
 
     path = folder.write("prepared-ok.toml", render({("data", "path"): '"prepared"', ("data", "eos_id"): None},
                                                    extra={"model.overrides": ["vocab_size = 300"]}))

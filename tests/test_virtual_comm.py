@@ -1,4 +1,4 @@
-"""The virtual communicator (simulate/virtual_comm.py): every collective against a NumPy computation of its result
+"""The virtual communicator (simulate/virtual/virtual_comm.py): every collective against a NumPy computation of its result
 for 1–5 ranks, Split groups, overlapped Iallgathers, bit-for-bit determinism, copies between ranks, and failures
 and deadlocks that end in a clear error instead of a hang."""
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trinity.simulate.virtual_comm import (IN_PLACE, MAX, MIN, SUM, UNDEFINED, CollectiveMismatch, DeadlockError,
+from trinity.simulate.virtual.virtual_comm import (IN_PLACE, MAX, MIN, SUM, UNDEFINED, CollectiveMismatch, DeadlockError,
                                            PeerFailed, RankFailed, VirtualCluster)
 
 DTYPES = [np.float64, np.float32, np.int64]

@@ -14,7 +14,7 @@ import pytest
 from mpi_jobs import run_mpi
 from test_run_safety import write_run
 
-HANG_ENV = "TRINITY_FAULT_STOP_MID_STEP"  # distributed/trainer.py: "R:S" rank R stops itself (SIGSTOP) in step S
+HANG_ENV = "TRINITY_FAULT_STOP_MID_STEP"  # run/trainer.py: "R:S" rank R stops itself (SIGSTOP) in step S
 
 
 def _watchdog(seconds):

@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from trinity.distributed.fsdp import ShardedParams, shards_from_spans
+from trinity.distributed.sharded_optim import STATE_PREFIXES, init_sharded_optimizer_state
 from trinity.reference.model.config import ConfigError
 from trinity.reference.model.params import init_param_spans
 from trinity.reference.training.balancing import init_balancing_state
 
-from .fsdp import ShardedParams, shards_from_spans
 from .run_config import RunConfigError
-from .sharded_optim import STATE_PREFIXES, init_sharded_optimizer_state
 
 __all__ = ["RankState", "fresh_rank_state", "pretrained_rank_state", "resumed_rank_state"]
 

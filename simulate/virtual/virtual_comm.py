@@ -22,7 +22,7 @@ Semantics
 - The lower-case object collectives hand every rank its own `copy.deepcopy` of the objects (mpi4py pickles them;
   the project never unpickles), so ranks never share a mutable object.
 
-Faults (trinity.simulate.faults calls these; MPI has no such methods): `corrupt_next_send()` makes the next data
+Faults (trinity.simulate.virtual.faults calls these; MPI has no such methods): `corrupt_next_send()` makes the next data
 this rank sends on a communicator reach one other rank with a bit flipped, as a faulty link would (the sender's
 buffers and what the other ranks get stay intact); `hang(reason)` makes this rank stop calling collectives until
 another rank fails (the others' waits then time out as `DeadlockError`), as a hung process would.
@@ -347,7 +347,7 @@ class VirtualComm:
         slot, seq, what = self._post(name, contribution, combine, reads)
         return self._complete(slot, seq, what, finish)
 
-    # ---- faults (trinity.simulate.faults) -------------------------------------------------------------------------
+    # ---- faults (trinity.simulate.virtual.faults) -------------------------------------------------------------------------
     def corrupt_next_send(self, on_sent: Callable | None = None) -> None:
         """The next data of floats (or bytes) this rank sends on this communicator reaches one other rank with a bit
         flipped in every element (a faulty link): the first rank after this one, in rank order, that reads any of

@@ -2,8 +2,8 @@
 a piece of hardware (docs/simulation.md).
 
 Inputs are the two analytic accounts of a step: the compute of the busiest rank, operator by operator
-(trinity.simulate.workload), and every collective with the bytes that leave the busiest rank
-(trinity.simulate.traffic_model, whose byte counts equal what the simulator's traces record). Each is timed:
+(trinity.simulate.planning.workload), and every collective with the bytes that leave the busiest rank
+(trinity.simulate.planning.traffic_model, whose byte counts equal what the simulator's traces record). Each is timed:
 
   operator      on a GPU max(FLOPs / (peak · efficiency of its kind), bytes / (HBM bandwidth · memory efficiency));
                 on the host (a calibrated Hardware) the measured seconds per call plus per FLOP or byte of that

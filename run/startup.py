@@ -29,6 +29,12 @@ from collections import defaultdict
 import numpy as np
 
 from trinity.accel import BackendUnavailable, get_backend
+from trinity.distributed.layout import Layout, LayoutError
+from trinity.distributed.mesh import allgather_json
+from trinity.distributed.plan import ParallelPlan
+from trinity.distributed.rank_memory import BASELINE_BYTES, estimate_rank_bytes
+from trinity.distributed.sharded_checkpoint import ShardedCheckpointManager
+from trinity.distributed.watchdog import Watchdog, watchdog_seconds
 from trinity.reference import Config, ConfigError, init_params
 from trinity.reference.data.mixture import MixtureLoader
 from trinity.reference.data.packing import PackedTokenLoader
@@ -41,16 +47,10 @@ from trinity.reference.training.memory import available_memory_bytes
 from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule
 
-from .layout import Layout, LayoutError
-from .mesh import allgather_json
-from .plan import ParallelPlan
-from .rank_memory import BASELINE_BYTES, estimate_rank_bytes
-from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .metrics_log import MetricsLog, is_metrics_file
+from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .run_config import RunConfig, RunConfigError, check_output_paths
 from .run_lock import RunLock, RunLockError
-from .sharded_checkpoint import ShardedCheckpointManager
-from .watchdog import Watchdog, watchdog_seconds
 
 __all__ = ["Startup", "STARTUP_ERRORS", "agree", "refuse_together", "build_loader", "data_fingerprint"]
 
@@ -386,7 +386,7 @@ class Startup:
 
     def _build_mesh(self, comm):
         """The run's layout over `comm` (collective), and one line naming every rank's pid and host."""
-        from .mesh import Mesh
+        from trinity.distributed.mesh import Mesh
         run = self.run
         mesh = Mesh(comm, run.layout, checksums=run.checksums, config=self.config)
         seconds = watchdog_seconds(run.watchdog_seconds, comm)
@@ -400,7 +400,7 @@ class Startup:
     def _attach_mesh(self) -> None:
         """Under a layout: the mesh gathers this rank's params (built from its spans before the mesh existed), the
         layout's op table trains them, and rank 0's run id names the run."""
-        from .parallel_ops import ParallelOps
+        from trinity.distributed.parallel_ops import ParallelOps
         self.run_id = self.checkpoints.run_id = allgather_json(self.mesh.comm, self.run_id)[0]  # rank 0's names it
         self.start_report = {"bytes_read": allgather_json(self.mesh.comm, self.bytes_read)}
         self.params.mesh = self.mesh

@@ -33,9 +33,9 @@ def busiest_rank_factor(loads: list[dict], ep: int) -> float:
 
 
 def read_expert_loads(path) -> list[dict]:
-    """The `expert_load` of every step of a metrics.jsonl (trinity.distributed.metrics_log.read_lines); ValueError
+    """The `expert_load` of every step of a metrics.jsonl (trinity.run.metrics_log.read_lines); ValueError
     in one line when there is none."""
-    from trinity.distributed.metrics_log import read_lines
+    from trinity.run.metrics_log import read_lines
 
     good, _ = read_lines(path)
     loads = [row["expert_load"] for _, row, _ in good if row.get("expert_load")]

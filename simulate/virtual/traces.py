@@ -1,8 +1,8 @@
 """Traffic traces of a run on virtual ranks: every collective of every rank, summarised per step.
 
 Each rank's Mesh records, with `mesh.record = True`, one event per collective it calls: the step, the phase
-(forward, backward, reductions, optimizer; then checkpoint and control, the stop agreement, which the trainer's
-`comm_bytes` leave out), the model bucket (embed, a layer, head) where the seams
+(forward, backward, reductions, optimizer; then metrics (every rank's peak memory), checkpoint and control, the stop
+agreement, which the trainer's `comm_bytes` leave out), the model bucket (embed, a layer, head) where the seams
 know it, the collective's kind, its mesh group, the world ranks of that group, and the bytes that leave this rank
 (the same count as the cluster mode's own accounting, Mesh.traffic, and the `comm_bytes` of its metrics).
 
@@ -17,7 +17,7 @@ from collections import defaultdict
 __all__ = ["summarise", "link_tier", "UNCOUNTED"]
 
 # Phases after a step's metrics line: traced, but not in the trainer's per-step `comm_bytes`.
-UNCOUNTED = ("checkpoint", "control")
+UNCOUNTED = ("metrics", "checkpoint", "control")
 
 
 def link_tier(ranks: list[int], ranks_per_node: int) -> str:

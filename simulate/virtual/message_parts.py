@@ -1,5 +1,5 @@
 """What each receiver reads of a virtual collective's contribution, and how a corrupt-message fault changes it
-(simulate/virtual_comm.py's faulty link; trinity.simulate.faults). Kept apart so the communicator reads top to bottom."""
+(simulate/virtual/virtual_comm.py's faulty link; trinity.simulate.virtual.faults). Kept apart so the communicator reads top to bottom."""
 
 from __future__ import annotations
 

@@ -36,13 +36,13 @@ import time
 
 import numpy as np
 
+from trinity.distributed.layout import Layout
+from trinity.distributed.peak_memory import peak_summary, rank_peaks
 from trinity.reference.training.checkpoint import CheckpointError, CheckpointWriteError
 from trinity.reference.training.schedules import learning_rate
 from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, compute_gradients
 
-from .layout import Layout
 from .metrics_log import MetricsFileError
-from .peak_memory import peak_summary, rank_peaks
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError
 from .startup import Startup, _every_rank, build_loader, data_fingerprint
@@ -301,7 +301,7 @@ class Trainer(Startup):
         """The current params as a Hugging Face checkpoint. Under a layout rank 0 writes it key by key as the ranks
         send it their spans (sharded_export.py: no rank holds more than one whole key at a time)."""
         if self.mesh.world_size > 1:
-            from .sharded_export import export_sharded_hf
+            from trinity.distributed.sharded_export import export_sharded_hf
             export_sharded_hf(self.mesh, self.params, folder)
         elif self.is_main:
             from trinity.reference.interop.hf import save_pretrained

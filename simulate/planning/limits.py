@@ -1,4 +1,4 @@
-"""The planner's limits (`trinity plan`, trinity.simulate.planner): a search beyond them would take minutes, so it
+"""The planner's limits (`trinity plan`, trinity.simulate.planning.planner): a search beyond them would take minutes, so it
 is refused at once, in one line naming the limit. No imports, so that `trinity -h` can show them cheaply."""
 
 MAX_GPUS = 1_000_000

@@ -132,7 +132,7 @@ def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float,
     """Every (layout, micro-batch, recompute) of the job predicted and ranked (module docstring). `batches`: the
     batch schedule [(from token, sequences per step)], sorted, the first from 0; `fixed`: {dimension: size} that
     every layout must have (e.g. {"ep": 8}); `imbalance`: the busiest ep rank's load over the mean, a number or a
-    function of ep (trinity.simulate.routing.busiest_rank_factor over recorded counts). SearchTooLarge, before any
+    function of ep (trinity.simulate.planning.routing.busiest_rank_factor over recorded counts). SearchTooLarge, before any
     prediction, for a search beyond the limits."""
     check_size(gpus=gpus, seq_len=seq_len, batches=batches)
     sizes = [s for _, s in batches]

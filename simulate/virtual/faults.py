@@ -9,7 +9,7 @@
 
 A fault acts in Mesh.collective (the one door of every collective, which knows the step and phase), so it hits the
 real distributed code where a real failure would; kill, corrupt and hang act once, at the (K+1)-th collective of
-step S (of phase P, when given: forward, backward, reductions, optimizer, checkpoint, control).
+step S (of phase P, when given: forward, backward, reductions, optimizer, metrics, checkpoint, control).
 A fault that could never act is refused before the run, in one line: a negative rank or `after`, step 0, an
 unknown phase (parse_fault), a rank or step beyond the run's (check_faults).
 
@@ -42,7 +42,7 @@ __all__ = ["Fault", "FaultPlan", "RankKilled", "parse_fault", "check_faults", "c
 
 # The phases of a step a fault can name: Mesh.set_phase's values (the step's seams, the trainer's checkpoint write and
 # its stop agreement, "control").
-PHASES = ("forward", "backward", "reductions", "optimizer", "checkpoint", "control")
+PHASES = ("forward", "backward", "reductions", "optimizer", "metrics", "checkpoint", "control")
 MAX_SLOW_SECONDS = 60.0  # a straggler's wait before every collective: more would only make a run take hours
 
 _AT = ("rank", "step", "phase", "after")  # the fields of a fault that acts once, at a chosen collective
