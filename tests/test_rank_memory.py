@@ -230,7 +230,7 @@ def test_rank_peaks_gives_every_rank_its_slot_and_the_summary_names_the_largest(
     meshes = [_Mesh(r, 3, pool) for r in range(3)]
     for m, peak in zip(meshes, (5 << 20, 9 << 20, 7 << 20)):
         last = rank_peaks(m, peak)
-    assert last == [5 << 20, 9 << 20, 7 << 20] and meshes[0].phases == ["control"]
+    assert last == [5 << 20, 9 << 20, 7 << 20] and meshes[0].phases == ["metrics"]
     assert peak_summary(last) == {"max": 9 << 20, "rank": 1, "ranks": last}
     assert peak_summary([4, 4]) == {"max": 4, "rank": 0, "ranks": [4, 4]}
     with pytest.raises(ValueError, match="no ranks"):
