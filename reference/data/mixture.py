@@ -57,14 +57,12 @@ def check_phases(phases, num_sources: int) -> list[tuple[int, tuple[float, ...]]
 
 class MixtureLoader(BatchedRows):
     """`next_batch()` -> (tokens int64 [batch_size, seq_len], doc_ids int64 [batch_size, seq_len]) mixing `sources`
-    by the weights of the phase in force (module docstring). `rank`/`world_size` are retired (packing.py): only rank 0
-    of 1 is accepted."""
+    by the weights of the phase in force (module docstring). Every rank reads this one stream (its own rows of a step,
+    `next_batches(count, keep)`); a state of the retired per-rank streams loads only as rank 0 of 1."""
 
     kind = "mixture"
 
-    def __init__(self, sources, phases, seed: int = 0, batch_size: int | None = None, rank: int = 0,
-                 world_size: int = 1):
-        retired_ranks(rank, world_size, "a mixture")
+    def __init__(self, sources, phases, seed: int = 0, batch_size: int | None = None):
         if not sources:
             raise DataError("a mixture needs at least one source")
         self.sources = list(sources)

@@ -163,9 +163,7 @@ class PackedTokenLoader(BatchedRows):
 
     kind = "sequential"
 
-    def __init__(self, path, seq_len: int, batch_size: int, eos_id: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        retired_ranks(rank, world_size)
+    def __init__(self, path, seq_len: int, batch_size: int, eos_id: int | None = None, seed: int = 0):
         self._open(path, seq_len, batch_size, eos_id, seed)
         self.num_tokens, self.num_documents = self.store.num_tokens, self.store.num_documents
         self._starts, self._ends = self.store.starts, self.store.ends

@@ -36,7 +36,7 @@ from __future__ import annotations
 import numpy as np
 
 from .packing import BatchedRows, DocumentOrder, check_common_state, kept_range
-from .store import DataError, _nonneg_int, _positive_int, retired_ranks
+from .store import DataError, _nonneg_int, _positive_int
 
 __all__ = ["RSDBLoader"]
 
@@ -47,14 +47,13 @@ _STATE_KEYS = ("src_epoch", "src_cursor", "rows_served", "batches_served", "seed
 class RSDBLoader(BatchedRows):
     """`next_batch()` -> (tokens int64 [batch_size, seq_len], doc_ids int64 [batch_size, seq_len]); see the module
     docstring. `path` is a flat token file (eos_id required), a prepared dataset directory or a DocumentStore;
-    `buffer_size` is the user-specified size (documents; the internal size is twice it). `rank`/`world_size` are
-    retired (packing.py): only rank 0 of 1 is accepted."""
+    `buffer_size` is the user-specified size (documents; the internal size is twice it). Every rank reads this one
+    stream (its own rows of a step, `next_batches(count, keep)`; packing.py)."""
 
     kind = "rsdb"
 
     def __init__(self, path, seq_len: int, batch_size: int, eos_id: int | None = None, buffer_size: int = 1024,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, epochs: int | None = None):
-        retired_ranks(rank, world_size)
+                 seed: int = 0, epochs: int | None = None):
         self.buffer_size = _positive_int("buffer_size", buffer_size)
         self.capacity = 2 * self.buffer_size
         self.epochs = None if epochs is None else _positive_int("epochs", epochs)
