@@ -7,7 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from trinity.distributed import sharded_optim
+from trinity.distributed import sharded_checkpoint, sharded_optim
+from trinity.reference.training import checkpoint as single_checkpoint
 from trinity.run import rank_state, startup
 from trinity.distributed.fsdp import ShardedParams
 from trinity.distributed.layout import Layout
@@ -46,7 +47,7 @@ progress = false
 WHOLE_MODEL = [  # the entry points that hold a whole model (or a whole key of every bucket) on a rank
     (startup, "init_params"), (startup, "_load_weights"), (ShardedParams, "full"), (ShardedParams, "from_full"),
     (sharded_optim, "gather_optimizer_state"), (sharded_optim, "shard_optimizer_state"),
-    (hf, "load_pretrained"),
+    (hf, "load_pretrained"), (sharded_checkpoint, "load_sharded"), (single_checkpoint, "load_checkpoint"),
 ]
 
 
@@ -119,6 +120,7 @@ def test_no_rank_creates_or_reads_a_whole_sharded_key(tmp_path, monkeypatch, tex
     _forbid_whole_model(monkeypatch)
     fresh = _record(monkeypatch, rank_state, "init_param_spans", 1)
     reads = _record(monkeypatch, hf, "read_pretrained_spans", 1)
+    resumed = _record(monkeypatch, sharded_checkpoint, "read_spans", 2)
 
     # a fresh run: each rank draws its spans only, and exports through the documented path
     run = _write_run(tmp_path / "fresh", data, export='hf_export = "export"', steps=2)
@@ -134,7 +136,40 @@ def test_no_rank_creates_or_reads_a_whole_sharded_key(tmp_path, monkeypatch, tex
     file_bytes = sum(int(np.prod(v.shape)) * v.dtype.itemsize for v in expected_hf.values())
     assert all(0 < r < file_bytes for r in read)
 
+    # --resume on another layout from the fresh run's sharded checkpoint: each rank reads its spans' blocks only
+    other = Layout.parse("dp_shard=4,ep=4") if layout != Layout.parse("dp_shard=4,ep=4") else Layout(dp_shard=4)
+    run = _write_run(tmp_path / "fresh", data, export="", steps=3)
+    read = _train(_with_layout(run, other), other, resume=True)
+    _check_spans(resumed, config, other)
+    assert all(r > 0 for r in read)
+
 
 def _with_layout(run, layout):
     import dataclasses
     return dataclasses.replace(run, layout=layout)
+
+
+@pytest.mark.parametrize("text", ["dp_shard=2,cp=2,ep=2", "dp_replicate=2,dp_shard=2,ep=2", "dp_shard=4,ep=2"])
+def test_a_fresh_sharded_start_is_the_single_process_init_sliced_bitwise(tmp_path, text):
+    """Every rank's params and (zero) optimizer state at step 0, joined, are init_params and init_optimizer_state
+    of the single process, bit for bit (the block-seeded init, docs/decisions.md #26)."""
+    from trinity.reference.training.optim import init_optimizer_state
+    layout = Layout.parse(text)
+    run = _with_layout(_write_run(tmp_path / "run", _data(tmp_path), steps=1), layout)
+
+    def rank(comm):
+        trainer = Trainer(run, comm=comm, log=lambda *a, **k: None)
+        try:
+            return trainer.whole_state()
+        finally:
+            trainer.close()
+
+    config = Config.preset("tiny").replace(num_hidden_layers=3)
+    expected = init_params(config, seed=run.init_seed, dtype=np.float64)
+    expected_state = init_optimizer_state(config, expected)
+    for params, state in VirtualCluster(layout.world_size).run(rank):
+        assert set(params) == set(expected)
+        for key, value in expected.items():
+            assert params[key].dtype == value.dtype and np.array_equal(params[key], value), key
+        for key, value in expected_state.items():
+            assert np.array_equal(np.asarray(state[key]), np.asarray(value)), key
