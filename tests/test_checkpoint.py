@@ -462,3 +462,17 @@ def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path):
     assert out.stdout.startswith("refused: ") and "step_00000020.h5: cannot write checkpoint (File too large)" \
         in out.stdout
     assert os.listdir(tmp_path) == [os.path.basename(previous)] and open(previous, "rb").read() == before
+
+
+def test_a_file_sealed_as_it_is_written_has_the_seal_of_its_whole_image(tmp_path):
+    """save_checkpoint writes the arrays to their reserved places and seals from the arrays and the structure read
+    back (sealed_file.seal_file); sealing the finished file's whole image anew gives the same header byte for byte."""
+    path = save_checkpoint(tmp_path / "c.h5", step=3, **make_state(tiny_config(), seed=2))
+    data = bytearray(open(path, "rb").read())
+    header = read_header(path)
+    size = int(data[:64].split(b" ")[1])
+    again = bytearray(data)
+    again[:size] = b"\0" * size
+    seal(again, size, {name: (off, n) for name, (off, n, _) in header["ranges"].items()}, header["meta"],
+         header.get("block_size", 0))
+    assert bytes(again) == bytes(data)

@@ -133,24 +133,34 @@ def _digests(read, size: int, length: int, ranges: dict, block_size: int, known:
     return structure.hexdigest(), out, blocks
 
 
-def seal(buf, size: int, ranges: dict, meta: dict | None = None, block_size: int | None = None) -> None:
-    """Write the header into the first `size` bytes of the writable buffer `buf` (the whole file's bytes), for
-    `ranges` {name: (offset, nbytes)} inside buf[size:], with block digests of `block_size` bytes (None: BLOCK_SIZE;
-    0: none, as sealed before block digests existed)."""
+def _block_size(block_size: int | None) -> int:
     block_size = BLOCK_SIZE if block_size is None else int(block_size)
     if block_size and (block_size < 512 or block_size & (block_size - 1) or block_size > _MAX_BLOCK):
         raise ValueError(f"block_size {block_size} is not a power of two in [512, 2^30]")
-    view = memoryview(buf)
-    structure, digests, blocks = _digests(lambda off, n: (view[off:off + n],), size, len(view), ranges, block_size)
+    return block_size
+
+
+def _header(size: int, length: int, ranges: dict, structure: str, digests: dict, blocks: dict, meta, block_size):
+    """The seal's `size` bytes: the magic line naming the JSON line's SHA-256, then the JSON line (module docstring)."""
     table = {name: [int(off), int(n), digests[name]] for name, (off, n) in ranges.items()}
-    body = {"sha256": structure, "length": len(view), "ranges": table, "meta": meta or {}}
+    body = {"sha256": structure, "length": length, "ranges": table, "meta": meta or {}}
     if block_size:
         body.update(block_size=block_size, blocks=blocks)
     line = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
     header = MAGIC + f"{size} {_sha(line)}\n".encode("ascii") + line + b"\n"
     if len(header) > size:
         raise ValueError(f"seal header of {len(header)} bytes does not fit in {size}")
-    view[:size] = header.ljust(size, b" ")
+    return header.ljust(size, b" ")
+
+
+def seal(buf, size: int, ranges: dict, meta: dict | None = None, block_size: int | None = None) -> None:
+    """Write the header into the first `size` bytes of the writable buffer `buf` (the whole file's bytes), for
+    `ranges` {name: (offset, nbytes)} inside buf[size:], with block digests of `block_size` bytes (None: BLOCK_SIZE;
+    0: none, as sealed before block digests existed)."""
+    block_size = _block_size(block_size)
+    view = memoryview(buf)
+    structure, digests, blocks = _digests(lambda off, n: (view[off:off + n],), size, len(view), ranges, block_size)
+    view[:size] = _header(size, len(view), ranges, structure, digests, blocks, meta, block_size)
 
 
 def seal_file(f, size: int, length: int, ranges: dict, range_chunks: dict, meta: dict | None = None,
@@ -159,7 +169,7 @@ def seal_file(f, size: int, length: int, ranges: dict, range_chunks: dict, meta:
     the seal) whose ranges' bytes the caller still holds: range_chunks {name: iterable of its byte chunks, in
     order} are hashed from memory; only the bytes outside the ranges (the HDF5 structure) are read back from `f`.
     The same header as `seal` of the whole image."""
-    block_size = BLOCK_SIZE if block_size is None else int(block_size)
+    block_size = _block_size(block_size)
     digests, blocks = {}, {}
     for name, (_, n) in ranges.items():
         digests[name], blocks[name] = _hash_range(range_chunks[name] if n else [], block_size)
@@ -174,16 +184,8 @@ def seal_file(f, size: int, length: int, ranges: dict, range_chunks: dict, meta:
             yield chunk
 
     structure, _, _ = _digests(read, size, length, ranges, block_size, known=digests)
-    table = {name: [int(off), int(n), digests[name]] for name, (off, n) in ranges.items()}
-    body = {"sha256": structure, "length": length, "ranges": table, "meta": meta or {}}
-    if block_size:
-        body.update(block_size=block_size, blocks=blocks)
-    line = json.dumps(body, sort_keys=True, separators=(",", ":")).encode("ascii")
-    header = MAGIC + f"{size} {_sha(line)}\n".encode("ascii") + line + b"\n"
-    if len(header) > size:
-        raise ValueError(f"seal header of {len(header)} bytes does not fit in {size}")
     f.seek(0)
-    f.write(header.ljust(size, b" "))
+    f.write(_header(size, length, ranges, structure, digests, blocks, meta, block_size))
 
 
 def is_sealed(path) -> bool:
