@@ -79,10 +79,10 @@ class PhasedOps(ParallelOps):
             self.mesh.phase = f"forward {self.micro_batch}"
         return super().gather_params(params, bucket)
 
-    def hand_back_grads(self, bucket, grads):
+    def hand_back_grads(self, bucket, grads, into=None):
         if bucket == "head":
             self.mesh.phase = f"backward {self.micro_batch}"
-        out = super().hand_back_grads(bucket, grads)
+        out = super().hand_back_grads(bucket, grads, into)
         if bucket == "embed":
             self.mesh.phase = "reductions"
         return out

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["CheckpointError", "atomic_path", "fsync_dir"]
+__all__ = ["CheckpointError", "atomic_path", "fsync_dir", "open_new"]
 
 
 class CheckpointError(ValueError):
@@ -36,6 +36,16 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def open_new(path: str, mode: str = "wb", **kwargs):
+    """Open `path` for writing as a new file: whatever is there (a leftover, a planted symlink) is removed first and
+    the file is created with O_EXCL and O_NOFOLLOW, so a write never goes through a link. `mode`: "wb", "w+b" or
+    "w" (text; `kwargs` such as encoding go to os.fdopen)."""
+    if os.path.lexists(path):
+        os.remove(path)
+    flags = os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | (os.O_RDWR if "+" in mode else os.O_WRONLY)
+    return os.fdopen(os.open(path, flags, 0o644), mode, **kwargs)
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path `path + ".tmp-<pid>"` in the same directory; when the block ends normally the file is
@@ -43,6 +53,8 @@ def atomic_path(path):
     `path` is left as it was."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
+    if os.path.lexists(tmp):  # a leftover, or a planted link: removed, never written through
+        os.remove(tmp)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)

@@ -497,7 +497,15 @@ class Startup:
         The ranks try rank 0's candidates in order, newest first, and after each they exchange what happened: any
         error but corruption ends every rank alike; corruption seen by any rank skips the candidate on all."""
         comm = self._comm
-        candidates = allgather_json(comm, self.checkpoints.resume_candidates())[0]
+        try:
+            listed, error = self.checkpoints.resume_candidates(), None
+        except Exception as e:  # noqa: BLE001 - carried through the exchange, so that no rank waits for another
+            listed, error = [], f"{type(e).__name__}: {e}"
+        said = allgather_json(comm, [listed, error])
+        failed = [(r, e) for r, (_, e) in enumerate(said) if e is not None]
+        if failed:
+            raise CheckpointError(f"cannot list the checkpoints: {failed[0][1]} (rank {failed[0][0]})")
+        candidates = said[0][0]
         skipped = []
         for path in candidates:
             ckpt, status = None, None

@@ -476,3 +476,31 @@ def test_a_file_sealed_as_it_is_written_has_the_seal_of_its_whole_image(tmp_path
     seal(again, size, {name: (off, n) for name, (off, n, _) in header["ranges"].items()}, header["meta"],
          header.get("block_size", 0))
     assert bytes(again) == bytes(data)
+
+
+def test_an_empty_array_of_any_shape_is_written_and_read(tmp_path):
+    from trinity.reference.training.checkpoint import write_sealed_hdf5
+    from trinity.reference.training.sealed_file import verify
+    path = str(tmp_path / "e.h5")
+    write_sealed_hdf5(path, {}, {"g": {"x": np.zeros((0, 3)), "y": np.arange(4.0)}}, {})
+    verify(path)
+    with h5py.File(path, "r") as f:
+        assert f["g"]["x"].shape == (0, 3) and f["g"]["y"][()].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_planted_link_at_a_temporary_name_is_never_written_through(tmp_path):
+    """atomic_path removes whatever is at its temporary name, and open_new creates the file anew: a symlink planted
+    there (pointing at a victim file) is replaced, the victim is untouched (checkpoints, HF weights, config.json)."""
+    from trinity.reference.interop.hf import save_pretrained
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        os.symlink(victim, folder / f"{name}.tmp-{os.getpid()}")
+    config = tiny_config()
+    save_pretrained(folder, config, make_state(config)["params"])
+    os.symlink(victim, tmp_path / f"c.h5.tmp-{os.getpid()}")
+    save_checkpoint(tmp_path / "c.h5", step=1, **make_state(config))
+    assert victim.read_bytes() == b"keep me"
+    assert not any(os.path.islink(p) for p in folder.iterdir())

@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..files import CheckpointError, atomic_path
+from ..files import CheckpointError, atomic_path, open_new
 from ..model.config import Config
 from ..model.params import EXPERT_BIAS_DTYPE, is_expert_bias, layer_prefix, param_dtype, param_shapes
 from .hf_files import DTYPES, INDEX_NAME, WEIGHTS_NAME, WRITE_TAGS, Entry, SafetensorsWriter, read_elements, \
@@ -458,7 +458,7 @@ class HFCheckpointWriter:
         hf["dtype"] = self.model_dtype.name  # float32, float64 or float16: what from_pretrained(dtype="auto") uses
 
         def write_json(tmp):
-            with open(tmp, "w", encoding="utf-8") as f:
+            with open_new(tmp, "w", encoding="utf-8") as f:
                 json.dump(hf, f, indent=2, sort_keys=True)
                 f.write("\n")
 

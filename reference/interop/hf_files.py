@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..files import CheckpointError, atomic_path
+from ..files import CheckpointError, atomic_path, open_new
 
 __all__ = ["DTYPES", "WRITE_TAGS", "Entry", "read_header", "weight_files", "read_elements", "SafetensorsWriter",
            "WEIGHTS_NAME", "INDEX_NAME"]
@@ -183,7 +183,7 @@ class SafetensorsWriter:
         self._open = True
         self._stack = contextlib.ExitStack()
         tmp = self._stack.enter_context(atomic_path(filename))
-        self._file = self._stack.enter_context(open(tmp, "wb"))
+        self._file = self._stack.enter_context(open_new(tmp))
         self._file.write(struct.pack("<Q", len(blob)) + blob)
         self._file.truncate(self._data_start + offset)
 

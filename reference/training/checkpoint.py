@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import h5py
 import numpy as np
 
-from ..files import CheckpointError, atomic_path, fsync_dir  # one CheckpointError for the whole package
+from ..files import CheckpointError, atomic_path, fsync_dir, open_new  # one CheckpointError for the whole package
 from ..model.config import RESUMABLE_FIELDS, Config, ConfigError
 from ..model.params import check_params
 from .checkpoint_files import StorageError, check_storage, dataset_names, is_plain_dir, is_plain_file, listed
@@ -173,12 +173,8 @@ def _flat_arrays(name: str, tree, require_finite: bool = False) -> dict:
 
 
 def _write_bytes(path: str, data: bytes) -> None:
-    """Write a new file at `path` (a temporary name): whatever was there (a leftover, a planted symlink) is removed,
-    never written through."""
-    if os.path.lexists(path):
-        os.remove(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-    with os.fdopen(fd, "wb") as out:
+    """Write a new file at `path` (a temporary name), never through a link (files.open_new)."""
+    with open_new(path) as out:
         out.write(data)
 
 
@@ -233,10 +229,7 @@ def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
     userblock = header_size({key: a.nbytes for key, a in arrays.items()}, meta)
     try:
         with atomic_path(path) as tmp:
-            if os.path.lexists(tmp):
-                os.remove(tmp)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-            with os.fdopen(fd, "w+b") as out:
+            with open_new(tmp, "w+b") as out:
                 ranges = _write_structure(out, userblock, attrs, groups, arrays)
                 for key, (offset, nbytes) in ranges.items():
                     if nbytes:
@@ -244,7 +237,8 @@ def write_sealed_hdf5(path, attrs: dict, groups: dict, meta: dict) -> str:
                 out.flush()
                 length = out.seek(0, os.SEEK_END)
                 seal_file(out, userblock, length, ranges,
-                          {key: [memoryview(arrays[key]).cast("B")] for key in ranges}, meta)
+                          {key: [memoryview(arrays[key]).cast("B")] if arrays[key].nbytes else [] for key in ranges},
+                          meta)
                 out.flush()
                 return _file_sha256(out)
     except OSError as e:  # a full disk, a read-only or vanished directory
