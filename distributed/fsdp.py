@@ -25,7 +25,6 @@ A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -34,10 +33,10 @@ from trinity.reference.model.params import bucket_of, is_expert_bias, param_shap
 from trinity.reference.model.seams import LINEAR_CTX, linear_ctx_weight
 
 from .schedule import gather_order
-from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, bucket_parts, expert_range, is_routed_expert, part_group
+from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, expert_range, is_routed_expert
 
-__all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "bucket_parts", "part_group",
-           "plan_buckets", "expert_slice", "shards_from_spans"]
+__all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "plan_buckets", "expert_slice",
+           "shards_from_spans"]
 
 _LINEAR_WEIGHTS = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                    "up_proj.weight", "down_proj.weight")

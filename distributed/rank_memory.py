@@ -174,22 +174,24 @@ def busiest_rank(config, layout: Layout, seq_len: int, micro_batch_size: int, dt
                  recompute: bool = False, micro_steps: int = 1, **kw) -> int:
     """The rank of `layout` whose estimated peak (estimate_rank_bytes, same arguments) is the largest, the lowest such
     rank on a tie. Ranks differ only in distributed Muon's transient (which matrices they own) and in rank 0's save
-    (the replicated arrays): the candidates are rank 0 and the fsdp rank of the first replica with the largest
-    Muon transient, found from the owner rule without estimating every rank."""
+    (the replicated arrays), so the candidates are the first replica's ranks: each of them up to EVERY_RANK_UP_TO
+    (a near tie of phases can favour any), beyond that rank 0 and the rank with the largest Muon transient, found
+    from the owner rule without estimating every rank."""
     plan = ParallelPlan(config, layout)
-    s = np.dtype(dtype).itemsize
     fsdp = plan.group_size["fsdp"]
-    load = np.zeros(fsdp, dtype=np.int64)
-    for b in plan.buckets(0):  # every fsdp rank holds buckets of these shapes; its index in each group differs
-        if b.optimizer != "muon" or b.n == 1:
-            continue
-        per_index = np.array(_muon_bytes(tuple(tuple(int(x) for x in sh) for sh in b.shapes), b.n, b.shard_size, s,
-                                         bool(config.muon_nesterov)), dtype=np.int64)
-        f = np.arange(fsdp)
-        load = np.maximum(load, per_index[f if b.group == "fsdp" else f // layout.ep])
-    candidates = sorted({0, int(plan.members("fsdp", 0)[int(np.argmax(load))])})
-    if fsdp <= EVERY_RANK_UP_TO:  # few enough to estimate each (the heuristic can miss a near tie of phases)
+    if fsdp <= EVERY_RANK_UP_TO:
         candidates = plan.members("fsdp", 0)
+    else:
+        s = np.dtype(dtype).itemsize
+        load = np.zeros(fsdp, dtype=np.int64)
+        for b in plan.buckets(0):  # every fsdp rank holds buckets of these shapes; its index in each group differs
+            if b.optimizer != "muon" or b.n == 1:
+                continue
+            per_index = np.array(_muon_bytes(tuple(tuple(int(x) for x in sh) for sh in b.shapes), b.n, b.shard_size,
+                                             s, bool(config.muon_nesterov)), dtype=np.int64)
+            f = np.arange(fsdp)
+            load = np.maximum(load, per_index[f if b.group == "fsdp" else f // layout.ep])
+        candidates = sorted({0, int(plan.members("fsdp", 0)[int(np.argmax(load))])})
     totals = [estimate_rank_bytes(config, layout, r, seq_len, micro_batch_size, dtype, recompute, micro_steps,
                                   **kw)["total"] for r in candidates]
     return candidates[int(np.argmax(totals))]

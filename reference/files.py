@@ -13,13 +13,28 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["CheckpointError", "atomic_path", "fsync_dir", "open_new"]
+__all__ = ["CheckpointError", "CloseOrAbort", "atomic_path", "fsync_dir", "open_new"]
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or saved: a missing file or key, an unexpected key, a wrong shape, an
     unsupported dtype, or a config that does not match the weights. The message names the key, with the expected and
     the found shape."""
+
+
+class CloseOrAbort:
+    """A writer used as a context manager (`with Writer(…) as w:`): its close() when the block ends normally, its
+    abort() when the block raises (the exception goes on)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+        return False
 
 
 def fsync_dir(directory: str) -> None:

@@ -516,15 +516,13 @@ class Startup:
             except Exception as e:  # noqa: BLE001 - every rank must reach the exchange below, or the others wait
                 status = ["error", str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"]
             said = allgather_json(comm, status)
-            for kind in ("error", "corrupt"):
-                found = [(r, s[1]) for r, s in enumerate(said) if s is not None and s[0] == kind]
-                if found and kind == "error":
-                    raise CheckpointError(found[0][1] + (f" (rank {found[0][0]})" if found[0][0] else ""))
-                if found:
-                    skipped.append((path, f"{found[0][1]} (seen by rank {found[0][0]})"))
-                    break
-            else:
+            errors = [(r, s[1]) for r, s in enumerate(said) if s is not None and s[0] == "error"]
+            if errors:
+                raise CheckpointError(errors[0][1] + (f" (rank {errors[0][0]})" if errors[0][0] else ""))
+            corrupt = [(r, s[1]) for r, s in enumerate(said) if s is not None]
+            if not corrupt:
                 return ckpt, skipped
+            skipped.append((path, f"{corrupt[0][1]} (seen by rank {corrupt[0][0]})"))
         return None, skipped
 
     def _load_resume_point(self, config, plan=None):

@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..files import CheckpointError, atomic_path, open_new
+from ..files import CheckpointError, CloseOrAbort, atomic_path, open_new
 from ..model.config import Config
 from ..model.params import EXPERT_BIAS_DTYPE, is_expert_bias, layer_prefix, param_dtype, param_shapes
 from .hf_files import DTYPES, INDEX_NAME, WEIGHTS_NAME, WRITE_TAGS, Entry, SafetensorsWriter, read_elements, \
@@ -385,7 +385,7 @@ def load_pretrained(path, dtype=np.float32) -> tuple[Config, dict[str, np.ndarra
 
 
 # ---- writing -----------------------------------------------------------------------------------------------------
-class HFCheckpointWriter:
+class HFCheckpointWriter(CloseOrAbort):
     """Write an HF checkpoint directory one of our keys at a time: `write(key, whole array)` for every key of
     `param_shapes(config)`, in any order, then `close()` (or use it as a context manager).
 
@@ -467,16 +467,6 @@ class HFCheckpointWriter:
     def abort(self) -> None:
         """Remove the temporary weights file; the directory's files are left as they were."""
         self._file.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
-        return False
 
 
 def save_pretrained_streaming(path, config: Config, key_values, dtype=np.float32) -> None:

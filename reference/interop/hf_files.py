@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..files import CheckpointError, atomic_path, open_new
+from ..files import CheckpointError, CloseOrAbort, atomic_path, open_new
 
 __all__ = ["DTYPES", "WRITE_TAGS", "Entry", "read_header", "weight_files", "read_elements", "SafetensorsWriter",
            "WEIGHTS_NAME", "INDEX_NAME"]
@@ -157,7 +157,7 @@ def read_elements(raw, entry: Entry, first: int, out: np.ndarray) -> int:
     return n * size
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(CloseOrAbort):
     """Write one safetensors file whose tensors (name -> (dtype tag F16/F32/F64, shape)) are all known up front: the
     header first, then each tensor's bytes at its offset as `write(name, array)` hands it over, in any order. The
     bytes equal `safetensors.numpy.save_file` of the same tensors and metadata (data ordered by dtype size, largest
@@ -226,13 +226,3 @@ class SafetensorsWriter:
             self._open = False
             error = CheckpointError("aborted")
             self._stack.__exit__(CheckpointError, error, error.__traceback__)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
-        return False

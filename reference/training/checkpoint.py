@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import os
 import re
@@ -57,7 +56,7 @@ from ..files import CheckpointError, atomic_path, fsync_dir, open_new  # one Che
 from ..model.config import RESUMABLE_FIELDS, Config, ConfigError
 from ..model.params import check_params
 from .checkpoint_files import StorageError, check_storage, dataset_names, is_plain_dir, is_plain_file, listed
-from .sealed_file import SealError, header_size, is_sealed, read_header, seal, seal_file, verify
+from .sealed_file import SealError, header_size, is_sealed, read_header, seal_file, verify
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "CheckpointCorrupt", "CheckpointWriteError",
            "CheckpointManager", "save_checkpoint", "load_checkpoint", "restore_rng", "read_run_id",
