@@ -16,6 +16,9 @@
     special token).
 `eos_id=` overrides the EOS lookup. Every `Tokenizer` has `.encode(text) -> list[int]`, `.decode(ids) -> str`,
 `.vocab_size`, `.eos_id`, `.kind` and `.path` (the tokenizer.json, or None for bytes).
+
+`token_byte_lengths(tokenizer)` gives the number of UTF-8 bytes of text each token id stands for (bits per byte of
+an evaluation), or None where a tokenizer's tokens are not byte sequences (e.g. sentencepiece / Metaspace).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import json
 import os
 
 __all__ = ["Tokenizer", "ByteTokenizer", "HFTokenizer", "TokenizerError", "load_tokenizer", "train_bpe",
-           "BPE_EOS_TOKEN", "KINDS", "tokenizer_record", "tokenizer_from_record"]
+           "BPE_EOS_TOKEN", "KINDS", "tokenizer_record", "tokenizer_from_record", "token_byte_lengths"]
 
 KINDS = ("hf", "bpe", "bytes")
 BPE_EOS_TOKEN = "<|endoftext|>"
@@ -249,3 +252,69 @@ def train_bpe(texts, vocab_size: int, out_path, eos_token: str = BPE_EOS_TOKEN, 
     with atomic_path(out_path) as tmp:
         tok.save(tmp)
     return HFTokenizer(out_path, eos_id=tok.token_to_id(eos_token), kind="bpe")
+
+
+# ---- bytes per token (bits per byte) ------------------------------------------------------------------------------
+def _byte_level_table() -> dict[str, int]:
+    """The inverse of GPT-2's bytes_to_unicode: the printable character that stands for each byte in a byte-level
+    BPE vocabulary -> that byte (the `tokenizers` ByteLevel pre-tokenizer and decoder use the same table)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+        + list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+def _byte_level_length(token: str, table: dict[str, int]) -> int:
+    """Bytes the ByteLevel decoder turns `token` into: one per character when every character is in the table,
+    else the token's own UTF-8 bytes (what `tokenizers` does with such a token)."""
+    if all(c in table for c in token):
+        return len(token)
+    return len(token.encode("utf-8"))
+
+
+def token_byte_lengths(tokenizer):
+    """int64 array [vocab_size]: the number of UTF-8 bytes of text each token id stands for, so that the sum over a
+    token sequence is the byte length of the text it decodes to; None when that cannot be known.
+
+    `tokenizer`: a Tokenizer, or any source `load_tokenizer` accepts (e.g. a prepared dataset directory).
+    Byte tokenizer: 1 for ids 0..255, 0 for EOS. A tokenizer.json whose decoder is ByteLevel (our "bpe", GPT-2
+    style "hf" tokenizers): each vocabulary entry's characters mapped back through GPT-2's bytes_to_unicode table
+    (one byte each); special tokens (EOS, ...) count 0; a non-special added token counts as the ByteLevel decoder
+    decodes it. Ids the file does not name count 0; the array is longer than vocab_size only when the file's ids
+    leave gaps. Any other tokenizer (e.g. sentencepiece / Metaspace, WordPiece): None.
+    """
+    import numpy as np
+
+    tok = load_tokenizer(tokenizer)
+    if isinstance(tok, ByteTokenizer):
+        out = np.ones(tok.vocab_size, dtype=np.int64)
+        out[tok.eos_id] = 0
+        return out
+    if not isinstance(tok, HFTokenizer):
+        return None
+    try:
+        spec = json.loads(tok.json_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    decoder = spec.get("decoder") if isinstance(spec, dict) else None
+    model = spec.get("model") if isinstance(spec, dict) else None
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not (isinstance(decoder, dict) and decoder.get("type") == "ByteLevel" and isinstance(vocab, dict)):
+        return None
+    added = [a for a in spec.get("added_tokens") or [] if isinstance(a, dict) and isinstance(a.get("id"), int)
+             and isinstance(a.get("content"), str)]
+    ids = [i for i in vocab.values() if isinstance(i, int)] + [a["id"] for a in added]
+    out = np.zeros(max([tok.vocab_size] + [i + 1 for i in ids]), dtype=np.int64)
+    table = _byte_level_table()
+    for token, i in vocab.items():
+        if isinstance(i, int) and i >= 0:
+            out[i] = _byte_level_length(token, table)
+    for a in added:  # added tokens replace a vocabulary entry of the same id
+        if a["id"] >= 0:
+            out[a["id"]] = 0 if a.get("special") else _byte_level_length(a["content"], table)
+    return out
