@@ -6,10 +6,14 @@
 
   trinity data prepare INPUTS... --out DIR [--tokenizer tokenizer.json | --train-bpe VOCAB | --bytes]
                        [--glob '*.py'] [--exclude PATTERN] [--errors strict|replace] [--shard-tokens N] [--workers N]
+                       [--holdout FRACTION|N_DOCS]
       text files (each file one document; folders are walked recursively) tokenized in parallel into uint32 shards
       with document indexes and meta.json (trinity.reference.data.prepare). The directory is a [data] path for
       `trinity train`. --out is a new or empty directory, or a prepared dataset (prepared again in place); an
-      existing file or another non-empty directory is refused before anything is written. Example: the Python standard library with a byte-level BPE of 4096 entries trained on it:
+      existing file or another non-empty directory is refused before anything is written. --holdout 0.01 (a
+      fraction: it holds "." or "e") or --holdout 500 (a number of documents) writes a held-out set, chosen by the
+      SHA-256 of each file's content, as a prepared dataset of its own in DIR/holdout, never in the training shards.
+      Example: the Python standard library with a byte-level BPE of 4096 entries trained on it:
         trinity data prepare "$(python -c "import sysconfig; print(sysconfig.get_paths()['stdlib'])")" \
             --glob '*.py' --train-bpe 4096 --out data/stdlib
 """
@@ -60,6 +64,10 @@ def add_parser(subparsers):
                    help="close a shard once it holds N tokens (default 2**28)")
     q.add_argument("--workers", type=int, default=None, metavar="N",
                    help="tokenizer processes (default: the usable cores)")
+    q.add_argument("--holdout", metavar="FRACTION|N_DOCS",
+                   help="hold documents out of training into OUT/holdout (a prepared dataset of its own), chosen by "
+                        "the SHA-256 of their content: a fraction 0 < f < 1 (written with '.' or 'e'), or a number "
+                        "of documents (the ones with the smallest hashes, plus exact duplicates of them)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     q.set_defaults(run=run_prepare)
     return p
@@ -74,7 +82,8 @@ def run_prepare(args) -> int:
         prepare(args.inputs, args.out, tokenizer=args.tokenizer, train_bpe_vocab=args.train_bpe,
                 use_bytes=args.bytes, errors=args.errors,
                 shard_tokens=DEFAULT_SHARD_TOKENS if args.shard_tokens is None else args.shard_tokens,
-                workers=args.workers, glob=args.glob, exclude=tuple(args.exclude), progress=not args.no_progress)
+                workers=args.workers, glob=args.glob, exclude=tuple(args.exclude), progress=not args.no_progress,
+                holdout=args.holdout)
     except (DataError, TokenizerError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
     except OSError as e:  # e.g. an output folder that cannot be written

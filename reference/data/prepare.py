@@ -24,6 +24,19 @@ Every file is written atomically (temp file, fsync, rename); meta.json is remove
 directory with meta.json always describes complete shards. The output is an empty or new directory, or a prepared
 dataset, which is prepared again in place (stale shards removed); an existing file or a non-empty directory that is
 not a prepared dataset is refused before anything is written (`check_output_dir`).
+
+Held-out split (`holdout=` FRACTION or N_DOCS, `--holdout`; the rule is in holdout.py): the documents whose content
+hash falls below the rule's bound are written, instead of into the training shards, into the subfolder
+`holdout/` (HOLDOUT_DIR) as a complete prepared dataset of its own (meta.json of the same format, shards, indexes,
+a tokenizer.json copy), which a DocumentStore opens like any other. A first pass reads and hashes every file (no
+tokens are kept), so the rule is known, and a split that leaves nothing on one side is refused, before anything is
+written. The training meta.json counts only the training documents ("files" still counts every input file, and
+the problem lists cover both sides) and gains a "holdout" record (path, rule, what was asked: "fraction" or
+"asked_documents", and the held-out "documents" and "tokens"); holdout/meta.json names the rule in "held_out_by".
+A BPE trained here sees only the training documents. Preparing
+again without a holdout removes a holdout/ folder left from before; holdout/meta.json is written before the top
+meta.json, so a directory with meta.json always describes a complete split. A holdout/ that is not a folder this
+module wrote is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -39,15 +52,19 @@ import time
 import numpy as np
 
 from ..files import atomic_path
+from .holdout import HOLDOUT_RULE, HoldoutError, HoldoutSpec, content_digest, count_rule, fraction_rule, \
+    parse_holdout
 from .store import META_FILE, TOKEN_DTYPE, DataError
 from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer, train_bpe
 
-__all__ = ["prepare", "find_files", "check_output_dir", "PrepareError", "FORMAT", "DEFAULT_SHARD_TOKENS"]
+__all__ = ["prepare", "find_files", "check_output_dir", "PrepareError", "FORMAT", "DEFAULT_SHARD_TOKENS",
+           "HOLDOUT_DIR"]
 
 FORMAT = "trinity-prepared-tokens"
 FORMAT_VERSION = 1
 DEFAULT_SHARD_TOKENS = 1 << 28  # 1 GiB of uint32 per shard
 _SHARD_PREFIX = "shard_"
+HOLDOUT_DIR = "holdout"  # the held-out set's subfolder of a prepared dataset
 
 
 class PrepareError(DataError):
@@ -116,44 +133,87 @@ def _make_tokenizer(spec) -> Tokenizer:
 
 
 def _read_text(path: str, errors: str):
-    """(text or None, status, message): status "ok" | "replaced" | "undecodable" | "unreadable"."""
+    """(text or None, status, message, SHA-256 digest of the raw bytes or None): status "ok" | "replaced" |
+    "undecodable" | "unreadable"."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        return None, "unreadable", f"{type(e).__name__}: {e.strerror or e}"
+        return None, "unreadable", f"{type(e).__name__}: {e.strerror or e}", None
+    digest = content_digest(data)
     try:
-        return data.decode("utf-8"), "ok", ""
+        return data.decode("utf-8"), "ok", "", digest
     except UnicodeDecodeError as e:
         message = f"not UTF-8: byte 0x{data[e.start]:02x} at offset {e.start}"
         if errors == "strict":
-            return None, "undecodable", message
-        return data.decode("utf-8", errors="replace"), "replaced", message
+            return None, "undecodable", message, digest
+        return data.decode("utf-8", errors="replace"), "replaced", message, digest
 
 
 def _tokenize_file(job):
-    """(status, message, uint32 token array without EOS or None, number of EOS ids dropped from the text)."""
+    """(status, message, uint32 token array without EOS or None, number of EOS ids dropped from the text, SHA-256
+    digest of the file's bytes or None)."""
     path, errors = job
-    text, status, message = _read_text(path, errors)
+    text, status, message, digest = _read_text(path, errors)
     if text is None:
-        return status, message, None, 0
+        return status, message, None, 0, digest
     tok = _WORKER_TOKENIZER
     try:
         ids = np.asarray(tok.encode(text), dtype=np.int64)
     except Exception as e:  # a tokenizer failure is reported, never a crash
-        return "unreadable", f"tokenizer failed: {type(e).__name__}: {e}", None, 0
+        return "unreadable", f"tokenizer failed: {type(e).__name__}: {e}", None, 0, digest
     dropped = int(np.count_nonzero(ids == tok.eos_id))
     if dropped:
         ids = ids[ids != tok.eos_id]
-    return status, message, ids.astype(TOKEN_DTYPE), dropped
+    return status, message, ids.astype(TOKEN_DTYPE), dropped, digest
 
 
-def _texts_for_training(files, errors, bar):
+def _texts_for_training(files, errors, bar, rule=None):
+    """The texts a BPE is trained on: every usable file's, less the held-out ones (`rule`)."""
     for path in files:
-        text, _, _ = _read_text(path, errors)
+        text, _, _, digest = _read_text(path, errors)
         bar.update(1)
-        if text is not None:
+        if text is not None and not (rule is not None and rule.holds(digest)):
             yield text
+
+
+def _usable_digests(files, errors, bar):
+    """The first pass of a held-out split: the SHA-256 digest of every file that will be a document (readable, and
+    valid UTF-8 unless errors="replace"), in file order. Reads each file once and keeps nothing."""
+    for path in files:
+        bar.update(1)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if errors == "strict":
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+        yield content_digest(data)
+
+
+def _holdout_rule(spec: HoldoutSpec, files, errors, bar):
+    """The rule for `spec` over these files (holdout.py), after a first pass that refuses, in one line, a split
+    leaving no document on one side."""
+    if spec.documents is not None:
+        rule, usable = count_rule(_usable_digests(files, errors, bar), spec.documents)
+        if spec.documents >= usable:
+            raise HoldoutError(f"--holdout {spec.documents}: the inputs hold only {usable} usable document(s), so "
+                               f"nothing would be left to train on; hold out fewer")
+        return rule
+    rule = fraction_rule(spec.fraction)
+    usable = held = 0
+    for digest in _usable_digests(files, errors, bar):
+        usable += 1
+        held += rule.holds(digest)
+    if held == 0 or held == usable:
+        side = "none" if held == 0 else "all"
+        raise HoldoutError(f"--holdout {spec.fraction:g} holds out {side} of the {usable} usable document(s); "
+                           f"give {'a larger' if held == 0 else 'a smaller'} fraction or a number of documents")
+    return rule
 
 
 # ---- shard writing -----------------------------------------------------------------------------------------------
@@ -212,25 +272,15 @@ def _ours(name: str) -> bool:
                                                      and (base.endswith(".bin") or base.endswith(".idx.npy")))
 
 
-def check_output_dir(out_dir) -> None:
-    """Refuse an output that `prepare` must not write into, before anything is written: an existing file (or
-    anything else that is not a directory), and a non-empty directory that is not a prepared dataset. A prepared
-    dataset (meta.json of this format) is prepared again in place, as is a directory holding only files that
-    `prepare` writes (what an interrupted preparation leaves). Raises PrepareError naming the path."""
-    out_dir = os.fspath(out_dir)
-    if not os.path.lexists(out_dir):
-        return
-    if not os.path.isdir(out_dir):
-        kind = "a file" if os.path.isfile(out_dir) else "not a directory"
-        raise PrepareError(f"output {out_dir} exists and is {kind}; give a new or empty directory, or a prepared "
-                           f"dataset to prepare again")
+def _not_ours(directory: str, nested: bool = False) -> str | None:
+    """Why the existing directory `directory` is not one that `prepare` may write into (a foreign meta.json, or
+    files it does not write), or None. A holdout/ subfolder is judged by the caller (`nested`: `directory` is
+    itself a holdout/ folder, which holds none)."""
     try:
-        names = os.listdir(out_dir)
+        names = os.listdir(directory)
     except OSError as e:
-        raise PrepareError(f"output directory {out_dir}: cannot list it ({e.strerror or e})") from None
-    if not names:
-        return
-    meta_path = os.path.join(out_dir, META_FILE)
+        raise PrepareError(f"output directory {directory}: cannot list it ({e.strerror or e})") from None
+    meta_path = os.path.join(directory, META_FILE)
     if os.path.lexists(meta_path):
         try:
             with open(meta_path, encoding="utf-8") as f:
@@ -238,20 +288,78 @@ def check_output_dir(out_dir) -> None:
         except (OSError, ValueError):
             meta = None
         if not (isinstance(meta, dict) and meta.get("format") == FORMAT):
-            raise PrepareError(f"output directory {out_dir} holds a {META_FILE} that is not a prepared dataset's "
-                               f"(format {FORMAT!r}); give a new or empty directory")
-    strangers = sorted(n for n in names if not _ours(n))
+            return f"holds a {META_FILE} that is not a prepared dataset's (format {FORMAT!r})"
+    strangers = sorted(n for n in names if not _ours(n) and (nested or n != HOLDOUT_DIR))
     if strangers:
         shown = ", ".join(strangers[:3]) + (f" and {len(strangers) - 3} more" if len(strangers) > 3 else "")
-        raise PrepareError(f"output directory {out_dir} is not empty and is not a prepared dataset (it holds "
-                           f"{shown}); give a new or empty directory")
+        return f"is not empty and is not a prepared dataset (it holds {shown})"
+    return None
+
+
+def check_output_dir(out_dir) -> None:
+    """Refuse an output that `prepare` must not write into, before anything is written: an existing file (or
+    anything else that is not a directory), and a non-empty directory that is not a prepared dataset. A prepared
+    dataset (meta.json of this format) is prepared again in place, as is a directory holding only files that
+    `prepare` writes (what an interrupted preparation leaves). Its holdout/ must be the same kind of folder (a real
+    directory, not a link, holding a prepared dataset or only files `prepare` writes). Raises PrepareError naming
+    the path."""
+    out_dir = os.fspath(out_dir)
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        kind = "a file" if os.path.isfile(out_dir) else "not a directory"
+        raise PrepareError(f"output {out_dir} exists and is {kind}; give a new or empty directory, or a prepared "
+                           f"dataset to prepare again")
+    problem = _not_ours(out_dir)
+    hold = os.path.join(out_dir, HOLDOUT_DIR)
+    if problem is None and os.path.lexists(hold):
+        if os.path.islink(hold) or not os.path.isdir(hold):
+            problem = f"holds a {HOLDOUT_DIR} that is not a held-out set prepare wrote (a link or not a folder)"
+        else:
+            inner = _not_ours(hold, nested=True)
+            if inner is not None:
+                problem = f"holds a {HOLDOUT_DIR}/ folder that {inner}"
+    if problem is not None:
+        raise PrepareError(f"output directory {out_dir} {problem}; give a new or empty directory")
 
 
 # ---- the whole job -----------------------------------------------------------------------------------------------
+def _remove_stale_shards(directory: str, writer: _ShardWriter) -> None:
+    """Shards left from an earlier, larger preparation of the same directory."""
+    keep = {name for s in writer.shards for name in (s["tokens"], s["index"])}
+    for name in os.listdir(directory):
+        if name.startswith(_SHARD_PREFIX) and (name.endswith(".bin") or name.endswith(".idx.npy")) \
+                and name not in keep:
+            os.remove(os.path.join(directory, name))
+
+
+def _write_meta(directory: str, meta: dict) -> None:
+    with atomic_path(os.path.join(directory, META_FILE)) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+
+
+class _Side:
+    """One side of the split being written: its shard writer and counts."""
+
+    def __init__(self, directory, eos_id, shard_tokens):
+        self.directory = directory
+        self.writer = _ShardWriter(directory, eos_id, shard_tokens)
+        self.documents = self.tokens = self.eos_dropped = 0
+        self.replaced = []
+
+    def add(self, ids, dropped):
+        self.writer.add(ids)
+        self.documents += 1
+        self.tokens += ids.size + 1
+        self.eos_dropped += dropped
+
+
 def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None, use_bytes: bool = False,
             errors: str = "strict", shard_tokens: int = DEFAULT_SHARD_TOKENS, workers: int | None = None,
-            glob: str | None = None, exclude=(), progress: bool = True, log=print) -> dict:
-    """Prepare `inputs` into `out_dir` (module docstring). Returns the meta.json contents."""
+            glob: str | None = None, exclude=(), progress: bool = True, log=print, holdout=None) -> dict:
+    """Prepare `inputs` into `out_dir` (module docstring). `holdout`: None, a fraction 0 < f < 1, a number of
+    documents >= 1, or the CLI's string for either (holdout.parse_holdout). Returns the meta.json contents."""
     t0 = time.perf_counter()
     chosen = [x for x in (tokenizer is not None, train_bpe_vocab is not None, use_bytes) if x]
     if len(chosen) > 1:
@@ -263,6 +371,7 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
     workers = usable_cores() if workers is None else workers
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PrepareError(f"workers must be a positive integer, got {workers!r}")
+    spec = None if holdout is None else parse_holdout(holdout)
     check_output_dir(out_dir)
     out_real = os.path.realpath(os.fspath(out_dir)) + os.sep  # never read our own output (a re-run into an input)
     files = [f for f in find_files(inputs, glob, exclude) if not os.path.realpath(f).startswith(out_real)]
@@ -270,10 +379,6 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
         raise PrepareError(f"no input files found in {list(map(os.fspath, inputs))}"
                            + (f" matching {glob!r}" if glob else ""))
     out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    meta_path = os.path.join(out_dir, META_FILE)
-    if os.path.exists(meta_path):  # the directory is not a valid dataset until the new meta.json is written
-        os.remove(meta_path)
 
     from tqdm import tqdm
 
@@ -281,13 +386,31 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
         return tqdm(total=len(files), unit="file", desc=desc, file=sys.stderr, disable=not progress,
                     dynamic_ncols=True, mininterval=0.5)
 
+    rule = None
+    if spec is not None:  # the first pass: hashes only, and a refusal before anything is written
+        with bar("hashing for the holdout") as b:
+            rule = _holdout_rule(spec, files, errors, b)
+    os.makedirs(out_dir, exist_ok=True)
+    meta_path = os.path.join(out_dir, META_FILE)
+    if os.path.exists(meta_path):  # the directory is not a valid dataset until the new meta.json is written
+        os.remove(meta_path)
+    hold_dir = os.path.join(out_dir, HOLDOUT_DIR)
+    if rule is None:
+        if os.path.lexists(hold_dir):  # an old held-out set could overlap the new training data
+            shutil.rmtree(hold_dir)
+    else:
+        os.makedirs(hold_dir, exist_ok=True)
+        if os.path.exists(os.path.join(hold_dir, META_FILE)):
+            os.remove(os.path.join(hold_dir, META_FILE))
+
     tok_file = None
     if train_bpe_vocab is not None:
         tok_file = os.path.join(out_dir, "tokenizer.json")
         with bar("reading for BPE") as b:
-            tok = train_bpe(_texts_for_training(files, errors, b), train_bpe_vocab, tok_file,
+            tok = train_bpe(_texts_for_training(files, errors, b, rule), train_bpe_vocab, tok_file,
                             show_progress=progress, length=len(files))
-        log(f"trained a byte-level BPE tokenizer: vocab {tok.vocab_size}, EOS id {tok.eos_id} -> {tok_file}")
+        log(f"trained a byte-level BPE tokenizer: vocab {tok.vocab_size}, EOS id {tok.eos_id} -> {tok_file}"
+            + (" (on the training documents only)" if rule is not None else ""))
     elif tokenizer is not None:
         source = load_tokenizer(tokenizer)
         if source.kind == "bytes":
@@ -300,72 +423,97 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
             tok = HFTokenizer(tok_file, eos_id=source.eos_id, kind=source.kind)
     else:
         tok = ByteTokenizer()
-    spec = (tok.kind, tok_file, tok.eos_id)
+    if tok_file is not None and rule is not None:
+        with atomic_path(os.path.join(hold_dir, "tokenizer.json")) as tmp:
+            shutil.copyfile(tok_file, tmp)
+    spec_tuple = (tok.kind, tok_file, tok.eos_id)
 
-    writer = _ShardWriter(out_dir, tok.eos_id, shard_tokens)
+    train = _Side(out_dir, tok.eos_id, shard_tokens)
+    held = None if rule is None else _Side(hold_dir, tok.eos_id, shard_tokens)
     problems = {"undecodable": [], "unreadable": [], "replaced": []}
-    documents = tokens = eos_dropped = 0
     jobs = [(p, errors) for p in files]
     pool = None
     try:
         if workers > 1 and len(files) > 1:
-            pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (spec,))
+            pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init, (spec_tuple,))
             results = pool.imap(_tokenize_file, jobs, chunksize=max(1, min(64, len(jobs) // (workers * 8))))
         else:
-            _worker_init(spec)
+            _worker_init(spec_tuple)
             results = map(_tokenize_file, jobs)
         with bar("tokenizing") as b:
-            for path, (status, message, ids, dropped) in zip(files, results):
+            for path, (status, message, ids, dropped, digest) in zip(files, results):
                 b.update(1)
                 if status != "ok":
                     problems[status].append({"path": path, "reason": message})
                 if ids is None:
                     continue
-                writer.add(ids)
-                documents += 1
-                tokens += ids.size + 1
-                eos_dropped += dropped
-                b.set_postfix(tokens=f"{tokens:,}", refresh=False)
-        writer.close()
+                side = held if held is not None and rule.holds(digest) else train
+                side.add(ids, dropped)
+                if status == "replaced":
+                    side.replaced.append({"path": path, "reason": message})
+                b.set_postfix(tokens=f"{train.tokens:,}", refresh=False)
+        for side in (train, held):
+            if side is not None:
+                side.writer.close()
     except BaseException as e:
-        writer.abort(e)
+        for side in (train, held):
+            if side is not None:
+                side.writer.abort(e)
         raise
     finally:
         if pool is not None:
             pool.terminate()
             pool.join()
-    if documents == 0:
-        raise PrepareError(f"none of the {len(files)} input files could be used "
-                           f"({len(problems['undecodable'])} undecodable, {len(problems['unreadable'])} unreadable)")
-    # Shards left from an earlier, larger preparation of the same directory.
-    keep = {name for s in writer.shards for name in (s["tokens"], s["index"])}
-    for name in os.listdir(out_dir):
-        if name.startswith(_SHARD_PREFIX) and (name.endswith(".bin") or name.endswith(".idx.npy")) \
-                and name not in keep:
-            os.remove(os.path.join(out_dir, name))
+    if train.documents == 0:
+        raise PrepareError(f"none of the {len(files)} input files could be used for training "
+                           f"({len(problems['undecodable'])} undecodable, {len(problems['unreadable'])} unreadable"
+                           + (f", {held.documents} held out)" if held is not None else ")"))
+    if held is not None and held.documents == 0:
+        raise PrepareError(f"holdout ({spec.describe()}): no document was held out (the files it chose could not "
+                           f"be tokenized; {len(problems['unreadable'])} unreadable)")
 
     seconds = time.perf_counter() - t0
-    meta = {
+    common = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "tokenizer": {"kind": tok.kind, "file": "tokenizer.json" if tok_file else None,
                       "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
                       **({"source": os.path.abspath(os.fspath(tokenizer))} if tokenizer is not None
                          and tok.kind != "bytes" else {})},
-        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "max_token_id": max(writer.max_token, tok.eos_id),
-        "token_dtype": "uint32-le",
-        "files": len(files), "documents": documents, "tokens": tokens,
-        "undecodable": problems["undecodable"], "unreadable": problems["unreadable"],
-        "replaced": problems["replaced"], "eos_in_text_dropped": eos_dropped,
-        "errors": errors, "glob": glob, "exclude": list(exclude),
-        "inputs": [os.path.abspath(os.fspath(i)) for i in inputs],
-        "shard_tokens": shard_tokens, "shards": writer.shards, "seconds": round(seconds, 3), "workers": workers,
+        "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "token_dtype": "uint32-le",
     }
-    with atomic_path(meta_path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-    summary = (f"prepared {documents:,} documents, {tokens:,} tokens ({tok.kind} tokenizer, vocab {tok.vocab_size}, "
-               f"EOS {tok.eos_id}) from {len(files):,} files in {len(writer.shards)} shard(s) -> {out_dir} "
-               f"in {seconds:.1f} s")
+
+    def counts(side):
+        return {"max_token_id": max(side.writer.max_token, tok.eos_id), "documents": side.documents,
+                "tokens": side.tokens}
+
+    settings = {"errors": errors, "glob": glob, "exclude": list(exclude),
+                "inputs": [os.path.abspath(os.fspath(i)) for i in inputs], "shard_tokens": shard_tokens}
+    record = None
+    if held is not None:
+        _remove_stale_shards(hold_dir, held.writer)
+        record = {"path": HOLDOUT_DIR, "rule": HOLDOUT_RULE, **spec.record(), "documents": held.documents,
+                  "tokens": held.tokens}
+        _write_meta(hold_dir, {**common, **counts(held), "files": held.documents,
+                               "held_out_by": {"rule": HOLDOUT_RULE, **spec.record()},
+                               "undecodable": [], "unreadable": [], "replaced": held.replaced,
+                               "eos_in_text_dropped": held.eos_dropped, **settings, "shards": held.writer.shards})
+    _remove_stale_shards(out_dir, train.writer)
+    meta = {
+        **common, **counts(train),
+        "files": len(files), **({"holdout": record} if record is not None else {}),
+        "undecodable": problems["undecodable"], "unreadable": problems["unreadable"],
+        "replaced": problems["replaced"], "eos_in_text_dropped": train.eos_dropped,
+        **settings, "shards": train.writer.shards, "seconds": round(seconds, 3), "workers": workers,
+    }
+    _write_meta(out_dir, meta)
+    summary = (f"prepared {train.documents:,} documents, {train.tokens:,} tokens ({tok.kind} tokenizer, vocab "
+               f"{tok.vocab_size}, EOS {tok.eos_id}) from {len(files):,} files in {len(train.writer.shards)} "
+               f"shard(s) -> {out_dir} in {seconds:.1f} s")
+    if held is not None:
+        extra = held.documents - spec.documents if spec.documents is not None else 0
+        summary += (f"; held out {held.documents:,} documents, {held.tokens:,} tokens ({spec.describe()} by "
+                    f"SHA-256 of content" + (f", plus {extra:,} exact duplicate(s) of them" if extra > 0 else "")
+                    + f") -> {hold_dir}")
     log(summary)
     if problems["undecodable"]:
         log(f"skipped {len(problems['undecodable'])} file(s) that are not valid UTF-8 (errors=strict; listed in "
