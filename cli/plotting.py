@@ -1,9 +1,18 @@
 """Figures for `trinity plot` (training metrics) and `trinity inspect --plot` (router choices), drawn with matplotlib's
 Agg backend (no display needed). matplotlib is imported inside each function: `trinity -h` never loads it.
 
-Metrics JSONL (written by trinity.run.trainer, one line per optimizer step): step, tokens_seen,
+Metrics JSONL (written by trinity.run.trainer). A step line per optimizer step: step, tokens_seen,
 loss{total, ce, z, balance}, grad_norm, lr{muon, adamw}, max_vio{layer: v}, expert_load{layer: [counts]},
-logits_max, logits_mean, tokens_per_s, seconds, optional batch_het.
+logits_max, logits_mean, tokens_per_s, seconds, optional batch_het. An eval line per held-out evaluation, after the
+step line of its step: step, "kind": "eval", tokens_seen, loss{...}, perplexity, optional bits_per_byte, tokens,
+sequences, batches, optional sources{name: {loss, perplexity, tokens, optional bits_per_byte}} (a mixture),
+expert_load, max_vio, seconds.
+
+Eval figures: loss.png draws the eval losses as markers over the training lines (each loss part on its panel);
+eval_sources.png (when eval lines hold sources) draws per source the eval CE, with the training CE for reference,
+and the perplexity; eval.png (when eval lines hold bits_per_byte) draws the bits per byte of the whole eval set and
+of each source. `loss_series` returns the data these figures draw. A file without eval lines gives the same figures
+as before eval lines existed.
 """
 
 from __future__ import annotations
@@ -12,7 +21,8 @@ import json
 import math
 import os
 
-__all__ = ["MetricsError", "read_metrics", "plot_metrics", "plot_router"]
+__all__ = ["MetricsError", "read_metrics", "read_run", "loss_series", "eval_points", "plot_metrics",
+           "plot_router"]
 
 
 class MetricsError(ValueError):
@@ -20,15 +30,23 @@ class MetricsError(ValueError):
 
 
 def read_metrics(path, warn=None) -> list[dict]:
-    """The rows of a metrics JSONL file in step order, as a resumed run means them.
+    """The step rows of a metrics JSONL file in step order, as a resumed run means them (`read_run`'s first part;
+    eval lines are read, checked and left out)."""
+    return read_run(path, warn)[0]
 
-    A run resumed from a checkpoint appends lines again from the checkpoint's step on, so a line whose step is not
-    above the previous line's starts a new segment: every stored row at or past that step is dropped (the
-    interrupted run's lines past its checkpoint are superseded even where the resumed run has not reached them yet),
-    and later lines win. Blank lines are skipped. A bad line (cut short by a kill, not JSON, not a JSON object with
-    an integer "step") is skipped and reported: `warn(message)` is called once per bad line with a message naming
-    the file and line number, when at least one line is good. MetricsError (naming the first bad line) when the
-    file cannot be read or holds no good line.
+
+def read_run(path, warn=None) -> tuple[list[dict], list[dict]]:
+    """(step rows, eval rows) of a metrics JSONL file, each in step order, as a resumed run means them.
+
+    A run resumed from a checkpoint appends lines again from the checkpoint's step on, so a step line whose step is
+    not above the previous step line's starts a new segment: every stored step row at or past that step is dropped
+    (the interrupted run's lines past its checkpoint are superseded even where the resumed run has not reached them
+    yet), and later lines win. Eval lines ("kind": "eval", written after the step line of their step) follow the
+    same rule among themselves; a step line that starts a new segment at step s also drops the eval rows at or past
+    s (they belong to the interrupted run). Blank lines are skipped. A bad line (cut short by a kill, not JSON, not
+    a JSON object with an integer "step", a "kind" other than "eval") is skipped and reported: `warn(message)` is
+    called once per bad line with a message naming the file and line number, when at least one step line is good.
+    MetricsError (naming the first bad line) when the file cannot be read or holds no good step line.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -41,7 +59,8 @@ def read_metrics(path, warn=None) -> list[dict]:
     except OSError as e:
         raise MetricsError(f"{path}: cannot read ({e.strerror or e})") from None
     rows: dict[int, dict] = {}
-    last_step = None
+    evals: dict[int, dict] = {}
+    last = {"step": None, "eval": None}
     numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
     problems = []
     for n, (lineno, line) in enumerate(numbered):
@@ -58,22 +77,29 @@ def read_metrics(path, warn=None) -> list[dict]:
         else:
             if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
                 problem = 'not a JSON object with an integer "step"'
+            elif "kind" in row and row["kind"] != "eval":
+                problem = f'unknown "kind" {json.dumps(row["kind"])[:40]} (expected "eval" or none)'
         if problem is not None:
             problems.append(f"{path}:{lineno}: {problem}")
             continue
         step = row["step"]
-        if last_step is not None and step <= last_step:
-            rows = {s: r for s, r in rows.items() if s < step}
-        rows[step] = row
-        last_step = step
+        kind = "eval" if "kind" in row else "step"
+        if last[kind] is not None and step <= last[kind]:
+            evals = {s: r for s, r in evals.items() if s < step}
+            if kind == "step":
+                rows = {s: r for s, r in rows.items() if s < step}
+        (evals if kind == "eval" else rows)[step] = row
+        last[kind] = step
     if not rows:
         if problems:
             raise MetricsError(f"{path}: no usable metrics line ({len(problems)} bad; the first, {problems[0]})")
+        if evals:
+            raise MetricsError(f"{path}: no step lines (only {len(evals)} eval lines)")
         raise MetricsError(f"{path}: no metrics lines")
     if warn is not None:
         for problem in problems:
             warn(f"{problem}; line skipped")
-    return [rows[s] for s in sorted(rows)]
+    return [rows[s] for s in sorted(rows)], [evals[s] for s in sorted(evals)]
 
 
 def _pyplot():
@@ -96,8 +122,13 @@ def _series(rows, *keys):
     return out
 
 
+def _points(x, y) -> list[tuple]:
+    """The (x, y) pairs that can be drawn: both given, y finite."""
+    return [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(b)]
+
+
 def _plot_line(ax, x, y, label=None, **kw):
-    pts = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(b)]
+    pts = _points(x, y)
     if pts:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, label=label, marker="." if len(xs) < 50 else None, **kw)
@@ -151,10 +182,122 @@ def _step_figure(out_dir, written, name, steps, lines, ylabel, title, log=False)
     _save(fig, out_dir, name, written)
 
 
-def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
-    """Write PNGs of a run's metrics into out_dir (created if missing); returns their paths.
+LOSS_PARTS = ("total", "ce", "z", "balance")
+EVAL_LABEL = "eval (held-out)"
 
-    loss.png (total, ce, z, balance against tokens seen), lr.png, grad_norm.png, max_vio.png (one line per MoE
+
+def _number(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def loss_series(rows: list[dict], evals: list[dict]) -> dict:
+    """The data the loss and eval figures draw, as lists (None: missing, not drawn):
+
+      x_label  "tokens seen", or "step" when a step row has no tokens_seen (every x below is then a step)
+      train    {"x", "total", "ce", "z", "balance"} over the step rows
+      eval     {"x", "step", "total", "ce", "z", "balance", "perplexity", "bits_per_byte"} over the eval rows; x is
+               the eval line's tokens_seen (else the step row's of that step)
+      sources  {name: {"x", "total", "ce", "z", "balance", "perplexity", "bits_per_byte"}}, one per source named
+               in any eval row's "sources" (first seen first), aligned with eval's rows
+    """
+    tokens = _series(rows, "tokens_seen")
+    by_tokens = not any(t is None for t in tokens)
+    seen = {r["step"]: t for r, t in zip(rows, tokens)}
+    train = {"x": tokens if by_tokens else [r["step"] for r in rows]}
+    train.update({part: _series(rows, "loss", part) for part in LOSS_PARTS})
+
+    def values(items):
+        out = {part: _series(items, "loss", part) for part in LOSS_PARTS}
+        out.update(perplexity=_series(items, "perplexity"), bits_per_byte=_series(items, "bits_per_byte"))
+        return out
+
+    ev_x = [(_number(e.get("tokens_seen")) if _number(e.get("tokens_seen")) is not None else seen.get(e["step"]))
+            if by_tokens else e["step"] for e in evals]
+    ev = dict(x=ev_x, step=[e["step"] for e in evals], **values(evals))
+    names: list[str] = []
+    for e in evals:
+        if isinstance(e.get("sources"), dict):
+            names += [n for n in e["sources"] if n not in names]
+    sources = {}
+    for name in names:
+        items = [e["sources"].get(name) if isinstance(e.get("sources"), dict) else None for e in evals]
+        sources[name] = dict(x=ev_x, **values([i if isinstance(i, dict) else {} for i in items]))
+    return {"x_label": "tokens seen" if by_tokens else "step", "train": train, "eval": ev, "sources": sources}
+
+
+def eval_points(series: dict) -> int:
+    """How many eval rows loss.png draws: those with an x and at least one finite loss part."""
+    ev = series["eval"]
+    return sum(1 for i, x in enumerate(ev["x"]) if x is not None and any(
+        ev[p][i] is not None and math.isfinite(ev[p][i]) for p in LOSS_PARTS))
+
+
+def _plot_markers(ax, x, y, label=EVAL_LABEL, **kw):
+    """Eval points as markers (no line); False when there is none to draw."""
+    pts = _points(x, y)
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, **{"linestyle": "none", "marker": "o", "markersize": 5, "label": label, **kw})
+    return bool(pts)
+
+
+def _source_panels(axes, series, key):
+    """One line with markers per source of series[sources][*][key] on `axes`, and the whole eval set's as hollow
+    black markers; True when anything was drawn."""
+    drawn = False
+    for i, (name, src) in enumerate(series["sources"].items()):
+        pts = _points(src["x"], src[key])
+        if pts:
+            xs, ys = zip(*pts)
+            axes.plot(xs, ys, marker="o", markersize=4, label=name, color=f"C{(i + 1) % 10}")
+            drawn = True
+    label = "all eval sets" if series["sources"] else EVAL_LABEL
+    return _plot_markers(axes, series["eval"]["x"], series["eval"][key], label=label, color="k",
+                         markerfacecolor="none", markersize=7) or drawn
+
+
+def _eval_sources_figure(out_dir, written, series, suffix):
+    """eval_sources.png: per-source eval CE (training CE for reference) and perplexity against tokens seen."""
+    plt = _pyplot()
+    fig, (ce_ax, ppl_ax) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    _plot_line(ce_ax, series["train"]["x"], series["train"]["ce"], label="train (mixture)", color="0.6",
+               linewidth=1)
+    _source_panels(ce_ax, series, "ce")
+    ce_ax.set_title("cross-entropy per source")
+    ce_ax.set_ylabel("CE (nats / token)")
+    _source_panels(ppl_ax, series, "perplexity")
+    ppl = [v for src in series["sources"].values() for v in src["perplexity"] if v is not None and v > 0]
+    if ppl and max(ppl) / min(ppl) > 50:
+        ppl_ax.set_yscale("log")
+    ppl_ax.set_title("perplexity per source")
+    ppl_ax.set_ylabel("perplexity = exp(CE)")
+    for ax in (ce_ax, ppl_ax):
+        ax.set_xlabel(series["x_label"])
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    fig.suptitle(f"held-out evaluation per source{suffix}")
+    _save(fig, out_dir, "eval_sources.png", written)
+
+
+def _bits_per_byte_figure(out_dir, written, series, suffix):
+    """eval.png: held-out bits per byte against tokens seen (the whole eval set, and each source of a mixture)."""
+    fig, ax = _pyplot().subplots(figsize=(8, 4.5), constrained_layout=True)
+    _source_panels(ax, series, "bits_per_byte")
+    ax.set_xlabel(series["x_label"])
+    ax.set_ylabel("bits per UTF-8 byte")
+    ax.set_title(f"held-out bits per byte{suffix}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    _save(fig, out_dir, "eval.png", written)
+
+
+def plot_metrics(rows: list[dict], out_dir, title: str = "", evals: list[dict] | None = None) -> list[str]:
+    """Write PNGs of a run's metrics into out_dir (created if missing); returns their paths. rows, evals: the step
+    and eval rows of `read_run`.
+
+    loss.png (total, ce, z, balance against tokens seen; eval losses as markers), with eval rows that hold sources
+    eval_sources.png, with bits per byte eval.png (see the module docstring), lr.png, grad_norm.png, max_vio.png (one line per MoE
     layer), expert_load.png (per MoE layer a heatmap of expert × step, load / mean load), logits.png,
     throughput.png and, when logged, batch_het.png.
     """
@@ -164,21 +307,23 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     written: list[str] = []
     steps = [r["step"] for r in rows]
-    tokens = _series(rows, "tokens_seen")
-    if any(t is None for t in tokens):
-        tokens = steps
-        token_label = "step"
-    else:
-        token_label = "tokens seen"
+    series = loss_series(rows, evals or [])
+    train, ev = series["train"], series["eval"]
+    tokens, token_label = train["x"], series["x_label"]
     suffix = f" — {title}" if title else ""
 
-    # losses
+    # losses: training as lines, held-out evaluation as markers on the same axes
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
-    for ax, part in zip(axes.flat, ("total", "ce", "z", "balance")):
-        ys = _series(rows, "loss", part)
-        if not _plot_line(ax, tokens, ys, color="C0"):
+    for ax, part in zip(axes.flat, LOSS_PARTS):
+        ys = train[part]
+        with_eval = bool(_points(ev["x"], ev[part]))
+        drawn = _plot_line(ax, tokens, ys, label="train" if with_eval else None, color="C0")
+        if with_eval:
+            _plot_markers(ax, ev["x"], ev[part], color="C1")
+            ax.legend(fontsize="small")
+        elif not drawn:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-        positive = [y for y in ys if y is not None and y > 0]
+        positive = [y for y in ys + ev[part] if y is not None and y > 0]
         if part in ("z", "balance") and positive and max(positive) / min(positive) > 50:
             ax.set_yscale("log")
         ax.set_title(f"loss: {part}")
@@ -186,6 +331,11 @@ def plot_metrics(rows: list[dict], out_dir, title: str = "") -> list[str]:
         ax.grid(alpha=0.3)
     fig.suptitle(f"loss parts{suffix}")
     _save(fig, out_dir, "loss.png", written)
+    if series["sources"]:
+        _eval_sources_figure(out_dir, written, series, suffix)
+    if any(v is not None for v in ev["bits_per_byte"]) or any(
+            v is not None for src in series["sources"].values() for v in src["bits_per_byte"]):
+        _bits_per_byte_figure(out_dir, written, series, suffix)
 
     _step_figure(out_dir, written, "lr.png", steps,
                  [(_series(rows, "lr", group), dict(label=group)) for group in ("muon", "adamw")],

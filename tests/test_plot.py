@@ -209,3 +209,200 @@ def test_expert_load_heatmap_is_normalised_per_step(tmp_path):
     first, second = list(captured.values())[:2]
     assert np.allclose(first, 1.0) and first.shape == (4, 3)
     assert np.allclose(second[:, 0], [2.0, 0.0, 1.0, 1.0])
+
+
+# ---- eval lines ---------------------------------------------------------------------------------------------------
+EVAL_FIGURES = FIGURES - {"batch_het.png"}
+
+
+def _eval(step, ce=4.5, sources=(), bpb=None):
+    """An eval line as the trainer writes it (key order of the design); sources: names of a mixture's eval sets."""
+    def part(c, i=0):
+        out = {"loss": {"total": c + 0.02, "ce": c, "z": 2e-5, "balance": 2e-3}, "perplexity": float(np.exp(c)),
+               "tokens": 1000 + i}
+        if bpb is not None:
+            out["bits_per_byte"] = bpb + 0.1 * i
+        return out
+
+    line = {"step": step, "kind": "eval", "tokens_seen": 256 * step, **part(ce)}
+    if bpb is not None:
+        line["bits_per_byte"] = line.pop("bits_per_byte")
+    line.update(sequences=8, batches=2)
+    if sources:
+        line["sources"] = {name: part(ce + 0.5 * i, i) for i, name in enumerate(sources)}
+    line.update(expert_load={"1": [3, 1, 2, 2]}, max_vio={"1": 0.5}, seconds=0.1)
+    return line
+
+
+def _interleaved(steps, every, **kw):
+    """Step lines 1..steps with an eval line after every `every`-th step line."""
+    out = []
+    for s in steps:
+        out.append(_row(s, ce=5.0 - 0.1 * s))
+        if s % every == 0:
+            out.append(_eval(s, ce=4.9 - 0.1 * s, **kw))
+    return out
+
+
+def test_eval_lines_leave_the_step_rows_as_they_were(tmp_path):
+    from trinity.cli.plotting import read_run
+
+    path, plain = tmp_path / "m.jsonl", tmp_path / "plain.jsonl"
+    lines = _interleaved(range(1, 7), 2)
+    _write(path, lines)
+    _write(plain, [r for r in lines if "kind" not in r])
+    seen = []
+    rows, evals = read_run(path, warn=seen.append)
+    assert seen == [] and rows == read_metrics(path) == read_metrics(plain)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # an eval line of step N is no restart at N
+    assert [e["step"] for e in evals] == [2, 4, 6] and all(e["kind"] == "eval" for e in evals)
+    assert [e["loss"]["ce"] for e in evals] == [e["loss"]["ce"] for e in lines if "kind" in e]
+    assert read_run(plain)[1] == []
+
+
+def test_resumed_runs_supersede_eval_lines_too(tmp_path):
+    from trinity.cli.plotting import read_run
+
+    path = tmp_path / "m.jsonl"
+    # steps 1..6 with evals at 2, 4, 6; killed after the step-3 checkpoint; the resumed run has logged 4..5 only:
+    # the interrupted run's evals at 4 and 6 are superseded though the resumed run has not evaluated yet
+    first = _interleaved(range(1, 7), 2)
+    _write(path, first + [_row(4, ce=3.0), _row(5, ce=3.0)])
+    rows, evals = read_run(path)
+    assert [(r["step"], r["loss"]["ce"]) for r in rows][-3:] == [(3, 4.7), (4, 3.0), (5, 3.0)]
+    assert [e["step"] for e in evals] == [2]
+    # the resumed run reaches step 6 and evaluates: the new eval wins
+    _write(path, first + [_row(s, ce=3.0) for s in (4, 5, 6)] + [_eval(6, ce=2.5)])
+    rows, evals = read_run(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [(e["step"], e["loss"]["ce"]) for e in evals] == [(2, _eval(2, ce=4.7)["loss"]["ce"]), (6, 2.5)]
+    # an eval at a step not above the previous eval's (an evaluation on resume) supersedes those at or past it
+    _write(path, first + [_eval(3, ce=1.0)])
+    rows, evals = read_run(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [(e["step"], e["loss"]["ce"]) for e in evals] == [(2, 4.7), (3, 1.0)]
+
+
+def test_bad_eval_lines_are_warned_and_skipped(tmp_path, capsys):
+    from trinity.cli.plotting import read_run
+
+    path = tmp_path / "m.jsonl"
+    good = [json.dumps(r) for r in _interleaved(range(1, 5), 1)]  # step 1, eval 1, step 2, eval 2, ...
+    bad_step = dict(_eval(3), step="3")
+    lines = [good[0], good[1], good[2],
+             good[3][:30],                                # 4: the eval of step 2, cut short mid-file
+             json.dumps(bad_step),                        # 5: an eval line whose step is not an integer
+             good[4], good[6],                            # steps 3 and 4
+             json.dumps(dict(_eval(4), kind="test")),     # 8: a kind that is not "eval"
+             good[7][:50]]                                # 9: the last line (the eval of step 4), cut short
+    path.write_text("\n".join(lines), encoding="utf-8")
+    seen = []
+    rows, evals = read_run(path, warn=seen.append)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [e["step"] for e in evals] == [1]
+    assert [w.split(": ")[0] for w in seen] == [f"{path}:{n}" for n in (4, 5, 8, 9)]
+    assert 'integer "step"' in seen[1] and 'unknown "kind" "test"' in seen[2] and "cut short" in seen[3]
+    assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 4
+    assert "4 steps (1…4) and 1 eval points (steps 1…1) from" in captured.out
+    # only eval lines: no step to plot against
+    _write(path, [_eval(1), _eval(2)])
+    with pytest.raises(MetricsError, match=r"no step lines \(only 2 eval lines\)"):
+        read_run(path)
+
+
+def _check_pngs(folder, names):
+    import matplotlib.image
+
+    assert {p.name for p in folder.iterdir()} == names
+    for png in folder.iterdir():
+        data = png.read_bytes()
+        assert data[:8] == PNG, png.name
+        assert matplotlib.image.imread(png)[..., :3].std() > 0.05, f"{png.name} looks blank"
+
+
+def test_a_single_eval_set_is_drawn_as_markers_on_the_loss_figure(tmp_path, capsys):
+    """Eval losses are markers (no line) at the eval lines' tokens seen and values, over the training lines."""
+    import matplotlib.axes
+
+    from trinity.cli import plotting
+
+    path = tmp_path / "m.jsonl"
+    lines = _interleaved(range(1, 9), 3)
+    _write(path, lines)
+    evals = [e for e in lines if "kind" in e]
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        drawn.append((self.get_title(), kwargs.get("label"), kwargs.get("linestyle"), list(args[0]), list(args[1])))
+        return original(self, *args, **kwargs)
+
+    try:
+        matplotlib.axes.Axes.plot = spy
+        assert main(["plot", str(path), "--out", str(tmp_path / "p")]) == 0
+    finally:
+        matplotlib.axes.Axes.plot = original
+    assert "8 steps (1…8) and 2 eval points (steps 3…6) from" in capsys.readouterr().out
+    _check_pngs(tmp_path / "p", EVAL_FIGURES)  # no sources, no bits per byte: no eval figure of its own
+    markers = {}
+    for _title, label, style, xs, ys in drawn:
+        if label == plotting.EVAL_LABEL:
+            assert style == "none"
+            markers[len(markers)] = (xs, ys)
+    assert len(markers) == 4  # one marker set on each loss panel
+    for part, (xs, ys) in zip(plotting.LOSS_PARTS, markers.values()):
+        assert xs == [e["tokens_seen"] for e in evals] and ys == [e["loss"][part] for e in evals]
+    trains = [d for d in drawn if d[1] == "train"]
+    assert len(trains) == 4 and trains[1][4] == [r["loss"]["ce"] for r in lines if "kind" not in r]
+
+    series = plotting.loss_series(read_metrics(path), evals)
+    assert series["x_label"] == "tokens seen" and series["sources"] == {}
+    assert series["eval"]["ce"] == [e["loss"]["ce"] for e in evals]
+    assert series["eval"]["perplexity"] == [e["perplexity"] for e in evals]
+    assert series["eval"]["bits_per_byte"] == [None, None]
+    assert plotting.eval_points(series) == 2
+
+
+def test_a_mixture_draws_each_source_and_bits_per_byte(tmp_path, capsys):
+    from trinity.cli import plotting
+
+    path = tmp_path / "m.jsonl"
+    lines = _interleaved(range(1, 9), 2, sources=("code", "web"), bpb=1.25)
+    lines[-1]["sources"].pop("web")  # a source missing at one evaluation is a gap, not an error
+    _write(path, lines)
+    assert main(["plot", str(path), "--out", str(tmp_path / "p"), "--title", "mix"]) == 0
+    out = capsys.readouterr().out
+    assert "8 steps (1…8) and 4 eval points (steps 2…8; 2 sources) from" in out
+    _check_pngs(tmp_path / "p", EVAL_FIGURES | {"eval_sources.png", "eval.png"})
+    assert "eval_sources.png" in out and "eval.png" in out
+
+    rows, evals = plotting.read_run(path)
+    series = plotting.loss_series(rows, evals)
+    assert list(series["sources"]) == ["code", "web"]
+    for name, src in series["sources"].items():
+        want = [e["sources"].get(name) for e in evals]
+        assert src["x"] == [e["tokens_seen"] for e in evals]
+        assert src["ce"] == [w["loss"]["ce"] if w else None for w in want]
+        assert src["perplexity"] == [w["perplexity"] if w else None for w in want]
+        assert src["bits_per_byte"] == [w["bits_per_byte"] if w else None for w in want]
+    assert series["sources"]["web"]["ce"][-1] is None and series["sources"]["code"]["ce"][-1] is not None
+    assert series["eval"]["bits_per_byte"] == [e["bits_per_byte"] for e in evals]
+
+
+def test_eval_points_follow_steps_when_tokens_are_not_logged(tmp_path):
+    """Without tokens_seen on every step row the x axis is the step, for eval points too; odd eval values are
+    gaps."""
+    from trinity.cli import plotting
+
+    rows = [_row(s) for s in range(1, 5)]
+    del rows[0]["tokens_seen"]
+    evals = [_eval(2), _eval(4)]
+    evals[1]["loss"] = "high"
+    evals[1]["sources"] = ["not", "a", "dict"]
+    series = plotting.loss_series(rows, evals)
+    assert series["x_label"] == "step" and series["eval"]["x"] == [2, 4]
+    assert series["eval"]["ce"] == [evals[0]["loss"]["ce"], None] and plotting.eval_points(series) == 1
+    written = plotting.plot_metrics(rows, tmp_path, evals=evals)
+    assert {p.split("/")[-1] for p in written} == EVAL_FIGURES
