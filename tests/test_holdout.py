@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -278,7 +279,6 @@ def test_a_holdout_folder_that_is_not_ours_is_refused_before_anything_is_written
                         ("link", lambda h: h.symlink_to(elsewhere, target_is_directory=True))]:
         out = tmp_path / name
         prepare([tmp_path / "in"], out, use_bytes=True, holdout=0.5, workers=1, progress=False, log=quiet)
-        import shutil
         shutil.rmtree(out / HOLDOUT_DIR)
         plant(out / HOLDOUT_DIR)
         cases[name] = out

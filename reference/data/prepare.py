@@ -394,15 +394,6 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
     meta_path = os.path.join(out_dir, META_FILE)
     if os.path.exists(meta_path):  # the directory is not a valid dataset until the new meta.json is written
         os.remove(meta_path)
-    hold_dir = os.path.join(out_dir, HOLDOUT_DIR)
-    if rule is None:
-        if os.path.lexists(hold_dir):  # an old held-out set could overlap the new training data
-            shutil.rmtree(hold_dir)
-    else:
-        os.makedirs(hold_dir, exist_ok=True)
-        if os.path.exists(os.path.join(hold_dir, META_FILE)):
-            os.remove(os.path.join(hold_dir, META_FILE))
-
     tok_file = None
     if train_bpe_vocab is not None:
         tok_file = os.path.join(out_dir, "tokenizer.json")
@@ -423,6 +414,14 @@ def prepare(inputs, out_dir, tokenizer=None, train_bpe_vocab: int | None = None,
             tok = HFTokenizer(tok_file, eos_id=source.eos_id, kind=source.kind)
     else:
         tok = ByteTokenizer()
+    hold_dir = os.path.join(out_dir, HOLDOUT_DIR)  # (after the tokenizer is read: it may be a copy in there)
+    if rule is None:
+        if os.path.lexists(hold_dir):  # an old held-out set could overlap the new training data
+            shutil.rmtree(hold_dir)
+    else:
+        os.makedirs(hold_dir, exist_ok=True)
+        if os.path.exists(os.path.join(hold_dir, META_FILE)):
+            os.remove(os.path.join(hold_dir, META_FILE))
     if tok_file is not None and rule is not None:
         with atomic_path(os.path.join(hold_dir, "tokenizer.json")) as tmp:
             shutil.copyfile(tok_file, tmp)
