@@ -226,6 +226,13 @@ class ShardedParamSeams:
             if self._weight_key.get(id(array)) == (bucket, key):
                 del self._weight_key[id(array)]
 
+    def end_forward(self) -> None:
+        """A forward that no backward follows ended (evaluation): the order restarts at the next micro-batch's first
+        gather. The forward's last gather (the head) posts only buckets it holds itself, so nothing is in flight."""
+        if self._in_flight:
+            raise RuntimeError(f"end_forward: buckets {sorted(map(str, self._in_flight))} are still in flight")
+        self._position = 0
+
     def _start_gather(self, params, bucket):
         posted = []
         for b in self._by_model_bucket.get(bucket, []):

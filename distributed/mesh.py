@@ -16,6 +16,8 @@ in a collective, so a hung rank ends the job.
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from collections import defaultdict
 
@@ -117,8 +119,23 @@ class Mesh:
 
     def set_phase(self, phase: str, layer=None) -> None:
         """phase: forward, backward, reductions, optimizer, checkpoint; layer: the model bucket (embed, a layer
-        number, head) whose parameters or activations a collective moves, or None."""
-        self.phase, self.layer = phase, layer
+        number, head) whose parameters or activations a collective moves, or None. Inside `evaluation()` the
+        phase is recorded as "eval/<phase>"."""
+        self.phase, self.layer = self._phase_prefix + phase, layer
+
+    _phase_prefix = ""
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """An evaluation runs inside (training/evaluation.py): its collectives are traced as "eval/<phase>", counted
+        like a step's (the trainer takes them for the eval line), and the step's tag is restored after."""
+        saved = self.phase, self.layer
+        self._phase_prefix = "eval/"
+        try:
+            yield self
+        finally:
+            self._phase_prefix = ""
+            self.phase, self.layer = saved
 
     # ---- every collective, counted ------------------------------------------------------------------------------
     def collective(self, kind: str, group: str, *args, op=None, sent_bytes: int | None = None):

@@ -47,6 +47,10 @@ Once per step:
   metrics       the metrics line's peak memory of every rank: Allreduce world W·8 (each rank fills its slot)
   control       the trainer's stop agreement after the line: Allreduce world 8 (`control=False`: neither, for a step
                 run without the trainer)
+An evaluation (training/evaluation.py, `eval_program`) is a micro-batch's forward alone, per micro-batch of each
+eval batch, its calls tagged "eval/<phase>" (the seams' end_forward restarts the gather order: nothing is posted
+past the head), then one Allreduce world of its sums ((5 + E·MoE layers)·8: ce, z, balance, tokens, bytes and the
+expert counts). The trainer evaluates after a step's metrics line, before its checkpoint and stop agreement.
 A step that saves a checkpoint calls the checkpoint's collectives (phase "checkpoint") before the stop agreement; they
 are not in this schedule (their sizes are those of JSON payloads).
 
@@ -69,8 +73,8 @@ from .layout import gathers_whole_sequence, window_problem
 from .plan import ParallelPlan, owners_of
 
 __all__ = ["Itemsizes", "Scheduled", "PerRank", "Call", "StepProgram", "sent_bytes", "gather_order", "muon_sends",
-           "step_program", "step_schedule", "routing_counts", "per_rank", "COUNT_BYTES", "SCALAR_BYTES",
-           "DOC_ID_BYTES"]
+           "step_program", "step_schedule", "eval_program", "eval_schedule", "routing_counts", "per_rank",
+           "COUNT_BYTES", "SCALAR_BYTES", "DOC_ID_BYTES"]
 
 COUNT_BYTES = 8  # int64 routing counts
 SCALAR_BYTES = 8  # float64 scalars and loss parts
@@ -155,13 +159,16 @@ def gather_order(config) -> tuple[list, int]:
     return ["embed", *range(L), "head", *tied, "head", *tied, *reversed(range(L))], L + 2 + len(tied)
 
 
-def _model_requests(config, recompute: bool) -> list[tuple[str, object]]:
-    """What the model asks of the seams in one micro-batch (model.py, objective.py), in order."""
+def _model_requests(config, recompute: bool, backward: bool = True) -> list[tuple[str, object]]:
+    """What the model asks of the seams in one micro-batch (model.py, objective.py), in order; without `backward`,
+    an evaluation's forward, which ends with the seams' end_forward."""
     tied = config.tie_word_embeddings
     head = [("gather", "head")] + [("gather", "embed")] * tied + [("release", "head")] + [("release", "embed")] * tied
     out = [("gather", "embed"), ("release", "embed")]
     for layer in range(config.num_hidden_layers):
         out += [("gather", layer), ("forward", layer), ("release", layer)]
+    if not backward:
+        return out + head + [("loss", None), ("end_forward", None)]
     out += head + [("loss", None)] + head + [("hand_back", "head")]
     for layer in reversed(range(config.num_hidden_layers)):
         out += [("gather", layer)] + [("forward", layer)] * recompute + [("backward", layer), ("release", layer),
@@ -208,10 +215,14 @@ def muon_sends(shapes: tuple, n: int, blocks: bool = False) -> tuple:
 class _Builder:
     """Appends the calls of a block under the current tag; a group of one rank calls nothing."""
 
-    def __init__(self, plan: ParallelPlan, checksums: bool):
-        self.size, self.checksums = plan.group_size, checksums
-        self.tag: tuple = ("forward", None)
+    def __init__(self, plan: ParallelPlan, checksums: bool, prefix: str = ""):
+        self.size, self.checksums, self.prefix = plan.group_size, checksums, prefix
+        self.tag: tuple = (prefix + "forward", None)
         self.calls: list = []
+
+    def set_tag(self, phase: str, layer) -> None:
+        """The mesh's tag for the next calls (an evaluation's phases carry its "eval/" prefix)."""
+        self.tag = (self.prefix + phase, layer)
 
     def add(self, kind: str, group: str, s: int = 0, sent=None) -> None:
         """A call of `kind` on `group` with a send buffer of s bytes, or (Alltoallv) `sent` bytes leaving the rank
@@ -231,103 +242,10 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
     counts: counts[rank][mb][layer] = routing counts [E] (under ep > 1), or None (the planning assumption)."""
     c, L = plan.config, plan.layout
     items = items if isinstance(items, Itemsizes) else Itemsizes.of(int(items))
-    S, T, B = sequences, seq_len, micro_batch_size
-    if S % L.dp or S // L.dp % B:
-        raise ValueError(f"{S} sequences per step do not split into micro-batches of {B} on {L.dp} data-parallel "
-                         f"ranks")
-    if L.cp > 1 and T % (2 * L.cp):
-        raise ValueError(f"seq_len {T} does not split into 2·cp = {2 * L.cp} chunks")
-    m, cp, ep, E = S // (L.dp * B), L.cp, L.ep, c.num_experts
-    Tl = T // cp
+    m = _micro_batches(plan, sequences, seq_len, micro_batch_size)
     moe = [layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer)]
     buckets = _flat_buckets(c, L)
-    kv_row = 2 * B * c.num_key_value_heads * c.head_dim * items.act  # k and v of one position of every sequence
-    cp_neighbours = np.array([(r > 0) + (r < cp - 1) for r in range(cp)], dtype=np.int64)
-    rows = _expert_rows(plan, counts, m, moe, B * Tl * c.num_experts_per_tok) if ep > 1 else None
-    row_bytes = c.hidden_size * items.act
-
-    def attention(b: _Builder, layer: int, backward: bool) -> None:
-        if cp == 1:
-            return
-        window = c.window_of(layer)
-        if gathers_whole_sequence(window, T):
-            if backward:
-                b.add("Reduce_scatter_block", "cp", cp * Tl * kv_row)
-            else:
-                b.add("Allgather", "cp", Tl * kv_row)
-                if doc_ids:
-                    b.add("Allgather", "cp", B * Tl * DOC_ID_BYTES)
-            return
-        problem = window_problem(window, T, cp)
-        if problem:
-            raise ValueError(f"layer {layer}: {problem}")
-        h = window - 1
-        if h == 0:
-            return
-        halos = [h * kv_row] if backward else [h * kv_row] + ([h * B * DOC_ID_BYTES] if doc_ids else [])
-        crc = CRC_BYTES if checksums else 0
-        for per_neighbour in halos:
-            b.add("Alltoallv", "cp", sent=PerRank("cp", cp_neighbours * (per_neighbour + crc)))
-
-    def experts(b: _Builder, layer: int, mb: int, backward: bool) -> None:
-        if ep == 1 or layer not in moe:
-            return
-        dispatch, combine = rows(mb, layer)
-        if backward:  # the combine's backward moves the dispatch's rows, the dispatch's backward the combine's
-            b.add("Alltoallv", "ep", sent=_scaled(dispatch, row_bytes, checksums))
-            b.add("Alltoallv", "ep", sent=_scaled(combine, row_bytes, checksums))
-            return
-        b.add("Alltoall", "ep", E * COUNT_BYTES)
-        b.add("Alltoallv", "ep", sent=_scaled(dispatch, row_bytes, checksums))
-        b.add("Alltoallv", "ep", sent=_scaled(combine, row_bytes, checksums))
-
-    def micro_batch(mb: int) -> list:
-        b = _Builder(plan, checksums)
-        order, forward_gathers = gather_order(c)
-        held, posted, at = set(), set(), 0
-
-        def post(bucket) -> None:
-            for group, _, n, shard, _ in buckets.get(bucket, []):
-                b.add("Iallgather", group, shard * items.gather)
-            posted.add(bucket)
-
-        for what, bucket in _model_requests(c, recompute):
-            if what == "gather":
-                place = next((i for i in range(at, len(order)) if order[i] == bucket), order.index(bucket))
-                b.tag = ("forward" if place < forward_gathers else "backward", bucket)
-                if bucket not in held:
-                    if bucket not in posted:
-                        post(bucket)
-                    posted.discard(bucket)
-                    held.add(bucket)
-                at = place + 1
-                if at < len(order):
-                    if order[at] not in held and order[at] not in posted:
-                        post(order[at])
-                else:
-                    at = 0
-            elif what == "release":
-                held.discard(bucket)
-            elif what == "hand_back":
-                b.tag = ("backward", bucket)
-                if bucket == "embed":
-                    at = 0
-                for group, _, n, shard, _ in buckets.get(bucket, []):
-                    b.add("Reduce_scatter_block", group, n * shard * items.reduce)
-            elif what == "forward":
-                attention(b, bucket, backward=False)
-                experts(b, bucket, mb, backward=False)
-            elif what == "backward":
-                experts(b, bucket, mb, backward=True)
-                attention(b, bucket, backward=True)
-            elif what == "loss" and c.balance_loss_coeff > 0:
-                for _ in moe:
-                    b.add("Allreduce", "cp", B * E * items.act)
-        if held or posted or at:
-            raise RuntimeError(f"a micro-batch leaves buckets {sorted(map(str, held | posted))} gathered at order "
-                               f"position {at}: the next one would not start afresh")
-        return b.calls
-
+    micro_batch = _MicroBatches(plan, seq_len, micro_batch_size, items, recompute, doc_ids, counts, m, checksums)
     if counts is None:
         blocks = [(micro_batch(0), m)]
     else:
@@ -339,7 +257,7 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
         end.add("Allreduce", "dp_replicate", shard * items.reduce)
     end.add("Allreduce", "cp", m * SCALAR_BYTES)
     for _ in moe:
-        end.add("Allreduce", "world", E * COUNT_BYTES)
+        end.add("Allreduce", "world", c.num_experts * COUNT_BYTES)
     end.add("Allreduce", "world", 4 * SCALAR_BYTES)
     end.add("Allreduce", "fsdp", SCALAR_BYTES)
     end.add("Allreduce", "world", SCALAR_BYTES)
@@ -359,6 +277,151 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
         end.tag = ("control", None)
         end.add("Allreduce", "world", SCALAR_BYTES)
     return StepProgram(plan, blocks + [(end.calls, 1)], m)
+
+
+def eval_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_size: int, batches: int, items,
+                 doc_ids=True, counts=None, *, checksums=False) -> StepProgram:
+    """Every rank's collectives of one evaluation of `batches` batches of `sequences` sequences
+    (training/evaluation.py): per micro-batch the forward's (each tagged "eval/forward"), then one Allreduce world of
+    the sums (ce, z, balance, tokens, bytes and E counts per MoE layer, float64; "eval/reductions"). counts:
+    counts[rank][mb][layer] over the micro-batches of every batch in order, or None (the planning assumption)."""
+    c = plan.config
+    items = items if isinstance(items, Itemsizes) else Itemsizes.of(int(items))
+    m = _micro_batches(plan, sequences, seq_len, micro_batch_size)
+    micro_batch = _MicroBatches(plan, seq_len, micro_batch_size, items, False, doc_ids, counts, batches * m,
+                                checksums, backward=False)
+    blocks = [(micro_batch(0), batches * m)] if counts is None else [(micro_batch(mb), 1) for mb in range(batches * m)]
+    end = _Builder(plan, checksums, prefix=micro_batch.prefix)
+    end.tag = (end.prefix + "reductions", None)
+    moe = sum(1 for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer))
+    end.add("Allreduce", "world", (5 + moe * c.num_experts) * SCALAR_BYTES)
+    return StepProgram(plan, blocks + [(end.calls, 1)], batches * m)
+
+
+def eval_schedule(plan: ParallelPlan, rank: int, sequences: int, seq_len: int, micro_batch_size: int, batches: int,
+                  items, doc_ids=True, counts=None, *, checksums=False) -> list[Scheduled]:
+    """Rank `rank`'s collectives of one evaluation, in call order (eval_program's arguments)."""
+    return eval_program(plan, sequences, seq_len, micro_batch_size, batches, items, doc_ids, counts,
+                        checksums=checksums).for_rank(rank)
+
+
+def _micro_batches(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_size: int) -> int:
+    """m = S/(dp·B) micro-batches per rank; ValueError when the batch or the sequences do not split."""
+    L, S, T, B = plan.layout, sequences, seq_len, micro_batch_size
+    if S % L.dp or S // L.dp % B:
+        raise ValueError(f"{S} sequences per step do not split into micro-batches of {B} on {L.dp} data-parallel "
+                         f"ranks")
+    if L.cp > 1 and T % (2 * L.cp):
+        raise ValueError(f"seq_len {T} does not split into 2·cp = {2 * L.cp} chunks")
+    return S // (L.dp * B)
+
+
+class _MicroBatches:
+    """`self(mb)`: the calls of micro-batch mb (module docstring, "One micro-batch"); with backward=False an
+    evaluation's forward, tagged "eval/<phase>"."""
+
+    def __init__(self, plan, seq_len, micro_batch_size, items, recompute, doc_ids, counts, m, checksums,
+                 backward=True):
+        c, L = plan.config, plan.layout
+        self.plan, self.items, self.recompute, self.doc_ids = plan, items, recompute, doc_ids
+        self.checksums, self.backward = checksums, backward
+        self.prefix = "" if backward else "eval/"
+        B, self.T = micro_batch_size, seq_len
+        self.cp, self.ep, self.E = L.cp, L.ep, c.num_experts
+        self.Tl = seq_len // L.cp
+        self.moe = [layer for layer in range(c.num_hidden_layers) if c.is_moe_layer(layer)]
+        self.buckets = _flat_buckets(c, L)
+        self.kv_row = 2 * B * c.num_key_value_heads * c.head_dim * items.act  # k and v of a position of every row
+        self.B = B
+        self.cp_neighbours = np.array([(r > 0) + (r < L.cp - 1) for r in range(L.cp)], dtype=np.int64)
+        self.rows = _expert_rows(plan, counts, m, self.moe, B * self.Tl * c.num_experts_per_tok) if L.ep > 1 else None
+        self.row_bytes = c.hidden_size * items.act
+
+    def attention(self, b: "_Builder", layer: int, backward: bool) -> None:
+        c, cp = self.plan.config, self.cp
+        if cp == 1:
+            return
+        window, T, Tl, kv_row = c.window_of(layer), self.T, self.Tl, self.kv_row
+        if gathers_whole_sequence(window, T):
+            if backward:
+                b.add("Reduce_scatter_block", "cp", cp * Tl * kv_row)
+            else:
+                b.add("Allgather", "cp", Tl * kv_row)
+                if self.doc_ids:
+                    b.add("Allgather", "cp", self.B * Tl * DOC_ID_BYTES)
+            return
+        problem = window_problem(window, T, cp)
+        if problem:
+            raise ValueError(f"layer {layer}: {problem}")
+        h = window - 1
+        if h == 0:
+            return
+        halos = [h * kv_row] if backward else [h * kv_row] + ([h * self.B * DOC_ID_BYTES] if self.doc_ids else [])
+        crc = CRC_BYTES if self.checksums else 0
+        for per_neighbour in halos:
+            b.add("Alltoallv", "cp", sent=PerRank("cp", self.cp_neighbours * (per_neighbour + crc)))
+
+    def experts(self, b: "_Builder", layer: int, mb: int, backward: bool) -> None:
+        if self.ep == 1 or layer not in self.moe:
+            return
+        dispatch, combine = self.rows(mb, layer)
+        if backward:  # the combine's backward moves the dispatch's rows, the dispatch's backward the combine's
+            b.add("Alltoallv", "ep", sent=_scaled(dispatch, self.row_bytes, self.checksums))
+            b.add("Alltoallv", "ep", sent=_scaled(combine, self.row_bytes, self.checksums))
+            return
+        b.add("Alltoall", "ep", self.E * COUNT_BYTES)
+        b.add("Alltoallv", "ep", sent=_scaled(dispatch, self.row_bytes, self.checksums))
+        b.add("Alltoallv", "ep", sent=_scaled(combine, self.row_bytes, self.checksums))
+
+    def __call__(self, mb: int) -> list:
+        c, items, buckets = self.plan.config, self.items, self.buckets
+        b = _Builder(self.plan, self.checksums, prefix=self.prefix)
+        order, forward_gathers = gather_order(c)
+        held, posted, at = set(), set(), 0
+
+        def post(bucket) -> None:
+            for group, _, n, shard, _ in buckets.get(bucket, []):
+                b.add("Iallgather", group, shard * items.gather)
+            posted.add(bucket)
+
+        for what, bucket in _model_requests(c, self.recompute, self.backward):
+            if what == "gather":
+                place = next((i for i in range(at, len(order)) if order[i] == bucket), order.index(bucket))
+                b.set_tag("forward" if place < forward_gathers else "backward", bucket)
+                if bucket not in held:
+                    if bucket not in posted:
+                        post(bucket)
+                    posted.discard(bucket)
+                    held.add(bucket)
+                at = place + 1
+                if at < len(order):
+                    if order[at] not in held and order[at] not in posted:
+                        post(order[at])
+                else:
+                    at = 0
+            elif what == "release":
+                held.discard(bucket)
+            elif what == "end_forward":
+                at = 0
+            elif what == "hand_back":
+                b.set_tag("backward", bucket)
+                if bucket == "embed":
+                    at = 0
+                for group, _, n, shard, _ in buckets.get(bucket, []):
+                    b.add("Reduce_scatter_block", group, n * shard * items.reduce)
+            elif what == "forward":
+                self.attention(b, bucket, backward=False)
+                self.experts(b, bucket, mb, backward=False)
+            elif what == "backward":
+                self.experts(b, bucket, mb, backward=True)
+                self.attention(b, bucket, backward=True)
+            elif what == "loss" and c.balance_loss_coeff > 0:
+                for _ in self.moe:
+                    b.add("Allreduce", "cp", self.B * self.E * items.act)
+        if held or posted or at:
+            raise RuntimeError(f"a micro-batch leaves buckets {sorted(map(str, held | posted))} gathered at order "
+                               f"position {at}: the next one would not start afresh")
+        return b.calls
 
 
 def step_schedule(plan: ParallelPlan, rank: int, sequences: int, seq_len: int, micro_batch_size: int, items,

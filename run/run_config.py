@@ -45,6 +45,13 @@ folder. Example (configs/tiny-synthetic.toml):
                   manifest; "single": one file written by rank 0), hf_export = "folder" (the final params as a
                   Hugging Face checkpoint, written at the end of the run)
     [logging]     metrics (JSONL path), progress (bool)
+    [eval]                       # optional: held-out evaluation during training (run/eval_data.py)
+    every = 50                   # after every 50th step and the last: an eval line in the metrics
+    batches = 10                 # batches per evaluation (default 10); or tokens = 200_000 (rounded up to batches)
+    sequences_per_batch = 16     # default: [train] sequences_per_step; a multiple of micro_batch_size
+    path = "heldout"             # any prepared dataset or token file; default: each [data] source's held-out set
+                                 # (`trinity data prepare --holdout`, the folder <source>/holdout)
+    seed = 0                     # the eval set's document order (the same batches at every evaluation)
     [parallel]                   # optional: the layout (trinity.distributed.layout); `--mesh` overrides it
     dp_replicate = 1             # positive integers, default 1; the job has dp_replicate·dp_shard·cp ranks,
     dp_shard = 1                 # e.g. dp_shard = 2 and ep = 2 for `mpiexec -n 2 ...`
@@ -72,7 +79,7 @@ from trinity.distributed.layout import DIMS as _LAYOUT_KEYS
 from trinity.distributed.layout import Layout
 from trinity.reference.model.config import PRESETS, Config, ConfigError
 
-__all__ = ["RunConfig", "RunConfigError", "load_run_config", "check_output_paths"]
+__all__ = ["RunConfig", "RunConfigError", "EvalSettings", "load_run_config", "check_output_paths"]
 
 
 class RunConfigError(ValueError):
@@ -93,6 +100,17 @@ _CONFIG_SECTIONS = {
                   "smebu_beta": "smebu_beta", "smebu_kappa": "smebu_kappa"},
     "loss": {f: f for f in ("z_loss_coeff", "balance_loss_coeff", "intra_document_mask")},
 }
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The run file's [eval] section: evaluate after every `every` steps (and after the last) on `batches` batches
+    of `sequences_per_batch` sequences of the eval set(s), the same batches every time."""
+    every: int
+    batches: int
+    sequences_per_batch: int
+    path: str | None = None  # None: each training source's held-out set (<source>/holdout)
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -130,10 +148,17 @@ class RunConfig:
     # [parallel] watchdog_seconds: the longest wait in one collective under mpiexec before the job ends (0: off);
     # None: the default (WATCHDOG_DEFAULT under a launcher; never in a single process or on virtual ranks)
     watchdog_seconds: float | None = None
+    evaluation: "EvalSettings | None" = None  # [eval]; None: no evaluation during training
     extra: dict = field(default_factory=dict)
     # Config field → (section, key, value as written) for every config_overrides entry, so that a value the Config
     # rejects is reported under the name the run file gave it ("[optimizer] muon_lr = -1").
     override_origins: dict = field(default_factory=dict)
+
+    @property
+    def eval_sequences(self) -> list[int]:
+        """The evaluation's sequences per batch, when the run evaluates ([] otherwise): a batch size the layout
+        must split like the training steps' (Layout.check)."""
+        return [] if self.evaluation is None else [self.evaluation.sequences_per_batch]
 
     @property
     def batch_sizes(self) -> list[int]:
@@ -284,7 +309,7 @@ def load_run_config(path) -> RunConfig:
     here = os.path.dirname(os.path.abspath(path))
     resolve = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p))  # noqa: E731
     sections = {k: dict(v) if isinstance(v, dict) else v for k, v in doc.items()}
-    known = {"model", "data", "train", "checkpoint", "logging", "parallel", *_CONFIG_SECTIONS}
+    known = {"model", "data", "train", "checkpoint", "logging", "parallel", "eval", *_CONFIG_SECTIONS}
     unknown = sorted(set(sections) - known)
     if unknown:
         raise RunConfigError(f"unknown section(s): {_keys(unknown)}; expected {sorted(known)}")
@@ -414,6 +439,8 @@ def load_run_config(path) -> RunConfig:
         raise RunConfigError(f"[parallel] unknown key(s): {_keys(parallel)}; expected "
                              f"{', '.join(_LAYOUT_KEYS)}, checksums, watchdog_seconds")
 
+    evaluation = _parse_eval(sections.get("eval"), seqs, micro, seq_len, resolve)
+
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
                      micro_batch_size=micro, data_seed=data_seed, steps=steps, sequences_per_step=seqs,
@@ -422,7 +449,31 @@ def load_run_config(path) -> RunConfig:
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
                      max_skipped_steps=max_skipped, layout=Layout(**sizes), checkpoint_format=ckpt_format,
-                     hf_export=hf_export, checksums=checksums, watchdog_seconds=watchdog)
+                     hf_export=hf_export, checksums=checksums, watchdog_seconds=watchdog, evaluation=evaluation)
+
+
+def _parse_eval(section, sequences_per_step: int, micro: int, seq_len: int, resolve) -> EvalSettings | None:
+    """The [eval] section (None when absent); errors name the key."""
+    if section is None:
+        return None
+    section = dict(section)
+    positive = lambda v: v > 0  # noqa: E731
+    every = _take(section, "eval", "every", int, check=positive, what="a positive integer (steps)")
+    sequences = _take(section, "eval", "sequences_per_batch", int, sequences_per_step, positive, "a positive integer")
+    if sequences % micro:
+        raise RunConfigError(f"[eval] sequences_per_batch = {sequences}: must be a positive multiple of [data] "
+                             f"micro_batch_size {micro}")
+    if "batches" in section and "tokens" in section:
+        raise RunConfigError("[eval] batches and tokens exclude each other: give one")
+    tokens = _take(section, "eval", "tokens", int, None, positive, "a positive integer")
+    batches = _take(section, "eval", "batches", int, 10, positive, "a positive integer")
+    if tokens is not None:
+        batches = -(-tokens // (sequences * seq_len))
+    path = _take(section, "eval", "path", str, None, lambda v: v.strip() != "", "a dataset path")
+    seed = _take(section, "eval", "seed", int, 0, lambda v: v >= 0, "a non-negative integer")
+    _no_leftovers(section, "eval")
+    return EvalSettings(every=every, batches=batches, sequences_per_batch=sequences,
+                        path=None if path is None else resolve(path), seed=seed)
 
 
 def valid_watchdog_seconds(value: float) -> bool:

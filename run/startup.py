@@ -185,6 +185,28 @@ def build_loader(run: RunConfig):
         raise RunConfigError(f"[data] {e}") from None
 
 
+def _open_eval_sets(run: RunConfig, stores) -> list:
+    """The run's eval sets (run/eval_data.py), each checked to hold the batches an evaluation reads and the training
+    data's EOS id. Errors name the [eval] key."""
+    from .eval_data import eval_sets
+    settings = run.evaluation
+    try:
+        sets = eval_sets(run, stores)
+    except DataError as e:
+        raise RunConfigError(str(e)) from None
+    need = settings.batches * settings.sequences_per_batch * run.seq_len
+    for s in sets:
+        if s.store.eos_id != stores[0].eos_id:
+            raise RunConfigError(f"[eval] {s.store.path}: eos_id {s.store.eos_id} differs from the training data's "
+                                 f"{stores[0].eos_id}")
+        if s.store.num_tokens < need:
+            raise RunConfigError(f"[eval] batches = {settings.batches}: the eval set {s.store.path} holds "
+                                 f"{s.store.num_tokens:,} tokens, fewer than {settings.batches} batch(es) of "
+                                 f"{settings.sequences_per_batch} × {run.seq_len} tokens ({need:,}); lower [eval] "
+                                 f"batches or sequences_per_batch, or hold out more documents")
+    return sets
+
+
 def agree(comm, error: str | None, job: str | None, memory: dict | None = None, same_what: str = "") -> None:
     """The ranks' agreement to start (module docstring, step 2): every rank's error or None, the digest of its job,
     its host and its memory `need` (bytes it still has to allocate; `_check_memory`). Raises, on every rank alike,
@@ -278,7 +300,8 @@ class Startup:
         self.ops = backend
         self._check_layout(comm)
         self.loader, self.stores = build_loader(run)
-        for store in self.stores:
+        self.eval_sets = _open_eval_sets(run, self.stores) if run.evaluation is not None else []
+        for store in [*self.stores, *(s.store for s in self.eval_sets)]:
             largest = store.max_token()
             if largest >= config.vocab_size:
                 raise RunConfigError(f"[data] {store.path} holds token id {largest} >= vocab_size "
@@ -364,7 +387,7 @@ class Startup:
                                  f"-m trinity.cli train {run.path} --mesh {run.layout}")
         try:
             run.layout.check(world_size=comm.Get_size(), config=self.config, seq_len=run.seq_len,
-                             micro_batch_size=run.micro_batch_size, batch_sizes=run.batch_sizes)
+                             micro_batch_size=run.micro_batch_size, batch_sizes=run.batch_sizes + run.eval_sequences)
         except LayoutError as e:
             hint = NO_LAYOUT_HINT if single else ""
             raise RunConfigError(f"[parallel] {e}{hint}") from None

@@ -6,7 +6,11 @@ One optimizer step:
   2. global-norm gradient clipping;
   3. the load-balancing update of every expert_bias, once, before the parameter update (SPEC §6.1);
   4. Muon on hidden matrices and AdamW on embedding, head and gains, at the scheduled learning rates (SPEC §9);
-  5. one metrics line (JSONL), the progress bar, and a checkpoint every `every` steps and at the end.
+  5. one metrics line (JSONL), the progress bar, and a checkpoint every `every` steps and at the end;
+  6. with [eval], after every `every`-th step and the last, before that step's checkpoint: the held-out losses on the
+     same batches every time (`evaluate`, run/eval_data.py), one eval line in the metrics. It changes nothing that
+     training reads (params, optimizer and balancing state, loaders, RNG): a run with evaluation trains the same bits
+     as one without, and a resumed run evaluates at the same steps.
 
 This is the single-process trainer; the distributed layouts will inject their communicators into the same loop.
 State that makes a run resumable: params (expert_bias included), optimizer state, balancing state, step,
@@ -39,9 +43,11 @@ import numpy as np
 from trinity.distributed.layout import Layout
 from trinity.distributed.peak_memory import peak_summary, rank_peaks
 from trinity.reference.training.checkpoint import CheckpointError, CheckpointWriteError
+from trinity.reference.training.evaluation import combine, evaluate
 from trinity.reference.training.schedules import learning_rate
 from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, compute_gradients
 
+from .eval_data import fixed_batches
 from .metrics_log import MetricsFileError
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError
@@ -173,6 +179,37 @@ class Trainer(Startup):
             metrics["batch_het"] = result.batch_het
         return metrics
 
+    def eval_due(self) -> bool:
+        """Whether the step just taken is followed by an evaluation: [eval] every `every` steps, and the last."""
+        e = self.run.evaluation
+        return e is not None and (self.step % e.every == 0 or self.step == self.run.steps)
+
+    def evaluate(self) -> dict:
+        """The held-out losses of the current params on every eval set (the same batches every time, each rank its
+        rows and positions, as a step's), as an eval line for the metrics (collective under a layout)."""
+        run, e = self.run, self.run.evaluation
+        t0 = time.perf_counter()
+        rows = self.mesh.local_sequences(e.sequences_per_batch)
+        results = {}
+        for s in self.eval_sets:
+            batches = fixed_batches(s.store, run.seq_len, e.sequences_per_batch, e.batches, rows=rows,
+                                    doc_ids=self.config.intra_document_mask, seed=e.seed)
+            results[s.name] = evaluate(self.config, self.params, batches, micro_batch_size=run.micro_batch_size,
+                                       ops=self.ops, mesh=self.mesh, token_bytes=s.token_bytes)
+        total = combine(results) if len(results) > 1 else next(iter(results.values()))
+        line = {"step": self.step, "kind": "eval", "tokens_seen": self.tokens_seen, **total.as_line()}
+        if len(results) > 1:
+            line["sources"] = {name: {k: v for k, v in r.as_line().items()
+                                      if k in ("loss", "perplexity", "bits_per_byte", "tokens")}
+                               for name, r in results.items()}
+        line["expert_load"] = {str(layer): n.astype(int).tolist() for layer, n in total.counts.items()}
+        line["max_vio"] = {str(layer): v for layer, v in total.max_vio().items()}
+        traffic = sorted(self.mesh.take_traffic().items())
+        if traffic:
+            line["comm_bytes"] = {f"{kind}/{group}": n for (kind, group), n in traffic}
+        line["seconds"] = time.perf_counter() - t0
+        return line
+
     def _non_finite_step(self, parts, grad_norm, sequences, seconds) -> dict:
         run, attempt = self.run, self.step + 1
         what = f"step {attempt}: loss {parts['total']:.6g}, gradient norm {grad_norm:.6g}"
@@ -269,7 +306,7 @@ class Trainer(Startup):
         if run.progress and self.is_main:
             from tqdm import tqdm
             bar = tqdm(total=run.steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True)
-        last = None
+        last, last_eval = None, None
         with self.metrics or contextlib.nullcontext(), PreemptionGuard(self.log) as guard:
             while self.step < run.steps:
                 row = self.train_step()
@@ -277,9 +314,18 @@ class Trainer(Startup):
                 saved = False
                 if not row.get("skipped"):
                     last = row
+                    if self.eval_due():
+                        evaluated = self.evaluate()
+                        self._write_metrics(evaluated)
+                        last_eval = evaluated["loss"]["total"]
+                        if bar is None:
+                            self.log(f"eval after step {self.step}: loss {last_eval:.4f} (ce "
+                                     f"{evaluated['loss']['ce']:.4f}, perplexity {evaluated['perplexity']:.2f})")
                     if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']['total']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}",
-                                        refresh=False)
+                        shown = dict(loss=f"{row['loss']['total']:.4f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                        if last_eval is not None:
+                            shown["eval"] = f"{last_eval:.4f}"
+                        bar.set_postfix(**shown, refresh=False)
                         bar.update(1)
                     if self.step % run.checkpoint_every == 0 or self.step == run.steps:
                         self.save()

@@ -63,10 +63,14 @@ def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_
     return losses, stats, (ctx if keep_ctx else None), ce_ctx, balance_ctxs
 
 
-def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, embeds=None, ops=None):
-    """The losses dict and stats of `loss_and_grads`, without the backward. embeds: see model_forward."""
-    losses, stats, _, _, _ = _forward_losses(config, params, tokens, labels, doc_ids, keep_ctx=False, embeds=embeds,
-                                             ops=ops)
+def evaluate_losses(config: Config, params: dict, tokens, labels, doc_ids=None, embeds=None, ops=None, *,
+                    positions=None, shift=True, scale: LossScale | None = None, check=True):
+    """The losses dict and stats of `loss_and_grads`, without the backward: nothing is kept for one (the forward
+    keeps each layer's input only for the routing statistics, as under recompute). embeds: see model_forward;
+    positions, shift, scale and check as in loss_and_grads (evaluation of part of a batch, training/evaluation.py)."""
+    losses, stats, _, _, _ = _forward_losses(config, params, tokens, labels, doc_ids, keep_ctx=False, recompute=True,
+                                             embeds=embeds, ops=ops, positions=positions, shift=shift, scale=scale,
+                                             check=check)
     return losses, stats
 
 

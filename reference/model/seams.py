@@ -4,7 +4,8 @@ The model (layers.py, model.py) calls these through its op table, like the leaf 
 these single-process versions; trinity.distributed replaces them with collectives around the same model code:
 
   parameter gather (FSDP)       gather_params(params, bucket) → the bucket's full arrays, just before use;
-                                release_params(bucket) after use; hand_back_grads(bucket, grads[, into]) → what the step
+                                release_params(bucket) after use; end_forward() after a forward that no backward
+                                follows (evaluation); hand_back_grads(bucket, grads[, into]) → what the step
                                 keeps of the bucket's gradients (under FSDP: this rank's reduce-scattered shard).
                                 Buckets (params.param_buckets): "embed", each layer number, "head".
   token dispatch (EP)           expert_dispatch(x, plan) → (rows for this rank's experts, their offsets, ctx):
@@ -51,6 +52,10 @@ class SingleProcessSeams:
 
     def release_params(self, bucket) -> None:
         """The bucket's gathered arrays are no longer needed (FSDP frees them)."""
+
+    def end_forward(self) -> None:
+        """A forward ended that no backward follows (evaluation): the next gather starts a new micro-batch (FSDP's
+        prefetch order restarts; nothing stays gathered or posted)."""
 
     def hand_back_grads(self, bucket, grads: dict, into: dict | None = None) -> dict:
         """The bucket's gradients as the step keeps them (here: unchanged); with `into` (earlier sums of what this

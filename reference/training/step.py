@@ -22,8 +22,9 @@ of the gradients but different tokens: their gradients are summed once per step)
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -36,7 +37,8 @@ from .balancing import balance_step, momentum_key
 from .groups import check_group
 from .optim import clip_grad_norm, grad_norm, optimizer_step
 
-__all__ = ["LocalMesh", "LOCAL", "GlobalBatch", "Gradients", "compute_gradients", "apply_update", "LOSS_PARTS"]
+__all__ = ["LocalMesh", "LOCAL", "GlobalBatch", "Gradients", "RankInputs", "rank_inputs", "compute_gradients",
+           "apply_update", "LOSS_PARTS"]
 
 LOSS_PARTS = ("total", "ce", "z", "balance")
 
@@ -80,6 +82,11 @@ class LocalMesh:
 
     def set_phase(self, phase: str, layer=None) -> None:
         """Where in the step the next collectives happen (a distributed mesh records it in its traces)."""
+
+    @contextlib.contextmanager
+    def evaluation(self):
+        """An evaluation runs inside (a distributed mesh traces its collectives as "eval/<phase>")."""
+        yield self
 
     @staticmethod
     def optimizer_step(config, params, grads, state, muon_lr, adamw_lr, kernels=None, observe=None):
@@ -162,11 +169,20 @@ def _columns(x, positions, whole: bool):
     return xp.take(x, xp.asarray(positions), axis=1)
 
 
-def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch_size: int | None = None, ops=None,
-                      mesh=LOCAL, recompute: bool = False, check: bool = True) -> Gradients:
-    """Steps 1-3 of the module docstring: the losses, gradients and expert counts of one step of `batch`.
-    micro_batch_size: sequences per forward on this rank (default: all of its sequences at once)."""
-    c = config
+class RankInputs(NamedTuple):
+    """What this rank computes of a GlobalBatch: its rows (mesh.local_sequences) at its positions
+    (mesh.local_positions). `whole`: it holds whole sequences, so `targets` are the labels with Hugging Face's shift
+    still to apply (shift=True); else `targets[:, t]` is what position `positions[t]` predicts (shift=False)."""
+    tokens: object
+    targets: object
+    doc_ids: object
+    positions: object
+    whole: bool
+    rows: slice  # this rank's rows within the batch's arrays
+
+
+def rank_inputs(batch: GlobalBatch, mesh=LOCAL) -> RankInputs:
+    """This rank's part of `batch` (step 1 of the module docstring): the same cut for training and evaluation."""
     S, T = batch.shape
     rows = mesh.local_sequences(S)
     if batch.rows is not None:  # the batch holds this rank's rows only
@@ -176,16 +192,27 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
         rows = slice(0, rows.stop - rows.start)
     positions = mesh.local_positions(T)
     whole = len(positions) == T  # this rank holds whole sequences: the labels keep HF's shift
-    if check:
-        check_inputs(c, params, batch.tokens, batch.doc_ids)
     xp = array_namespace(batch.tokens)
     labels = xp.asarray(batch.labels)
     targets = labels if whole else _aligned_targets(labels)
-    counted = labels[:, 1:] != IGNORE_INDEX
+    return RankInputs(tokens=_columns(batch.tokens[rows, :], positions, whole),
+                      targets=_columns(targets[rows, :], positions, whole),
+                      doc_ids=None if batch.doc_ids is None else _columns(batch.doc_ids[rows, :], positions, whole),
+                      positions=positions, whole=whole, rows=rows)
+
+
+def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch_size: int | None = None, ops=None,
+                      mesh=LOCAL, recompute: bool = False, check: bool = True) -> Gradients:
+    """Steps 1-3 of the module docstring: the losses, gradients and expert counts of one step of `batch`.
+    micro_batch_size: sequences per forward on this rank (default: all of its sequences at once)."""
+    c = config
+    S, T = batch.shape
+    if check:
+        check_inputs(c, params, batch.tokens, batch.doc_ids)
+    mine = rank_inputs(batch, mesh)
+    tokens, targets, docs, positions, whole = mine.tokens, mine.targets, mine.doc_ids, mine.positions, mine.whole
+    xp = array_namespace(tokens)
     scale = LossScale(tokens=batch.counted_tokens(mesh), sequences=S, seq_len=T)
-    tokens = _columns(batch.tokens[rows, :], positions, whole)
-    targets = _columns(targets[rows, :], positions, whole)
-    docs = None if batch.doc_ids is None else _columns(batch.doc_ids[rows, :], positions, whole)
     local = tokens.shape[0]
     mbs = local if micro_batch_size is None else micro_batch_size
     if local % max(mbs, 1):
@@ -193,7 +220,7 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
     grads_sum, counts, parts = None, {}, dict.fromkeys(LOSS_PARTS, 0.0)
     micro_losses, all_stats = [], []
     logit_max, logit_mean_sum = -np.inf, 0.0
-    counted_rows = counted[rows, :]
+    counted_rows = xp.asarray(batch.labels)[mine.rows, 1:] != IGNORE_INDEX  # whole sequences' counted targets
     for m0 in range(0, local, max(mbs, 1)):
         mb = slice(m0, m0 + mbs)
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by the caller, by name
