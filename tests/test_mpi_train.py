@@ -45,6 +45,11 @@ warmup_steps = 2
 [loss]
 intra_document_mask = true
 balance_loss_coeff = 0.01
+[eval]
+every = 2
+batches = 2
+sequences_per_batch = 8
+path = "{held}"
 [checkpoint]
 dir = "ckpt"
 every = 1
@@ -71,12 +76,14 @@ def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "tokens.bin"
     write_token_file(path, MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(20000),
                      eos_id=0)
+    write_token_file(path.parent / "held.bin",
+                     MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(2000), eos_id=0)
     return path
 
 
 def _run_dir(tmp_path, data, steps=4):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "run.toml").write_text(RUN.format(data=data, steps=steps))
+    (tmp_path / "run.toml").write_text(RUN.format(data=data, steps=steps, held=data.parent / "held.bin"))
     return tmp_path
 
 
@@ -95,8 +102,10 @@ def layout_sizes(text):
     return {"dp_shard": layout.dp_shard, "cp": layout.cp}
 
 
-def _metrics(d):
-    return [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+def _metrics(d, kind=None):
+    """The step lines of run folder d's metrics (kind="eval": its eval lines)."""
+    lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x.get("kind") == kind]
 
 
 def _checkpoint(d, step):
@@ -120,6 +129,7 @@ def _assert_same_state(got, want):
 
 
 def _assert_same_losses(got_lines, want_lines):
+    assert [x["step"] for x in got_lines] == [x["step"] for x in want_lines]
     for got, want in zip(got_lines, want_lines):
         for part, value in want["loss"].items():
             assert abs(got["loss"][part] - value) <= RTOL * abs(value), (got["step"], part)
@@ -135,7 +145,7 @@ def _assert_simulate_is_the_job(job, data, ranks, options):
     """`trinity simulate` of the job's run file with the same options, in a folder beside it: every step's
     checkpoint (params, optimizer and balancing state), the losses and the comm_bytes are the job's, bit for bit;
     its trace's counted bytes of rank 0 are the comm_bytes of each step, and every rank's add up."""
-    from trinity.simulate.virtual.traces import UNCOUNTED
+    from trinity.simulate.virtual.traces import counted_in_step
     sim = _run_dir(job / "simulated", data)
     r = trinity("simulate", str(sim / "run.toml"), "--ranks", str(ranks), *options, "--trace",
                 str(sim / "trace.json"), env=ONE_THREAD)
@@ -147,6 +157,8 @@ def _assert_simulate_is_the_job(job, data, ranks, options):
             _assert_bits(getattr(got, name), getattr(want, name), f"step {step} {name}")
     simulated, lines = _metrics(sim), _metrics(job)
     assert [(x["loss"], x["comm_bytes"]) for x in simulated] == [(x["loss"], x["comm_bytes"]) for x in lines]
+    assert [(x["loss"], x.get("comm_bytes")) for x in _metrics(sim, "eval")] == \
+        [(x["loss"], x.get("comm_bytes")) for x in _metrics(job, "eval")]
     trace = json.loads((sim / "trace.json").read_text())
     assert trace["ranks"] == ranks and [s["step"] for s in trace["steps"]] == [1, 2, 3, 4]
     for step, line in zip(trace["steps"], lines):
@@ -154,7 +166,8 @@ def _assert_simulate_is_the_job(job, data, ranks, options):
         counted = {rank: sum(by_kind.values()) for rank, by_kind in step["counted"].items()}
         assert sorted(counted, key=int) == [str(q) for q in range(ranks)]
         assert all(0 < counted[q] <= step["by_rank"][q] for q in counted)
-        assert sum(counted.values()) + sum(step["by_phase"].get(p, 0) for p in UNCOUNTED) == step["bytes"] \
+        assert sum(counted.values()) + sum(n for p, n in step["by_phase"].items() if not counted_in_step(p)) \
+            == step["bytes"] \
             == sum(step["by_kind"].values()) == sum(step["by_rank"].values()) == sum(step["by_tier"].values())
 
 
@@ -170,6 +183,8 @@ def test_layout_trains_the_single_process_model(tmp_path, data, single, ranks, l
     lines = _metrics(d)
     assert [row["step"] for row in lines] == [1, 2, 3, 4]
     _assert_same_losses(lines, _metrics(single))
+    _assert_same_losses(_metrics(d, "eval"), _metrics(single, "eval"))  # held-out evaluation after steps 2 and 4
+    assert [row["step"] for row in _metrics(d, "eval")] == [2, 4]
     for step in (1, 3, 4):
         assert _checkpoint(d, step).path.endswith(".sharded")
         _assert_same_state(_checkpoint(d, step), _checkpoint(single, step))
