@@ -6,11 +6,14 @@ default evaluates the held-out set of each training source: `<source>/holdout`, 
 so a mixture's eval line has per-source losses. An eval set that is a training source itself is refused: its loss
 would not be held out.
 
-Fixed batches. An evaluation reads the first `count` batches of `sequences` rows of a PackedTokenLoader over the set
-(sequential packing, documents in the order of `seed`), started afresh every time: every evaluation of a run sees the
-same tokens, whatever the training stream did, and no training loader is touched. Under a layout each rank reads only
-its rows of each batch (`rows`, the plan's), as in training (reference/data/packing.py `next_batch(keep)`). A set
-that holds fewer tokens than the batches need is refused (the loader would wrap around and repeat documents).
+Fixed batches. An evaluation reads `count` batches of `sequences` rows of `seq_len` tokens spread evenly over the
+whole set: the set's documents in the order of `seed`, packed into one stream of R = ⌊tokens / seq_len⌋ rows as in
+training (reference/data/packing.py), of which it takes every k-th row, k = ⌊R / (count · sequences)⌋, from row 0 (so
+a small evaluation samples the whole set, not its first documents; with k = 1 it is every row). A fresh loader reads
+them each time: every evaluation of a run sees the same tokens, whatever the training stream did, and no training
+loader is touched. Under a layout each rank reads only its rows of each batch (`rows`, the plan's), skipping the
+others unread, as in training. A set that holds fewer rows than the batches need is refused (the loader would wrap
+around and repeat documents).
 """
 
 from __future__ import annotations
@@ -39,20 +42,27 @@ class EvalSet:
 
 def fixed_batches(store, seq_len: int, sequences: int, count: int, rows: slice | None = None, doc_ids: bool = True,
                   seed: int = 0):
-    """The first `count` batches of `sequences` rows of `seq_len` tokens of `store` (module docstring), as
+    """`count` batches of `sequences` rows of `seq_len` tokens spread over `store` (module docstring), as
     GlobalBatch, each holding rows `rows` only (None: all). DataError when the store is too small."""
     need = count * sequences * seq_len
     if store.num_tokens < need:
         raise DataError(f"{store.path}: the eval set holds {store.num_tokens:,} tokens, fewer than {count} batch(es) "
                         f"of {sequences} × {seq_len} tokens ({need:,}); evaluate fewer batches or prepare a larger "
                         f"held-out set")
-    loader = PackedTokenLoader(store, seq_len, sequences, seed=seed)
-    return _batches(loader, count, sequences, rows, doc_ids)
+    stride = (store.num_tokens // seq_len) // (count * sequences)
+    loader = PackedTokenLoader(store, seq_len, 1, seed=seed)
+    return _batches(loader, count, sequences, stride, rows, doc_ids)
 
 
-def _batches(loader, count, sequences, rows, doc_ids):
+def _batches(loader, count, sequences, stride, rows, doc_ids):
+    a, b = (0, sequences) if rows is None else (rows.start, rows.stop)
     for _ in range(count):
-        tokens, docs = loader.next_batch(keep=rows)
+        tokens, docs = [], []
+        for i in range(sequences):  # row i of the batch: the first of the next `stride` rows, read only if kept
+            t, d = loader.next_rows(stride, keep=slice(0, 1 if a <= i < b else 0))
+            tokens.append(t)
+            docs.append(d)
+        tokens, docs = np.concatenate(tokens), np.concatenate(docs)
         yield GlobalBatch(tokens, doc_ids=docs if doc_ids else None, rows=rows,
                           sequences=sequences if rows is not None else None)
 

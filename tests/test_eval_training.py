@@ -224,3 +224,30 @@ def test_eval_errors_name_the_key(tmp_path, flat):
         with pytest.raises(RunConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
             load_run_config(folder / "run.toml")
     assert os.path.exists(flat[1])
+
+
+@pytest.mark.parametrize("count,sequences,seq_len", [(2, 4, 16), (3, 2, 32), (1, 8, 8)])
+def test_fixed_batches_spread_over_the_set_and_split_by_rows_like_training(flat, count, sequences, seq_len):
+    """Row i of batch b is row (b·S + i)·k of the set's packed stream (k = ⌊R / (count·S)⌋, R its rows); every split
+    of the rows gives the same rows, read unread-skipping; every evaluation reads the same tokens."""
+    from trinity.reference.data.packing import PackedTokenLoader
+    from trinity.reference.data.store import DocumentStore
+    from trinity.run.eval_data import fixed_batches
+    store = DocumentStore(flat[1], eos_id=0)
+    stride = (store.num_tokens // seq_len) // (count * sequences)
+    stream, _ = PackedTokenLoader(store, seq_len, 1).next_rows(count * sequences * stride)
+    whole = list(fixed_batches(store, seq_len, sequences, count))
+    assert len(whole) == count
+    for b, batch in enumerate(whole):
+        assert np.array_equal(batch.tokens, stream[(b * sequences + np.arange(sequences)) * stride])
+        assert batch.rows is None and batch.sequences == sequences
+    for cut in range(sequences + 1):
+        parts = [list(fixed_batches(store, seq_len, sequences, count, rows=r))
+                 for r in (slice(0, cut), slice(cut, sequences))]
+        for b in range(count):
+            assert np.array_equal(np.concatenate([parts[0][b].tokens, parts[1][b].tokens]), whole[b].tokens)
+            assert np.array_equal(np.concatenate([parts[0][b].doc_ids, parts[1][b].doc_ids]), whole[b].doc_ids)
+    again = list(fixed_batches(store, seq_len, sequences, count))
+    assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(again, whole))
+    with pytest.raises(Exception, match="fewer than"):
+        fixed_batches(store, seq_len, sequences, store.num_tokens)
