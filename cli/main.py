@@ -36,7 +36,7 @@ from trinity.reference.model.config import ConfigError
 from .common import CLIError
 from .inputs import one_line_errors
 
-COMMANDS = ("info", "train", "simulate", "plan", "data", "generate", "inspect", "plot")
+COMMANDS = ("info", "train", "simulate", "plan", "data", "generate", "inspect", "plot", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:
