@@ -45,11 +45,6 @@ warmup_steps = 2
 [loss]
 intra_document_mask = true
 balance_loss_coeff = 0.01
-[eval]
-every = 2
-batches = 2
-sequences_per_batch = 8
-path = "{held}"
 [checkpoint]
 dir = "ckpt"
 every = 1
@@ -57,6 +52,15 @@ keep_last = 10
 [logging]
 metrics = "metrics.jsonl"
 progress = false
+"""
+
+# held-out evaluation after steps 2 and 4 (the jobs here add it to RUN; tests/test_simulate.py uses RUN alone)
+EVAL = """
+[eval]
+every = 2
+batches = 2
+sequences_per_batch = 8
+path = "{held}"
 """
 
 # (ranks, layout): the layouts the issue names; one with every mechanism at 4 ranks (dp_replicate all-reduce, FSDP
@@ -83,7 +87,7 @@ def data(tmp_path_factory):
 
 def _run_dir(tmp_path, data, steps=4):
     tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "run.toml").write_text(RUN.format(data=data, steps=steps, held=data.parent / "held.bin"))
+    (tmp_path / "run.toml").write_text(RUN.format(data=data, steps=steps) + EVAL.format(held=data.parent / "held.bin"))
     return tmp_path
 
 
