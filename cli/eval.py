@@ -12,8 +12,8 @@ target of the batches, its perplexity exp(CE), and bits per byte CE·tokens / (l
 when the set's tokenizer tells each token's bytes ("—" otherwise). A checkpoint whose config has
 intra_document_mask attends within documents, as in training.
 
-Defaults: --seq-len is the seq_len of the run that wrote the first checkpoint recording its run file (extra.run_file,
-when it still loads), else 512, at most the model's max_position_embeddings; --batches every whole batch the set
+Defaults: --seq-len is the seq_len of the run that wrote the first checkpoint recording it (the trainer records
+extra.seq_len), else 512, at most the model's max_position_embeddings; --batches every whole batch the set
 holds (--tokens N: the batches that hold N tokens, rounded up); --micro-batch-size a rank's rows of a batch; --dtype
 the checkpoint's own.
 
@@ -58,8 +58,8 @@ def add_parser(subparsers):
                         "(with --eos-id)")
     p.add_argument("--eos-id", type=whole(0), metavar="ID", help="the EOS id of a flat token file")
     p.add_argument("--seq-len", type=whole(2), metavar="T",
-                   help=f"tokens per sequence (default: the seq_len of the checkpoint's run when its run file still "
-                        f"loads, else {DEFAULT_SEQ_LEN}; at most max_position_embeddings)")
+                   help=f"tokens per sequence (default: the seq_len the checkpoint's run trained with, when it "
+                        f"records it, else {DEFAULT_SEQ_LEN}; at most max_position_embeddings)")
     p.add_argument("--sequences-per-batch", type=whole(1), default=8, metavar="S",
                    help="sequences per batch (default 8)")
     amount = p.add_mutually_exclusive_group()

@@ -19,8 +19,8 @@ dtype: the params are computed in `dtype` (float32 or float64), by default the c
 params were saved in, for an HF directory float64 when its embedding is stored as F64 and float32 otherwise (F32,
 BF16, F16). expert_bias stays float32 in every dtype (docs/decisions.md #18).
 
-Every problem a user can cause is a CheckpointError with a one-line message naming the path. A path a checkpoint
-names is opened only by `run_seq_len` (its run file, read as TOML to learn the run's seq_len, nothing else).
+Every problem a user can cause is a CheckpointError with a one-line message naming the path. No path a checkpoint
+names is ever opened.
 """
 
 from __future__ import annotations
@@ -127,16 +127,10 @@ def _open_hf(path: str) -> EvalCheckpoint:
 
 
 def run_seq_len(ck: EvalCheckpoint) -> int | None:
-    """The seq_len of the run that wrote `ck`, when its run file is recorded (extra.run_file, as the trainer
-    records it) and still loads; else None."""
-    run_file = ck.extra.get("run_file") if isinstance(ck.extra, dict) else None
-    if not isinstance(run_file, str) or not os.path.isfile(run_file):
-        return None
-    from trinity.run.run_config import RunConfigError, load_run_config
-    try:
-        return int(load_run_config(run_file).seq_len)
-    except (RunConfigError, ConfigError, OSError, ValueError, TypeError, KeyError):
-        return None
+    """The seq_len of the run that wrote `ck`, as the trainer records it (extra.seq_len); else None. Nothing a
+    checkpoint names is opened (a crafted checkpoint could name a FIFO or a device)."""
+    value = ck.extra.get("seq_len") if isinstance(ck.extra, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def _whole_wanted(config: Config) -> dict:

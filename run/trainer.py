@@ -242,7 +242,8 @@ class Trainer(Startup):
         self.mesh.set_phase("checkpoint")
         common = dict(balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
                       data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
-                      extra={"run_file": os.path.abspath(self.run.path), "skipped_steps": self.skipped_steps,
+                      extra={"run_file": os.path.abspath(self.run.path), "seq_len": self.run.seq_len,
+                             "skipped_steps": self.skipped_steps,
                              "metrics_lines": self.metrics.lines if self.metrics else None,
                              "layout": str(self.run.layout)},
                       tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)

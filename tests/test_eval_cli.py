@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -151,16 +152,16 @@ def test_the_three_kinds_give_evaluate_of_their_params_one_row_each(world, capsy
     assert table[1].split()[3] == f"{want.losses['ce']:.6f}"
 
 
-def test_defaults_the_run_files_seq_len_every_whole_batch_and_document_masks(world, capsys, tmp_path):
-    """A checkpoint recording its run file evaluates at the run's seq_len by default, every whole batch of the set;
-    with intra_document_mask its CE is evaluate()'s with the loader's document ids (and differs without)."""
+def test_defaults_the_runs_seq_len_every_whole_batch_and_document_masks(world, capsys, tmp_path):
+    """A checkpoint recording its run's seq_len (extra.seq_len, as the trainer writes it) evaluates at it by default,
+    every whole batch of the set; the run file it names is never opened (here: a FIFO, which would block); with
+    intra_document_mask its CE is evaluate()'s with the loader's document ids (and differs without)."""
     w = world
     config = tiny(intra_document_mask=True, eos_token_id=256)
-    run_file = tmp_path / "run.toml"
-    run_file.write_text(f'[model]\npreset = "tiny"\n[data]\npath = "{w["data"]}"\nseq_len = 8\n'
-                        f'micro_batch_size = 1\n[train]\nsteps = 1\nsequences_per_step = 2\n')
-    ckpt = save_single(tmp_path / "step_00000007.h5", config, w["params"], extra={"run_file": str(run_file)},
-                       step=7)
+    fifo = tmp_path / "run.toml"
+    os.mkfifo(fifo)
+    ckpt = save_single(tmp_path / "step_00000007.h5", config, w["params"],
+                       extra={"run_file": str(fifo), "seq_len": 8}, step=7)
     rows, _ = eval_json(capsys, tmp_path, ckpt, "--data", w["data"], "--sequences-per-batch", 2)
     count = w["store"].num_tokens // (2 * 8)
     assert (rows[0]["seq_len"], rows[0]["batches"], rows[0]["step"]) == (8, count, 7)

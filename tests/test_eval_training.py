@@ -115,6 +115,7 @@ def test_eval_lines_follow_their_steps_and_training_is_bitwise_unchanged(tmp_pat
     for name in ("params", "optimizer_state", "balancing_state"):
         _same_bits(getattr(a, name), getattr(b, name), name)
     assert (a.data_state, a.rng_state, a.tokens_seen) == (b.data_state, b.rng_state, b.tokens_seen)
+    assert a.extra["seq_len"] == 32  # what `trinity eval` takes as its default
     steps, evals = _steps_and_evals(tmp_path / "eval")
     assert [_untimed(x) for x in steps] == [_untimed(x) for x in _lines(tmp_path / "plain")]
     lines = _lines(tmp_path / "eval")
@@ -251,3 +252,12 @@ def test_fixed_batches_spread_over_the_set_and_split_by_rows_like_training(flat,
     assert all(np.array_equal(x.tokens, y.tokens) for x, y in zip(again, whole))
     with pytest.raises(Exception, match="fewer than"):
         fixed_batches(store, seq_len, sequences, store.num_tokens)
+
+
+def test_the_documented_run_files_load():
+    """configs/*.toml (the README's quickstart evaluates every 50 steps on 8 held-out batches)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    runs = {name: load_run_config(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if name.endswith(".toml")}
+    assert runs["quickstart.toml"].evaluation.every == 50 and runs["quickstart.toml"].evaluation.batches == 8
+
