@@ -5,8 +5,9 @@ Hugging Face checkpoint directory (config.json + safetensors); only their params
 --data is a prepared dataset directory (a held-out set is `<prepared>/holdout`, written by `trinity data prepare
 --holdout`: name it) or a flat token file with --eos-id.
 
-Every checkpoint is evaluated on the same fixed batches (run/eval_data.py `fixed_batches`: the first N batches of
---sequences-per-batch rows of --seq-len tokens of a packed loader over the set, documents in the order of --seed),
+Every checkpoint is evaluated on the same fixed batches (run/eval_data.py `fixed_batches`: N batches of
+--sequences-per-batch rows of --seq-len tokens, rows spread evenly over the set packed as in training, documents in
+the order of --seed),
 with the training objective's forward (reference/training/evaluation.py): the mean token cross-entropy over every
 target of the batches, its perplexity exp(CE), and bits per byte CE·tokens / (ln 2 · UTF-8 bytes of the targets)
 when the set's tokenizer tells each token's bytes ("—" otherwise). A checkpoint whose config has
@@ -64,7 +65,8 @@ def add_parser(subparsers):
                    help="sequences per batch (default 8)")
     amount = p.add_mutually_exclusive_group()
     amount.add_argument("--batches", type=whole(1), metavar="N",
-                        help="evaluate the first N batches (default: every whole batch the set holds)")
+                        help="evaluate N batches, their rows spread over the set (default: every whole batch the "
+                             "set holds)")
     amount.add_argument("--tokens", type=whole(1), metavar="N",
                         help="evaluate the batches that hold N tokens (rounded up to a whole batch)")
     p.add_argument("--micro-batch-size", type=whole(1), metavar="M",
