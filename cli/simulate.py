@@ -148,10 +148,10 @@ def check_job(args) -> list:
     layout = run_config.layout
     if args.mesh is not None:
         try:
-            layout = Layout.parse(args.mesh)
+            layout = Layout.parse(args.mesh, options=run_config.layout.options)
         except LayoutError as e:
             raise CLIError(f"--mesh: {e}") from None
-    _check_layout(run_config, layout, args.ranks, given=args.mesh is not None or layout != Layout())
+    _check_layout(run_config, layout, args.ranks, given=args.mesh is not None or layout.sizes != Layout())
     try:
         check_faults(faults, args.ranks, run_config.steps, run_config.checkpoint_every)
     except ValueError as e:

@@ -84,12 +84,6 @@ def _run_config(args):
     from trinity.distributed.layout import Layout, LayoutError
     from trinity.run.run_config import RunConfigError, load_run_config, valid_watchdog_seconds
 
-    layout = None
-    if args.mesh is not None:
-        try:
-            layout = Layout.parse(args.mesh)
-        except LayoutError as e:
-            raise CLIError(f"--mesh: {e}") from None
     watchdog = getattr(args, "watchdog", None)  # `trinity simulate` has none: virtual ranks detect deadlocks
     if watchdog is not None and not valid_watchdog_seconds(watchdog):
         raise CLIError(f"--watchdog {watchdog}: must be a number of seconds >= 0 (0: off)")
@@ -97,7 +91,11 @@ def _run_config(args):
         run_config = load_run_config(args.run_file)
     except (RunConfigError, FileNotFoundError) as e:
         raise CLIError(str(e)) from None
-    if layout is not None:
+    if args.mesh is not None:  # the run file's schedule options stay unless the text names them
+        try:
+            layout = Layout.parse(args.mesh, options=run_config.layout.options)
+        except LayoutError as e:
+            raise CLIError(f"--mesh: {e}") from None
         run_config = dataclasses.replace(run_config, layout=layout)
     if args.checksums:
         run_config = dataclasses.replace(run_config, checksums=True)

@@ -8,8 +8,9 @@
 
 The world is dp_replicate·dp_shard·cp ranks; dp = dp_replicate·dp_shard of them take different slices of the global
 batch. Size-1 dimensions cost nothing. A layout is written "dp_shard=2,ep=2" (the non-1 dimensions, in the order
-above; "single" when all are 1): `Layout.parse(str(layout)) == layout`. It is run configuration (the run file's
-[parallel] section, `trinity train --mesh`), not model configuration.
+above; "single" when all are 1), followed by its schedule options that differ from the defaults (options.py:
+"dp_shard=4,ep=4,keep_gathered=all"): `Layout.parse(str(layout)) == layout`. It is run configuration (the run
+file's [parallel] section, `trinity train --mesh`), not model configuration.
 
 `Layout.check` refuses, before any work, a layout that cannot run a given job and lists the layouts that would
 (`fitting_layouts`). The rules:
@@ -28,9 +29,12 @@ above; "single" when all are 1): `Layout.parse(str(layout)) == layout`. It is ru
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
+
+from .options import NOT_YET_RUN, OPTION_NAMES, OptionError, ParallelOptions, option_value
 
 __all__ = ["DIMS", "Layout", "LayoutError", "fitting_layouts", "gathers_whole_sequence", "window_problem"]
 
@@ -45,18 +49,29 @@ class LayoutError(ValueError):
         super().__init__(" ".join(str(message).splitlines()))
 
 
+DIMS = ("dp_replicate", "dp_shard", "cp", "ep")
+
+
 @dataclass(frozen=True)
 class Layout:
     dp_replicate: int = 1
     dp_shard: int = 1
     cp: int = 1
     ep: int = 1
+    options: ParallelOptions = field(default_factory=ParallelOptions)  # how it moves what it shards (options.py)
 
     def __post_init__(self):
         for name in DIMS:
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise LayoutError(f"{name} = {value!r}: must be a positive integer")
+        if not isinstance(self.options, ParallelOptions):
+            raise LayoutError(f"options = {self.options!r}: must be ParallelOptions")
+
+    @property
+    def sizes(self) -> "Layout":
+        """This layout without its options (the sizes alone)."""
+        return Layout(self.dp_replicate, self.dp_shard, self.cp, self.ep)
 
     @property
     def world_size(self) -> int:
@@ -70,38 +85,59 @@ class Layout:
 
     def __str__(self) -> str:
         parts = [f"{name}={getattr(self, name)}" for name in DIMS if getattr(self, name) != 1]
-        return ",".join(parts) or SINGLE
+        sizes = ",".join(parts) or SINGLE
+        options = self.options.text()
+        return sizes if not options else f"{sizes},{options}"
 
     @classmethod
-    def parse(cls, text: str) -> "Layout":
+    def parse(cls, text: str, options: ParallelOptions | None = None) -> "Layout":
         """The layout a text names: "dp_shard=2,ep=2" → Layout(dp_shard=2, ep=2). Comma-separated name=size pairs
-        in any order, spaces tolerated; unnamed dimensions are 1; "single" is the layout of all 1s. An unknown or
-        repeated name or a size that is not a positive integer raises LayoutError naming the part and the names."""
+        in any order, spaces tolerated, and name=value pairs of schedule options (options.py); unnamed dimensions
+        are 1, unnamed options those of `options` (default: the defaults; `--mesh` passes the run file's, which the
+        text then overrides option by option); "single" (alone or first) is the layout of all 1s. An unknown or
+        repeated name, a size that is not a positive integer or an option value that is not one of the option's
+        raises LayoutError naming the part and the names."""
         def bad(why):
             return LayoutError(f"layout {text!r}: {why}; write name=size pairs separated by commas, names "
-                               f"{', '.join(DIMS)} (e.g. dp_shard=2,ep=2; or single)")
+                               f"{', '.join(DIMS)} (e.g. dp_shard=2,ep=2; or single), then any schedule options "
+                               f"name=value, names {', '.join(OPTION_NAMES)}")
 
         if not isinstance(text, str):
             raise bad("not a string")
-        if text.strip() == SINGLE:
-            return cls()
-        sizes = {}
-        for part in text.split(","):
+        parts = [p for p in text.split(",")]
+        if parts and parts[0].strip() == SINGLE and all(p.partition("=")[0].strip() in OPTION_NAMES
+                                                         for p in parts[1:]):
+            parts = parts[1:]  # "single", then only options
+        base = ParallelOptions() if options is None else options
+        sizes, named = {}, {}
+        for part in parts:
             name, eq, size = (s.strip() for s in part.partition("="))
             if not eq or not name:
                 raise bad(f"{part.strip()!r} is not name=size")
+            if name in sizes or name in named:
+                raise bad(f"{name} given twice")
+            if name in OPTION_NAMES:
+                try:
+                    named[name] = option_value(name, size)
+                except OptionError as e:
+                    raise bad(str(e)) from None
+                continue
             if name not in DIMS:
                 raise bad(f"unknown dimension {name!r}")
-            if name in sizes:
-                raise bad(f"{name} given twice")
             if not re.fullmatch(r"[0-9]+", size) or int(size) == 0:
                 raise bad(f"{name}={size}: the size must be a positive integer")
             sizes[name] = int(size)
-        return cls(**sizes)
+        try:
+            return cls(**sizes, options=dataclasses.replace(base, **named))
+        except OptionError as e:
+            raise bad(str(e)) from None
 
     def problems(self, *, world_size: int, config, seq_len: int, micro_batch_size: int, batch_sizes) -> list[str]:
         """Why this layout cannot run the job (the rules of the module docstring), one phrase each; [] if it can."""
         why = []
+        waiting = [name for name in self.options.changed() if name in NOT_YET_RUN]
+        if waiting:
+            why.append(f"the schedule option(s) {', '.join(waiting)} are not run by the cluster mode yet")
         if self.world_size != world_size:
             why.append(f"dp_replicate·dp_shard·cp = {self.world_size}, but the job has {world_size} "
                        f"rank{'s' if world_size != 1 else ''}")
@@ -142,9 +178,6 @@ class Layout:
         else:
             hint = f"no layout of {world_size} ranks fits this model, seq_len and batch sizes"
         raise LayoutError(f"layout {self}: {'; '.join(why)}; {hint}")
-
-
-DIMS = tuple(f.name for f in fields(Layout))  # ("dp_replicate", "dp_shard", "cp", "ep")
 
 
 def gathers_whole_sequence(window: int | None, seq_len: int) -> bool:

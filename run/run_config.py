@@ -57,6 +57,9 @@ folder. Example (configs/tiny-synthetic.toml):
     dp_shard = 1                 # e.g. dp_shard = 2 and ep = 2 for `mpiexec -n 2 ...`
     cp = 1
     ep = 1                       # expert parallel: borrows its ranks from dp_shard·cp
+    keep_gathered = "none"       # schedule options (trinity.distributed.options): keep_gathered, keep_gathered_gib,
+                                 # reshard_after_forward, reduce_gradients, muon_owners, cp_exchange, gather_dtype,
+                                 # reduce_dtype, async_reduce
     checksums = false            # a crc32 with every message, checked on receipt (trinity.distributed.checksums)
     watchdog_seconds = 600       # under mpiexec: a rank waiting this long in one collective ends the job
                                  # (trinity.distributed.watchdog; 0: off; default 600, off in a single process)
@@ -77,6 +80,7 @@ from dataclasses import dataclass, field, fields
 from trinity.accel import BACKENDS
 from trinity.distributed.layout import DIMS as _LAYOUT_KEYS
 from trinity.distributed.layout import Layout
+from trinity.distributed.options import OPTION_NAMES, OptionError, ParallelOptions
 from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["RunConfig", "RunConfigError", "EvalSettings", "load_run_config", "check_output_paths"]
@@ -435,9 +439,10 @@ def load_run_config(path) -> RunConfig:
     checksums = _take(parallel, "parallel", "checksums", bool, False, what="true or false")
     watchdog = _take(parallel, "parallel", "watchdog_seconds", float, None, valid_watchdog_seconds,
                      "a number of seconds >= 0 (0: off)")
+    options = _parse_options(parallel)
     if parallel:
         raise RunConfigError(f"[parallel] unknown key(s): {_keys(parallel)}; expected "
-                             f"{', '.join(_LAYOUT_KEYS)}, checksums, watchdog_seconds")
+                             f"{', '.join(_LAYOUT_KEYS)}, checksums, watchdog_seconds, {', '.join(OPTION_NAMES)}")
 
     evaluation = _parse_eval(sections.get("eval"), seqs, micro, seq_len, resolve)
 
@@ -448,7 +453,7 @@ def load_run_config(path) -> RunConfig:
                      checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,
-                     max_skipped_steps=max_skipped, layout=Layout(**sizes), checkpoint_format=ckpt_format,
+                     max_skipped_steps=max_skipped, layout=Layout(**sizes, options=options), checkpoint_format=ckpt_format,
                      hf_export=hf_export, checksums=checksums, watchdog_seconds=watchdog, evaluation=evaluation)
 
 
@@ -474,6 +479,26 @@ def _parse_eval(section, sequences_per_step: int, micro: int, seq_len: int, reso
     _no_leftovers(section, "eval")
     return EvalSettings(every=every, batches=batches, sequences_per_batch=sequences,
                         path=None if path is None else resolve(path), seed=seed)
+
+
+def _parse_options(parallel: dict) -> ParallelOptions:
+    """The schedule options among the [parallel] keys (distributed/options.py); errors name the key."""
+    given = {}
+    for f in fields(ParallelOptions):
+        if f.name not in parallel:
+            continue
+        value = parallel.pop(f.name)
+        kind = f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {"bool": isinstance(value, bool), "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "str": isinstance(value, str)}[kind]
+        if not ok:
+            raise RunConfigError(f"[parallel] {f.name} = {_show(value)}: must be "
+                                 f"{ {'bool': 'true or false', 'float': 'a number', 'str': 'a string'}[kind]}")
+        given[f.name] = float(value) if kind == "float" else value
+    try:
+        return ParallelOptions(**given)
+    except OptionError as e:
+        raise RunConfigError(f"[parallel] {e}") from None
 
 
 def valid_watchdog_seconds(value: float) -> bool:

@@ -378,7 +378,7 @@ class Startup:
     def _check_layout(self, comm) -> None:
         """Refuse, before any work, a layout the job cannot run, listing those that fit (Layout.check)."""
         run = self.run
-        single = run.layout == Layout()
+        single = run.layout.sizes == Layout()
         if single and (comm is None or comm.Get_size() == 1):
             return
         if comm is None:

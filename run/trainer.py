@@ -88,7 +88,7 @@ class Trainer(Startup):
         # A signal received elsewhere than this rank's thread (virtual ranks: the simulator's main thread), read at
         # every step boundary beside the rank's own; None: none.
         self.stop_requested = lambda: None
-        distributed = comm is not None and not (comm.Get_size() == 1 and run.layout == Layout())
+        distributed = comm is not None and not (comm.Get_size() == 1 and run.layout.sizes == Layout())
         try:
             self._start(resume, restart, comm, distributed)
         except BaseException:

@@ -22,6 +22,7 @@ from test_context_parallel import cp_loss_and_grads
 from test_user_errors import render
 
 from trinity.cli.main import build_parser, main
+from trinity.distributed.options import CHOICES, ParallelOptions
 from trinity.distributed.layout import DIMS, Layout, LayoutError, fitting_layouts
 from trinity.run.run_config import RunConfigError, load_run_config
 from trinity.reference import loss_and_grads, model_forward
@@ -66,7 +67,9 @@ def listed(message: str) -> list[Layout]:
 
 
 # ---- the text form --------------------------------------------------------------------------------------------
-layouts = st.builds(Layout, *[st.integers(1, 64)] * 4)
+options = st.builds(ParallelOptions, **{name: st.sampled_from(values) for name, values in CHOICES.items()},
+                    keep_gathered_gib=st.sampled_from([0.0, 0.5, 2.0, 1e3]), async_reduce=st.booleans())
+layouts = st.builds(Layout, *[st.integers(1, 64)] * 4, options=st.one_of(st.just(ParallelOptions()), options))
 
 
 @given(layouts)
@@ -81,7 +84,25 @@ def test_parse_takes_any_order_spaces_and_explicit_ones(layout, order, spaces, e
     pad = iter(spaces)
     parts = [f"{next(pad)}{name}{next(pad)}={next(pad)}{getattr(layout, name)}{next(pad)}" for name in order
              if explicit or getattr(layout, name) != 1]
-    assert Layout.parse(",".join(parts) or "single") == layout
+    assert Layout.parse(",".join(parts) or "single") == layout.sizes
+    options = layout.options.text().split(",") if layout.options.text() else []  # options mixed in anywhere
+    assert Layout.parse(",".join(options[::-1] + parts) or "single") == layout
+
+
+def test_options_in_the_text_and_over_a_run_files():
+    layout = Layout.parse("dp_shard=4,ep=4,keep_gathered=all,reduce_gradients=step")
+    assert layout.options == ParallelOptions(keep_gathered="all", reduce_gradients="step")
+    assert str(layout) == "dp_shard=4,ep=4,keep_gathered=all,reduce_gradients=step" and layout.sizes == Layout(1, 4, 1, 4)
+    base = ParallelOptions(keep_gathered="experts", async_reduce=True)
+    over = Layout.parse("cp=2,keep_gathered=none", options=base)  # --mesh over a run file's options
+    assert over.options == ParallelOptions(keep_gathered="none", async_reduce=True) and over.cp == 2
+    assert Layout.parse("single,keep_gathered_gib=2.5").options.keep_gathered_gib == 2.5
+    for text, bad in (("dp_shard=2,keep_gathered=some", "keep_gathered = 'some'"),
+                      ("dp_shard=2,async_reduce=yes", "async_reduce=yes"),
+                      ("dp_shard=2,keep_gathered_gib=-1", "keep_gathered_gib"),
+                      ("dp_shard=2,muon_owners=local,muon_owners=local", "given twice")):
+        with pytest.raises(LayoutError, match=re.escape(bad)):
+            Layout.parse(text)
 
 
 def test_text_form_examples():
@@ -285,7 +306,16 @@ def test_parallel_section_unknown_key(tmp_path):
     with pytest.raises(RunConfigError) as e:
         load(tmp_path, extra={"parallel": ["tp = 2"]})
     assert str(e.value) == ("[parallel] unknown key(s): tp; expected dp_replicate, dp_shard, cp, ep, checksums, "
-                            "watchdog_seconds")
+                            "watchdog_seconds, keep_gathered, keep_gathered_gib, reshard_after_forward, "
+                            "reduce_gradients, muon_owners, cp_exchange, gather_dtype, reduce_dtype, async_reduce")
+    for line, bad in (('keep_gathered = "some"', "[parallel] keep_gathered = 'some': must be one of"),
+                      ("async_reduce = 1", "[parallel] async_reduce = 1: must be true or false"),
+                      ("keep_gathered_gib = -2", "[parallel] keep_gathered_gib = -2.0: must be a number")):
+        with pytest.raises(RunConfigError) as e:
+            load(tmp_path, extra={"parallel": [line]})
+        assert str(e.value).startswith(bad), str(e.value)
+    loaded = load(tmp_path, extra={"parallel": ['keep_gathered = "experts"', "keep_gathered_gib = 3"]}).layout.options
+    assert (loaded.keep_gathered, loaded.keep_gathered_gib) == ("experts", 3.0)
     (tmp_path / "run.toml").write_text("parallel = 2\n" + render().split("[parallel]")[0])
     with pytest.raises(RunConfigError, match=r"^\[parallel\] must be a table$"):
         load_run_config(tmp_path / "run.toml")

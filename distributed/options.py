@@ -1,0 +1,122 @@
+"""The schedule options of a layout: how the cluster mode moves what a layout shards, not what it shards.
+
+Every option trains the single process's model (float64 rounding apart, as every layout does; the dtype options on
+purpose change the rounding of what they move), and the parallel plan's schedule (schedule.py) is what the step
+calls with it, collective by collective, so the cost model prices exactly what runs. Defaults are today's schedule.
+
+    keep_gathered          "none" | "experts" | "all": the buckets of these kinds stay gathered across the
+                           micro-batches of a step (gathered once per step instead of once or twice per micro-batch),
+                           within `keep_gathered_gib` GiB per rank (0: no limit; buckets kept in gather order until
+                           the budget is spent); dropped before the update
+    reshard_after_forward  "all" | "dense" | "experts" | "none": the bucket kinds released after their forward
+                           (ZeRO-3-like); the others stay gathered until their backward (ZeRO-2-like: one gather
+                           per micro-batch instead of two)
+    reduce_gradients       "micro_batch" | "step": gradients reduce-scattered per micro-batch, or accumulated whole
+                           on each rank and reduce-scattered once per step (ZeRO-1/2-like gradient keeping)
+    muon_owners            "balanced" | "local": distributed Muon's owner of each matrix balances the work over the
+                           group, or is chosen among the ranks that already hold part of it (less traffic; the
+                           balance is stated by the plan)
+    cp_exchange            "all" | "read": context-parallel global layers gather every chunk, or only the chunks a
+                           rank's queries read (causal: a rank never reads chunks after its last one)
+    gather_dtype           "param" | "float32" | "bfloat16": the dtype parameters are gathered in
+    reduce_dtype           "param" | "float32" | "bfloat16": the dtype gradients are reduced in
+    async_reduce           false | true: gradient reduce-scatters posted as the backward hands them back and waited
+                           for at the end of the micro-batch (non-blocking) instead of at once
+
+They are written in a layout's text after its sizes ("dp_shard=4,ep=4,keep_gathered=all,reduce_gradients=step";
+layout.py), and in the run file's [parallel] section as keys of their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+__all__ = ["ParallelOptions", "OPTION_NAMES", "NOT_YET_RUN", "OptionError", "option_value"]
+
+CHOICES = {
+    "keep_gathered": ("none", "experts", "all"),
+    "reshard_after_forward": ("all", "dense", "experts", "none"),
+    "reduce_gradients": ("micro_batch", "step"),
+    "muon_owners": ("balanced", "local"),
+    "cp_exchange": ("all", "read"),
+    "gather_dtype": ("param", "float32", "bfloat16"),
+    "reduce_dtype": ("param", "float32", "bfloat16"),
+}
+
+
+class OptionError(ValueError):
+    """A schedule option that cannot be used; the message is one line naming it."""
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """The schedule options (module docstring); the defaults are the schedule without options."""
+    keep_gathered: str = "none"
+    keep_gathered_gib: float = 0.0
+    reshard_after_forward: str = "all"
+    reduce_gradients: str = "micro_batch"
+    muon_owners: str = "balanced"
+    cp_exchange: str = "all"
+    gather_dtype: str = "param"
+    reduce_dtype: str = "param"
+    async_reduce: bool = False
+
+    def __post_init__(self):
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise OptionError(f"{name} = {getattr(self, name)!r}: must be one of {', '.join(choices)}")
+        budget = self.keep_gathered_gib
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) \
+                or budget < 0:
+            raise OptionError(f"keep_gathered_gib = {budget!r}: must be a number of GiB >= 0 (0: no limit)")
+        if not isinstance(self.async_reduce, bool):
+            raise OptionError(f"async_reduce = {self.async_reduce!r}: must be true or false")
+
+    def changed(self) -> dict:
+        """{name: value} of the options that differ from the defaults, in field order."""
+        default = ParallelOptions()
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != getattr(default, f.name)}
+
+    def text(self) -> str:
+        """The non-default options as "name=value" pairs joined by commas ("" when all are defaults)."""
+        return ",".join(f"{k}={_show(v)}" for k, v in self.changed().items())
+
+    def keeps(self, kind: str) -> bool:
+        """Whether buckets of `kind` ("dense" or "experts") stay gathered across a step's micro-batches."""
+        return self.keep_gathered == "all" or self.keep_gathered == kind
+
+    def reshards(self, kind: str) -> bool:
+        """Whether buckets of `kind` ("dense" or "experts") are released after their forward."""
+        return self.reshard_after_forward == "all" or self.reshard_after_forward == kind
+
+
+OPTION_NAMES = tuple(f.name for f in fields(ParallelOptions))
+# Options written and checked but not yet run by the cluster mode: a layout that sets one is refused (Layout.check)
+# instead of silently running the default schedule. Each leaves this set with the code that runs it.
+NOT_YET_RUN = {"keep_gathered", "keep_gathered_gib", "reshard_after_forward", "reduce_gradients", "muon_owners",
+               "cp_exchange", "gather_dtype", "reduce_dtype", "async_reduce"}
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def option_value(name: str, text: str):
+    """The value of option `name` written as `text` in a layout's text ("all", "2.5", "true"). OptionError names
+    the option when the text is no value of it."""
+    kind = {f.name: f.type for f in fields(ParallelOptions)}[name]
+    if kind in ("bool", bool):
+        if text not in ("true", "false"):
+            raise OptionError(f"{name}={text}: must be true or false")
+        return text == "true"
+    if kind in ("float", float):
+        try:
+            return float(text)
+        except ValueError:
+            raise OptionError(f"{name}={text}: must be a number") from None
+    return text
