@@ -2,8 +2,12 @@
 cost model (trinity.simulate.planning.cost_model) and ranked by throughput among those that fit in memory.
 
 Lists the top layouts (dp_replicate, dp_shard, ep, cp, micro-batch, recompute) with their step time, tokens/s per
-GPU, MFU, memory per GPU, the phase that bounds the step and the days the token budget takes, then explains why the
-best one wins. --png draws the ranked layouts' step time by phase. The batch schedule is --batch: sequences per
+GPU, MFU, memory per GPU, the phase that bounds the step and the days the token budget takes, tokens/s and days each
+as a point and a range over the stated assumptions (efficiencies, link efficiency, overlap on/off, the router's
+imbalance: trinity.simulate.planning.ranges), then states the best answer's range and the assumption it is most
+sensitive to, marks what it rests on that no published run validates (a GPU without a validated run, an unfitted
+assumption, the network being the bottleneck), compares it with a published run of the same job where the run
+catalogue has one, and explains why the best one wins. --png draws the ranked layouts' step time by phase. The batch schedule is --batch: sequences per
 step, a later size after a token count (default "12288,16384@4.9e12": Trinity Large's published schedule, 12,288
 sequences raised to 16,384 after 4.9T tokens). --max-vio sets the busiest expert-parallel rank's load over the
 mean minus one (a what-if for the router's imbalance; default 0: balanced); --routing takes it, per ep, from the
@@ -98,7 +102,8 @@ def run(args) -> int:
     import dataclasses
 
     from trinity.simulate.planning.hardware import get_hardware
-    from trinity.simulate.planning.planner import SearchTooLarge, check_size, explain, search
+    from trinity.simulate.planning.planner import (SearchTooLarge, add_ranges, check_size, explain, fastest_with,
+                                                   search)
 
     if args.routing and not os.path.isfile(args.routing):  # a FIFO or a device would block the read
         raise CLIError(f"--routing {args.routing}: " + ("is not a regular file" if os.path.exists(args.routing)
@@ -142,11 +147,16 @@ def run(args) -> int:
     if plan.considered == 0:
         raise CLIError(f"no layout of {args.gpus:,} GPUs runs this job" + (f" with --fix {args.fix}" if fixed else "")
                        + " (the layout rules: docs/distributed.md)")
+    published = published_run(args)
+    also = [c for c in [fastest_with(plan, dict(published.fixed))] if c is not None] if published else []
+    add_ranges(plan, config, hw, seq_len=args.seq_len, top=args.top, also=also)
     schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {_tokens(t)}" if t else "")
                               for t, s in batches)
     print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {_tokens(args.tokens)} tokens, "
           f"batch {schedule}; {plan.considered} choices, {len(plan.ranked)} fit in memory")
     print(table(plan, args.gpus, args.top))
+    for line in answer_lines(plan, args, hw, published):
+        print(line)
     for line in explain(plan, hw):
         print("- " + line)
     if args.png:
@@ -165,6 +175,47 @@ def run(args) -> int:
     return 0 if plan.best else 1
 
 
+def published_run(args):
+    """The in-scope published run of this job in the run catalogue (the same preset, GPU, GPU count and token
+    budget), or None."""
+    from trinity.simulate.planning.published import in_scope
+
+    gpu = args.gpu.lower().removesuffix("-sxm")
+    return next((r for r in in_scope() if r.preset == args.model and r.gpus == args.gpus and r.gpu == gpu
+                 and r.days is not None and r.tokens == args.tokens), None)
+
+
+def answer_lines(plan, args, hw, published=None) -> list[str]:
+    """The best answer as a range, its most sensitive assumption, what it rests on unvalidated, and the published
+    run of the same job where the catalogue has one."""
+    from trinity.simulate.planning.planner import caveats, fastest_with
+
+    best = plan.best
+    if best is None or best.days_range is None:
+        return []
+    r, t = best.days_range, best.tps_range
+    lines = [f"answer: {r.point:.3g} days, range {r.low:.3g} to {r.high:.3g} days ({t.low:,.0f} to {t.high:,.0f} "
+             f"tokens/s per GPU at the first batch); most sensitive to {r.most_sensitive} "
+             f"({min(r.swings[r.most_sensitive]):.3g} to {max(r.swings[r.most_sensitive]):.3g} days across its range)"]
+    for line in caveats(plan, hw, args.gpu.lower().removesuffix("-sxm")):
+        lines.append("! unvalidated: " + line)
+    if published is not None:
+        fixed = ",".join(f"{k}={v}" for k, v in published.fixed.items())
+        same = fastest_with(plan, dict(published.fixed))
+        line = f"published: {published.name} took {published.days:g} days ({published.source}, {fixed or 'its layout'})"
+        if same is not None and same.days_range is not None:
+            q = same.days_range
+            line += (f"; the fastest {fixed} choice here ({same.first.layout}, micro-batch "
+                     f"{same.first.micro_batch_size}, recompute {'on' if same.first.recompute else 'off'}) predicts "
+                     f"{q.point:.3g} days, range {q.low:.3g} to {q.high:.3g}: the published {published.days:g} days are "
+                     f"{'inside' if q.holds(published.days) else 'outside'} it (predicted/published "
+                     f"{q.point / published.days:.2f})")
+        line += (f"; the best choice above would take {r.point / published.days:.2f} of the published figure, which "
+                 f"lies {'inside' if r.holds(published.days) else 'outside'} its range")
+        lines.append(line)
+    return lines
+
+
 def _tokens(n: float) -> str:
     """17e12 → "17T", 4.9e12 → "4.9T", 2e9 → "2B", 5e5 → "500K"."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -176,23 +227,34 @@ def _tokens(n: float) -> str:
 def row(cand, gpus: int) -> dict:
     p = cand.first
     L = p.layout
-    return {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "ep": L.ep, "cp": L.cp,
-            "micro_batch": p.micro_batch_size, "recompute": p.recompute, "fits": cand.fits,
-            "step_s": [q.step_seconds for q in cand.predictions], "tokens_per_s_per_gpu": p.tokens_per_s / gpus,
-            "mfu": p.mfu, "memory_gb": cand.peak_memory / 1e9, "days": cand.days, "bound": p.bound,
-            "phases_s": p.phases, "memory_bytes": p.memory}
+    out = {"dp_replicate": L.dp_replicate, "dp_shard": L.dp_shard, "ep": L.ep, "cp": L.cp,
+           "micro_batch": p.micro_batch_size, "recompute": p.recompute, "fits": cand.fits,
+           "step_s": [q.step_seconds for q in cand.predictions], "tokens_per_s_per_gpu": p.tokens_per_s / gpus,
+           "mfu": p.mfu, "memory_gb": cand.peak_memory / 1e9, "days": cand.days, "bound": p.bound,
+           "phases_s": p.phases, "memory_bytes": p.memory}
+    if cand.days_range is not None:
+        out["days_range"] = [cand.days_range.low, cand.days_range.high]
+        out["tokens_per_s_per_gpu_range"] = [cand.tps_range.low, cand.tps_range.high]
+        out["most_sensitive"] = cand.days_range.most_sensitive
+        out["days_swings"] = cand.days_range.swings
+    return out
 
 
 def table(plan, gpus: int, top: int) -> str:
     head = (f"{'#':>3} {'dp_rep':>6} {'dp_shard':>8} {'ep':>4} {'cp':>3} {'micro':>5} {'recomp':>6} {'step s':>8} "
-            f"{'tok/s/GPU':>9} {'MFU':>5} {'mem GB':>8} {'days':>8}  bound by")
+            f"{'tok/s/GPU (range)':>23} {'MFU':>5} {'mem GB':>8} {'days (range)':>21}  bound by; most sensitive to")
     lines = [head]
     for i, cand in enumerate(plan.ranked[:top], 1):
         r = row(cand, gpus)
+        tps, days, sens = f"{r['tokens_per_s_per_gpu']:,.0f}", f"{r['days']:.3g}", ""
+        if "days_range" in r:
+            lo, hi = r["tokens_per_s_per_gpu_range"]
+            tps += f" ({lo:,.0f}-{hi:,.0f})"
+            days += f" ({r['days_range'][0]:.3g}-{r['days_range'][1]:.3g})"
+            sens = "; " + r["most_sensitive"]
         lines.append(f"{i:>3} {r['dp_replicate']:>6} {r['dp_shard']:>8} {r['ep']:>4} {r['cp']:>3} "
                      f"{r['micro_batch']:>5} {'yes' if r['recompute'] else 'no':>6} {r['step_s'][0]:>8.3g} "
-                     f"{r['tokens_per_s_per_gpu']:>9,.0f} {r['mfu']:>5.1%} {r['memory_gb']:>8.4g} "
-                     f"{r['days']:>8.3g}  {r['bound']}")
+                     f"{tps:>23} {r['mfu']:>5.1%} {r['memory_gb']:>8.4g} {days:>21}  {r['bound']}{sens}")
     return "\n".join(lines)
 
 

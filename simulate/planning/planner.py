@@ -4,6 +4,7 @@ without activation recompute, predicted by the cost model; those that fit in mem
     plan = search(Config.preset("trinity-large"), gpus=2048, hardware=get_hardware("b300"), seq_len=8192,
                   batches=[(0, 12288), (4.9e12, 16384)], tokens=17e12)
     plan.best, plan.ranked[:10], plan.days
+    add_ranges(plan, config, hardware, seq_len=8192, top=10)  # days and tokens/s as ranges (ranges.py)
 
 Layouts are those of trinity.distributed.layout.fitting_layouts (the same rules `trinity train` checks: the world
 size, ep dividing dp_shard·cp and the experts, the batch dividing into dp·micro-batch, cp chunks holding a sliding
@@ -29,9 +30,9 @@ from trinity.distributed.layout import DIMS, Layout
 from .cost_model import Prediction, predict
 from .limits import MAX_EXAMINED, MAX_GPUS, MAX_PREDICTIONS, MAX_SEQ_LEN, MAX_SEQUENCES
 
-__all__ = ["Candidate", "Plan", "search", "explain", "layouts_to_plan", "SearchTooLarge", "MAX_GPUS", "MAX_SEQ_LEN",
-           "MAX_SEQUENCES", "MAX_EXAMINED", "MAX_PREDICTIONS"]
-
+__all__ = ["Candidate", "Plan", "search", "explain", "layouts_to_plan", "SearchTooLarge", "add_ranges", "caveats",
+           "fastest_with",
+           "MAX_GPUS", "MAX_SEQ_LEN", "MAX_SEQUENCES", "MAX_EXAMINED", "MAX_PREDICTIONS"]
 
 
 class SearchTooLarge(ValueError):
@@ -43,6 +44,9 @@ class Candidate:
     """A layout, micro-batch size and recompute choice, with its prediction at each batch of the schedule."""
     predictions: list  # [Prediction], one per batch of the schedule
     days: float
+    imbalance: float = 1.0
+    days_range: object = None  # ranges.Answer of the days (add_ranges), or None
+    tps_range: object = None  # ranges.Answer of the first batch's tokens/s per GPU
 
     @property
     def first(self) -> Prediction:
@@ -154,7 +158,7 @@ def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float,
                                  recompute=rc, imbalance=imb) for s in sizes]
                 by_size = dict(zip(sizes, preds))
                 days = sum(by_size[s].days(n) for s, n in segments)
-                cand = Candidate(preds, days)
+                cand = Candidate(preds, days, imb)
                 considered += 1
                 (ranked if cand.fits else rejected).append(cand)
     ranked.sort(key=lambda c: c.days)
@@ -188,3 +192,57 @@ def explain(plan: Plan, hardware) -> list[str]:
         lines.append(f"{len(plan.rejected)} choices do not fit in {hardware.hbm_bytes / 1e9:.0f} GB; the leanest of "
                      f"them needs {r.peak_memory / 1e9:.0f} GB per GPU")
     return lines
+
+
+def add_ranges(plan: Plan, config, hardware, *, seq_len: int, top: int = 10, also=()) -> None:
+    """The days and the first batch's tokens/s per GPU of the `top` ranked candidates (and of the candidates in
+    `also`) as ranges over the stated assumptions (ranges.py), with the assumption each is most sensitive to
+    (Candidate.days_range, .tps_range)."""
+    from .ranges import answer_range, days_evaluator, gpu_assumptions, step_evaluator
+
+    segments = _segments(plan.batches, plan.tokens)
+    for cand in [*plan.ranked[:top], *also]:
+        if cand.days_range is not None:
+            continue
+        p = cand.first
+        assumptions = gpu_assumptions(hardware, expert_parallel=p.layout.ep > 1, imbalance=cand.imbalance)
+        kw = dict(seq_len=seq_len, micro_batch_size=p.micro_batch_size, recompute=p.recompute,
+                  imbalance=cand.imbalance)
+        cand.days_range = answer_range(days_evaluator(config, p.layout, hardware, segments=segments, **kw),
+                                       assumptions)
+        tps = step_evaluator(config, p.layout, hardware, sequences=plan.batches[0][1], what="tokens_per_s", **kw)
+        gpus = p.layout.world_size
+        cand.tps_range = answer_range(lambda values: tps(values) / gpus, assumptions)
+
+
+def fastest_with(plan: Plan, fixed: dict) -> Candidate | None:
+    """The fastest fitting candidate whose layout has the sizes in `fixed` (e.g. {"ep": 8})."""
+    return next((c for c in plan.ranked if all(getattr(c.first.layout, k) == v for k, v in fixed.items())), None)
+
+
+def caveats(plan: Plan, hardware, gpu_key: str) -> list[str]:
+    """Why the best plan's answer may not hold: the assumptions it rests on that the published runs do not
+    validate (docs/simulation.md, "Validation on published runs")."""
+    from .published import gpus_with_runs
+    from .ranges import gpu_assumptions
+
+    best = plan.best
+    if best is None:
+        return []
+    out = []
+    if gpu_key not in gpus_with_runs():
+        out.append(f"no published run on {hardware.name} is in the validation set: its efficiencies are those fitted "
+                   f"on H100 runs")
+    if best.days_range is not None:
+        name = best.days_range.most_sensitive
+        validated = {a.name: a.validated for a in gpu_assumptions(hardware, expert_parallel=True,
+                                                                  imbalance=best.imbalance)}
+        if not validated.get(name, False):
+            out.append(f"the answer is most sensitive to {name}, which no calibration run constrains (stated, not "
+                       f"fitted)")
+    p = best.first
+    if p.bound in ("fsdp exposed", "ep/cp exchange", "step collectives") and \
+            p.layout.world_size > hardware.ranks_per_node:
+        out.append(f"the step is bound by communication ({p.bound}) across nodes, i.e. by the network cards: no "
+                   f"calibration run is network-bound, so this rests on the stated network figures")
+    return out

@@ -4,10 +4,12 @@ restates a byte size: what the cost model prices is what the plan says each rank
 equals that schedule collective by collective (tests/test_plan_schedule.py; benchmarks/comm_volume.py prints the
 totals' ratio, 1.000).
 
-A step's collectives are summed per (kind, group, cost phase), the cost phase saying where the step calls them:
-"gather" (FSDP parameter gathers, prefetched), "scatter" (gradient reduce-scatters over fsdp or efsdp), "exchange"
-(every other collective of the forward and backward: expert-parallel and context-parallel exchanges, the balance
-loss's sums, on the critical path), "step" (the step's reductions, the optimizer's exchanges and the stop agreement).
+A step's collectives are summed per (kind, group, rule): the overlap and latency rule of overlap.py for the call's
+kind, group and schedule phase (whether it can hide under the forward's or the backward's compute, or sits on the
+critical path; how many latency steps a call pays), and the step phase it is reported under: "fsdp" (FSDP parameter
+gathers and gradient reduce-scatters, a replica all-reduce bucketed into the backward), "exchange" (every other
+collective of the forward and backward: expert-parallel and context-parallel exchanges, the balance loss's sums),
+"step" (the step's reductions, the optimizer's exchanges and the stop agreement).
 
 Every rank calls the same collectives; only some bytes differ between ranks (distributed Muon's pieces, a cp rank's
 halo neighbours, the routed rows). Without routing counts every replica repeats the first one's bytes (the ranks of
@@ -19,7 +21,6 @@ counts, every rank's bytes are summed.
 from __future__ import annotations
 
 import functools
-import math
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ import numpy as np
 from trinity.distributed.plan import ParallelPlan, bucket_parts, part_group
 from trinity.distributed.schedule import Itemsizes, PerRank, per_rank, step_program
 
+from .overlap import Rule, latency_steps, rule
+
 __all__ = ["Collective", "Itemsizes", "ring_steps", "flat_buckets", "shapes_key", "step_collectives", "analytic",
            "group_sizes", "cost_phase"]
 
@@ -35,8 +38,9 @@ __all__ = ["Collective", "Itemsizes", "ring_steps", "flat_buckets", "shapes_key"
 @dataclass(frozen=True)
 class Collective:
     """One kind of collective of a step: `calls` calls per rank over groups of n ranks; bytes leaving the busiest
-    rank in all of them (`rank_bytes`) and leaving every rank together (`total_bytes`); `phase` the cost phase
-    (module docstring)."""
+    rank in all of them (`rank_bytes`) and leaving every rank together (`total_bytes`); `phase` the step phase it is
+    reported under, `hides_under` the pass whose compute can hide it (None: critical path) and `latency` its latency
+    rule (overlap.Rule)."""
     kind: str
     group: str
     n: int
@@ -44,12 +48,18 @@ class Collective:
     calls: int
     rank_bytes: float
     total_bytes: float
+    hides_under: str | None = None
+    latency: str = "ring"
+
+    @property
+    def latency_steps(self) -> int:
+        """Latency steps of all its calls (overlap.latency_steps per call)."""
+        return self.calls * latency_steps(self.latency, self.n)
 
 
 def ring_steps(kind: str, n: int) -> int:
-    """Latency steps of one call: an all-reduce 2⌈log₂ n⌉ (a tree or recursive doubling, as NCCL and MPICH run the
-    small ones; a large one's time is its bytes), the ring collectives n−1."""
-    return 2 * math.ceil(math.log2(n)) if kind == "Allreduce" else n - 1
+    """Latency steps of one call of `kind` over n ranks in the forward or backward (overlap.py's rule)."""
+    return latency_steps(rule(kind, "", "forward").latency, n)
 
 
 def group_sizes(layout) -> dict:
@@ -71,13 +81,9 @@ def shapes_key(shapes) -> tuple:
     return tuple(tuple(int(x) for x in s) for s in shapes)
 
 
-def cost_phase(call) -> str:
-    """The cost phase of a scheduled call (module docstring)."""
-    if call.kind == "Iallgather":
-        return "gather"
-    if call.kind == "Reduce_scatter_block" and call.group in ("fsdp", "efsdp"):
-        return "scatter"
-    return "exchange" if call.phase in ("forward", "backward") else "step"
+def cost_phase(call, layout=None) -> Rule:
+    """The overlap and latency rule of a scheduled call (overlap.rule)."""
+    return rule(call.kind, call.group, call.phase, layout)
 
 
 def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, recompute=False, doc_ids=True,
@@ -89,10 +95,10 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
     program = step_program(plan, S, T, mbs, items, recompute, doc_ids, counts, checksums=checksums, control=control)
     W = layout.world_size
     count = W if counts is not None else layout.dp_shard * layout.cp  # the ranks whose bytes stand for all
-    acc: dict = {}  # key → [calls per rank, bytes on every rank, {id: (PerRank, times)}]
+    acc: dict = {}  # (kind, group, rule) → [calls per rank, bytes on every rank, {id: (PerRank, times)}]
     for calls, times in program.blocks:
         for call in calls:
-            entry = acc.setdefault((call.kind, call.group, cost_phase(call)), [0, 0, {}])
+            entry = acc.setdefault((call.kind, call.group, cost_phase(call, layout)), [0, 0, {}])
             entry[0] += times
             if isinstance(call.nbytes, PerRank):
                 key = id(call.nbytes.values)  # equal buckets share their cached arrays: summed once
@@ -100,7 +106,7 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
             else:
                 entry[1] += times * call.nbytes
     out = []
-    for (kind, group, phase), (calls, same, varying) in acc.items():
+    for (kind, group, how), (calls, same, varying) in acc.items():
         if varying:
             sent = same + sum(times * per_rank(plan, nbytes, count) for nbytes, times in varying.values())
             busiest, total = np.max(sent).item(), np.sum(sent).item() * (W // count)
@@ -108,7 +114,8 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
             busiest, total = same, same * W
         if counts is None and (kind, group) == ("Alltoallv", "ep"):
             busiest *= imbalance
-        out.append(Collective(kind, group, plan.group_size[group], phase, calls, busiest, total))
+        out.append(Collective(kind, group, plan.group_size[group], how.phase, calls, busiest, total, how.hides_under,
+                              how.latency))
     return out
 
 
