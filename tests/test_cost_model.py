@@ -150,3 +150,68 @@ def test_the_busiest_rank_factor_lies_between_balance_and_one_rank_taking_all(ep
         blocks = [sum(counts[i:i + 8 // ep]) for i in range(0, 8, 8 // ep)]
         assert f == pytest.approx(max(blocks) / (sum(blocks) / ep))
     assert busiest_rank_factor([{"1": [5] * 8}], ep) == pytest.approx(1.0)
+
+
+# ---- overlap and latency, per collective (simulate/planning/overlap.py) ------------------------------------------
+def test_each_collective_states_what_it_hides_under():
+    from trinity.simulate.planning.overlap import rule
+    blocking, posted = Layout.parse("dp_shard=4"), Layout.parse("dp_shard=4,async_reduce=true")
+    assert rule("Iallgather", "fsdp", "forward").hides_under == "forward"
+    assert rule("Iallgather", "efsdp", "backward").hides_under == "backward"
+    assert rule("Reduce_scatter_block", "fsdp", "backward", blocking).hides_under is None  # the step waits
+    assert rule("Reduce_scatter_block", "efsdp", "backward", posted).hides_under == "backward"
+    assert rule("Allreduce", "dp_replicate", "reductions").hides_under is None  # once per step, after the backward
+    assert rule("Allreduce", "dp_replicate", "backward").hides_under == "backward"  # bucketed into the backward
+    for kind, group, phase in (("Alltoallv", "ep", "forward"), ("Alltoall", "ep", "forward"),
+                               ("Alltoallv", "ep", "backward"), ("Allgather", "cp", "forward"),
+                               ("Reduce_scatter_block", "cp", "backward"), ("Alltoallv", "cp", "forward"),
+                               ("Alltoallv", "fsdp", "optimizer"), ("Allreduce", "world", "control")):
+        assert rule(kind, group, phase).hides_under is None, (kind, group, phase)
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 64, 1000])
+def test_latency_steps_per_collective(n):
+    """A ring pays n−1 steps, a tree 2⌈log₂n⌉, Bruck's all-to-all ⌈log₂n⌉, an Alltoallv one (its messages to every
+    peer posted at once), not n−1 in sequence."""
+    from trinity.simulate.planning.overlap import latency_steps, rule
+    assert latency_steps(rule("Iallgather", "fsdp", "forward").latency, n) == n - 1
+    assert latency_steps(rule("Allreduce", "world", "reductions").latency, n) == 2 * math.ceil(math.log2(n))
+    assert latency_steps(rule("Alltoall", "ep", "forward").latency, n) == math.ceil(math.log2(n))
+    assert latency_steps(rule("Alltoallv", "ep", "forward").latency, n) == 1
+    assert latency_steps("direct", 1) == 0
+
+
+def test_an_expert_all_to_all_pays_one_latency_per_call_at_any_group_size():
+    config = Config.preset("bench-medium")
+    for ep in (2, 4, 8, 16):
+        cols = [c for c in step_collectives(config, Layout.parse(f"dp_shard=16,ep={ep}"), 16, 256, 1, Itemsizes.of(2))
+                if (c.kind, c.group) == ("Alltoallv", "ep")]
+        assert len(cols) == 1 and cols[0].latency_steps == cols[0].calls
+
+
+def test_a_reduce_scatter_posted_early_hides_under_the_backward():
+    """The same step with the reduce-scatters posted non-blocking (async_reduce) is never slower, and faster when
+    they exceed nothing else; nothing changes on the host, where nothing overlaps."""
+    config, hw = Config.preset("bench-medium"), get_hardware("h100")
+    kw = dict(seq_len=1024, sequences=64, micro_batch_size=2)
+    blocking = predict(config, Layout.parse("dp_shard=8"), hw, **kw)
+    posted = predict(config, Layout.parse("dp_shard=8,async_reduce=true"), hw, **kw)
+    assert posted.step_seconds < blocking.step_seconds
+    assert posted.detail["hidable"]["backward"] > blocking.detail["hidable"]["backward"]
+    assert predict(config, Layout.parse("dp_shard=8"), hw, overlap=False, **kw).step_seconds == pytest.approx(
+        predict(config, Layout.parse("dp_shard=8,async_reduce=true"), hw, overlap=False, **kw).step_seconds)
+
+
+def test_a_ring_across_nodes_uses_every_card_of_the_node():
+    """An fsdp group of 16 ranks on two nodes of 8 moves its ring's bytes at min(NVLink, 8 × the card); an ep
+    all-to-all of 16 sends the 8 of 15 peers' share off the node through the rank's own card."""
+    from trinity.simulate.planning.cost_model import _collective_seconds, link_shape
+    from trinity.simulate.planning.traffic_model import Collective
+    hw = get_hardware("h100")
+    layout = Layout.parse("dp_shard=16,ep=16")
+    assert link_shape(layout, "fsdp", 8) == (8, 2) and link_shape(layout, "fsdp", 16) == (16, 1)
+    nvlink, network = hw.link("intra-node")[0], hw.link("inter-node")[0]
+    gather = Collective("Iallgather", "fsdp", 16, "fsdp", 0, 1e9, 1.6e10, "forward", "ring")
+    assert _collective_seconds(gather, layout, hw) == pytest.approx(1e9 / min(nvlink, 8 * network))
+    rows = Collective("Alltoallv", "ep", 16, "exchange", 0, 1e9, 1.6e10, None, "direct")
+    assert _collective_seconds(rows, layout, hw) == pytest.approx(max(1e9 * 7 / 15 / nvlink, 1e9 * 8 / 15 / network))
