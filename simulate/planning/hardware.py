@@ -13,11 +13,12 @@ Published (NVIDIA data sheets and product pages; dense = without the 2:4 sparsit
     B200       2.25 PFLOP/s   180 GB   8 TB/s          1.8 TB/s          400 Gb/s (ConnectX-7)
     B300       2.25 PFLOP/s   288 GB   8 TB/s          1.8 TB/s          800 Gb/s (ConnectX-8)
 
-Assumed (this project's, not published; the same for every GPU unless stated): large bf16 matrix products reach
-`gemm_efficiency` = 0.70 of the dense peak, attention kernels (flash-style, causal) `attention_efficiency` = 0.45,
-memory-bound operators `memory_efficiency` = 0.75 of the HBM bandwidth, collectives `link_efficiency` = 0.80 of a
-link's bandwidth, with a latency of 5 µs per step of a ring within a node and 15 µs across nodes, and 8 GPUs per
-node.
+Fitted and assumed (this project's, not published; the same for every GPU unless stated): bf16 matrix products reach
+`gemm_efficiency` = 0.52 of the dense peak and attention kernels (flash-style, causal) `attention_efficiency` = 0.18,
+both fitted on the calibration half of the published runs (FITTED; docs/simulation.md, "Validation on published
+runs"); collectives `link_efficiency` = 0.80 of a link's bandwidth (a stated prior the calibration runs do not
+constrain, VALIDATED), memory-bound operators `memory_efficiency` = 0.75 of the HBM bandwidth (stated), a latency
+of 5 µs per step within a node and 15 µs across nodes, and 8 GPUs per node. ranges.py gives each its range.
 """
 
 from __future__ import annotations

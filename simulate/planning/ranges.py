@@ -75,9 +75,10 @@ def gpu_assumptions(hw, *, expert_parallel: bool = False, imbalance: float = 1.0
     out = []
     for name, (down, up, cap) in SPANS.items():
         p = getattr(hw, name)
-        out.append(Assumption(name, p, min(cap, max(p, p * up)), p * down, VALIDATED.get(name, False),
-                              f"fitted on the calibration runs ({FITTED.get(name, p):.2f})" if name in FITTED
-                              else "stated"))
+        validated = VALIDATED.get(name, False)
+        why = (f"fitted on the calibration runs ({FITTED[name]:.2f})" if validated else
+               "the stated prior: the calibration runs do not constrain it") if name in FITTED else "stated"
+        out.append(Assumption(name, p, min(cap, max(p, p * up)), p * down, validated, why))
     out.insert(2, Assumption("memory_efficiency", hw.memory_efficiency, 0.90, 0.60, VALIDATED.get(
         "memory_efficiency", False), "stated"))
     out.append(Assumption("overlap", 1.0, 1.0, 0.0, VALIDATED.get("overlap", False),
