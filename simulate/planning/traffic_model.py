@@ -89,7 +89,7 @@ def cost_phase(call, layout=None) -> Rule:
 def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, recompute=False, doc_ids=True,
                      imbalance=1.0, *, checksums=False, control=True) -> list[Collective]:
     """Every collective of one step (the plan's schedule, trinity.distributed.schedule), summed per (kind, group,
-    cost phase) over ranks. counts[rank][mb][layer] = the rank's routing counts [E] (under ep > 1); without them the
+    overlap rule) over ranks. counts[rank][mb][layer] = the rank's routing counts [E] (under ep > 1); without them the
     rows spread evenly and the busiest rank sends `imbalance` × the mean."""
     plan = ParallelPlan(config, layout)
     program = step_program(plan, S, T, mbs, items, recompute, doc_ids, counts, checksums=checksums, control=control)
