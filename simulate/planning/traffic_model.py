@@ -96,9 +96,13 @@ def step_collectives(config, layout, S, T, mbs, items: Itemsizes, counts=None, r
     W = layout.world_size
     count = W if counts is not None else layout.dp_shard * layout.cp  # the ranks whose bytes stand for all
     acc: dict = {}  # (kind, group, rule) → [calls per rank, bytes on every rank, {id: (PerRank, times)}]
+    rules: dict = {}
     for calls, times in program.blocks:
         for call in calls:
-            entry = acc.setdefault((call.kind, call.group, cost_phase(call, layout)), [0, 0, {}])
+            how = rules.get((call.kind, call.group, call.phase))
+            if how is None:
+                how = rules[(call.kind, call.group, call.phase)] = cost_phase(call, layout)
+            entry = acc.setdefault((call.kind, call.group, how), [0, 0, {}])
             entry[0] += times
             if isinstance(call.nbytes, PerRank):
                 key = id(call.nbytes.values)  # equal buckets share their cached arrays: summed once
