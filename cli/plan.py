@@ -188,6 +188,7 @@ def published_run(args):
 def answer_lines(plan, args, hw, published=None) -> list[str]:
     """The best answer as a range, its most sensitive assumption, what it rests on unvalidated, and the published
     run of the same job where the catalogue has one."""
+    from trinity.simulate.planning.hardware import VALIDATED
     from trinity.simulate.planning.planner import caveats, fastest_with
 
     best = plan.best
@@ -209,7 +210,8 @@ def answer_lines(plan, args, hw, published=None) -> list[str]:
                      f"{same.first.micro_batch_size}, recompute {'on' if same.first.recompute else 'off'}) predicts "
                      f"{q.point:.3g} days, range {q.low:.3g} to {q.high:.3g}: the published {published.days:g} days are "
                      f"{'inside' if q.holds(published.days) else 'outside'} it (predicted/published "
-                     f"{q.point / published.days:.2f})")
+                     f"{q.point / published.days:.2f}; most sensitive to {q.most_sensitive}"
+                     f"{'' if VALIDATED.get(q.most_sensitive, False) else ', not validated'})")
         line += (f"; the best choice above would take {r.point / published.days:.2f} of the published figure, which "
                  f"lies {'inside' if r.holds(published.days) else 'outside'} its range")
         lines.append(line)
@@ -241,6 +243,8 @@ def row(cand, gpus: int) -> dict:
 
 
 def table(plan, gpus: int, top: int) -> str:
+    from trinity.simulate.planning.hardware import VALIDATED
+
     head = (f"{'#':>3} {'dp_rep':>6} {'dp_shard':>8} {'ep':>4} {'cp':>3} {'micro':>5} {'recomp':>6} {'step s':>8} "
             f"{'tok/s/GPU (range)':>23} {'MFU':>5} {'mem GB':>8} {'days (range)':>21}  bound by; most sensitive to")
     lines = [head]
@@ -251,10 +255,12 @@ def table(plan, gpus: int, top: int) -> str:
             lo, hi = r["tokens_per_s_per_gpu_range"]
             tps += f" ({lo:,.0f}-{hi:,.0f})"
             days += f" ({r['days_range'][0]:.3g}-{r['days_range'][1]:.3g})"
-            sens = "; " + r["most_sensitive"]
+            sens = "; " + r["most_sensitive"] + ("" if VALIDATED.get(r["most_sensitive"], False) else "*")
         lines.append(f"{i:>3} {r['dp_replicate']:>6} {r['dp_shard']:>8} {r['ep']:>4} {r['cp']:>3} "
                      f"{r['micro_batch']:>5} {'yes' if r['recompute'] else 'no':>6} {r['step_s'][0]:>8.3g} "
                      f"{tps:>23} {r['mfu']:>5.1%} {r['memory_gb']:>8.4g} {days:>21}  {r['bound']}{sens}")
+    if any(line.endswith("*") for line in lines):
+        lines.append("  * an assumption no published run validates (docs/simulation.md, \"Answers as ranges\")")
     return "\n".join(lines)
 
 
