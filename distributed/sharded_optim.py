@@ -90,7 +90,7 @@ def _orthogonalise(mesh, bucket, U_shard, config, kernels):
     """Newton–Schulz of every matrix of the bucket, each on its owner; returns (O on this rank's shard, Σ‖O‖² of the
     matrices this rank owns, as (matrix shape, ‖O‖²) pairs)."""
     n, me = bucket.n, bucket.index
-    matrices = matrix_owners(bucket, n, mesh.layout.options.muon_owners)
+    matrices = mesh.plan.muon_owners(bucket)  # by the layout's muon_owners
     spans = [bucket.span(r) for r in range(n)]
     my_lo = spans[me][0]
 

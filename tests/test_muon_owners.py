@@ -249,3 +249,20 @@ def test_items_of_the_muon_exchange_are_the_reduce_itemsize():
     one = [s.bytes for s in step_schedule(plan, 1, 4, 16, 1, Itemsizes(2, 4, 2)) if s.phase == "optimizer"]
     two = [s.bytes for s in step_schedule(plan, 1, 4, 16, 1, Itemsizes(2, 8, 2)) if s.phase == "optimizer"]
     assert [2 * x for x in one[:-1]] == two[:-1] and any(one[:-1])
+
+
+def test_the_benchmark_runs_and_traces_the_scheduled_muon_bytes():
+    """benchmarks/muon_owners.py (docs/performance.md) on tiny: the traced Muon exchanges are the schedule's, and local
+    owners move fewer bytes."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "muon_owners.py"), "--preset", "tiny",
+                        "--layouts", "dp_shard=4;dp_shard=2,ep=2", "--seq-len", "128", "--trace", "--json"],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "NUMBA_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    for row in json.loads(r.stdout):
+        assert row["balanced"]["trace_is_schedule"] and row["local"]["trace_is_schedule"]
+        assert 0 < row["local"]["muon_bytes"] < row["balanced"]["muon_bytes"]
