@@ -13,9 +13,10 @@ calls with it, collective by collective, so the cost model prices exactly what r
                            per micro-batch instead of two)
     reduce_gradients       "micro_batch" | "step": gradients reduce-scattered per micro-batch, or accumulated whole
                            on each rank and reduce-scattered once per step (ZeRO-1/2-like gradient keeping)
-    muon_owners            "balanced" | "local": distributed Muon's owner of each matrix balances the work over the
-                           group, or is chosen among the ranks that already hold part of it (less traffic; the
-                           balance is stated by the plan)
+    muon_owners            "balanced" | "local": distributed Muon's owner of each matrix balances the Newton–Schulz
+                           work over the group, or is the rank holding the largest part of it (ties: the least
+                           loaded), so only the parts outside its shard travel; the same update either way, the
+                           balance stated by the plan (ParallelPlan.muon_balance, plan.owners_of)
     cp_exchange            "all" | "read": context-parallel global layers gather every chunk, or only the chunks a
                            rank's queries read (causal: a rank never reads chunks after its last one)
     gather_dtype           "param" | "float32" | "bfloat16": the dtype parameters are gathered in
@@ -94,8 +95,8 @@ class ParallelOptions:
 OPTION_NAMES = tuple(f.name for f in fields(ParallelOptions))
 # Options written and checked but not yet run by the cluster mode: a layout that sets one is refused (Layout.check)
 # instead of silently running the default schedule. Each leaves this set with the code that runs it.
-NOT_YET_RUN = {"keep_gathered", "keep_gathered_gib", "reshard_after_forward", "reduce_gradients", "muon_owners",
-               "cp_exchange", "gather_dtype", "reduce_dtype", "async_reduce"}
+NOT_YET_RUN = {"keep_gathered", "keep_gathered_gib", "reshard_after_forward", "reduce_gradients", "cp_exchange",
+               "gather_dtype", "reduce_dtype", "async_reduce"}
 
 
 def _show(value) -> str:

@@ -29,7 +29,11 @@ where its shard meets the key, as a flat range [lo, hi) of the key's whole (sing
 fresh init, Hugging Face reads, checkpoint reads and exports all work span by span. expert_bias is replicated.
 
 Muon: every matrix of a Muon bucket (each routed expert's too) has one owner in the bucket's group, which
-orthogonalises it (`muon_owners`).
+orthogonalises it; the pieces other ranks hold travel to it and back (`owners_of`, by the layout's option
+muon_owners): "balanced" evens the Newton–Schulz work over the group, moving most of each bucket; "local" gives each
+matrix to the rank holding the largest part of it, so only the parts outside that rank's shard move, and the work
+follows the shards. `ParallelPlan.muon_balance` states the result: max / mean of the owned elements and of the work
+over a replica's ranks, and the fraction of the Muon elements that travel (docs/distributed.md gives bench-medium's).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from trinity.reference.training.optim import param_group
 from .layout import Layout
 
 __all__ = ["GROUPS", "Coords", "FlatBucket", "Span", "ParallelPlan", "bucket_parts", "part_group", "chunk_positions",
-           "owners_of", "is_routed_expert", "SHARD_PREFIX", "expert_range", "GROUPS"]
+           "owners_of", "OWNER_RULES", "ns_work", "shapes_key", "is_routed_expert", "SHARD_PREFIX", "expert_range"]
 
 SHARD_PREFIX = "shard:"
 
@@ -195,25 +199,99 @@ def chunk_positions(chunk: int, cp: int, seq_len: int) -> np.ndarray:
     return np.concatenate([np.arange(r * c, (r + 1) * c), np.arange((2 * cp - 1 - r) * c, (2 * cp - r) * c)])
 
 
-@functools.lru_cache(maxsize=4096)
-def owners_of(shapes: tuple, group_size: int) -> tuple:
-    """((flat start, flat end, owner rank, 2-D shape), …) of every matrix of a Muon bucket whose tensors of `shapes`
-    (a tuple of tuples) lie end to end from 0, in flat order; a stacked tensor [E, out, in] is E matrices. Owners:
-    the largest matrices first (out·in·min(out, in), ties by position), each to the rank with the least
-    Newton–Schulz work so far (ties: the lowest rank), deterministic on every rank."""
+OWNER_RULES = ("balanced", "local")  # options.py's muon_owners
+
+
+def _matrices(shapes: tuple) -> list:
+    """(flat start, flat end, 2-D shape) of every matrix of tensors of `shapes` laid end to end from 0, in flat order;
+    a stacked tensor [E, out, in] is E matrices."""
     matrices, at = [], 0
     for shape in shapes:
         rows, cols = shape[-2], shape[-1]
         for _ in range(math.prod(shape[:-2])):
             matrices.append((at, at + rows * cols, (rows, cols)))
             at += rows * cols
-    ranks = [(0, q) for q in range(group_size)]  # a heap of (work so far, rank)
-    owner = {}
-    for lo, _, (rows, cols) in sorted(matrices, key=lambda m: (-m[2][0] * m[2][1] * min(m[2]), m[0])):
-        load, r = heapq.heappop(ranks)
-        owner[lo] = r
-        heapq.heappush(ranks, (load + rows * cols * min(rows, cols), r))
-    return tuple((lo, hi, owner[lo], shape) for lo, hi, shape in matrices)
+    return matrices
+
+
+def ns_work(shape) -> int:
+    """A matrix's Newton–Schulz work in the owner rules' units: out·in·min(out, in)."""
+    rows, cols = shape
+    return rows * cols * min(rows, cols)
+
+
+@functools.lru_cache(maxsize=4096)
+def owners_of(shapes: tuple, group_size: int, rule: str = "balanced") -> tuple:
+    """((flat start, flat end, owner rank, 2-D shape), …) of every matrix of a Muon bucket whose tensors of `shapes`
+    (a tuple of tuples) lie end to end from 0, in flat order, sharded over `group_size` ranks as a flat bucket is
+    (group rank i holds [i·s, (i+1)·s), s = ⌈size/n⌉); a stacked tensor [E, out, in] is E matrices. Deterministic on
+    every rank. Owners (`rule`, options.py's muon_owners):
+
+      balanced  the largest matrices first (ns_work, ties by position), each to the rank with the least Newton–Schulz
+                work so far (ties: the lowest rank)
+      local     each matrix to the rank whose shard holds the largest part of it; a matrix that several ranks hold
+                equal largest parts of goes, after every matrix with one such rank is placed, the largest first (ties
+                by position), to the one of them with the least work so far (ties: the lowest rank)
+    """
+    if rule not in OWNER_RULES:
+        raise ValueError(f"muon_owners = {rule!r}: must be one of {', '.join(OWNER_RULES)}")
+    matrices = _matrices(shapes)
+    largest_first = sorted(range(len(matrices)), key=lambda i: (-ns_work(matrices[i][2]), i))
+    owner, load = [None] * len(matrices), [0] * group_size
+    if rule == "balanced":
+        ranks = [(0, q) for q in range(group_size)]  # a heap of (work so far, rank)
+        for i in largest_first:
+            work, owner[i] = heapq.heappop(ranks)
+            heapq.heappush(ranks, (work + ns_work(matrices[i][2]), owner[i]))
+    else:
+        shard = max(1, -(-(matrices[-1][1] if matrices else 0) // group_size))
+        holders = []
+        for i, (lo, hi, shape) in enumerate(matrices):
+            first, last = min(lo // shard, group_size - 1), min(max(lo, hi - 1) // shard, group_size - 1)
+            part = {r: min(hi, (r + 1) * shard) - max(lo, r * shard) for r in range(first, last + 1)}
+            most = max(part.values())
+            holders.append([r for r, n in part.items() if n == most])
+            if len(holders[i]) == 1:
+                owner[i] = holders[i][0]
+                load[owner[i]] += ns_work(shape)
+        for i in largest_first:
+            if owner[i] is None:
+                owner[i] = min(holders[i], key=lambda q: (load[q], q))
+                load[owner[i]] += ns_work(matrices[i][2])
+    return tuple((lo, hi, r, shape) for (lo, hi, shape), r in zip(matrices, owner))
+
+
+def shapes_key(shapes) -> tuple:
+    """Shapes as a tuple of tuples of ints (owners_of's cache key)."""
+    return tuple(tuple(int(x) for x in shape) for shape in shapes)
+
+
+@functools.lru_cache(maxsize=256)
+def _muon_loads(config, layout) -> dict:
+    """ParallelPlan.muon_loads (cached: do not modify)."""
+    plan = ParallelPlan(config, layout)
+    fsdp, ep, rule = plan.group_size["fsdp"], layout.ep, layout.options.muon_owners
+    f = np.arange(fsdp)
+    elements, work = np.zeros(fsdp, dtype=np.int64), np.zeros(fsdp, dtype=np.int64)
+    moved = exchanged = busiest = even = 0
+    for b in plan.buckets(0):  # every rank's buckets have these shapes; only its index in each group differs
+        if b.optimizer != "muon":
+            continue
+        owned, done = np.zeros(b.n, dtype=np.int64), np.zeros(b.n, dtype=np.int64)
+        groups = layout.world_size // b.n
+        for lo, hi, owner, shape in owners_of(shapes_key(b.shapes), b.n, rule):
+            owned[owner] += hi - lo
+            done[owner] += ns_work(shape)
+            if b.n > 1:
+                a, z = b.span(owner)
+                moved += groups * (hi - lo - max(0, min(hi, z) - max(lo, a)))
+                exchanged += groups * (hi - lo)
+        index = f if b.group == "fsdp" else f // ep
+        elements += owned[index]
+        work += done[index]
+        busiest, even = busiest + int(done.max()), even + done.sum() / b.n
+    return {"elements": elements, "work": work, "moved": moved, "exchanged": exchanged, "busiest": busiest,
+            "even": even}
 
 
 class ParallelPlan:
@@ -315,8 +393,30 @@ class ParallelPlan:
         return out
 
     def muon_owners(self, bucket: FlatBucket) -> list[tuple[int, int, int, tuple]]:
-        """(flat start, flat end, owner, 2-D shape) of every matrix of a Muon bucket (owners_of its shapes)."""
-        return list(owners_of(tuple(tuple(int(x) for x in s) for s in bucket.shapes), bucket.n))
+        """(flat start, flat end, owner, 2-D shape) of every matrix of a Muon bucket (owners_of its shapes, by the
+        layout's muon_owners rule)."""
+        return list(owners_of(shapes_key(bucket.shapes), bucket.n, self.layout.options.muon_owners))
+
+    def muon_loads(self) -> dict:
+        """What distributed Muon gives each rank of a replica to orthogonalise, summed over the step's Muon buckets,
+        as arrays over its fsdp index f (a rank is f in its fsdp group, f // ep in its efsdp group): "elements" of
+        the matrices it owns and their "work" (ns_work); as numbers over every group of the world of the buckets over
+        more than one rank, "exchanged", their elements, and "moved", those outside their owner's shard (each travels
+        to the owner and back); "busiest", the sum over the buckets of the work of the bucket's busiest owner, and "even", of its
+        mean over the group."""
+        return _muon_loads(self.config, self.layout)
+
+    def muon_balance(self) -> dict:
+        """The load balance of distributed Muon under the layout's owner rule: max / mean over a replica's ranks of
+        the owned "elements" and of the Newton–Schulz "work" (muon_loads; 1.0 is even), and "moved", the fraction of
+        the Muon buckets' elements that travel (of the buckets over more than one rank, every group of the world); "waits", the busiest owner's
+        work summed over the buckets / the mean's (each bucket's second exchange waits for its busiest owner, so this
+        is the step's Newton–Schulz time over an even split's)."""
+        loads = _muon_loads(self.config, self.layout)
+        out = {k: float(loads[k].max() / loads[k].mean()) if loads[k].any() else 1.0 for k in ("elements", "work")}
+        out["waits"] = float(loads["busiest"] / loads["even"]) if loads["even"] else 1.0
+        out["moved"] = float(loads["moved"] / loads["exchanged"]) if loads["exchanged"] else 0.0
+        return out
 
     # ---- the step's collectives ---------------------------------------------------------------------------------
     def schedule(self, rank: int, sequences: int, seq_len: int, micro_batch_size: int, items, recompute=False,

@@ -188,7 +188,8 @@ def busiest_rank(config, layout: Layout, seq_len: int, micro_batch_size: int, dt
             if b.optimizer != "muon" or b.n == 1:
                 continue
             per_index = np.array(_muon_bytes(tuple(tuple(int(x) for x in sh) for sh in b.shapes), b.n, b.shard_size,
-                                             s, bool(config.muon_nesterov)), dtype=np.int64)
+                                             s, bool(config.muon_nesterov), layout.options.muon_owners),
+                                 dtype=np.int64)
             f = np.arange(fsdp)
             load = np.maximum(load, per_index[f if b.group == "fsdp" else f // layout.ep])
         candidates = sorted({0, int(plan.members("fsdp", 0)[int(np.argmax(load))])})
@@ -209,7 +210,7 @@ def _state_parts(config, layout: Layout, rank: int, s: int, cs: int) -> dict:
     shards = sum(b.shard_size for b in buckets) * s
     return {"params": shards + bias, "grads": shards + bias,
             "optimizer": sum(b.shard_size * (2 if b.optimizer == "adamw" else 1) for b in buckets) * s,
-            "update": 0 if single else _update_bytes(config, buckets, s),
+            "update": 0 if single else _update_bytes(config, buckets, s, layout.options.muon_owners),
             "checkpoint": _checkpoint_bytes(buckets, s, rank, bias, single)}
 
 
@@ -297,11 +298,12 @@ def _ns_bytes(rows: int, cols: int, s: int) -> int:
 
 
 @functools.lru_cache(maxsize=4096)
-def _muon_bytes(shapes: tuple, n: int, shard: int, s: int, nesterov: bool) -> tuple:
+def _muon_bytes(shapes: tuple, n: int, shard: int, s: int, nesterov: bool, rule: str = "balanced") -> tuple:
     """Distributed Muon's transient on each group rank of a bucket of `shapes` over n ranks (sharded_optim
     _orthogonalise): with sh the shard, own the elements of the matrices the rank owns and U (nesterov) a shard,
-    the largest of U + sh + 2·own + NS(its largest matrix), U + 2·sh + 4·own and U + 3·sh + 3·own, in bytes."""
-    matrices = owners_of(shapes, n)
+    the largest of U + sh + 2·own + NS(its largest matrix), U + 2·sh + 4·own and U + 3·sh + 3·own, in bytes; the
+    owners by `rule` (plan.owners_of)."""
+    matrices = owners_of(shapes, n, rule)
     own = [0] * n
     big = [0] * n
     for lo, hi, owner, (rows, cols) in matrices:
@@ -312,7 +314,7 @@ def _muon_bytes(shapes: tuple, n: int, shard: int, s: int, nesterov: bool) -> tu
                      (u + 3 * shard + 3 * own[r]) * s) for r in range(n))
 
 
-def _update_bytes(config, buckets, s: int) -> int:
+def _update_bytes(config, buckets, s: int, rule: str = "balanced") -> int:
     """The optimizer step's largest transient on this rank (module docstring, "update")."""
     clip = 8 * max((b.shard_size for b in buckets), default=0)  # clipping's float64 product of the largest shard
     adamw = muon = 0
@@ -322,7 +324,7 @@ def _update_bytes(config, buckets, s: int) -> int:
             adamw = max(adamw, 3 * s * max((sh.stop - sh.start for _, sh, _ in b.segments()), default=0))
         elif b.n > 1:
             muon = max(muon, _muon_bytes(tuple(tuple(int(x) for x in sh) for sh in b.shapes), b.n, b.shard_size, s,
-                                         nesterov)[b.index])
+                                         nesterov, rule)[b.index])
         else:  # the whole bucket here: O and each matrix's Newton–Schulz in turn
             largest = max(_ns_bytes(sh[-2], sh[-1], s) for sh in b.shapes)
             muon = max(muon, ((b.shard_size if nesterov else 0) + b.shard_size) * s + largest)

@@ -42,8 +42,8 @@ Once per step:
                 world per MoE layer E·8 (expert counts), 4·8 (loss parts); Allreduce fsdp 8 (gradient norm²); Allreduce
                 world 8 (logits max), 8 (logits mean); Allreduce dp 8, 8 (BatchHet's max and sum, when m·dp ≥ 2)
   optimizer     per Muon flat bucket, n > 1, two Alltoallv [its group]: #1 the rank's elements of matrices owned by
-                another rank, #2 the elements of its own matrices held by other ranks (plan.owners_of), × q_r; then
-                Allreduce fsdp 16 (update norms²)
+                another rank, #2 the elements of its own matrices held by other ranks (plan.owners_of by the layout's
+                muon_owners), × q_r; then Allreduce fsdp 16 (update norms²)
   metrics       the metrics line's peak memory of every rank: Allreduce world W·8 (each rank fills its slot)
   control       the trainer's stop agreement after the line: Allreduce world 8 (`control=False`: neither, for a step
                 run without the trainer)
@@ -188,12 +188,13 @@ def _flat_buckets(config, layout) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def muon_sends(shapes: tuple, n: int, blocks: bool = False) -> tuple:
-    """Distributed Muon's two exchanges in a bucket of matrices of `shapes` (laid end to end from 0) over n ranks:
-    (elements group rank i sends in Alltoallv #1, in #2) as arrays [n]; with `blocks`, also how many non-empty
-    blocks it sends to other ranks in each. #1: the elements of i's shard in matrices another rank owns; #2: the
-    elements of i's own matrices outside its shard. Cached: do not modify."""
-    matrices = owners_of(shapes, n)
+def muon_sends(shapes: tuple, n: int, blocks: bool = False, rule: str = "balanced") -> tuple:
+    """Distributed Muon's two exchanges in a bucket of matrices of `shapes` (laid end to end from 0) over n ranks, the
+    owners by `rule` (plan.owners_of, the layout's muon_owners): (elements group rank i sends in Alltoallv #1, in
+    #2) as arrays [n]; with `blocks`, also how many non-empty blocks it sends to other ranks in each. #1: the
+    elements of i's shard in matrices another rank owns; #2: the elements of i's own matrices outside its shard.
+    Cached: do not modify."""
+    matrices = owners_of(shapes, n, rule)
     size = matrices[-1][1]
     shard = -(-size // n)
     starts = np.arange(n, dtype=np.int64) * shard
@@ -268,7 +269,7 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
     end.tag = ("optimizer", None)
     for group, optimizer, n, shard, shapes in flat:
         if optimizer == "muon" and n > 1:
-            for sent in _muon_bytes(shapes, n, items.reduce, checksums):
+            for sent in _muon_bytes(shapes, n, items.reduce, checksums, L.options.muon_owners):
                 end.add("Alltoallv", group, sent=PerRank(group, sent))
     end.add("Allreduce", "fsdp", 2 * SCALAR_BYTES)
     if control:
@@ -433,10 +434,10 @@ def step_schedule(plan: ParallelPlan, rank: int, sequences: int, seq_len: int, m
 
 
 @functools.lru_cache(maxsize=4096)
-def _muon_bytes(shapes: tuple, n: int, q: int, checksums: bool) -> tuple:
-    """Bytes each group rank sends in distributed Muon's Alltoallv #1 and #2 (muon_sends × q, checksums included).
-    Cached, so that the cost model sums equal buckets once: do not modify."""
-    sends = muon_sends(shapes, n, checksums)
+def _muon_bytes(shapes: tuple, n: int, q: int, checksums: bool, rule: str = "balanced") -> tuple:
+    """Bytes each group rank sends in distributed Muon's Alltoallv #1 and #2 (muon_sends × q, checksums included;
+    owners by `rule`). Cached, so that the cost model sums equal buckets once: do not modify."""
+    sends = muon_sends(shapes, n, checksums, rule)
     return tuple(sends[i] * q + (CRC_BYTES * sends[2 + i] if checksums else 0) for i in (0, 1))
 
 

@@ -7,8 +7,9 @@ AdamW is elementwise: each rank updates its shard in place, key segment by key s
 with the same kernel and so the same bits as the single process.
 
 Muon needs whole matrices (Newton–Schulz orthogonalises a matrix, not an element). As microsoft/dion does, every
-matrix of a bucket (each routed expert's matrix too) has an owner among the bucket's group, chosen greedily to
-balance the Newton–Schulz work (∝ out·in·min(out, in) per matrix). Per bucket:
+matrix of a bucket (each routed expert's matrix too) has an owner among the bucket's group (plan.owners_of, by the
+layout's muon_owners: chosen greedily to balance the Newton–Schulz work, ∝ out·in·min(out, in) per matrix, or the
+rank holding the largest part of the matrix, so that less travels). Per bucket:
 
     M ← μM + G ; U = M (or μM + G, nesterov)                       elementwise, on the shard
     Alltoallv #1: each rank sends its pieces of U to each matrix's owner; the owner assembles whole matrices
@@ -29,7 +30,7 @@ from trinity.reference.training.optim import (ADAMW_M, ADAMW_V, MUON_MOMENTUM, m
                                               weight_decay_for)
 
 from .fsdp import ShardedParams, shards_from_spans, spans_of_full
-from .plan import owners_of
+from .plan import owners_of, shapes_key
 
 __all__ = ["init_sharded_optimizer_state", "shard_optimizer_state", "gather_optimizer_state",
            "sharded_optimizer_step", "matrix_owners", "owners_of", "STATE_PREFIXES"]
@@ -69,9 +70,9 @@ def gather_optimizer_state(config, params: ShardedParams, state: dict) -> dict:
     return full
 
 
-def matrix_owners(bucket, group_size: int) -> list[tuple[int, int, int, tuple]]:
-    """owners_of the bucket's shapes (plan_buckets lays its keys end to end from offset 0)."""
-    return list(owners_of(tuple(tuple(int(x) for x in s) for s in bucket.shapes), group_size))
+def matrix_owners(bucket, group_size: int, rule: str = "balanced") -> list[tuple[int, int, int, tuple]]:
+    """owners_of the bucket's shapes by `rule` (the buckets lay their keys end to end from offset 0)."""
+    return list(owners_of(shapes_key(bucket.shapes), group_size, rule))
 
 
 def _overlaps(matrices, span, owner=None):
@@ -89,7 +90,7 @@ def _orthogonalise(mesh, bucket, U_shard, config, kernels):
     """Newton–Schulz of every matrix of the bucket, each on its owner; returns (O on this rank's shard, Σ‖O‖² of the
     matrices this rank owns, as (matrix shape, ‖O‖²) pairs)."""
     n, me = bucket.n, bucket.index
-    matrices = matrix_owners(bucket, n)
+    matrices = mesh.plan.muon_owners(bucket)  # by the layout's muon_owners
     spans = [bucket.span(r) for r in range(n)]
     my_lo = spans[me][0]
 

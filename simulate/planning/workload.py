@@ -90,9 +90,11 @@ def training_flops(config, sequences: int, seq_len: int) -> float:
 
 
 @functools.lru_cache(maxsize=4096)
-def _owner_loads(shapes: tuple, n: int, steps: int) -> np.ndarray:
-    """Newton–Schulz FLOPs per owner rank [n] of a Muon bucket: steps·(4m²n' + 2m³) per matrix [m ≤ n']."""
-    owned = np.array([(rows, cols, owner) for _, _, owner, (rows, cols) in owners_of(shapes, n)], dtype=np.float64)
+def _owner_loads(shapes: tuple, n: int, steps: int, rule: str = "balanced") -> np.ndarray:
+    """Newton–Schulz FLOPs per owner rank [n] of a Muon bucket (owners by `rule`, the layout's muon_owners):
+    steps·(4m²n' + 2m³) per matrix [m ≤ n']."""
+    owned = np.array([(rows, cols, owner) for _, _, owner, (rows, cols) in owners_of(shapes, n, rule)],
+                     dtype=np.float64)
     small, large = owned[:, :2].min(axis=1), owned[:, :2].max(axis=1)
     flops = steps * (4.0 * small * small * large + 2.0 * small ** 3)
     return np.bincount(owned[:, 2].astype(np.int64), weights=flops, minlength=n)
@@ -105,13 +107,15 @@ def muon_flops(config, layout=None) -> float:
 
 def optimizer_work(config, layout) -> dict:
     """The optimizer's work on the busiest rank of `layout` (None: one process): _optimizer_work."""
-    return _optimizer_work(config, layout.ep if layout else 1, layout.dp_shard * layout.cp if layout else 1)
+    return _optimizer_work(config, layout.ep if layout else 1, layout.dp_shard * layout.cp if layout else 1,
+                           layout.options.muon_owners if layout else "balanced")
 
 
 @functools.lru_cache(maxsize=1024)
-def _optimizer_work(config, ep: int, fsdp: int) -> dict:
+def _optimizer_work(config, ep: int, fsdp: int, rule: str = "balanced") -> dict:
     """{newton_schulz: FLOPs on the busiest rank, adamw: its AdamW shard elements, elements: all its shard elements,
-    whole: the elements of every bucket} under expert parallel `ep` and an fsdp group of `fsdp` ranks."""
+    whole: the elements of every bucket} under expert parallel `ep`, an fsdp group of `fsdp` ranks and the Muon
+    owner rule `rule`."""
     size = {"fsdp": fsdp, "efsdp": fsdp // ep}
     load = {"fsdp": np.zeros(fsdp), "efsdp": np.zeros(fsdp // ep)}
     adamw = elements = whole = 0
@@ -124,7 +128,7 @@ def _optimizer_work(config, ep: int, fsdp: int) -> dict:
             if opt == "adamw":
                 adamw += -(-count // n)
             else:
-                load[group] += _owner_loads(shapes_key(shapes), n, config.muon_ns_steps)
+                load[group] += _owner_loads(shapes_key(shapes), n, config.muon_ns_steps, rule)
     # a rank is owner index f in its fsdp group and f // ep... in its efsdp group: the busiest fsdp index's sum
     f = np.arange(fsdp)
     busiest = float((load["fsdp"] + load["efsdp"][f // ep]).max())
