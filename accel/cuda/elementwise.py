@@ -8,7 +8,9 @@ backward instead of being stored, so ctx holds only the two inputs.
 
 from __future__ import annotations
 
-from ._common import cuda, device, empty, grid_1d, sigmoid
+import math
+
+from ._common import alloc, cuda, grid_1d, launch, sigmoid
 
 __all__ = ["swiglu_forward", "swiglu_backward", "output_gate_forward", "output_gate_backward"]
 
@@ -50,21 +52,19 @@ def _gate_bwd(o, g, dy, do, dg):
 
 
 def _launch(kernel, inputs, n_out):
-    """Run an elementwise kernel over the flattened inputs (same shape, C-contiguous); returns n_out arrays shaped
-    like the first input."""
-    arrays = [device(x) for x in inputs]
-    flat = [x.reshape(-1) for x in arrays]
-    shape, dtype = arrays[0].shape, arrays[0].dtype
-    outs = [empty(flat[0].shape, dtype) for _ in range(n_out)]
-    if flat[0].size:
-        blocks, threads = grid_1d(flat[0].size)
-        kernel[blocks, threads](*flat, *outs)
+    """Run an elementwise kernel over the flattened inputs (same shape); returns n_out arrays shaped like the first
+    input, of its kind (_common.alloc)."""
+    shape, dtype = tuple(inputs[0].shape), inputs[0].dtype
+    n = math.prod(shape)
+    flat = [x.reshape(n) for x in inputs]
+    outs = [alloc((n,), dtype, inputs[0]) for _ in range(n_out)]
+    if n:
+        launch(kernel, *grid_1d(n), *flat, *outs)
     return [y.reshape(shape) for y in outs]
 
 
 def swiglu_forward(a, c):
     """h = silu(a) ⊙ c (SPEC §4.7), as reference swiglu_forward. Returns (h, ctx = (a, c))."""
-    a, c = device(a), device(c)
     (h,) = _launch(_swiglu_fwd, (a, c), 1)
     return h, (a, c)
 
@@ -78,7 +78,6 @@ def swiglu_backward(ctx, dh):
 
 def output_gate_forward(o, g):
     """Õ = O ⊙ σ(G) (SPEC §4.4 step 7), as reference output_gate_forward. Returns (Õ, ctx = (O, G))."""
-    o, g = device(o), device(g)
     (y,) = _launch(_gate_fwd, (o, g), 1)
     return y, (o, g)
 
