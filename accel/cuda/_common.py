@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 import threading
 
 import numba
@@ -22,12 +23,17 @@ from numba import cuda  # noqa: E402  (after select_simulator)
 from numba.core import config  # noqa: E402
 
 __all__ = ["cuda", "SIMULATOR", "THREADS", "device", "namespace", "alloc", "zeros", "arange", "host", "launch",
-           "float_type", "per_dtype", "grid_1d", "sigmoid", "block_sum", "block_max"]
+           "float_type", "per_dtype", "grid_1d", "grid_stride", "row_threads", "sigmoid", "block_sum", "block_max"]
 
 SIMULATOR = bool(config.ENABLE_CUDASIM)
-# Threads per block of the row kernels (a power of two: block_sum halves it). The simulator runs every thread as a
-# Python thread, so it gets small blocks; results do not depend on the block size beyond float rounding.
-THREADS = 32 if SIMULATOR else 256
+# Threads per block of the row kernels at most (a power of two: block_sum halves it; row_threads picks fewer for
+# short rows). The simulator runs every thread as a Python thread, so it gets small blocks; results do not depend
+# on the block size beyond float rounding.
+THREADS = 8 if SIMULATOR else 256
+# The simulator's threads hand the GIL to each other at every syncthreads while its block manager polls them; at
+# Python's default switch interval (5 ms) each hand-over waits for it. Launches under the simulator run with this
+# interval instead (restored after): 5-10× faster here.
+_SIM_SWITCH_INTERVAL = 1e-4
 
 _FLOAT_TYPES = {np.dtype(np.float32): numba.float32, np.dtype(np.float64): numba.float64}
 
@@ -96,7 +102,7 @@ def zeros(shape, dtype, like):
     out = cuda.device_array(shape, dtype=np.dtype(dtype))
     if out.size:
         flat = out.reshape(out.size)
-        launch(_fill, *grid_1d(out.size), flat, 0)
+        launch(_fill, *grid_stride(out.size), flat, 0)
     return out
 
 
@@ -107,7 +113,7 @@ def arange(n, like):
         return xp.arange(n, dtype=np.int64)
     out = cuda.device_array((n,), dtype=np.int64)
     if n:
-        launch(_iota, *grid_1d(n), out)
+        launch(_iota, *grid_stride(n), out)
     return out
 
 
@@ -130,9 +136,20 @@ def launch(kernel, blocks, threads, *args):
     args = [device(a) if _is_array(a) else a for a in args]
     if SIMULATOR:
         with _SIM_LOCK:
-            kernel[blocks, threads](*args)
+            before = sys.getswitchinterval()
+            sys.setswitchinterval(_SIM_SWITCH_INTERVAL)
+            try:
+                kernel[blocks, threads](*args)
+            finally:
+                sys.setswitchinterval(before)
     else:
         kernel[blocks, threads](*args)
+
+
+def row_threads(n: int) -> int:
+    """Threads per block for a row of n elements: the smallest power of two ≥ n, at most THREADS (a block reduces
+    over blockDim.x threads, so short rows, e.g. a QK norm's d_h, leave no thread idle)."""
+    return min(THREADS, 1 << max(0, int(n) - 1).bit_length())
 
 
 def float_type(dtype):
@@ -158,6 +175,17 @@ def grid_1d(n, threads=THREADS):
     return max(1, math.ceil(n / threads)), threads
 
 
+_SIM_STRIDE_BLOCKS = 2  # blocks of a grid-stride kernel under the simulator (every GPU thread is a Python thread)
+
+
+def grid_stride(n, threads=THREADS):
+    """(blocks, threads) for a grid-stride kernel over n elements (`for i in range(grid(1), n, gridsize(1))`): as
+    many blocks as cover n on a device, at most _SIM_STRIDE_BLOCKS under the simulator (fewer Python threads, each
+    taking several elements; the same results)."""
+    blocks, threads = grid_1d(n, threads)
+    return (min(blocks, _SIM_STRIDE_BLOCKS) if SIMULATOR else blocks), threads
+
+
 @cuda.jit(device=True)
 def sigmoid(z):
     """σ(z) = 1/(1 + e^{−z}) without overflow: e^{−|z|} ≤ 1 on both branches (as reference activations.sigmoid)."""
@@ -169,11 +197,12 @@ def sigmoid(z):
 
 @cuda.jit(device=True)
 def block_sum(shared, tid, value):
-    """Σ of `value` over the THREADS threads of a block (tree reduction in shared[THREADS]); every thread gets it.
-    The order of additions is fixed by THREADS, so the result is the same on every run."""
+    """Σ of `value` over the blockDim.x threads of a block (a power of two ≤ THREADS; tree reduction in
+    shared[THREADS]); every thread gets it. The order of additions is fixed by the block size, so the result is the
+    same on every run."""
     shared[tid] = value
     cuda.syncthreads()
-    half = THREADS // 2
+    half = cuda.blockDim.x // 2
     while half > 0:
         if tid < half:
             shared[tid] += shared[tid + half]
@@ -186,10 +215,10 @@ def block_sum(shared, tid, value):
 
 @cuda.jit(device=True)
 def block_max(shared, tid, value):
-    """max of `value` over the THREADS threads of a block; every thread gets it."""
+    """max of `value` over the blockDim.x threads of a block (a power of two ≤ THREADS); every thread gets it."""
     shared[tid] = value
     cuda.syncthreads()
-    half = THREADS // 2
+    half = cuda.blockDim.x // 2
     while half > 0:
         if tid < half:
             shared[tid] = max(shared[tid], shared[tid + half])
@@ -202,13 +231,11 @@ def block_max(shared, tid, value):
 
 @cuda.jit
 def _fill(a, value):
-    i = cuda.grid(1)
-    if i < a.size:
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
         a[i] = value
 
 
 @cuda.jit
 def _iota(a):
-    i = cuda.grid(1)
-    if i < a.size:
+    for i in range(cuda.grid(1), a.size, cuda.gridsize(1)):
         a[i] = i

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from ._common import alloc, cuda, grid_1d, launch, namespace, per_dtype
+from ._common import alloc, cuda, grid_stride, launch, namespace, per_dtype
 
 __all__ = ["embedding_backward", "segment_sum"]
 
@@ -27,16 +27,14 @@ def _segment_sum_kernel(ft):
     def kernel(rows, order, offsets, scale, out):
         """Thread i ↦ (v, j) = (i // d, i % d):  out[v, j] = scale · Σ_{r ∈ [offsets_v, offsets_{v+1})} rows[order_r, j],
         the sum from 0 in the order of r."""
-        i = cuda.grid(1)
         V, d = out.shape
-        if i >= V * d:
-            return
-        v = i // d
-        j = i % d
-        acc = ft(0.0)
-        for r in range(offsets[v], offsets[v + 1]):
-            acc += rows[order[r], j]
-        out[v, j] = acc * scale
+        for i in range(cuda.grid(1), V * d, cuda.gridsize(1)):
+            v = i // d
+            j = i % d
+            acc = ft(0.0)
+            for r in range(offsets[v], offsets[v + 1]):
+                acc += rows[order[r], j]
+            out[v, j] = acc * scale
     return kernel
 
 
@@ -53,7 +51,7 @@ def segment_sum(ids, rows, num_segments: int, scale=1.0):
         return out
     order = xp.argsort(ids, kind="stable")
     offsets = xp.searchsorted(ids[order], xp.arange(num_segments + 1, dtype=ids.dtype))
-    launch(_segment_sum_kernel(rows.dtype), *grid_1d(num_segments * d), rows, order, offsets,
+    launch(_segment_sum_kernel(rows.dtype), *grid_stride(num_segments * d), rows, order, offsets,
            rows.dtype.type(scale), out)
     return out
 

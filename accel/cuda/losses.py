@@ -2,7 +2,7 @@
 z-loss"); reference: operators/losses.py.
 
 One block per predicting position: each thread walks its strided share of the V logits keeping an online
-log-sum-exp (m, l), and the block merges the THREADS pairs. So the forward reads the logits once and keeps
+log-sum-exp (m, l), and the block merges the pairs of its threads. So the forward reads the logits once and keeps
 nothing [N, V]-sized: the ctx holds lse, the target and validity per position. The backward reads the logits once
 more and writes dlogits, P·(1 + 2λ lse)/N − onehot/N, recomputing P = exp(z − lse) on the fly.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from trinity.reference.operators.losses import IGNORE_INDEX, CrossEntropyCtx
 
-from ._common import THREADS, alloc, block_max, block_sum, cuda, host, launch, namespace, per_dtype, zeros
+from ._common import THREADS, alloc, block_max, block_sum, cuda, host, launch, namespace, per_dtype, row_threads, zeros
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -35,7 +35,7 @@ def _forward_kernel(ft):
         b, t = row // P, row % P
         m = ft(-math.inf)
         l = ft(0.0)
-        for v in range(tid, V, THREADS):
+        for v in range(tid, V, cuda.blockDim.x):
             x = logits[b, t, v]
             if x > m:
                 l = l * math.exp(m - x) + ft(1.0)
@@ -72,12 +72,12 @@ def _backward_kernel(ft):
         b, t = row // T, row % T
         counted = t < P and valid[b, t]
         if not counted:
-            for v in range(tid, V, THREADS):
+            for v in range(tid, V, cuda.blockDim.x):
                 dlogits[b, t, v] = 0
             return
         c = (1 + 2 * lam * lse[b, t]) * inv_denom
         y = target[b, t]
-        for v in range(tid, V, THREADS):
+        for v in range(tid, V, cuda.blockDim.x):
             g = math.exp(logits[b, t, v] - lse[b, t]) * c
             if v == y:
                 g -= inv_denom
@@ -103,7 +103,7 @@ def cross_entropy_forward(logits, labels, z_loss_coeff=0.0, *, shift=True, denom
     target, valid = alloc((B, P), np.int64, z), alloc((B, P), np.bool_, z)
     bad = zeros((1,), np.int32, z)
     if B * P:
-        launch(_forward_kernel(z.dtype), B * P, THREADS, z, lab, int(shift), P, lse, nll, target, valid, bad)
+        launch(_forward_kernel(z.dtype), B * P, row_threads(V), z, lab, int(shift), P, lse, nll, target, valid, bad)
     if int(bad[0]):
         raise ValueError(f"labels must be token ids in [0, {V}) or {IGNORE_INDEX}")
     xp = namespace(nll)
@@ -126,6 +126,6 @@ def cross_entropy_backward(ctx, scale=1.0):
     ft = logits.dtype.type
     dlogits = alloc((B, T, V), logits.dtype, logits)
     if B * T:
-        launch(_backward_kernel(logits.dtype), B * T, THREADS, logits, target, valid, lse, ft(lam), ft(scale / denom),
+        launch(_backward_kernel(logits.dtype), B * T, row_threads(V), logits, target, valid, lse, ft(lam), ft(scale / denom),
                dlogits)
     return dlogits

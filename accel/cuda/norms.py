@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import math
 
-from ._common import THREADS, alloc, block_sum, cuda, launch, per_dtype, zeros
+from ._common import SIMULATOR, THREADS, alloc, block_sum, cuda, launch, per_dtype, row_threads, zeros
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
-_GROUPS = 64  # row groups of the dγ column sum (partials [groups, d])
+_GROUPS = 8 if SIMULATOR else 64  # row groups of the dγ column sum (partials [groups, d])
 
 
 @per_dtype
 def _forward_kernel(ft):
     @cuda.jit
     def kernel(x, gain, eps, y, rho):
-        """ρ_r = (Σ_j x_rj² / d + ε)^{−1/2};  y_rj = γ_j · x_rj · ρ_r.  Block = row r, threads stride over j."""
+        """ρ_r = (Σ_j x_rj² / d + ε)^{−1/2};  y_rj = γ_j · x_rj · ρ_r.  Block = row r, its threads stride over j."""
         shared = cuda.shared.array(THREADS, ft)
         r = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         d = x.shape[1]
         acc = ft(0.0)
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             acc += x[r, j] * x[r, j]
         ss = block_sum(shared, tid, acc)
         rr = 1 / math.sqrt(ss / d + eps)
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             y[r, j] = gain[j] * (x[r, j] * rr)
         if tid == 0:
             rho[r] = rr
@@ -48,10 +48,10 @@ def _backward_kernel(ft):
         d = x.shape[1]
         rr = rho[r]
         acc = ft(0.0)
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             acc += gain[j] * dy[r, j] * (x[r, j] * rr)
         c = block_sum(shared, tid, acc) / d
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             dx[r, j] = rr * (gain[j] * dy[r, j] - (x[r, j] * rr) * c)
     return kernel
 
@@ -101,7 +101,7 @@ def rmsnorm_forward(x, gain, eps):
     y = alloc((rows, d), x.dtype, x)
     rho = alloc((rows,), x.dtype, x)
     if rows:
-        launch(_forward_kernel(x.dtype), rows, THREADS, x2, gain, x.dtype.type(eps), y, rho)
+        launch(_forward_kernel(x.dtype), rows, row_threads(d), x2, gain, x.dtype.type(eps), y, rho)
     return y.reshape(shape), (x, rho, gain)
 
 
@@ -119,7 +119,7 @@ def rmsnorm_backward(ctx, dy):
     groups = min(rows, _GROUPS)
     partial = alloc((groups, d), x.dtype, x)
     dgain = alloc((d,), x.dtype, x)
-    launch(_backward_kernel(x.dtype), rows, THREADS, x2, rho, gain, dy2, dx)
+    launch(_backward_kernel(x.dtype), rows, row_threads(d), x2, rho, gain, dy2, dx)
     launch(_gain_partials_kernel(x.dtype), (math.ceil(d / THREADS), groups), THREADS, x2, rho, dy2, partial)
     launch(_sum_rows_kernel(x.dtype), math.ceil(d / THREADS), THREADS, partial, dgain)
     return dx.reshape(shape), dgain

@@ -7,7 +7,7 @@ batch, so they stay in cache. The forward and the backward (the transpose rotati
 
 from __future__ import annotations
 
-from ._common import alloc, cuda, grid_1d, launch
+from ._common import alloc, cuda, grid_stride, launch
 
 __all__ = ["rope_forward", "rope_backward"]
 
@@ -20,23 +20,21 @@ def _rotate_kernel(x, cos, sin, sign, y):
         sign = −1, dy ⊙ cos − rotate_half(dy ⊙ sin) (the transpose):
             y_k = x_k c_k + x_{k+h} s_{k+h},    y_{k+h} = x_{k+h} c_{k+h} − x_k s_k
     x, y: [B·T, heads, d_h] flattened over (b, t); thread i ↦ (row, head, k)."""
-    i = cuda.grid(1)
     rows, heads, dh = x.shape
     half = dh // 2
-    if i >= rows * heads * half:
-        return
-    k = i % half
-    head = (i // half) % heads
-    row = i // (half * heads)
-    t = row % cos.shape[0]
-    a = x[row, head, k]
-    b = x[row, head, k + half]
-    if sign > 0:
-        y[row, head, k] = a * cos[t, k] - b * sin[t, k]
-        y[row, head, k + half] = b * cos[t, k + half] + a * sin[t, k + half]
-    else:
-        y[row, head, k] = a * cos[t, k] + b * sin[t, k + half]
-        y[row, head, k + half] = b * cos[t, k + half] - a * sin[t, k]
+    for i in range(cuda.grid(1), rows * heads * half, cuda.gridsize(1)):
+        k = i % half
+        head = (i // half) % heads
+        row = i // (half * heads)
+        t = row % cos.shape[0]
+        a = x[row, head, k]
+        b = x[row, head, k + half]
+        if sign > 0:
+            y[row, head, k] = a * cos[t, k] - b * sin[t, k]
+            y[row, head, k + half] = b * cos[t, k + half] + a * sin[t, k + half]
+        else:
+            y[row, head, k] = a * cos[t, k] + b * sin[t, k + half]
+            y[row, head, k + half] = b * cos[t, k + half] - a * sin[t, k]
 
 
 def _rotate(x, cos, sin, sign):
@@ -44,7 +42,7 @@ def _rotate(x, cos, sin, sign):
     x3 = x.reshape(B * T, heads, dh)
     y = alloc((B * T, heads, dh), x.dtype, x)
     if B * T * heads * dh:
-        launch(_rotate_kernel, *grid_1d(B * T * heads * (dh // 2)), x3, cos, sin, sign, y)
+        launch(_rotate_kernel, *grid_stride(B * T * heads * (dh // 2)), x3, cos, sin, sign, y)
     return y.reshape(x.shape)
 
 
