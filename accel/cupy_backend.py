@@ -205,6 +205,7 @@ class CupyOps(ReferenceOps):
     float64. ns_dtype="bfloat16" makes Newton–Schulz compute in emulated bf16 by default (module docstring)."""
 
     name = "cupy"
+    ns_bf16 = True  # newton_schulz accepts dtype="bfloat16" (tests/conformance: test_newton_schulz_bf16)
 
     def __init__(self, xp, *, simulated: bool = False, ns_dtype=None):
         if ns_dtype not in (None, BF16):

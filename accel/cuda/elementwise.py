@@ -1,9 +1,9 @@
 """SwiGLU and the attention output gate on the GPU (SPEC §4.7, §4.4 step 7, §5); reference: operators/mlp.py and
 operators/attention.py (output_gate_*).
 
-Both are sigmoid-based products of two same-shaped arrays, one thread per element (a grid-stride loop): the forward reads 2 arrays and
-writes 1; the backward reads 3 (the two inputs and the incoming gradient) and writes 2. σ is recomputed in the
-backward instead of being stored, so ctx holds only the two inputs.
+Both are sigmoid-based products of two same-shaped arrays, one thread per element (a grid-stride loop): the forward
+reads 2 arrays and writes 1; the backward reads 3 (the two inputs and the incoming gradient) and writes 2. σ is
+recomputed in the backward instead of being stored, so ctx holds only the two inputs.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ __all__ = ["embedding_backward", "segment_sum"]
 def _segment_sum_kernel(ft):
     @cuda.jit
     def kernel(rows, order, offsets, scale, out):
-        """Thread i ↦ (v, j) = (i // d, i % d):  out[v, j] = scale · Σ_{r ∈ [offsets_v, offsets_{v+1})} rows[order_r, j],
-        the sum from 0 in the order of r."""
+        """Thread i ↦ (v, j) = (i // d, i % d), grid-stride:
+            out[v, j] = scale · Σ_{r ∈ [offsets_v, offsets_{v+1})} rows[order_r, j], the sum from 0 in the order of r."""
         V, d = out.shape
         for i in range(cuda.grid(1), V * d, cuda.gridsize(1)):
             v = i // d

@@ -126,6 +126,6 @@ def cross_entropy_backward(ctx, scale=1.0):
     ft = logits.dtype.type
     dlogits = alloc((B, T, V), logits.dtype, logits)
     if B * T:
-        launch(_backward_kernel(logits.dtype), B * T, row_threads(V), logits, target, valid, lse, ft(lam), ft(scale / denom),
-               dlogits)
+        launch(_backward_kernel(logits.dtype), B * T, row_threads(V), logits, target, valid, lse, ft(lam),
+               ft(scale / denom), dlogits)
     return dlogits
