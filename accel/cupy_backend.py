@@ -33,8 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from trinity.reference.model.ops import ReferenceOps
-from trinity.reference.operators.optimizer_kernels import _coefficient_schedule, newton_schulz as _reference_ns
-from trinity.reference.operators.optimizer_kernels import ns_input
+from trinity.reference.operators.optimizer_kernels import _coefficient_schedule
 
 __all__ = ["CupyOps", "load", "simulated", "round_bf16", "newton_schulz_bf16", "KERNEL_OPS", "GROUPED_OPS"]
 
@@ -76,8 +75,32 @@ def round_bf16(x):
 
 def _bf16_matmul(a, b):
     """a @ b with both factors rounded to bf16 and the products accumulated in float32 (what a bf16 GEMM with a float32
-    accumulator computes before it rounds its output)."""
+    accumulator computes before it rounds its output; newton_schulz_bf16 rounds its factors so)."""
     return round_bf16(a) @ round_bf16(b)
+
+
+def _newton_schulz(G, steps, coefficients, eps, dtype, rounded):
+    """reference optimizer_kernels.newton_schulz on G's own module (NumPy or CuPy; the reference's operations in its
+    order, so on NumPy the same bits), in `dtype`; with rounded=True every array between operations is rounded to
+    bf16 (newton_schulz_bf16)."""
+    xp = _module(G)
+    if G.ndim < 2:
+        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
+    r = round_bf16 if rounded else (lambda x: x)
+    tall = G.shape[-2] > G.shape[-1]
+    X = G.astype(dtype, copy=False)
+    if tall:
+        X = xp.swapaxes(X, -1, -2)
+    X64 = X.astype(xp.float64)
+    norm = xp.sqrt(xp.sum(X64 * X64, axis=(-2, -1), keepdims=True))
+    X = r(X / (norm + eps).astype(dtype))
+    for a, b, c in _coefficient_schedule(coefficients, steps):
+        A = r(r(X) @ r(xp.swapaxes(X, -1, -2)))
+        B = r(b * A + c * r(A @ A))
+        X = r(a * X + r(B @ X))
+    if tall:  # a row-major copy, as a transposed view would not be
+        X = xp.swapaxes(X, -1, -2)
+    return xp.ascontiguousarray(X)
 
 
 def newton_schulz_bf16(G, steps: int = 5, coefficients="dion", eps: float = 1e-8):
@@ -90,21 +113,7 @@ def newton_schulz_bf16(G, steps: int = 5, coefficients="dion", eps: float = 1e-8
 
     Returns float32 (bf16 values), row-major, shaped like G. Its error against exact arithmetic is that of bf16:
     tests/conformance/tolerances.py (ns_bf16_tol)."""
-    G, _, tall = ns_input(G, np.float32)
-    xp = _module(G)
-    X = xp.asarray(G, dtype=xp.float32)
-    if tall:
-        X = xp.swapaxes(X, -1, -2)
-    X64 = X.astype(xp.float64)
-    norm = xp.sqrt(xp.sum(X64 * X64, axis=(-2, -1), keepdims=True))
-    X = round_bf16(X / (norm + eps).astype(xp.float32))
-    for a, b, c in _coefficient_schedule(coefficients, steps):
-        A = round_bf16(_bf16_matmul(X, xp.swapaxes(X, -1, -2)))
-        B = round_bf16(np.float32(b) * A + np.float32(c) * round_bf16(_bf16_matmul(A, A)))
-        X = round_bf16(np.float32(a) * X + round_bf16(_bf16_matmul(B, X)))
-    if tall:
-        X = xp.swapaxes(X, -1, -2)
-    return xp.ascontiguousarray(X)
+    return _newton_schulz(G, steps, coefficients, eps, np.float32, rounded=True)
 
 
 # ---- grouped expert GEMMs ------------------------------------------------------------------------------------------
@@ -219,15 +228,17 @@ class CupyOps(ReferenceOps):
         return f"CupyOps(xp={self.xp.__name__}{', simulated' if self.simulated else ''})"
 
     def newton_schulz(self, G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None):
-        """reference newton_schulz; in emulated bf16 (newton_schulz_bf16) when dtype is "bfloat16", or when the
-        table's ns_dtype is and no dtype other than G's own is asked for (the optimizer passes G's). The bf16 result
-        is float32 when dtype is "bfloat16" or None, else cast to dtype."""
+        """reference newton_schulz (the same operations on G's module); in emulated bf16 (newton_schulz_bf16) when
+        dtype is "bfloat16", or when the table's ns_dtype is and no dtype other than G's own is asked for (the
+        optimizer passes G's). The bf16 result is float32 when dtype is "bfloat16" or None, else cast to dtype."""
         named = isinstance(dtype, str) and dtype == BF16
         own = dtype is None or (not isinstance(dtype, str) and np.dtype(dtype) == np.dtype(G.dtype))
         if named or (own and self.ns_dtype == BF16):
             out = newton_schulz_bf16(G, steps, coefficients, eps)
             return out if dtype is None or named else out.astype(dtype)
-        return _reference_ns(G, steps=steps, coefficients=coefficients, eps=eps, dtype=dtype)
+        if dtype is None:  # the reference's rule: G's dtype when float32 or float64, else float32
+            dtype = G.dtype if np.dtype(G.dtype) in (np.dtype(np.float32), np.dtype(np.float64)) else np.float32
+        return _newton_schulz(G, steps, coefficients, eps, np.dtype(dtype), rounded=False)
 
 
 _BOUND = []

@@ -285,6 +285,21 @@ def test_the_bf16_table_runs_the_optimizer_in_bf16():
     np.testing.assert_array_equal(exact, REFERENCE.newton_schulz(G, dtype=np.float32))
 
 
+@needs_sim
+def test_newton_schulz_is_the_references_to_the_bit():
+    """In float32/float64 (and the reference's dtype rule for others) the table's Newton–Schulz runs the reference's
+    operations in its order on G's module: on NumPy the same bits."""
+    rng = np.random.default_rng(0)
+    for shape in [(5, 9), (9, 5), (3, 7, 4), (1, 1)]:
+        for dtype in (np.float32, np.float64, np.float16):
+            G = rng.standard_normal(shape).astype(dtype)
+            for coefficients in ("dion", "keller"):
+                got = SIM.newton_schulz(G, steps=5, coefficients=coefficients)
+                want = REFERENCE.newton_schulz(G, steps=5, coefficients=coefficients)
+                assert got.dtype == want.dtype and got.flags.c_contiguous
+                np.testing.assert_array_equal(got, want)
+
+
 # ---- the parallel seams --------------------------------------------------------------------------------------------
 @needs_sim
 @pytest.mark.parametrize("layout", ["dp_shard=2,ep=2", "cp=2"])
