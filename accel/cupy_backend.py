@@ -17,10 +17,11 @@ duplicated. What each operator runs:
                                 C into [E, C, d] and one batched product per weight (no loop over experts)
     the reference, on xp        linear (cuBLAS under CuPy), embedding forward (a gather), rope tables, combine,
                                 combine backward, scatter_to_tokens, balance loss, AdamW, clipping's sum of squares
-                                and rescale, Newton–Schulz in the input's float dtype
-    Newton–Schulz in bf16       newton_schulz(..., dtype="bfloat16"), or the table's default with
-                                CupyOps(ns_dtype="bfloat16"): bf16 inputs to every product, float32 accumulation
-                                (bf16 emulated by rounding float32, see round_bf16)
+                                and rescale
+    Newton–Schulz (here)        the reference's iteration on G's module in its float dtype (NumPy: the same bits);
+                                in bf16 with newton_schulz(..., dtype="bfloat16"), or by default for
+                                CupyOps(xp, ns_dtype="bfloat16"): bf16 factors in every product, float32
+                                accumulation (bf16 emulated by rounding float32, see round_bf16)
 The seams are SingleProcessSeams' (inherited); distributed.parallel_ops.ParallelOps wraps this table like any other.
 
 Buffers are arrays of the table's module, allocated by the table or the kernels' launch functions and passed to the
@@ -35,9 +36,10 @@ import numpy as np
 from trinity.reference.model.ops import ReferenceOps
 from trinity.reference.operators.optimizer_kernels import _coefficient_schedule
 
-__all__ = ["CupyOps", "load", "simulated", "round_bf16", "newton_schulz_bf16", "KERNEL_OPS", "GROUPED_OPS"]
+__all__ = ["CupyOps", "load", "simulated", "round_bf16", "newton_schulz_bf16", "KERNEL_OPS", "TABLE_OPS"]
 
-# The leaf operators the kernels replace, by kernel module; and those this module computes with grouped GEMMs.
+# The leaf operators the kernels replace, by kernel module; and those this module computes itself (products in the
+# array module around kernels, the grouped GEMMs, Newton–Schulz).
 KERNEL_OPS = {
     "norms": ["rmsnorm_forward", "rmsnorm_backward"],
     "rope": ["rope_forward", "rope_backward"],
@@ -47,7 +49,7 @@ KERNEL_OPS = {
     "losses": ["cross_entropy_forward", "cross_entropy_backward"],
     "embedding": ["embedding_backward"],
 }
-GROUPED_OPS = ["router_forward", "router_backward", "experts_forward", "experts_backward", "newton_schulz"]
+TABLE_OPS = ["router_forward", "router_backward", "experts_forward", "experts_backward", "newton_schulz"]
 
 BF16 = "bfloat16"
 
@@ -66,8 +68,8 @@ def round_bf16(x):
     as float32. ±inf stay, NaN stays NaN, finite values past bf16's largest round to ±inf, as a cast to bf16 does.
     x: a float32 (or float64, cast first) NumPy or CuPy array."""
     xp = _module(x)
-    x = xp.ascontiguousarray(xp.asarray(x, dtype=xp.float32))
-    bits = x.view(xp.uint32)
+    x = xp.asarray(x, dtype=xp.float32)
+    bits = x.view(xp.uint32)  # same item size: a view of any layout
     lsb = (bits >> xp.uint32(16)) & xp.uint32(1)
     rounded = (bits + (xp.uint32(0x7FFF) + lsb)) & xp.uint32(0xFFFF0000)
     return xp.where(xp.isnan(x), x, rounded.view(xp.float32))

@@ -79,7 +79,7 @@ def test_simulated_table():
     for module, names in cupy_backend.KERNEL_OPS.items():
         for name in names:
             assert getattr(SIM, name).__module__ in (f"trinity.accel.cuda.{module}", cupy_backend.__name__), name
-    for name in cupy_backend.GROUPED_OPS:
+    for name in cupy_backend.TABLE_OPS:
         assert getattr(type(SIM), name) is not getattr(type(REFERENCE), name), name
     with pytest.raises(ValueError, match="ns_dtype"):
         cupy_backend.CupyOps(np, simulated=True, ns_dtype="float16")
