@@ -1,8 +1,10 @@
 """trinity.accel.cuda: Numba-CUDA kernels for the operators cuBLAS does not cover (docs/gpu.md).
 
-Each module holds forward/backward pairs with the reference operator's semantics (trinity.reference.operators),
-taking and returning device arrays: numba device arrays, or anything with __cuda_array_interface__ (CuPy arrays are
-wrapped without a copy; host arrays are copied over). Matrix products are not here: they go to cuBLAS through CuPy.
+Each module holds forward/backward pairs with the reference operator's semantics (trinity.reference.operators).
+The launch functions return arrays of the kind of their inputs (_common.alloc): CuPy arrays for CuPy arrays (the cupy
+op table on a GPU), NumPy arrays for NumPy arrays under the simulator (the same table on a CPU), numba device arrays
+otherwise; kernels see zero-copy views of CuPy and simulated NumPy arrays (only host arrays on a GPU are copied, for
+the kernel tests). Matrix products are not here: they go to cuBLAS through CuPy (trinity.accel.cupy_backend).
 
     attention   flash attention forward / backward (GQA, causal, sliding window, documents, explicit positions)
     norms       fused RMSNorm forward / backward
@@ -10,6 +12,7 @@ wrapped without a copy; host arrays are copied over). Matrix products are not he
     elementwise SwiGLU and the attention output gate, forward / backward
     router      sigmoid scores, biased top-k and normalised weights; its backward to the logits; dispatch plan
     losses      cross-entropy + z-loss over vocabulary chunks (online log-sum-exp), forward / backward
+    embedding   the embedding's backward: a deterministic segment sum (no atomics)
 
 Without a GPU the kernels run under Numba's CUDA simulator. numba reads NUMBA_ENABLE_CUDASIM once, when numba.cuda
 is first imported; `select_simulator()` turns the simulator on when no CUDA device is present and leaves a real GPU

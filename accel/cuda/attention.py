@@ -26,9 +26,7 @@ import math
 import numpy as np
 from numba import int64
 
-from trinity.reference.operators.attention import positions_and_docs
-
-from ._common import SIMULATOR, cuda, device, empty, host, per_dtype
+from ._common import SIMULATOR, alloc, arange, cuda, launch, namespace, per_dtype, zeros
 
 __all__ = ["attention_forward", "attention_backward", "MAX_HEAD_DIM", "ROWS"]
 
@@ -263,27 +261,34 @@ def _dkv_kernel(ft):
     return kernel
 
 
-def _positions_and_docs(Tq, Tk, q_pos, k_pos, doc_ids):
-    """Device arrays (q_pos, k_pos, q_doc, k_doc) with the reference's defaults (positions 0…T−1; doc ids shared by
-    queries and keys unless a (q_doc, k_doc) pair; None without documents)."""
-    qp, kp, qd, kd = positions_and_docs(Tq, Tk, None if q_pos is None else host(q_pos),
-                                        None if k_pos is None else host(k_pos), doc_ids)
-    return _ids(qp), _ids(kp), _ids(qd), _ids(kd)
+def _positions_and_docs(Tq, Tk, q_pos, k_pos, doc_ids, like):
+    """(q_pos, k_pos, q_doc, k_doc) with the reference's defaults (positions 0…T−1; doc ids shared by queries and
+    keys unless a (q_doc, k_doc) pair; None without documents), as integer arrays of the kind of `like` (q): the
+    defaults are made there, given ones are used as they are (host ones copied over for numba device arrays)."""
+    q_doc, k_doc = doc_ids if isinstance(doc_ids, tuple) else (doc_ids, doc_ids)
+    qp = arange(Tq, like) if q_pos is None else _ids(q_pos, like)
+    kp = arange(Tk, like) if k_pos is None else _ids(k_pos, like)
+    return qp, kp, _ids(q_doc, like), _ids(k_doc, like)
 
 
-def _ids(a):
-    """Integer ids on the device: device arrays as they are, host ones as int64."""
+def _ids(a, like):
+    """Integer ids as the kernels read them: arrays of like's kind as they are (CuPy/NumPy: cast to int64 on their
+    side when another type); anything else (lists, or host arrays next to device ones) as an int64 NumPy array, which
+    a launch copies to the device (kernel tests only)."""
     if a is None:
         return None
+    xp = namespace(a)
+    if xp is not None and xp is namespace(like):
+        return a if np.dtype(a.dtype).kind in "iu" else a.astype(np.int64)
     if hasattr(a, "copy_to_host") or hasattr(a, "__cuda_array_interface__"):
-        return device(a)
-    return device(np.asarray(a, dtype=np.int64))
+        return a
+    return np.asarray(a, dtype=np.int64)
 
 
-def _mask_args(window, q_doc, k_doc):
+def _mask_args(window, q_doc, k_doc, like):
     """The kernels' mask arguments: window (0 = none), q_doc, k_doc (1×1 dummies without documents), use_doc."""
     if q_doc is None:
-        dummy = device(np.zeros((1, 1), np.int64))
+        dummy = zeros((1, 1), np.int64, like)
         return 0 if window is None else int(window), dummy, dummy, False
     return 0 if window is None else int(window), q_doc, k_doc, True
 
@@ -299,36 +304,36 @@ def _check(q, k):
 def attention_forward(q, k, v, window=None, doc_ids=None, q_pos=None, k_pos=None):
     """O_i = softmax(Q_i K_{⌊i/r⌋}ᵀ d_h^{−1/2} + M) V_{⌊i/r⌋} (SPEC §4.4 steps 4-6), as reference attention_forward
     (q [B, Tq, h_q, d_h]; k, v [B, Tk, h_kv, d_h]; window; doc_ids [B, T] or (q_doc, k_doc); q_pos, k_pos with k_pos
-    increasing). Returns (O, ctx) with ctx = (q, k, v, o, lse [B, h_q, Tq], window, q_doc, k_doc, q_pos, k_pos)."""
-    q, k, v = device(q), device(k), device(v)
+    increasing). Returns (O, ctx) with ctx = (q, k, v, o, lse [B, h_q, Tq], window, q_doc, k_doc, q_pos, k_pos);
+    outputs of q's kind (_common.alloc)."""
     _check(q, k)
     B, Tq, hq, dh = q.shape
-    qp, kp, q_doc, k_doc = _positions_and_docs(Tq, k.shape[1], q_pos, k_pos, doc_ids)
-    w, qd, kd, use_doc = _mask_args(window, q_doc, k_doc)
-    o = empty(q.shape, q.dtype)
-    lse = empty((B, hq, Tq), q.dtype)
-    if q.size:
+    qp, kp, q_doc, k_doc = _positions_and_docs(Tq, k.shape[1], q_pos, k_pos, doc_ids, q)
+    w, qd, kd, use_doc = _mask_args(window, q_doc, k_doc, q)
+    o = alloc(q.shape, q.dtype, q)
+    lse = alloc((B, hq, Tq), q.dtype, q)
+    if B * Tq * hq * dh:
         grid = (math.ceil(Tq / ROWS), B * hq)
-        _forward_kernel(q.dtype)[grid, ROWS](q, k, v, qp, kp, w, qd, kd, use_doc, q.dtype.type(dh ** -0.5), o, lse)
+        launch(_forward_kernel(q.dtype), grid, ROWS, q, k, v, qp, kp, w, qd, kd, use_doc, q.dtype.type(dh ** -0.5), o,
+               lse)
     return o, (q, k, v, o, lse, window, q_doc, k_doc, qp, kp)
 
 
 def attention_backward(ctx, do):
     """dQ, dK, dV of attention_forward (SPEC §5 "SDPA per head", "GQA"), with P = exp(S − lse) recomputed and
     D_t = Σ dO_t ⊙ O_t: dS = P ⊙ (dO Vᵀ − D), dQ = dS K/√d_h, dK = dSᵀ Q/√d_h, dV = Pᵀ dO, dK and dV summed over
-    the r query heads sharing a KV head. Returns (dq, dk, dv) device arrays."""
+    the r query heads sharing a KV head. Returns (dq, dk, dv) of q's kind."""
     q, k, v, o, lse, window, q_doc, k_doc, qp, kp = ctx
-    w, qd, kd, use_doc = _mask_args(window, q_doc, k_doc)
-    do = device(do)
+    w, qd, kd, use_doc = _mask_args(window, q_doc, k_doc, q)
     B, Tq, hq, dh = q.shape
     Tk, hkv = k.shape[1], k.shape[2]
     scale = q.dtype.type(dh ** -0.5)
-    dq, dsum = empty(q.shape, q.dtype), empty((B, hq, Tq), q.dtype)
-    dk, dv = empty(k.shape, k.dtype), empty(v.shape, v.dtype)
-    if q.size:
+    dq, dsum = alloc(q.shape, q.dtype, q), alloc((B, hq, Tq), q.dtype, q)
+    dk, dv = alloc(k.shape, k.dtype, q), alloc(v.shape, v.dtype, q)
+    if B * Tq * hq * dh:
         grid = (math.ceil(Tq / ROWS), B * hq)
-        _dq_kernel(q.dtype)[grid, ROWS](q, k, v, o, do, lse, qp, kp, w, qd, kd, use_doc, scale, dq, dsum)
-    if k.size:
+        launch(_dq_kernel(q.dtype), grid, ROWS, q, k, v, o, do, lse, qp, kp, w, qd, kd, use_doc, scale, dq, dsum)
+    if B * Tk * hkv * dh:
         grid = (math.ceil(Tk / ROWS), B * hkv)
-        _dkv_kernel(q.dtype)[grid, ROWS](q, k, v, do, lse, dsum, qp, kp, w, qd, kd, use_doc, scale, dk, dv)
+        launch(_dkv_kernel(q.dtype), grid, ROWS, q, k, v, do, lse, dsum, qp, kp, w, qd, kd, use_doc, scale, dk, dv)
     return dq, dk, dv

@@ -2,7 +2,7 @@
 z-loss"); reference: operators/losses.py.
 
 One block per predicting position: each thread walks its strided share of the V logits keeping an online
-log-sum-exp (m, l), and the block merges the THREADS pairs. So the forward reads the logits once and keeps
+log-sum-exp (m, l), and the block merges the pairs of its threads. So the forward reads the logits once and keeps
 nothing [N, V]-sized: the ctx holds lse, the target and validity per position. The backward reads the logits once
 more and writes dlogits, P·(1 + 2λ lse)/N − onehot/N, recomputing P = exp(z − lse) on the fly.
 """
@@ -15,7 +15,7 @@ import numpy as np
 
 from trinity.reference.operators.losses import IGNORE_INDEX, CrossEntropyCtx
 
-from ._common import THREADS, block_max, block_sum, cuda, device, empty, host, per_dtype
+from ._common import THREADS, alloc, block_max, block_sum, cuda, host, launch, namespace, per_dtype, row_threads, zeros
 
 __all__ = ["cross_entropy_forward", "cross_entropy_backward"]
 
@@ -35,7 +35,7 @@ def _forward_kernel(ft):
         b, t = row // P, row % P
         m = ft(-math.inf)
         l = ft(0.0)
-        for v in range(tid, V, THREADS):
+        for v in range(tid, V, cuda.blockDim.x):
             x = logits[b, t, v]
             if x > m:
                 l = l * math.exp(m - x) + ft(1.0)
@@ -72,12 +72,12 @@ def _backward_kernel(ft):
         b, t = row // T, row % T
         counted = t < P and valid[b, t]
         if not counted:
-            for v in range(tid, V, THREADS):
+            for v in range(tid, V, cuda.blockDim.x):
                 dlogits[b, t, v] = 0
             return
         c = (1 + 2 * lam * lse[b, t]) * inv_denom
         y = target[b, t]
-        for v in range(tid, V, THREADS):
+        for v in range(tid, V, cuda.blockDim.x):
             g = math.exp(logits[b, t, v] - lse[b, t]) * c
             if v == y:
                 g -= inv_denom
@@ -88,37 +88,44 @@ def _backward_kernel(ft):
 def cross_entropy_forward(logits, labels, z_loss_coeff=0.0, *, shift=True, denom=None):
     """ce = (1/N) Σ_t (lse_t − z_{t,y_t}),  z = λ_z (1/N) Σ_t lse_t² over the N counted positions (SPEC §4.10, §7), as
     reference cross_entropy_forward: labels −100 ignored, shifted inside unless shift=False, N = max(count, 1) or
-    `denom`. logits [B, T, V] float device array, labels [B, T] integer (host or device).
-    Returns (ce, z, ctx) with ce, z floats (the per-position terms, 2·B·T values, come to the host to be summed)."""
-    z = device(logits)
-    lab = device(labels)
+    `denom`. logits [B, T, V] float, labels [B, T] integer, both of one kind (CuPy, NumPy under the simulator, or
+    numba device arrays).
+    Returns (ce, z, ctx) with ce, z Python floats: the per-position terms are summed where they are (CuPy / NumPy),
+    and only the sums, the count and the bad-label flag are read back as scalars (numba device arrays: copied)."""
+    z = logits
+    lab = labels
     if tuple(lab.shape) != tuple(z.shape)[:-1] or np.dtype(lab.dtype).kind not in "iu":
         raise ValueError(f"labels must be an integer array shaped like tokens {tuple(z.shape)[:-1]}, "
                          f"got dtype {lab.dtype} shape {tuple(lab.shape)}")
     B, T, V = z.shape
     P = T - 1 if shift else T
-    lse, nll = empty((B, P), z.dtype), empty((B, P), z.dtype)
-    target, valid = empty((B, P), np.int64), empty((B, P), np.bool_)
-    bad = device(np.zeros(1, np.int32))
+    lse, nll = alloc((B, P), z.dtype, z), alloc((B, P), z.dtype, z)
+    target, valid = alloc((B, P), np.int64, z), alloc((B, P), np.bool_, z)
+    bad = zeros((1,), np.int32, z)
     if B * P:
-        _forward_kernel(z.dtype)[B * P, THREADS](z, lab, int(shift), P, lse, nll, target, valid, bad)
-    if host(bad)[0]:
+        launch(_forward_kernel(z.dtype), B * P, row_threads(V), z, lab, int(shift), P, lse, nll, target, valid, bad)
+    if int(bad[0]):
         raise ValueError(f"labels must be token ids in [0, {V}) or {IGNORE_INDEX}")
-    ok, lse_h, nll_h = host(valid), host(lse), host(nll)
-    n = int(ok.sum())
+    xp = namespace(nll)
+    if xp is None:  # numba device arrays (kernel tests): the terms come to the host
+        xp, valid_s, lse_s, nll_s = np, host(valid), host(lse), host(nll)
+    else:
+        valid_s, lse_s, nll_s = valid, lse, nll
+    n = int(xp.count_nonzero(valid_s))
     denom = max(n, 1) if denom is None else denom
-    ce = float(nll_h.sum() / denom)
-    zl = float(z_loss_coeff * np.where(ok, lse_h * lse_h, 0.0).sum() / denom)
+    ce = float(xp.sum(nll_s) / denom)
+    zl = float(z_loss_coeff * xp.sum(xp.where(valid_s, lse_s * lse_s, 0.0)) / denom)
     return ce, zl, CrossEntropyCtx(z, target, valid, lse, denom, z_loss_coeff)
 
 
 def cross_entropy_backward(ctx, scale=1.0):
     """dlogits = (softmax(z_t)(1 + 2λ_z lse_t) − onehot(y_t)) · scale/N on counted positions, 0 elsewhere (SPEC §5
-    "Cross-entropy + z-loss"), as reference cross_entropy_backward; a device array shaped like the logits."""
+    "Cross-entropy + z-loss"), as reference cross_entropy_backward; shaped like the logits, of their kind."""
     logits, target, valid, lse, denom, lam = ctx
     B, T, V = logits.shape
     ft = logits.dtype.type
-    dlogits = empty((B, T, V), logits.dtype)
+    dlogits = alloc((B, T, V), logits.dtype, logits)
     if B * T:
-        _backward_kernel(logits.dtype)[B * T, THREADS](logits, target, valid, lse, ft(lam), ft(scale / denom), dlogits)
+        launch(_backward_kernel(logits.dtype), B * T, row_threads(V), logits, target, valid, lse, ft(lam),
+               ft(scale / denom), dlogits)
     return dlogits

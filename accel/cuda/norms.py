@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import math
 
-from ._common import THREADS, block_sum, cuda, device, empty, per_dtype, zeros
+from ._common import SIMULATOR, THREADS, alloc, block_sum, cuda, launch, per_dtype, row_threads, zeros
 
 __all__ = ["rmsnorm_forward", "rmsnorm_backward"]
 
-_GROUPS = 64  # row groups of the dγ column sum (partials [groups, d])
+_GROUPS = 8 if SIMULATOR else 64  # row groups of the dγ column sum (partials [groups, d])
 
 
 @per_dtype
 def _forward_kernel(ft):
     @cuda.jit
     def kernel(x, gain, eps, y, rho):
-        """ρ_r = (Σ_j x_rj² / d + ε)^{−1/2};  y_rj = γ_j · x_rj · ρ_r.  Block = row r, threads stride over j."""
+        """ρ_r = (Σ_j x_rj² / d + ε)^{−1/2};  y_rj = γ_j · x_rj · ρ_r.  Block = row r, its threads stride over j."""
         shared = cuda.shared.array(THREADS, ft)
         r = cuda.blockIdx.x
         tid = cuda.threadIdx.x
         d = x.shape[1]
         acc = ft(0.0)
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             acc += x[r, j] * x[r, j]
         ss = block_sum(shared, tid, acc)
         rr = 1 / math.sqrt(ss / d + eps)
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             y[r, j] = gain[j] * (x[r, j] * rr)
         if tid == 0:
             rho[r] = rr
@@ -48,10 +48,10 @@ def _backward_kernel(ft):
         d = x.shape[1]
         rr = rho[r]
         acc = ft(0.0)
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             acc += gain[j] * dy[r, j] * (x[r, j] * rr)
         c = block_sum(shared, tid, acc) / d
-        for j in range(tid, d, THREADS):
+        for j in range(tid, d, cuda.blockDim.x):
             dx[r, j] = rr * (gain[j] * dy[r, j] - (x[r, j] * rr) * c)
     return kernel
 
@@ -91,33 +91,35 @@ def _sum_rows_kernel(ft):
 
 def rmsnorm_forward(x, gain, eps):
     """y = γ ⊙ x ρ with ρ = (mean(x²) + ε)^{−1/2} over the last axis (SPEC §4.3), as reference rmsnorm_forward; the
-    per-head QK norm is the same call on [..., heads, d_h]. x: device array [..., d], gain [d].
-    Returns (y, ctx) with ctx = (x, ρ [rows], γ): x̂ is recomputed in the backward instead of stored."""
-    x, gain = device(x), device(gain)
-    d = tuple(x.shape)[-1]
-    x2 = x.reshape(x.size // d, d)
-    y = empty(x2.shape, x.dtype)
-    rho = empty((x2.shape[0],), x.dtype)
-    if x2.shape[0]:
-        _forward_kernel(x.dtype)[x2.shape[0], THREADS](x2, gain, x.dtype.type(eps), y, rho)
-    return y.reshape(x.shape), (x, rho, gain)
+    per-head QK norm is the same call on [..., heads, d_h]. x: [..., d], gain [d]; outputs of x's kind
+    (_common.alloc). Returns (y, ctx) with ctx = (x, ρ [rows], γ): x̂ is recomputed in the backward instead of
+    stored."""
+    shape = tuple(x.shape)
+    d = shape[-1]
+    rows = math.prod(shape[:-1])
+    x2 = x.reshape(rows, d)
+    y = alloc((rows, d), x.dtype, x)
+    rho = alloc((rows,), x.dtype, x)
+    if rows:
+        launch(_forward_kernel(x.dtype), rows, row_threads(d), x2, gain, x.dtype.type(eps), y, rho)
+    return y.reshape(shape), (x, rho, gain)
 
 
 def rmsnorm_backward(ctx, dy):
     """dx = ρ (u − x̂ · mean(u ⊙ x̂)) with u = γ ⊙ dy, dγ = Σ dy ⊙ x̂ over every leading axis (SPEC §5 "RMSNorm").
-    Returns (dx, dγ) as device arrays."""
+    Returns (dx, dγ), of x's kind."""
     x, rho, gain = ctx
-    d = tuple(x.shape)[-1]
-    rows = x.size // d
-    x2, dy2 = x.reshape(rows, d), device(dy).reshape(rows, d)
-    dx = empty((rows, d), x.dtype)
-    groups = max(1, min(rows, _GROUPS))
-    partial = empty((groups, d), x.dtype)
-    dgain = empty((d,), x.dtype)
-    if rows:
-        _backward_kernel(x.dtype)[rows, THREADS](x2, rho, gain, dy2, dx)
-        _gain_partials_kernel(x.dtype)[(math.ceil(d / THREADS), groups), THREADS](x2, rho, dy2, partial)
-        _sum_rows_kernel(x.dtype)[math.ceil(d / THREADS), THREADS](partial, dgain)
-    else:
-        dgain = zeros((d,), x.dtype)
-    return dx.reshape(x.shape), dgain
+    shape = tuple(x.shape)
+    d = shape[-1]
+    rows = math.prod(shape[:-1])
+    x2, dy2 = x.reshape(rows, d), dy.reshape(rows, d)
+    dx = alloc((rows, d), x.dtype, x)
+    if not rows:
+        return dx.reshape(shape), zeros((d,), x.dtype, x)
+    groups = min(rows, _GROUPS)
+    partial = alloc((groups, d), x.dtype, x)
+    dgain = alloc((d,), x.dtype, x)
+    launch(_backward_kernel(x.dtype), rows, row_threads(d), x2, rho, gain, dy2, dx)
+    launch(_gain_partials_kernel(x.dtype), (math.ceil(d / THREADS), groups), THREADS, x2, rho, dy2, partial)
+    launch(_sum_rows_kernel(x.dtype), math.ceil(d / THREADS), THREADS, partial, dgain)
+    return dx.reshape(shape), dgain

@@ -15,7 +15,7 @@ import numpy as np
 from trinity.reference.operators.moe import Dispatch
 from trinity.reference.operators.router import RouterCtx
 
-from ._common import THREADS, cuda, device, empty, grid_1d, per_dtype, sigmoid, zeros
+from ._common import THREADS, alloc, cuda, grid_1d, launch, per_dtype, sigmoid, zeros
 
 __all__ = ["router_forward", "router_backward", "dispatch"]
 
@@ -85,18 +85,18 @@ def _backward_kernel(ft):
 def router_forward(logits, expert_bias, top_k, route_scale, x=None, w_router=None):
     """s = σ(z), 𝒦 = TopK_K(s + b), g_k = ρ s_{e_k} / (Σ_𝒦 s + 1e−20) (SPEC §4.8), as reference router_forward but
     from the logits z = x W_rᵀ [N, E] (a cuBLAS product). x and w_router, when given, are kept in the ctx for the
-    caller's dx, dW_r products. Returns (weights [N, K], experts [N, K] int64, RouterCtx) with device arrays."""
-    z, b = device(logits), device(expert_bias)
+    caller's dx, dW_r products. Returns (weights [N, K], experts [N, K] int64, RouterCtx), of z's kind."""
+    z = logits
     N, E = z.shape
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
-    s = empty((N, E), z.dtype)
-    experts = empty((N, top_k), np.int64)
-    weights = empty((N, top_k), z.dtype)
-    total = empty((N, 1), z.dtype)
+    s = alloc((N, E), z.dtype, z)
+    experts = alloc((N, top_k), np.int64, z)
+    weights = alloc((N, top_k), z.dtype, z)
+    total = alloc((N, 1), z.dtype, z)
     if N:
-        blocks, threads = grid_1d(N)
-        _forward_kernel(z.dtype)[blocks, threads](z, b, top_k, z.dtype.type(route_scale), s, experts, weights, total)
+        launch(_forward_kernel(z.dtype), *grid_1d(N), z, expert_bias, top_k, z.dtype.type(route_scale), s, experts,
+               weights, total)
     return weights, experts, RouterCtx(x, w_router, s, experts, total, route_scale, z)
 
 
@@ -106,12 +106,11 @@ def router_backward(ctx, dweights, dscores=None):
     finishes with two cuBLAS products: dx = dz W_r, dW_r = dzᵀ x."""
     s, experts, total = ctx.scores, ctx.experts, ctx.total
     N = s.shape[0]
-    dz = empty(s.shape, s.dtype)
-    extra = device(dscores) if dscores is not None else empty((1, 1), s.dtype)
+    dz = alloc(s.shape, s.dtype, s)
+    extra = dscores if dscores is not None else alloc((1, 1), s.dtype, s)
     if N:
-        blocks, threads = grid_1d(N)
-        _backward_kernel(s.dtype)[blocks, threads](s, experts, total, s.dtype.type(ctx.route_scale),
-                                                   device(dweights), extra, dscores is not None, dz)
+        launch(_backward_kernel(s.dtype), *grid_1d(N), s, experts, total, s.dtype.type(ctx.route_scale), dweights,
+               extra, dscores is not None, dz)
     return dz
 
 
@@ -163,18 +162,17 @@ def _scatter(flat, top_k, chunk, hist, offsets, token, slot):
 def dispatch(experts, num_experts):
     """The reference dispatch plan (operators/moe.py) on the device: assignments of experts [N, K] (ids in
     [0, num_experts)) grouped by expert, stable. Returns Dispatch(token, slot, offsets [E+1], counts [E]) of int64
-    device arrays. Three kernels: per-chunk counts, per-expert scan + offsets, scatter."""
-    ex = device(experts)
-    N, K = ex.shape
-    flat = ex.reshape(N * K)
+    arrays of the kind of `experts`. Three kernels: per-chunk counts, per-expert scan + offsets, scatter."""
+    N, K = experts.shape
+    flat = experts.reshape(N * K)
     chunks = max(1, math.ceil(N * K / _CHUNK))
-    hist = zeros((chunks, num_experts), np.int64)
-    counts = empty((num_experts,), np.int64)
-    offsets = empty((num_experts + 1,), np.int64)
-    token = empty((N * K,), np.int64)
-    slot = empty((N * K,), np.int64)
+    hist = zeros((chunks, num_experts), np.int64, experts)
+    counts = alloc((num_experts,), np.int64, experts)
+    offsets = alloc((num_experts + 1,), np.int64, experts)
+    token = alloc((N * K,), np.int64, experts)
+    slot = alloc((N * K,), np.int64, experts)
     blocks, threads = grid_1d(chunks)
-    _chunk_counts[blocks, threads](flat, _CHUNK, hist)
-    _expert_offsets[1, THREADS](hist, counts, offsets)
-    _scatter[blocks, threads](flat, K, _CHUNK, hist, offsets, token, slot)
+    launch(_chunk_counts, blocks, threads, flat, _CHUNK, hist)
+    launch(_expert_offsets, 1, THREADS, hist, counts, offsets)
+    launch(_scatter, blocks, threads, flat, K, _CHUNK, hist, offsets, token, slot)
     return Dispatch(token, slot, offsets, counts)

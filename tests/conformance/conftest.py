@@ -5,10 +5,17 @@
     TRINITY_BACKEND=numba python -m pytest                        the same through the environment
 
 Default (no option, no variable): "numba" when numba is installed, else "reference" (which passes trivially, being
-the definition), so the plain `python -m pytest -n 2` run checks the numba backend. `--backend` is registered
-in tests/conftest.py, so it works from the repository root too (`python -m pytest --backend numba`). A backend
-that cannot run here (e.g. cupy without a GPU) is skipped with the reason, unless it was asked for explicitly, in
-which case the tests fail: asking for a backend and silently testing nothing would hide a broken install.
+the definition), and "cupy-sim" when numba-cuda is installed, so the plain `python -m pytest -n 2` run checks the
+numba backend and the cupy backend's code path. `--backend` is registered in tests/conftest.py, so it works from
+the repository root too (`python -m pytest --backend numba`). A backend that cannot run here (e.g. cupy without a
+GPU) is skipped with the reason, unless it was asked for explicitly, in which case the tests fail: asking for a
+backend and silently testing nothing would hide a broken install.
+
+"cupy-sim" is a test-only name (trinity.accel.get_backend does not know it): the cupy op table with NumPy as its array
+module and the Numba-CUDA kernels under the CUDA simulator, `trinity.accel.cupy_backend.simulated()`. The
+simulator runs every GPU thread as a Python thread, so its tests run fewer hypothesis examples: SIM_EXAMPLES per
+test (or the number of a `@pytest.mark.sim_examples(n)` marker), never more than the test's own settings, and
+the tests cap some drawn shapes for it (backends.is_simulated).
 
 Every comparison records its measured error and tolerance; the terminal summary lists, per backend, op and dtype,
 the largest error/tolerance ratio seen (also under xdist: the numbers travel in the test reports).
@@ -19,16 +26,23 @@ from __future__ import annotations
 import os
 
 import pytest
+from backends import SIMULATED, load_backend
 
 BACKEND_ENV = "TRINITY_BACKEND"
+SIM_EXAMPLES = 20  # hypothesis examples per test for SIMULATED, unless a sim_examples marker says otherwise
 
 
-def _default_backend() -> str:
+def _default_backends() -> list[str]:
+    import importlib.util
+
     try:
         import numba  # noqa: F401
-        return "numba"
+        names = ["numba"]
     except ImportError:
-        return "reference"
+        names = ["reference"]
+    if importlib.util.find_spec("numba_cuda") is not None:
+        names.append(SIMULATED)
+    return names
 
 
 def requested_backends(config) -> tuple[list[str], bool]:
@@ -36,7 +50,33 @@ def requested_backends(config) -> tuple[list[str], bool]:
     value = config.getoption("--backend", default=None) or os.environ.get(BACKEND_ENV, "").strip()
     if value:
         return [v.strip() for v in value.split(",") if v.strip()], True
-    return [_default_backend()], False
+    return _default_backends(), False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"sim_examples(n): hypothesis examples of this test for {SIMULATED} "
+                                       f"(default {SIM_EXAMPLES})")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """For SIMULATED, run the test's hypothesis examples up to its sim limit. A @given test reads its settings from
+    the attribute below at every call (hypothesis core), so the limit is swapped in for this item only."""
+    callspec = getattr(item, "callspec", None)
+    fn = getattr(item, "obj", None)
+    old = getattr(fn, "_hypothesis_internal_use_settings", None)
+    if callspec is None or callspec.params.get("backend_name") != SIMULATED or old is None:
+        yield
+        return
+    from hypothesis import settings
+
+    marker = item.get_closest_marker("sim_examples")
+    limit = marker.args[0] if marker else SIM_EXAMPLES
+    fn._hypothesis_internal_use_settings = settings(old, max_examples=min(old.max_examples, limit))
+    try:
+        yield
+    finally:
+        fn._hypothesis_internal_use_settings = old
 
 
 def pytest_generate_tests(metafunc):
@@ -47,11 +87,11 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def backend(backend_name, request):
-    from trinity.accel import BackendUnavailable, get_backend
+    from trinity.accel import BackendUnavailable
 
     _, explicit = requested_backends(request.config)
     try:
-        return get_backend(backend_name)
+        return load_backend(backend_name)
     except BackendUnavailable as e:
         if explicit:
             pytest.fail(f"backend {backend_name!r} was requested but cannot run here: {e}")

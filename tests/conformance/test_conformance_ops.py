@@ -8,10 +8,12 @@ the same upstream gradient as the reference's. Arrays cross into the backend thr
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from tolerances import check_close, rtol
+from backends import is_simulated
+from tolerances import BF16, check_close, ns_bf16_tol, rtol
 from trinity.reference.model.ops import LEAF_OPS, REFERENCE
 
 SETTINGS = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -109,6 +111,7 @@ def test_embedding(backend, dtype, record, B, T, V, d, mup, seed):
                 what="embedding_backward", recorder=record)
 
 
+@pytest.mark.sim_examples(6)  # the simulator's slowest kernels (block reductions, flash tiles)
 @SETTINGS
 @given(st.sampled_from([(), (2,), (3, 4)]), st.integers(1, 70), st.integers(0, 3), st.sampled_from([1e-5, 1e-6]),
        seeds)
@@ -180,9 +183,22 @@ def _attention_inputs(case, dtype):
     return q, k, v, kwargs, rng
 
 
+def _simulator_sized(case):
+    """A drawn attention case cut to what the CUDA simulator runs in about a second: at most 40 keys, one sequence,
+    two KV heads (the masks, windows, GQA ratios and query suffixes stay as drawn)."""
+    B, Tq, Tk, hq, hkv, dh, window, docs, seed = case
+    r = hq // hkv
+    hkv = min(hkv, 2)
+    Tk = min(Tk, 40)
+    return 1, min(Tq, Tk), Tk, hkv * r, hkv, dh, window, docs, seed
+
+
+@pytest.mark.sim_examples(6)  # the simulator's slowest kernels (block reductions, flash tiles)
 @SETTINGS
 @given(attention_cases())
 def test_attention(backend, dtype, record, case):
+    if is_simulated(backend):
+        case = _simulator_sized(case)
     q, k, v, kwargs, rng = _attention_inputs(case, dtype)
     B, Tq, Tk, hq, hkv, dh = case[:6]
     (o_r, c_r) = REFERENCE.attention_forward(q, k, v, **kwargs)
@@ -306,6 +322,7 @@ def test_experts_and_combine(backend, dtype, record, N, E, data, d, I, seed):
 
 
 # ---- losses --------------------------------------------------------------------------------------------------------
+@pytest.mark.sim_examples(6)  # the simulator's slowest kernels (block reductions, flash tiles)
 @SETTINGS
 @given(st.integers(1, 3), st.integers(1, 20), st.integers(2, 300), st.sampled_from([0.0, 0.2, 1.0]),
        st.sampled_from([0.0, 1e-4, 0.3]), st.floats(0.5, 2.0), seeds)
@@ -369,6 +386,34 @@ def test_newton_schulz(backend, dtype, record, batch, m, n, coefficients, steps,
     cond = float(np.prod([abs(a) for a, _, _ in _coefficient_schedule(coefficients, steps)]))
     check_close(X_b, X_r, dtype, steps * (2 * min(m, n) + max(m, n)), scale=amax(X_r) * cond,
                 what="newton_schulz", recorder=record)
+
+
+@SETTINGS
+@given(st.sampled_from([(), (3,)]), st.integers(1, 48), st.integers(1, 48), st.sampled_from(["dion", "keller"]),
+       st.integers(1, 6), st.floats(-3, 3), seeds)
+def test_newton_schulz_bf16(backend, dtype, record, batch, m, n, coefficients, steps, log_size, seed):
+    """A table's bf16 Newton–Schulz (newton_schulz(..., dtype="bfloat16"), tables with `ns_bf16`) against the float64
+    reference, within tolerances.ns_bf16_tol, on inputs of condition number ≤ 10 (tolerances.py: bf16 cannot
+    resolve smaller singular directions); the output holds bf16 values. dtype is the input's."""
+    if not getattr(backend, "ns_bf16", False):
+        pytest.skip(f"{backend.name} has no bf16 Newton–Schulz")
+    from trinity.reference.operators.optimizer_kernels import _coefficient_schedule, newton_schulz
+
+    rng = np.random.default_rng(seed)
+    k = min(m, n)
+    U = np.linalg.qr(rng.standard_normal((*batch, m, k)))[0]
+    V = np.linalg.qr(rng.standard_normal((*batch, n, k)))[0]
+    s = rng.uniform(0.1, 1.0, (*batch, k)) * 10.0 ** log_size
+    G = ((U * s[..., None, :]) @ np.swapaxes(V, -1, -2)).astype(dtype)
+    X_r = newton_schulz(G.astype(np.float64), steps=steps, coefficients=coefficients)
+    X_b = to_numpy(backend.newton_schulz(backend.xp.asarray(G), steps=steps, coefficients=coefficients,
+                                         dtype=BF16))
+    assert X_b.dtype == np.float32 and X_b.shape == G.shape
+    bits = X_b.view(np.uint32)
+    assert not np.any(bits & np.uint32(0xFFFF)), "the bf16 result has bits below bf16's 8-bit significand"
+    schedule = _coefficient_schedule(coefficients, steps)
+    check_close(X_b, X_r, BF16, 1, what="newton_schulz bf16", recorder=record,
+                tol=ns_bf16_tol(schedule, steps * (2 * k + max(m, n)), amax(X_r)))
 
 
 # ---- AdamW and clipping kernels (SPEC §9.2, §14 #3) ---------------------------------------------------------------

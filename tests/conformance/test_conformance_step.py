@@ -18,6 +18,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
+from backends import is_simulated
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -42,21 +44,39 @@ def _np(x):
 
 
 @st.composite
-def step_cases(draw):
-    config = draw(small_configs(max_layers=3, max_hidden=32, max_vocab=48))
+def step_cases(draw, max_layers=3, max_hidden=32, max_vocab=48, max_batch=2, max_len=24):
+    config = draw(small_configs(max_layers=max_layers, max_hidden=max_hidden, max_vocab=max_vocab))
     config = config.replace(z_loss_coeff=draw(st.sampled_from([0.0, 1e-2, 0.3])),
                             balance_loss_coeff=draw(st.sampled_from([0.0, 1e-2, 0.3])),
                             load_balancing=draw(st.sampled_from(["sign", "smebu", "none"])),
                             muon_ns_coefficients=draw(st.sampled_from(["dion", "keller"])))
     params = random_params(config, draw(st.integers(0, 2**32 - 1)), router=draw(st.floats(0.5, 4.0)),
                            bias=draw(st.floats(0.0, 0.3)))
-    tokens, labels, doc_ids = draw(token_batches(config, max_batch=2, max_len=24))
+    tokens, labels, doc_ids = draw(token_batches(config, max_batch=max_batch, max_len=max_len))
     return config, params, tokens, labels, doc_ids, draw(st.booleans())
 
 
 @STEP_SETTINGS
 @given(step_cases())
 def test_training_step(backend, dtype, record, case):
+    if is_simulated(backend):
+        pytest.skip("the simulated table runs test_training_step_simulated (smaller models)")
+    check_training_step(backend, dtype, record, case)
+
+
+# The CUDA simulator runs every GPU thread as a Python thread: a smaller model, one sequence, fewer examples
+# (~2-6 s of CPU each here; conftest.py SIM_EXAMPLES and the marker below).
+@pytest.mark.sim_examples(3)
+@STEP_SETTINGS
+@given(step_cases(max_layers=2, max_hidden=16, max_vocab=32, max_batch=1, max_len=12))
+def test_training_step_simulated(backend, dtype, record, case):
+    if not is_simulated(backend):
+        pytest.skip("for tables under the CUDA simulator (the others run test_training_step)")
+    check_training_step(backend, dtype, record, case)
+
+
+def check_training_step(backend, dtype, record, case):
+    """Stages 1-3 of the module docstring for one drawn case."""
     config, params64, tokens, labels, doc_ids, recompute = case
     params = {k: v.astype(dtype) for k, v in params64.items()}
     T = tokens.shape[1]
@@ -74,8 +94,9 @@ def test_training_step(backend, dtype, record, case):
         runs.append(loss_and_grads(config, perturbed, tokens, labels, doc_ids))
     assume(all(_same_routing(stats_r, r[2]) for r in runs))  # every run routes alike
     f64, others = runs[1], runs[:1] + runs[2:]
-    losses_b, grads_b, stats_b = loss_and_grads(config, _to_backend(backend, params), tokens, labels, doc_ids,
-                                                recompute=recompute, ops=backend)
+    inputs = [None if a is None else backend.xp.asarray(a) for a in (tokens, labels, doc_ids)]  # the batch moved in
+    losses_b, grads_b, stats_b = loss_and_grads(config, _to_backend(backend, params), *inputs, recompute=recompute,
+                                                ops=backend)
     n = model_reduction_length(config, T)
 
     # The gradient's global scale; at least the balance loss's coefficient: with K = E every f_i is equal, the balance

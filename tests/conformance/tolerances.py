@@ -50,6 +50,18 @@ Newton–Schulz (alone and inside the Muon update): σ ↦ aσ + bσ³ + cσ⁵ 
 singular value by a, so a rounding difference made at iteration i grows by ∏_{j>i} a_j; the checks use n = the
 products' lengths and scale = max |output| × ∏_j |a_j| (≈ 493 for Dion's five iterations).
 
+Newton–Schulz in bfloat16 (the cupy table's bf16 mode: every array between operations a bf16 value, products with
+bf16 factors accumulated in float32): rounding a factor to bf16 moves each product term by up to 2u (u = eps/2, eps
+of bf16 = 2⁻⁷), whatever the product's length n, so a product is within (2u + rtol(float32, n)) of its terms' sum
+Σ|a||b| (bf16_product_tol). For the whole iteration the roundings of the last step dominate: the iteration pulls the
+singular values of a well-conditioned input into its band, where earlier errors contract, while the last step's
+roundings stay; its terms are (|a| + |b| + |c|)·max|X| (the coefficients cancel: 4.08 − 6.89 + 2.93 for Dion's first
+step), so ns_bf16_tol = C·eps(bf16)·(|a|+|b|+|c|)_last·max|X| + rtol(float32, n)·∏|a_j|·max|X| (the float32
+accumulation, amplified as in float32). Measured over 1500 draws (shapes ≤ 48, 1-6 steps, condition number ≤ 10)
+the error was at most 1.64 of eps(bf16)·(|a|+|b|+|c|)_last·max|X|, i.e. 0.2 of the tolerance. An ill-conditioned input
+is another matter: bf16 cannot resolve singular directions below eps(bf16) of the largest, and ∏a_j amplifies them,
+so the check draws condition numbers ≤ 10 (as tests/test_optim.py's band measurement does).
+
 Top-k routing is not continuous: where the K-th and (K+1)-th biased scores are closer than the backends' score
 difference can be, the two may choose different experts and then legitimately disagree. Draws whose smallest
 top-k gap is below topk_gap(dtype, n) are rejected (assume) — and for every other draw the choices must be equal.
@@ -61,15 +73,25 @@ import math
 
 import numpy as np
 
-__all__ = ["C", "MODEL_C", "PERTURBED_RUNS", "eps", "rtol", "model_tol", "model_reduction_length", "topk_gap",
-           "check_close", "Recorder"]
+__all__ = ["C", "MODEL_C", "PERTURBED_RUNS", "BF16", "eps", "rtol", "model_tol", "model_reduction_length", "topk_gap",
+           "bf16_product_tol", "ns_bf16_tol", "check_close", "Recorder"]
 
 C = 8.0
 MODEL_C = 8.0
 PERTURBED_RUNS = 2
 
 
+BF16 = "bfloat16"  # NumPy has no bfloat16 dtype: the name stands for it here
+
+
+def _is_bf16(dtype) -> bool:
+    return isinstance(dtype, str) and dtype == BF16
+
+
 def eps(dtype) -> float:
+    """Machine epsilon of dtype; "bfloat16" (8 significand bits): 2⁻⁷."""
+    if _is_bf16(dtype):
+        return 2.0 ** -7
     return float(np.finfo(np.dtype(dtype)).eps)
 
 
@@ -95,6 +117,22 @@ def model_tol(dtype, natural32: float, n: int, scale: float) -> float:
     return MODEL_C * natural32 * eps(dtype) / eps(np.float32) + rtol(dtype, n) * scale
 
 
+def bf16_product_tol(n: int, terms: float) -> float:
+    """A product with factors rounded to bf16 and float32 accumulation, against the exact product: (2u + u² +
+    rtol(float32, n))·terms, u = eps(bf16)/2, terms = max of Σ|a||b| (module docstring)."""
+    u = eps(BF16) / 2
+    return (2 * u + u * u + rtol(np.float32, n)) * terms
+
+
+def ns_bf16_tol(schedule, n: int, amax: float) -> float:
+    """Newton–Schulz in bf16 against float64 for a well-conditioned input: C·eps(bf16)·(|a|+|b|+|c|) of the last
+    step's (a, b, c) · amax, plus rtol(float32, n)·∏|a_j|·amax (module docstring); schedule: the (a, b, c) of every
+    step, amax: max |X| of the reference output."""
+    a, b, c = schedule[-1]
+    cond = float(np.prod([abs(t[0]) for t in schedule]))
+    return (C * eps(BF16) * (abs(a) + abs(b) + abs(c)) + rtol(np.float32, n) * cond) * amax
+
+
 def topk_gap(dtype, config, T: int) -> float:
     """Smallest top-k gap (in biased-score units) at which both backends must pick the same experts. The router
     input b carries the rounding of every layer before it, relative size ≲ rtol(dtype, model_reduction_length);
@@ -113,7 +151,7 @@ def check_close(actual, expected, dtype, n, scale=None, what="", recorder=None, 
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != reference {expected.shape}"
     if scale is None:
         scale = float(np.max(np.abs(expected))) if expected.size else 0.0
-    scale = max(float(scale), float(np.finfo(np.dtype(dtype)).tiny))
+    scale = max(float(scale), float(np.finfo(np.float32 if _is_bf16(dtype) else np.dtype(dtype)).tiny))
     err = float(np.max(np.abs(actual - expected))) if expected.size else 0.0
     tol = rtol(dtype, n) * scale if tol is None else float(tol)
     if recorder is not None:
@@ -134,7 +172,7 @@ class Recorder:
         self._props.append(("conformance", self._data))
 
     def note(self, what, dtype, err, tol):
-        key = (self._backend, what, np.dtype(dtype).name)
+        key = (self._backend, what, BF16 if _is_bf16(dtype) else np.dtype(dtype).name)
         old = self._data.get(key)
         if old is None or (err / tol if tol else 0) > (old[0] / old[1] if old[1] else 0):
             self._data[key] = (err, tol)
