@@ -268,3 +268,28 @@ def test_training_step_under_array_api_strict(method, tied):
     assert int(got_opt.pop("step")) == int(want_opt.pop("step")) == 1
     assert_same(got[:12] + (got_opt,) + got[13:], want[:12] + (want_opt,) + want[13:], "step")
     assert want[2] > config.grad_clip_norm  # clipping scaled the gradients
+
+
+def test_a_cupy_array_gets_cupy_with_the_standard_functions_it_lacks(monkeypatch):
+    """CuPy's ndarray has no __array_namespace__ (up to CuPy 15), and CuPy lacks vecdot, a `stable` argsort keyword
+    and a few other standard names: array_namespace gives the operators `cupy` with those written from what it has.
+    Checked with a stand-in module named cupy (no GPU here) built from NumPy without them."""
+    import sys
+    import types
+
+    from trinity.reference.operators.array_module import array_namespace, with_standard_functions
+    fake = types.ModuleType("cupy")
+    for k in dir(np):
+        if not k.startswith("__") and k not in ("vecdot", "concat", "isdtype", "astype", "argsort"):
+            setattr(fake, k, getattr(np, k))
+    fake.argsort = lambda x, axis=-1: np.argsort(x, axis=axis, kind="stable")
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    Array = type("ndarray", (), {"__module__": "cupy._core.core"})
+    xp = array_namespace(None, Array())
+    a = np.random.default_rng(0).standard_normal((3, 4))
+    assert np.allclose(xp.vecdot(a, a, axis=-1), np.vecdot(a, a, axis=-1))
+    ids = np.array([2, 0, 2, 1, 0])
+    assert np.array_equal(xp.argsort(ids, stable=True), np.argsort(ids, stable=True))
+    assert xp.concat([a, a]).shape == (6, 4) and xp.isdtype(a.dtype, "real floating")
+    assert xp.astype(a, np.float32).dtype == np.float32 and xp.sum is np.sum
+    assert with_standard_functions(np) is np  # NumPy lacks none of them

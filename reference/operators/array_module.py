@@ -7,17 +7,53 @@ standard through that `xp` (docs/architecture.md "The xp rule"), so the same cod
 
 from __future__ import annotations
 
+import functools
+import sys
+import types
+
 import numpy as np
 
-__all__ = ["array_namespace"]
+__all__ = ["array_namespace", "with_standard_functions"]
 
 
 def array_namespace(*arrays):
     """The namespace of the first argument that is an Array API array; NumPy when none is (Python scalars, lists,
     None). Arguments from different namespaces are not checked here: the first array's namespace rejects the others
-    when they meet."""
+    when they meet. A CuPy array (whose ndarray has no __array_namespace__ up to CuPy 15) gives `cupy` with the few
+    standard functions it lacks (`with_standard_functions`)."""
     for x in arrays:
         get = getattr(x, "__array_namespace__", None)
         if get is not None:
             return get()
+        if type(x).__module__.split(".")[0] == "cupy":
+            return with_standard_functions(sys.modules["cupy"])
     return np
+
+
+@functools.lru_cache(maxsize=8)
+def with_standard_functions(module):
+    """`module` (a NumPy-like array module) with the Array API functions the operators call that it lacks, written
+    from functions it has: vecdot(a, b, axis) = Σ a·b over axis (real inputs), argsort(x, axis, stable) (a module
+    whose sort takes no `stable` keyword sorts stably, as CuPy's radix sort does), concat = concatenate,
+    isdtype (NumPy's, on the module's NumPy dtypes), astype(x, dtype, copy). The module itself when it lacks none."""
+    missing = {}
+    if not hasattr(module, "vecdot"):
+        missing["vecdot"] = lambda a, b, axis=-1: module.sum(a * b, axis=axis)
+    try:
+        module.argsort(module.asarray([1, 0]), stable=True)
+    except TypeError:
+        missing["argsort"] = lambda x, axis=-1, stable=True, descending=False: (
+            module.argsort(-x if descending else x, axis=axis))
+    if not hasattr(module, "concat"):
+        missing["concat"] = lambda arrays, axis=0: module.concatenate(arrays, axis=axis)
+    if not hasattr(module, "isdtype"):
+        missing["isdtype"] = np.isdtype
+    if not hasattr(module, "astype"):
+        missing["astype"] = lambda x, dtype, copy=True: x.astype(dtype, copy=copy)
+    if not missing:
+        return module
+    namespace = types.SimpleNamespace(**{k: getattr(module, k) for k in dir(module) if not k.startswith("__")})
+    namespace.__name__ = getattr(module, "__name__", "namespace")
+    for name, function in missing.items():
+        setattr(namespace, name, function)
+    return namespace
