@@ -75,7 +75,7 @@ def cost_phase(call) -> str:
     """The cost phase of a scheduled call (module docstring)."""
     if call.kind == "Iallgather":
         return "gather"
-    if call.kind == "Reduce_scatter_block" and call.group in ("fsdp", "efsdp"):
+    if call.kind in ("Reduce_scatter_block", "Ireduce_scatter_block") and call.group in ("fsdp", "efsdp"):
         return "scatter"
     return "exchange" if call.phase in ("forward", "backward") else "step"
 
