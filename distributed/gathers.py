@@ -20,9 +20,9 @@ experts, sharded over efsdp) or "dense" (the rest, over fsdp). `Holding` follows
     end_step      the step's micro-batches ended: the kept buckets are dropped (before the update changes them)
 
 Kept buckets (`kept_gathered`): the flat buckets of the kinds keep_gathered names, of groups of more than one rank,
-in plan order (embed, layers 0…L−1, head: the order of their first gathers), while their gathered bytes (padded
-elements × the itemsize the model computes with) fit in keep_gathered_gib GiB (0: no limit); the first that does not
-fit ends the keeping.
+in plan order (embed, layers 0…L−1, head: the order of their first gathers), each while its gathered bytes (padded
+elements × the itemsize the model computes with) fit in what is left of keep_gathered_gib GiB (0: no limit); one that
+does not fit is not kept, and a later smaller one may still be.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def kept_gathered(refs, options, itemsize: int) -> frozenset:
             continue
         cost = f.padded * itemsize
         if budget and spent + cost > budget:
-            break
+            continue
         kept.add(f.name)
         spent += cost
     return frozenset(kept)

@@ -141,7 +141,8 @@ class Mesh:
     def collective(self, kind: str, group: str, *args, op=None, sent_bytes: int | None = None):
         """Call `kind` (an mpi4py Comm method name) on `group`'s communicator and count the bytes that leave this
         rank, as the ring algorithms move them for a send buffer of s bytes over n ranks: Allreduce 2(n−1)/n·s,
-        Reduce_scatter_block, Ireduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s; Alltoallv passes
+        Reduce_scatter_block, Ireduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s;
+        Alltoallv passes
         `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
         default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
         the non-blocking ones)."""

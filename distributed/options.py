@@ -6,8 +6,8 @@ calls with it, collective by collective, so the cost model prices exactly what r
 
     keep_gathered          "none" | "experts" | "all": the buckets of these kinds stay gathered across the
                            micro-batches of a step (gathered once per step instead of once or twice per micro-batch),
-                           within `keep_gathered_gib` GiB per rank (0: no limit; buckets kept in gather order until
-                           the budget is spent); dropped before the update
+                           within `keep_gathered_gib` GiB per rank (0: no limit; buckets kept in gather order while
+                           each still fits in what is left; gathers.kept_gathered); dropped before the update
     reshard_after_forward  "all" | "dense" | "experts" | "none": the bucket kinds released after their forward
                            (ZeRO-3-like); the others stay gathered until their backward (ZeRO-2-like: one gather
                            per micro-batch instead of two)
@@ -39,7 +39,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-__all__ = ["ParallelOptions", "OPTION_NAMES", "NOT_YET_RUN", "OptionError", "option_value", "wire_itemsize", "wire_dtype"]
+__all__ = ["ParallelOptions", "OPTION_NAMES", "NOT_YET_RUN", "OptionError", "option_value", "wire_itemsize",
+           "wire_dtype"]
 
 CHOICES = {
     "keep_gathered": ("none", "experts", "all"),

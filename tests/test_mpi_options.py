@@ -14,8 +14,11 @@ import pytest
 from trinity.distributed.layout import Layout
 
 from mpi_jobs import requires_mpi, run_mpi
+import test_mpi_train
 from test_mpi_train import (_assert_same_losses, _assert_same_state, _assert_simulate_is_the_job, _checkpoint,
-                            _metrics, _run_dir, data, single)  # noqa: F401 (fixtures)
+                            _metrics, _run_dir)
+
+data, single = test_mpi_train.data, test_mpi_train.single  # its fixtures: the data and the single-process run
 
 pytestmark = requires_mpi
 
