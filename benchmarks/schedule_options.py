@@ -1,12 +1,15 @@
 """The cluster mode's step before and after the schedule options: bytes per step and step time, side by side in one run.
 
     python benchmarks/schedule_options.py [--layouts "dp_shard=4,ep=4;…"] [--options "A;B"] [--rounds 1] [--steps 3]
+                                          [--seq-len 512] [--sequences 8]
 
 Every job is `mpiexec -n ranks python -m mpi4py -m trinity.cli train run.toml --mesh LAYOUT[,OPTIONS]` of
 `bench-medium` (float32, numba backend, one thread per rank: NUMBA_NUM_THREADS=1) on the same synthetic data and
 run file (benchmarks/bench_jobs.py): 8 sequences per step in micro-batches of 1, so each data-parallel rank runs
-8/dp ≥ 2 micro-batches. The layouts are benchmarks/comm_volume.py's (each at its own number of ranks); for each, the
-plain schedule and each options set run one after the other, round after round, so the machine's noise falls on all.
+8/dp ≥ 2 micro-batches. The layouts are benchmarks/comm_volume.py's (each at its own number of ranks; by default the
+two the issue's acceptance names, --layouts any of them; cp = 4 needs --seq-len 1024 for bench-medium's window of
+128); for each, the plain schedule and each options set run one after the other, round after round, so the machine's
+noise falls on all.
 
 bytes/step: what rank 0 sent in a step, counted by its mesh (metrics.jsonl's comm_bytes summed over its collectives
 and groups; every rank's schedule is
@@ -23,10 +26,9 @@ import sys
 
 from bench_jobs import make_run_folder, mpiexec_command, train
 
-from comm_volume import LAYOUTS
-
 from trinity.distributed.layout import Layout
 
+LAYOUTS = ["dp_shard=4,ep=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"]  # of benchmarks/comm_volume.py's
 OPTIONS = ["keep_gathered=all,reshard_after_forward=none,reduce_gradients=step",
            "keep_gathered=all,reshard_after_forward=none,reduce_gradients=step,async_reduce=true",
            "async_reduce=true"]
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
                                                                   "%(default)s)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3, help="steps per job (the first not timed)")
-    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--sequences", type=int, default=8, help="sequences per step (the global batch)")
     args = ap.parse_args(argv)
     layouts = [Layout.parse(t.strip()) for t in args.layouts.split(";") if t.strip()]

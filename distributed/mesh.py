@@ -142,9 +142,8 @@ class Mesh:
         """Call `kind` (an mpi4py Comm method name) on `group`'s communicator and count the bytes that leave this
         rank, as the ring algorithms move them for a send buffer of s bytes over n ranks: Allreduce 2(n−1)/n·s,
         Reduce_scatter_block, Ireduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s;
-        Alltoallv passes
-        `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
-        default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
+        Alltoallv passes `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX
+        (sum is the default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
         the non-blocking ones)."""
         n = self.group_size[group]
         if self.faults is not None:

@@ -21,7 +21,17 @@ rank `rank` holds at the peak of each phase of a run (the parallel plan, plan.py
                W(l) + F(l) + G(l−1); at the head G(head) or F(head), + G(L−1) + W(head); at the embedding W(0) +
                W(embed) + F(embed); a tied head's gradient at every one (an untied head's goes after its hand-back).
                F(b) is the flat gradient and, over more than two ranks, one column chunk's buffers of the ordered
-               reduce-scatter (mesh.REDUCE_CHUNK_BYTES). Measured with tracemalloc on bench-medium at 4 ranks: 1-2 % below this count
+               reduce-scatter (mesh.REDUCE_CHUNK_BYTES). Measured with tracemalloc on bench-medium at 4 ranks: 1-2 %
+               below this count. The schedule options (gathers.py's rules) change it: buckets reshard_after_forward
+               leaves gathered stay from their forward to their backward (below layer l at l's backward, every one
+               at the loss: `left_gathered`); a posted reduce-scatter (async_reduce) keeps the previous hand-back's F
+               during a layer's backward, its received blocks whole (mesh._OrderedReduceScatter) instead of a chunk;
+               with reduce_gradients="step" F is only the flat gradient added into the sums; a wire dtype other
+               than the parameters' adds its buffers (G: the received vector; F: the cast gradient)
+  kept_gathered
+               the buckets keep_gathered holds across the step's micro-batches (gathers.kept_gathered), held in the
+               backward and the loss; with reduce_gradients="step" the step's gradients are whole local flat
+               buckets ("grads_whole") there, and at the update beside the shards end_gradients makes of them
   activations, logits, workspace
                one micro-batch at this rank's positions: B sequences of T/cp tokens, counted by
                reference/training/memory.step_working_set (routed rows under EP: the mean, N·K, arrive at a rank)

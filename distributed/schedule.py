@@ -21,10 +21,12 @@ the tag of the gather that posted it.
 
 One micro-batch. Gather order (`gather_order`): forward embed, layers 0…L−1, head (and embed again when tied to the
 head), backward head (embed), layers L−1…0. After each gather the next bucket of the order is posted (Iallgather)
-unless it is still held; a bucket neither held nor posted is gathered when asked.
-  Iallgather [fsdp|efsdp]       per flat bucket of the gathered model bucket: (n−1)·shard·q_g
+unless it is still held; a bucket neither held nor posted is gathered when asked. What is held, kept across
+micro-batches and dropped is gathers.Holding's rule (the layout's schedule options; the seam runs the same object).
+  Iallgather [fsdp|efsdp]       per flat bucket of the gathered model bucket not held: (n−1)·shard·q_g
   Reduce_scatter_block [same]   per flat bucket when the model bucket's gradients are handed back (head, layers L−1…0,
-                                embed): ⌊(n−1)/n · n·shard·q_r⌋
+                                embed): ⌊(n−1)/n · n·shard·q_r⌋ (Ireduce_scatter_block under async_reduce; none
+                                with reduce_gradients="step")
   per layer, forward (again in the backward under recompute), attention before the MoE:
   Allgather cp                  global layer (window None or ≥ T): k,v (cp−1)·2·B·Tl·h_kv·d_h·q_a; doc ids (cp−1)·B·Tl·8
   Alltoallv cp                  sliding layer, halo h = w−1 > 0: k,v ν·2·B·h·h_kv·d_h·q_a, doc ids ν·B·h·8, where ν is
@@ -37,8 +39,17 @@ unless it is still held; a bucket neither held nor posted is gathered when asked
   (sliding: the halos' gradients, ν·2·B·h·h_kv·d_h·q_a)
   Allreduce cp                  after the forward, per MoE layer: the balance loss's per-sequence counts B·E·q_a
                                 (when balance_loss_coeff > 0)
+Schedule options (options.py; one rule each, in gathers.py or here): keep_gathered: the kept flat buckets are
+gathered in the step's first micro-batch only (without counts the block of the first micro-batch, then one block
+repeated m−1 times); reshard_after_forward: a bucket of a kind it leaves gathered is gathered once per micro-batch
+(its backward holds it); reduce_gradients="step": the reduce-scatters move to the step's end; gather_dtype and
+reduce_dtype: q_g and q_r (of the gradient reductions; Muon's exchanges keep the caller's) are their itemsizes
+("param": the caller's Itemsizes); async_reduce: the kind is Ireduce_scatter_block. Kept buckets are counted at the
+caller's q_g (what the model computes with), against keep_gathered_gib.
 Once per step:
-  reductions    Allreduce dp_replicate per flat bucket shard·q_r; Allreduce cp of the micro-batch losses m·8; Allreduce
+  reductions    with reduce_gradients="step", per flat bucket of a group of n > 1, in plan order, tagged (reductions,
+                its model bucket): Reduce_scatter_block [fsdp|efsdp] ⌊(n−1)/n · n·shard·q_r⌋; then
+                Allreduce dp_replicate per flat bucket shard·q_r; Allreduce cp of the micro-batch losses m·8; Allreduce
                 world per MoE layer E·8 (expert counts), 4·8 (loss parts); Allreduce fsdp 8 (gradient norm²); Allreduce
                 world 8 (logits max), 8 (logits mean); Allreduce dp 8, 8 (BatchHet's max and sum, when m·dp ≥ 2)
   optimizer     per Muon flat bucket, n > 1, two Alltoallv [its group]: #1 the rank's elements of matrices owned by
@@ -48,8 +59,8 @@ Once per step:
   control       the trainer's stop agreement after the line: Allreduce world 8 (`control=False`: neither, for a step
                 run without the trainer)
 An evaluation (training/evaluation.py, `eval_program`) is a micro-batch's forward alone, per micro-batch of each
-eval batch, its calls tagged "eval/<phase>" (the seams' end_forward restarts the gather order: nothing is posted
-past the head), then one Allreduce world of its sums ((5 + E·MoE layers)·8: ce, z, balance, tokens, bytes and the
+eval batch, its calls tagged "eval/<phase>" (the seams' end_forward drops what the forward held and restarts the
+gather order: nothing is posted past the head, nothing kept across an evaluation's micro-batches), then one Allreduce world of its sums ((5 + E·MoE layers)·8: ce, z, balance, tokens, bytes and the
 expert counts). The trainer evaluates after a step's metrics line, before its checkpoint and stop agreement.
 A step that saves a checkpoint calls the checkpoint's collectives (phase "checkpoint") before the stop agreement; they
 are not in this schedule (their sizes are those of JSON payloads).
