@@ -11,14 +11,20 @@ Dense buckets are sharded over "fsdp" (the dp_shard·cp ranks of a replica); a M
 own bucket "3.experts" holding only this ep rank's experts [E/ep, …], sharded over "efsdp" (the ranks holding the
 same experts). expert_bias is replicated: every rank moves it identically from the all-reduced counts.
 
-The seams (reference/model/seams.py), for the model code:
-    gather_params(params, b)   Allgather of b's buckets → views of the full arrays; the next bucket's gather is
-                               posted (Iallgather) before returning, so it travels while this one computes
-    release_params(b)          the gathered arrays are dropped
+The seams (reference/model/seams.py), for the model code (what they gather, keep and drop: gathers.py's rules under
+the layout's schedule options, options.py):
+    gather_params(params, b)   Iallgather of b's flat buckets not held → views of the full arrays; the next bucket's
+                               gathers are posted before returning, so they travel while this one computes
+    release_params(b)          the gathered arrays are dropped (kept ones, and those reshard_after_forward leaves for
+                               the backward, stay)
     hand_back_grads(b, grads)  Reduce_scatter_block of b's flat gradient within the bucket's group (the sum over
-                               every rank holding different tokens or experts' rows); returns {shard name: this
-                               rank's summed shard}. The sum over dp_replicate follows once per step, after the
-                               micro-batches (training/step.py: mesh.sum(…, "dp_replicate"), an Allreduce per shard)
+                               every rank holding different tokens or experts' rows; Ireduce_scatter_block under
+                               async_reduce); returns {shard name: this rank's summed shard}. With
+                               reduce_gradients="step" the whole local flat gradient is kept and summed over the
+                               micro-batches instead
+    end_gradients(grads)       after the micro-batches: the kept buckets dropped, the accumulated gradients
+                               reduce-scattered (reduce_gradients="step"), then the sum over dp_replicate, an
+                               Allreduce per shard
 A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole bucket and only dp_replicate reduces.
 """
 
@@ -32,7 +38,9 @@ import numpy as np
 from trinity.reference.model.params import bucket_of, is_expert_bias, param_shapes
 from trinity.reference.model.seams import LINEAR_CTX, linear_ctx_weight
 
-from .schedule import gather_order
+from .gathers import Holding, flat_refs
+from .mesh import movable as _movable
+from .options import wire_dtype
 from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, expert_range, is_routed_expert
 
 __all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "plan_buckets", "expert_slice",
@@ -194,73 +202,110 @@ def _flat_gradient(b: FlatBucket, grads: dict) -> np.ndarray:
 class ShardedParamSeams:
     """The parameter-gather seam over ShardedParams (a mixin of ParallelOps: needs self.mesh and self.config).
 
-    Prefetch follows the order a micro-batch asks for buckets: forward embed, 0 … L−1, head (and embed again when
-    the head is tied to it), backward L−1 … 0; after each gather the next bucket of that order is posted. Nothing
-    is posted past the end of a micro-batch (its parameters change at the update)."""
+    What is gathered, prefetched, kept and dropped is gathers.Holding's rule (the schedule options of the mesh's
+    layout); this class moves the data: Iallgathers into buffers of gather_dtype, each whole bucket brought back to
+    the parameters' dtype on arrival (`_flats`: flat bucket name → its gathered padded vector), and the gradients'
+    reduce-scatters (per micro-batch at each hand-back, or once per step in end_gradients; blocking, or posted with
+    one hand-back in flight under async_reduce)."""
 
     def _init_sharding(self):
-        self._gathered: dict = {}  # model bucket → {key: full array}
+        self._gathered: dict = {}  # model bucket → {key: full array}, from its gather until its release
         self._weight_key: dict = {}  # id of a gathered linear weight → (bucket, key)
         self._buffers: list = []  # weak references to the gathered flat buffers
-        self._in_flight: dict = {}  # model bucket → [(FlatBucket, request or None, receive buffer)]
+        self._flats: dict = {}  # flat bucket name → its gathered padded vector (in the parameters' dtype)
+        self._in_flight: dict = {}  # flat bucket name → (request or None, receive buffer, send buffer)
+        self._reducing: list = []  # the posted reduce-scatters of the last hand-back (async_reduce)
         self._buckets = plan_buckets(self.config, self.mesh)
+        self._by_name = {b.name: b for b in self._buckets}
         self._by_model_bucket: dict = {}
         for b in self._buckets:
             self._by_model_bucket.setdefault(b.model_bucket, []).append(b)
-        self._sequence, self._forward_gathers = gather_order(self.config)  # the plan's schedule's order
-        self._position = 0
+        self._options = self.mesh.layout.options
+        self._holding = None  # gathers.Holding, made at the first gather (its budget counts the params' itemsize)
+
+    def _hold(self, params) -> Holding:
+        if self._holding is None:
+            self._dtype = params.shards[self._buckets[0].shard_name].dtype
+            self._holding = Holding(self.config, flat_refs(self.config, self.mesh.layout), self._options,
+                                    self._dtype.itemsize)
+        return self._holding
+
+    def held_buckets(self) -> list:
+        """The flat buckets gathered now (nothing between steps: the update changes their shards)."""
+        return sorted(self._flats)
 
     def gather_params(self, params, bucket):
         if not isinstance(params, ShardedParams):
             return params
-        at = self._place(bucket)
-        if at is not None:  # for traces: the forward's gathers come first in the order, then the backward's
-            self.mesh.set_phase("forward" if at < self._forward_gathers else "backward", bucket)
+        phase, now, missing, prefetch = self._hold(params).gather(bucket)
+        if phase is not None:  # for traces: the forward's gathers come first in the order, then the backward's
+            self.mesh.set_phase(phase, bucket)
+        for f in now:
+            self._post(params, self._by_name[f.name])
+        for f in missing:
+            self._arrive(f.name)
         if bucket not in self._gathered:
-            self._gathered[bucket] = self._finish_gather(params, bucket)
-        self._prefetch(params, at)
+            self._gathered[bucket] = self._arrays(params, bucket)
+        for f in prefetch:
+            self._post(params, self._by_name[f.name])
         return self._gathered[bucket]
 
     def release_params(self, bucket) -> None:
         for key, array in self._gathered.pop(bucket, {}).items():
             if self._weight_key.get(id(array)) == (bucket, key):
                 del self._weight_key[id(array)]
+        if self._holding is not None:
+            for f in self._holding.release(bucket):
+                self._flats.pop(f.name, None)
 
     def end_forward(self) -> None:
-        """A forward that no backward follows ended (evaluation): the order restarts at the next micro-batch's first
-        gather. The forward's last gather (the head) posts only buckets it holds itself, so nothing is in flight."""
+        """A forward that no backward follows ended (evaluation): what it holds is dropped and the order restarts
+        at the next micro-batch's first gather. The forward's last gather (the head) posts only buckets it holds
+        itself, so nothing is in flight."""
         if self._in_flight:
-            raise RuntimeError(f"end_forward: buckets {sorted(map(str, self._in_flight))} are still in flight")
-        self._position = 0
+            raise RuntimeError(f"end_forward: buckets {sorted(self._in_flight)} are still in flight")
+        if self._holding is not None:
+            self._holding.end_forward()
+        self._flats.clear()
 
-    def _start_gather(self, params, bucket):
-        posted = []
-        for b in self._by_model_bucket.get(bucket, []):
-            shard = params.shards[b.shard_name]
-            if b.n == 1:
-                posted.append((b, None, shard))
-                continue
-            flat = np.empty(b.padded, dtype=shard.dtype)
-            posted.append((b, self.mesh.collective("Iallgather", b.group, np.ascontiguousarray(shard), flat), flat))
+    def _post(self, params, b: FlatBucket) -> None:
+        shard = params.shards[b.shard_name]
+        if b.n == 1:
+            self._in_flight[b.name] = (None, shard, None)
+            return
+        wire = wire_dtype(self._options.gather_dtype, shard.dtype)
+        send = np.ascontiguousarray(shard if wire == shard.dtype else shard.astype(wire))
+        flat = np.empty(b.padded, dtype=wire)
+        request = self.mesh.collective("Iallgather", b.group, _movable(send), _movable(flat))
+        self._in_flight[b.name] = (request, flat, send)
+
+    def _arrive(self, name: str) -> None:
+        """The flat bucket's gathered vector once its gather arrived, in the parameters' dtype."""
+        request, flat, _ = self._in_flight.pop(name)
+        if request is not None:
+            request.Wait()
+            dtype = self._param_dtype()
+            if flat.dtype != dtype:
+                flat = flat.astype(dtype)
             self._buffers = [r for r in self._buffers if r() is not None] + [weakref.ref(flat)]
-        self._in_flight[bucket] = posted
+        self._flats[name] = flat
+
+    def _param_dtype(self):
+        return self._dtype
 
     def gathered_bytes(self) -> int:
         """Bytes of gathered flat buffers still alive (in flight, in use, or kept by something: the FSDP memory
         beyond this rank's shards)."""
         return sum(buf.nbytes for buf in (r() for r in self._buffers) if buf is not None)
 
-    def _finish_gather(self, params, bucket) -> dict:
-        """The bucket's arrays once its gathers arrived. The linear layers' weights (and the routed experts, which
-        no ctx keeps) stay views of the gathered flat buffers; every other array (norm gains, the router) is copied
-        out, so that what a ctx keeps until the backward never holds a flat buffer: releasing the bucket frees it."""
-        if bucket not in self._in_flight:
-            self._start_gather(params, bucket)
+    def _arrays(self, params, bucket) -> dict:
+        """The bucket's arrays from its gathered flat buckets. The linear layers' weights (and the routed experts,
+        which no ctx keeps) are views of the gathered flat buffers; every other array (norm gains, the router) is
+        copied out, so that what a ctx keeps until the backward never holds a flat buffer: dropping the bucket
+        frees it."""
         arrays = {}
-        for b, request, flat in self._in_flight.pop(bucket):
-            if request is not None:
-                request.Wait()
-            for key, view in b.views(flat).items():
+        for b in self._by_model_bucket.get(bucket, []):
+            for key, view in b.views(self._flats[b.name]).items():
                 if _is_linear_weight(key):
                     arrays[key] = view
                     self._weight_key[id(view)] = (bucket, key)
@@ -287,52 +332,103 @@ class ShardedParamSeams:
         if isinstance(ctx, tuple) and len(ctx) == 2 and isinstance(ctx[1], GatheredWeight):
             bucket, key = ctx[1]
             if bucket not in self._gathered:
-                raise RuntimeError(f"linear_backward: bucket {bucket!r} is not gathered (gather it before its backward)")
+                raise RuntimeError(f"linear_backward: bucket {bucket!r} is not gathered (gather it before its "
+                                   f"backward)")
             ctx = (ctx[0], self._gathered[bucket][key])
         return self.base.linear_backward(ctx, dy)
 
-    def _place(self, bucket):
-        """Where this gather of `bucket` falls in a micro-batch's order (the next occurrence from the current
-        position; None for a bucket outside the order)."""
-        seq = self._sequence
-        at = next((i for i in range(self._position, len(seq)) if seq[i] == bucket), None)
-        return seq.index(bucket) if at is None and bucket in seq else at
-
-    def _prefetch(self, params, at):
-        if at is None:
-            return
-        seq = self._sequence
-        self._position = at + 1
-        if self._position < len(seq):
-            nxt = seq[self._position]
-            if nxt not in self._gathered and nxt not in self._in_flight:
-                self._start_gather(params, nxt)
-        else:
-            self._position = 0  # the micro-batch is done: the next gather starts a new one
-
+    # ---- gradients ----------------------------------------------------------------------------------------------
     def hand_back_grads(self, bucket, grads: dict, into: dict | None = None) -> dict:
-        """Each flat bucket's reduce-scattered shard of the bucket's gradients (seams.py); with `into`, each shard is
-        added into the earlier sum there (in place, the step's micro-batch order) and that array is returned."""
+        """What the step keeps of the bucket's gradients (seams.py): each flat bucket's reduce-scattered shard, or
+        with reduce_gradients="step" its whole local flat gradient (reduce-scattered in end_gradients); with
+        `into`, added into the earlier sum there (in place, the step's micro-batch order) and that array is
+        returned. Under async_reduce a returned shard is filled when its reduce-scatter is waited for: at the
+        next hand-back, and at the micro-batch's last (the embedding's) for its own."""
         self.mesh.set_phase("backward", bucket)  # (for traces)
-        if bucket == "embed":
-            self._position = 0
+        if self._holding is not None:
+            self._holding.hand_back(bucket)
+        whole = self._options.reduce_gradients == "step"
+        if not whole:
+            self._wait_reductions()
         out = {}
         for b in self._by_model_bucket.get(bucket, []):
             flat = _flat_gradient(b, grads)
-            if b.n == 1:
-                shard = flat
+            if whole or b.n == 1:
+                if into is not None:
+                    into[b.shard_name] += flat
+                    flat = into[b.shard_name]
+                out[b.shard_name] = flat
             else:
-                shard = np.empty(b.shard_size, dtype=flat.dtype)
-                self.mesh.collective("Reduce_scatter_block", b.group, flat, shard)
+                out[b.shard_name] = self._reduce_scatter(b, flat, into)
             del flat
-            if into is not None:
-                into[b.shard_name] += shard
-                shard = into[b.shard_name]
-            out[b.shard_name] = shard
         for k, v in grads.items():
             if is_expert_bias(k):
                 if into is not None:
                     into[k] += v
                     v = into[k]
                 out[k] = v
+        if bucket == "embed":
+            self._wait_reductions()
         return out
+
+    def end_gradients(self, grads: dict, mesh=None) -> dict:
+        """The step's micro-batches ended (seams.py): the kept buckets are dropped, with reduce_gradients="step"
+        each flat bucket's accumulated gradient is reduce-scattered (phase "reductions", in plan order), then
+        every shard is summed over dp_replicate (in reduce_dtype)."""
+        self._wait_reductions()
+        if self._holding is not None:
+            self._holding.end_step()
+        self._flats.clear()
+        grads = dict(grads)
+        if self._options.reduce_gradients == "step":
+            for b in self._buckets:
+                if b.n > 1:
+                    self.mesh.set_phase("reductions", b.model_bucket)
+                    grads[b.shard_name] = self._reduce_scatter(b, grads[b.shard_name], None)
+            self._wait_reductions()
+            self.mesh.set_phase("reductions")
+        if self.mesh.sizes["dp_replicate"] > 1:
+            for k, g in grads.items():
+                if not is_expert_bias(k):
+                    wire = wire_dtype(self._options.reduce_dtype, g.dtype)
+                    grads[k] = self.mesh.sum(g if wire == g.dtype else g.astype(wire), "dp_replicate").astype(
+                        g.dtype, copy=False)
+        return grads
+
+    def _reduce_scatter(self, b: FlatBucket, flat: np.ndarray, into: dict | None) -> np.ndarray:
+        """This rank's shard of the sum of `flat` over b's group, added into `into[b.shard_name]` when given:
+        blocking, or posted (async_reduce) into an array filled at _wait_reductions."""
+        wire = wire_dtype(self._options.reduce_dtype, flat.dtype)
+        send = np.ascontiguousarray(flat if wire == flat.dtype else flat.astype(wire))
+        shard = np.empty(b.shard_size, dtype=wire)
+        target = into[b.shard_name] if into is not None else None
+        if not self._options.async_reduce:
+            self.mesh.collective("Reduce_scatter_block", b.group, send, shard)
+            return _land(shard, target, flat.dtype)
+        if self._reducing and self._options.reduce_gradients == "step":
+            self._wait_reductions()  # one in flight at a time
+        if target is None:
+            target = np.empty(b.shard_size, dtype=flat.dtype)
+            fill = True
+        else:
+            fill = False
+        request = self.mesh.collective("Ireduce_scatter_block", b.group, send, shard)
+        self._reducing.append((request, send, shard, target, fill))
+        return target
+
+    def _wait_reductions(self) -> None:
+        for request, _, shard, target, fill in self._reducing:
+            request.Wait()
+            if fill:
+                target[...] = shard
+            else:
+                target += shard.astype(target.dtype, copy=False)
+        self._reducing = []
+
+
+def _land(shard: np.ndarray, target, dtype) -> np.ndarray:
+    """A reduce-scatter's result in the parameters' dtype, added into `target` when given (and returned)."""
+    if target is None:
+        return shard if shard.dtype == dtype else shard.astype(dtype)
+    target += shard.astype(dtype, copy=False)
+    return target

@@ -138,6 +138,7 @@ class Layout:
         waiting = [name for name in self.options.changed() if name in NOT_YET_RUN]
         if waiting:
             why.append(f"the schedule option(s) {', '.join(waiting)} are not run by the cluster mode yet")
+        why.extend(self.options.unavailable())
         if self.world_size != world_size:
             why.append(f"dp_replicate·dp_shard·cp = {self.world_size}, but the job has {world_size} "
                        f"rank{'s' if world_size != 1 else ''}")

@@ -28,7 +28,7 @@ from .layout import Layout
 from .plan import GROUPS, ParallelPlan, check_group
 from .schedule import sent_bytes as ring_bytes
 
-__all__ = ["Mesh", "GROUPS", "allgather_json", "group_members"]
+__all__ = ["Mesh", "GROUPS", "allgather_json", "group_members", "movable"]
 
 
 class Mesh:
@@ -141,9 +141,9 @@ class Mesh:
     def collective(self, kind: str, group: str, *args, op=None, sent_bytes: int | None = None):
         """Call `kind` (an mpi4py Comm method name) on `group`'s communicator and count the bytes that leave this
         rank, as the ring algorithms move them for a send buffer of s bytes over n ranks: Allreduce 2(n−1)/n·s,
-        Reduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s; Alltoallv passes
-        `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX (sum is the
-        default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
+        Reduce_scatter_block, Ireduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s;
+        Alltoallv passes `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX
+        (sum is the default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
         the non-blocking ones)."""
         n = self.group_size[group]
         if self.faults is not None:
@@ -170,9 +170,14 @@ class Mesh:
             return self._checked(kind, group, args, op)
         if op == "max":
             return getattr(comm, kind)(*args, op=_max_op(comm))
-        if kind == "Reduce_scatter_block" and n > 2:
+        # sums over more than two ranks in rank order; a bfloat16 sum moved as bits and added here (MPI cannot)
+        ordered = kind in ("Reduce_scatter_block", "Ireduce_scatter_block", "Allreduce") and (
+            n > 2 or _foreign(args[0]))
+        if kind == "Reduce_scatter_block" and ordered:
             return _ordered_reduce_scatter_chunked(comm, *args)
-        if kind == "Allreduce" and n > 2:
+        if kind == "Ireduce_scatter_block" and ordered:
+            return _OrderedReduceScatter(comm, *args)
+        if kind == "Allreduce" and ordered:
             return _ordered_reduce(comm, kind, *args)
         return getattr(comm, kind)(*args)
 
@@ -195,6 +200,9 @@ class Mesh:
                     f"{group} group at step {step} ({phase}): its crc32 does not match")
 
         moves = Checked(self.groups[group], describe)
+        if kind == "Ireduce_scatter_block":  # checked at once: the request returned is complete
+            _ordered_reduce(moves, "Reduce_scatter_block", *args)
+            return _Done()
         if kind in ("Allreduce", "Reduce_scatter_block"):
             return _ordered_reduce(moves, kind, *args, combine=np.maximum if op == "max" else np.add)
         return getattr(moves, kind)(*args)
@@ -219,6 +227,47 @@ class _WatchedRequest:
         return getattr(self._request, name)
 
 
+def movable(a: np.ndarray) -> np.ndarray:
+    """A buffer MPI can move: a bfloat16 array (ml_dtypes, for which MPI has no datatype) as its uint16 bits."""
+    return a.view(np.uint16) if _foreign(a) else a
+
+
+def _foreign(a) -> bool:
+    """Whether an array's dtype is one MPI has no datatype for (ml_dtypes' bfloat16)."""
+    dtype = getattr(a, "dtype", None)
+    return dtype is not None and (dtype.name == "bfloat16" or dtype.kind == "V")
+
+
+class _Done:
+    """The request of a non-blocking call that completed at once."""
+
+    def Wait(self, status=None) -> None:
+        return None
+
+    def Test(self, status=None) -> bool:
+        return True
+
+
+class _OrderedReduceScatter:
+    """A non-blocking reduce-scatter (Ireduce_scatter_block) with the terms added in rank order, as _ordered_reduce:
+    an Ialltoall of the n blocks posted now, and at Wait() each rank adds the n blocks it received in order. The
+    received blocks are a buffer of the send buffer's size until then."""
+
+    def __init__(self, comm, send, recv):
+        self._n = comm.Get_size()
+        self._send = np.ascontiguousarray(send).reshape(-1)  # alive until Wait, as MPI requires
+        self._blocks = np.empty_like(self._send)
+        self._recv = np.asarray(recv).reshape(-1)
+        self._request = comm.Ialltoall(movable(self._send), movable(self._blocks))
+
+    def Wait(self, status=None) -> None:
+        if self._request is None:
+            return
+        self._request.Wait()
+        _combine_rows(self._blocks.reshape(self._n, -1), self._recv, np.add)
+        self._request = self._send = self._blocks = None
+
+
 def _ordered_reduce(comm, kind: str, send, recv, combine=np.add) -> None:
     """Allreduce / Reduce_scatter_block (sum, or `combine` np.maximum) over more than two ranks with the terms added
     in rank order, x₀ + x₁ + x₂ + …, whatever the MPI library: the same bits under mpiexec as on virtual ranks, and
@@ -234,18 +283,18 @@ def _ordered_reduce(comm, kind: str, send, recv, combine=np.add) -> None:
     flat = np.ascontiguousarray(send).reshape(-1)
     if kind == "Reduce_scatter_block":
         blocks = np.empty_like(flat)
-        comm.Alltoall(flat, blocks)
+        comm.Alltoall(movable(flat), movable(blocks))
         _combine_rows(blocks.reshape(n, -1), np.asarray(recv).reshape(-1), combine)
         return None
     m = -(-flat.size // n)
     padded = np.zeros(n * m, dtype=flat.dtype)
     padded[:flat.size] = flat
     blocks = np.empty_like(padded)
-    comm.Alltoall(padded, blocks)
+    comm.Alltoall(movable(padded), movable(blocks))
     mine = np.empty(m, dtype=flat.dtype)
     _combine_rows(blocks.reshape(n, m), mine, combine)
     whole = np.empty(n * m, dtype=flat.dtype)
-    comm.Allgather(mine, whole)
+    comm.Allgather(movable(mine), movable(whole))
     np.asarray(recv).reshape(-1)[:] = whole[:flat.size]
     return None
 
@@ -267,7 +316,7 @@ def _ordered_reduce_scatter_chunked(comm, send, recv) -> None:
         b = min(m, a + width)
         piece = np.ascontiguousarray(rows[:, a:b])
         got = np.empty_like(piece)
-        comm.Alltoall(piece.reshape(-1), got.reshape(-1))
+        comm.Alltoall(movable(piece.reshape(-1)), movable(got.reshape(-1)))
         _combine_rows(got, out[a:b], np.add)
 
 

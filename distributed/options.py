@@ -6,8 +6,8 @@ calls with it, collective by collective, so the cost model prices exactly what r
 
     keep_gathered          "none" | "experts" | "all": the buckets of these kinds stay gathered across the
                            micro-batches of a step (gathered once per step instead of once or twice per micro-batch),
-                           within `keep_gathered_gib` GiB per rank (0: no limit; buckets kept in gather order until
-                           the budget is spent); dropped before the update
+                           within `keep_gathered_gib` GiB per rank (0: no limit; buckets kept in gather order while
+                           each still fits in what is left; gathers.kept_gathered); dropped before the update
     reshard_after_forward  "all" | "dense" | "experts" | "none": the bucket kinds released after their forward
                            (ZeRO-3-like); the others stay gathered until their backward (ZeRO-2-like: one gather
                            per micro-batch instead of two)
@@ -19,13 +19,20 @@ calls with it, collective by collective, so the cost model prices exactly what r
                            balance stated by the plan (ParallelPlan.muon_balance, plan.owners_of)
     cp_exchange            "all" | "read": context-parallel global layers gather every chunk, or only the chunks a
                            rank's queries read (causal: a rank never reads chunks after its last one)
-    gather_dtype           "param" | "float32" | "bfloat16": the dtype parameters are gathered in
-    reduce_dtype           "param" | "float32" | "bfloat16": the dtype gradients are reduced in
-    async_reduce           false | true: gradient reduce-scatters posted as the backward hands them back and waited
-                           for at the end of the micro-batch (non-blocking) instead of at once
+    gather_dtype           "param" | "float32" | "bfloat16": the dtype parameters are gathered in (each shard
+                           rounded to it, gathered, and the whole bucket brought back to the parameters' dtype; a
+                           group of one rank moves nothing and rounds nothing)
+    reduce_dtype           "param" | "float32" | "bfloat16": the dtype gradients are reduced in (the reduce-scatters
+                           and the replicas' all-reduce: rounded to it, summed in it, brought back)
+    async_reduce           false | true: gradient reduce-scatters posted non-blocking (Ireduce_scatter_block) as
+                           the backward hands them back; a hand-back first waits for the previous one's (one in
+                           flight at a time), and the last of a micro-batch (the embedding's) for its own
 
 They are written in a layout's text after its sizes ("dp_shard=4,ep=4,keep_gathered=all,reduce_gradients=step";
-layout.py), and in the run file's [parallel] section as keys of their own.
+layout.py), and in the run file's [parallel] section as keys of their own. The gather rules they change are stated
+once in gathers.py, the collectives in schedule.py. "param" dtypes keep the parameters' own (float32 or float64 on
+the CPU); bfloat16 needs the ml_dtypes package (a layout naming it is refused without it). An evaluation's forward
+gathers as a step's and keeps nothing across its micro-batches.
 """
 
 from __future__ import annotations
@@ -33,7 +40,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
-__all__ = ["ParallelOptions", "OPTION_NAMES", "NOT_YET_RUN", "OptionError", "option_value"]
+__all__ = ["ParallelOptions", "OPTION_NAMES", "NOT_YET_RUN", "OptionError", "option_value", "wire_itemsize",
+           "wire_dtype"]
 
 CHOICES = {
     "keep_gathered": ("none", "experts", "all"),
@@ -91,12 +99,49 @@ class ParallelOptions:
         """Whether buckets of `kind` ("dense" or "experts") are released after their forward."""
         return self.reshard_after_forward == "all" or self.reshard_after_forward == kind
 
+    def unavailable(self) -> list[str]:
+        """Why these options cannot run on this machine (one phrase each; [] when they can)."""
+        wanted = [name for name in ("gather_dtype", "reduce_dtype") if getattr(self, name) == "bfloat16"]
+        if wanted and _bfloat16() is None:
+            return [f"{' and '.join(wanted)} = bfloat16 needs the ml_dtypes package (pip install ml_dtypes)"]
+        return []
+
+
+def wire_itemsize(choice: str, itemsize: int) -> int:
+    """Bytes per element moved under a dtype option (gather_dtype, reduce_dtype): `itemsize` (the parameters' or the
+    caller's) for "param"."""
+    return itemsize if choice == "param" else WIRE_ITEMSIZE[choice]
+
+
+def wire_dtype(choice: str, dtype):
+    """The numpy dtype a dtype option moves `dtype`'s arrays in; OptionError in one line when bfloat16 is asked for
+    without ml_dtypes."""
+    import numpy as np
+    if choice == "param":
+        return np.dtype(dtype)
+    if choice == "float32":
+        return np.dtype(np.float32)
+    bf16 = _bfloat16()
+    if bf16 is None:
+        raise OptionError("bfloat16 gathers or reductions need the ml_dtypes package (pip install ml_dtypes)")
+    return bf16
+
+
+def _bfloat16():
+    """ml_dtypes' bfloat16 dtype, or None when ml_dtypes is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    import numpy as np
+    return np.dtype(ml_dtypes.bfloat16)
+
 
 OPTION_NAMES = tuple(f.name for f in fields(ParallelOptions))
 # Options written and checked but not yet run by the cluster mode: a layout that sets one is refused (Layout.check)
 # instead of silently running the default schedule. Each leaves this set with the code that runs it.
-NOT_YET_RUN = {"keep_gathered", "keep_gathered_gib", "reshard_after_forward", "reduce_gradients", "cp_exchange",
-               "gather_dtype", "reduce_dtype", "async_reduce"}
+NOT_YET_RUN = {"cp_exchange"}
+WIRE_ITEMSIZE = {"float32": 4, "bfloat16": 2}  # bytes per element of a dtype option other than "param"
 
 
 def _show(value) -> str:

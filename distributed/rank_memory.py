@@ -21,7 +21,17 @@ rank `rank` holds at the peak of each phase of a run (the parallel plan, plan.py
                W(l) + F(l) + G(l−1); at the head G(head) or F(head), + G(L−1) + W(head); at the embedding W(0) +
                W(embed) + F(embed); a tied head's gradient at every one (an untied head's goes after its hand-back).
                F(b) is the flat gradient and, over more than two ranks, one column chunk's buffers of the ordered
-               reduce-scatter (mesh.REDUCE_CHUNK_BYTES). Measured with tracemalloc on bench-medium at 4 ranks: 1-2 % below this count
+               reduce-scatter (mesh.REDUCE_CHUNK_BYTES). Measured with tracemalloc on bench-medium at 4 ranks: 1-2 %
+               below this count. The schedule options (gathers.py's rules) change it: buckets reshard_after_forward
+               leaves gathered stay from their forward to their backward (below layer l at l's backward, every one
+               at the loss: `left_gathered`); a posted reduce-scatter (async_reduce) keeps the previous hand-back's F
+               during a layer's backward, its received blocks whole (mesh._OrderedReduceScatter) instead of a chunk;
+               with reduce_gradients="step" F is only the flat gradient added into the sums; a wire dtype other
+               than the parameters' adds its buffers (G: the received vector; F: the cast gradient)
+  kept_gathered
+               the buckets keep_gathered holds across the step's micro-batches (gathers.kept_gathered), held in the
+               backward and the loss; with reduce_gradients="step" the step's gradients are whole local flat
+               buckets ("grads_whole") there, and at the update beside the shards end_gradients makes of them
   activations, logits, workspace
                one micro-batch at this rank's positions: B sequences of T/cp tokens, counted by
                reference/training/memory.step_working_set (routed rows under EP: the mean, N·K, arrive at a rank)
@@ -85,8 +95,10 @@ import numpy as np
 from trinity.reference.model.params import EXPERT_BIAS_DTYPE, param_shapes
 from trinity.reference.training.memory import MARGIN, accumulation_bytes, gradient_sets, step_working_set
 
+from .gathers import bucket_kind, flat_refs, kept_gathered
 from .layout import Layout, gathers_whole_sequence
 from .mesh import REDUCE_CHUNK_BYTES
+from .options import wire_itemsize
 from .plan import ParallelPlan, owners_of
 
 __all__ = ["estimate_rank_bytes", "busiest_rank", "BASELINE_BYTES", "READ_BYTES", "STARTS", "DEVICES"]
@@ -134,10 +146,16 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
     work = _working_set(config, B, T // layout.cp, act_dtype, recompute)
     kept, exchange = _context_bytes(config, layout, B, T, cs, recompute)
     starting, running = BASELINE_BYTES.get(backend, BASELINE_BYTES["numba"]) if host else (0, 0)
-    gathered, workspace = (accumulation_bytes(config, act_dtype, m), work["backward_workspace"]) if single else \
+    gathered, workspace, kept_gathered, at_loss = (accumulation_bytes(config, act_dtype, m),
+                                                   work["backward_workspace"], 0, 0) if single else \
         _gathered(config, layout, rank, s, cs, work["backward_workspace"])
+    # reduce_gradients="step": the step's gradients are whole local flat buckets until its end (end_gradients), where
+    # each bucket's shard is made beside them
+    summed = state["grads_whole"] if layout.options.reduce_gradients == "step" and not single else grads
     parts = {"baseline": running, "params": params, "grads": grads, "optimizer": optimizer,
-             "gathered": gathered, "activations": work["activations"], "logits": work["logits"],
+             "gathered": gathered, "kept_gathered": kept_gathered, "left_gathered": at_loss,
+             "activations": work["activations"],
+             "logits": work["logits"],
              "workspace": workspace, "context": kept + exchange,
              "update": 3 * work["largest"] if single else state["update"], "checkpoint": state["checkpoint"],
              "startup": _startup_bytes(params, optimizer, start, single)}
@@ -145,10 +163,12 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
     held = {"baseline": parts["baseline"], "params": params, "optimizer": optimizer}
     step = {"activations": work["activations"], "logits": work["logits"]}
     moments = {
-        "backward": {"grads": sets * grads, **step, "workspace": workspace, "context": kept + exchange,
-                     "gathered": gathered},
-        "loss": {"grads": (m > 1) * grads, **step, "workspace": work["loss_workspace"], "context": kept},
-        "update": {"grads": (3 if single else 2) * grads, "update": parts["update"]},
+        "backward": {"grads": sets * summed, **step, "workspace": workspace, "context": kept + exchange,
+                     "gathered": gathered, "kept_gathered": kept_gathered},
+        "loss": {"grads": (m > 1) * summed, **step, "workspace": work["loss_workspace"], "context": kept,
+                 "left_gathered": at_loss, "kept_gathered": kept_gathered},
+        "update": {"grads": (3 if single else 2) * grads if summed is grads else max(2 * grads, grads + summed),
+                   "update": parts["update"]},
     }
     if host:
         moments["save"] = {"checkpoint": parts["checkpoint"]}
@@ -208,7 +228,8 @@ def _state_parts(config, layout: Layout, rank: int, s: int, cs: int) -> dict:
     bias = sum(math.prod(shape) for key, shape in param_shapes(config).items()
                if key.endswith("expert_bias")) * EXPERT_BIAS_DTYPE.itemsize
     shards = sum(b.shard_size for b in buckets) * s
-    return {"params": shards + bias, "grads": shards + bias,
+    whole = sum((b.padded if b.n > 1 else b.shard_size) for b in buckets) * s
+    return {"params": shards + bias, "grads": shards + bias, "grads_whole": whole + bias,
             "optimizer": sum(b.shard_size * (2 if b.optimizer == "adamw" else 1) for b in buckets) * s,
             "update": 0 if single else _update_bytes(config, buckets, s, layout.options.muon_owners),
             "checkpoint": _checkpoint_bytes(buckets, s, rank, bias, single)}
@@ -225,46 +246,77 @@ def _buckets(config, layout: Layout, rank: int) -> tuple:
 
 
 @functools.lru_cache(maxsize=4096)
-def _gathered(config, layout: Layout, rank: int, s: int, cs: int, layer_workspace: int) -> tuple[int, int]:
-    return _in_flight(config, _buckets(config, layout, rank), s, cs, layer_workspace)
+def _gathered(config, layout: Layout, rank: int, s: int, cs: int, layer_workspace: int) -> tuple:
+    return _in_flight(config, layout, _buckets(config, layout, rank), s, cs, layer_workspace)
 
 
-def _in_flight(config, buckets, s: int, cs: int, layer_workspace: int) -> tuple[int, int]:
-    """(gathered, workspace) at the backward's fullest moment (module docstring, "gathered"): the largest over the
-    backward's order of what FSDP and the model's gradient arrays hold, with a layer's backward workspace where a
-    layer's backward runs. The forward's G(b) + G(next) is never more."""
+def _in_flight(config, layout: Layout, buckets, s: int, cs: int, layer_workspace: int) -> tuple:
+    """(gathered, workspace, kept, at_loss): at the backward's fullest moment (module docstring, "gathered"), the
+    largest over the backward's order of what FSDP and the model's gradient arrays hold, with a layer's backward
+    workspace where a layer's backward runs; `kept` the buckets held across the step's micro-batches
+    (keep_gathered), `at_loss` what the forward left gathered for the backward (reshard_after_forward) while the
+    loss runs. The forward's G(b) + G(next) (with what it left gathered so far) is never more."""
+    options = layout.options
+    kept = kept_gathered(flat_refs(config, layout), options, cs)
+    q_g = wire_itemsize(options.gather_dtype, cs)
+    q_r = wire_itemsize(options.reduce_dtype, s)
+    whole = options.reduce_gradients == "step"
     by_model: dict = {}
     for b in buckets:
         by_model.setdefault(b.model_bucket, []).append(b)
 
-    def G(mb):  # gathered padded vectors (groups of one rank use their shard in place)
-        return sum(b.padded * cs for b in by_model.get(mb, []) if b.n > 1)
+    def gathered(b) -> int:  # a gathered padded vector, and its receive buffer while a wire dtype differs
+        return b.padded * cs + (b.padded * q_g if q_g != cs else 0)
+
+    def G(mb):  # gathered padded vectors (groups of one rank use their shard in place; kept ones counted apart)
+        return sum(gathered(b) for b in by_model.get(mb, []) if b.n > 1 and b.name not in kept)
+
+    def R(mb):  # what stays gathered from the forward to the backward (reshard_after_forward)
+        return sum(gathered(b) for b in by_model.get(mb, []) if b.n > 1 and b.name not in kept
+                   and not options.reshards(bucket_kind(b.group)))
 
     def W(mb):  # the bucket's whole local gradient arrays
         return sum(b.size * cs for b in by_model.get(mb, []))
 
-    def F(mb):  # the flat gradient built for the reduce-scatter, and one chunk's buffers (mesh's chunked ordered
-        # reduce-scatter over more than two ranks: a column chunk sent and the one received, REDUCE_CHUNK_BYTES each)
-        return sum((0 if len(b.keys) == 1 and b.padded == b.size else b.padded * s)  # one unpadded key: a view
-                   + (_chunk_buffers(b.padded * s) if b.n > 2 else 0) for b in by_model.get(mb, []))
+    def flat(b):  # the flat gradient built for the reduce-scatter (one unpadded key: a view), and its cast
+        return (0 if len(b.keys) == 1 and b.padded == b.size else b.padded * s) + (b.padded * q_r if q_r != s else 0)
+
+    def F(mb):  # the flat gradient and, over more than two ranks, the ordered reduce-scatter's buffers: one column
+        # chunk's (blocking: mesh's chunked reduce-scatter, REDUCE_CHUNK_BYTES each way) or the whole received
+        # blocks (posted: mesh._OrderedReduceScatter); nothing reduced per micro-batch with reduce_gradients="step"
+        if whole:
+            return sum(0 if len(b.keys) == 1 and b.padded == b.size else b.padded * s for b in by_model.get(mb, []))
+        return sum(flat(b) + ((b.padded * q_r if options.async_reduce else _chunk_buffers(b.padded * q_r))
+                              if b.n > 2 else 0) for b in by_model.get(mb, []) if b.n > 1)
+
+    def posted(mb):  # a hand-back's reduce-scatters still in flight during the next layer's backward
+        return F(mb) if options.async_reduce and not whole else 0
 
     L = config.num_hidden_layers
+    tied = config.tie_word_embeddings
+    # the buckets left gathered for their backward, below layer l (they go as the backward reaches them)
+    below = [0] * (L + 1)
+    for layer in range(L):
+        below[layer + 1] = below[layer] + R(layer)
     # The head's gradient goes once its hand-back returned (model_backward drops it), except a tied head's, which
     # stays until it is added to the embedding's; a layer's gradients stay until the next layer's backward returns.
-    tied = config.tie_word_embeddings
     dhead = config.vocab_size * config.hidden_size * cs if tied else 0
     head_gathers = G("head") + (G("embed") if tied else 0)
-    after_head = G(L - 1) if L else 0
+    after_head = (G(L - 1) + below[L - 1]) if L else 0
     moments = [(after_head + (dhead if tied else W("head")) + max(head_gathers, F("head")), 0)]
     for layer in reversed(range(L)):
         previous = W(layer + 1) if layer + 1 < L else 0
-        nxt = G(layer - 1) if layer else 0
-        moments.append((dhead + previous + G(layer) + nxt + W(layer), layer_workspace))  # its backward returns
+        nxt = (G(layer - 1) + below[layer - 1]) if layer else 0
+        in_flight = posted(layer + 1 if layer + 1 < L else "head")
+        moments.append((dhead + previous + G(layer) + nxt + W(layer) + in_flight, layer_workspace))  # its backward
         moments.append((dhead + W(layer) + F(layer) + nxt, 0))  # its hand-back
-    moments.append((dhead + (W(0) if L else 0) + W("embed") + F("embed"), 0))  # the embedding's hand-back
+    moments.append((dhead + (W(0) if L else 0) + W("embed") + F("embed") + posted(0 if L else "head"), 0))
     forward = ["embed", *range(L), "head"]
-    moments += [(G(a) + G(b), 0) for a, b in zip(forward, forward[1:])]
-    return max(moments, key=lambda m: (m[0] + m[1], m[1]))
+    held = [0] + [below[min(i, L)] for i in range(1, len(forward))]  # left gathered by the forward so far
+    moments += [(G(a) + G(b) + h, 0) for a, b, h in zip(forward, forward[1:], held)]
+    top = max(moments, key=lambda m: (m[0] + m[1], m[1]))
+    at_loss = below[L] + R("head") + (R("embed") if tied else 0)
+    return top[0], top[1], sum(b.padded * cs for b in buckets if b.name in kept), at_loss
 
 
 def _chunk_buffers(nbytes: int) -> int:

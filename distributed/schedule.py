@@ -21,10 +21,12 @@ the tag of the gather that posted it.
 
 One micro-batch. Gather order (`gather_order`): forward embed, layers 0…L−1, head (and embed again when tied to the
 head), backward head (embed), layers L−1…0. After each gather the next bucket of the order is posted (Iallgather)
-unless it is still held; a bucket neither held nor posted is gathered when asked.
-  Iallgather [fsdp|efsdp]       per flat bucket of the gathered model bucket: (n−1)·shard·q_g
+unless it is still held; a bucket neither held nor posted is gathered when asked. What is held, kept across
+micro-batches and dropped is gathers.Holding's rule (the layout's schedule options; the seam runs the same object).
+  Iallgather [fsdp|efsdp]       per flat bucket of the gathered model bucket not held: (n−1)·shard·q_g
   Reduce_scatter_block [same]   per flat bucket when the model bucket's gradients are handed back (head, layers L−1…0,
-                                embed): ⌊(n−1)/n · n·shard·q_r⌋
+                                embed): ⌊(n−1)/n · n·shard·q_r⌋ (Ireduce_scatter_block under async_reduce; none
+                                with reduce_gradients="step")
   per layer, forward (again in the backward under recompute), attention before the MoE:
   Allgather cp                  global layer (window None or ≥ T): k,v (cp−1)·2·B·Tl·h_kv·d_h·q_a; doc ids (cp−1)·B·Tl·8
   Alltoallv cp                  sliding layer, halo h = w−1 > 0: k,v ν·2·B·h·h_kv·d_h·q_a, doc ids ν·B·h·8, where ν is
@@ -37,8 +39,17 @@ unless it is still held; a bucket neither held nor posted is gathered when asked
   (sliding: the halos' gradients, ν·2·B·h·h_kv·d_h·q_a)
   Allreduce cp                  after the forward, per MoE layer: the balance loss's per-sequence counts B·E·q_a
                                 (when balance_loss_coeff > 0)
+Schedule options (options.py; one rule each, in gathers.py or here): keep_gathered: the kept flat buckets are
+gathered in the step's first micro-batch only (without counts the block of the first micro-batch, then one block
+repeated m−1 times); reshard_after_forward: a bucket of a kind it leaves gathered is gathered once per micro-batch
+(its backward holds it); reduce_gradients="step": the reduce-scatters move to the step's end; gather_dtype and
+reduce_dtype: q_g and q_r (of the gradient reductions; Muon's exchanges keep the caller's) are their itemsizes
+("param": the caller's Itemsizes); async_reduce: the kind is Ireduce_scatter_block. Kept buckets are counted at the
+caller's q_g (what the model computes with), against keep_gathered_gib.
 Once per step:
-  reductions    Allreduce dp_replicate per flat bucket shard·q_r; Allreduce cp of the micro-batch losses m·8; Allreduce
+  reductions    with reduce_gradients="step", per flat bucket of a group of n > 1, in plan order, tagged (reductions,
+                its model bucket): Reduce_scatter_block [fsdp|efsdp] ⌊(n−1)/n · n·shard·q_r⌋; then
+                Allreduce dp_replicate per flat bucket shard·q_r; Allreduce cp of the micro-batch losses m·8; Allreduce
                 world per MoE layer E·8 (expert counts), 4·8 (loss parts); Allreduce fsdp 8 (gradient norm²); Allreduce
                 world 8 (logits max), 8 (logits mean); Allreduce dp 8, 8 (BatchHet's max and sum, when m·dp ≥ 2)
   optimizer     per Muon flat bucket, n > 1, two Alltoallv [its group]: #1 the rank's elements of matrices owned by
@@ -48,8 +59,8 @@ Once per step:
   control       the trainer's stop agreement after the line: Allreduce world 8 (`control=False`: neither, for a step
                 run without the trainer)
 An evaluation (training/evaluation.py, `eval_program`) is a micro-batch's forward alone, per micro-batch of each
-eval batch, its calls tagged "eval/<phase>" (the seams' end_forward restarts the gather order: nothing is posted
-past the head), then one Allreduce world of its sums ((5 + E·MoE layers)·8: ce, z, balance, tokens, bytes and the
+eval batch, its calls tagged "eval/<phase>" (the seams' end_forward drops what the forward held and restarts the
+gather order: nothing is posted past the head, nothing kept across an evaluation's micro-batches), then one Allreduce world of its sums ((5 + E·MoE layers)·8: ce, z, balance, tokens, bytes and the
 expert counts). The trainer evaluates after a step's metrics line, before its checkpoint and stop agreement.
 A step that saves a checkpoint calls the checkpoint's collectives (phase "checkpoint") before the stop agreement; they
 are not in this schedule (their sizes are those of JSON payloads).
@@ -69,7 +80,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .checksums import CRC_BYTES
+from .gathers import Holding, flat_refs, gather_order
 from .layout import gathers_whole_sequence, window_problem
+from .options import wire_itemsize
 from .plan import ParallelPlan, owners_of
 
 __all__ = ["Itemsizes", "Scheduled", "PerRank", "Call", "StepProgram", "sent_bytes", "gather_order", "muon_sends",
@@ -149,14 +162,7 @@ def sent_bytes(kind: str, n: int, s: int) -> int:
     if n == 1:
         return 0
     return {"Allreduce": 2 * (n - 1) * s // n, "Reduce_scatter_block": (n - 1) * s // n,
-            "Alltoall": (n - 1) * s // n}.get(kind, (n - 1) * s)
-
-
-def gather_order(config) -> tuple[list, int]:
-    """(the model buckets a micro-batch gathers, in order; how many of them are the forward's)."""
-    L = config.num_hidden_layers
-    tied = ["embed"] if config.tie_word_embeddings else []
-    return ["embed", *range(L), "head", *tied, "head", *tied, *reversed(range(L))], L + 2 + len(tied)
+            "Ireduce_scatter_block": (n - 1) * s // n, "Alltoall": (n - 1) * s // n}.get(kind, (n - 1) * s)
 
 
 def _model_requests(config, recompute: bool, backward: bool = True) -> list[tuple[str, object]]:
@@ -248,14 +254,20 @@ def step_program(plan: ParallelPlan, sequences: int, seq_len: int, micro_batch_s
     buckets = _flat_buckets(c, L)
     micro_batch = _MicroBatches(plan, seq_len, micro_batch_size, items, recompute, doc_ids, counts, m, checksums)
     if counts is None:
-        blocks = [(micro_batch(0), m)]
+        first = micro_batch(0)  # the kept buckets are gathered in the first micro-batch only
+        blocks = [(first, 1), (micro_batch(0), m - 1)] if m > 1 and micro_batch.holding.kept else [(first, m)]
     else:
         blocks = [(micro_batch(mb), 1) for mb in range(m)]
     end = _Builder(plan, checksums)
+    options, q_reduced = L.options, micro_batch.q_reduced
+    if options.reduce_gradients == "step":  # each flat bucket's gradient of the whole step, reduce-scattered once
+        for f in flat_refs(c, L):
+            end.set_tag("reductions", f.model_bucket)
+            end.add(micro_batch.scatter, f.group, f.padded * q_reduced)
     end.tag = ("reductions", None)
     flat = [fb for parts in buckets.values() for fb in parts]
     for _, _, _, shard, _ in flat:
-        end.add("Allreduce", "dp_replicate", shard * items.reduce)
+        end.add("Allreduce", "dp_replicate", shard * q_reduced)
     end.add("Allreduce", "cp", m * SCALAR_BYTES)
     for _ in moe:
         end.add("Allreduce", "world", c.num_experts * COUNT_BYTES)
@@ -337,6 +349,12 @@ class _MicroBatches:
         self.cp_neighbours = np.array([(r > 0) + (r < L.cp - 1) for r in range(L.cp)], dtype=np.int64)
         self.rows = _expert_rows(plan, counts, m, self.moe, B * self.Tl * c.num_experts_per_tok) if L.ep > 1 else None
         self.row_bytes = c.hidden_size * items.act
+        options = L.options
+        self.options, self.refs = options, flat_refs(c, L)
+        self.q_gathered = wire_itemsize(options.gather_dtype, items.gather)
+        self.q_reduced = wire_itemsize(options.reduce_dtype, items.reduce)
+        self.scatter = "Ireduce_scatter_block" if options.async_reduce else "Reduce_scatter_block"
+        self.holding = Holding(c, self.refs, options, items.gather)  # the seam's state, carried across micro-batches
 
     def attention(self, b: "_Builder", layer: int, backward: bool) -> None:
         c, cp = self.plan.config, self.cp
@@ -375,41 +393,30 @@ class _MicroBatches:
         b.add("Alltoallv", "ep", sent=_scaled(combine, self.row_bytes, self.checksums))
 
     def __call__(self, mb: int) -> list:
-        c, items, buckets = self.plan.config, self.items, self.buckets
+        c, items, holding = self.plan.config, self.items, self.holding
         b = _Builder(self.plan, self.checksums, prefix=self.prefix)
-        order, forward_gathers = gather_order(c)
-        held, posted, at = set(), set(), 0
 
-        def post(bucket) -> None:
-            for group, _, n, shard, _ in buckets.get(bucket, []):
-                b.add("Iallgather", group, shard * items.gather)
-            posted.add(bucket)
+        def post(flats) -> None:
+            for f in flats:
+                b.add("Iallgather", f.group, f.shard * self.q_gathered)
 
         for what, bucket in _model_requests(c, self.recompute, self.backward):
             if what == "gather":
-                place = next((i for i in range(at, len(order)) if order[i] == bucket), order.index(bucket))
-                b.set_tag("forward" if place < forward_gathers else "backward", bucket)
-                if bucket not in held:
-                    if bucket not in posted:
-                        post(bucket)
-                    posted.discard(bucket)
-                    held.add(bucket)
-                at = place + 1
-                if at < len(order):
-                    if order[at] not in held and order[at] not in posted:
-                        post(order[at])
-                else:
-                    at = 0
+                phase, now, _, prefetch = holding.gather(bucket)
+                if phase is not None:
+                    b.set_tag(phase, bucket)
+                post(now)
+                post(prefetch)
             elif what == "release":
-                held.discard(bucket)
+                holding.release(bucket)
             elif what == "end_forward":
-                at = 0
+                holding.end_forward()
             elif what == "hand_back":
                 b.set_tag("backward", bucket)
-                if bucket == "embed":
-                    at = 0
-                for group, _, n, shard, _ in buckets.get(bucket, []):
-                    b.add("Reduce_scatter_block", group, n * shard * items.reduce)
+                holding.hand_back(bucket)
+                if self.options.reduce_gradients == "micro_batch":
+                    for f in holding.by_model.get(bucket, []):
+                        b.add(self.scatter, f.group, f.padded * self.q_reduced)
             elif what == "forward":
                 self.attention(b, bucket, backward=False)
                 self.experts(b, bucket, mb, backward=False)
@@ -419,9 +426,9 @@ class _MicroBatches:
             elif what == "loss" and c.balance_loss_coeff > 0:
                 for _ in self.moe:
                     b.add("Allreduce", "cp", self.B * self.E * items.act)
-        if held or posted or at:
-            raise RuntimeError(f"a micro-batch leaves buckets {sorted(map(str, held | posted))} gathered at order "
-                               f"position {at}: the next one would not start afresh")
+        if not holding.settled():
+            raise RuntimeError(f"a micro-batch leaves buckets {sorted(holding.held | holding.posted)} gathered at "
+                               f"order position {holding.at}: the next one would not start afresh")
         return b.calls
 
 

@@ -153,6 +153,10 @@ def sharded_optimizer_step(mesh, config, params: ShardedParams, grads: dict, sta
     summed over the ranks)."""
     if observe is not None:
         raise ValueError("the step inspector observes single-process updates only")
+    held = getattr(kernels, "held_buckets", lambda: [])()
+    if held:  # a gathered copy would outlive the shards it was gathered from (the seam's end_gradients drops them)
+        raise RuntimeError(f"the update would change buckets {held} that are still gathered (kept across "
+                           f"micro-batches): the step must call end_gradients first")
     k = optimizer_kernels(kernels)
     c = config
     t = int(state["step"]) + 1

@@ -113,6 +113,18 @@ def test_tied_embeddings_and_two_micro_batches_per_rank(text):
     _check(layout, _config(window=4, tied=True, doc_mask=False), S=4 * layout.dp, T=8 * layout.cp, mbs=2, count=3)
 
 
+@pytest.mark.parametrize("options", [
+    "keep_gathered=all,reshard_after_forward=none,reduce_gradients=step,async_reduce=true",
+    "keep_gathered=experts,keep_gathered_gib=0.00002,reshard_after_forward=dense"])
+@pytest.mark.parametrize("text", ["dp_shard=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"])
+def test_the_schedule_options_evaluate_a_forward_alone(text, options):
+    """An evaluation's forward under every schedule option: the same losses and the plan's collectives (nothing is
+    kept across its micro-batches, nothing left gathered after: end_forward drops what a forward kept for a backward
+    that does not come)."""
+    layout = Layout.parse(f"{text},{options}")
+    _check(layout, _config(tied=True), S=4 * layout.dp, T=12 * layout.cp, mbs=2)
+
+
 @st.composite
 def layouts(draw):
     """A layout of at most 8 ranks with its evaluation: sequence length, window, documents, micro-batches."""

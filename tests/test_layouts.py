@@ -71,13 +71,13 @@ def _rank(comm, layout, config, params0, batches, mbs, lr):
         {k: p[k].copy() for k in p.replicated}
 
 
-def _close(a, b, what):
+def _close(a, b, what, rtol=RTOL):
     scale = max(float(np.abs(b).max()), 1e-300)
     err = float(np.abs(np.asarray(a, dtype=np.float64) - b).max()) / scale
-    assert err <= RTOL, f"{what}: relative error {err:.2e}"
+    assert err <= rtol, f"{what}: relative error {err:.2e}"
 
 
-def check_layout(layout, config, S, T, mbs, seed=0, doc_every=7.0):
+def check_layout(layout, config, S, T, mbs, seed=0, doc_every=7.0, rtol=RTOL):
     params0 = init_params(config, seed=seed, dtype=np.float64)
     batches = _batches(config, S, T, seed, doc_every)
     lr = (2e-2, 1e-2)
@@ -86,17 +86,17 @@ def check_layout(layout, config, S, T, mbs, seed=0, doc_every=7.0):
             VirtualCluster(layout.world_size).run(_rank, layout, config, params0, batches, mbs, lr)):
         assert set(p) == set(ref_p) and set(o) == set(ref_o)
         for k in ref_p:
-            _close(p[k], ref_p[k], f"rank {rank} param {k}")
+            _close(p[k], ref_p[k], f"rank {rank} param {k}", rtol)
         for k in ref_o:
             if k != "step":
-                _close(o[k], ref_o[k], f"rank {rank} optimizer {k}")
+                _close(o[k], ref_o[k], f"rank {rank} optimizer {k}", rtol)
         for k in ref_b:
-            _close(b[k], ref_b[k], f"rank {rank} balancing {k}")
+            _close(b[k], ref_b[k], f"rank {rank} balancing {k}", rtol)
         for k, v in bias.items():  # every rank holds the same expert_bias, the single process's
-            _close(v, ref_p[k], f"rank {rank} {k}")
+            _close(v, ref_p[k], f"rank {rank} {k}", rtol)
         for step, (got, want) in enumerate(zip(losses, ref_losses)):
             for part in want:
-                assert abs(got[part] - want[part]) <= RTOL * max(abs(want[part]), 1e-300), (rank, step, part)
+                assert abs(got[part] - want[part]) <= rtol * max(abs(want[part]), 1e-300), (rank, step, part)
 
 
 # The layouts the issue names, and one that uses every dimension at once.
@@ -142,3 +142,92 @@ def test_drawn_layouts_equal_the_single_process(drawn, seed):
     assert not layout.problems(world_size=layout.world_size, config=config, seq_len=T, micro_batch_size=mbs,
                                batch_sizes=[S])
     check_layout(layout, config, S, T, mbs, seed=seed, doc_every=doc_every)
+
+
+# ---- schedule options (distributed/options.py): each trains the same model ---------------------------------------
+# Every option that changes what is gathered, kept, reduced or when, alone and combined; the dtype options are below
+# (they change the rounding by design).
+SCHEDULES = ["keep_gathered=all", "keep_gathered=experts", "keep_gathered=all,keep_gathered_gib=0.00002",
+             "reshard_after_forward=none", "reshard_after_forward=dense", "reshard_after_forward=experts",
+             "reduce_gradients=step", "async_reduce=true", "reduce_gradients=step,async_reduce=true",
+             "keep_gathered=experts,reshard_after_forward=dense,async_reduce=true",
+             "keep_gathered=all,reshard_after_forward=none,reduce_gradients=step,async_reduce=true"]
+EVERYTHING = SCHEDULES[-1]
+
+
+@pytest.mark.parametrize("options", SCHEDULES)
+@pytest.mark.parametrize("text", ["dp_shard=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"])
+def test_every_schedule_option_trains_the_single_process_model(text, options):
+    layout = Layout.parse(f"{text},{options}")
+    config = _config(window=6, doc_mask=True, method="smebu", tied=False)
+    check_layout(layout, config, S=4 * layout.dp, T=12 * layout.cp, mbs=2)
+
+
+@pytest.mark.parametrize("text", NAMED)
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_every_option_at_once_on_every_named_layout(text, tied):
+    layout = Layout.parse(f"{text},{EVERYTHING}")
+    config = _config(window=6, doc_mask=True, method="sign", tied=tied)
+    check_layout(layout, config, S=4 * layout.dp, T=12 * layout.cp, mbs=2, seed=1)
+
+
+# The dtype options round what they move (by design): the step's gradients and losses are the single process's to
+# within that dtype's rounding, not float64's. Measured worst errors on these layouts, relative to the largest
+# gradient, in ulps of the dtype: float32 gathers 2.5, reductions 0.8; bfloat16 gathers 29 (the gradients of
+# rounded weights), reductions 0.8. The tolerance is 64 ulps.
+WIRE = {"float32": np.finfo(np.float32).eps}
+try:
+    import ml_dtypes
+    WIRE["bfloat16"] = float(ml_dtypes.finfo(ml_dtypes.bfloat16).eps)
+except ImportError:
+    ml_dtypes = None
+
+
+def _rank_gradients(comm, layout, config, params0, batch, mbs):
+    mesh = Mesh(comm, layout)
+    ops, p, _ = parallelize(REFERENCE, mesh, config, params0, init_optimizer_state(config, params0))
+    g = compute_gradients(config, p, batch, micro_batch_size=mbs, ops=ops, mesh=mesh, check=False)
+    return g.losses, g.grad_norm, p.full(sharded=g.grads)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("options", ["gather_dtype={d}", "reduce_dtype={d}",
+                                     "gather_dtype={d},reduce_dtype={d},reduce_gradients=step,async_reduce=true"])
+@pytest.mark.parametrize("text", ["dp_shard=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"])
+def test_the_dtype_options_round_what_they_move_and_only_that(text, options, dtype):
+    if dtype not in WIRE:
+        pytest.skip("bfloat16 needs ml_dtypes (test_bfloat16_without_ml_dtypes_is_refused_in_one_line)")
+    layout = Layout.parse(f"{text},{options.format(d=dtype)}")
+    config = _config(window=6, doc_mask=True, method="smebu", tied=False)
+    params0 = init_params(config, seed=2, dtype=np.float64)
+    batch = _batches(config, 4 * layout.dp, 12 * layout.cp, 2, 7.0)[0]
+    want = compute_gradients(config, {k: v.copy() for k, v in params0.items()}, batch, micro_batch_size=2 * layout.dp,
+                             ops=REFERENCE)
+    tol = 64 * WIRE[dtype]
+    worst = 0.0
+    for losses, norm, grads in VirtualCluster(layout.world_size).run(_rank_gradients, layout, config, params0,
+                                                                      batch, 2):
+        scale = max(float(np.abs(v).max()) for v in want.grads.values())
+        for k, v in grads.items():
+            err = float(np.abs(v - want.grads[k]).max()) / scale
+            assert err <= tol, (k, err)
+            worst = max(worst, err)
+        assert abs(norm - want.grad_norm) <= tol * want.grad_norm
+        for part in ("ce", "z"):
+            assert abs(losses[part] - want.losses[part]) <= tol * abs(want.losses[part]), part
+    assert worst > 1e-3 * tol  # the option did round something (float64 alone is ~1e-16)
+
+
+def test_bfloat16_without_ml_dtypes_is_refused_in_one_line(monkeypatch):
+    from trinity.distributed import options
+    from trinity.distributed.layout import LayoutError
+    monkeypatch.setattr(options, "_bfloat16", lambda: None)
+    layout = Layout.parse("dp_shard=2,gather_dtype=bfloat16,reduce_dtype=bfloat16")
+    config = _config(window=6, doc_mask=True, method="smebu", tied=False)
+    with pytest.raises(LayoutError) as e:
+        layout.check(world_size=2, config=config, seq_len=12, micro_batch_size=1, batch_sizes=[2])
+    assert "gather_dtype and reduce_dtype = bfloat16 needs the ml_dtypes package (pip install ml_dtypes)" in \
+        str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(options.OptionError, match="ml_dtypes"):
+        options.wire_dtype("bfloat16", np.float64)
+    assert Layout.parse("dp_shard=2,gather_dtype=float32").options.unavailable() == []

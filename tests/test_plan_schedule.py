@@ -195,6 +195,61 @@ def test_tied_embeddings_and_checksums(tmp_path, data, single, text):
     _check(tmp_path, data, single, text, recompute=True, tied=True, checksums=True)
 
 
+# ---- schedule options (distributed/options.py): the schedule models each exactly ---------------------------------
+OPTIONS = ["keep_gathered=all", "keep_gathered=experts", "keep_gathered=all,keep_gathered_gib=0.00002",
+           "reshard_after_forward=none", "reshard_after_forward=dense", "reshard_after_forward=experts",
+           "reduce_gradients=step", "async_reduce=true", "reduce_gradients=step,async_reduce=true",
+           "gather_dtype=float32,reduce_dtype=float32",
+           "keep_gathered=all,reshard_after_forward=none,reduce_gradients=step,async_reduce=true"]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("text", ["dp_shard=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"])
+def test_every_schedule_option_is_traced_exactly_as_scheduled(tmp_path, data, single, text, options):
+    events = _check(tmp_path, data, single, f"{text},{options}")
+    kinds = {(e["kind"], e["group"]) for rank in events for e in rank}
+    assert (("Ireduce_scatter_block", "fsdp") in kinds) == ("async_reduce=true" in options)
+    assert (("Reduce_scatter_block", "fsdp") in kinds) == ("async_reduce=true" not in options)
+
+
+@pytest.mark.parametrize("text, options", [
+    ("dp_shard=2,ep=2", "keep_gathered=all,reshard_after_forward=none"),
+    ("dp_replicate=2,dp_shard=2,cp=2,ep=2", "keep_gathered=experts,reshard_after_forward=dense,async_reduce=true"),
+    ("cp=3", "keep_gathered=all,keep_gathered_gib=0.00002,reduce_gradients=step,gather_dtype=float32")])
+def test_options_with_tied_embeddings_recompute_and_checksums(tmp_path, data, single, text, options):
+    """The tied embedding is gathered for the head's forward and backward (kept between them under
+    reshard_after_forward); checksums check a posted reduce-scatter at once."""
+    _check(tmp_path, data, single, f"{text},{options}", recompute=True, tied=True, checksums=True)
+
+
+def test_the_options_cut_the_gathers_and_reductions_as_stated():
+    """Per step of m micro-batches over n ranks, with G the bytes one gather of every flat bucket sends and E the
+    (untied) embedding's share: a micro-batch gathers every bucket twice (forward, backward) but the embedding once,
+    m(2G − E), and reduce-scatters each once; keep_gathered=all gathers G once per step, reshard_after_forward=none
+    mG, reduce_gradients=step reduce-scatters once per step; the dtype options scale the bytes."""
+    from trinity.distributed.gathers import flat_refs
+    from trinity.reference import Config
+    config = Config.preset("tiny")
+    m, n = 3, 4
+    layout = Layout(dp_shard=n)
+    G = sum((n - 1) * f.shard * 8 for f in flat_refs(config, layout))
+    E = sum((n - 1) * f.shard * 8 for f in flat_refs(config, layout) if f.model_bucket == "embed")
+    bytes_of = {}
+    for options in ("", ",keep_gathered=all", ",reshard_after_forward=none", ",reduce_gradients=step",
+                    ",gather_dtype=float32,reduce_dtype=float32"):
+        plan = ParallelPlan(config, Layout.parse(f"dp_shard={n}{options}"))
+        calls = step_schedule(plan, 0, m * n, 32, 1, 8)
+        bytes_of[options] = {kind: sum(c.bytes for c in calls if c.kind == kind)
+                             for kind in ("Iallgather", "Reduce_scatter_block")}
+    base = bytes_of[""]
+    assert base["Iallgather"] == m * (2 * G - E)
+    assert bytes_of[",keep_gathered=all"] == {"Iallgather": G, "Reduce_scatter_block": base["Reduce_scatter_block"]}
+    assert bytes_of[",reshard_after_forward=none"]["Iallgather"] == m * G
+    assert bytes_of[",reduce_gradients=step"] == {"Iallgather": base["Iallgather"],
+                                                  "Reduce_scatter_block": base["Reduce_scatter_block"] / m}
+    assert bytes_of[",gather_dtype=float32,reduce_dtype=float32"] == {k: v / 2 for k, v in base.items()}
+
+
 # ---- the cost model prices the schedule --------------------------------------------------------------------------
 def _summed(plan, schedules, imbalance=1.0) -> dict:
     """{(kind, group): (calls per rank, busiest rank's bytes, every rank's bytes)} summed plainly over ranks."""

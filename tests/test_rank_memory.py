@@ -145,6 +145,91 @@ def test_bad_arguments_are_one_line_errors():
         estimate_rank_bytes(TINY, Layout(cp=2), 0, 63, 1)
 
 
+# ---- the schedule options: what they keep is counted ---------------------------------------------------------------
+OPTIONS = ["keep_gathered=all", "keep_gathered=experts", "keep_gathered=all,keep_gathered_gib=0.01",
+           "reshard_after_forward=none", "reshard_after_forward=dense", "reduce_gradients=step", "async_reduce=true",
+           "gather_dtype=bfloat16,reduce_dtype=float32",
+           "keep_gathered=all,reshard_after_forward=none,reduce_gradients=step,async_reduce=true"]
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("layout", ["dp_shard=4,ep=2", "dp_replicate=2,dp_shard=2,cp=2,ep=2"])
+def test_the_options_parts_sum_to_the_total_and_count_what_they_keep(layout, options):
+    """Kept buckets are every kept flat bucket's gathered vector (gathers.kept_gathered: within the budget, in
+    plan order), held in the backward and the loss; reduce_gradients="step" holds whole local gradients; leaving
+    buckets gathered after the forward, or a posted reduce-scatter, only adds."""
+    from trinity.distributed.gathers import flat_refs, kept_gathered
+    plain_layout, L = Layout.parse(layout), Layout.parse(f"{layout},{options}")
+    for device, kw in (("host", {}), ("gpu", dict(compute_dtype=np.float16))):
+        plain = estimate_rank_bytes(MEDIUM, plain_layout, 0, 128, 1, "float32", False, 2, device=device, **kw)
+        est = estimate_rank_bytes(MEDIUM, L, 0, 128, 1, "float32", False, 2, device=device, **kw)
+        assert sum(est["counted"].values()) == est["total"] == max(est["phases"].values())
+        cs = 2 if device == "gpu" else 4
+        kept = kept_gathered(flat_refs(MEDIUM, L), L.options, cs)
+        assert est["kept_gathered"] == sum(f.padded * cs for f in flat_refs(MEDIUM, L) if f.name in kept)
+        if L.options.keep_gathered_gib:
+            assert 0 < est["kept_gathered"] <= L.options.keep_gathered_gib * 2 ** 30
+        if L.options.keep_gathered != "none":
+            assert est["kept_gathered"] > 0
+        if L.options.reduce_gradients == "step":
+            whole = sum(f.padded if f.n > 1 else f.shard for f in flat_refs(MEDIUM, L)) * 4 + _bias_bytes(MEDIUM)
+            assert est["phases"]["backward"] >= plain["phases"]["backward"] - plain["gathered"] + whole - est["grads"]
+        if L.options.gather_dtype == "param":
+            assert est["total"] >= plain["total"] and est["phases"]["loss"] >= plain["phases"]["loss"]
+
+
+def _rank_flats(comm, layout, config, params0, batch, mbs):
+    """The gathered flat buffers alive at the start of each gather_params call of one step: [(bucket, bytes)]."""
+    from trinity.distributed.mesh import Mesh
+    from trinity.distributed.parallel_ops import parallelize
+    from trinity.reference.model.ops import REFERENCE
+    from trinity.reference.training.optim import init_optimizer_state
+    from trinity.reference.training.step import compute_gradients
+    mesh = Mesh(comm, layout)
+    ops, params, _ = parallelize(REFERENCE, mesh, config, params0, init_optimizer_state(config, params0))
+    seen, gather = [], ops.gather_params
+
+    def watched(p, bucket):
+        seen.append((bucket, ops.gathered_bytes()))
+        return gather(p, bucket)
+
+    ops.gather_params = watched
+    compute_gradients(config, params, batch, micro_batch_size=mbs, ops=ops, mesh=mesh, check=False)
+    return seen, ops.gathered_bytes(), ops.held_buckets()
+
+
+@pytest.mark.parametrize("options", ["keep_gathered=all", "keep_gathered=experts,keep_gathered_gib=0.00005",
+                                     "reshard_after_forward=none", "reshard_after_forward=dense",
+                                     "keep_gathered=experts,reshard_after_forward=none,reduce_gradients=step"])
+@pytest.mark.parametrize("text", ["dp_shard=4", "dp_replicate=2,dp_shard=2,cp=2,ep=2"])
+def test_what_a_rank_holds_gathered_at_the_loss_is_the_estimates(text, options):
+    """On virtual ranks: the gathered flat buffers alive when the backward starts (its first gather, the head's)
+    are exactly the estimate's kept buckets and what the forward left for the backward (float64: gathered and
+    computed in the parameters' dtype), and the step's end leaves none."""
+    from test_layouts import _batches, _config
+    from trinity.reference import init_params
+    from trinity.simulate.virtual.virtual_comm import VirtualCluster
+    layout = Layout.parse(f"{text},{options}")
+    config = _config(window=6, doc_mask=True, method="smebu", tied=False)
+    S, T, mbs = 4 * layout.dp, 12 * layout.cp, 2
+    params0 = init_params(config, seed=0, dtype=np.float64)
+    batch = _batches(config, S, T, 0, 7.0)[0]
+    for rank, (seen, after, held) in enumerate(VirtualCluster(layout.world_size).run(_rank_flats, layout, config,
+                                                                                     params0, batch, mbs)):
+        est = estimate_rank_bytes(config, layout, rank, T, mbs, np.float64, False, S // (layout.dp * mbs))
+        heads = [i for i, (bucket, _) in enumerate(seen) if bucket == "head"]
+        at_backward = [seen[i][1] for i in heads[1::2]]  # each micro-batch's second gather of the head
+        assert len(at_backward) == 2 and at_backward == [est["kept_gathered"] + est["left_gathered"]] * 2, \
+            (rank, at_backward, est["kept_gathered"], est["left_gathered"])
+        second = next(i for i in range(heads[1] + 1, len(seen)) if seen[i][0] == "embed")  # the 2nd micro-batch
+        assert seen[second][1] == est["kept_gathered"]
+        assert after == 0 and held == []
+        if "keep_gathered" in options:
+            assert est["kept_gathered"] > 0
+        if "reshard_after_forward" in options:
+            assert est["left_gathered"] > 0
+
+
 # ---- the cost model asks the same function -------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", LAYOUTS + ["dp_shard=8,ep=2", "dp_replicate=2,dp_shard=2,cp=2,ep=4"])
 def test_the_cost_models_memory_is_the_busiest_ranks_estimate(layout):

@@ -134,6 +134,34 @@ def test_iallgather_overlapped_with_other_collectives(n, posts, m, dtype, seed):
             assert_bits(got[k], np.concatenate(xs[k]))
 
 
+@settings(max_examples=30, deadline=None)
+@given(ranks, st.integers(1, 4), dtypes, seeds)
+def test_posted_reduce_scatter_and_alltoall_equal_the_blocking_ones(n, m, dtype, seed):
+    """Ireduce_scatter_block and Ialltoall (the FSDP seam's async_reduce and the mesh's rank-ordered posted
+    reduce-scatter): the send buffer copied at posting, the result at Wait the blocking call's, bit for bit, with
+    another collective in between."""
+    xs = per_rank(n, seed, (n * m,), dtype)
+
+    def fn(comm):
+        send = xs[comm.rank].copy()
+        posted, moved = np.empty(m, dtype), np.empty(n * m, dtype)
+        reduced = comm.Ireduce_scatter_block(send, posted)
+        swapped = comm.Ialltoall(send, moved)
+        send[...] = 0  # copied at posting
+        total = np.zeros(1)
+        comm.Allreduce(np.array([1.0]), total)
+        blocking, exchanged = np.empty(m, dtype), np.empty(n * m, dtype)
+        comm.Reduce_scatter_block(xs[comm.rank], blocking)
+        comm.Alltoall(xs[comm.rank], exchanged)
+        swapped.Wait()
+        reduced.Wait()
+        return posted, blocking, moved, exchanged
+
+    for posted, blocking, moved, exchanged in VirtualCluster(n).run(fn):
+        assert_bits(posted, blocking)
+        assert_bits(moved, exchanged)
+
+
 @settings(max_examples=40, deadline=None)
 @given(ranks, st.integers(0, 4), dtypes, seeds)
 def test_alltoall(n, b, dtype, seed):

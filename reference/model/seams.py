@@ -6,7 +6,9 @@ these single-process versions; trinity.distributed replaces them with collective
   parameter gather (FSDP)       gather_params(params, bucket) → the bucket's full arrays, just before use;
                                 release_params(bucket) after use; end_forward() after a forward that no backward
                                 follows (evaluation); hand_back_grads(bucket, grads[, into]) → what the step
-                                keeps of the bucket's gradients (under FSDP: this rank's reduce-scattered shard).
+                                keeps of the bucket's gradients (under FSDP: this rank's reduce-scattered shard);
+                                end_gradients(grads, mesh) after a step's micro-batches → its summed gradients
+                                (the sum over dp_replicate; FSDP finishes its deferred reductions there).
                                 Buckets (params.param_buckets): "embed", each layer number, "head".
   token dispatch (EP)           expert_dispatch(x, plan) → (rows for this rank's experts, their offsets, ctx):
                                 x[plan.token] here, an all-to-all under expert parallel; expert_combine(y, ctx)
@@ -56,6 +58,12 @@ class SingleProcessSeams:
     def end_forward(self) -> None:
         """A forward ended that no backward follows (evaluation): the next gather starts a new micro-batch (FSDP's
         prefetch order restarts; nothing stays gathered or posted)."""
+
+    def end_gradients(self, grads: dict, mesh) -> dict:
+        """The step's micro-batches ended: its gradients summed over the ranks that hold the same part of them
+        (`mesh`'s "dp_replicate"; expert_bias aside, which every rank moves alike from the summed counts). In one
+        process the identity. FSDP also finishes here what it deferred (distributed/fsdp.py)."""
+        return {k: g if k.endswith("expert_bias") else mesh.sum(g, "dp_replicate") for k, g in grads.items()}
 
     def hand_back_grads(self, bucket, grads: dict, into: dict | None = None) -> dict:
         """The bucket's gradients as the step keeps them (here: unchanged); with `into` (earlier sums of what this

@@ -8,7 +8,8 @@ under every parallel layout (docs/distributed.md; SPEC §6, §7, §9, §14 #8).
        rank's tokens divided by the step's global denominators (objective.LossScale: the counted tokens of the whole
        step, its sequences and their length), so the shares of every rank and micro-batch add up to the step's mean
        losses and their gradients to its gradient. Gradients leave the model bucket by bucket through the op table's
-       hand_back_grads seam (FSDP: reduce-scattered there) and are summed over micro-batches.
+       hand_back_grads seam (FSDP: reduce-scattered there) and are summed over micro-batches; after the last, the
+       end_gradients seam sums them over the replicas (and finishes what FSDP deferred to the step's end).
     3. Expert counts, loss shares and the gradient norm are summed over the mesh.
     4. Global-norm clipping, the load-balancing update of every expert_bias (SPEC §6.1), then the optimizer
        (SPEC §9) — the caller applies them (`apply_update`) only when the loss and norm are finite.
@@ -31,6 +32,7 @@ import numpy as np
 from ..model.config import Config
 from ..model.model import check_inputs
 from ..model.objective import LossScale, loss_and_grads
+from ..model.seams import SingleProcessSeams
 from ..operators.array_module import array_namespace
 from ..operators.losses import IGNORE_INDEX
 from .balancing import balance_step, momentum_key
@@ -243,9 +245,9 @@ def compute_gradients(config: Config, params, batch: GlobalBatch, *, micro_batch
         logit_mean_sum += stats["logits_mean"]
         all_stats.append(stats)
     mesh.set_phase("reductions")
-    for k, g in grads_sum.items():  # the replicas' sums, once per step (FSDP reduced within a replica already)
-        if not k.endswith("expert_bias"):
-            grads_sum[k] = mesh.sum(g, "dp_replicate")
+    # the replicas' sums, once per step, and whatever the parameter seam deferred to the step's end (FSDP reduced
+    # within a replica already, or does it now: reduce_gradients="step")
+    grads_sum = (ops if ops is not None else SingleProcessSeams()).end_gradients(grads_sum, mesh)
     micro_losses = mesh.sum(np.asarray(micro_losses, dtype=np.float64), "cp")
     counts = {layer: mesh.sum(n, "world") for layer, n in counts.items()}
     summed = mesh.sum(np.array([parts[k] for k in LOSS_PARTS], dtype=np.float64), "world")

@@ -222,7 +222,8 @@ class _State:
 
 
 class _Request:
-    """What `Iallgather` returns: the data moves when `Wait()` (or a successful `Test()`) completes it."""
+    """What a non-blocking call (Iallgather, Ialltoall, Ireduce_scatter_block) returns: the data moves when `Wait()`
+    (or a successful `Test()`) completes it."""
 
     def __init__(self, comm: "VirtualComm", slot: _Slot, seq: int, what: str, finish: Callable):
         self._comm, self._slot, self._seq, self._what, self._finish = comm, slot, seq, what, finish
@@ -402,17 +403,26 @@ class VirtualComm:
 
     def Reduce_scatter_block(self, sendbuf, recvbuf, op=SUM) -> None:
         """Rank r gets block r (recvbuf.size elements) of x_0 ⊕ … ⊕ x_{n-1}, summed in rank order."""
-        op, out = _op(op), _flat(recvbuf, "Reduce_scatter_block recvbuf", writable=True)
-        send, m, r = _flat(sendbuf, "Reduce_scatter_block sendbuf"), out.size, self._rank
+        op, send, finish = self._reduce_scatter("Reduce_scatter_block", sendbuf, recvbuf, op)
+        self._collective(f"Reduce_scatter_block({op})", send.copy(), finish, reads=_block(self.size))
+
+    def Ireduce_scatter_block(self, sendbuf, recvbuf, op=SUM) -> _Request:
+        """Non-blocking Reduce_scatter_block: sendbuf is copied now, recvbuf is filled at `Wait()`."""
+        op, send, finish = self._reduce_scatter("Ireduce_scatter_block", sendbuf, recvbuf, op)
+        slot, seq, what = self._post(f"Ireduce_scatter_block({op})", send.copy(), reads=_block(self.size))
+        return _Request(self, slot, seq, what, finish)
+
+    def _reduce_scatter(self, name: str, sendbuf, recvbuf, op):
+        op, out = _op(op), _flat(recvbuf, f"{name} recvbuf", writable=True)
+        send, m, r = _flat(sendbuf, f"{name} sendbuf"), out.size, self._rank
         if send.size != self.size * m:
-            raise ValueError(f"Reduce_scatter_block: sendbuf has {send.size} elements, need size·recvbuf.size = "
-                             f"{self.size}·{m}")
+            raise ValueError(f"{name}: sendbuf has {send.size} elements, need size·recvbuf.size = {self.size}·{m}")
 
         def finish(contribs, shared):
-            _check("Reduce_scatter_block", contribs, out.dtype, send.size)
+            _check(name, contribs, out.dtype, send.size)
             op.reduce_into(out, [c[r * m:(r + 1) * m] for c in contribs])
 
-        self._collective(f"Reduce_scatter_block({op})", send.copy(), finish, reads=_block(self.size))
+        return op, send, finish
 
     def _gather_finish(self, name: str, send: np.ndarray, out: np.ndarray) -> Callable:
         m = send.size
@@ -444,18 +454,28 @@ class VirtualComm:
 
     def Alltoall(self, sendbuf, recvbuf) -> None:
         """Equal blocks of b = sendbuf.size / n elements: block j of rank r's recvbuf is block r of rank j's sendbuf."""
-        send, out, r = _flat(sendbuf, "Alltoall sendbuf"), _flat(recvbuf, "Alltoall recvbuf", writable=True), self._rank
+        send, finish = self._alltoall("Alltoall", sendbuf, recvbuf)
+        self._collective("Alltoall", send.copy(), finish, reads=_block(self.size))
+
+    def Ialltoall(self, sendbuf, recvbuf) -> _Request:
+        """Non-blocking Alltoall: sendbuf is copied now, recvbuf is filled at `Wait()`."""
+        send, finish = self._alltoall("Ialltoall", sendbuf, recvbuf)
+        slot, seq, what = self._post("Ialltoall", send.copy(), reads=_block(self.size))
+        return _Request(self, slot, seq, what, finish)
+
+    def _alltoall(self, name: str, sendbuf, recvbuf):
+        send, out, r = _flat(sendbuf, f"{name} sendbuf"), _flat(recvbuf, f"{name} recvbuf", writable=True), self._rank
         if send.size % self.size or send.size != out.size:
-            raise ValueError(f"Alltoall: sendbuf ({send.size}) and recvbuf ({out.size}) need the same size, "
+            raise ValueError(f"{name}: sendbuf ({send.size}) and recvbuf ({out.size}) need the same size, "
                              f"a multiple of {self.size}")
 
         def finish(contribs, shared):
-            _check("Alltoall", contribs, out.dtype, out.size)
+            _check(name, contribs, out.dtype, out.size)
             b = out.size // self.size
             for j, c in enumerate(contribs):
                 out[j * b:(j + 1) * b] = c[r * b:(r + 1) * b]
 
-        self._collective("Alltoall", send.copy(), finish, reads=_block(self.size))
+        return send, finish
 
     def Alltoallv(self, sendspec, recvspec) -> None:
         """Rank j's send block r (sendcounts_j[r] elements at senddispls_j[r]) lands in rank r's recvbuf at
