@@ -16,8 +16,12 @@ calls with it, collective by collective, so the cost model prices exactly what r
     muon_owners            "balanced" | "local": distributed Muon's owner of each matrix balances the work over the
                            group, or is chosen among the ranks that already hold part of it (less traffic; the
                            balance is stated by the plan)
-    cp_exchange            "all" | "read": context-parallel global layers gather every chunk, or only the chunks a
-                           rank's queries read (causal: a rank never reads chunks after its last one)
+    cp_exchange            "all" | "read": context-parallel global layers gather every chunk (Allgather; the
+                           gradients back by Reduce_scatter_block), or only the chunks a rank's queries read
+                           (causal: cp rank r never reads a chunk after its last one, 2·cp−1−r; plan.chunks_read):
+                           one Alltoallv of those chunks' keys, values and doc ids, one of their gradients back; a
+                           quarter fewer bytes (3(cp−1) chunks per rank and layer instead of 4(cp−1)), and ranks
+                           r > 0 hold fewer keys
     gather_dtype           "param" | "float32" | "bfloat16": the dtype parameters are gathered in
     reduce_dtype           "param" | "float32" | "bfloat16": the dtype gradients are reduced in
     async_reduce           false | true: gradient reduce-scatters posted as the backward hands them back and waited
@@ -95,7 +99,7 @@ OPTION_NAMES = tuple(f.name for f in fields(ParallelOptions))
 # Options written and checked but not yet run by the cluster mode: a layout that sets one is refused (Layout.check)
 # instead of silently running the default schedule. Each leaves this set with the code that runs it.
 NOT_YET_RUN = {"keep_gathered", "keep_gathered_gib", "reshard_after_forward", "reduce_gradients", "muon_owners",
-               "cp_exchange", "gather_dtype", "reduce_dtype", "async_reduce"}
+               "gather_dtype", "reduce_dtype", "async_reduce"}
 
 
 def _show(value) -> str:
