@@ -7,12 +7,28 @@ queries, keys and values, in that order: Tl = 2c rows), so every rank does the s
     chunk     | 0  | 1  | 2  | 3  | 4  | 5  |
     rank      | r0 | r1 | r2 | r2 | r1 | r0 |        rank r: [chunk r | chunk 2cp−1−r]
 
-Global layer (window None): one Allgather over cp of every rank's k and v (packed [2, B, Tl, h_kv, d_h]; the doc
-ids in a second, small Allgather), reordered by position: k_all is the whole sequence, k_pos = 0…T−1. Every rank
-gets every chunk, also the late chunks its causal queries never see (an Allgather sends equal blocks; the attention
-core skips keys past a block's last query, so they cost bytes, not work). Backward: each rank lays out its dk_all
-(and dv_all) by owner, [cp, 2, B, Tl, h_kv, d_h], and a Reduce_scatter_block hands rank r the sum of every rank's
-gradients of its own rows.
+Global layer (window None; cp_exchange "all", the default): one Allgather over cp of every rank's k and v (packed
+[2, B, Tl, h_kv, d_h]; the doc ids in a second, small Allgather), reordered by position: k_all is the whole
+sequence, k_pos = 0…T−1. Every rank gets every chunk, also the late chunks its causal queries never see (an
+Allgather sends equal blocks; the attention core skips keys past a block's last query, so they cost bytes, not
+work). Backward: each rank lays out its dk_all (and dv_all) by owner, [cp, 2, B, Tl, h_kv, d_h], and a
+Reduce_scatter_block hands rank r the sum of every rank's gradients of its own rows.
+
+Global layer under cp_exchange "read" (options.py): rank r's last query is in chunk 2·cp−1−r, so it reads only
+chunks 0 … 2·cp−1−r (plan.chunks_read; k_pos = 0 … (2·cp−r)·c−1). Rank r sends its first chunk to every other rank
+and its second to the ranks before it (plan.chunks_sent), in one Alltoallv of byte blocks, each chunk's k and v
+followed by its doc ids (no second call for them: the doc ids, the same in every layer, still travel with each
+layer's keys, B·c·8 bytes a chunk beside its 2·B·c·h_kv·d_h·q_a, so each layer's exchange stands alone); backward,
+one Alltoallv returns to each rank the gradients of the chunks it sent, and each rank sums its chunks' gradients in
+rank order. cp = 3:
+
+    rank  holds  reads         sends forward            sends back (gradients of)
+    r0    0, 5   0 1 2 3 4 5   0 → r1, r2               1, 4 → r1; 2, 3 → r2
+    r1    1, 4   0 1 2 3 4     1 → r0, r2; 4 → r0       0 → r0; 2, 3 → r2
+    r2    2, 3   0 1 2 3       2, 3 → r0, r1            0 → r0; 1 → r1
+
+per rank and layer cp−1+r chunks forward and 2·cp−2−r back: 3·(cp−1) in all on every rank, a quarter less than the
+Allgather's and the Reduce_scatter_block's 4·(cp−1) (schedule.py has the bytes).
 
 Sliding layer (window w, halo h = w−1 ≤ c, layout rule 4): a chunk's queries need only the h keys before it, which
 lie in the preceding chunk. Chunk r−1 is rank r−1's first chunk; chunk 2cp−r (before 2cp−1−r) is rank r+1's second:

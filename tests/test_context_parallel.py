@@ -309,3 +309,18 @@ def test_cp_exchange_read_under_mpiexec_trains_the_single_process_model(tmp_path
     _assert_same_losses(_metrics(d, "eval"), _metrics(single, "eval"))
     for step in (1, 3, 4):
         _assert_same_state(_checkpoint(d, step), _checkpoint(single, step))
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_cp_exchange_read_shrinks_the_keys_a_rank_holds(cp):
+    """rank_memory's context part: under cp_exchange=read cp rank r keeps (2·cp−r)·c keys of a global layer instead
+    of T (rank 0 reads them all; the layer's backward buffers shrink alike)."""
+    from trinity.distributed.rank_memory import estimate_rank_bytes
+    B, T = 2, 2 * cp * 16
+    config = Config.preset("tiny").replace(sliding_window=T)  # every layer causal over the whole sequence
+    c, kvw, L = T // (2 * cp), config.kv_width, config.num_hidden_layers
+    for r in range(cp):
+        everything, read = (estimate_rank_bytes(config, Layout(cp=cp, options=ParallelOptions(cp_exchange=x)), r, T,
+                                                B, "float32")["context"] for x in ("all", "read"))
+        # kept: 2·B·(keys − T/cp)·kvw per layer; the exchange buffers 4·B·keys·kvw, in float32
+        assert everything - read == (2 * L + 4) * B * r * c * kvw * 4, r
