@@ -324,3 +324,15 @@ def test_cp_exchange_read_shrinks_the_keys_a_rank_holds(cp):
                                                 B, "float32")["context"] for x in ("all", "read"))
         # kept: 2·B·(keys − T/cp)·kvw per layer; the exchange buffers 4·B·keys·kvw, in float32
         assert everything - read == (2 * L + 4) * B * r * c * kvw * 4, r
+
+
+def test_the_documented_benchmark_prints_the_bytes_it_saves():
+    """benchmarks/cp_exchange.py --parts bytes (docs/performance.md): a quarter of the global layers' bytes."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "cp_exchange.py"), "--parts", "bytes",
+                        "--layouts", "cp=2"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines()[-1].split()[:4] == ["read", "/", "all", "0.750"], r.stdout
