@@ -28,8 +28,8 @@ unless it is still held; a bucket neither held nor posted is gathered when asked
   per layer, forward (again in the backward under recompute), attention before the MoE:
   Allgather cp                  global layer (window None or ≥ T): k,v (cp−1)·2·B·Tl·h_kv·d_h·q_a; doc ids (cp−1)·B·Tl·8
   Alltoallv cp                  global layer under cp_exchange=read, instead: to each other cp rank j the rank's chunks
-                                j reads (plan.chunk_exchange; k, v and doc ids of a chunk together), s_r·c·(2·B·h_kv·
-                                d_h·q_a + B·8) with c = Tl/2 and s_r = cp−1+r chunks for cp rank r
+                                j reads (plan.chunk_exchange; k, v and doc ids of a chunk in one block), s_r·c·(2·B·
+                                h_kv·d_h·q_a + B·8 with doc ids), c = Tl/2, s_r = cp−1+r chunks for cp rank r
   Alltoallv cp                  sliding layer, halo h = w−1 > 0: k,v ν·2·B·h·h_kv·d_h·q_a, doc ids ν·B·h·8, where ν is
                                 the rank's neighbours in its cp group (1 at either end, 2 between)
   Alltoall ep                   the routing counts [ep, E/ep] int64: ⌊(ep−1)·E·8/ep⌋
