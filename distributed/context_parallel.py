@@ -7,12 +7,28 @@ queries, keys and values, in that order: Tl = 2c rows), so every rank does the s
     chunk     | 0  | 1  | 2  | 3  | 4  | 5  |
     rank      | r0 | r1 | r2 | r2 | r1 | r0 |        rank r: [chunk r | chunk 2cp−1−r]
 
-Global layer (window None): one Allgather over cp of every rank's k and v (packed [2, B, Tl, h_kv, d_h]; the doc
-ids in a second, small Allgather), reordered by position: k_all is the whole sequence, k_pos = 0…T−1. Every rank
-gets every chunk, also the late chunks its causal queries never see (an Allgather sends equal blocks; the attention
-core skips keys past a block's last query, so they cost bytes, not work). Backward: each rank lays out its dk_all
-(and dv_all) by owner, [cp, 2, B, Tl, h_kv, d_h], and a Reduce_scatter_block hands rank r the sum of every rank's
-gradients of its own rows.
+Global layer (window None; cp_exchange "all", the default): one Allgather over cp of every rank's k and v (packed
+[2, B, Tl, h_kv, d_h]; the doc ids in a second, small Allgather), reordered by position: k_all is the whole
+sequence, k_pos = 0…T−1. Every rank gets every chunk, also the late chunks its causal queries never see (an
+Allgather sends equal blocks; the attention core skips keys past a block's last query, so they cost bytes, not
+work). Backward: each rank lays out its dk_all (and dv_all) by owner, [cp, 2, B, Tl, h_kv, d_h], and a
+Reduce_scatter_block hands rank r the sum of every rank's gradients of its own rows.
+
+Global layer under cp_exchange "read" (options.py): rank r's last query is in chunk 2·cp−1−r, so it reads only
+chunks 0 … 2·cp−1−r (plan.chunks_read; k_pos = 0 … (2·cp−r)·c−1). Rank r sends its first chunk to every other rank
+and its second to the ranks before it (plan.chunks_sent), in one Alltoallv of byte blocks, each chunk's k and v
+followed by its doc ids (no second call for them: the doc ids, the same in every layer, still travel with each
+layer's keys, B·c·8 bytes a chunk beside its 2·B·c·h_kv·d_h·q_a, so each layer's exchange stands alone); backward,
+one Alltoallv returns to each rank the gradients of the chunks it sent, and each rank sums its chunks' gradients in
+rank order. cp = 3:
+
+    rank  holds  reads         sends forward            sends back (gradients of)
+    r0    0, 5   0 1 2 3 4 5   0 → r1, r2               1, 4 → r1; 2, 3 → r2
+    r1    1, 4   0 1 2 3 4     1 → r0, r2; 4 → r0       0 → r0; 2, 3 → r2
+    r2    2, 3   0 1 2 3       2, 3 → r0, r1            0 → r0; 1 → r1
+
+per rank and layer cp−1+r chunks forward and 2·cp−2−r back: 3·(cp−1) in all on every rank, a quarter less than the
+Allgather's and the Reduce_scatter_block's 4·(cp−1) (schedule.py has the bytes).
 
 Sliding layer (window w, halo h = w−1 ≤ c, layout rule 4): a chunk's queries need only the h keys before it, which
 lie in the preceding chunk. Chunk r−1 is rank r−1's first chunk; chunk 2cp−r (before 2cp−1−r) is rank r+1's second:
@@ -33,7 +49,7 @@ import numpy as np
 
 from trinity.reference.model.seams import SingleProcessSeams
 from .layout import gathers_whole_sequence, window_problem
-from .plan import chunk_positions
+from .plan import chunk_positions, chunks_read, chunks_sent
 
 __all__ = ["ContextParallelSeams"]
 
@@ -58,6 +74,8 @@ class ContextParallelSeams:
             raise ValueError(f"gather_kv: positions must be this cp rank's two chunks (mesh.local_positions), got "
                              f"{len(positions)} positions")
         if gathers_whole_sequence(window, 2 * n * c):  # a window covering the sequence is causal attention
+            if self.mesh.layout.options.cp_exchange == "read":
+                return self._exchange_read(k, v, doc_ids, n, r, c)
             return self._gather_all(k, v, doc_ids, n, c)
         problem = window_problem(window, 2 * n * c, n)
         if problem:
@@ -96,6 +114,8 @@ class ContextParallelSeams:
             mine = np.empty(send.shape[1:], dtype=send.dtype)
             self.mesh.collective("Reduce_scatter_block", "cp", send, mine)
             return mine[0], mine[1]
+        if ctx[0] == "read":
+            return self._return_read(dkv, ctx[1], n, r)
         _, first, second, c, h = ctx
         o = h if first else 0  # where the first chunk starts in k_all
         own = np.concatenate([dkv[:, :, o:o + c], dkv[:, :, o + c + (h if second else 0):]], axis=2)
@@ -123,6 +143,71 @@ class ContextParallelSeams:
             self.mesh.collective("Allgather", "cp", docs, all_docs)
             k_doc = all_docs.transpose(1, 0, 2).reshape(docs.shape[0], -1)[:, order]
         return kv_all[0], kv_all[1], np.arange(2 * n * c), k_doc, ("all", local_rows, c)
+
+    def _exchange_read(self, k, v, doc_ids, n, r, c):
+        """The chunks this rank's queries read (plan.chunks_read, cp_exchange "read"), by position: one Alltoallv of
+        byte blocks, to rank j the chunks of this rank that j reads, each chunk's k and v followed by its doc ids."""
+        kv = np.stack([k, v])  # [2, B, Tl, h_kv, d_h]
+        mine = [[kv[:, :, i * c:(i + 1) * c]] + ([] if doc_ids is None else [doc_ids[:, i * c:(i + 1) * c]])
+                for i in (0, 1)]  # this rank's chunk i: its k, v and doc ids
+        shapes = [(x.shape, x.dtype) for x in mine[0]]
+        sizes = [int(np.prod(shape)) * dtype.itemsize for shape, dtype in shapes]
+        blocks = {j: [np.ascontiguousarray(x).reshape(-1).view(np.uint8) for i in chunks_sent(r, j, n, "read")
+                      for x in mine[i]] for j in range(n) if j != r}
+        got = self._cp_alltoallv(blocks, sum(sizes), [len(chunks_sent(j, r, n, "read")) for j in range(n)], np.uint8)
+        read = chunks_read(r, n, "read")
+        kv_all = np.empty(kv.shape[:2] + (len(read) * c,) + kv.shape[3:], dtype=kv.dtype)
+        k_doc = None if doc_ids is None else np.empty((doc_ids.shape[0], len(read) * c), dtype=doc_ids.dtype)
+        for j, i, unit in self._cp_by_owner(mine, got, r, lambda j: chunks_sent(j, r, n, "read")):
+            if j != r:
+                unit = [b.view(dtype).reshape(shape) for b, (shape, dtype) in
+                        zip(np.split(unit, np.cumsum(sizes)[:-1]), shapes)]
+            lo = read.index((j, 2 * n - 1 - j)[i]) * c
+            kv_all[:, :, lo:lo + c] = unit[0]
+            if k_doc is not None:
+                k_doc[:, lo:lo + c] = unit[1]
+        return kv_all[0], kv_all[1], np.arange(len(read) * c), k_doc, ("read", c)
+
+    def _return_read(self, dkv, c, n, r):
+        """gather_kv_backward of `_exchange_read`: to each rank j the gradients of the chunks j sent this rank (one
+        Alltoallv), and this rank's chunks summed over the ranks that read them, in rank order."""
+        read = chunks_read(r, n, "read")
+
+        def rows(j, i):  # the gradients in dkv of rank j's chunk i (0: chunk j, 1: chunk 2·cp−1−j)
+            lo = read.index((j, 2 * n - 1 - j)[i]) * c
+            return dkv[:, :, lo:lo + c]
+
+        shape = rows(r, 0).shape
+        blocks = {j: [np.ascontiguousarray(rows(j, i)).reshape(-1) for i in chunks_sent(j, r, n, "read")]
+                  for j in range(n) if j != r}
+        got = self._cp_alltoallv(blocks, int(np.prod(shape)), [len(chunks_sent(r, j, n, "read")) for j in range(n)],
+                              dkv.dtype)
+        own = np.zeros(shape[:2] + (2 * c,) + shape[3:], dtype=dkv.dtype)
+        for j, i, part in self._cp_by_owner([rows(r, 0), rows(r, 1)], got, r, lambda j: chunks_sent(r, j, n, "read")):
+            own[:, :, i * c:(i + 1) * c] += part.reshape(shape)
+        return own[0], own[1]
+
+    def _cp_alltoallv(self, blocks, unit, units, dtype):
+        """One Alltoallv over cp: `blocks[j]` (flat arrays of `dtype`, laid end to end) to rank j; from rank j come
+        units[j] units of `unit` elements. Returns {j: [its units]}."""
+        n = len(units)
+        send_counts = [sum(b.size for b in blocks.get(j, [])) for j in range(n)]
+        recv_counts = [units[j] * unit if j in blocks else 0 for j in range(n)]
+        send = np.concatenate([b for j in sorted(blocks) for b in blocks[j]])
+        recv = np.empty(sum(recv_counts), dtype=dtype)
+        send_displs, recv_displs = (np.concatenate([[0], np.cumsum(x)[:-1]]).astype(np.int64).tolist()
+                                    for x in (send_counts, recv_counts))
+        self.mesh.collective("Alltoallv", "cp", [send, (send_counts, send_displs)], [recv, (recv_counts, recv_displs)],
+                             sent_bytes=int(send.nbytes))
+        return {j: [recv[recv_displs[j] + u * unit:recv_displs[j] + (u + 1) * unit] for u in range(units[j])]
+                for j in blocks}
+
+    @staticmethod
+    def _cp_by_owner(mine, got, r, which):
+        """(owner j, its chunk i, the unit) over the ranks in order: this rank's own two chunks `mine` at j = r, the
+        units `got[j]` of rank j's chunks which(j) otherwise."""
+        for j in range(len(got) + 1):
+            yield from ((j, i, unit) for i, unit in (enumerate(mine) if j == r else zip(which(j), got[j])))
 
     def _swap(self, to_prev, to_next, r, n):
         """One Alltoallv with the neighbouring cp ranks: `to_prev` goes to rank r−1, `to_next` to r+1 (None or

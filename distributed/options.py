@@ -17,8 +17,12 @@ calls with it, collective by collective, so the cost model prices exactly what r
                            work over the group, or is the rank holding the largest part of it (ties: the least
                            loaded), so only the parts outside its shard travel; the same update either way, the
                            balance stated by the plan (ParallelPlan.muon_balance, plan.owners_of)
-    cp_exchange            "all" | "read": context-parallel global layers gather every chunk, or only the chunks a
-                           rank's queries read (causal: a rank never reads chunks after its last one)
+    cp_exchange            "all" | "read": context-parallel global layers gather every chunk (Allgather; the
+                           gradients back by Reduce_scatter_block), or only the chunks a rank's queries read
+                           (causal: cp rank r never reads a chunk after its last one, 2·cp−1−r; plan.chunks_read):
+                           one Alltoallv of those chunks' keys, values and doc ids, one of their gradients back; a
+                           quarter fewer bytes (3(cp−1) chunks per rank and layer instead of 4(cp−1)), and ranks
+                           r > 0 hold fewer keys
     gather_dtype           "param" | "float32" | "bfloat16": the dtype parameters are gathered in (each shard
                            rounded to it, gathered, and the whole bucket brought back to the parameters' dtype; a
                            group of one rank moves nothing and rounds nothing)
@@ -140,7 +144,7 @@ def _bfloat16():
 OPTION_NAMES = tuple(f.name for f in fields(ParallelOptions))
 # Options written and checked but not yet run by the cluster mode: a layout that sets one is refused (Layout.check)
 # instead of silently running the default schedule. Each leaves this set with the code that runs it.
-NOT_YET_RUN = {"cp_exchange"}
+NOT_YET_RUN: set = set()
 WIRE_ITEMSIZE = {"float32": 4, "bfloat16": 2}  # bytes per element of a dtype option other than "param"
 
 

@@ -20,7 +20,9 @@ traces and the cost model:
 
 Data: the global batch of S sequences is the loader's, the same for every layout; data-parallel rank q (its rank in
 dp) trains rows [q·S/dp, (q+1)·S/dp), and cp rank r of each sequence of T tokens the positions of chunks r and
-2·cp−1−r of 2·cp equal chunks (an early chunk pairs with a late one, so causal work balances).
+2·cp−1−r of 2·cp equal chunks (an early chunk pairs with a late one, so causal work balances). A global layer gives
+cp rank r the keys and values of chunks_read(r, cp, cp_exchange): every chunk, or ("read") only chunks 0 … 2·cp−1−r,
+those its causal queries read.
 
 Parameters: every key but expert_bias lives in a flat bucket (fsdp.py): the keys of one model bucket ("embed", each
 layer, "head") that share an optimizer group, routed experts apart (cut to the ep rank's experts), laid end to end
@@ -53,7 +55,8 @@ from trinity.reference.training.optim import param_group
 from .layout import Layout
 
 __all__ = ["GROUPS", "Coords", "FlatBucket", "Span", "ParallelPlan", "bucket_parts", "part_group", "chunk_positions",
-           "owners_of", "OWNER_RULES", "ns_work", "shapes_key", "is_routed_expert", "SHARD_PREFIX", "expert_range"]
+           "chunks_read", "chunks_sent", "chunk_exchange", "owners_of", "OWNER_RULES", "ns_work", "shapes_key",
+           "is_routed_expert", "SHARD_PREFIX", "expert_range"]
 
 SHARD_PREFIX = "shard:"
 
@@ -197,6 +200,32 @@ def chunk_positions(chunk: int, cp: int, seq_len: int) -> np.ndarray:
         raise ValueError(f"seq_len {seq_len} does not split into 2·cp = {2 * cp} chunks")
     c, r = seq_len // (2 * cp), chunk
     return np.concatenate([np.arange(r * c, (r + 1) * c), np.arange((2 * cp - 1 - r) * c, (2 * cp - r) * c)])
+
+
+def chunks_read(chunk: int, cp: int, exchange: str = "all") -> range:
+    """The chunks of each sequence (of 2·cp) whose keys and values cp rank `chunk` gets for a global layer, increasing:
+    every chunk under cp_exchange "all"; under "read" chunks 0 … 2·cp−1−chunk, those its causal queries read (its
+    last chunk is 2·cp−1−chunk and no query reads a later key; rank 0 reads them all, rank cp−1 only cp + 1)."""
+    if exchange not in ("all", "read"):
+        raise ValueError(f"cp_exchange {exchange!r}: must be all or read")
+    return range(2 * cp) if exchange == "all" else range(2 * cp - chunk)
+
+
+def chunks_sent(sender: int, receiver: int, cp: int, exchange: str = "all") -> tuple[int, ...]:
+    """Which of cp rank `sender`'s two chunks (0: chunk `sender`, 1: chunk 2·cp−1−sender) cp rank `receiver` gets for
+    a global layer (chunks_read): both under "all"; under "read" the first always, the second when receiver ≤
+    sender."""
+    read = chunks_read(receiver, cp, exchange)
+    return tuple(i for i, j in enumerate((sender, 2 * cp - 1 - sender)) if j in read)
+
+
+@functools.lru_cache(maxsize=256)
+def chunk_exchange(cp: int, exchange: str = "all") -> np.ndarray:
+    """sent[s, j]: how many of cp rank s's chunks rank j ≠ s gets for a global layer (chunks_sent); the diagonal is
+    0. Row s sums to what s sends in the forward, column s to what it sends back in the backward (the gradients of
+    the chunks it got). Cached: do not modify."""
+    return np.array([[0 if s == j else len(chunks_sent(s, j, cp, exchange)) for j in range(cp)] for s in range(cp)],
+                    dtype=np.int64)
 
 
 OWNER_RULES = ("balanced", "local")  # options.py's muon_owners

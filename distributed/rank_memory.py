@@ -36,8 +36,9 @@ rank `rank` holds at the peak of each phase of a run (the parallel plan, plan.py
                one micro-batch at this rank's positions: B sequences of T/cp tokens, counted by
                reference/training/memory.step_working_set (routed rows under EP: the mean, N·K, arrive at a rank)
   context      under context parallel, the keys and values gathered from the other cp ranks that each attention
-               ctx keeps (global layers: the whole sequence; sliding ones: the w−1-token halos), plus one layer's
-               backward exchange buffers
+               ctx keeps (global layers: the whole sequence, or under cp_exchange=read the chunks the rank reads,
+               plan.chunks_read: T − r·T/(2·cp) keys on cp rank r; sliding ones: the w−1-token halos), plus one
+               layer's backward exchange buffers
   update       the optimizer step's transient: the largest of clipping's float64 copy of the largest shard, AdamW's
                three temporaries of its largest key segment, and distributed Muon's on this rank (sharded_optim:
                the pieces sent to owners, the whole matrices this rank owns assembled, their Newton–Schulz
@@ -99,7 +100,7 @@ from .gathers import bucket_kind, flat_refs, kept_gathered
 from .layout import Layout, gathers_whole_sequence
 from .mesh import REDUCE_CHUNK_BYTES
 from .options import wire_itemsize
-from .plan import ParallelPlan, owners_of
+from .plan import ParallelPlan, chunks_read, owners_of
 
 __all__ = ["estimate_rank_bytes", "busiest_rank", "BASELINE_BYTES", "READ_BYTES", "STARTS", "DEVICES"]
 
@@ -135,7 +136,7 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
         raise ValueError(f"micro_batch_size, seq_len and micro_steps must be >= 1, got {B}, {T}, {m}")
     if T % layout.cp:
         raise ValueError(f"seq_len {T} does not split over cp = {layout.cp} ranks")
-    ParallelPlan(config, layout).coords(rank)  # a rank outside the layout is a ValueError naming it
+    chunk = ParallelPlan(config, layout).coords(rank).chunk  # a rank outside the layout is a ValueError naming it
     s = np.dtype(dtype).itemsize
     cs = np.dtype(dtype if compute_dtype is None else compute_dtype).itemsize
     host = device == "host"
@@ -144,7 +145,7 @@ def estimate_rank_bytes(config, layout: Layout, rank: int, seq_len: int, micro_b
     params, grads, optimizer = state["params"], state["grads"], state["optimizer"]
     act_dtype = np.dtype(dtype if compute_dtype is None else compute_dtype)
     work = _working_set(config, B, T // layout.cp, act_dtype, recompute)
-    kept, exchange = _context_bytes(config, layout, B, T, cs, recompute)
+    kept, exchange = _context_bytes(config, layout, B, T, cs, recompute, chunk)
     starting, running = BASELINE_BYTES.get(backend, BASELINE_BYTES["numba"]) if host else (0, 0)
     gathered, workspace, kept_gathered, at_loss = (accumulation_bytes(config, act_dtype, m),
                                                    work["backward_workspace"], 0, 0) if single else \
@@ -325,17 +326,19 @@ def _chunk_buffers(nbytes: int) -> int:
     return nbytes if nbytes <= REDUCE_CHUNK_BYTES else 2 * REDUCE_CHUNK_BYTES
 
 
-def _context_bytes(config, layout: Layout, B: int, T: int, cs: int, recompute: bool) -> tuple[int, int]:
+def _context_bytes(config, layout: Layout, B: int, T: int, cs: int, recompute: bool, chunk: int) -> tuple[int, int]:
     """(kept, exchange): the keys and values from other cp ranks that attention ctxs keep (every layer's, or one
-    layer's with recompute), and one layer's backward exchange buffers (module docstring, "context")."""
+    layer's with recompute) on cp rank `chunk`, and one layer's backward exchange buffers (module docstring,
+    "context")."""
     cp = layout.cp
     if cp == 1:
         return 0, 0
     local, kvw = T // cp, config.kv_width
+    whole = len(chunks_read(chunk, cp, layout.options.cp_exchange)) * T // (2 * cp)  # a global layer's keys
     extra, exchange = [], 0
     for layer in range(config.num_hidden_layers):
         window = config.window_of(layer)
-        keys = T if gathers_whole_sequence(window, T) else min(T, local + 2 * (window - 1))
+        keys = whole if gathers_whole_sequence(window, T) else min(T, local + 2 * (window - 1))
         extra.append(2 * B * (keys - local) * kvw * cs)
         exchange = max(exchange, 2 * 2 * B * keys * kvw * cs)  # dk, dv of the gathered keys and the send buffer
     kept = max(extra) if recompute else sum(extra)

@@ -29,14 +29,18 @@ micro-batches and dropped is gathers.Holding's rule (the layout's schedule optio
                                 with reduce_gradients="step")
   per layer, forward (again in the backward under recompute), attention before the MoE:
   Allgather cp                  global layer (window None or ≥ T): k,v (cp−1)·2·B·Tl·h_kv·d_h·q_a; doc ids (cp−1)·B·Tl·8
+  Alltoallv cp                  global layer under cp_exchange=read, instead: to each other cp rank j the rank's chunks
+                                j reads (plan.chunk_exchange; k, v and doc ids of a chunk in one block), s_r·c·(2·B·
+                                h_kv·d_h·q_a + B·8 with doc ids), c = Tl/2, s_r = cp−1+r chunks for cp rank r
   Alltoallv cp                  sliding layer, halo h = w−1 > 0: k,v ν·2·B·h·h_kv·d_h·q_a, doc ids ν·B·h·8, where ν is
                                 the rank's neighbours in its cp group (1 at either end, 2 between)
   Alltoall ep                   the routing counts [ep, E/ep] int64: ⌊(ep−1)·E·8/ep⌋
   Alltoallv ep                  dispatch: the rank's rows for other ranks' experts; combine: the rows it received from
                                 other ranks, sent back; × d·q_a
   per layer, backward: Alltoallv ep (the combine's backward moves the dispatch's rows, the dispatch's the combine's),
-  then Reduce_scatter_block cp (global: dk,dv laid out by owner, ⌊(cp−1)/cp · cp·2·B·Tl·h_kv·d_h·q_a⌋) or Alltoallv cp
-  (sliding: the halos' gradients, ν·2·B·h·h_kv·d_h·q_a)
+  then Reduce_scatter_block cp (global: dk,dv laid out by owner, ⌊(cp−1)/cp · cp·2·B·Tl·h_kv·d_h·q_a⌋; under
+  cp_exchange=read an Alltoallv cp of the gradients of the chunks the rank got, (2·cp−2−r)·c·2·B·h_kv·d_h·q_a) or
+  Alltoallv cp (sliding: the halos' gradients, ν·2·B·h·h_kv·d_h·q_a)
   Allreduce cp                  after the forward, per MoE layer: the balance loss's per-sequence counts B·E·q_a
                                 (when balance_loss_coeff > 0)
 Schedule options (options.py; one rule each, in gathers.py or here): keep_gathered: the kept flat buckets are
@@ -83,7 +87,7 @@ from .checksums import CRC_BYTES
 from .gathers import Holding, flat_refs, gather_order
 from .layout import gathers_whole_sequence, window_problem
 from .options import wire_itemsize
-from .plan import ParallelPlan, owners_of
+from .plan import ParallelPlan, chunk_exchange, owners_of
 
 __all__ = ["Itemsizes", "Scheduled", "PerRank", "Call", "StepProgram", "sent_bytes", "gather_order", "muon_sends",
            "step_program", "step_schedule", "eval_program", "eval_schedule", "routing_counts", "per_rank",
@@ -362,7 +366,12 @@ class _MicroBatches:
             return
         window, T, Tl, kv_row = c.window_of(layer), self.T, self.Tl, self.kv_row
         if gathers_whole_sequence(window, T):
-            if backward:
+            if self.plan.layout.options.cp_exchange == "read":  # the chunks each rank reads, and their gradients back
+                sent = chunk_exchange(cp, "read").T if backward else chunk_exchange(cp, "read")
+                chunk = Tl // 2 * (kv_row + (self.B * DOC_ID_BYTES if self.doc_ids and not backward else 0))
+                crc = CRC_BYTES if self.checksums else 0
+                b.add("Alltoallv", "cp", sent=PerRank("cp", sent.sum(axis=1) * chunk + (sent > 0).sum(axis=1) * crc))
+            elif backward:
                 b.add("Reduce_scatter_block", "cp", cp * Tl * kv_row)
             else:
                 b.add("Allgather", "cp", Tl * kv_row)

@@ -39,6 +39,8 @@ CLUSTER = ["dp_shard=4", "dp_replicate=2,dp_shard=2", "dp_shard=2,ep=2", "dp_sha
            "dp_shard=2,cp=2,ep=2", "dp_replicate=2,cp=2"]
 MORE = ["dp_replicate=2", "cp=3", "cp=4", "dp_shard=3", "dp_replicate=2,dp_shard=3", "dp_shard=8,ep=8", "cp=2,ep=2",
         "dp_replicate=4,dp_shard=2,ep=2", "dp_shard=2,cp=3,ep=2"]
+# cp_exchange=read (a global layer exchanges only the chunks each cp rank reads) at every layout above with cp > 1
+READ = [text + ",cp_exchange=read" for text in CLUSTER + MORE if Layout.parse(text).cp > 1]
 
 RUN = """
 [model]
@@ -177,7 +179,7 @@ def _difference(text, step, rank, got, want) -> str:
 
 
 @pytest.mark.parametrize("recompute", [False, True], ids=["plain", "recompute"])
-@pytest.mark.parametrize("text", CLUSTER + MORE)
+@pytest.mark.parametrize("text", CLUSTER + MORE + READ)
 def test_every_rank_calls_exactly_the_plans_schedule(tmp_path, data, single, text, recompute):
     events = _check(tmp_path, data, single, text, recompute=recompute)
     kinds = {(e["kind"], e["group"]) for rank in events for e in rank}
@@ -188,7 +190,8 @@ def test_every_rank_calls_exactly_the_plans_schedule(tmp_path, data, single, tex
         assert ("Allreduce", "cp") in kinds
 
 
-@pytest.mark.parametrize("text", ["dp_shard=2,ep=2", "dp_replicate=2,dp_shard=2,cp=2,ep=2", "cp=3"])
+@pytest.mark.parametrize("text", ["dp_shard=2,ep=2", "dp_replicate=2,dp_shard=2,cp=2,ep=2", "cp=3",
+                                  "dp_shard=2,cp=2,ep=2,cp_exchange=read", "cp=3,cp_exchange=read"])
 def test_tied_embeddings_and_checksums(tmp_path, data, single, text):
     """Tied embeddings gather embed three times per micro-batch (the head's forward and backward); message
     checksums add 4 bytes per block sent (their Alltoallv blocks depend on the routing)."""
@@ -276,7 +279,8 @@ def _priced(cols) -> dict:
 
 
 @pytest.mark.parametrize("text", ["dp_replicate=2,dp_shard=2,cp=2,ep=2", "dp_replicate=3,dp_shard=3", "cp=4",
-                                  "dp_replicate=2,dp_shard=4,ep=4", "dp_shard=6,ep=2"])
+                                  "dp_replicate=2,dp_shard=4,ep=4", "dp_shard=6,ep=2", "cp=4,cp_exchange=read",
+                                  "dp_replicate=2,dp_shard=2,cp=2,ep=2,cp_exchange=read"])
 @pytest.mark.parametrize("preset", ["tiny", "bench-medium"])
 def test_the_cost_model_sums_every_ranks_schedule_without_visiting_every_rank(text, preset):
     """traffic_model.step_collectives equals the plain sum of step_schedule over every rank: calls, busiest rank and
