@@ -55,6 +55,9 @@ def add_parser(subparsers):
     p.add_argument("--routing", metavar="METRICS",
                    help="a metrics.jsonl of a run of this model: its recorded expert loads give each ep's busiest "
                         "rank (instead of --max-vio)")
+    p.add_argument("--options", default="", metavar="OPTIONS",
+                   help="schedule options of every layout, e.g. reduce_gradients=step,async_reduce=true "
+                        "(trinity.distributed.options; default none)")
     p.add_argument("--ranks-per-node", type=whole(1, MAX_GPUS), default=8, metavar="K",
                    help="GPUs per node (default 8)")
     p.add_argument("--top", type=whole(1), default=10, help="rows of the table (default 10)")
@@ -98,6 +101,18 @@ def parse_fixed(text: str) -> dict:
     return out
 
 
+def parse_options(text: str):
+    """"reduce_gradients=step,async_reduce=true" → ParallelOptions (CLIError in one line); "" → None (defaults)."""
+    from trinity.distributed.layout import Layout, LayoutError
+
+    if not text.strip():
+        return None
+    try:
+        return Layout.parse("single," + text).options
+    except LayoutError as e:
+        raise CLIError(f"--options {text!r}: {e}") from None
+
+
 def run(args) -> int:
     import dataclasses
 
@@ -125,6 +140,7 @@ def run(args) -> int:
     hw = dataclasses.replace(hw, ranks_per_node=args.ranks_per_node)
     batches = parse_schedule(args.batch)
     fixed = parse_fixed(args.fix)
+    options = parse_options(args.options)
     try:
         check_size(gpus=args.gpus, seq_len=args.seq_len, batches=batches)
     except SearchTooLarge as e:
@@ -141,7 +157,8 @@ def run(args) -> int:
         imbalance = lambda ep: busiest_rank_factor(loads, ep)  # noqa: E731
     try:
         plan = search(config, gpus=args.gpus, hardware=hw, seq_len=args.seq_len, batches=batches,
-                      tokens=args.tokens, micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed)
+                      tokens=args.tokens, micro_batches=(1, 2, 3, 4, 6, 8, 12, 16), imbalance=imbalance, fixed=fixed,
+                      options=options)
     except SearchTooLarge as e:
         raise CLIError(str(e)) from None
     if plan.considered == 0:
@@ -153,7 +170,8 @@ def run(args) -> int:
     schedule = ", then ".join(f"{s:,} x {args.seq_len:,} tokens" + (f" from {_tokens(t)}" if t else "")
                               for t, s in batches)
     print(f"{args.model} on {args.gpus:,} {hw.name} ({hw.hbm_bytes / 1e9:.0f} GB), {_tokens(args.tokens)} tokens, "
-          f"batch {schedule}; {plan.considered} choices, {len(plan.ranked)} fit in memory")
+          f"batch {schedule}" + (f"; schedule options {options.text()}" if options else "")
+          + f"; {plan.considered} choices, {len(plan.ranked)} fit in memory")
     print(table(plan, args.gpus, args.top))
     for line in answer_lines(plan, args, hw, published):
         print(line)

@@ -113,3 +113,30 @@ def test_the_planners_layouts_are_fitting_layouts(world, experts, window, seq_le
     got = planner.layouts_to_plan(gpus=world, config=config, seq_len=seq_len, micro_batch_size=mbs,
                                   batch_sizes=sizes, fixed=fixed)
     assert got == want
+
+
+def test_plan_options_price_every_layout_with_them(capsys):
+    """--options gives every candidate layout the schedule options, which the schedule (and so the price) follows:
+    gradients reduced once per step and parameters kept gathered move fewer bytes than the default schedule."""
+    from trinity.cli.main import main
+    from trinity.simulate.planning.hardware import get_hardware
+    from trinity.simulate.planning.planner import search
+    from trinity.distributed.options import ParallelOptions
+    from trinity.reference import Config
+
+    config = Config.preset("tiny")
+    kwargs = dict(gpus=8, hardware=get_hardware("h100"), seq_len=256, batches=[(0, 32)], tokens=1e9,
+                  micro_batches=(1,), recompute=(False,), fixed={"dp_shard": 8})
+    plain = search(config, **kwargs)
+    options = ParallelOptions(keep_gathered="all", reshard_after_forward="none", reduce_gradients="step")
+    kept = search(config, **kwargs, options=options)
+    assert all(c.first.layout.options == options for c in kept.ranked + kept.rejected)
+    a, b = plain.ranked[0].first, kept.ranked[0].first
+    assert b.detail["comm"]["fsdp"] < 0.75 * a.detail["comm"]["fsdp"]  # the FSDP traffic's seconds
+    assert main(["plan", "--model", "tiny", "--gpus", "8", "--gpu", "h100", "--tokens", "1e9", "--seq-len", "256",
+                 "--batch", "32", "--fix", "dp_shard=8", "--options", "reduce_gradients=step"]) in (0, 1)
+    assert "schedule options reduce_gradients=step" in capsys.readouterr().out
+    assert main(["plan", "--model", "tiny", "--gpus", "8", "--gpu", "h100", "--tokens", "1e9",
+                 "--options", "reduce_gradients=never"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--options" in err[0]

@@ -92,11 +92,12 @@ def _divisors(n: int) -> list[int]:
 
 
 def layouts_to_plan(*, gpus: int, config, seq_len: int, micro_batch_size: int, batch_sizes, fixed=None,
-                    budget: list | None = None) -> list[Layout]:
+                    budget: list | None = None, options=None) -> list[Layout]:
     """fitting_layouts' list (every layout of `gpus` ranks that Layout.problems accepts, in its order), restricted
     to the sizes in `fixed`, visiting only layouts that the batch rule (dp·micro-batch divides every batch size) and
     the expert rule (ep divides dp_shard·cp and the experts) allow. `budget` = [layouts still to examine], shared by
-    the calls of one search: SearchTooLarge when it runs out."""
+    the calls of one search: SearchTooLarge when it runs out. `options`: the schedule options every layout carries
+    (distributed/options.py; default none)."""
     fixed, budget = fixed or {}, budget if budget is not None else [MAX_EXAMINED]
     common = math.gcd(*(int(b) for b in batch_sizes))
     if common % micro_batch_size:
@@ -108,7 +109,7 @@ def layouts_to_plan(*, gpus: int, config, seq_len: int, micro_batch_size: int, b
         cp = gpus // dp
         for dp_shard in _divisors(dp):
             for ep in _divisors(math.gcd(dp_shard * cp, config.num_experts)):
-                layout = Layout(dp // dp_shard, dp_shard, cp, ep)
+                layout = Layout(dp // dp_shard, dp_shard, cp, ep, **({} if options is None else {"options": options}))
                 if any(getattr(layout, dim) != size for dim, size in fixed.items()):
                     continue
                 budget[0] -= 1
@@ -132,18 +133,20 @@ def check_size(*, gpus: int, seq_len: int, batches) -> None:
 
 
 def search(config, *, gpus: int, hardware, seq_len: int, batches, tokens: float, micro_batches=(1, 2, 4, 8),
-           recompute=(False, True), imbalance=1.0, fixed: dict | None = None) -> Plan:
+           recompute=(False, True), imbalance=1.0, fixed: dict | None = None, options=None) -> Plan:
     """Every (layout, micro-batch, recompute) of the job predicted and ranked (module docstring). `batches`: the
     batch schedule [(from token, sequences per step)], sorted, the first from 0; `fixed`: {dimension: size} that
     every layout must have (e.g. {"ep": 8}); `imbalance`: the busiest ep rank's load over the mean, a number or a
-    function of ep (trinity.simulate.planning.routing.busiest_rank_factor over recorded counts). SearchTooLarge, before any
-    prediction, for a search beyond the limits."""
+    function of ep (trinity.simulate.planning.routing.busiest_rank_factor over recorded counts); `options`: the schedule
+    options of every layout (priced by the schedule they change). SearchTooLarge, before any prediction, for a search
+    beyond the limits."""
     check_size(gpus=gpus, seq_len=seq_len, batches=batches)
     sizes = [s for _, s in batches]
     segments = _segments(batches, tokens)
     budget = [MAX_EXAMINED]
     layouts = {mbs: layouts_to_plan(gpus=gpus, config=config, seq_len=seq_len, micro_batch_size=mbs,
-                                    batch_sizes=sizes, fixed=fixed, budget=budget) for mbs in micro_batches}
+                                    batch_sizes=sizes, fixed=fixed, budget=budget, options=options)
+               for mbs in micro_batches}
     predictions = sum(map(len, layouts.values())) * len(recompute) * len(sizes)
     if predictions > MAX_PREDICTIONS:
         raise SearchTooLarge(f"{predictions:,} predictions (layouts × micro-batch sizes × recompute × batch sizes), "
