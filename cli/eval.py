@@ -185,8 +185,9 @@ def _seq_len(args, checkpoints) -> int:
 
 
 def _batch_count(args, store, S: int, T: int) -> int:
+    from trinity.run.eval_data import whole_batches
     per_batch = S * T
-    holds = store.num_tokens // per_batch
+    holds = whole_batches(store, T, S)
     if holds == 0:
         raise CLIError(f"--data {args.data}: the set holds {store.num_tokens:,} tokens, fewer than one batch of "
                        f"{S} sequences × {T} tokens ({per_batch:,}); lower --sequences-per-batch or --seq-len, or "

@@ -28,7 +28,7 @@ from trinity.reference.data.prepare import HOLDOUT_DIR
 from trinity.reference.data.store import DataError, DocumentStore
 from trinity.reference.training.step import GlobalBatch
 
-__all__ = ["EvalSet", "fixed_batches", "eval_sets", "token_bytes_of", "HOLDOUT_DIR"]
+__all__ = ["EvalSet", "whole_batches", "fixed_batches", "eval_sets", "token_bytes_of", "HOLDOUT_DIR"]
 
 
 @dataclass
@@ -40,15 +40,20 @@ class EvalSet:
     token_bytes: np.ndarray | None = None
 
 
+def whole_batches(store, seq_len: int, sequences: int) -> int:
+    """How many batches of `sequences` rows of `seq_len` tokens `store` holds without repeating a token: the most
+    an evaluation of it may read (fixed_batches refuses more)."""
+    return store.num_tokens // (sequences * seq_len)
+
+
 def fixed_batches(store, seq_len: int, sequences: int, count: int, rows: slice | None = None, doc_ids: bool = True,
                   seed: int = 0):
     """`count` batches of `sequences` rows of `seq_len` tokens spread over `store` (module docstring), as
     GlobalBatch, each holding rows `rows` only (None: all). DataError when the store is too small."""
-    need = count * sequences * seq_len
-    if store.num_tokens < need:
+    if count > whole_batches(store, seq_len, sequences):
         raise DataError(f"{store.path}: the eval set holds {store.num_tokens:,} tokens, fewer than {count} batch(es) "
-                        f"of {sequences} × {seq_len} tokens ({need:,}); evaluate fewer batches or prepare a larger "
-                        f"held-out set")
+                        f"of {sequences} × {seq_len} tokens ({count * sequences * seq_len:,}); evaluate fewer "
+                        f"batches or prepare a larger held-out set")
     stride = (store.num_tokens // seq_len) // (count * sequences)
     loader = PackedTokenLoader(store, seq_len, 1, seed=seed)
     return _batches(loader, count, sequences, stride, rows, doc_ids)

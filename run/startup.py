@@ -188,7 +188,7 @@ def build_loader(run: RunConfig):
 def _open_eval_sets(run: RunConfig, stores) -> list:
     """The run's eval sets (run/eval_data.py), each checked to hold the batches an evaluation reads and the training
     data's EOS id. Errors name the [eval] key."""
-    from .eval_data import eval_sets
+    from .eval_data import eval_sets, whole_batches
     settings = run.evaluation
     try:
         sets = eval_sets(run, stores)
@@ -199,7 +199,7 @@ def _open_eval_sets(run: RunConfig, stores) -> list:
         if s.store.eos_id != stores[0].eos_id:
             raise RunConfigError(f"[eval] {s.store.path}: eos_id {s.store.eos_id} differs from the training data's "
                                  f"{stores[0].eos_id}")
-        if s.store.num_tokens < need:
+        if settings.batches > whole_batches(s.store, run.seq_len, settings.sequences_per_batch):
             raise RunConfigError(f"[eval] batches = {settings.batches}: the eval set {s.store.path} holds "
                                  f"{s.store.num_tokens:,} tokens, fewer than {settings.batches} batch(es) of "
                                  f"{settings.sequences_per_batch} × {run.seq_len} tokens ({need:,}); lower [eval] "
