@@ -40,7 +40,7 @@ from trinity.accel.cuda import losses as cu_losses  # noqa: E402
 from trinity.accel.cuda import norms as cu_norms  # noqa: E402
 from trinity.accel.cuda import rope as cu_rope  # noqa: E402
 from trinity.accel.cuda import router as cu_router  # noqa: E402
-from trinity.accel.cuda._common import THREADS, host  # noqa: E402
+from trinity.accel.cuda._common import THREADS, cuda, host, launch  # noqa: E402
 from trinity.reference.operators import attention as ref_attention  # noqa: E402
 from trinity.reference.operators import losses as ref_losses  # noqa: E402
 from trinity.reference.operators import mlp as ref_mlp  # noqa: E402
@@ -268,3 +268,47 @@ def test_attention_rejects_large_heads():
     q = np.zeros((1, 1, 1, cu_attention.MAX_HEAD_DIM + 2))
     with pytest.raises(ValueError, match="MAX_HEAD_DIM"):
         cu_attention.attention_forward(q, q, q)
+
+
+# ---- the simulator's shared memory ----------------------------------------------------------------------------------
+@pytest.mark.skipif(not SIMULATED, reason="a property of Numba's CUDA simulator")
+def test_simulated_shared_arrays_are_one_per_block_under_any_interleaving(monkeypatch):
+    """Every thread of a block gets the same array from one cuda.shared.array line, and two lines give two arrays,
+    even when the simulator's threads switch between the lookup and the creation (numba-cuda 0.30 does that lookup
+    unlocked; _common serialises it). The kernel stages tid and 2·tid in two shared arrays and every thread reads its
+    neighbours' entries: a thread with an array of its own reads garbage, and aliased arrays read 2·tid twice."""
+    import time
+
+    from numba.cuda.simulator import kernelapi
+
+    class SlowLookups(dict):  # a thread switch inside every lookup: the interleaving CI met by chance
+        def get(self, key, default=None):
+            found = dict.get(self, key, default)
+            time.sleep(1e-3)
+            return found
+
+    unpatched_init = kernelapi.FakeCUDAShared.__init__
+
+    def init(self, dynshared_size):
+        unpatched_init(self, dynshared_size)
+        self._allocations = SlowLookups()
+
+    monkeypatch.setattr(kernelapi.FakeCUDAShared, "__init__", init)
+
+    @cuda.jit
+    def neighbours(out):
+        a = cuda.shared.array(8, np.float64)
+        b = cuda.shared.array(8, np.float64)
+        tid = cuda.threadIdx.x
+        a[tid] = tid
+        b[tid] = 2 * tid
+        cuda.syncthreads()
+        n = cuda.blockDim.x
+        out[cuda.blockIdx.x, tid, 0] = a[(tid + 1) % n]
+        out[cuda.blockIdx.x, tid, 1] = b[(tid + n - 1) % n]
+
+    out = np.full((2, 8, 2), np.nan)
+    launch(neighbours, 2, 8, out)
+    tid = np.arange(8)
+    np.testing.assert_array_equal(out[..., 0], np.broadcast_to((tid + 1) % 8, (2, 8)))
+    np.testing.assert_array_equal(out[..., 1], np.broadcast_to(2 * ((tid + 7) % 8), (2, 8)))

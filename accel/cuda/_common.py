@@ -42,6 +42,42 @@ if SIMULATOR:
 else:
     _FakeCUDAArray = None
 
+
+def _serialise_simulated_shared_arrays():
+    """Make the simulator's cuda.shared.array safe for a block's threads (numba-cuda 0.30). It keeps a launch's
+    shared arrays in a dict keyed by the calling line and creates one when absent, without a lock: two threads can
+    both find none and each get an array of its own, so "shared" memory is not shared and a block reduction or a
+    staged tile reads another thread's garbage (CI saw a cupy-sim step's loss off by 0.1 on a loaded machine).
+    Replaced here by the same rule (one array per calling line and launch; dynamic shared memory as numba's)
+    under one lock. On a GPU nothing changes."""
+    from numba.core import types
+    from numba.cuda.simulator import kernelapi
+    from numba.np import numpy_support
+
+    if getattr(kernelapi.FakeCUDAShared.array, "_trinity_locked", False):
+        return
+    dynamic = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # dynamic shared memory, or numba's refusal: numba's own answer
+            return dynamic(self, shape, dtype, alignment)
+        caller = sys._getframe(1)
+        key = (caller.f_code.co_filename, caller.f_lineno)
+        with lock:
+            found = self._allocations.get(key)
+            if found is None:
+                dt = numpy_support.as_dtype(dtype) if isinstance(dtype, types.Type) else dtype
+                found = self._allocations[key] = np.empty(shape, dt)
+        return found
+
+    array._trinity_locked = True
+    kernelapi.FakeCUDAShared.array = array
+
+
+if SIMULATOR:
+    _serialise_simulated_shared_arrays()
+
 # The simulator runs one kernel at a time (its kernel context and a kernel's grid are process-wide): launches from
 # several threads (virtual ranks) take turns. On a device launches are asynchronous and need no lock.
 _SIM_LOCK = threading.RLock()
