@@ -34,7 +34,7 @@ from __future__ import annotations
 import numpy as np
 
 from trinity.reference.model.ops import ReferenceOps
-from trinity.reference.operators.optimizer_kernels import _coefficient_schedule
+from trinity.reference.operators.bf16 import BF16, newton_schulz_bf16, newton_schulz_rounded, round_bf16
 
 __all__ = ["CupyOps", "load", "simulated", "round_bf16", "newton_schulz_bf16", "KERNEL_OPS", "TABLE_OPS"]
 
@@ -51,7 +51,6 @@ KERNEL_OPS = {
 }
 TABLE_OPS = ["router_forward", "router_backward", "experts_forward", "experts_backward", "newton_schulz"]
 
-BF16 = "bfloat16"
 
 
 def _module(x):
@@ -60,62 +59,6 @@ def _module(x):
         import cupy
         return cupy
     return np
-
-
-# ---- bf16 emulation ------------------------------------------------------------------------------------------------
-def round_bf16(x):
-    """float32 values rounded to the nearest bfloat16 (round half to even on the top 16 bits of the float32 pattern),
-    as float32. ±inf stay, NaN stays NaN, finite values past bf16's largest round to ±inf, as a cast to bf16 does.
-    x: a float32 (or float64, cast first) NumPy or CuPy array."""
-    xp = _module(x)
-    x = xp.asarray(x, dtype=xp.float32)
-    bits = x.view(xp.uint32)  # same item size: a view of any layout
-    lsb = (bits >> xp.uint32(16)) & xp.uint32(1)
-    rounded = (bits + (xp.uint32(0x7FFF) + lsb)) & xp.uint32(0xFFFF0000)
-    return xp.where(xp.isnan(x), x, rounded.view(xp.float32))
-
-
-def _bf16_matmul(a, b):
-    """a @ b with both factors rounded to bf16 and the products accumulated in float32 (what a bf16 GEMM with a float32
-    accumulator computes before it rounds its output; newton_schulz_bf16 rounds its factors so)."""
-    return round_bf16(a) @ round_bf16(b)
-
-
-def _newton_schulz(G, steps, coefficients, eps, dtype, rounded):
-    """reference optimizer_kernels.newton_schulz on G's own module (NumPy or CuPy; the reference's operations in its
-    order, so on NumPy the same bits), in `dtype`; with rounded=True every array between operations is rounded to
-    bf16 (newton_schulz_bf16)."""
-    xp = _module(G)
-    if G.ndim < 2:
-        raise ValueError(f"newton_schulz needs a matrix or a batch of matrices, got shape {G.shape}")
-    r = round_bf16 if rounded else (lambda x: x)
-    tall = G.shape[-2] > G.shape[-1]
-    X = G.astype(dtype, copy=False)
-    if tall:
-        X = xp.swapaxes(X, -1, -2)
-    X64 = X.astype(xp.float64)
-    norm = xp.sqrt(xp.sum(X64 * X64, axis=(-2, -1), keepdims=True))
-    X = r(X / (norm + eps).astype(dtype))
-    for a, b, c in _coefficient_schedule(coefficients, steps):
-        A = r(r(X) @ r(xp.swapaxes(X, -1, -2)))
-        B = r(b * A + c * r(A @ A))
-        X = r(a * X + r(B @ X))
-    if tall:  # a row-major copy, as a transposed view would not be
-        X = xp.swapaxes(X, -1, -2)
-    return xp.ascontiguousarray(X)
-
-
-def newton_schulz_bf16(G, steps: int = 5, coefficients="dion", eps: float = 1e-8):
-    """Newton–Schulz of reference optimizer_kernels.newton_schulz computed as Dion does in bfloat16 (SPEC §9.2): every
-    array between operations is a bf16 value (float32 rounded by round_bf16), every product takes bf16 factors and
-    accumulates in float32, every elementwise combination is formed in float32 and rounded once:
-
-        X = bf16(G/(‖G‖_F + eps))      (Gᵀ when rows > cols; the norm in float64)
-        A = bf16(X Xᵀ);   B = bf16(b A + c bf16(A A));   X = bf16(a X + bf16(B X))
-
-    Returns float32 (bf16 values), row-major, shaped like G. Its error against exact arithmetic is that of bf16:
-    tests/conformance/tolerances.py (ns_bf16_tol)."""
-    return _newton_schulz(G, steps, coefficients, eps, np.float32, rounded=True)
 
 
 # ---- grouped expert GEMMs ------------------------------------------------------------------------------------------
@@ -240,7 +183,7 @@ class CupyOps(ReferenceOps):
             return out if dtype is None or named else out.astype(dtype)
         if dtype is None:  # the reference's rule: G's dtype when float32 or float64, else float32
             dtype = G.dtype if np.dtype(G.dtype) in (np.dtype(np.float32), np.dtype(np.float64)) else np.float32
-        return _newton_schulz(G, steps, coefficients, eps, np.dtype(dtype), rounded=False)
+        return newton_schulz_rounded(G, steps, coefficients, eps, np.dtype(dtype), rounded=False)
 
 
 _BOUND = []

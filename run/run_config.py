@@ -35,6 +35,7 @@ folder. Example (configs/tiny-synthetic.toml):
     batch_schedule = [[1_000_000, 32]]   # [tokens_seen threshold, sequences_per_step] pairs
     recompute = false
     backend = "reference"        # reference | numba | cupy: the op table (trinity.accel.get_backend)
+    precision = "full"           # or "bf16": float32 master weights, bf16 compute (reference/model/precision.py)
     on_nonfinite = "stop"        # a non-finite loss or gradient norm stops the run before the update; or "skip"
     max_skipped_steps = 10       # with "skip": the run stops when more steps than this were skipped
     [optimizer]   muon_lr, adamw_lr, muon_momentum, … (Config fields, SPEC §9)
@@ -81,6 +82,7 @@ from trinity.accel import BACKENDS
 from trinity.distributed.layout import DIMS as _LAYOUT_KEYS
 from trinity.distributed.layout import Layout
 from trinity.distributed.options import OPTION_NAMES, OptionError, ParallelOptions
+from trinity.reference.model.precision import PRECISIONS
 from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["RunConfig", "RunConfigError", "EvalSettings", "load_run_config", "check_output_paths"]
@@ -134,6 +136,7 @@ class RunConfig:
     batch_schedule: tuple
     recompute: bool
     backend: str
+    precision: str
     checkpoint_dir: str
     checkpoint_every: int
     keep_last: int
@@ -412,6 +415,9 @@ def load_run_config(path) -> RunConfig:
     recompute = _take(train, "train", "recompute", bool, False, what="true or false")
     backend = _take(train, "train", "backend", str, "reference", lambda v: v in BACKENDS,
                     "|".join(BACKENDS))
+    precision = _take(train, "train", "precision", str, "full", lambda v: v in PRECISIONS, "|".join(PRECISIONS))
+    if precision == "bf16" and dtype != "float32":
+        raise RunConfigError(f'[train] precision = "bf16" keeps float32 master weights: [model] dtype is {dtype!r}')
     on_nonfinite = _take(train, "train", "on_nonfinite", str, "stop", lambda v: v in ("stop", "skip"),
                          '"stop" or "skip"')
     max_skipped = _take(train, "train", "max_skipped_steps", int, 10, lambda v: v >= 0, "a non-negative integer")
@@ -449,7 +455,8 @@ def load_run_config(path) -> RunConfig:
     return RunConfig(path=path, model_source=model_source, dtype=dtype, init_seed=init_seed,
                      config_overrides=overrides, data_path=data_path, eos_id=eos_id, seq_len=seq_len,
                      micro_batch_size=micro, data_seed=data_seed, steps=steps, sequences_per_step=seqs,
-                     batch_schedule=tuple(changes), recompute=recompute, backend=backend, checkpoint_dir=ckpt_dir,
+                     batch_schedule=tuple(changes), recompute=recompute, backend=backend, precision=precision,
+                     checkpoint_dir=ckpt_dir,
                      checkpoint_every=every, keep_last=keep_last, metrics_path=metrics, progress=progress,
                      data_loader=data_loader, rsdb_buffer=rsdb_buffer, data_sources=data_sources,
                      data_phases=data_phases, override_origins=origins, on_nonfinite=on_nonfinite,

@@ -29,6 +29,7 @@ from collections import defaultdict
 import numpy as np
 
 from trinity.accel import BackendUnavailable, get_backend
+from trinity.reference.model.precision import with_precision
 from trinity.distributed.layout import Layout, LayoutError
 from trinity.distributed.mesh import allgather_json
 from trinity.distributed.plan import ParallelPlan
@@ -297,7 +298,7 @@ class Startup:
             backend = get_backend(run.backend)
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
-        self.ops = backend
+        self.ops = with_precision(backend, run.precision)  # the table at [train] precision (model/precision.py)
         self._check_layout(comm)
         self.loader, self.stores = build_loader(run)
         self.eval_sets = _open_eval_sets(run, self.stores) if run.evaluation is not None else []

@@ -24,8 +24,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from strategies import min_topk_gap, random_params, small_configs, token_batches
-from tolerances import PERTURBED_RUNS, check_close, eps, model_reduction_length, model_tol, topk_gap
+from tolerances import (BF16, PERTURBED_RUNS, bf16_step_tol, check_close, eps, model_reduction_length, model_tol,
+                        topk_gap)
 from trinity.reference import loss_and_grads, model_forward
+from trinity.reference.model.ops import REFERENCE
+from trinity.reference.model.precision import with_precision
 from trinity.reference.operators.optimizer_kernels import _coefficient_schedule
 from trinity.reference.training.balancing import balance_step, init_balancing_state
 from trinity.reference.training.optim import clip_grad_norm, init_optimizer_state, optimizer_step, param_group
@@ -152,6 +155,81 @@ def check_training_step(backend, dtype, record, case):
                     what="step muon update", recorder=record)
     for key in state_r:
         np.testing.assert_array_equal(state_b[key], state_r[key], err_msg=key)  # momenta: the gradients only
+
+
+# ---- the bf16 step ---------------------------------------------------------------------------------------------------
+@STEP_SETTINGS
+@given(step_cases())
+def test_training_step_bf16(backend, record, case):
+    if is_simulated(backend):
+        pytest.skip("the simulated table runs test_training_step_bf16_simulated (smaller models)")
+    check_training_step_bf16(backend, record, case)
+
+
+@pytest.mark.sim_examples(3)
+@STEP_SETTINGS
+@given(step_cases(max_layers=2, max_hidden=16, max_vocab=32, max_batch=1, max_len=12))
+def test_training_step_bf16_simulated(backend, record, case):
+    if not is_simulated(backend):
+        pytest.skip("for tables under the CUDA simulator (the others run test_training_step_bf16)")
+    check_training_step_bf16(backend, record, case)
+
+
+def check_training_step_bf16(backend, record, case):
+    """The backend's table at precision "bf16" (float32 master weights, bf16 operators: reference/model/precision.py)
+    against the reference's bf16 step: losses, gradients (float32, every one), the embedding-output gradient and the
+    routing, within bf16_step_tol of the reference bf16 step's own rounding (tolerances.py); then Newton–Schulz in
+    bf16 inside the Muon update. The gradients must also differ from the float32 step's (the rounding happened)."""
+    config, params64, tokens, labels, doc_ids, recompute = case
+    params = {k: v.astype(np.float32) for k, v in params64.items()}
+    T = tokens.shape[1]
+    ref16 = with_precision(REFERENCE, "bf16")
+    runs = [loss_and_grads(config, params64, tokens, labels, doc_ids),
+            loss_and_grads(config, params, tokens, labels, doc_ids, ops=ref16)]
+    rng = np.random.default_rng(0)
+    for _ in range(PERTURBED_RUNS):
+        perturbed = {k: (v * (1 + eps(np.float32) * rng.standard_normal(v.shape))).astype(np.float32)
+                     for k, v in params64.items()}
+        runs.append(loss_and_grads(config, perturbed, tokens, labels, doc_ids, ops=ref16))
+    f64, (losses_r, grads_r, stats_r), others = runs[0], runs[1], runs[1:]
+    assume(all(_same_routing(f64[2], r[2]) for r in others))  # bf16 rounding moved no top-k choice
+    inputs = [None if a is None else backend.xp.asarray(a) for a in (tokens, labels, doc_ids)]
+    losses_b, grads_b, stats_b = loss_and_grads(config, _to_backend(backend, params), *inputs, recompute=recompute,
+                                                ops=with_precision(backend, "bf16"))
+    assume(_same_routing(stats_b, stats_r))  # a bf16 rounding boundary straddled by float32 differences (docstring)
+    n = model_reduction_length(config, T)
+    G = max([float(np.max(np.abs(g))) for g in grads_r.values()] + [config.balance_loss_coeff])
+
+    def check(actual, expected, part, key, what, scale=G):
+        natural = max(float(np.max(np.abs(np.asarray(r[part][key], np.float64) - f64[part][key]))) for r in others)
+        check_close(actual, expected, BF16, n, what=what, recorder=record, tol=bf16_step_tol(natural, n, scale))
+
+    for key in ("ce", "z", "balance", "total"):
+        check(losses_b[key], losses_r[key], 0, key, f"bf16 step loss {key}", abs(losses_r[key]))
+    assert stats_b["tokens"] == stats_r["tokens"]
+    assert set(grads_b) == set(grads_r)
+    for key, g_r in grads_r.items():
+        g_b = _np(grads_b[key])
+        assert g_b.dtype == np.float32, key
+        if not key.endswith("expert_bias"):
+            check(g_b, g_r, 1, key, "bf16 step grad " + _kind(key))
+    key = "embedding_output_grad"
+    check(_np(stats_b[key]), stats_r[key], 2, key, "bf16 step grad embedding output")
+    full32 = loss_and_grads(config, params, tokens, labels, doc_ids)[1]
+    assert any(not np.array_equal(grads_r[k], full32[k]) for k in grads_r if np.any(full32[k])), \
+        "the bf16 step computed the float32 step"
+
+    # Newton–Schulz in bf16 inside the Muon update: the backend's bf16 table against the reference's
+    clipped, _ = clip_grad_norm(grads_r, config.grad_clip_norm)
+    new_r, _ = _optimizer(config, params, clipped, ref16)
+    new_b, _ = _optimizer(config, params, clipped, with_precision(backend, "bf16"))
+    steps = config.muon_ns_steps
+    for key, x_r in new_r.items():
+        if param_group(config, key, x_r.shape) == "muon":
+            m, k = sorted(x_r.shape[-2:])
+            delta_r, delta_b = x_r - params[key], new_b[key] - params[key]
+            check_close(delta_b, delta_r, BF16, steps * (2 * m + k), scale=float(np.abs(delta_r).max()),
+                        what="bf16 step muon update", recorder=record)
 
 
 def _same_routing(stats_a, stats_b) -> bool:

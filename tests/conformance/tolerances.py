@@ -62,6 +62,16 @@ the error was at most 1.64 of eps(bf16)·(|a|+|b|+|c|)_last·max|X|, i.e. 0.2 of
 is another matter: bf16 cannot resolve singular directions below eps(bf16) of the largest, and ∏a_j amplifies them,
 so the check draws condition numbers ≤ 10 (as tests/test_optim.py's band measurement does).
 
+The bf16 step (reference/model/precision.py: float32 master weights, every operator's inputs and outputs rounded to
+bf16, float32 accumulation) is compared with the reference's bf16 step. Rounding to bf16 is not smooth at the scale of
+a float32 difference: where the two tables' float32 results straddle a bf16 rounding boundary they round one bf16
+ulp apart, and that difference travels like any other rounding of the step. So the bf16 step's own rounding is the
+scale: natural_bf16(key) = max over the reference's bf16 step on the parameters and on PERTURBED_RUNS relative
+float32-ulp perturbations of them, of its distance to the float64 step; bf16_step_tol = MODEL_C · natural_bf16 +
+rtol(float32, n) · G (the products and sums accumulate in float32). The reference's bf16 step itself is checked
+against float64 at the first-order scale of bf16 (tests/test_precision.py): its loss within MODEL_C · natural32 ·
+eps(bf16)/eps(float32) of the float64 loss.
+
 Top-k routing is not continuous: where the K-th and (K+1)-th biased scores are closer than the backends' score
 difference can be, the two may choose different experts and then legitimately disagree. Draws whose smallest
 top-k gap is below topk_gap(dtype, n) are rejected (assume) — and for every other draw the choices must be equal.
@@ -74,7 +84,7 @@ import math
 import numpy as np
 
 __all__ = ["C", "MODEL_C", "PERTURBED_RUNS", "BF16", "eps", "rtol", "model_tol", "model_reduction_length", "topk_gap",
-           "bf16_product_tol", "ns_bf16_tol", "check_close", "Recorder"]
+           "bf16_product_tol", "ns_bf16_tol", "bf16_step_tol", "check_close", "Recorder"]
 
 C = 8.0
 MODEL_C = 8.0
@@ -115,6 +125,12 @@ def model_reduction_length(config, T: int) -> int:
 def model_tol(dtype, natural32: float, n: int, scale: float) -> float:
     """MODEL_C · natural32 · eps(dtype)/eps(float32) + rtol(dtype, n) · scale (module docstring)."""
     return MODEL_C * natural32 * eps(dtype) / eps(np.float32) + rtol(dtype, n) * scale
+
+
+def bf16_step_tol(natural_bf16: float, n: int, scale: float) -> float:
+    """MODEL_C · natural_bf16 + rtol(float32, n) · scale: a bf16 step against the reference's bf16 step (module
+    docstring)."""
+    return MODEL_C * natural_bf16 + rtol(np.float32, n) * scale
 
 
 def bf16_product_tol(n: int, terms: float) -> float:
