@@ -351,6 +351,9 @@ class Startup:
             self.rng.bit_generator.state = ckpt.rng_state
             self.log(f"resumed from {ckpt.path} at step {self.step} ({self.tokens_seen:,} tokens seen)")
             changed = config_changes(ckpt.config, config, recipe=True)
+            was = ckpt.extra.get("precision", "full")
+            if was != run.precision:
+                changed.append(f"[train] precision {was} != {run.precision}")
             if changed:
                 self.log(f"the recipe changed since that checkpoint (checkpoint != now): {'; '.join(changed)}")
         else:

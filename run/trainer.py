@@ -245,7 +245,7 @@ class Trainer(Startup):
                       extra={"run_file": os.path.abspath(self.run.path), "seq_len": self.run.seq_len,
                              "skipped_steps": self.skipped_steps,
                              "metrics_lines": self.metrics.lines if self.metrics else None,
-                             "layout": str(self.run.layout)},
+                             "layout": str(self.run.layout), "precision": self.run.precision},
                       tokenizer=self.tokenizer, data_fingerprint=self.fingerprint)
         try:
             if self.mesh.world_size > 1 and self.run.checkpoint_format == "sharded":

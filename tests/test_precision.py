@@ -14,6 +14,7 @@ Backends against the reference's bf16 step: tests/conformance/test_conformance_s
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import signal
 import sys
@@ -312,3 +313,12 @@ def test_a_bf16_run_resumes_bit_for_bit_and_differs_from_full_precision(tmp_path
     full = Trainer(_run_file(tmp_path / "full", tokens_file, precision="full"), log=quiet)
     full.train()
     assert lines(tmp_path / "full")[0]["loss"] != lines(tmp_path / "through")[0]["loss"]
+
+
+def test_resuming_at_another_precision_says_so(tmp_path, tokens_file):
+    from trinity.run.trainer import Trainer
+    Trainer(_run_file(tmp_path / "r", tokens_file), log=lambda *a, **k: None).train()
+    said = []
+    full = dataclasses.replace(_run_file(tmp_path / "r", tokens_file, precision="full"), steps=5)
+    Trainer(full, resume=True, log=lambda m, *a, **k: said.append(m)).train()
+    assert any("[train] precision bf16 != full" in m for m in said), said
