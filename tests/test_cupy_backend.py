@@ -141,6 +141,31 @@ def test_a_training_step_copies_nothing_between_host_and_device(ops):
     assert info["optimizer"]["step"] == want_info["optimizer"]["step"]
 
 
+@pytest.mark.parametrize("ops", _tables())
+def test_a_bf16_step_copies_nothing_and_is_the_reference_bf16_step(ops):
+    """The same step at precision "bf16" (float32 master weights; reference/model/precision.py): the rounding runs
+    on the device's arrays, so nothing crosses inside the step either; its losses are the reference's bf16 losses
+    within one bf16 rounding (eps(bf16) relative: the two tables' float32 results may straddle a bf16 boundary)."""
+    from trinity.reference.model.precision import with_precision
+
+    config = _config()
+    params32 = {k: v.astype(np.float32) for k, v in random_params(config, 1).items()}
+    tokens, labels, docs = _batch(config, seed=1)
+    want_g, _, _, _ = _step(config, with_precision(REFERENCE, "bf16"), {k: v.copy() for k, v in params32.items()},
+                            GlobalBatch(tokens, labels, docs), 1)
+    table = with_precision(ops, "bf16")
+    params = to_device(params32, ops.xp)
+    batch = GlobalBatch(*to_device([tokens, labels, docs], ops.xp))
+    opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)
+    with watch_transfers() as seen:
+        g = compute_gradients(config, params, batch, micro_batch_size=1, ops=table)
+        apply_update(config, params, opt, bal, g, 1e-2, 1e-2, ops=table)
+    assert dict(seen) == {}, f"host↔device copies inside the bf16 step: {dict(seen)}"
+    for k in g.losses:
+        assert abs(g.losses[k] - want_g.losses[k]) <= 2.0 ** -7 * max(1e-3, abs(want_g.losses[k])), k
+    assert all(v.dtype == np.float32 for v in to_host(params).values())
+
+
 @needs_sim
 def test_the_watch_sees_copies():
     """The guard of the test above is not blind: each kind of conversion it watches is counted when it happens."""
