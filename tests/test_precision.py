@@ -322,3 +322,36 @@ def test_resuming_at_another_precision_says_so(tmp_path, tokens_file):
     full = dataclasses.replace(_run_file(tmp_path / "r", tokens_file, precision="full"), steps=5)
     Trainer(full, resume=True, log=lambda m, *a, **k: said.append(m)).train()
     assert any("[train] precision bf16 != full" in m for m in said), said
+
+
+@pytest.mark.parametrize("text", ["dp_shard=2,ep=2", "dp_replicate=2,cp=2"])
+def test_a_bf16_run_under_a_layout_is_the_single_process_bf16_run(tmp_path, tokens_file, text):
+    """Virtual ranks: each step's loss equals the single process's within one bf16 rounding (eps(bf16) relative: the
+    ranks sum in other orders in float32, which may straddle a bf16 boundary), and every rank's state is float32."""
+    import json
+
+    from trinity.distributed.layout import Layout
+    from trinity.run.trainer import Trainer
+    from trinity.simulate.virtual.virtual_comm import VirtualCluster
+
+    def quiet(*args, **kwargs):
+        pass
+
+    Trainer(_run_file(tmp_path / "single", tokens_file), log=quiet).train()
+    run = dataclasses.replace(_run_file(tmp_path / "layout", tokens_file), layout=Layout.parse(text))
+
+    def rank(comm):
+        trainer = Trainer(run, log=quiet, comm=comm)
+        trainer.train()
+        return trainer.whole_state()[0]
+
+    for params in VirtualCluster(run.layout.world_size).run(rank):
+        assert all(v.dtype == np.float32 for v in params.values())
+
+    def losses(folder):
+        return [json.loads(x)["loss"]["total"] for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+    want, got = losses(tmp_path / "single"), losses(tmp_path / "layout")
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        assert abs(g - w) <= eps(BF16) * abs(w), (text, got, want)

@@ -5,14 +5,16 @@ import pytest
 
 from trinity.accel import available_backends, get_backend
 from trinity.distributed.layout import Layout
+from trinity.reference.model.precision import PRECISIONS, with_precision
 from trinity.reference.model.seams import LINEAR_CTX, linear_ctx_weight
 from trinity.reference.training.groups import GROUPS
 from trinity.reference.training.step import LOCAL
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("backend", [n for n, why in available_backends().items() if why is None])
-def test_every_backends_linear_ctx_holds_the_weight_itself(backend):
-    ops = get_backend(backend)
+def test_every_backends_linear_ctx_holds_the_weight_itself(backend, precision):
+    ops = with_precision(get_backend(backend), precision)
     rng = np.random.default_rng(0)
     x, w = rng.standard_normal((2, 3, 8)), rng.standard_normal((5, 8))
     y, ctx = ops.linear_forward(x, w)

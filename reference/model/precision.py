@@ -119,12 +119,24 @@ class MixedPrecisionOps:
         self.name = f"{getattr(base, 'name', type(base).__name__)}+bf16"
         self.xp = base.xp
         for op in BF16_RULES:
-            setattr(self, op, _rounding(op, getattr(base, op)))
+            setattr(self, f"_{op}" if op in ("linear_forward", "linear_backward") else op,
+                    _rounding(op, getattr(base, op)))
 
     def __getattr__(self, name):  # seams, scope, dispatch, balance loss, AdamW, clipping: the base's
         if name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.base, name)
+
+    # The linear ctx contract (model/seams.py LINEAR_CTX): the ctx holds the weight itself, which FSDP swaps for its
+    # bucket's name until the backward. So the ctx keeps the float32 weight, and the backward rounds it again (the
+    # same bf16 values; no rounded copy of a weight is kept between forward and backward).
+    def linear_forward(self, x, w):
+        y, (x16, _) = self._linear_forward(x, w)
+        return y, (x16, w)
+
+    def linear_backward(self, ctx, dy):
+        x16, w = ctx
+        return self._linear_backward((x16, round_bf16(w)), dy)
 
     def newton_schulz(self, G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None):
         """Newton–Schulz in bf16 (Dion's precision, SPEC §9.2), returned in G's dtype (float32 master state)."""
