@@ -115,6 +115,7 @@ def _trinity_step(config, params, tokens, impl, ops=None):
     def step():
         result = compute_gradients(config, params, GlobalBatch(tokens), ops=ops, check=False)
         apply_update(config, params, opt, bal, result, config.muon_lr, config.adamw_lr, ops=ops)
+        return result
     return step
 
 
@@ -139,28 +140,49 @@ def profile(impl: str, batch: int, seq: int) -> str:
     return f"{impl}: one step {total:.2f} s\n" + timed.report(total)
 
 
-def _torch_step(config, tokens, threads):
+def torch_model(config):
+    """transformers' AfmoeForCausalLM for `config` in float32, train mode, in its default implementations (sdpa
+    attention, grouped_mm experts), every matrix random N(0, base_std²) (HF zero-initialises the router gate)."""
     import torch
     from transformers import AfmoeConfig, AfmoeForCausalLM
 
-    torch.set_num_threads(threads)
-    torch.manual_seed(0)
     hf = {k: v for k, v in config.to_hf().items() if k not in ("architectures", "model_type")}
-    model = AfmoeForCausalLM(AfmoeConfig(**hf)).float().train()  # default implementations: sdpa, grouped_mm
+    model = AfmoeForCausalLM(AfmoeConfig(**hf)).float().train()
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:  # random everywhere (HF zero-initialises the router gate)
+        for p in model.parameters():
+            if p.ndim >= 2:
                 p.normal_(0.0, config.base_std)
+    return model
+
+
+def torch_step(model, ids, config, autocast=None):
+    """One step of `model` (an AfmoeForCausalLM, or torch.compile of one) on the token tensor `ids`: forward with
+    labels = ids, backward, global-norm clipping at 1, torch.optim.AdamW. autocast: a torch dtype to run the forward
+    under torch.autocast on ids' device (float32 parameters and optimizer state), or None. The step returns the loss
+    tensor (not read, so no sync)."""
+    import contextlib
+
+    import torch
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.adamw_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    ids = torch.as_tensor(tokens)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
+        with (torch.autocast(ids.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()):
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        return loss.detach()
     return step
+
+
+def _torch_step(config, tokens, threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    return torch_step(torch_model(config), torch.as_tensor(tokens), config)
 
 
 # ---- driver ----------------------------------------------------------------------------------------------------
