@@ -237,13 +237,14 @@ def human(s: dict) -> str:
         if "error" in c:
             lines.append(f"compare {config}: ERROR {c['error']}")
             continue
-        lines.append(f"compare {config} {c['batch']}x{c['seq']}, {c['precision_used']} vs float64 reference: loss "
+        lines.append(f"compare {config} {c['batch']}x{c['seq']}, {c['precision']} vs the reference at {c['precision']}: loss "
                      f"rel err {_num(c['loss_rel_err_max'], '.2e')}, grad norm {_num(c['grad_norm_rel_err'], '.2e')}"
                      f" (tolerance {_num(c['tolerance'], '.3g')} = {c['tolerance_rule']}) → "
                      f"{'PASS' if c['passed'] else 'FAIL'}; grads {_num(c['grads_rel_err_global'], '.2e')} "
                      f"(worst {_num(c['grads_rel_err_max'], '.2e')} {c['grads_rel_err_worst']}), params "
-                     f"{_num(c['params_rel_err_max'], '.2e')}, routing moved {_num(c['routing_moved_max'], '.2%')}"
-                     + (f" [{c['precision_note']}]" if c["precision_note"] else ""))
+                     f"{_num(c['params_rel_err_max'], '.2e')}, routing moved {_num(c['routing_moved_max'], '.2%')}; "
+                     f"the precision's own loss error vs float64 "
+                     f"{_num(c['precision_loss_rel_err_vs_f64'].get('total'), '.2e')}")
     if s["timing"]:
         lines.append(f"{'config':13s} {'impl':14s} {'tokens':>7s} {'step ms':>9s} {'tokens/s':>10s} {'MFU':>7s} "
                      f"{'peak mem GiB':>12s}  precision")

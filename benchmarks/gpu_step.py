@@ -18,14 +18,16 @@ experts and two dense layers, --layers deep, AdamW), sim-tiny (a model small eno
 are init_params (SPEC §8, seed 0) drawn once in float32; the reference step gets them as float64, so both start from
 the same values. The batch is random tokens, labels = tokens.
 
-compare: one step (compute_gradients + apply_update) on the table in --precision (bf16: with_precision from
-trinity.reference.model.precision; full precision, float32, with a note, where that module is not on this branch)
-and the same step in float64 on the reference table. Pass/fail: every loss part and the gradient norm within
-TOL_FACTOR·eps_bf16·√layers relative (eps_bf16 = 2⁻⁷), a loose bound for roundings of relative size eps_bf16 in each
-layer's operators adding up like a random walk over the depth. The per-parameter errors of the gradients and of the
-updated parameters, and the fraction of routed assignments that moved between experts, are reported, not judged:
-rounding legitimately flips near-tied top-k choices, and AdamW's first step is sign-like (an element whose gradient
-is near 0 may move by 2·lr either way).
+compare: one step (compute_gradients + apply_update) on the device table at --precision
+(trinity.reference.model.precision.with_precision), the same step on the NumPy reference table at the same
+precision (float32 master weights: the definition the device must meet), and in float64 on the reference table (how
+far the precision itself is from exact). Pass/fail, against the reference at the same precision: every loss part and
+the gradient norm within one rounding of the precision, relative (eps_bf16 = 2⁻⁷ for bf16, eps_float32 for full: the
+two tables' float32 results may straddle a rounding boundary of an operator's output, as in
+tests/test_cupy_backend.py). The distance to float64 is reported, not judged (it is the precision's, not the
+device's). The per-parameter errors of the gradients and of the updated parameters, and the fraction of routed
+assignments that moved between experts, are reported too: rounding legitimately flips near-tied top-k choices, and
+AdamW's first step is sign-like (an element whose gradient is near 0 may move by 2·lr either way).
 
 time: warm-up steps (JIT compilation, allocator growth), then steps timed one by one with the device synchronised
 after each, until --steps or --seconds. Reported: median step time, tokens/s, FLOPs per step (training_flops) and
@@ -53,8 +55,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_step import _trinity_step, bench_config, matmul_peak, torch_model, torch_step  # noqa: E402
 
-EPS_BF16 = 2.0 ** -7  # bf16 machine epsilon: 8 significand bits, the spacing of bf16 numbers in [1, 2)
-TOL_FACTOR = 4.0
+EPS = {"bf16": 2.0 ** -7, "full": float(np.finfo(np.float32).eps)}  # one rounding of the precision (machine eps)
 # Dense bf16 tensor-core peak, FLOP/s, from NVIDIA's datasheets (the sparsity figures halved); the first row whose
 # words are all in the device's name wins.
 DEVICE_PEAKS = [(("H100", "PCIe"), 756e12), (("H100", "NVL"), 835e12), (("H200", "NVL"), 835e12),
@@ -93,21 +94,6 @@ def device_table(simulate: bool):
         return simulated(), "cupy (simulated: NumPy, kernels under Numba's CUDA simulator)"
     from trinity.accel import get_backend
     return get_backend("cupy"), "cupy (GPU)"
-
-
-def with_precision_or_full(ops, precision: str):
-    """(table, precision used, note): with_precision(ops, precision), or ops itself in full precision (float32) with
-    a note saying why when trinity.reference.model.precision is not on this branch yet."""
-    if precision == "full":
-        return ops, "full", ""
-    try:
-        from trinity.reference.model.precision import with_precision
-    except ModuleNotFoundError as e:
-        if e.name != "trinity.reference.model.precision":
-            raise
-        return ops, "full", ("trinity.reference.model.precision is not on this branch yet: the step ran in full "
-                             "(float32) precision, not " + precision)
-    return with_precision(ops, precision), precision, ""
 
 
 def synchronize(xp) -> None:
@@ -164,14 +150,14 @@ def _rel(got: float, want: float) -> float:
 
 
 def compare(args, run) -> dict:
-    """One step of `run` on the device table in args.precision against the float64 reference (module docstring)."""
+    """One step of `run` on the device table at args.precision against the reference's (module docstring)."""
     from trinity.accel import get_backend
     from trinity.accel.device import to_device, to_host
     from trinity.reference import init_params
+    from trinity.reference.model.precision import with_precision
 
     config = make_config(run.config, args.layers)
     base, table_name = device_table(args.simulate)
-    ops, used, note = with_precision_or_full(base, args.precision)
     stage("init_params")
     p32 = init_params(config, 0, np.float32)
     tokens = np.random.default_rng(1).integers(0, config.vocab_size, (run.batch, run.seq))
@@ -179,15 +165,18 @@ def compare(args, run) -> dict:
     stage("the device step (the first also compiles the kernels)")
     xp = base.xp
     params = to_device(p32, xp)  # the device step first: its memory is measured before the host's grows
-    got, t_dev = _one_step(config, params, to_device(tokens, xp), ops, xp)
+    got, t_dev = _one_step(config, params, to_device(tokens, xp), with_precision(base, args.precision), xp)
     memory = cupy_memory(xp) if xp is not np else host_memory()
     got_params, got_grads, got_counts = to_host(params), to_host(got.grads), to_host(got.counts)
     got_losses, got_norm = dict(got.losses), float(got.grad_norm)
     del params, got
 
+    stage(f"the reference step at {args.precision}")
+    reference = get_backend("reference")
+    ref_params = {k: v.copy() for k, v in p32.items()}
+    want, t_ref = _one_step(config, ref_params, tokens, with_precision(reference, args.precision), np)
     stage("the float64 reference step")
-    ref_params = {k: v.astype(np.float64) for k, v in p32.items()}
-    want, t_ref = _one_step(config, ref_params, tokens, get_backend("reference"), np)
+    exact, _ = _one_step(config, {k: v.astype(np.float64) for k, v in p32.items()}, tokens, reference, np)
 
     loss_err = {k: _rel(got_losses[k], v) for k, v in want.losses.items()}
     norm_err = _rel(got_norm, want.grad_norm)
@@ -197,19 +186,22 @@ def compare(args, run) -> dict:
                  for k, v in ref_params.items()}
     moved = [float(np.abs(np.asarray(got_counts[k], np.float64) - want.counts[k]).sum() / (2 * want.counts[k].sum()))
              for k in want.counts]  # assignments that went to another expert, as a fraction of all
-    tol = TOL_FACTOR * EPS_BF16 * math.sqrt(config.num_hidden_layers)
+    tol = EPS[args.precision]
     worst_grad, worst_param = max(grad_err, key=grad_err.get), max(param_err, key=param_err.get)
     return {
         "kind": "compare", "config": run.config, "layers": config.num_hidden_layers, "batch": run.batch,
-        "seq": run.seq, "table": table_name, "precision_asked": args.precision, "precision_used": used,
-        "precision_note": note, "loss_ref": want.losses, "loss": got_losses, "loss_rel_err": loss_err,
-        "loss_rel_err_max": max(loss_err.values()), "grad_norm_ref": want.grad_norm, "grad_norm": got_norm,
-        "grad_norm_rel_err": norm_err, "grads_rel_err_global": diff / want.grad_norm if want.grad_norm else 0.0,
+        "seq": run.seq, "table": table_name, "precision": args.precision, "loss_ref": want.losses,
+        "loss": got_losses, "loss_rel_err": loss_err, "loss_rel_err_max": max(loss_err.values()),
+        "grad_norm_ref": want.grad_norm, "grad_norm": got_norm, "grad_norm_rel_err": norm_err,
+        "grads_rel_err_global": diff / want.grad_norm if want.grad_norm else 0.0,
         "grads_rel_err_max": grad_err[worst_grad], "grads_rel_err_worst": worst_grad,
         "params_rel_err_max": param_err[worst_param], "params_rel_err_worst": worst_param,
-        "routing_moved_max": max(moved, default=0.0), "eps_bf16": EPS_BF16, "tolerance": tol,
-        "tolerance_rule": f"{TOL_FACTOR:g} * eps_bf16 * sqrt(layers), relative, on every loss part and the grad norm",
+        "routing_moved_max": max(moved, default=0.0), "tolerance": tol,
+        "tolerance_rule": f"one rounding of {args.precision} (eps {tol:.3g}), relative, on every loss part and the "
+                          "grad norm, against the reference table at the same precision",
         "passed": bool(max(loss_err.values()) <= tol and norm_err <= tol),
+        "loss_f64": exact.losses, "precision_loss_rel_err_vs_f64": {k: _rel(want.losses[k], v)
+                                                                    for k, v in exact.losses.items()},
         "seconds_device_step": t_dev, "seconds_reference_step": t_ref, **memory,
     }
 
@@ -251,8 +243,10 @@ def time_trinity(args, config, tokens) -> dict:
     from trinity.accel.device import to_device
     from trinity.reference import init_params
 
+    from trinity.reference.model.precision import with_precision
+
     base, table_name = device_table(args.simulate)
-    ops, used, note = with_precision_or_full(base, args.precision)
+    ops = with_precision(base, args.precision)
     xp = base.xp
     stage("init_params")
     params = to_device(init_params(config, 0, np.float32), xp)
@@ -260,7 +254,7 @@ def time_trinity(args, config, tokens) -> dict:
     out = timed(step, lambda: synchronize(xp), args.warmup, args.steps, args.seconds)
     out["final_loss"] = out.pop("last").losses["total"]
     memory = cupy_memory(xp) if xp is not np else host_memory()
-    return {**out, **memory, "table": table_name, "precision": used, "precision_note": note}
+    return {**out, **memory, "table": table_name, "precision": args.precision}
 
 
 def time_torch(args, config, tokens, compiled: bool) -> dict:

@@ -68,14 +68,14 @@ def _finite(result, keys):
         assert isinstance(result.get(k), (int, float)) and math.isfinite(result[k]), (k, result.get(k))
 
 
-def test_the_bf16_step_agrees_with_the_float64_reference(session):
+def test_the_bf16_step_agrees_with_the_reference_bf16_step(session):
     c = session["compare"]["sim-tiny"]
     _finite(c, gpu_report.REQUIRED_COMPARE)
     assert {"loss_rel_err_max", "grad_norm_rel_err", "params_rel_err_max"} <= set(gpu_report.REQUIRED_COMPARE)
     assert c["passed"] and c["loss_rel_err_max"] <= c["tolerance"] and c["grad_norm_rel_err"] <= c["tolerance"]
-    assert c["tolerance"] == pytest.approx(4 * 2.0 ** -7 * math.sqrt(c["layers"]))
-    assert c["precision_asked"] == "bf16" and c["precision_used"] in ("bf16", "full")
-    assert (c["precision_used"] == "full") == bool(c["precision_note"])  # a fallback is always said
+    assert c["tolerance"] == 2.0 ** -7 and c["precision"] == "bf16"
+    f64 = c["precision_loss_rel_err_vs_f64"]["total"]
+    assert 0 < f64 < 0.1  # bf16 is not float64, and not far from it
     assert set(c["loss_rel_err"]) == {"total", "ce", "z", "balance"}
 
 
