@@ -15,8 +15,10 @@ PyTorch runs in its default implementations (sdpa attention, grouped_mm experts)
 Like for like, "reference" and "numba" run the same step: AdamW on every parameter (Config.matrix_optimizer =
 "adamw"), global-norm clipping, and SMEBU balancing. "numba-muon" runs Trinity's recipe optimizer (Muon on the
 hidden matrices): its Newton–Schulz iterations add matrix products that the AdamW step does not have, so its FLOPs
-per step are counted with them (muon_flops()). The models get the same config and random weights of the same
-scale; every implementation runs in float32.
+per step are counted with them (muon_flops()). "numba-bf16" is the numba step at `[train] precision = "bf16"`
+(reference/model/precision.py): float32 master weights, every operator's inputs and outputs rounded to bf16 values
+(held in float32 arrays: the arithmetic of bf16, at float32 speed plus the rounding passes). The models get the same
+config and random weights of the same scale; every other implementation runs in float32.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import subprocess
 import sys
 import time
 
-IMPLEMENTATIONS = ("reference", "numba", "numba-muon", "pytorch")
+IMPLEMENTATIONS = ("reference", "numba", "numba-muon", "numba-bf16", "pytorch")
 
 
 def flops(config, batch: int, seq: int) -> float:
@@ -84,7 +86,7 @@ def child(impl: str, steps: int, batch: int, seq: int, threads: int) -> dict:
     if impl == "pytorch":
         step = _torch_step(config, tokens, threads)
     else:
-        step = _trinity_step(config, init_params(config, 0, np.float32), tokens, impl.removesuffix("-muon"))
+        step = _trinity_step(config, init_params(config, 0, np.float32), tokens, impl)
     step()  # warm-up
     times = []
     for _ in range(steps):
@@ -101,15 +103,24 @@ def bench_config(impl: str):
     return config if impl.endswith("-muon") else config.replace(matrix_optimizer="adamw")
 
 
+def op_table(impl: str):
+    """The op table of a trinity implementation: "numba-muon" is the numba table (Muon is the config's), "numba-bf16"
+    the numba table at precision "bf16"."""
+    from trinity.accel import get_backend
+    from trinity.reference.model.precision import with_precision
+
+    backend, _, variant = impl.partition("-")
+    return with_precision(get_backend(backend), "bf16" if variant == "bf16" else "full")
+
+
 def _trinity_step(config, params, tokens, impl, ops=None):
     """The trainer's step (trinity.reference.training.step: compute_gradients, then apply_update: clip, balancing,
     optimizer). `ops` replaces the backend's table (the profile passes a TimedOps around it)."""
-    from trinity.accel import get_backend
     from trinity.reference.training.balancing import init_balancing_state
     from trinity.reference.training.optim import init_optimizer_state
     from trinity.reference.training.step import GlobalBatch, apply_update, compute_gradients
 
-    ops = ops or get_backend(impl)
+    ops = ops or op_table(impl)
     opt, bal = init_optimizer_state(config, params), init_balancing_state(config, params)
 
     def step():
@@ -124,13 +135,12 @@ def profile(impl: str, batch: int, seq: int) -> str:
     timed (trinity.accel.timing.TimedOps); the table is sorted by wall time, shares of the whole step."""
     import numpy as np
 
-    from trinity.accel import get_backend
     from trinity.accel.timing import TimedOps
     from trinity.reference import init_params
 
     config = bench_config(impl)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq))
-    timed = TimedOps(get_backend(impl.removesuffix("-muon")))
+    timed = TimedOps(op_table(impl))
     step = _trinity_step(config, init_params(config, 0, np.float32), tokens, None, ops=timed)
     step()
     timed.reset()
