@@ -233,6 +233,10 @@ class CupyOps(DeviceTable, ReferenceOps):
     def __repr__(self):
         return f"CupyOps(xp={self.xp.__name__}{', simulated' if self.simulated else ''})"
 
+    def device_count(self) -> int | None:
+        """This host's GPUs (None under the simulator)."""
+        return None if self.simulated else int(self.xp.cuda.runtime.getDeviceCount())
+
     def select_device(self, local_rank: int) -> str | None:
         """One GPU per rank: the `local_rank`-th GPU of this host for CuPy and the Numba kernels (both keep the
         choice per thread). BackendUnavailable when the host has fewer GPUs than ranks. Under the simulator there is

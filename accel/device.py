@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import threading
 from collections import Counter
 
 import numpy as np
+
+from trinity.reference.operators.array_module import array_bytes
 
 __all__ = ["to_device", "to_host", "DeviceTable", "array_bytes", "is_host_array", "transfer_counts",
            "watch_transfers", "COUNTED"]
@@ -110,17 +111,6 @@ def to_host(x, staged: bool = False):
     return _tree(one, x)
 
 
-def array_bytes(a) -> int:
-    """The bytes of array `a` of any module: its `nbytes`, or size × item size from the Array API's finfo / iinfo."""
-    n = getattr(a, "nbytes", None)
-    if n is not None:
-        return int(n)
-    from trinity.reference.operators.array_module import array_namespace
-    xp = array_namespace(a)
-    info = xp.finfo(a.dtype) if xp.isdtype(a.dtype, "real floating") else xp.iinfo(a.dtype)
-    return math.prod(a.shape) * info.bits // 8
-
-
 class DeviceTable:
     """The placement of an op table whose arrays live on a device (module docstring): mix it in before the table's
     base class. `xp` is the table's module."""
@@ -135,6 +125,10 @@ class DeviceTable:
     def to_host(self, x):
         """x's arrays copied to the host as NumPy arrays (counted)."""
         return to_host(x)
+
+    def device_count(self) -> int | None:
+        """The devices this host has for the table's ranks; None when it has none to count (a stand-in)."""
+        return None
 
     def select_device(self, local_rank: int) -> str | None:
         """Choose this process's device for a rank that is `local_rank`-th on its host (one GPU per rank); returns
