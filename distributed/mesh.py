@@ -11,7 +11,8 @@ launcher, or trinity.simulate's virtual communicator). Every collective goes thr
 its bytes per kind and group (`traffic`). With `checksums`, every block a rank receives is checked against its
 sender's crc32 (distributed/checksums.py), and sums and maxima take the rank-ordered Alltoall + Allgather path at
 every group size (the same bits). Under mpiexec a watchdog (distributed/watchdog.py) puts a deadline on every wait
-in a collective, so a hung rank ends the job.
+in a collective, so a hung rank ends the job. Buffers that are a device table's arrays are staged through the host
+there (staging.py: copied to the host, moved by MPI, copied back; counted as staged copies).
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from collections import defaultdict
 
 import numpy as np
 
+from trinity.reference.operators.array_module import array_namespace
+
 from .checksums import Checked, crc_bytes
 from .layout import Layout
 from .plan import GROUPS, ParallelPlan, check_group
 from .schedule import sent_bytes as ring_bytes
+from .staging import StagedRequest, stage
 
 __all__ = ["Mesh", "GROUPS", "allgather_json", "group_members", "movable"]
 
@@ -98,6 +102,12 @@ class Mesh:
     def _reduce(self, value, group: str, op):
         if self.group_size[group] == 1:
             return value
+        if hasattr(value, "shape") and not isinstance(value, (np.ndarray, np.generic)):  # a device array
+            xp = array_namespace(value)
+            send = xp.reshape(value, (-1,))
+            recv = xp.empty_like(send)
+            self.collective("Allreduce", group, send, recv, op=op)
+            return xp.reshape(recv, value.shape)
         scalar = np.ndim(value) == 0
         send = np.ascontiguousarray(np.asarray(value, dtype=np.float64 if scalar else None)).reshape(-1)
         recv = np.empty_like(send)
@@ -144,7 +154,18 @@ class Mesh:
         Reduce_scatter_block, Ireduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s;
         Alltoallv passes `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX
         (sum is the default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
-        the non-blocking ones)."""
+        the non-blocking ones). Device buffers are staged through the host (staging.py)."""
+        args, landing = stage(args)
+        result = self._counted(kind, group, args, op, sent_bytes)
+        if landing is None:
+            return result
+        if result is None:
+            landing()
+            return None
+        return StagedRequest(result, landing)
+
+    def _counted(self, kind: str, group: str, args, op, sent_bytes):
+        """`collective` on host buffers: faults, byte counts, traces, the watchdog, then the call."""
         n = self.group_size[group]
         if self.faults is not None:
             self.faults.before(self, kind, group)
@@ -235,7 +256,7 @@ def movable(a: np.ndarray) -> np.ndarray:
 def _foreign(a) -> bool:
     """Whether an array's dtype is one MPI has no datatype for (ml_dtypes' bfloat16)."""
     dtype = getattr(a, "dtype", None)
-    return dtype is not None and (dtype.name == "bfloat16" or dtype.kind == "V")
+    return dtype is not None and (getattr(dtype, "name", None) == "bfloat16" or getattr(dtype, "kind", None) == "V")
 
 
 class _Done:

@@ -12,13 +12,19 @@ params, optimizer state and balancing state in the table's module from its start
 Everything else the host reads (metrics' expert loads, evaluation counts) comes back through `ops.to_host`, and
 losses and norms as Python numbers. For a NumPy table (reference, numba) each function returns what it is given:
 nothing is copied and nothing counted, so those runs are exactly what they were.
+
+Under a layout each rank uses one device (`local_rank`: its place among its host's ranks) and the mesh stages the
+collectives' device buffers through the host (distributed/staging.py). `layout_problem` names what a layout cannot
+do yet with arrays outside NumPy.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
 from trinity.reference.training.step import GlobalBatch
 
-__all__ = ["state_to_device", "state_to_host", "batch_to_device", "local_rank"]
+__all__ = ["state_to_device", "state_to_host", "batch_to_device", "local_rank", "layout_problem"]
 
 STEP = "step"  # the optimizer state's step counter: host state on every table
 
@@ -56,3 +62,19 @@ def local_rank(ranks: list, rank: int) -> int:
     """This rank's place among the ranks of its host: `ranks` is every rank's [pid, host] in rank order."""
     host = ranks[rank][1]
     return sum(1 for _, h in ranks[:rank] if h == host)
+
+
+def layout_problem(ops, layout) -> str | None:
+    """Why `layout` cannot train with `ops`' arrays, or None: context parallel (its key/value exchanges cut and pack
+    NumPy arrays) and bfloat16 gathers or reductions (ml_dtypes NumPy arrays) are not wired for a table whose module
+    is not NumPy yet. The simulated cupy table computes on NumPy arrays and runs every layout."""
+    if not ops.on_device or ops.xp is np:
+        return None
+    if layout.cp > 1:
+        return (f"layout {layout}: context parallel (cp > 1) is not wired for an op table on a device yet (backend "
+                f"{getattr(ops, 'name', ops)!r}); use dp_replicate, dp_shard and ep")
+    for name in ("gather_dtype", "reduce_dtype"):
+        if getattr(layout.options, name) == "bfloat16":
+            return (f"layout {layout}: {name} = bfloat16 moves ml_dtypes NumPy arrays: not with an op table on a "
+                    f"device (backend {getattr(ops, 'name', ops)!r}); use param or float32")
+    return None

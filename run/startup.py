@@ -48,7 +48,7 @@ from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule
 
 from .metrics_log import MetricsLog, is_metrics_file
-from .placement import local_rank
+from .placement import layout_problem, local_rank
 from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .run_config import RunConfig, RunConfigError, check_output_paths
 from .run_lock import RunLock, RunLockError
@@ -408,6 +408,9 @@ class Startup:
         except LayoutError as e:
             hint = NO_LAYOUT_HINT if single else ""
             raise RunConfigError(f"[parallel] {e}{hint}") from None
+        problem = layout_problem(self.ops, run.layout)
+        if problem:
+            raise RunConfigError(f"[parallel] {problem}")
 
     def _agree(self, comm, failed: Exception | None, resume: bool) -> None:
         """The ranks' first exchange (`agree`), before any state exists: each one's error (if any), a digest of the

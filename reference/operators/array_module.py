@@ -14,7 +14,7 @@ import types
 
 import numpy as np
 
-__all__ = ["array_namespace", "with_standard_functions", "array_bytes"]
+__all__ = ["array_namespace", "with_standard_functions", "array_bytes", "itemsize"]
 
 
 def array_namespace(*arrays):
@@ -60,16 +60,19 @@ def with_standard_functions(module):
     return namespace
 
 
-def array_bytes(a) -> int:
-    """The bytes of array `a` of any namespace: its `nbytes`, else size × item size from the standard's finfo /
-    iinfo (an Array API array need not have `nbytes`)."""
-    n = getattr(a, "nbytes", None)
+def itemsize(a) -> int:
+    """Bytes per element of array `a` of any namespace: its dtype's `itemsize`, else from the standard's finfo /
+    iinfo (an Array API dtype need not have `itemsize`)."""
+    n = getattr(a.dtype, "itemsize", None)
     if n is not None:
         return int(n)
     xp = array_namespace(a)
     if xp.isdtype(a.dtype, "bool"):
-        bits = 8
-    else:
-        bits = (xp.finfo(a.dtype) if xp.isdtype(a.dtype, "real floating") else
-                xp.iinfo(a.dtype)).bits
-    return math.prod(a.shape) * bits // 8
+        return 1
+    return (xp.finfo(a.dtype) if xp.isdtype(a.dtype, "real floating") else xp.iinfo(a.dtype)).bits // 8
+
+
+def array_bytes(a) -> int:
+    """The bytes of array `a` of any namespace: its `nbytes`, else size × itemsize."""
+    n = getattr(a, "nbytes", None)
+    return int(n) if n is not None else math.prod(a.shape) * itemsize(a)
