@@ -68,21 +68,25 @@ def is_host_array(x) -> bool:
 
 
 def _tree(fn, x):
-    if x is None:
-        return None
+    """fn over every array of x: a dict, list, tuple or named tuple of them (nested), an object with `map_arrays`, or
+    an array; anything else (None, numbers, strings) as it is."""
     if isinstance(x, dict):
         return {k: _tree(fn, v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_tree(fn, v) for v in x))
+    if isinstance(x, (list, tuple)):
         return type(x)(_tree(fn, v) for v in x)
     if hasattr(x, "map_arrays"):
         return x.map_arrays(lambda a: _tree(fn, a))
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        return x
     return fn(x)
 
 
 def to_device(x, xp, staged: bool = False):
-    """x (an array, or a dict / list / tuple of arrays, or an object with `map_arrays`; None stays None) as arrays of
-    the module `xp` (cupy, numpy for the simulated table, or another Array API module). Every array is copied and
-    counted, except CuPy arrays already there."""
+    """x (an array, or a dict / list / tuple of arrays, or an object with `map_arrays`; what is not an array stays as
+    it is) as arrays of the module `xp` (cupy, numpy for the simulated table, or another Array API module). Every
+    array is copied and counted, except CuPy arrays already there."""
     def one(a):
         if xp is not np and _is_cupy(a):
             return a
