@@ -13,7 +13,8 @@
                           inside a step, under a layout with a device table (MPI is not CUDA-aware here)
     DeviceTable           the mixin of an op table whose arrays live on a device (CupyOps, and the tests' stand-in):
                           `ops.to_device(x)` / `ops.to_host(x)` are the two functions above on the table's module,
-                          `on_device` is True, `select_device(local_rank)` picks the rank's GPU. The reference
+                          `on_device` is True, `device_count()` / `select_device(local_rank)` count the host's
+                          GPUs and pick the rank's (one per rank; nothing to pick for a stand-in). The reference
                           table (and numba's) has the same three with NumPy as the host: the identity, nothing
                           copied, nothing counted (reference/model/ops.py)
     array_bytes(a)        the bytes of an array of any module (Array API arrays need not have `nbytes`)

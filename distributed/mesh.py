@@ -24,6 +24,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from trinity.accel.device import is_host_array
 from trinity.reference.operators.array_module import array_namespace
 
 from .checksums import Checked, crc_bytes
@@ -102,7 +103,7 @@ class Mesh:
     def _reduce(self, value, group: str, op):
         if self.group_size[group] == 1:
             return value
-        if hasattr(value, "shape") and not isinstance(value, (np.ndarray, np.generic)):  # a device array
+        if hasattr(value, "shape") and not is_host_array(value):  # a device array: staged by `collective`
             xp = array_namespace(value)
             send = xp.reshape(value, (-1,))
             recv = xp.empty_like(send)

@@ -121,7 +121,8 @@ class Trainer(Startup):
         if self.ops.on_device:  # the state moves to this rank's device once, for the whole run
             said = self.ops.select_device(self.local_rank)
             if said is not None:
-                self.log(f"one device per rank: rank 0 on {said}")
+                self.log(f"rank 0 computes on {said}" + (" (one GPU per rank: the rank's place on its host)"
+                                                          if distributed else ""))
             self.params, self.opt_state, self.balance_state = state_to_device(self.ops, self.params, self.opt_state,
                                                                               self.balance_state)
 
@@ -370,7 +371,7 @@ class Trainer(Startup):
     def export_hf(self, folder: str) -> None:
         """The current params as a Hugging Face checkpoint. Under a layout rank 0 writes it key by key as the ranks
         send it their spans (sharded_export.py: no rank holds more than one whole key at a time)."""
-        params = self.host_state()[0]
+        params = self.ops.to_host(self.params)  # a device table's copy; the params themselves otherwise
         if self.mesh.world_size > 1:
             from trinity.distributed.sharded_export import export_sharded_hf
             export_sharded_hf(self.mesh, params, folder)

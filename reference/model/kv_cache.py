@@ -102,7 +102,8 @@ class LayerCache:
             raise ValueError(f"this cache holds a layer of window {self.window}, the attention asks for {window}")
         n = self.length
         k_all, v_all, q_pos, k_pos = self.update(k, v)
-        if positions.shape != q_pos.shape or not bool(self.xp.all(self.xp.asarray(positions) == q_pos)):
+        positions = self.xp.asarray(positions)
+        if positions.shape != q_pos.shape or not bool(self.xp.all(positions == q_pos)):  # one value read back
             raise ValueError(f"queries at positions {int(positions[0]) if positions.shape[0] else '?'}… do not "
                              f"continue the cache at {n}…")
         return k_all, v_all, k_pos, None, None
