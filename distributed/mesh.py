@@ -31,7 +31,7 @@ from .checksums import Checked, crc_bytes
 from .layout import Layout
 from .plan import GROUPS, ParallelPlan, check_group
 from .schedule import sent_bytes as ring_bytes
-from .staging import StagedRequest, stage
+from .staging import StagedRequest, device_copy, stage
 
 __all__ = ["Mesh", "GROUPS", "allgather_json", "group_members", "movable"]
 
@@ -72,6 +72,7 @@ class Mesh:
         self.faults = None  # trinity.simulate.virtual.faults.FaultPlan: injected failures (before each collective)
         self.watchdog = None  # distributed.watchdog.Watchdog: a deadline on every wait in a collective (mpiexec)
         self.step, self.phase, self.layer = 0, "start", None
+        self._positions: dict = {}  # (seq_len, module) → this rank's positions in a device table's module
 
     @property
     def world_size(self) -> int:
@@ -88,9 +89,15 @@ class Mesh:
         """This data-parallel rank's contiguous slice of the global batch's sequences (the plan's rows)."""
         return self.plan.rows(self.rank, num_sequences)
 
-    def local_positions(self, seq_len: int) -> np.ndarray:
-        """The positions of each sequence this cp rank holds (the plan's chunks)."""
-        return self.plan.positions(self.rank, seq_len)
+    def local_positions(self, seq_len: int, xp=np):
+        """The positions of each sequence this cp rank holds (the plan's chunks); for a device table's module `xp`
+        a copy there, made once per sequence length (staged) and kept."""
+        positions = self.plan.positions(self.rank, seq_len)
+        if xp is np:
+            return positions
+        if (seq_len, xp) not in self._positions:
+            self._positions[(seq_len, xp)] = device_copy(positions, xp)
+        return self._positions[(seq_len, xp)]
 
     # ---- reductions the step names by group ---------------------------------------------------------------------
     def sum(self, value, group: str):

@@ -1,7 +1,7 @@
 """Collectives on device arrays, staged through the host (docs/distributed.md "Device arrays"; docs/gpu.md).
 
 MPI here moves host memory only (no CUDA-aware MPI is assumed), so a collective whose buffers are a device table's
-arrays goes through the host, in `Mesh.collective` and nowhere else:
+arrays goes through the host, in `Mesh.collective`:
 
     send buffer     copied to the host (trinity.accel.device.to_host, staged: counted as "staged_to_host")
     receive buffer  a NumPy buffer of its shape and dtype receives; at the end of the call (for a non-blocking one, at
@@ -13,9 +13,11 @@ every control buffer: counts, JSON) is passed as it is: nothing is copied. These
 to "no copy inside a step" (docs/gpu.md "The copy rule"). CUDA-aware MPI, which would pass device pointers straight
 to the library, is the next step.
 
-`host_copy` / `device_copy` are the same staged copies for the small arrays a seam exchanges as control data (an
-expert-parallel dispatch's per-expert counts travel to the host to size the exchange; the offsets and row order it
-derives from them travel back).
+`host_copy` / `device_copy` are the same staged copies where a seam needs them outside a collective's buffers: an
+expert-parallel dispatch's per-expert counts travel to the host to size the exchange, and the offsets and row order
+it derives from them travel back; context parallel's exchange, which cuts and packs NumPy arrays, runs on host
+copies of k, v and the document ids, and its results travel back (context_parallel.py); the ranks' positions travel
+to the device once (Mesh.local_positions).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ nothing is copied and nothing counted, so those runs are exactly what they were.
 
 Under a layout each rank uses one device (`local_rank`: its place among its host's ranks) and the mesh stages the
 collectives' device buffers through the host (distributed/staging.py). `layout_problem` names what a layout cannot
-do yet with arrays outside NumPy.
+do yet with arrays outside NumPy (bfloat16 wire dtypes).
 """
 
 from __future__ import annotations
@@ -65,14 +65,11 @@ def local_rank(ranks: list, rank: int) -> int:
 
 
 def layout_problem(ops, layout) -> str | None:
-    """Why `layout` cannot train with `ops`' arrays, or None: context parallel (its key/value exchanges cut and pack
-    NumPy arrays) and bfloat16 gathers or reductions (ml_dtypes NumPy arrays) are not wired for a table whose module
-    is not NumPy yet. The simulated cupy table computes on NumPy arrays and runs every layout."""
+    """Why `layout` cannot train with `ops`' arrays, or None: bfloat16 gathers or reductions (ml_dtypes NumPy
+    arrays) are not wired for a table whose module is not NumPy yet. The simulated cupy table computes on NumPy
+    arrays and runs every layout."""
     if not ops.on_device or ops.xp is np:
         return None
-    if layout.cp > 1:
-        return (f"layout {layout}: context parallel (cp > 1) is not wired for an op table on a device yet (backend "
-                f"{getattr(ops, 'name', ops)!r}); use dp_replicate, dp_shard and ep")
     for name in ("gather_dtype", "reduce_dtype"):
         if getattr(layout.options, name) == "bfloat16":
             return (f"layout {layout}: {name} = bfloat16 moves ml_dtypes NumPy arrays: not with an op table on a "

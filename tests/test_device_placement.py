@@ -11,9 +11,10 @@ The table reaches the code through get_backend's table hook (Trainer(..., backen
   from its step-2 checkpoint it ends with the same bits again.
 - `trinity generate` (sampling, with a KV cache), `trinity eval` and `trinity inspect --step` print what the
   reference prints.
-- On virtual ranks (FSDP + expert parallel, and replicas) the stand-in equals the reference table under the same
-  layout bit for bit (collectives staged through the host, counted apart) and the single process to 1e-10; what
-  is not wired yet (context parallel, bfloat16 wire dtypes) is refused in one line.
+- On virtual ranks (FSDP, expert and context parallel, replicas, every schedule option) the stand-in equals the
+  reference table under the same layout bit for bit (collectives staged through the host, counted apart) and the
+  single process to 1e-10; what is not wired yet (bfloat16 wire dtypes) is refused in one line, and so is a host
+  with fewer GPUs than ranks.
 - The simulated cupy table (NumPy arrays, Numba's CUDA simulator) through the same trainer path equals the reference
   to 1e-10 relative.
 """
@@ -240,13 +241,15 @@ EVERY_OPTION = ("dp_shard=2,ep=2,keep_gathered=all,reshard_after_forward=none,re
                 "muon_owners=local,gather_dtype=float32,reduce_dtype=float32")
 
 
-@pytest.mark.parametrize("layout", ["dp_shard=2,ep=2", "dp_replicate=2", EVERY_OPTION],
-                         ids=["fsdp+ep", "replicas", "every-option"])
-def test_virtual_ranks_on_devices_stage_their_collectives_and_train_the_same_model(tmp_path, data, layout):
-    single = Trainer(_run_config(tmp_path / "single", data, steps=2, sequences=4), log=_quiet)
+@pytest.mark.parametrize("layout, seq_len", [("dp_shard=2,ep=2", 16), ("dp_replicate=2", 16), (EVERY_OPTION, 16),
+                                             ("dp_shard=2,cp=2,ep=2", 32), ("cp=2,cp_exchange=read", 32)],
+                         ids=["fsdp+ep", "replicas", "every-option", "fsdp+cp+ep", "cp-read"])
+def test_virtual_ranks_on_devices_stage_their_collectives_and_train_the_same_model(tmp_path, data, layout, seq_len):
+    single = Trainer(_run_config(tmp_path / "single", data, steps=2, sequences=4, seq_len=seq_len), log=_quiet)
     single.train()
-    want = _ranks(_run_config(tmp_path / "reference", data, steps=2, sequences=4, layout=layout), None)
-    run = _run_config(tmp_path / "device", data, steps=2, sequences=4, layout=layout)
+    want = _ranks(_run_config(tmp_path / "reference", data, steps=2, sequences=4, seq_len=seq_len, layout=layout),
+                  None)
+    run = _run_config(tmp_path / "device", data, steps=2, sequences=4, seq_len=seq_len, layout=layout)
     before = transfer_counts()
     with no_numpy_conversion():
         got = _ranks(run, STRICT)
@@ -270,12 +273,11 @@ def test_virtual_ranks_on_devices_stage_their_collectives_and_train_the_same_mod
     assert moved["staged_to_host"] > 0 and moved["staged_to_device"] > 0
 
 
-@pytest.mark.parametrize("layout, what", [("cp=2", "context parallel"),
-                                          ("dp_shard=2,gather_dtype=bfloat16", "gather_dtype = bfloat16")])
+@pytest.mark.parametrize("layout, what", [("dp_shard=2,gather_dtype=bfloat16", "gather_dtype = bfloat16"),
+                                          ("dp_replicate=2,reduce_dtype=bfloat16", "reduce_dtype = bfloat16")])
 def test_what_is_not_wired_on_a_device_yet_is_refused_in_one_line(tmp_path, data, layout, what):
-    if "bfloat16" in layout:
-        pytest.importorskip("ml_dtypes")
-    run = _run_config(tmp_path, data, steps=1, sequences=4, seq_len=32, evaluate=False, layout=layout)
+    pytest.importorskip("ml_dtypes")
+    run = _run_config(tmp_path, data, steps=1, sequences=4, evaluate=False, layout=layout)
     with pytest.raises(RankFailed) as failed:
         _ranks(run, STRICT)
     error = failed.value.__cause__
