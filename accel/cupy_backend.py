@@ -36,6 +36,8 @@ import numpy as np
 from trinity.reference.model.ops import ReferenceOps
 from trinity.reference.operators.bf16 import BF16, newton_schulz_bf16, newton_schulz_rounded, round_bf16
 
+from .device import DeviceTable
+
 __all__ = ["CupyOps", "load", "simulated", "round_bf16", "newton_schulz_bf16", "KERNEL_OPS", "TABLE_OPS"]
 
 # The leaf operators the kernels replace, by kernel module; and those this module computes itself (products in the
@@ -154,9 +156,11 @@ def _attention_backward(ctx, do, block_budget=None):
 
 
 # ---- the table -----------------------------------------------------------------------------------------------------
-class CupyOps(ReferenceOps):
+class CupyOps(DeviceTable, ReferenceOps):
     """The reference table on `xp` (cupy on a GPU; numpy with the kernels under the CUDA simulator), float32 or
-    float64. ns_dtype="bfloat16" makes Newton–Schulz compute in emulated bf16 by default (module docstring)."""
+    float64. ns_dtype="bfloat16" makes Newton–Schulz compute in emulated bf16 by default (module docstring). Its
+    arrays live on the device: `to_device` / `to_host` are accel/device.py's counted copies (under the simulator
+    copies between NumPy arrays, so that the placement runs the same path on a CPU)."""
 
     name = "cupy"
     ns_bf16 = True  # newton_schulz accepts dtype="bfloat16" (tests/conformance: test_newton_schulz_bf16)
@@ -171,6 +175,29 @@ class CupyOps(ReferenceOps):
 
     def __repr__(self):
         return f"CupyOps(xp={self.xp.__name__}{', simulated' if self.simulated else ''})"
+
+    def device_count(self) -> int | None:
+        """This host's GPUs (None under the simulator)."""
+        return None if self.simulated else int(self.xp.cuda.runtime.getDeviceCount())
+
+    def select_device(self, local_rank: int) -> str | None:
+        """One GPU per rank: the `local_rank`-th GPU of this host for CuPy and the Numba kernels (both keep the
+        choice per thread). BackendUnavailable when the host has fewer GPUs than ranks. Under the simulator there is
+        nothing to choose (None). Not yet run on a machine with several GPUs."""
+        if self.simulated:
+            return None
+        from . import BackendUnavailable
+
+        count = self.xp.cuda.runtime.getDeviceCount()
+        if local_rank >= count:
+            raise BackendUnavailable(f"backend 'cupy': this rank is rank {local_rank} of its host, which has {count} "
+                                     f"GPU(s): run at most {count} rank(s) per host (one GPU each)")
+        self.xp.cuda.Device(local_rank).use()
+        from numba import cuda
+
+        cuda.select_device(local_rank)
+        self.device_index = local_rank
+        return f"GPU {local_rank} of {count}"
 
     def newton_schulz(self, G, steps: int = 5, coefficients="dion", eps: float = 1e-8, dtype=None):
         """reference newton_schulz (the same operations on G's module); in emulated bf16 (newton_schulz_bf16) when

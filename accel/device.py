@@ -1,22 +1,34 @@
-"""Where arrays cross between the host and the device for the cupy op table: the only place they do (docs/gpu.md
-"The copy rule").
+"""Where arrays cross between the host and the device: the only place they do (docs/gpu.md "The copy rule").
 
-    to_device(x, xp)      host arrays (or a dict / list / tuple of them) as arrays of the table's module `xp`:
-                          a copy to the GPU for CuPy; for NumPy (the simulated table) a copy too, so that the
-                          simulated device array is its own buffer, as on a GPU. Counted.
-    to_host(x)            device arrays (or a dict / list / tuple of them) as NumPy arrays: cupy.asnumpy, or a copy
-                          under the simulation. Counted.
-    transfer_counts()     how many arrays each of the two has moved so far in this process
+    to_device(x, xp)      host arrays (or a dict / list / tuple of them, or an object with `map_arrays`, e.g.
+                          ShardedParams) as arrays of the module `xp`: a copy to the GPU for CuPy; for NumPy (the
+                          simulated table) a copy too, so that the simulated device array is its own buffer, as on a
+                          GPU; for any other Array API module (the tests' array_api_strict stand-in) `xp.asarray`
+                          of a copy. Counted.
+    to_host(x)            device arrays (or a tree of them) as NumPy arrays: cupy.asnumpy, a copy under the
+                          simulation, `np.from_dlpack` of any other Array API array (never `np.asarray`, which a
+                          device array refuses). Counted.
+    staged=True           either of them as a collective's staging (distributed/mesh.py: to_host → MPI →
+                          to_device), counted apart as "staged_to_host" / "staged_to_device": the one allowed copy
+                          inside a step, under a layout with a device table (MPI is not CUDA-aware here)
+    DeviceTable           the mixin of an op table whose arrays live on a device (CupyOps, and the tests' stand-in):
+                          `ops.to_device(x)` / `ops.to_host(x)` are the two functions above on the table's module,
+                          `on_device` is True, `device_count()` / `select_device(local_rank)` count the host's
+                          GPUs and pick the rank's (one per rank; nothing to pick for a stand-in). The reference
+                          table (and numba's) has the same three with NumPy as the host: the identity, nothing
+                          copied, nothing counted (reference/model/ops.py)
+    array_bytes(a)        the bytes of an array of any module (Array API arrays need not have `nbytes`)
+    transfer_counts()     how many arrays each has moved so far in this process
     watch_transfers()     a context manager that also counts the primitive conversions anything else might make
                           (numba.cuda.to_device / device_array / copy_to_host, the simulator's copies around a kernel
                           launched with a host array, cupy.asnumpy, cupy.asarray / cupy.array of a NumPy array):
                           `with watch_transfers() as seen: step(...)`, then seen is {name: count}
 
 A training step calls to_device at its boundary only (a batch in; parameters and optimizer state once, before the
-first step) and to_host only for what the host keeps (checkpoints, logs). Inside a step nothing moves, except the
-Python scalars the reference's API returns (losses, token counts, statistics: a few per micro-batch) and the one
-integer the grouped expert GEMMs size their padding with (per MoE layer and micro-batch): reads of single values,
-which a GPU waits for but which copy no array.
+first step) and to_host only for what the host keeps (checkpoints, metrics, evaluation results). Inside a step nothing
+moves, except the staged collectives of a layout and the Python scalars the reference's API returns (losses, token
+counts, statistics: a few per micro-batch) and the one integer the grouped expert GEMMs size their padding with (per
+MoE layer and micro-batch): reads of single values, which a GPU waits for but which copy no array.
 """
 
 from __future__ import annotations
@@ -28,7 +40,12 @@ from collections import Counter
 
 import numpy as np
 
-__all__ = ["to_device", "to_host", "transfer_counts", "watch_transfers"]
+from trinity.reference.operators.array_module import array_bytes
+
+__all__ = ["to_device", "to_host", "DeviceTable", "array_bytes", "is_host_array", "transfer_counts",
+           "watch_transfers", "COUNTED"]
+
+COUNTED = ("to_device", "to_host", "staged_to_host", "staged_to_device")
 
 _LOCK = threading.Lock()
 _COUNTS: Counter = Counter()  # diagnostics only: how many arrays to_device / to_host moved in this process
@@ -46,42 +63,89 @@ def _is_cupy(x) -> bool:
     return type(x).__module__.split(".")[0] == "cupy"
 
 
+def is_host_array(x) -> bool:
+    """Whether x is a NumPy array or scalar (what MPI and the host read directly)."""
+    return isinstance(x, (np.ndarray, np.generic))
+
+
 def _tree(fn, x):
-    if x is None:
-        return None
+    """fn over every array of x: a dict, list, tuple or named tuple of them (nested), an object with `map_arrays`, or
+    an array; anything else (None, numbers, strings) as it is."""
     if isinstance(x, dict):
         return {k: _tree(fn, v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)) and not hasattr(x, "_fields"):
+    if isinstance(x, tuple) and hasattr(x, "_fields"):
+        return type(x)(*(_tree(fn, v) for v in x))
+    if isinstance(x, (list, tuple)):
         return type(x)(_tree(fn, v) for v in x)
+    if hasattr(x, "map_arrays"):
+        return x.map_arrays(lambda a: _tree(fn, a))
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        return x
     return fn(x)
 
 
-def to_device(x, xp):
-    """x (an array, or a dict / list / tuple of arrays; None stays None) as arrays of the module `xp` (cupy, or numpy
-    for the simulated table). Every array is copied and counted, except CuPy arrays already there."""
+def to_device(x, xp, staged: bool = False):
+    """x (an array, or a dict / list / tuple of arrays, or an object with `map_arrays`; what is not an array stays as
+    it is) as arrays of the module `xp` (cupy, numpy for the simulated table, or another Array API module). Every
+    array is copied and counted, except CuPy arrays already there."""
     def one(a):
         if xp is not np and _is_cupy(a):
             return a
-        _note("to_device")
-        return xp.array(np.asarray(a), copy=True)
+        _note("staged_to_device" if staged else "to_device")
+        host = np.asarray(a)
+        if xp is np or _is_cupy_module(xp):
+            return xp.array(host, copy=True)
+        return xp.asarray(host, copy=True)
     return _tree(one, x)
 
 
-def to_host(x):
-    """x (a device array, or a dict / list / tuple of them) as NumPy arrays; every array is copied and counted."""
+def _is_cupy_module(xp) -> bool:
+    return getattr(xp, "__name__", "").split(".")[0] == "cupy"
+
+
+def to_host(x, staged: bool = False):
+    """x (a device array, or a tree of them) as NumPy arrays; every array is copied and counted."""
     def one(a):
-        _note("to_host")
+        _note("staged_to_host" if staged else "to_host")
         if _is_cupy(a):
             import cupy
             return cupy.asnumpy(a)
-        return np.array(a, copy=True)
+        if is_host_array(a):
+            return np.array(a, copy=True)
+        return np.array(np.from_dlpack(a), copy=True)  # an Array API array: never through __array__
     return _tree(one, x)
 
 
+class DeviceTable:
+    """The placement of an op table whose arrays live on a device (module docstring): mix it in before the table's
+    base class. `xp` is the table's module."""
+
+    on_device = True
+    device_index = None  # the GPU this process chose (select_device), when it chose one
+
+    def to_device(self, x):
+        """x's arrays copied to the device (counted)."""
+        return to_device(x, self.xp)
+
+    def to_host(self, x):
+        """x's arrays copied to the host as NumPy arrays (counted)."""
+        return to_host(x)
+
+    def device_count(self) -> int | None:
+        """The devices this host has for the table's ranks; None when it has none to count (a stand-in)."""
+        return None
+
+    def select_device(self, local_rank: int) -> str | None:
+        """Choose this process's device for a rank that is `local_rank`-th on its host (one GPU per rank); returns
+        a line saying which, or None when the table has no devices to choose from (a simulation, a stand-in)."""
+        return None
+
+
 def transfer_counts() -> dict:
-    """{"to_device": n, "to_host": n}: the arrays to_device and to_host have moved in this process so far."""
+    """{"to_device": n, "to_host": n, "staged_to_host": n, "staged_to_device": n}: the arrays moved in this process
+    so far (staged: by a layout's collectives)."""
     with _LOCK:
-        return {"to_device": _COUNTS["to_device"], "to_host": _COUNTS["to_host"]}
+        return {name: _COUNTS[name] for name in COUNTED}
 
 
 # ---- watching the primitives ---------------------------------------------------------------------------------------

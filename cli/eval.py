@@ -21,7 +21,8 @@ the checkpoint's own.
 Under a layout (`mpiexec -n N python -m mpi4py -m trinity.cli eval CKPT --data DIR --mesh dp_shard=2,ep=2`) each
 rank reads only its spans of the params and evaluates its rows and positions of every batch; the result is the
 single process's. Rank 0 alone prints and writes --json. A problem any rank finds before evaluating ends every rank
-with one line, printed once.
+with one line, printed once. With `--backend cupy` each rank uses one GPU (its place among its host's ranks); the
+params and each batch go to the device, the sums come back (run/placement.py).
 
 Refused in one line (exit 2): a missing path or one that is not a checkpoint, data that is missing or holds fewer
 tokens than one batch (or than --batches asks for), token ids beyond a model's vocabulary, a training checkpoint whose
@@ -264,6 +265,11 @@ def _setup(args, comm) -> _Setup:
                                                         if os.path.exists(p)])
     layout = _parse_layout(args, comm)
     backend = load_backend(args.backend)
+    if backend is not None and backend.on_device:
+        from trinity.run.placement import layout_problem
+        problem = layout_problem(backend, layout)
+        if problem:
+            raise CLIError(f"--mesh: {problem}")
     checkpoints = []
     for path in args.checkpoints:
         try:
@@ -284,26 +290,30 @@ def _setup(args, comm) -> _Setup:
 # ---- evaluating ---------------------------------------------------------------------------------------------------
 def _evaluate_one(args, setup: _Setup, ck, comm, on_batch) -> dict:
     """The result row of one checkpoint (collective under a layout)."""
+    from trinity.accel import get_backend
     from trinity.reference.training.evaluation import evaluate
     from trinity.reference.training.step import LOCAL
     from trinity.run.eval_checkpoint import read_params
     from trinity.run.eval_data import fixed_batches
+    from trinity.run.placement import batch_to_device
 
     S, T = setup.sequences, setup.seq_len
+    table = setup.backend if setup.backend is not None else get_backend("reference")
     if setup.several:
-        from trinity.accel import get_backend
         from trinity.distributed.mesh import Mesh
         from trinity.distributed.parallel_ops import ParallelOps
         mesh = Mesh(comm, setup.layout, config=ck.config)
         params, dtype = _together(comm, lambda: read_params(ck, args.dtype, mesh.plan, mesh.rank))
         params.mesh = mesh
-        ops = ParallelOps(setup.backend if setup.backend is not None else get_backend("reference"), mesh, ck.config)
+        ops = ParallelOps(table, mesh, ck.config)
         rows = mesh.local_sequences(S)
     else:
         params, dtype = _together(comm, lambda: read_params(ck, args.dtype))
         mesh, ops, rows = LOCAL, setup.backend, None
-    batches = fixed_batches(setup.store, T, S, setup.batches, rows=rows, doc_ids=ck.config.intra_document_mask,
-                            seed=args.seed)
+    params = table.to_device(params)  # a device table's: the params once, then each batch (run/placement.py)
+    batches = (batch_to_device(table, b) for b in
+               fixed_batches(setup.store, T, S, setup.batches, rows=rows, doc_ids=ck.config.intra_document_mask,
+                             seed=args.seed))
     result = evaluate(ck.config, params, batches, micro_batch_size=setup.micro_batch_size, ops=ops, mesh=mesh,
                       token_bytes=setup.token_bytes, on_batch=on_batch)
     del params
@@ -312,6 +322,24 @@ def _evaluate_one(args, setup: _Setup, ck, comm, on_batch) -> dict:
             "sequences": result.sequences, "batches": result.batches, "loss": dict(result.losses),
             "ce": result.losses["ce"], "perplexity": perplexity if math.isfinite(perplexity) else None,
             "bits_per_byte": result.bits_per_byte, "seq_len": T, "dtype": dtype.name, "data": args.data}
+
+
+def _select_device(table, comm) -> None:
+    """One device per rank: this rank's place among its host's ranks (an Allgather of the hosts in a job)."""
+    from trinity.accel import BackendUnavailable
+    from trinity.run.placement import local_rank
+    if comm is None or comm.Get_size() == 1:
+        where = 0
+    else:
+        import os
+        import socket
+
+        from trinity.distributed.mesh import allgather_json
+        where = local_rank(allgather_json(comm, [os.getpid(), socket.gethostname()]), comm.Get_rank())
+    try:
+        table.select_device(where)
+    except BackendUnavailable as e:
+        raise CLIError(f"--backend: {e}") from None
 
 
 def render_table(rows: list[dict]) -> str:
@@ -347,6 +375,8 @@ def run(args) -> int:
     except LaunchError as e:
         raise CLIError(str(e)) from None
     setup = _together(comm, lambda: _setup(args, comm))
+    if setup.backend is not None and setup.backend.on_device:
+        _together(comm, lambda: _select_device(setup.backend, comm))
     log = rank_zero_log(comm)
     where = f"; layout {setup.layout} over {setup.layout.world_size} ranks" if setup.several else ""
     log(f"eval on {args.data}: {setup.batches} batch(es) of {setup.sequences} × {setup.seq_len} tokens "

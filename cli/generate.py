@@ -11,7 +11,8 @@ names is opened). `--prompt-tokens 1,2,3` gives the prompt as token ids and need
 tokenizer (e.g. synthetic data). Output is the prompt and the continuation as text, or, when no tokenizer is known
 (or with --output ids), the new token ids only, space-separated.
 Generation stops after N tokens or at EOS (--eos-id, else the tokenizer's, else the config's eos_token_id;
---ignore-eos never stops early). `--backend numba` runs the numba kernels.
+--ignore-eos never stops early). `--backend numba` runs the numba kernels; `--backend cupy` runs on a GPU: the params
+go to the device once, each forward's tokens in and the last logits out (reference/generation/sampling.py).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def run(args) -> int:
 
     ops = load_backend(args.backend)
     loaded = load_model(args.model, args.dtype, state=False)
+    params = loaded.params if ops is None else ops.to_device(loaded.params)  # a device table's: once
     tokenizer = load_model_tokenizer(args.tokenizer, loaded)
     if tokenizer is None and (args.prompt is not None or args.output == "text"):
         what = "--prompt TEXT" if args.prompt is not None else "--output text"
@@ -129,7 +131,7 @@ def run(args) -> int:
     t_first = None
     count = 0
     try:
-        for token in generate_stream(loaded.config, loaded.params, prompt_ids, args.max_new_tokens,
+        for token in generate_stream(loaded.config, params, prompt_ids, args.max_new_tokens,
                                      args.temperature, args.top_p, args.seed, eos, ops=ops):
             count += 1
             if t_first is None:

@@ -11,6 +11,9 @@ by module (model/layers/3/self_attn/q_proj/forward/outputs/y); --plot draws the 
 The tokenizer (for --text, and to label tokens) is found as by `trinity generate`: --tokenizer SOURCE, else the HF
 directory's tokenizer.json, else, for one of our checkpoints, the copy of the training tokenizer it carries (no path a
 checkpoint names is opened).
+
+`--backend cupy` traces the cupy table on a GPU: the params, states and tokens go to the device once; every event
+shown or dumped, the logits and the routing come back through the table's to_host.
 """
 
 from __future__ import annotations
@@ -243,6 +246,29 @@ class _View:
         self.p(f"  {e.name:<46} {e.op:<6} {e.inputs['lr']:>9.3g} {_g(g)} {_g(u)} {ratio:>12.4g}")
 
 
+# ---- the device ---------------------------------------------------------------------------------------------------
+def _placed(table, **arrays) -> dict:
+    """StepThrough's arrays (params, tokens, labels, doc_ids, optimizer and balancing state) in the table's module:
+    copied to a device table once (labels that are the tokens stay the tokens; the optimizer's step counter stays on
+    the host), the same objects for a NumPy table."""
+    if table is None or not table.on_device:
+        return arrays
+    out = {k: table.to_device(v) for k, v in arrays.items() if k not in ("labels", "optimizer_state")}
+    out["labels"] = out["tokens"] if arrays["labels"] is arrays["tokens"] else table.to_device(arrays["labels"])
+    state = arrays["optimizer_state"]
+    out["optimizer_state"] = None if state is None else {k: v if k == "step" else table.to_device(v)
+                                                         for k, v in state.items()}
+    return out
+
+
+def _on_host(table, event):
+    """The event with its inputs and outputs as NumPy arrays (the event itself for a NumPy table)."""
+    if table is None or not table.on_device:
+        return event
+    import dataclasses
+    return dataclasses.replace(event, inputs=table.to_host(event.inputs), outputs=table.to_host(event.outputs))
+
+
 # ---- the command --------------------------------------------------------------------------------------------------
 def run(args) -> int:
     import sys
@@ -315,15 +341,18 @@ def run(args) -> int:
     if layers is not None or ops:
         print(f"filter layers={layers if layers is not None else 'all'} ops={ops or 'all'}", file=out)
 
+    table = load_backend(args.backend)
     try:
-        st = StepThrough(config, params, tokens, labels=tokens if args.step else None, doc_ids=doc_ids,
-                         step=args.step, optimizer_state=opt_state, balancing_state=bal_state, keep=keep, inplace=True,
-                         ops=load_backend(args.backend))
+        placed = _placed(table, params=params, tokens=tokens, labels=tokens if args.step else None, doc_ids=doc_ids,
+                         optimizer_state=opt_state, balancing_state=bal_state)
+        st = StepThrough(config, **placed, step=args.step, keep=keep, inplace=True, ops=table)
     except ValueError as e:  # bad inputs caught by the model's own checks
         raise CLIError(str(e)) from None
     view = _View(config, tokens, label, out)
+    events = []  # on the host
     for event in st:
-        view.event(event)
+        events.append(_on_host(table, event))
+        view.event(events[-1])
 
     if not st.events:
         names = sorted({n.rsplit(".", 1)[-1] for n, _ in seen} | {o for _, o in seen})
@@ -357,7 +386,7 @@ def run(args) -> int:
         if st.losses is not None:
             attrs["losses"] = {k: float(v) for k, v in st.losses.items()}
         try:
-            write_trace(args.dump, st.events, config=config, tokens=tokens,
+            write_trace(args.dump, events, config=config, tokens=tokens,
                         labels=tokens if args.step else None, attrs=attrs)
         except OSError as e:
             raise CLIError(f"cannot write {args.dump}: {e}") from None

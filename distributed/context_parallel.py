@@ -41,17 +41,31 @@ Rank 0 has no halo₁ (chunk 0 starts the sequence); rank cp−1's chunks cp−1
 (its first chunk is that halo: no position twice). One Alltoallv with neighbours only (k and v packed, h rows per
 chunk; doc ids in their own Alltoallv); backward sends the halos' gradients back the same way and adds them to the
 tails. w = 1 needs no keys but the queries' own. With cp = 1 every method is the single-process identity.
+
+With a device table the exchange runs on host copies (staging.py: k, v and doc ids copied to the host, the NumPy code
+above with its collectives, the keys, values, positions and doc ids a rank attends to copied back; the backward
+likewise): the chunks are cut and packed as bytes of NumPy arrays. Counted as staged copies; the queries' positions
+are the mesh's copy in the table's module (Mesh.local_positions).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from trinity.accel.device import is_host_array
 from trinity.reference.model.seams import SingleProcessSeams
+from trinity.reference.operators.array_module import array_namespace
+
 from .layout import gathers_whole_sequence, window_problem
 from .plan import chunk_positions, chunks_read, chunks_sent
+from .staging import device_copy, host_copy
 
 __all__ = ["ContextParallelSeams"]
+
+
+def _same(a, b) -> bool:
+    """Whether two device arrays of positions are equal: the same array (the mesh's copy), else compared there."""
+    return a is b or (a.shape == b.shape and bool(array_namespace(a).all(a == b)))
 
 
 class ContextParallelSeams:
@@ -70,9 +84,24 @@ class ContextParallelSeams:
             return SingleProcessSeams.gather_kv(self, k, v, positions, doc_ids, window)
         B, Tl = k.shape[:2]
         c = Tl // 2
-        if Tl % 2 or not np.array_equal(positions, self.mesh.local_positions(2 * n * c)):
+        xp = array_namespace(k)
+        mine = self.mesh.local_positions(2 * n * c) if Tl % 2 == 0 else None
+        same = (np.array_equal(positions, mine) if xp is np else
+                _same(positions, self.mesh.local_positions(2 * n * c, xp))) if mine is not None else False
+        if not same:
             raise ValueError(f"gather_kv: positions must be this cp rank's two chunks (mesh.local_positions), got "
-                             f"{len(positions)} positions")
+                             f"{positions.shape[0]} positions")
+        if not is_host_array(k):  # a device table's: exchanged on host copies (module docstring)
+            if window == 1 and not gathers_whole_sequence(window, 2 * n * c):  # no key but the queries' own
+                return k, v, positions, doc_ids, ("local",)
+            k_all, v_all, k_pos, k_doc, ctx = self._gather_kv(host_copy(k), host_copy(v), mine, None if doc_ids is None
+                                                              else host_copy(doc_ids), window, n, r, c)
+            return (device_copy(k_all, xp), device_copy(v_all, xp), device_copy(k_pos, xp),
+                    None if k_doc is None else device_copy(k_doc, xp), ctx)
+        return self._gather_kv(k, v, positions, doc_ids, window, n, r, c)
+
+    def _gather_kv(self, k, v, positions, doc_ids, window, n, r, c):
+        """gather_kv on NumPy arrays."""
         if gathers_whole_sequence(window, 2 * n * c):  # a window covering the sequence is causal attention
             if self.mesh.layout.options.cp_exchange == "read":
                 return self._exchange_read(k, v, doc_ids, n, r, c)
@@ -105,6 +134,14 @@ class ContextParallelSeams:
         ranks computed for them (the transpose of gather_kv)."""
         if ctx is None or ctx[0] == "local":
             return dk_all, dv_all
+        if not is_host_array(dk_all):  # a device table's: exchanged on host copies (module docstring)
+            xp = array_namespace(dk_all)
+            dk, dv = self._gather_kv_backward(ctx, host_copy(dk_all), host_copy(dv_all))
+            return device_copy(dk, xp), device_copy(dv, xp)
+        return self._gather_kv_backward(ctx, dk_all, dv_all)
+
+    def _gather_kv_backward(self, ctx, dk_all, dv_all):
+        """gather_kv_backward on NumPy arrays."""
         n, r = self._cp()
         dkv = np.stack([dk_all, dv_all])  # [2, B, S, h_kv, d_h]
         if ctx[0] == "all":
@@ -228,4 +265,7 @@ class ContextParallelSeams:
         """Σ of x over the cp group (the ranks holding the other chunks of the same sequences), in x's dtype."""
         if self._cp()[0] == 1:
             return x
+        if not is_host_array(x):  # a device array: summed through the mesh's staged all-reduce
+            summed = self.mesh.sum(x, "cp")
+            return summed if summed.dtype == x.dtype else array_namespace(x).astype(summed, x.dtype)
         return np.asarray(self.mesh.sum(x, "cp"), dtype=np.asarray(x).dtype)

@@ -30,6 +30,10 @@ The other three seams reuse the counts and `pos` of the dispatch (no second Allt
 Each rank sends its rows for its own experts to itself through the same Alltoallv; only rows leaving the rank are
 counted (`sent_bytes`). A rank with no tokens, or whose experts get none, takes part with empty blocks. With ep = 1
 every seam is the single-process identity and no collective is called.
+
+With a device table the rows stay on the device (the mesh stages the Alltoallv's buffers through the host); the
+counts are control data: they come to the host (staging.host_copy) to size the exchange, and the regrouping order
+and the local offsets derived from them go back (staging.device_copy), once per dispatch.
 """
 
 from __future__ import annotations
@@ -39,6 +43,9 @@ from typing import NamedTuple
 import numpy as np
 
 from trinity.reference.model.seams import SingleProcessSeams
+from trinity.reference.operators.array_module import array_namespace, itemsize
+
+from .staging import device_copy, host_copy
 
 __all__ = ["ExpertParallelSeams", "ExchangeCtx"]
 
@@ -51,6 +58,8 @@ class ExchangeCtx(NamedTuple):
     recv_rows: np.ndarray  # [ep] rows this rank receives from each ep rank
     pos: np.ndarray  # [M] received row i (source-major order) is x_local[pos[i]] (local-expert-major order)
     ep_rank: int
+    to_plan: object  # pos in the rows' module: x_local rows in received order = take(x_local, to_plan)
+    to_experts: object  # its inverse: x_local = take(received, to_experts)
 
 
 def _starts(counts):
@@ -73,7 +82,8 @@ class ExpertParallelSeams:
         if E % ep:
             raise ValueError(f"{E} experts do not split over ep = {ep} ranks")
         El, d = E // ep, x.shape[1]
-        counts = np.ascontiguousarray(plan.counts, dtype=np.int64).reshape(ep, El)  # [destination, local expert]
+        xp = array_namespace(x)
+        counts = np.ascontiguousarray(host_copy(plan.counts), dtype=np.int64).reshape(ep, El)  # [dest, local expert]
         recv_counts = np.empty_like(counts)  # [source, local expert]
         self.mesh.collective("Alltoall", "ep", counts, recv_counts)
         send_rows, recv_rows = counts.sum(axis=1), recv_counts.sum(axis=1)
@@ -83,10 +93,15 @@ class ExpertParallelSeams:
         dst = _starts(recv_counts.T.reshape(-1)).reshape(El, ep).T.reshape(-1)
         block = np.repeat(np.arange(ep * El), recv_counts.reshape(-1))
         pos = np.arange(block.size, dtype=np.int64) - src[block] + dst[block]
-        ctx = ExchangeCtx(plan, x.shape[0], send_rows, recv_rows, pos, self.mesh.ep_rank)
-        x_local = self._to_experts(ctx, x[plan.token], d)
-        offsets_local = np.concatenate([[0], np.cumsum(recv_counts.sum(axis=0))]).astype(plan.offsets.dtype)
-        return x_local, offsets_local, ctx
+        inverse = np.empty_like(pos)
+        inverse[pos] = np.arange(pos.size, dtype=np.int64)
+        ctx = ExchangeCtx(plan, x.shape[0], send_rows, recv_rows, pos, self.mesh.ep_rank, device_copy(pos, xp),
+                          device_copy(inverse, xp))
+        x_local = self._to_experts(ctx, xp.take(x, plan.token, axis=0), d)
+        offsets_local = np.concatenate([[0], np.cumsum(recv_counts.sum(axis=0))])
+        if xp is np:
+            return x_local, offsets_local.astype(plan.offsets.dtype), ctx
+        return x_local, xp.astype(device_copy(offsets_local, xp), plan.offsets.dtype), ctx
 
     def expert_combine(self, ctx, y_local):
         """The experts' outputs y_local [M, d] (x_local's order) back on the ranks that sent the rows, in this
@@ -111,22 +126,22 @@ class ExpertParallelSeams:
     def _to_experts(self, ctx, rows, d):
         """Rows in plan order (block j → ep rank j) → the rows of this rank's experts, local-expert-major."""
         received = self._alltoallv(rows, ctx.send_rows, ctx.recv_rows, d, ctx.ep_rank)
-        out = np.empty_like(received)
-        out[ctx.pos] = received
-        return out
+        return array_namespace(received).take(received, ctx.to_experts, axis=0)
 
     def _to_plan(self, ctx, rows_local):
         """Rows in x_local's order → back to the ranks they came from, in each rank's plan order."""
         d = rows_local.shape[1]
-        return self._alltoallv(rows_local[ctx.pos], ctx.recv_rows, ctx.send_rows, d, ctx.ep_rank)
+        rows = array_namespace(rows_local).take(rows_local, ctx.to_plan, axis=0)
+        return self._alltoallv(rows, ctx.recv_rows, ctx.send_rows, d, ctx.ep_rank)
 
     def _alltoallv(self, rows, send_rows, recv_rows, d, me):
         """Alltoallv of row blocks: block j of `rows` (send_rows[j] rows of d) to ep rank j; returns the received
         blocks end to end [Σ recv_rows, d]. Counts and displacements in elements; the dtype is the rows'."""
-        send = np.ascontiguousarray(rows).reshape(-1, d)
-        recv = np.empty((int(recv_rows.sum()), d), dtype=send.dtype)
+        xp = array_namespace(rows)
+        send = xp.reshape(np.ascontiguousarray(rows) if xp is np else rows, (-1, d))
+        recv = xp.empty((int(recv_rows.sum()), d), dtype=send.dtype)
         sc, rc = send_rows * d, recv_rows * d
-        leaving = int(send_rows.sum() - send_rows[me]) * d * send.dtype.itemsize
+        leaving = int(send_rows.sum() - send_rows[me]) * d * itemsize(send)
         self.mesh.collective("Alltoallv", "ep", [send, (sc, _starts(sc))], [recv, (rc, _starts(rc))],
                              sent_bytes=leaving)
         return recv

@@ -26,10 +26,15 @@ the layout's schedule options, options.py):
                                reduce-scattered (reduce_gradients="step"), then the sum over dp_replicate, an
                                Allreduce per shard
 A group of one rank calls nothing: with dp_shard·cp = 1 the shard is the whole bucket and only dp_replicate reduces.
+
+The shards, gathered buffers and gradients are arrays of the table's module (a device table's: the seams allocate and
+cut them there; the mesh stages each collective's buffers through the host, staging.py). `map_arrays` gives a copy
+of the params with every array moved (to the device once, to the host for a checkpoint: run/placement.py).
 """
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import NamedTuple
 
@@ -37,10 +42,11 @@ import numpy as np
 
 from trinity.reference.model.params import bucket_of, is_expert_bias, param_shapes
 from trinity.reference.model.seams import LINEAR_CTX, linear_ctx_weight
+from trinity.reference.operators.array_module import array_bytes, array_namespace, itemsize
 
 from .gathers import Holding, flat_refs
 from .mesh import movable as _movable
-from .options import wire_dtype
+from .options import OptionError, wire_dtype
 from .plan import SHARD_PREFIX, FlatBucket, ParallelPlan, expert_range, is_routed_expert
 
 __all__ = ["FlatBucket", "ShardedParams", "ShardedParamSeams", "SHARD_PREFIX", "plan_buckets", "expert_slice",
@@ -60,6 +66,26 @@ class GatheredWeight(NamedTuple):
     """What a linear ctx holds under FSDP in place of its weight: where to find it again."""
     bucket: object
     key: str
+
+
+def _wire(choice: str, a):
+    """The dtype a dtype option (gather_dtype, reduce_dtype) moves array `a`'s values in: options.wire_dtype for a
+    NumPy array; for a device array its own dtype ("param") or its module's float32 (bfloat16 is an ml_dtypes NumPy
+    dtype: host arrays only, refused at a run's start: run/placement.py)."""
+    if isinstance(a, np.ndarray):
+        return wire_dtype(choice, a.dtype)
+    if choice == "param":
+        return a.dtype
+    if choice == "float32":
+        return array_namespace(a).float32
+    raise OptionError(f"{choice} gathers or reductions need NumPy arrays (ml_dtypes): not with an op table on a device")
+
+
+def _as(a, dtype):
+    """`a` in `dtype` (itself when it is already), C-contiguous for MPI when it is a NumPy array."""
+    if isinstance(a, np.ndarray):
+        return np.ascontiguousarray(a if dtype == a.dtype else a.astype(dtype))
+    return a if dtype == a.dtype else array_namespace(a).astype(a, dtype)
 
 
 def plan_buckets(config, mesh) -> list[FlatBucket]:
@@ -151,7 +177,13 @@ class ShardedParams:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in self.shards.values()) + sum(int(v.nbytes) for v in self.replicated.values())
+        return sum(array_bytes(v) for v in self.shards.values()) + sum(array_bytes(v) for v in self.replicated.values())
+
+    def map_arrays(self, fn) -> "ShardedParams":
+        """These params with fn(array) in place of every shard and bias (the same buckets and mesh): a copy on the
+        device or the host (accel/device.py)."""
+        return ShardedParams(self.config, self.mesh, self.buckets, {k: fn(v) for k, v in self.shards.items()},
+                             {k: fn(v) for k, v in self.replicated.items()})
 
     # -- whole arrays (collective: every rank calls it)
     def gather_bucket(self, bucket: FlatBucket, shard=None) -> np.ndarray:
@@ -193,9 +225,11 @@ def _flat_gradient(b: FlatBucket, grads: dict) -> np.ndarray:
     """The bucket's padded flat gradient: a view of the key's own array when the bucket is one unpadded key (the
     embedding, the head: no copy of a [V, d] array), else the keys laid end to end (FlatBucket.flatten)."""
     if len(b.keys) == 1 and b.padded == b.size:
-        g = np.ascontiguousarray(grads[b.keys[0]])
-        if g.size == b.size:
-            return g.reshape(-1)
+        g = grads[b.keys[0]]
+        if isinstance(g, np.ndarray):
+            g = np.ascontiguousarray(g)
+        if math.prod(g.shape) == b.size:
+            return array_namespace(g).reshape(g, (-1,))
     return b.flatten(grads, grads[b.keys[0]].dtype)
 
 
@@ -225,9 +259,10 @@ class ShardedParamSeams:
 
     def _hold(self, params) -> Holding:
         if self._holding is None:
-            self._dtype = params.shards[self._buckets[0].shard_name].dtype
+            first = params.shards[self._buckets[0].shard_name]
+            self._dtype = first.dtype
             self._holding = Holding(self.config, flat_refs(self.config, self.mesh.layout), self._options,
-                                    self._dtype.itemsize)
+                                    itemsize(first))
         return self._holding
 
     def held_buckets(self) -> list:
@@ -273,9 +308,8 @@ class ShardedParamSeams:
         if b.n == 1:
             self._in_flight[b.name] = (None, shard, None)
             return
-        wire = wire_dtype(self._options.gather_dtype, shard.dtype)
-        send = np.ascontiguousarray(shard if wire == shard.dtype else shard.astype(wire))
-        flat = np.empty(b.padded, dtype=wire)
+        send = _as(shard, _wire(self._options.gather_dtype, shard))
+        flat = array_namespace(shard).empty((b.padded,), dtype=send.dtype)
         request = self.mesh.collective("Iallgather", b.group, _movable(send), _movable(flat))
         self._in_flight[b.name] = (request, flat, send)
 
@@ -284,9 +318,7 @@ class ShardedParamSeams:
         request, flat, _ = self._in_flight.pop(name)
         if request is not None:
             request.Wait()
-            dtype = self._param_dtype()
-            if flat.dtype != dtype:
-                flat = flat.astype(dtype)
+            flat = _as(flat, self._param_dtype())
             self._buffers = [r for r in self._buffers if r() is not None] + [weakref.ref(flat)]
         self._flats[name] = flat
 
@@ -296,7 +328,7 @@ class ShardedParamSeams:
     def gathered_bytes(self) -> int:
         """Bytes of gathered flat buffers still alive (in flight, in use, or kept by something: the FSDP memory
         beyond this rank's shards)."""
-        return sum(buf.nbytes for buf in (r() for r in self._buffers) if buf is not None)
+        return sum(array_bytes(buf) for buf in (r() for r in self._buffers) if buf is not None)
 
     def _arrays(self, params, bucket) -> dict:
         """The bucket's arrays from its gathered flat buckets. The linear layers' weights (and the routed experts,
@@ -310,7 +342,7 @@ class ShardedParamSeams:
                     arrays[key] = view
                     self._weight_key[id(view)] = (bucket, key)
                 else:
-                    arrays[key] = view if is_routed_expert(key) else view.copy()
+                    arrays[key] = view if is_routed_expert(key) else array_namespace(view).asarray(view, copy=True)
         arrays.update({k: v for k, v in params.replicated.items() if bucket_of(k) == bucket})
         return arrays
 
@@ -390,17 +422,16 @@ class ShardedParamSeams:
         if self.mesh.sizes["dp_replicate"] > 1:
             for k, g in grads.items():
                 if not is_expert_bias(k):
-                    wire = wire_dtype(self._options.reduce_dtype, g.dtype)
-                    grads[k] = self.mesh.sum(g if wire == g.dtype else g.astype(wire), "dp_replicate").astype(
-                        g.dtype, copy=False)
+                    summed = self.mesh.sum(_as(g, _wire(self._options.reduce_dtype, g)), "dp_replicate")
+                    grads[k] = summed if summed.dtype == g.dtype else array_namespace(g).astype(summed, g.dtype)
         return grads
 
     def _reduce_scatter(self, b: FlatBucket, flat: np.ndarray, into: dict | None) -> np.ndarray:
         """This rank's shard of the sum of `flat` over b's group, added into `into[b.shard_name]` when given:
         blocking, or posted (async_reduce) into an array filled at _wait_reductions."""
-        wire = wire_dtype(self._options.reduce_dtype, flat.dtype)
-        send = np.ascontiguousarray(flat if wire == flat.dtype else flat.astype(wire))
-        shard = np.empty(b.shard_size, dtype=wire)
+        xp = array_namespace(flat)
+        send = _as(flat, _wire(self._options.reduce_dtype, flat))
+        shard = xp.empty((b.shard_size,), dtype=send.dtype)
         target = into[b.shard_name] if into is not None else None
         if not self._options.async_reduce:
             self.mesh.collective("Reduce_scatter_block", b.group, send, shard)
@@ -408,7 +439,7 @@ class ShardedParamSeams:
         if self._reducing and self._options.reduce_gradients == "step":
             self._wait_reductions()  # one in flight at a time
         if target is None:
-            target = np.empty(b.shard_size, dtype=flat.dtype)
+            target = xp.empty((b.shard_size,), dtype=flat.dtype)
             fill = True
         else:
             fill = False
@@ -422,13 +453,18 @@ class ShardedParamSeams:
             if fill:
                 target[...] = shard
             else:
-                target += shard.astype(target.dtype, copy=False)
+                target += _cast(shard, target.dtype)
         self._reducing = []
 
 
-def _land(shard: np.ndarray, target, dtype) -> np.ndarray:
+def _cast(a, dtype):
+    """`a` in `dtype` (itself when it is already)."""
+    return a if a.dtype == dtype else array_namespace(a).astype(a, dtype)
+
+
+def _land(shard, target, dtype):
     """A reduce-scatter's result in the parameters' dtype, added into `target` when given (and returned)."""
     if target is None:
-        return shard if shard.dtype == dtype else shard.astype(dtype)
-    target += shard.astype(dtype, copy=False)
+        return _cast(shard, dtype)
+    target += _cast(shard, dtype)
     return target

@@ -11,7 +11,8 @@ launcher, or trinity.simulate's virtual communicator). Every collective goes thr
 its bytes per kind and group (`traffic`). With `checksums`, every block a rank receives is checked against its
 sender's crc32 (distributed/checksums.py), and sums and maxima take the rank-ordered Alltoall + Allgather path at
 every group size (the same bits). Under mpiexec a watchdog (distributed/watchdog.py) puts a deadline on every wait
-in a collective, so a hung rank ends the job.
+in a collective, so a hung rank ends the job. Buffers that are a device table's arrays are staged through the host
+there (staging.py: copied to the host, moved by MPI, copied back; counted as staged copies).
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ from collections import defaultdict
 
 import numpy as np
 
+from trinity.accel.device import is_host_array
+from trinity.reference.operators.array_module import array_namespace
+
 from .checksums import Checked, crc_bytes
 from .layout import Layout
 from .plan import GROUPS, ParallelPlan, check_group
 from .schedule import sent_bytes as ring_bytes
+from .staging import StagedRequest, device_copy, stage
 
 __all__ = ["Mesh", "GROUPS", "allgather_json", "group_members", "movable"]
 
@@ -67,6 +72,7 @@ class Mesh:
         self.faults = None  # trinity.simulate.virtual.faults.FaultPlan: injected failures (before each collective)
         self.watchdog = None  # distributed.watchdog.Watchdog: a deadline on every wait in a collective (mpiexec)
         self.step, self.phase, self.layer = 0, "start", None
+        self._positions: dict = {}  # (seq_len, module) → this rank's positions in a device table's module
 
     @property
     def world_size(self) -> int:
@@ -83,9 +89,15 @@ class Mesh:
         """This data-parallel rank's contiguous slice of the global batch's sequences (the plan's rows)."""
         return self.plan.rows(self.rank, num_sequences)
 
-    def local_positions(self, seq_len: int) -> np.ndarray:
-        """The positions of each sequence this cp rank holds (the plan's chunks)."""
-        return self.plan.positions(self.rank, seq_len)
+    def local_positions(self, seq_len: int, xp=np):
+        """The positions of each sequence this cp rank holds (the plan's chunks); for a device table's module `xp`
+        a copy there, made once per sequence length (staged) and kept."""
+        positions = self.plan.positions(self.rank, seq_len)
+        if xp is np:
+            return positions
+        if (seq_len, xp) not in self._positions:
+            self._positions[(seq_len, xp)] = device_copy(positions, xp)
+        return self._positions[(seq_len, xp)]
 
     # ---- reductions the step names by group ---------------------------------------------------------------------
     def sum(self, value, group: str):
@@ -98,6 +110,12 @@ class Mesh:
     def _reduce(self, value, group: str, op):
         if self.group_size[group] == 1:
             return value
+        if hasattr(value, "shape") and not is_host_array(value):  # a device array: staged by `collective`
+            xp = array_namespace(value)
+            send = xp.reshape(value, (-1,))
+            recv = xp.empty_like(send)
+            self.collective("Allreduce", group, send, recv, op=op)
+            return xp.reshape(recv, value.shape)
         scalar = np.ndim(value) == 0
         send = np.ascontiguousarray(np.asarray(value, dtype=np.float64 if scalar else None)).reshape(-1)
         recv = np.empty_like(send)
@@ -144,7 +162,18 @@ class Mesh:
         Reduce_scatter_block, Ireduce_scatter_block and Alltoall (n−1)/n·s, Allgather and Iallgather (n−1)·s;
         Alltoallv passes `sent_bytes` (the rows it sends to other ranks). op "max" maps to the communicator's MAX
         (sum is the default). With checksums, the crc32s sent are counted too. Returns what the method returns (a request for
-        the non-blocking ones)."""
+        the non-blocking ones). Device buffers are staged through the host (staging.py)."""
+        args, landing = stage(args)
+        result = self._counted(kind, group, args, op, sent_bytes)
+        if landing is None:
+            return result
+        if result is None:
+            landing()
+            return None
+        return StagedRequest(result, landing)
+
+    def _counted(self, kind: str, group: str, args, op, sent_bytes):
+        """`collective` on host buffers: faults, byte counts, traces, the watchdog, then the call."""
         n = self.group_size[group]
         if self.faults is not None:
             self.faults.before(self, kind, group)
@@ -235,7 +264,7 @@ def movable(a: np.ndarray) -> np.ndarray:
 def _foreign(a) -> bool:
     """Whether an array's dtype is one MPI has no datatype for (ml_dtypes' bfloat16)."""
     dtype = getattr(a, "dtype", None)
-    return dtype is not None and (dtype.name == "bfloat16" or dtype.kind == "V")
+    return dtype is not None and (getattr(dtype, "name", None) == "bfloat16" or getattr(dtype, "kind", None) == "V")
 
 
 class _Done:

@@ -49,6 +49,7 @@ from typing import NamedTuple
 import numpy as np
 
 from trinity.reference.model.params import EXPERT_KEYS, is_expert_bias, param_buckets, param_shapes
+from trinity.reference.operators.array_module import array_namespace
 from trinity.reference.training.groups import GROUPS, check_group
 from trinity.reference.training.optim import param_group
 
@@ -146,16 +147,18 @@ class FlatBucket:
             out.append(Span(key, self.shard_name, shard.start, shard.stop, at + local.start, at + local.stop))
         return out
 
-    def views(self, flat: np.ndarray) -> dict:
-        """{key: view of `flat` (the whole padded vector) in its local shape}."""
-        return {key: flat[start:start + math.prod(shape)].reshape(shape)
+    def views(self, flat) -> dict:
+        """{key: view of `flat` (the whole padded vector, of any array module) in its local shape}."""
+        xp = array_namespace(flat)
+        return {key: xp.reshape(flat[start:start + math.prod(shape)], tuple(shape))
                 for key, shape, start in zip(self.keys, self.shapes, self.offsets)}
 
-    def flatten(self, arrays: dict, dtype) -> np.ndarray:
-        """The whole padded vector of `arrays` (keyed like `keys`, local shapes)."""
-        flat = np.zeros(self.padded, dtype=dtype)
+    def flatten(self, arrays: dict, dtype):
+        """The whole padded vector of `arrays` (keyed like `keys`, local shapes; in their array module)."""
+        xp = array_namespace(arrays[self.keys[0]])
+        flat = xp.zeros((self.padded,), dtype=dtype)
         for key, shape, start in zip(self.keys, self.shapes, self.offsets):
-            flat[start:start + math.prod(shape)] = np.asarray(arrays[key]).reshape(-1)
+            flat[start:start + math.prod(shape)] = xp.reshape(xp.asarray(arrays[key]), (-1,))
         return flat
 
 

@@ -17,7 +17,8 @@ rank holding the largest part of the matrix, so that less travels). Per bucket:
     Alltoallv #2: the owner sends the pieces of O back to the ranks holding them
     X ← X(1 − ηλ) − η·s·O                                           elementwise, on the shard
 
-so the update equals single-process Muon (the same kernel on the same whole U).
+so the update equals single-process Muon (the same kernel on the same whole U). The shards and the pieces are arrays
+of the table's module (a device table's: the mesh stages the two Alltoallvs through the host, staging.py).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import math
 
 import numpy as np
 
+from trinity.reference.operators.array_module import array_namespace, itemsize
 from trinity.reference.training.optim import (ADAMW_M, ADAMW_V, MUON_MOMENTUM, muon_update, optimizer_kernels,
                                               weight_decay_for)
 
@@ -86,10 +88,20 @@ def _overlaps(matrices, span, owner=None):
             yield i, a, b
 
 
+def _squares(x) -> float:
+    """Σ x² in float64."""
+    if isinstance(x, np.ndarray):
+        return float(np.square(x, dtype=np.float64).sum())
+    xp = array_namespace(x)
+    x = xp.astype(x, xp.float64)
+    return float(xp.sum(x * x))
+
+
 def _orthogonalise(mesh, bucket, U_shard, config, kernels):
     """Newton–Schulz of every matrix of the bucket, each on its owner; returns (O on this rank's shard, Σ‖O‖² of the
     matrices this rank owns, as (matrix shape, ‖O‖²) pairs)."""
     n, me = bucket.n, bucket.index
+    xp = array_namespace(U_shard)
     matrices = mesh.plan.muon_owners(bucket)  # by the layout's muon_owners
     spans = [bucket.span(r) for r in range(n)]
     my_lo = spans[me][0]
@@ -99,18 +111,18 @@ def _orthogonalise(mesh, bucket, U_shard, config, kernels):
                                      eps=config.muon_eps, dtype=U.dtype)
 
     if n == 1:  # the whole bucket is here: no exchange
-        O = np.zeros_like(U_shard)
+        O = xp.zeros_like(U_shard)
         owned = []
         for lo, hi, _, shape in matrices:
-            O[lo:hi] = ns(U_shard[lo:hi].reshape(shape)).reshape(-1)
-            owned.append((shape, float(np.square(O[lo:hi], dtype=np.float64).sum())))
+            O[lo:hi] = xp.reshape(ns(xp.reshape(U_shard[lo:hi], tuple(shape))), (-1,))
+            owned.append((shape, _squares(O[lo:hi])))
         return O, owned
     # Alltoallv #1: pieces of U to the owners
-    send = [np.concatenate([U_shard[a - my_lo:b - my_lo] for _, a, b in _overlaps(matrices, spans[me], o)] or
-                           [U_shard[:0]]) for o in range(n)]
+    send = [xp.concat([U_shard[a - my_lo:b - my_lo] for _, a, b in _overlaps(matrices, spans[me], o)] or
+                      [U_shard[:0]]) for o in range(n)]
     recv_counts = [sum(b - a for _, a, b in _overlaps(matrices, spans[s], me)) for s in range(n)]
     recv = _alltoallv(mesh, bucket.group, send, recv_counts, me, U_shard.dtype)
-    whole = {i: np.empty(matrices[i][1] - matrices[i][0], dtype=U_shard.dtype) for i, m in enumerate(matrices)
+    whole = {i: xp.empty((matrices[i][1] - matrices[i][0],), dtype=U_shard.dtype) for i, m in enumerate(matrices)
              if m[2] == me}
     for s in range(n):
         at = 0
@@ -119,13 +131,13 @@ def _orthogonalise(mesh, bucket, U_shard, config, kernels):
             at += b - a
     owned = []
     for i in whole:
-        whole[i] = ns(whole[i].reshape(matrices[i][3])).reshape(-1)
-        owned.append((matrices[i][3], float(np.square(whole[i], dtype=np.float64).sum())))
+        whole[i] = xp.reshape(ns(xp.reshape(whole[i], tuple(matrices[i][3]))), (-1,))
+        owned.append((matrices[i][3], _squares(whole[i])))
     # Alltoallv #2: pieces of O back to the ranks holding them
-    back = [np.concatenate([whole[i][a - matrices[i][0]:b - matrices[i][0]] for i, a, b in
-                            _overlaps(matrices, spans[s], me)] or [U_shard[:0]]) for s in range(n)]
-    got = _alltoallv(mesh, bucket.group, back, [len(x) for x in send], me, U_shard.dtype)
-    O = np.zeros_like(U_shard)
+    back = [xp.concat([whole[i][a - matrices[i][0]:b - matrices[i][0]] for i, a, b in
+                       _overlaps(matrices, spans[s], me)] or [U_shard[:0]]) for s in range(n)]
+    got = _alltoallv(mesh, bucket.group, back, [x.shape[0] for x in send], me, U_shard.dtype)
+    O = xp.zeros_like(U_shard)
     for o in range(n):
         at = 0
         for _, a, b in _overlaps(matrices, spans[me], o):
@@ -136,15 +148,21 @@ def _orthogonalise(mesh, bucket, U_shard, config, kernels):
 
 def _alltoallv(mesh, group, send_pieces, recv_counts, me, dtype):
     """Exchange one array per peer: send_pieces[r] goes to rank r; returns the pieces received, per source."""
-    counts = np.array([len(x) for x in send_pieces], dtype=np.int64)
-    send = np.ascontiguousarray(np.concatenate(send_pieces)).astype(dtype, copy=False)
+    xp = array_namespace(send_pieces[0])
+    counts = np.array([x.shape[0] for x in send_pieces], dtype=np.int64)
+    send = xp.concat(send_pieces)
+    send = np.ascontiguousarray(send).astype(dtype, copy=False) if xp is np else xp.astype(send, dtype, copy=False)
     rcounts = np.array(recv_counts, dtype=np.int64)
-    recv = np.empty(int(rcounts.sum()), dtype=dtype)
+    recv = xp.empty((int(rcounts.sum()),), dtype=dtype)
     sdispl = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     rdispl = np.concatenate([[0], np.cumsum(rcounts)[:-1]]).astype(np.int64)
-    leaving = int(counts.sum() - counts[me]) * np.dtype(dtype).itemsize
+    leaving = int(counts.sum() - counts[me]) * itemsize(send)
     mesh.collective("Alltoallv", group, [send, (counts, sdispl)], [recv, (rcounts, rdispl)], sent_bytes=leaving)
     return [recv[rdispl[s]:rdispl[s] + rcounts[s]] for s in range(len(recv_counts))]
+
+
+def _contiguous(U):
+    return np.ascontiguousarray(U) if isinstance(U, np.ndarray) else U
 
 
 def sharded_optimizer_step(mesh, config, params: ShardedParams, grads: dict, state: dict, muon_lr: float,
@@ -174,7 +192,7 @@ def sharded_optimizer_step(mesh, config, params: ShardedParams, grads: dict, sta
             continue
         segments = [(sh, key, b.shapes[b.keys.index(key)]) for key, sh, _ in b.segments()]
         norms["muon"] += muon_update(c, X, G, state[MUON_MOMENTUM + b.shard_name], muon_lr, segments,
-                                     lambda U, b=b: _orthogonalise(mesh, b, np.ascontiguousarray(U), c, k))
+                                     lambda U, b=b: _orthogonalise(mesh, b, _contiguous(U), c, k))
     state["step"] = np.array(t, dtype=np.int64)
     summed = mesh.sum(np.array([norms["muon"], norms["adamw"]]), "fsdp")
     return {"step": t, "muon_lr": float(muon_lr), "adamw_lr": float(adamw_lr), "muon_tensors": tensors["muon"],

@@ -49,6 +49,7 @@ from trinity.reference.training.optim import init_optimizer_state
 from trinity.reference.training.schedules import BatchSchedule
 
 from .metrics_log import MetricsLog, is_metrics_file
+from .placement import layout_problem, local_rank
 from .rank_state import fresh_rank_state, pretrained_rank_state, resumed_rank_state
 from .run_config import RunConfig, RunConfigError, check_output_paths
 from .run_lock import RunLock, RunLockError
@@ -235,6 +236,7 @@ def agree(comm, error: str | None, job: str | None, memory: dict | None = None, 
 def _check_hosts(everyone: list[dict]) -> None:
     """The memory check over the ranks that share a host: the sum of their needs against the host's available
     memory (the least any of its ranks measured)."""
+    _check_devices(everyone)
     hosts = defaultdict(list)
     for r, e in enumerate(everyone):
         if e.get("memory") and e["memory"].get("available") is not None:
@@ -248,6 +250,19 @@ def _check_hosts(everyone: list[dict]) -> None:
                 f"{said} per rank; the {len(ranks)} ranks on {host} ({_ranges(ranks)}) need "
                 f"{need / GIB:.2f} GiB, more than the {available / GIB:.2f} GiB available there; {hint}, or "
                 f"run fewer ranks per host"))
+
+
+def _check_devices(everyone: list[dict]) -> None:
+    """One device per rank: a host running more ranks than it has devices (when the table counts them) is refused."""
+    hosts = defaultdict(list)
+    for r, e in enumerate(everyone):
+        hosts[e["host"]].append((r, (e.get("memory") or {}).get("devices")))
+    for host, ranks in hosts.items():
+        devices = min((n for _, n in ranks if n is not None), default=None)
+        if devices is not None and len(ranks) > devices:
+            raise _every_rank(RunConfigError(
+                f"[train] backend: {host} runs {len(ranks)} ranks ({_ranges([r for r, _ in ranks])}) but has "
+                f"{devices} GPU(s): one GPU per rank; run at most {devices} ranks per host"))
 
 
 def _digest(what) -> str:
@@ -270,6 +285,8 @@ class Startup:
     _restart_removes = None  # --restart: whether the metrics are removed too (None: nothing to remove)
     start_report = None  # under a layout, what every rank read to start (the first metrics line carries it)
     _memory_need = None  # this rank's memory need, for the agreement's per-host check
+    _table = None  # an op table object to train with instead of the run's backend name (Trainer's `backend`)
+    local_rank = 0  # this rank's place among the ranks of its host: its device, one per rank (placement.py)
 
     def _attempt(self, stage, distributed: bool, *args) -> Exception | None:
         """Run one stage of the start; under a layout a user's error (STARTUP_ERRORS) is returned, for the next
@@ -295,7 +312,7 @@ class Startup:
         self._base = base = _base_config(run)
         self.config = config = run.build_config(base)
         try:
-            backend = get_backend(run.backend)
+            backend = get_backend(run.backend if self._table is None else self._table)
         except BackendUnavailable as e:
             raise RunConfigError(f"[train] backend = {run.backend!r}: {e}") from None
         self.ops = with_precision(backend, run.precision)  # the table at [train] precision (model/precision.py)
@@ -395,6 +412,9 @@ class Startup:
         except LayoutError as e:
             hint = NO_LAYOUT_HINT if single else ""
             raise RunConfigError(f"[parallel] {e}{hint}") from None
+        problem = layout_problem(self.ops, run.layout)
+        if problem:
+            raise RunConfigError(f"[parallel] {problem}")
 
     def _agree(self, comm, failed: Exception | None, resume: bool) -> None:
         """The ranks' first exchange (`agree`), before any state exists: each one's error (if any), a digest of the
@@ -420,6 +440,7 @@ class Startup:
         if seconds > 0:
             mesh.watchdog = self._watchdog = Watchdog(seconds, self.rank, comm)
         ranks = allgather_json(comm, [os.getpid(), socket.gethostname()])
+        self.local_rank = local_rank(ranks, self.rank)
         shown = "; ".join(f"rank {r} pid {pid} on {host}" for r, (pid, host) in enumerate(ranks[:16]))
         self.log(f"layout {run.layout} over {len(ranks)} ranks: {shown}" + (" …" if len(ranks) > 16 else ""))
         return mesh
@@ -462,7 +483,8 @@ class Startup:
                    "lower them" + ("" if run.recompute else ", or set [train] recompute = true"))
         # what the rank still has to allocate: the process as it starts (rank_memory.BASELINE_BYTES) is resident
         need = max(0, total - BASELINE_BYTES.get(run.backend, BASELINE_BYTES["numba"])[0])
-        self._memory_need = {"need": need, "available": available, "refusal": refusal}
+        self._memory_need = {"need": need, "available": available, "refusal": refusal,
+                             "devices": getattr(self.ops, "device_count", lambda: None)()}
         self.memory_estimate = estimate
         if available is not None and not distributed and need > available:
             raise RunConfigError(f"{refusal[0]} exceeds the {available / GIB:.2f} GiB available; {refusal[1]}")

@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+from trinity.accel.device import array_bytes
 from trinity.distributed.layout import Layout
 from trinity.distributed.peak_memory import peak_summary, rank_peaks
 from trinity.reference.training.checkpoint import CheckpointError, CheckpointWriteError
@@ -49,6 +50,7 @@ from trinity.reference.training.step import LOCAL, GlobalBatch, apply_update, co
 
 from .eval_data import fixed_batches
 from .metrics_log import MetricsFileError
+from .placement import batch_to_device, state_to_device, state_to_host
 from .preemption import PreemptionGuard
 from .run_config import RunConfig, RunConfigError
 from .startup import Startup, _every_rank, build_loader, data_fingerprint
@@ -77,10 +79,16 @@ class Trainer(Startup):
     """Trains the run's model. `comm` (launch.world(): mpi4py's COMM_WORLD, or a virtual communicator) makes it one
     rank of a job laid out by the run's [parallel] section (docs/distributed.md): every rank runs this same code on
     its part of each step; rank 0 alone logs, draws the progress bar and writes metrics and checkpoints. Its start
-    (startup.py) takes the run folder's lock, held until `train` ends or `close()`."""
+    (startup.py) takes the run folder's lock, held until `train` ends or `close()`.
 
-    def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print, comm=None):
+    `backend`, an op table object, trains with it instead of the run's `[train] backend` (trinity.accel.get_backend
+    checks it): the hook for a table from outside the package or a test's stand-in. A table on a device keeps the
+    state there for the whole run (placement.py)."""
+
+    def __init__(self, run: RunConfig, resume: bool = False, restart: bool = False, log=print, comm=None,
+                 backend=None):
         self.run = run
+        self._table = backend
         self.rank = 0 if comm is None else comm.Get_rank()
         self.is_main = self.rank == 0
         self.log = log if self.is_main else (lambda *a, **k: None)
@@ -110,16 +118,29 @@ class Trainer(Startup):
         if distributed:
             self.mesh = self._build_mesh(comm)
             self._attach_mesh()
+        if self.ops.on_device:  # the state moves to this rank's device once, for the whole run
+            said = self.ops.select_device(self.local_rank)
+            if said is not None:
+                self.log(f"rank 0 computes on {said}" + (" (one GPU per rank: the rank's place on its host)"
+                                                          if distributed else ""))
+            self.params, self.opt_state, self.balance_state = state_to_device(self.ops, self.params, self.opt_state,
+                                                                              self.balance_state)
+
+    def host_state(self) -> tuple:
+        """(params, optimizer state, balancing state) as the host keeps them: copies of a device table's arrays,
+        the state itself for a NumPy table."""
+        return state_to_host(self.ops, self.params, self.opt_state, self.balance_state)
 
     def whole_state(self) -> tuple[dict, dict]:
-        """(params, optimizer state) as whole arrays keyed as in one process (collective under a layout: every
-        rank then holds the whole model; for tests and small models, not for a run at scale)."""
-        return self.mesh.whole_state(self.config, self.params, self.opt_state)
+        """(params, optimizer state) as whole NumPy arrays keyed as in one process (collective under a layout:
+        every rank then holds the whole model; for tests and small models, not for a run at scale)."""
+        params, opt_state, _ = self.host_state()
+        return self.mesh.whole_state(self.config, params, opt_state)
 
     def memory(self) -> dict:
         """Bytes this rank holds for params, gradients (one copy, as the step keeps them) and optimizer state."""
-        params = sum(int(self.params[k].nbytes) for k in self.params)
-        state = sum(int(np.asarray(v).nbytes) for k, v in self.opt_state.items() if k != "step")
+        params = sum(array_bytes(self.params[k]) for k in self.params)
+        state = sum(array_bytes(v) for k, v in self.opt_state.items() if k != "step")
         return {"params": params, "grads": params, "optimizer": state}
 
     def next_batch(self, sequences: int) -> GlobalBatch:
@@ -129,8 +150,8 @@ class Trainer(Startup):
         rank (training/step.py then cuts this rank's positions)."""
         rows = self.mesh.local_sequences(sequences)
         tokens, doc_ids = self.loader.next_batches(sequences // self.run.micro_batch_size, keep=rows)
-        return GlobalBatch(tokens, doc_ids=doc_ids if self.config.intra_document_mask else None, rows=rows,
-                           sequences=sequences)
+        return batch_to_device(self.ops, GlobalBatch(tokens, doc_ids=doc_ids if self.config.intra_document_mask
+                                                     else None, rows=rows, sequences=sequences))
 
     def train_step(self) -> dict:
         """One optimizer step (training/step.py); its metrics line. A step whose loss or gradient norm is not finite
@@ -162,7 +183,8 @@ class Trainer(Startup):
             "grad_norm": float(result.grad_norm), "lr": lr, "logits_max": result.logits_max,
             "logits_mean": result.logits_mean,
             "max_vio": {str(l): m["max_vio"] for l, m in update["balance"].items()},
-            "expert_load": {str(l): np.asarray(n).astype(int).tolist() for l, n in result.counts.items()},
+            "expert_load": {str(l): np.asarray(n).astype(int).tolist()
+                            for l, n in self.ops.to_host(result.counts).items()},
             "skipped_steps": self.skipped_steps, "tokens_per_s": tokens / seconds, "seconds": seconds,
         }
         # rank 0's bytes held (they shrink as 1/(dp_shard·cp)) and sent, by kind and group (none in one process)
@@ -192,8 +214,9 @@ class Trainer(Startup):
         rows = self.mesh.local_sequences(e.sequences_per_batch)
         results = {}
         for s in self.eval_sets:
-            batches = fixed_batches(s.store, run.seq_len, e.sequences_per_batch, e.batches, rows=rows,
-                                    doc_ids=self.config.intra_document_mask, seed=e.seed)
+            batches = (batch_to_device(self.ops, b) for b in
+                       fixed_batches(s.store, run.seq_len, e.sequences_per_batch, e.batches, rows=rows,
+                                     doc_ids=self.config.intra_document_mask, seed=e.seed))
             results[s.name] = evaluate(self.config, self.params, batches, micro_batch_size=run.micro_batch_size,
                                        ops=self.ops, mesh=self.mesh, token_bytes=s.token_bytes)
         total = combine(results) if len(results) > 1 else next(iter(results.values()))
@@ -240,7 +263,8 @@ class Trainer(Startup):
         [checkpoint] dir; parameters that went non-finite in the last update are a TrainingDiverged."""
         previous = self.last_checkpoint
         self.mesh.set_phase("checkpoint")
-        common = dict(balancing_state=self.balance_state, tokens_seen=self.tokens_seen,
+        params, opt_state, balance_state = self.host_state()
+        common = dict(balancing_state=balance_state, tokens_seen=self.tokens_seen,
                       data_state=self.loader.state_dict(), rng_state=self.rng.bit_generator.state,
                       extra={"run_file": os.path.abspath(self.run.path), "seq_len": self.run.seq_len,
                              "skipped_steps": self.skipped_steps,
@@ -250,9 +274,9 @@ class Trainer(Startup):
         try:
             if self.mesh.world_size > 1 and self.run.checkpoint_format == "sharded":
                 # collective: a file per rank, then rank 0's manifest (sharded_checkpoint.py)
-                path = self.checkpoints.save_sharded(self.step, self.mesh, self.params, self.opt_state, **common)
+                path = self.checkpoints.save_sharded(self.step, self.mesh, params, opt_state, **common)
             else:  # one file; under a layout gathered from every rank and written by rank 0
-                params, opt_state = self.whole_state()
+                params, opt_state = self.mesh.whole_state(self.config, params, opt_state)
                 path = self.checkpoints.path_for(self.step)
                 if self.is_main:
                     path = self.checkpoints.save(self.step, config=self.config, params=params,
@@ -347,12 +371,13 @@ class Trainer(Startup):
     def export_hf(self, folder: str) -> None:
         """The current params as a Hugging Face checkpoint. Under a layout rank 0 writes it key by key as the ranks
         send it their spans (sharded_export.py: no rank holds more than one whole key at a time)."""
+        params = self.ops.to_host(self.params)  # a device table's copy; the params themselves otherwise
         if self.mesh.world_size > 1:
             from trinity.distributed.sharded_export import export_sharded_hf
-            export_sharded_hf(self.mesh, self.params, folder)
+            export_sharded_hf(self.mesh, params, folder)
         elif self.is_main:
             from trinity.reference.interop.hf import save_pretrained
-            save_pretrained(folder, self.config, self.params)
+            save_pretrained(folder, self.config, params)
         self.log(f"Hugging Face checkpoint of step {self.step} in {folder}")
 
     def _agreed_signal(self, signum):

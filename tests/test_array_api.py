@@ -12,9 +12,10 @@ with a shared expert, z-loss and balance loss, SMEBU or sign balancing, tied or 
 Muon + AdamW through apply_update with clipping).
 
 Out of scope, NumPy on the host by design: data loading and packing (the batch is made with NumPy, then converted),
-parameter initialisation (NumPy's RNG), checkpoints and HF interop, the KV cache and generation, the inspector, the
-numba backend, the distributed code, and the step's host bookkeeping (the optimizer's step counter stays a NumPy
-scalar; losses and norms are Python floats).
+parameter initialisation (NumPy's RNG), checkpoints and HF interop, the numba backend, and the step's host
+bookkeeping (the optimizer's step counter stays a NumPy scalar; losses and norms are Python floats). The trainer,
+the KV cache and generation, evaluation, the inspector and the distributed seams run on strict arrays as a stand-in
+device in tests/test_device_placement.py.
 """
 
 from __future__ import annotations

@@ -11,6 +11,11 @@ Sampling (`sample_next`), on the last position's logits z (float64):
   (sorted by z descending, lowest id first on ties) whose probabilities sum to ≥ top_p, renormalised. One uniform
   draw u ~ U[0, 1) from `numpy.random.default_rng(seed)` per token picks the token by inverse CDF, so the output
   is a deterministic function of the seed. As top_p → 0 the nucleus is the top token alone: greedy.
+
+With an op table on a device (`ops.on_device`) the params must be the table's arrays (`ops.to_device(params)`); each
+forward's tokens go to the device through `ops.to_device` (the prompt once per prefill chunk, then one id per new
+token) and the last position's logits [V] come back through `ops.to_host` for sampling: the only copies; the KV
+cache lives on the device (kv_cache.py).
 """
 
 from __future__ import annotations
@@ -64,11 +69,6 @@ def sample_next(logits, temperature: float = 0.0, top_p: float = 1.0, rng: np.ra
     return int(order[i])
 
 
-def _host(x) -> np.ndarray:
-    """A NumPy copy of an array from any backend (cupy arrays have .get())."""
-    return x.get() if hasattr(x, "get") and not isinstance(x, np.ndarray) else np.asarray(x)
-
-
 def generate_stream(config: Config, params: dict, prompt_tokens, max_new_tokens: int, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, ops=None,
                     prefill_chunk: int | None = None) -> Iterator[int]:
@@ -99,13 +99,15 @@ def _generate(config, params, prompt, max_new_tokens, temperature, top_p, seed, 
     rng = np.random.default_rng(seed)
     cache = KVCache(config, xp=ops.xp)
     for start in range(0, prompt.size, chunk):
-        out = model_logits(config, params, prompt[None, start:start + chunk], ops=ops, kv_cache=cache)
+        out = model_logits(config, params, ops.to_device(prompt[None, start:start + chunk]), ops=ops,
+                           kv_cache=cache)
     for i in range(max_new_tokens):
-        token = sample_next(_host(out[0, -1]), temperature, top_p, rng)
+        token = sample_next(ops.to_host(out[0, -1, :]), temperature, top_p, rng)
         yield token
         if (eos_id is not None and token == eos_id) or i + 1 == max_new_tokens:
             return
-        out = model_logits(config, params, np.array([[token]], dtype=np.int64), ops=ops, kv_cache=cache)
+        out = model_logits(config, params, ops.to_device(np.array([[token]], dtype=np.int64)), ops=ops,
+                           kv_cache=cache)
 
 
 def generate(config: Config, params: dict, prompt_tokens, max_new_tokens: int, temperature: float = 0.0,

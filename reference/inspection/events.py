@@ -54,9 +54,10 @@ def _is_array(x) -> bool:
 
 
 def _copy(x):
-    """A private copy of an array (numpy or cupy) or of each array field of a tuple; other values as they are."""
+    """A private copy of an array (numpy, cupy or any Array API namespace's) or of each array field of a tuple; other
+    values as they are."""
     if _is_array(x):
-        return x.copy()
+        return x.copy() if hasattr(x, "copy") else x.__array_namespace__().asarray(x, copy=True)
     if isinstance(x, tuple) and hasattr(x, "_fields"):
         return type(x)(*(_copy(v) for v in x))
     return x

@@ -13,7 +13,9 @@ import numpy as np
 
 from ..model.config import Config
 from ..model.model import check_inputs, model_forward
-from .events import _LAYER, Event
+from ..model.ops import REFERENCE
+from ..operators.array_module import array_namespace
+from .events import _LAYER, Event, _copy
 from .tracing import TracingOps
 
 __all__ = ["StepThrough", "step_through", "RouterInfo"]
@@ -46,6 +48,10 @@ class StepThrough:
     Parameters are copied before a step unless inplace=True (then `params` and the states are updated in place,
     as the trainer does).
 
+    With an op table on a device, params, states, tokens, labels and doc_ids are the table's arrays (`ops.to_device`);
+    the events hold device arrays too (copies where the reference copies), while `logits` and `routers` come back to
+    the host through `ops.to_host`.
+
     lr: (muon_lr, adamw_lr) for the step; default the config's peak rates. optimizer_state, balancing_state: the
     run's state (default fresh: init_optimizer_state / init_balancing_state). ops: the table to trace (default the
     reference). keep(name, op, phase): which events to record (default all).
@@ -54,24 +60,25 @@ class StepThrough:
     def __init__(self, config: Config, params: dict, tokens, labels=None, doc_ids=None, *, backward: bool | None = None,
                  step: bool = False, optimizer_state: dict | None = None, balancing_state: dict | None = None,
                  lr: tuple[float, float] | None = None, ops=None, keep: Callable | None = None, inplace: bool = False):
-        tokens = np.asarray(tokens)
+        xp = array_namespace(tokens)
+        tokens = xp.asarray(tokens)
         if tokens.ndim == 1:
-            tokens = tokens[None]
-            labels = None if labels is None else np.asarray(labels)[None]
-            doc_ids = None if doc_ids is None else np.asarray(doc_ids)[None]
+            tokens = xp.expand_dims(tokens, axis=0)
+            labels = None if labels is None else xp.expand_dims(xp.asarray(labels), axis=0)
+            doc_ids = None if doc_ids is None else xp.expand_dims(xp.asarray(doc_ids), axis=0)
         if step and labels is None:
             labels = tokens
         self.backward = (labels is not None) if backward is None else bool(backward)
         if self.backward and labels is None:
             labels = tokens
         self.tokens, doc_ids = check_inputs(config, params, tokens, doc_ids)
-        self.labels = None if labels is None else np.asarray(labels)
+        self.labels = None if labels is None else xp.asarray(labels)
         self.config, self.doc_ids, self.step = config, doc_ids, bool(step)
         if self.step and not inplace:
-            params = {k: v.copy() for k, v in params.items()}
-            optimizer_state = None if optimizer_state is None else {k: np.array(v, copy=True) for k, v in
-                                                                    optimizer_state.items()}
-            balancing_state = None if balancing_state is None else {k: v.copy() for k, v in balancing_state.items()}
+            params = {k: _copy(v) for k, v in params.items()}
+            optimizer_state = None if optimizer_state is None else {
+                k: (np.array(v, copy=True) if k == "step" else _copy(v)) for k, v in optimizer_state.items()}
+            balancing_state = None if balancing_state is None else {k: _copy(v) for k, v in balancing_state.items()}
         self.params, self.optimizer_state, self.balancing_state = params, optimizer_state, balancing_state
         self.lr_peak, self.base_ops, self.keep = lr, ops, keep
         self.events: list[Event] = []
@@ -87,6 +94,7 @@ class StepThrough:
         from ..training.step import GlobalBatch, apply_update, compute_gradients
 
         c, params = self.config, self.params
+        host = (self.base_ops or REFERENCE).to_host
         keep = None if self.keep is None else (lambda name, op, phase: self.keep(name, op, phase))
         tracer = TracingOps(self.base_ops, params, keep=keep, on_event=emit,
                             capture=lambda name, op: op == "router_forward" or name == "lm_head")
@@ -98,15 +106,16 @@ class StepThrough:
             tracer.emit("loss", "losses", "loss", {}, {k: float(v) for k, v in self.losses.items()})
         else:
             _, ctx = model_forward(c, params, self.tokens, self.doc_ids, keep_ctx=True, ops=tracer)
-        self.logits = tracer.captured[("forward", "lm_head")][0]
+        self.logits = host(tracer.captured[("forward", "lm_head")][0])
         for (phase, name), result_ in tracer.captured.items():
             m = _LAYER.match(name)
             if phase != "forward" or m is None or len(result_) != 3:
                 continue
             layer = int(m.group(1))
             weights, experts, rctx = result_
-            scores = getattr(rctx, "scores", None)
-            self.routers[layer] = RouterInfo(scores, experts, weights, params[f"model.layers.{layer}.mlp.expert_bias"],
+            scores, experts, weights, bias = host((getattr(rctx, "scores", None), experts, weights,
+                                                   params[f"model.layers.{layer}.mlp.expert_bias"]))
+            self.routers[layer] = RouterInfo(scores, experts, weights, bias,
                                              np.bincount(experts.reshape(-1), minlength=c.num_experts))
         if not self.step:
             return
@@ -127,10 +136,10 @@ class StepThrough:
         def on_balance(layer, counts, old, m_old, metrics):
             key = f"model.layers.{layer}.mlp.expert_bias"
             new = params[key]
-            outputs = {"bias": new.copy(), "delta": (new - old)}
+            outputs = {"bias": _copy(new), "delta": (new - old)}
             if momentum_key(key) in self.balancing_state:
-                outputs["momentum"] = self.balancing_state[momentum_key(key)].copy()
-            inputs = {"counts": np.array(counts, copy=True), "bias": old, "method": c.load_balancing}
+                outputs["momentum"] = _copy(self.balancing_state[momentum_key(key)])
+            inputs = {"counts": _copy(counts), "bias": old, "method": c.load_balancing}
             if m_old is not None:
                 inputs["momentum"] = m_old
             outputs.update({k: float(v) for k, v in metrics.items()})
@@ -143,11 +152,11 @@ class StepThrough:
             name = key[: -len(".weight")] if key.endswith(".weight") else key
             if tracer.keep is not None and not tracer.keep(name, group, "optimizer"):
                 return None
-            before = X.copy()
+            before = _copy(X)
 
             def after():
                 outputs = {"update": X - before}
-                outputs.update({k.split("/", 1)[0]: v.copy() for k, v in own.items()})
+                outputs.update({k.split("/", 1)[0]: _copy(v) for k, v in own.items()})
                 tracer.emit(name, group, "optimizer", {"grad": G, "param": before, "lr": lr}, outputs,
                             {"param": key})
             return after

@@ -14,12 +14,18 @@ time (decode); positions continue from `cache.length`, so a token at absolute po
 `LayerCache.gather_kv(...)` is what the attention block calls, in place of the op table's gather_kv seam
 (model/seams.py: the cache is another implementation of the same interface): it stores the new keys and returns the
 keys, values and positions the new queries attend to. The cache holds B rows that all advance together (no padding).
+
+The buffers are arrays of the activations' module `xp` (a device's for a device table), read and written by slices
+only (a ring's slots in position order are at most two runs), and the positions handed to attention are made there
+too: a cached step moves nothing between host and device. `positions` (which slot holds which position) is host
+bookkeeping.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..operators.array_module import array_bytes
 from .config import Config
 
 __all__ = ["KVCache", "LayerCache"]
@@ -62,27 +68,28 @@ class LayerCache:
             raise ValueError(f"keys {k.shape} {k.dtype} do not fit this cache "
                              f"[{self.k.shape[0]}, *, {', '.join(map(str, self.k.shape[2:]))}] {self.k.dtype}")
         n = self.length
-        q_pos = np.arange(n, n + T, dtype=np.int64)
+        q_pos = xp.arange(n, n + T, dtype=xp.int64)
         if self.window is None:
             if n + T > self.k.shape[1]:
                 self._grow(n + T)
-            self.k[:, n:n + T] = k
-            self.v[:, n:n + T] = v
-            self.positions[n:n + T] = q_pos
-            k_all, v_all = self.k[:, :n + T], self.v[:, :n + T]
-            k_pos = np.arange(n + T, dtype=np.int64)
+            self.k[:, n:n + T, ...] = k
+            self.v[:, n:n + T, ...] = v
+            self.positions[n:n + T] = np.arange(n, n + T)
+            k_all, v_all = self.k[:, :n + T, ...], self.v[:, :n + T, ...]
+            k_pos = xp.arange(n + T, dtype=xp.int64)
         else:
             w = self.window
             keep = min(n, w - 1)  # the older keys any new query can see: positions n−keep … n−1
-            slots = np.arange(n - keep, n) % w
-            k_all = xp.concatenate([self.k[:, slots], k], axis=1)
-            v_all = xp.concatenate([self.v[:, slots], v], axis=1)
-            k_pos = np.arange(n - keep, n + T, dtype=np.int64)
+            runs = _ring_runs(n - keep, keep, w)
+            k_all = xp.concat([self.k[:, a:b, ...] for a, b, _ in runs] + [k], axis=1)
+            v_all = xp.concat([self.v[:, a:b, ...] for a, b, _ in runs] + [v], axis=1)
+            k_pos = xp.arange(n - keep, n + T, dtype=xp.int64)
             m = min(T, w)  # only the last w new keys stay
-            new = np.arange(n + T - m, n + T)
-            self.k[:, new % w] = k[:, T - m:]
-            self.v[:, new % w] = v[:, T - m:]
-            self.positions[new % w] = new
+            for a, b, at in _ring_runs(n + T - m, m, w):
+                i = T - m + at  # the new key of position n + T − m + at
+                self.k[:, a:b, ...] = k[:, i:i + b - a, ...]
+                self.v[:, a:b, ...] = v[:, i:i + b - a, ...]
+                self.positions[a:b] = np.arange(n + T - m + at, n + T - m + at + b - a)
         self.length = n + T
         return k_all, v_all, q_pos, k_pos
 
@@ -93,9 +100,12 @@ class LayerCache:
             raise ValueError("the KV-cache path does not take doc_ids (inference has no intra-document mask)")
         if window != self.window:
             raise ValueError(f"this cache holds a layer of window {self.window}, the attention asks for {window}")
+        n = self.length
         k_all, v_all, q_pos, k_pos = self.update(k, v)
-        if not np.array_equal(np.asarray(positions), q_pos):
-            raise ValueError(f"queries at positions {positions[:1]}… do not continue the cache at {q_pos[:1]}…")
+        positions = self.xp.asarray(positions)
+        if positions.shape != q_pos.shape or not bool(self.xp.all(positions == q_pos)):  # one value read back
+            raise ValueError(f"queries at positions {int(positions[0]) if positions.shape[0] else '?'}… do not "
+                             f"continue the cache at {n}…")
         return k_all, v_all, k_pos, None, None
 
     def _grow(self, needed: int):
@@ -104,7 +114,8 @@ class LayerCache:
         shape = (self.k.shape[0], cap) + tuple(self.k.shape[2:])
         k, v = xp.zeros(shape, dtype=self.k.dtype), xp.zeros(shape, dtype=self.v.dtype)
         n = self.length
-        k[:, :n], v[:, :n] = self.k[:, :n], self.v[:, :n]
+        k[:, :n, ...] = self.k[:, :n, ...]
+        v[:, :n, ...] = self.v[:, :n, ...]
         self.k, self.v = k, v
         self.positions = np.concatenate([self.positions, np.full(cap - len(self.positions), -1, dtype=np.int64)])
 
@@ -119,12 +130,28 @@ class LayerCache:
         if self.k is None:
             return None, None, np.zeros(0, dtype=np.int64)
         pos = np.arange(self.length - self.size, self.length, dtype=np.int64)
-        slots = pos if self.window is None else pos % self.window
-        return self.k[:, slots], self.v[:, slots], pos
+        if self.window is None:
+            return self.k[:, :self.length, ...], self.v[:, :self.length, ...], pos
+        runs = _ring_runs(self.length - self.size, self.size, self.window)
+        return (self.xp.concat([self.k[:, a:b, ...] for a, b, _ in runs], axis=1),
+                self.xp.concat([self.v[:, a:b, ...] for a, b, _ in runs], axis=1), pos)
 
     @property
     def nbytes(self) -> int:
-        return 0 if self.k is None else int(self.k.nbytes + self.v.nbytes)
+        return 0 if self.k is None else array_bytes(self.k) + array_bytes(self.v)
+
+
+def _ring_runs(first: int, count: int, w: int) -> list:
+    """The slots of positions first … first+count−1 in a ring of w slots (slot = position mod w, count ≤ w) as
+    [(slot_lo, slot_hi, offset of slot_lo's position from `first`)]: at most two runs, in position order."""
+    if count <= 0:
+        return []
+    a = first % w
+    b = min(a + count, w)
+    runs = [(a, b, 0)]
+    if b - a < count:
+        runs.append((0, count - (b - a), b - a))
+    return runs
 
 
 class KVCache:

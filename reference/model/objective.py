@@ -55,9 +55,10 @@ def _forward_losses(config: Config, params: dict, tokens, labels, doc_ids, keep_
                                   "chosen_experts": xp.reshape(chosen, (B, T, -1))}
         if c.balance_loss_coeff > 0:
             E, K = scores.shape[-1], chosen.shape[-1]
-            lb, balance_ctxs[layer] = ops.balance_loss_forward(xp.reshape(scores, (B, T, E)),
-                                                               xp.reshape(chosen, (B, T, K)), K,
-                                                               c.balance_loss_coeff, **per_sequence)
+            with ops.scope(f"model.layers.{layer}.mlp"):  # where the step inspector names it
+                lb, balance_ctxs[layer] = ops.balance_loss_forward(xp.reshape(scores, (B, T, E)),
+                                                                   xp.reshape(chosen, (B, T, K)), K,
+                                                                   c.balance_loss_coeff, **per_sequence)
             balance += lb
     losses = {"total": ce + zl + balance, "ce": ce, "z": zl, "balance": balance}
     return losses, stats, (ctx if keep_ctx else None), ce_ctx, balance_ctxs

@@ -6,7 +6,8 @@ Model code (layers.py, model.py, objective.py) is written once against an op tab
 through the table's seams (seams.py: identities here, collectives under trinity.distributed). A backend
 (trinity.accel) supplies a table with the same names and signatures and faster kernels; a tracing table (the step
 inspector) wraps every call to record its inputs and outputs. `ops.scope(name)` marks where in the model a call happens ("model.layers.3.self_attn"); the
-reference ignores it.
+reference ignores it. `ops.to_device(tree)` / `ops.to_host(tree)` move arrays between the host's NumPy and the table's
+module (the identity here; a device table's copies are trinity.accel.device's, counted).
 """
 
 from __future__ import annotations
@@ -42,9 +43,20 @@ class ReferenceOps(SingleProcessSeams):
 
     name = "reference"
     xp = np
+    on_device = False  # NumPy is the host: to_device / to_host are the identity (nothing copied, nothing counted)
 
     def scope(self, name: str):
         return contextlib.nullcontext()
+
+    @staticmethod
+    def to_device(x):
+        """x as the table's arrays: NumPy arrays already are (a device table copies them: accel/device.py)."""
+        return x
+
+    @staticmethod
+    def to_host(x):
+        """x as NumPy arrays on the host: the table's arrays already are."""
+        return x
 
 
 for _module, _names in [*LEAF_OPS.items(), (optimizer_kernels, OPTIMIZER_KERNELS)]:

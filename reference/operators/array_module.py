@@ -8,12 +8,13 @@ standard through that `xp` (docs/architecture.md "The xp rule"), so the same cod
 from __future__ import annotations
 
 import functools
+import math
 import sys
 import types
 
 import numpy as np
 
-__all__ = ["array_namespace", "with_standard_functions"]
+__all__ = ["array_namespace", "with_standard_functions", "array_bytes", "itemsize"]
 
 
 def array_namespace(*arrays):
@@ -57,3 +58,21 @@ def with_standard_functions(module):
     for name, function in missing.items():
         setattr(namespace, name, function)
     return namespace
+
+
+def itemsize(a) -> int:
+    """Bytes per element of array `a` of any namespace: its dtype's `itemsize`, else from the standard's finfo /
+    iinfo (an Array API dtype need not have `itemsize`)."""
+    n = getattr(a.dtype, "itemsize", None)
+    if n is not None:
+        return int(n)
+    xp = array_namespace(a)
+    if xp.isdtype(a.dtype, "bool"):
+        return 1
+    return (xp.finfo(a.dtype) if xp.isdtype(a.dtype, "real floating") else xp.iinfo(a.dtype)).bits // 8
+
+
+def array_bytes(a) -> int:
+    """The bytes of array `a` of any namespace: its `nbytes`, else size × itemsize."""
+    n = getattr(a, "nbytes", None)
+    return int(n) if n is not None else math.prod(a.shape) * itemsize(a)

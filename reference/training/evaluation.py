@@ -17,6 +17,10 @@ every rank's sums, so the result is the same under every layout:
 (the mean token cross-entropy over every counted target of the batches, as transformers' loss with the batches laid
 end to end). Nothing of the model, the optimizer, the balancing state or any data loader changes: a run that
 evaluates trains the same bits as one that does not.
+
+With an op table on a device the params and batches are the table's arrays; the expert counts are summed there and
+come back through `ops.to_host` once, after the last batch (and, for bits per byte, each batch's targets do: the
+byte lengths are a host table).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 
 from ..model.config import Config
 from ..model.objective import LossScale, evaluate_losses
+from ..model.ops import REFERENCE
 from ..operators.losses import IGNORE_INDEX
 from .balancing import max_violation
 from .step import LOCAL, LOSS_PARTS, GlobalBatch, rank_inputs
@@ -83,6 +88,7 @@ def evaluate(config: Config, params, batches: Iterable[GlobalBatch], *, micro_ba
 
 def _evaluate(config, params, batches, micro_batch_size, ops, mesh, token_bytes, on_batch) -> EvalResult:
     c = config
+    host = (ops or REFERENCE).to_host
     mesh.set_phase("forward")
     sums = {"ce": 0.0, "z": 0.0, "balance": 0.0}
     tokens = sequences = count = target_bytes = 0
@@ -113,14 +119,16 @@ def _evaluate(config, params, batches, micro_batch_size, ops, mesh, token_bytes,
                 sums[k] += losses[k]
             tokens += stats["tokens"]
             for layer, s in stats["layers"].items():
-                counts[layer] = counts.get(layer, 0) + np.asarray(s["expert_counts"], dtype=np.int64)
+                n = s["expert_counts"]
+                counts[layer] = n if layer not in counts else counts[layer] + n
         if lengths is not None:
-            target_bytes += _target_bytes(mine, lengths)
+            target_bytes += _target_bytes(host(mine.targets), mine.whole, lengths)
         sequences += S
         count += 1
         if on_batch is not None:
             on_batch()
     mesh.set_phase("reductions")
+    counts = host(counts)
     layers = sorted(counts)
     E = c.num_experts
     vector = np.concatenate([np.array([sums["ce"], sums["z"], sums["balance"], tokens, target_bytes],
@@ -136,10 +144,10 @@ def _evaluate(config, params, batches, micro_batch_size, ops, mesh, token_bytes,
                       target_bytes=None if lengths is None else int(round(total[4])))
 
 
-def _target_bytes(mine, lengths: np.ndarray) -> int:
+def _target_bytes(targets, whole: bool, lengths: np.ndarray) -> int:
     """UTF-8 bytes of this rank's counted targets (with the shift still to apply when it holds whole sequences)."""
-    targets = np.asarray(mine.targets)
-    targets = targets[:, 1:] if mine.whole else targets
+    targets = np.asarray(targets)
+    targets = targets[:, 1:] if whole else targets
     valid = targets != IGNORE_INDEX
     return int(lengths[targets[valid]].sum())
 

@@ -69,9 +69,9 @@ class LocalMesh:
         """The rows of the global batch this rank trains on."""
         return slice(0, num_sequences)
 
-    def local_positions(self, seq_len: int) -> np.ndarray:
-        """The positions of each sequence this rank holds, increasing."""
-        return np.arange(seq_len)
+    def local_positions(self, seq_len: int, xp=np):
+        """The positions of each sequence this rank holds, increasing, as an array of module `xp` (the batch's)."""
+        return xp.arange(seq_len)
 
     def sum(self, value, group: str):
         """Σ of `value` (a number or an array) over the ranks of `group` (one of groups.GROUPS)."""
@@ -192,9 +192,9 @@ def rank_inputs(batch: GlobalBatch, mesh=LOCAL) -> RankInputs:
             raise ValueError(f"the batch holds rows {batch.rows.start}:{batch.rows.stop} of {S}, this rank trains "
                              f"rows {rows.start}:{rows.stop}")
         rows = slice(0, rows.stop - rows.start)
-    positions = mesh.local_positions(T)
-    whole = len(positions) == T  # this rank holds whole sequences: the labels keep HF's shift
     xp = array_namespace(batch.tokens)
+    positions = mesh.local_positions(T, xp)
+    whole = positions.shape[0] == T  # this rank holds whole sequences: the labels keep HF's shift
     labels = xp.asarray(batch.labels)
     targets = labels if whole else _aligned_targets(labels)
     return RankInputs(tokens=_columns(batch.tokens[rows, :], positions, whole),
