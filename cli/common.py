@@ -16,7 +16,7 @@ import warnings
 from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["CLIError", "ModelSource", "load_config", "LoadedModel", "load_model", "load_model_tokenizer",
-           "resolve_eos_id", "load_backend", "human_count", "human_bytes"]
+           "resolve_eos_id", "load_backend", "add_precision_argument", "human_count", "human_bytes"]
 
 
 class CLIError(Exception):
@@ -246,17 +246,27 @@ def resolve_eos_id(explicit: int | None, tokenizer, model: LoadedModel) -> int |
     return model.eos_id
 
 
-def load_backend(name: str):
-    """The operator table for --backend NAME: None for "reference" (the default path), else
-    trinity.accel.get_backend(NAME); an unavailable backend is a CLIError."""
+def load_backend(name: str, precision: str = "full"):
+    """The operator table for --backend NAME at --precision: None for "reference" in full precision (the default
+    path), else trinity.accel.get_backend(NAME) wrapped by with_precision (reference/model/precision.py); an
+    unavailable backend is a CLIError."""
+    from trinity.reference.model.precision import with_precision
+
     if name == "reference":
-        return None
+        return with_precision(None, precision)
     from trinity.accel import BackendUnavailable, get_backend
 
     try:
-        return get_backend(name)
+        return with_precision(get_backend(name), precision)
     except (BackendUnavailable, ValueError) as e:
         raise CLIError(f"--backend {name}: {e}") from None
+
+
+def add_precision_argument(p, default="full", what="the operators' arithmetic") -> None:
+    """--precision full|bf16 (reference/model/precision.py)."""
+    p.add_argument("--precision", choices=("full", "bf16"), default=default,
+                   help=f"{what}: full (the params' dtype) or bf16 (operators on bf16 values, float32 accumulation; "
+                        "reference/model/precision.py)" + ("" if default else "; default: the run file's"))
 
 
 def _scaled(value: float, units: list[str], base: float) -> str:

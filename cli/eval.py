@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from trinity.accel import BACKENDS
 
-from .common import CLIError
+from .common import CLIError, add_precision_argument
 from .inputs import check_output_file, whole
 
 NAME = "eval"
@@ -75,6 +75,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=whole(0), default=0, help="the order of the documents (default 0)")
     p.add_argument("--backend", default="reference", choices=BACKENDS,
                    help="operator table (trinity.accel.get_backend; default reference)")
+    add_precision_argument(p)
     p.add_argument("--dtype", choices=("float32", "float64"),
                    help="compute dtype (default: the checkpoint's; an HF directory's is float64 for F64 weights, "
                         "else float32)")
@@ -264,7 +265,7 @@ def _setup(args, comm) -> _Setup:
         check_output_file(args.json, "--json", inputs=[p for p in [*args.checkpoints, args.data]
                                                         if os.path.exists(p)])
     layout = _parse_layout(args, comm)
-    backend = load_backend(args.backend)
+    backend = load_backend(args.backend, args.precision)
     if backend is not None and backend.on_device:
         from trinity.run.placement import layout_problem
         problem = layout_problem(backend, layout)

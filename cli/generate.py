@@ -22,7 +22,7 @@ import time
 
 from trinity.accel import BACKENDS
 
-from .common import CLIError, load_backend, load_model, load_model_tokenizer, resolve_eos_id
+from .common import CLIError, add_precision_argument, load_backend, load_model, load_model_tokenizer, resolve_eos_id
 
 NAME = "generate"
 HELP = "generate text from a checkpoint with a KV cache (greedy or temperature / top-p sampling)"
@@ -49,6 +49,7 @@ def add_parser(subparsers):
                    help="compute dtype (default: the checkpoint's own; float32 for HF directories)")
     p.add_argument("--backend", default="reference", choices=BACKENDS,
                    help="operator table (trinity.accel.get_backend; default reference)")
+    add_precision_argument(p)
     p.add_argument("--output", choices=("text", "ids"),
                    help="print decoded text (default when a tokenizer is known) or token ids")
     p.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
@@ -99,7 +100,7 @@ def run(args) -> int:
     if args.prompt is not None and args.prompt == "":
         raise CLIError("--prompt is empty")
 
-    ops = load_backend(args.backend)
+    ops = load_backend(args.backend, args.precision)
     loaded = load_model(args.model, args.dtype, state=False)
     params = loaded.params if ops is None else ops.to_device(loaded.params)  # a device table's: once
     tokenizer = load_model_tokenizer(args.tokenizer, loaded)

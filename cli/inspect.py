@@ -22,7 +22,7 @@ import os
 
 from trinity.accel import BACKENDS
 
-from .common import CLIError, load_backend, load_model, load_model_tokenizer
+from .common import CLIError, add_precision_argument, load_backend, load_model, load_model_tokenizer
 from .inputs import check_output_file
 
 NAME = "inspect"
@@ -60,6 +60,7 @@ def add_parser(subparsers):
     p.add_argument("--seed", type=int, default=0, help="init seed for a preset (default 0)")
     p.add_argument("--backend", default="reference", choices=BACKENDS,
                    help="operator table to trace (trinity.accel.get_backend; default reference)")
+    add_precision_argument(p)
     p.set_defaults(run=run)
     return p
 
@@ -341,7 +342,7 @@ def run(args) -> int:
     if layers is not None or ops:
         print(f"filter layers={layers if layers is not None else 'all'} ops={ops or 'all'}", file=out)
 
-    table = load_backend(args.backend)
+    table = load_backend(args.backend, args.precision)
     try:
         placed = _placed(table, params=params, tokens=tokens, labels=tokens if args.step else None, doc_ids=doc_ids,
                          optimizer_state=opt_state, balancing_state=bal_state)

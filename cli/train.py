@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from trinity.accel import BACKENDS
 
-from .common import CLIError, load_backend
+from .common import CLIError, add_precision_argument, load_backend
 
 NAME = "train"
 HELP = "train a model from a TOML run file (single process)"
@@ -58,6 +58,7 @@ def add_run_arguments(p) -> None:
                        help="start over: remove the checkpoints and metrics the run's folders already hold")
     p.add_argument("--backend", choices=BACKENDS,
                    help="operator table, overriding [train] backend of the run file (trinity.accel.get_backend)")
+    add_precision_argument(p, default=None, what="overriding [train] precision of the run file")
     p.add_argument("--mesh", metavar="SPEC",
                    help="parallel layout, overriding the run file's [parallel] section: name=size pairs of "
                         "dp_replicate, dp_shard, cp, ep (unnamed ones are 1), e.g. dp_shard=2,ep=2; the job needs "
@@ -104,6 +105,13 @@ def _run_config(args):
     if args.backend:
         load_backend(args.backend)  # an unavailable backend is named as the option's, not the run file's
         run_config = dataclasses.replace(run_config, backend=args.backend)
+    if args.precision:
+        from trinity.reference.model.precision import check_precision
+        try:
+            check_precision(args.precision, run_config.dtype)
+        except ValueError as e:
+            raise CLIError(f"--precision: {e}") from None
+        run_config = dataclasses.replace(run_config, precision=args.precision)
     return run_config
 
 

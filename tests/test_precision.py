@@ -118,6 +118,9 @@ def test_full_precision_is_the_table_itself_and_bad_names_are_refused():
     assert isinstance(with_precision(None, "bf16"), MixedPrecisionOps)
     with pytest.raises(ValueError, match="precision must be one of full, bf16"):
         with_precision(REFERENCE, "fp8")
+    wrapped = with_precision(REFERENCE, "bf16")  # placement, seams and scope are the base table's
+    assert wrapped.to_device == REFERENCE.to_device and wrapped.on_device is REFERENCE.on_device
+    assert wrapped.gather_params == REFERENCE.gather_params and wrapped.xp is REFERENCE.xp
 
 
 class _Spy:
@@ -355,3 +358,23 @@ def test_a_bf16_run_under_a_layout_is_the_single_process_bf16_run(tmp_path, toke
     assert len(got) == len(want) == 4
     for g, w in zip(got, want):
         assert abs(g - w) <= eps(BF16) * abs(w), (text, got, want)
+
+
+# ---- --precision on the commands --------------------------------------------------------------------------------------
+def test_the_commands_take_precision(tmp_path, tokens_file, capsys):
+    from trinity.cli.main import main
+
+    def loss_line(*extra):
+        assert main(["inspect", "tiny", "--tokens", "1,2,3,4,5", "--step", *extra]) == 0
+        return [x for x in capsys.readouterr().out.splitlines() if "loss total" in x][0]
+
+    full, bf16 = loss_line(), loss_line("--precision", "bf16")
+    assert full != bf16  # the bf16 step computed something else, and said it
+    _run_file(tmp_path / "f64", tokens_file, precision="full", dtype="float64")
+    assert main(["train", str(tmp_path / "f64" / "run.toml"), "--precision", "bf16"]) == 2
+    assert 'precision = "bf16" keeps float32 master weights' in capsys.readouterr().err
+    _run_file(tmp_path / "f32", tokens_file, precision="full")
+    assert main(["train", str(tmp_path / "f32" / "run.toml"), "--precision", "bf16"]) == 0
+    from trinity.reference.training.checkpoint import load_checkpoint
+    last = sorted((tmp_path / "f32" / "ckpt").glob("step_*"))[-1]
+    assert load_checkpoint(last).extra["precision"] == "bf16"
