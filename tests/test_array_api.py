@@ -20,7 +20,6 @@ device in tests/test_device_placement.py.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import array_api_strict as xps
@@ -29,6 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from strategies import random_params
+from strict_device import no_numpy_conversion
 
 from trinity.reference import Config
 from trinity.reference.data.packing import document_ids
@@ -43,20 +43,6 @@ StrictArray = type(xps.asarray(0))
 
 
 # ---- conversion and comparison ------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def no_numpy_conversion():
-    """Strict arrays refuse np.asarray (and so every NumPy function) while inside, like device arrays."""
-    def refuse(self, *args, **kwargs):
-        raise TypeError("a strict array reached NumPy: a NumPy-only call on an xp path")
-
-    saved = StrictArray.__array__
-    StrictArray.__array__ = refuse
-    try:
-        yield
-    finally:
-        StrictArray.__array__ = saved
-
-
 def to_strict(value):
     """NumPy arrays (anywhere in dicts, lists, tuples) as strict arrays; everything else unchanged."""
     if isinstance(value, np.ndarray):

@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 from strict_device import STRICT, no_numpy_conversion
 
+from markov_files import train_and_held_files
 from trinity.accel.device import transfer_counts
 from trinity.cli.main import _run, build_parser
 from trinity.distributed.layout import Layout
@@ -87,12 +88,7 @@ def _quiet(*args, **kwargs):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """(training token file, held-out token file) of one Markov source."""
-    d = tmp_path_factory.mktemp("data")
-    docs = MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(6000)
-    cut = len(docs) * 4 // 5
-    write_token_file(d / "train.bin", docs[:cut], eos_id=0)
-    write_token_file(d / "held.bin", docs[cut:], eos_id=0)
-    return d / "train.bin", d / "held.bin"
+    return train_and_held_files(tmp_path_factory.mktemp("data"), 6000)
 
 
 def _run_config(folder, data, steps=4, sequences=2, seq_len=16, evaluate=True, overrides="", layout=None):

@@ -18,10 +18,9 @@ import signal
 import numpy as np
 import pytest
 
+from markov_files import train_and_held_files
 from trinity.distributed.layout import Layout
 from trinity.reference.data.prepare import prepare
-from trinity.reference.data.store import write_token_file
-from trinity.reference.data.synthetic import MarkovSource
 from trinity.reference.training.checkpoint import load_checkpoint
 from trinity.run.run_config import RunConfigError, load_run_config
 from trinity.run.trainer import Trainer
@@ -70,12 +69,7 @@ def _quiet(*args, **kwargs):
 @pytest.fixture(scope="module")
 def flat(tmp_path_factory):
     """(training token file, held-out token file) of one Markov source, disjoint documents."""
-    d = tmp_path_factory.mktemp("flat")
-    docs = MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(12000)
-    cut = len(docs) * 4 // 5
-    write_token_file(d / "train.bin", docs[:cut], eos_id=0)
-    write_token_file(d / "held.bin", docs[cut:], eos_id=0)
-    return d / "train.bin", d / "held.bin"
+    return train_and_held_files(tmp_path_factory.mktemp("data"), 12000)
 
 
 def _run(folder, data, steps=5, every=None, eval_every=None, overrides="", eval_text=None):

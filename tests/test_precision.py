@@ -261,11 +261,8 @@ progress = false
 
 @pytest.fixture(scope="module")
 def tokens_file(tmp_path_factory):
-    from trinity.reference.data.store import write_token_file
-    from trinity.reference.data.synthetic import MarkovSource
-    path = tmp_path_factory.mktemp("data") / "train.bin"
-    write_token_file(path, MarkovSource(256, eos_id=0, branching=4, mean_doc_len=20, seed=0).documents(400), eos_id=0)
-    return path
+    from markov_files import markov_token_file
+    return markov_token_file(tmp_path_factory.mktemp("data") / "train.bin", 400)
 
 
 def _run_file(folder, data, precision="bf16", dtype="float32"):
