@@ -29,6 +29,9 @@ OUT=${OUT:-$ROOT/gpu_session_out}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd -P)
 PY=${PYTHON:-python3}
+if [[ $PY == */* ]]; then # a path: made absolute, since the install check runs from another folder
+  PY=$(cd "$(dirname "$PY")" && pwd -P)/$(basename "$PY")
+fi
 SIM=${GPU_SESSION_SIMULATE:-0}
 BUDGET=${GPU_SESSION_BUDGET:-495}
 T0=$SECONDS

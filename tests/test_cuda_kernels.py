@@ -312,3 +312,47 @@ def test_simulated_shared_arrays_are_one_per_block_under_any_interleaving(monkey
     tid = np.arange(8)
     np.testing.assert_array_equal(out[..., 0], np.broadcast_to((tid + 1) % 8, (2, 8)))
     np.testing.assert_array_equal(out[..., 1], np.broadcast_to(2 * ((tid + 7) % 8), (2, 8)))
+
+
+@pytest.mark.skipif(not SIMULATED, reason="a property of Numba's CUDA simulator")
+def test_a_kernel_built_while_another_thread_runs_one_gets_the_real_cuda_module():
+    """Virtual ranks are threads: one may build a kernel (a per_dtype factory's first call) while another runs a
+    kernel of the same module, during which the simulator has swapped the module's `cuda` for its fake one (which has
+    no `jit`). _common.per_dtype builds under the launch lock, so the build waits for the launch."""
+    import threading
+    import time
+
+    from trinity.accel.cuda._common import per_dtype
+
+    started = threading.Event()
+
+    @cuda.jit
+    def slow(out):
+        started.set()
+        time.sleep(0.2)  # the module's `cuda` is the fake one for this long
+        out[0] = 1.0
+
+    @per_dtype
+    def build(ft):
+        @cuda.jit
+        def kernel(out):
+            out[cuda.grid(1)] = 2.0
+        return kernel
+
+    out, errors = np.zeros(1), []
+
+    def run_slow():
+        try:
+            launch(slow, 1, 1, out)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=run_slow)
+    t.start()
+    assert started.wait(10)
+    kernel = build(np.float64)  # built while `slow` runs: must not see the fake module
+    t.join()
+    assert not errors and out[0] == 1.0
+    got = np.zeros(4)
+    launch(kernel, 1, 4, got)
+    np.testing.assert_array_equal(got, 2.0)

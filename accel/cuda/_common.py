@@ -202,7 +202,13 @@ def per_dtype(factory):
 
     @functools.wraps(factory)
     def get(dtype):
-        return cached(float_type(dtype))
+        if not SIMULATOR:
+            return cached(float_type(dtype))
+        # Under the simulator a running kernel swaps the module's `cuda` for its fake one (numba's
+        # swapped_cuda_module), so a kernel built by another thread (a virtual rank) meanwhile would meet the fake
+        # module's missing `jit`: builds wait for the launch lock, as launches do.
+        with _SIM_LOCK:
+            return cached(float_type(dtype))
     return get
 
 
