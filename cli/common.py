@@ -264,7 +264,9 @@ def load_backend(name: str, precision: str = "full"):
 
 def add_precision_argument(p, default="full", what="the operators' arithmetic") -> None:
     """--precision full|bf16 (reference/model/precision.py)."""
-    p.add_argument("--precision", choices=("full", "bf16"), default=default,
+    from trinity.reference.model.precision import PRECISIONS
+
+    p.add_argument("--precision", choices=PRECISIONS, default=default,
                    help=f"{what}: full (the params' dtype) or bf16 (operators on bf16 values, float32 accumulation; "
                         "reference/model/precision.py)" + ("" if default else "; default: the run file's"))
 

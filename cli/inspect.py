@@ -250,15 +250,16 @@ class _View:
 # ---- the device ---------------------------------------------------------------------------------------------------
 def _placed(table, **arrays) -> dict:
     """StepThrough's arrays (params, tokens, labels, doc_ids, optimizer and balancing state) in the table's module:
-    copied to a device table once (labels that are the tokens stay the tokens; the optimizer's step counter stays on
-    the host), the same objects for a NumPy table."""
+    copied to a device table once (the states as the trainer moves them, run/placement.py; labels that are the tokens
+    stay the tokens), the same objects for a NumPy table."""
     if table is None or not table.on_device:
         return arrays
-    out = {k: table.to_device(v) for k, v in arrays.items() if k not in ("labels", "optimizer_state")}
+    from trinity.run.placement import state_to_device
+
+    out = {k: table.to_device(arrays[k]) for k in ("tokens", "doc_ids")}
     out["labels"] = out["tokens"] if arrays["labels"] is arrays["tokens"] else table.to_device(arrays["labels"])
-    state = arrays["optimizer_state"]
-    out["optimizer_state"] = None if state is None else {k: v if k == "step" else table.to_device(v)
-                                                         for k, v in state.items()}
+    out["params"], out["optimizer_state"], out["balancing_state"] = state_to_device(
+        table, arrays["params"], arrays["optimizer_state"], arrays["balancing_state"])
     return out
 
 

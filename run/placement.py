@@ -29,12 +29,13 @@ __all__ = ["state_to_device", "state_to_host", "batch_to_device", "local_rank", 
 STEP = "step"  # the optimizer state's step counter: host state on every table
 
 
-def _optimizer_state(move, state: dict) -> dict:
-    return {k: (v if k == STEP else move(v)) for k, v in state.items()}
+def _optimizer_state(move, state: dict | None) -> dict | None:
+    return None if state is None else {k: (v if k == STEP else move(v)) for k, v in state.items()}
 
 
-def state_to_device(ops, params, optimizer_state: dict, balancing_state: dict):
-    """(params, optimizer state, balancing state) in the table's module; the same objects for a NumPy table."""
+def state_to_device(ops, params, optimizer_state: dict | None, balancing_state: dict | None):
+    """(params, optimizer state, balancing state) in the table's module (a state that is None stays None); the same
+    objects for a NumPy table."""
     if not ops.on_device:
         return params, optimizer_state, balancing_state
     return (ops.to_device(params), _optimizer_state(ops.to_device, optimizer_state),

@@ -82,7 +82,7 @@ from trinity.accel import BACKENDS
 from trinity.distributed.layout import DIMS as _LAYOUT_KEYS
 from trinity.distributed.layout import Layout
 from trinity.distributed.options import OPTION_NAMES, OptionError, ParallelOptions
-from trinity.reference.model.precision import PRECISIONS
+from trinity.reference.model.precision import PRECISIONS, check_precision
 from trinity.reference.model.config import PRESETS, Config, ConfigError
 
 __all__ = ["RunConfig", "RunConfigError", "EvalSettings", "load_run_config", "check_output_paths"]
@@ -416,8 +416,10 @@ def load_run_config(path) -> RunConfig:
     backend = _take(train, "train", "backend", str, "reference", lambda v: v in BACKENDS,
                     "|".join(BACKENDS))
     precision = _take(train, "train", "precision", str, "full", lambda v: v in PRECISIONS, "|".join(PRECISIONS))
-    if precision == "bf16" and dtype != "float32":
-        raise RunConfigError(f'[train] precision = "bf16" keeps float32 master weights: [model] dtype is {dtype!r}')
+    try:
+        check_precision(precision, dtype)  # bf16 keeps float32 master weights
+    except ValueError as e:
+        raise RunConfigError(f"[train] {e}") from None
     on_nonfinite = _take(train, "train", "on_nonfinite", str, "stop", lambda v: v in ("stop", "skip"),
                          '"stop" or "skip"')
     max_skipped = _take(train, "train", "max_skipped_steps", int, 10, lambda v: v >= 0, "a non-negative integer")

@@ -146,11 +146,15 @@ class MixedPrecisionOps:
         return f"MixedPrecisionOps({self.base!r})"
 
 
+def _check_name(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+
+
 def check_precision(precision: str, dtype) -> None:
     """A one-line ValueError unless `precision` is one of PRECISIONS and fits the parameters' dtype (bf16 keeps
     float32 master weights)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _check_name(precision)
     if precision == "bf16" and np.dtype(dtype) != np.dtype(np.float32):
         raise ValueError(f'precision = "bf16" keeps float32 master weights: the parameters are {np.dtype(dtype)} '
                          '(set [model] dtype = "float32")')
@@ -159,8 +163,7 @@ def check_precision(precision: str, dtype) -> None:
 def with_precision(ops, precision: str):
     """The op table that computes `ops`' operators at `precision` ("full": ops itself; "bf16": MixedPrecisionOps).
     ops None means the reference table."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    _check_name(precision)
     if precision == "full":
         return ops
     if ops is None:
